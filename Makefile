@@ -1,0 +1,42 @@
+# xct — the two README commands are `make demo` and `make test`; both install first.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+REQS := requirements/base.txt requirements/test.txt requirements/lock.txt pyproject.toml
+# Off this workplace a plain `pip install torch` may pull a multi-GB CUDA build; set
+# TORCH_PIP_ARGS="--index-url <PyTorch's CPU wheel index>" to force the CPU build.
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+
+export MLFLOW_DISABLE_TELEMETRY=true
+export GX_ANALYTICS_ENABLED=false
+export RAY_AUTH_MODE=disabled
+export DO_NOT_TRACK=1
+
+.PHONY: install test demo clean-venv bench
+
+install: $(STAMP)
+
+$(STAMP): $(REQS)
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(PIP) install -q -r requirements/base.txt -r requirements/test.txt -c requirements/lock.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+	@echo "installed into $(VENV)"
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m pipelines.demo
+
+bench: install
+	$(PY) benchmarks/bench_drr.py
+
+clean-venv:
+	rm -rf $(VENV)

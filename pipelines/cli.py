@@ -1,0 +1,57 @@
+"""The `xct` command line.
+
+Every sub-command group lives in its own module under ``pipelines/commands`` and is
+registered here. User errors (:class:`xct_core.errors.XctError`, bad CLI usage) print one
+line on stderr and exit non-zero; only genuine bugs produce a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from xct_core.errors import XctError
+
+app = typer.Typer(
+    name="xct",
+    help="Biplanar X-ray → 3D CT: data, physics (DRR), training, pipeline and models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    from pipelines.commands import ct, data, drr, params
+
+    app.add_typer(data.app, name="data", help="Data sets: synthesise phantoms, validate, transfer.")
+    app.add_typer(ct.app, name="ct", help="Inspect and convert CT volumes (NIfTI, DICOM).")
+    app.add_typer(params.app, name="params", help="Show and check the typed parameters.")
+    drr.register(app)
+
+
+_register()
+
+
+def _fail(msg: str, code: int) -> None:
+    print(f"xct: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``xct``).
+
+    Typer runs in standalone mode (usage errors print usage and exit 2); errors raised by
+    xct for bad input are caught here and shown as one line.
+    """
+    try:
+        app(args=argv, prog_name="xct")
+    except XctError as e:
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Sub-command groups of the `xct` CLI, one module per group."""

@@ -1,0 +1,7 @@
+"""`xct data` command group."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
