@@ -81,9 +81,284 @@ class SynthParams(_Section):
     contrast_fraction: float = Field(0.5, ge=0, le=1)
 
 
+class CTCheckParams(_Section):
+    """Sanity checks applied by ``xct_core.io.load_ct`` to every CT (NIfTI or DICOM)."""
+
+    #: a slice gap may differ from the series' median gap by at most this (mm); slices
+    #: closer than this are duplicate positions. Also bounds in-plane IPP drift.
+    slice_gap_tol_mm: float = Field(0.1, gt=0)
+    #: plausible voxel size range (mm), every axis
+    min_spacing_mm: float = Field(0.05, gt=0)
+    max_spacing_mm: float = Field(50.0, gt=0)
+    #: plausible HU range after rescale; the volume's minimum value (outside-FOV padding,
+    #: e.g. -3024) is exempt from hu_min
+    hu_min: float = -2000.0
+    hu_max: float = 4000.0
+    #: reject when more than this fraction of voxels lies outside [hu_min, hu_max]
+    max_implausible_fraction: float = Field(0.005, ge=0, le=1)
+    #: a volume spanning >= air_check_extent_mm along two axes must contain a voxel
+    #: below air_hu (air, lung or fat); otherwise it is raw stored values, not HU
+    air_hu: float = -100.0
+    air_check_extent_mm: float = Field(200.0, gt=0)
+
+    @field_validator("max_spacing_mm")
+    @classmethod
+    def _spacing_order(cls, v: float, info: Any) -> float:
+        lo = info.data.get("min_spacing_mm")
+        if lo is not None and v <= lo:
+            raise ValueError(f"max_spacing_mm ({v}) must exceed min_spacing_mm ({lo})")
+        return v
+
+    @field_validator("hu_max")
+    @classmethod
+    def _hu_order(cls, v: float, info: Any) -> float:
+        lo = info.data.get("hu_min")
+        if lo is not None and v <= lo:
+            raise ValueError(f"hu_max ({v}) must exceed hu_min ({lo})")
+        return v
+
+
 class DataParams(_Section):
     raw_dir: str = "data/raw"
     synth: SynthParams = SynthParams()
+    ct: CTCheckParams = CTCheckParams()
+
+
+# --- model / cascade stages (owner: xct_core.models) -----------------------------------
+from typing import Annotated as _Annotated  # noqa: E402
+
+from pydantic import AfterValidator as _AfterValidator  # noqa: E402
+from pydantic import model_validator as _model_validator  # noqa: E402
+
+
+class ModelParams(_Section):
+    """Settings shared by every cascade stage network (per-stage sizes live in ``stages``)."""
+
+    #: the encoder sees DRR line integrals (dimensionless ∫mu dl) divided by this constant;
+    #: the physics loss compares line integrals in the same units (one fixed scale, no
+    #: per-sample normalisation). A 400 mm soft-tissue path gives ∫mu dl ≈ 8.
+    xray_scale: float = Field(4.0, gt=0)
+
+
+class StageParams(_Section):
+    """One cascade stage: its grid, network sizes and training knobs.
+
+    The stage grid is a cube of ``size``³ isotropic voxels covering ``fov_mm`` (the same FOV
+    at every stage), centred at the world origin in RAS+ (see ``xct_core.models.stage_affine``).
+    The conv stem halves the grid ``log2(size / token_grid)`` times (``conv_channels`` lists
+    the channels at full, 1/2, 1/4 … resolution) down to a ``token_grid``³ transformer grid.
+    """
+
+    size: int = Field(ge=8, le=1024)
+    fov_mm: float = Field(409.6, gt=0)
+    token_grid: int = Field(ge=2)
+    conv_channels: tuple[int, ...]
+    dim: int = Field(ge=8)
+    depth: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    #: feature channels per view lifted into the volume (kept rich; views never averaged)
+    lift_channels: int = Field(16, ge=1)
+    #: 2D X-ray encoder channels per level (level 0 = detector resolution)
+    enc_channels: tuple[int, ...] = (16, 32, 64)
+    #: weight of the DRR physics-consistency loss (0 = off)
+    physics_weight: float = Field(0.0, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(1, ge=1)
+    #: stage k>1: noise-augmentation level of the previous-stage condition, as a fraction
+    #: of the diffusion schedule's timesteps — training draws U[0, cond_aug_max], sampling
+    #: uses the fixed cond_aug_sample
+    cond_aug_max: float = Field(0.25, ge=0, le=1)
+    cond_aug_sample: float = Field(0.05, ge=0, le=1)
+    #: activation checkpointing (torch.utils.checkpoint) per conv/transformer block
+    grad_checkpointing: bool = False
+
+    @_model_validator(mode="after")
+    def _check_shapes(self) -> StageParams:
+        if self.size % self.token_grid:
+            raise ValueError(f"size {self.size} is not divisible by token_grid {self.token_grid}")
+        ratio = self.size // self.token_grid
+        if ratio < 2 or ratio & (ratio - 1):
+            raise ValueError(f"size/token_grid = {ratio} must be a power of two >= 2")
+        levels = ratio.bit_length() - 1
+        if len(self.conv_channels) != levels:
+            raise ValueError(
+                f"conv_channels needs {levels} entries (one per level from {self.size}³ down to "
+                f"{self.token_grid * 2}³), got {len(self.conv_channels)}"
+            )
+        if min(self.conv_channels) < 1 or min(self.enc_channels, default=0) < 1:
+            raise ValueError("channel counts must be >= 1")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.cond_aug_sample > self.cond_aug_max:
+            raise ValueError(f"cond_aug_sample {self.cond_aug_sample} exceeds cond_aug_max {self.cond_aug_max}")
+        return self
+
+
+def _check_stages(stages: dict[str, StageParams]) -> dict[str, StageParams]:
+    names = list(stages)
+    want = [f"stage{k}" for k in range(1, len(names) + 1)]
+    if not names or names != want:
+        raise ValueError(f"stages must be named {', '.join(want) or 'stage1, …'} in order, got {names}")
+    cfgs = list(stages.values())
+    for a, b in zip(cfgs, cfgs[1:]):
+        if b.size <= a.size:
+            raise ValueError(f"stage sizes must increase, got {[c.size for c in cfgs]}")
+    if len({c.fov_mm for c in cfgs}) > 1:
+        raise ValueError(f"every stage must cover the same fov_mm, got {[c.fov_mm for c in cfgs]}")
+    return stages
+
+
+#: ordered ``stage1, stage2, …`` (a mapping so overlays can deep-merge one stage's keys)
+Stages = _Annotated[dict[str, StageParams], _AfterValidator(_check_stages)]
+
+#: defaults = the demo profile in params.yaml
+_DEMO_STAGES: dict[str, StageParams] = {
+    "stage1": StageParams(size=32, token_grid=8, conv_channels=(16, 32), dim=96, depth=2, heads=4,
+                          lift_channels=16, enc_channels=(16, 32, 64), physics_weight=0.0, lr=1e-3,
+                          batch_size=2, cond_aug_max=0.25, cond_aug_sample=0.05),
+    "stage2": StageParams(size=64, token_grid=8, conv_channels=(8, 16, 32), dim=96, depth=2, heads=4,
+                          lift_channels=8, enc_channels=(16, 32, 64), physics_weight=0.1, lr=1e-3,
+                          batch_size=1, cond_aug_max=0.25, cond_aug_sample=0.05),
+    "stage3": StageParams(size=128, token_grid=8, conv_channels=(4, 8, 16, 32), dim=96, depth=2, heads=4,
+                          lift_channels=4, enc_channels=(8, 16, 32), physics_weight=0.15, lr=1e-3,
+                          batch_size=1, cond_aug_max=0.25, cond_aug_sample=0.05),
+}
+
+
+# --- diffusion schedule and sampler (owner: xct_core.diffusion) ------------------------
+
+
+class DiffusionParams(_Section):
+    """Noise schedule and DDIM sampler (see xct_core.diffusion for the conventions)."""
+
+    #: number of training timesteps T (t = 0 … T-1)
+    num_timesteps: int = Field(1000, ge=2)
+    #: noise schedule: Nichol & Dhariwal cosine (diffusers "squaredcos_cap_v2")
+    schedule: Literal["cosine"] = "cosine"
+    #: cosine offset s and beta cap
+    cosine_s: float = Field(0.008, ge=0)
+    max_beta: float = Field(0.999, gt=0, le=1)
+    #: rescale to zero terminal SNR (Lin et al. 2024); requires trailing spacing
+    zero_terminal_snr: bool = True
+    #: sampler timestep spacing: trailing (first step at t = T-1) | leading
+    timestep_spacing: Literal["trailing", "leading"] = "trailing"
+    #: DDIM steps (model evaluations) per sample
+    sample_steps: int = Field(50, ge=1)
+    #: DDIM eta: 0 deterministic, 1 DDPM-like
+    eta: float = Field(0.0, ge=0)
+    #: clip the x0 prediction to [-1, 1] inside the sampler
+    clip_x0: bool = True
+
+    @_model_validator(mode="after")
+    def _check(self) -> DiffusionParams:
+        if self.sample_steps > self.num_timesteps:
+            raise ValueError(f"sample_steps {self.sample_steps} exceeds num_timesteps {self.num_timesteps}")
+        if self.zero_terminal_snr and self.timestep_spacing != "trailing":
+            raise ValueError("zero_terminal_snr needs timestep_spacing: trailing (first step at t = T-1)")
+        return self
+
+
+# --- evaluation metrics (owner: xct_core.metrics) --------------------------------------
+
+
+class EvalParams(_Section):
+    """Metric settings (see xct_core.metrics)."""
+
+    #: Gaussian SSIM window: sigma (voxels) and window size (odd; 11 = skimage default for 1.5)
+    ssim_sigma: float = Field(1.5, gt=0)
+    ssim_win: int = Field(11, ge=3)
+    #: HU range of the wide-range PSNR / MAE (both volumes clipped to it; data_range = hi - lo)
+    hu_lo: float = -1024.0
+    hu_hi: float = 1024.0
+
+    @_model_validator(mode="after")
+    def _check(self) -> EvalParams:
+        if self.ssim_win % 2 == 0:
+            raise ValueError(f"ssim_win must be odd, got {self.ssim_win}")
+        if self.hu_hi <= self.hu_lo:
+            raise ValueError(f"hu_hi ({self.hu_hi}) must exceed hu_lo ({self.hu_lo})")
+        return self
+
+
+# --- pipeline steps 1-2: ingest and validate (owner: components/ingest.py, validate.py) ----
+
+
+class IngestParams(_Section):
+    """Step 1 (components/ingest.py): raw CTs → canonical volumes, stats table, patient split.
+
+    Splits are by *patient*: every volume of a patient lands in the same split. The patient of
+    a volume is the first group of ``patient_regex`` matched against the volume id, else the
+    DICOM PatientID, else the volume id itself.
+    """
+
+    #: fractions of patients per split (must sum to 1)
+    train_fraction: float = Field(0.7, ge=0, le=1)
+    val_fraction: float = Field(0.15, ge=0, le=1)
+    test_fraction: float = Field(0.15, ge=0, le=1)
+    #: val/test (when their fraction > 0) get at least this many patients, as long as train
+    #: keeps at least as many patients as val and test together (small data sets)
+    min_eval_patients: int = Field(2, ge=0)
+    #: seed of the split, independent of the training seed
+    split_seed: int = 0
+    #: regex on the volume id whose first group is the patient id (null: PatientID / id)
+    patient_regex: str | None = None
+    #: voxels above this value (HU) count as body in the ``body_fraction`` statistic
+    body_hu: float = -500.0
+
+    @_model_validator(mode="after")
+    def _check(self) -> IngestParams:
+        total = self.train_fraction + self.val_fraction + self.test_fraction
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train/val/test fractions must sum to 1, got {total:g}")
+        if self.patient_regex is not None:
+            import re
+
+            try:
+                rx = re.compile(self.patient_regex)
+            except re.error as e:
+                raise ValueError(f"patient_regex is not a valid regex ({e})") from None
+            if rx.groups < 1:
+                raise ValueError("patient_regex needs a capturing group (the patient id)")
+        return self
+
+
+class ValidateParams(_Section):
+    """Step 2 (components/validate.py): the Great Expectations suite over the stats table.
+
+    Every threshold here is one expectation; a volume failing any of them (or one that did
+    not load) is reported by name with the reason. ``policy``: ``fail`` stops the pipeline
+    (non-zero exit); ``quarantine`` drops the failing volumes from the split and goes on.
+    """
+
+    policy: Literal["fail", "quarantine"] = "fail"
+    #: a CT contains air: its minimum must be <= this (HU); raw unsigned stored values fail
+    max_hu_min: float = -500.0
+    #: minima below this are not HU (e.g. -32768 fill); scanner padding (-3024) passes
+    min_hu_min: float = -3100.0
+    #: maxima above this are not HU (raw stored values up to 4095 or 65535)
+    max_hu_max: float = 4000.0
+    #: a body CT has voxels denser than water: its maximum must be >= this (HU)
+    min_hu_max: float = 0.0
+    #: plausible voxel spacing, every axis (mm)
+    min_spacing_mm: float = Field(0.1, gt=0)
+    max_spacing_mm: float = Field(10.0, gt=0)
+    #: smallest usable volume for the stage grids: voxels and physical extent (mm) per
+    #: axis (R, A, S), after canonicalisation
+    min_shape: tuple[int, int, int] = (16, 16, 16)
+    min_extent_mm: tuple[float, float, float] = (100.0, 100.0, 100.0)
+    #: at least this fraction of voxels must lie above ``ingest.body_hu`` (not empty)
+    min_body_fraction: float = Field(0.01, ge=0, le=1)
+
+    @_model_validator(mode="after")
+    def _check(self) -> ValidateParams:
+        if self.max_spacing_mm <= self.min_spacing_mm:
+            raise ValueError(f"max_spacing_mm ({self.max_spacing_mm}) must exceed min_spacing_mm ({self.min_spacing_mm})")
+        if self.max_hu_max <= self.min_hu_max or self.max_hu_min <= self.min_hu_min:
+            raise ValueError("HU bounds must satisfy min_hu_min < max_hu_min and min_hu_max < max_hu_max")
+        if min(self.min_shape) < 1 or min(self.min_extent_mm) < 0:
+            raise ValueError("min_shape must be >= 1 and min_extent_mm >= 0 on every axis")
+        return self
 
 
 class Params(_Section):
@@ -93,6 +368,12 @@ class Params(_Section):
     data: DataParams = DataParams()
     hu: HUParams = HUParams()
     drr: DRRParams = DRRParams()
+    model: ModelParams = ModelParams()
+    stages: Stages = _DEMO_STAGES
+    diffusion: DiffusionParams = DiffusionParams()
+    eval: EvalParams = EvalParams()
+    ingest: IngestParams = IngestParams()
+    validation: ValidateParams = ValidateParams()
 
     def digest(self) -> str:
         """Stable hash of the effective parameters (lineage tag)."""
