@@ -1,0 +1,54 @@
+"""Shared Kubeflow Pipelines v2 helpers for the step components (components/*.py).
+
+Every step module defines its KFP component next to its plain-Python entry point; both
+call the same function. The component bodies are self-contained (KFP ships the function's
+source into the container), so they import xct inside the function.
+
+Images: ``xct-light`` (CPU: ingest, validate, preprocess, evaluate, register) and
+``xct-train`` (CUDA: training). Both ship xct and the pinned kfp, so components do not
+pip-install kfp at start-up (``install_kfp_package=False``); that also keeps ``kfp.local``
+runs from touching the current environment. Override the tags with ``XCT_IMAGE_LIGHT`` /
+``XCT_IMAGE_TRAIN`` (read when this module is imported, i.e. at pipeline compile time).
+
+No ``from __future__ import annotations`` here or in modules defining components: KFP reads
+the real annotation objects (``Input[Dataset]``), not strings.
+"""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+from kfp import dsl
+
+from xct_core.config import Params, params_from_dict
+from xct_core.errors import ConfigError
+
+#: CPU image for data steps
+IMAGE_LIGHT: str = os.environ.get("XCT_IMAGE_LIGHT", "xct-light:0.1.0")
+#: GPU image for training steps
+IMAGE_TRAIN: str = os.environ.get("XCT_IMAGE_TRAIN", "xct-train:0.1.0")
+
+
+def light_component(func: Callable[..., Any]) -> Any:
+    """``@dsl.component`` on the light (CPU) image, without a kfp pip install at start-up."""
+    return dsl.component(func, base_image=IMAGE_LIGHT, install_kfp_package=False)
+
+
+def train_component(func: Callable[..., Any]) -> Any:
+    """``@dsl.component`` on the training (GPU) image, without a kfp pip install at start-up."""
+    return dsl.component(func, base_image=IMAGE_TRAIN, install_kfp_package=False)
+
+
+def params_from_text(params_yaml: str) -> Params:
+    """Typed params from the text of a params.yaml (how pipelines hand params to components).
+
+    An empty string gives the defaults; invalid YAML or values raise :class:`ConfigError`.
+    """
+    try:
+        data = yaml.safe_load(params_yaml) if params_yaml.strip() else {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"params_yaml: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"params_yaml: top level must be a mapping, got {type(data).__name__}")
+    return params_from_dict(data, "params_yaml")

@@ -1,0 +1,57 @@
+"""`xct data validate DIR`: run the data-validation suite (Great Expectations) over a folder.
+
+DIR is a raw folder of CTs (NIfTI files, DICOM series folders; scanned in memory, nothing
+written) or an ingest output folder (it has ``stats.json``; the table is validated and the
+canonical volume files are checked against their checksums).
+
+Contract (scripts rely on it): exit 0 when every volume passes; exit 1 otherwise, with one
+line per failing file on stdout, ``<path>: <reason>; <reason>``; a summary goes to stderr.
+Unusable input (no such folder, no CT in it, bad params) exits 2 with one line, via the CLI
+root. ``--report OUT.json`` also writes the full report there and ``OUT.html`` beside it.
+The ``validation.policy`` of params does not change this command's exit status: it is a
+check; the pipeline step (``python -m components.validate``) applies the policy.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from xct_core.config import Params, default_params_path, load_params
+
+
+def _params(path: Path | None) -> Params:
+    if path is not None:
+        return load_params(path)
+    default = default_params_path()
+    return load_params(default) if default.exists() else Params()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``validate`` command to the ``data`` group."""
+
+    @app.command("validate")
+    def validate(
+        directory: Annotated[Path, typer.Argument(metavar="DIR", help="raw CT folder or ingest output folder")],
+        report: Annotated[
+            Optional[Path], typer.Option("--report", help="write the JSON report here (and OUT.html beside it)")
+        ] = None,
+        params: Annotated[
+            Optional[Path],
+            typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml if present)"),
+        ] = None,
+    ) -> None:
+        """Validate every CT in DIR; print each failing file with its reason; exit 1 if any fails."""
+        from components.validate import html_path_for, validate_dir, write_report
+
+        rep = validate_dir(directory, _params(params))
+        if report is not None:
+            write_report(rep, report, html_path_for(report))
+        for line in rep.failure_lines():
+            typer.echo(line)
+        n, bad = len(rep.volumes), len(rep.failed)
+        print(f"{n - bad} of {n} volumes passed validation" + (f"; {bad} failed" if bad else ""), file=sys.stderr)
+        raise typer.Exit(0 if rep.success else 1)
