@@ -1,0 +1,448 @@
+"""Pipeline step — register: when every gate passed, log the cascade to the MLflow registry.
+
+What is registered (a version of ``registry.model_name``, default ``xct-cascade``)
+-----------------------------------------------------------------------------------
+An MLflow **pyfunc from code** (:mod:`components.xct_pyfunc`, logged as a path to the .py
+file; nothing is pickled): artifacts = the exported stage models
+``outputs/train/models/stage{k}/{eval.model_file}.pt`` (state dicts + params JSON, loadable
+with ``torch.load(weights_only=True)``) + the effective params as JSON; ``code_paths=[xct_core]``;
+``pip_requirements`` given explicitly (the installed versions of torch, numpy, scipy, …).
+The registration run (experiment ``registry.experiment``) also holds every stage's
+evaluation metrics (``stage{k}/<metric>``), the gate reports (artifacts ``gates/``) and the
+evaluation summaries (``eval/stage{k}/metrics.json``).
+
+Tags (run and model version): ``xct.git_commit`` (+ ``xct.git_dirty``), ``xct.data_hash``
+and ``xct.data_hash_source`` — the DVC hash of ``data/processed`` from ``dvc.lock`` when
+DVC produced it, else the sha256 of ``data/processed/manifest.json`` (which lists every
+processed file's sha256; :func:`components.tracking.dvc_data_hash`) — ``xct.params_digest``,
+``xct.content_hash``, ``xct.test_ids_hash``, ``xct.psnr_window_db`` (the LAST stage's test
+PSNR in the window), ``xct.stages``, ``xct.gates`` (``stage1=pass,…``) and ``xct.run_id``.
+
+Aliases and idempotency
+-----------------------
+* ``xct.content_hash`` = sha256 of the stage model files + the params sections the model's
+  predictions depend on (seed, hu, diffusion, eval). Registering content that is already a
+  version returns that version (no new version, aliases untouched).
+* A new version gets ``champion`` when there is no champion yet, or when the champion's
+  ``xct.test_ids_hash`` equals this one's (the same test split) and this version's
+  ``xct.psnr_window_db`` is strictly higher. Otherwise (worse, equal, or not comparable —
+  a different test split) it gets ``candidate``; the champion is left unchanged.
+
+Tracking: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<repo>/mlflow.db``
+(:func:`components.tracking.tracking_uri`). Entry points: :func:`run_register` (all gates →
+register → ``reports/summary.json``, see :mod:`components.summary`),
+``python -m components.register --gates reports/gates --eval reports/eval --train-dir
+outputs/train --out reports/summary.json [--processed data/processed] [--params params.yaml]``,
+and the KFP component :data:`register_component`.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from kfp.dsl import Artifact, Input, Model, Output
+from kfp.dsl import Dataset as KfpDataset
+
+from components._kfp import light_component
+from xct_core.config import Params, load_params
+from xct_core.errors import ConfigError, InputError, XctError
+
+REPO = Path(__file__).resolve().parents[1]
+PYFUNC_FILE = Path(__file__).resolve().with_name("xct_pyfunc.py")
+#: distributions pinned in the registered model's requirements (installed versions)
+_REQUIREMENTS = ("torch", "numpy", "scipy", "nibabel", "pydantic", "pyyaml", "mlflow")
+#: params sections a registered model's predictions depend on (content hash)
+_CONTENT_SECTIONS = ("seed", "hu", "diffusion", "eval", "drr", "model", "stages")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What :func:`register_cascade` did."""
+
+    name: str
+    version: str
+    alias: str | None  #: alias this call set (None when the content was already registered)
+    aliases: tuple[str, ...]  #: the version's aliases after the call
+    created: bool
+    run_id: str
+    reason: str
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pip_requirements() -> list[str]:
+    """Explicit requirements of the registered pyfunc (installed versions; local build
+    tags such as ``+cpu`` dropped)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in _REQUIREMENTS:
+        try:
+            reqs.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def stage_files(train_dir: str | Path, params: Params, n: int | None = None) -> list[Path]:
+    """The exported stage models ``1 … n`` (default: every stage in params) that make up the
+    cascade; :class:`InputError` naming the first missing one."""
+    from xct_core.evaluation import stage_model_path
+
+    n = n or len(params.stages)
+    paths = [stage_model_path(train_dir, k, params.eval.model_file) for k in range(1, n + 1)]
+    for p in paths:
+        if not p.is_file():
+            raise InputError(p, "stage model not found (train the stage first)")
+    return paths
+
+
+def content_hash(files: list[Path], params: Params) -> str:
+    """Identity of a cascade: the stage files' sha256 and the prediction-relevant params."""
+    dump = params.model_dump(mode="json")
+    blob = {"files": [_file_sha256(p) for p in files], "params": {k: dump[k] for k in _CONTENT_SECTIONS}}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _client(uri: str | None):  # noqa: ANN202 - MlflowClient (imported lazily)
+    from components.tracking import get_client, tracking_uri
+
+    return get_client(uri or tracking_uri())
+
+
+def find_version(client: Any, name: str, key: str, value: str) -> Any | None:
+    """The registered version of ``name`` whose tag ``key`` equals ``value`` (oldest), or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    hits = [v for v in versions if (v.tags or {}).get(key) == value]
+    return min(hits, key=lambda v: int(v.version)) if hits else None
+
+
+def _aliases(client: Any, name: str, version: Any) -> tuple[str, ...]:
+    """A version's aliases (search results do not carry them on every backend)."""
+    return tuple(client.get_model_version(name, str(version)).aliases or [])
+
+
+def _champion(client: Any, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def decide_alias(champion: Any | None, psnr: float, test_hash: str | None, params: Params) -> tuple[str, str]:
+    """``(alias, reason)`` for a new version (rules in the module docstring)."""
+    reg = params.registry
+    if champion is None:
+        return reg.champion_alias, "no champion yet"
+    tags = champion.tags or {}
+    if tags.get("xct.test_ids_hash") != test_hash:
+        return reg.candidate_alias, (f"champion v{champion.version} was measured on another test split "
+                                     f"({tags.get('xct.test_ids_hash')} vs {test_hash}): not comparable")
+    old = _float(tags.get("xct.psnr_window_db"))
+    if math.isfinite(psnr) and (not math.isfinite(old) or psnr > old):
+        return reg.champion_alias, f"beats champion v{champion.version}: {psnr:.3f} > {old:.3f} dB PSNR(window)"
+    return reg.candidate_alias, f"does not beat champion v{champion.version}: {psnr:.3f} <= {old:.3f} dB PSNR(window)"
+
+
+def register_cascade(
+    train_dir: str | Path,
+    stage_metrics: dict[int, dict[str, Any]],
+    gate_reports: dict[int, Path],
+    params: Params,
+    *,
+    processed_dir: str | Path | None = None,
+    eval_files: dict[int, Path] | None = None,
+    tracking_uri: str | None = None,
+    log: Any = None,
+) -> Registration:
+    """Log the cascade (every stage in params) as a pyfunc and register it (module docstring).
+
+    ``stage_metrics``: stage → its evaluation summary (metrics.json); the last stage's
+    ``psnr_window_db`` and ``test_ids_hash`` decide the alias.
+    """
+    import mlflow
+
+    from components.tracking import ensure_experiment, lineage_tags
+    from components.tracking import tracking_uri as default_uri
+
+    say = log or (lambda _m: None)
+    uri = tracking_uri or default_uri()
+    reg = params.registry
+    n = len(params.stages)
+    files = stage_files(train_dir, params, n)
+    chash = content_hash(files, params)
+    last = stage_metrics.get(n) or {}
+    psnr = _float(last.get("psnr_window_db"))
+    test_hash = last.get("test_ids_hash")
+    client = _client(uri)
+
+    existing = find_version(client, reg.model_name, "xct.content_hash", chash)
+    if existing is not None:
+        aliases = _aliases(client, reg.model_name, existing.version)
+        say(f"register: this cascade is already {reg.model_name} v{existing.version} "
+            f"(aliases: {', '.join(aliases) or 'none'}); nothing new registered")
+        return Registration(reg.model_name, str(existing.version), None, aliases, False,
+                            str(existing.run_id or ""), "already registered (same content hash)")
+
+    lineage = lineage_tags(params.digest(), processed_dir)
+    commit = lineage.get("mlflow.source.git.commit")
+    tags = {
+        "xct.content_hash": chash,
+        "xct.params_digest": params.digest(),
+        "xct.test_ids_hash": str(test_hash),
+        "xct.psnr_window_db": repr(psnr),
+        "xct.stages": str(n),
+        "xct.model_file": params.eval.model_file,
+        "xct.gates": ",".join(f"stage{k}=pass" for k in sorted(gate_reports)),
+        "xct.git_commit": commit or "unknown",
+        **{k: v for k, v in lineage.items() if k.startswith("xct.")},
+    }
+    mlflow.set_tracking_uri(uri)
+    exp_id = ensure_experiment(client, reg.experiment)
+    with tempfile.TemporaryDirectory(prefix="xct-register-") as tmp:
+        arts: dict[str, str] = {}
+        for k, src in enumerate(files, start=1):
+            dst = Path(tmp) / f"stage{k}.pt"
+            shutil.copyfile(src, dst)
+            arts[f"stage{k}"] = str(dst)
+        pj = Path(tmp) / "params.json"
+        pj.write_text(params.model_dump_json(indent=2))
+        arts["params"] = str(pj)
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{chash[:8]}", tags={**lineage, **tags}) as run:
+            for k, m in sorted(stage_metrics.items()):
+                vals = {f"stage{k}/{key}": float(v) for key, v in m.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+                if vals:
+                    mlflow.log_metrics(vals)
+            mlflow.log_params({"model_name": reg.model_name, "stages": n, "model_file": params.eval.model_file})
+            for k, p in sorted(gate_reports.items()):
+                mlflow.log_artifact(str(p), "gates")
+            for k, p in sorted((eval_files or {}).items()):
+                mlflow.log_artifact(str(p), f"eval/stage{k}")
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_FILE),
+                artifacts=arts,
+                code_paths=[str(REPO / "xct_core")],
+                pip_requirements=pip_requirements(),
+            )
+            run_id = run.info.run_id
+    tags["xct.run_id"] = run_id
+    mv = mlflow.register_model(info.model_uri, reg.model_name, tags=tags)
+    alias, reason = decide_alias(_champion(client, reg.model_name, reg.champion_alias), psnr, test_hash, params)
+    client.set_registered_model_alias(reg.model_name, alias, mv.version)
+    client.set_model_version_tag(reg.model_name, mv.version, "xct.alias_reason", reason)
+    say(f"register: {reg.model_name} v{mv.version} → @{alias} ({reason})")
+    aliases = _aliases(client, reg.model_name, mv.version) or (alias,)
+    return Registration(reg.model_name, str(mv.version), alias, aliases, True, run_id, reason)
+
+
+# --------------------------------------------------------------------------- registry queries
+
+
+def list_versions(params: Params, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Every version of ``registry.model_name``, newest first: version, aliases, key metrics."""
+    client = _client(tracking_uri)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{params.registry.model_name}'")
+    except MlflowException:
+        return []
+    out = []
+    for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        t = v.tags or {}
+        out.append({
+            "version": str(v.version),
+            "aliases": list(_aliases(client, params.registry.model_name, v.version)),
+            "psnr_window_db": _float(t.get("xct.psnr_window_db")),
+            "stages": t.get("xct.stages"),
+            "test_ids_hash": t.get("xct.test_ids_hash"),
+            "git_commit": t.get("xct.git_commit"),
+            "data_hash": t.get("xct.data_hash"),
+            "run_id": v.run_id,
+            "created": int(v.creation_timestamp or 0),
+        })
+    return out
+
+
+def promote(version: str, alias: str, params: Params, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Point ``alias`` at ``version`` (idempotent); :class:`InputError` for an unknown version."""
+    from mlflow.exceptions import MlflowException
+
+    name = params.registry.model_name
+    client = _client(tracking_uri)
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException:
+        raise InputError(None, f"{name} has no version {version!r} (see `xct models list`)") from None
+    if not alias or not alias.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"alias must be letters, digits, '-' or '_', got {alias!r}")
+    client.set_registered_model_alias(name, alias, str(version))
+    client.set_model_version_tag(name, str(version), f"xct.promoted_{alias}", "manual")
+    return {"name": name, "version": str(version), "alias": alias, "model_uri": f"models:/{name}@{alias}"}
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"unreadable report ({e})") from None
+    if not isinstance(doc, dict):
+        raise InputError(path, "report must be a JSON object")
+    return doc
+
+
+def _fallback_model_uri(train_dir: Path, params: Params) -> str | None:
+    """The last trained stage's model: ``runs:/<train run>/model/<file>.pt`` when its MLflow
+    run is recorded (checkpoints/stage{k}/mlflow.json), else its local path."""
+    from xct_core.evaluation import stage_model_path
+
+    for k in range(len(params.stages), 0, -1):
+        p = stage_model_path(train_dir, k, params.eval.model_file)
+        if p.is_file():
+            run = _read_json(train_dir / "checkpoints" / f"stage{k}" / "mlflow.json") or {}
+            if run.get("run_id"):
+                return f"runs:/{run['run_id']}/model/{p.name}"
+            return str(p.absolute())
+    return None
+
+
+def run_register(
+    gates_dir: str | Path,
+    eval_dir: str | Path,
+    train_dir: str | Path,
+    out_path: str | Path,
+    params: Params | None = None,
+    *,
+    processed_dir: str | Path | None = "data/processed",
+    tracking_uri: str | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Read every stage's gate report and evaluation; register when all passed; write and
+    return the summary (:mod:`components.summary`)."""
+    from components.summary import build_summary, stage_entry, write_summary
+    from components.tracking import tracking_uri as default_uri
+
+    params = params or Params()
+    say = log or (lambda _m: None)
+    uri = tracking_uri or default_uri()
+    gates_dir, eval_dir, train_dir = Path(gates_dir), Path(eval_dir), Path(train_dir)
+    stages, metrics, gate_paths, eval_paths = [], {}, {}, {}
+    for k in range(1, len(params.stages) + 1):
+        gp, ep = gates_dir / f"stage{k}.json", eval_dir / f"stage{k}" / "metrics.json"
+        gate, m = _read_json(gp), _read_json(ep)
+        stages.append(stage_entry(k, gate, m, gp, ep))
+        if gate is not None:
+            gate_paths[k] = gp
+        if m is not None and not m.get("skipped"):
+            metrics[k] = m
+            eval_paths[k] = ep
+    reports = {
+        "summary": str(out_path), "gates_dir": str(gates_dir), "eval_dir": str(eval_dir),
+        "gates": [s["gate_report"] for s in stages], "eval": [s["eval_metrics"] for s in stages],
+    }
+    if all(s["passed"] for s in stages):
+        r = register_cascade(train_dir, metrics, gate_paths, params, processed_dir=processed_dir,
+                             eval_files=eval_paths, tracking_uri=uri, log=say)
+        status = "promoted" if params.registry.champion_alias in r.aliases else "registered"
+        alias = r.alias or (params.registry.champion_alias if status == "promoted"
+                            else (r.aliases[0] if r.aliases else None))
+        summary = build_summary(status=status, stages=stages, model_uri=r.model_uri, tracking_uri=uri,
+                                reports=reports, model_name=r.name, model_version=r.version, alias=alias)
+    else:
+        summary = build_summary(status="rejected", stages=stages, model_uri=_fallback_model_uri(train_dir, params),
+                                tracking_uri=uri, reports=reports)
+    write_summary(out_path, summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI (dvc.yaml): exit 0 when the step completed (promoted, registered or rejected);
+    2 with one line on stderr for unusable input or params."""
+    from components.summary import format_summary
+
+    ap = argparse.ArgumentParser(prog="python -m components.register", description=__doc__.splitlines()[0])
+    ap.add_argument("--gates", type=Path, default=Path("reports/gates"), help="gate reports folder (stageK.json)")
+    ap.add_argument("--eval", type=Path, default=Path("reports/eval"), help="evaluation folder (stageK/metrics.json)")
+    ap.add_argument("--train-dir", type=Path, default=None, help="training output folder (default: params train.out_dir)")
+    ap.add_argument("--processed", type=Path, default=Path("data/processed"), help="processed data (lineage hash)")
+    ap.add_argument("--out", type=Path, default=Path("reports/summary.json"), help="summary file")
+    ap.add_argument("--params", type=Path, default=None, help="params file (default: $XCT_PARAMS or ./params.yaml)")
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        train_dir = args.train_dir or Path(params.train.out_dir)
+        summary = run_register(args.gates, args.eval, train_dir, args.out, params,
+                               processed_dir=args.processed, log=print)
+    except XctError as e:
+        print(f"register: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(format_summary(summary))
+    return 0
+
+
+@light_component
+def register_component(
+    gates: Input[KfpDataset],
+    eval_reports: Input[KfpDataset],
+    train_dir: Input[Model],
+    processed: Input[KfpDataset],
+    summary: Output[Artifact],
+    params_yaml: str = "",
+    tracking_uri: str = "",
+) -> NamedTuple("RegisterOutputs", [("status", str), ("model_uri", str)]):  # noqa: UP014
+    """KFP step: gate reports + evaluations + trained stage models → MLflow registry (when
+    every gate passed) and ``summary`` (summary.json). ``tracking_uri`` empty: the
+    container's ``MLFLOW_TRACKING_URI`` (or the embedded sqlite default)."""
+    from collections import namedtuple
+
+    from components._kfp import params_from_text
+    from components.register import run_register
+    from components.summary import format_summary
+
+    doc = run_register(gates.path, eval_reports.path, train_dir.path, summary.path, params_from_text(params_yaml),
+                       processed_dir=processed.path, tracking_uri=tracking_uri or None, log=print)
+    print(format_summary(doc))
+    summary.metadata["status"] = doc["status"]
+    return namedtuple("RegisterOutputs", ["status", "model_uri"])(doc["status"], doc["model_uri"] or "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

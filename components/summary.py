@@ -1,0 +1,156 @@
+"""``reports/summary.json``: the end-of-run verdict of the pipeline (scripts rely on its keys).
+
+Keys (stable):
+
+* ``status``: ``"promoted"`` (registered and aliased ``champion``) | ``"registered"``
+  (registered, aliased ``candidate``) | ``"rejected"`` (a gate failed or is missing; nothing
+  registered);
+* ``rejected_at_stage``: the first stage whose gate did not pass (int) or ``null``;
+* ``stages``: one entry per stage, in order: ``{"stage", "passed", "skipped", "summary",
+  "metrics": {psnr_window_db, ssim_window, mae_hu, psnr_hu_db, nan_count, std, target_std,
+  baseline_psnr_window_db, direct_psnr_window_db, n_patients} (those present),
+  "checks": [gate checks: name, metric, op, threshold, value, passed, margin],
+  "gate_report", "eval_metrics"}``;
+* ``model_uri``: ``models:/<name>/<version>`` when registered; else the last trained stage's
+  training run artifact ``runs:/<run_id>/model/<file>.pt`` when that run is known, else the
+  local path of its exported ``.pt``; ``null`` when no stage was trained;
+* ``model_version``, ``alias``, ``model_name`` (null when not registered);
+* ``mlflow_tracking_uri``;
+* ``reports``: ``{"summary", "gates_dir", "eval_dir", "gates": [paths], "eval": [paths]}``.
+
+:func:`format_summary` renders the printed end-of-run table (stage, metric, threshold,
+value, pass) and the commands to open the MLflow UI and to reconstruct with the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from xct_core.stats import json_text, write_text_atomic
+
+STATUSES = ("promoted", "registered", "rejected")
+SUMMARY_KEYS = (
+    "status", "rejected_at_stage", "stages", "model_uri", "model_name", "model_version", "alias",
+    "mlflow_tracking_uri", "reports",
+)
+#: metrics copied from each stage's metrics.json into the summary
+STAGE_METRIC_KEYS = (
+    "psnr_window_db", "ssim_window", "psnr_hu_db", "mae_hu", "nan_count", "std", "target_std",
+    "baseline_psnr_window_db", "direct_psnr_window_db", "n_patients",
+)
+
+
+def stage_entry(
+    stage: int,
+    gate: Mapping[str, Any] | None,
+    metrics: Mapping[str, Any] | None,
+    gate_path: str | Path,
+    eval_path: str | Path,
+) -> dict[str, Any]:
+    """One ``stages[]`` entry from a gate report (or skip marker / ``None`` when missing)
+    and the stage's evaluation metrics (``None`` when missing or skipped)."""
+    m = metrics if metrics is not None and not metrics.get("skipped") else {}
+    if gate is None:
+        passed, skipped, summary, checks = False, False, f"stage {stage}: no gate report at {gate_path}", []
+    else:
+        passed = bool(gate.get("passed")) and not gate.get("skipped")
+        skipped = bool(gate.get("skipped"))
+        summary = str(gate.get("summary") or gate.get("reason") or "")
+        checks = list(gate.get("checks") or [])
+    return {
+        "stage": int(stage),
+        "passed": passed,
+        "skipped": skipped,
+        "summary": summary,
+        "metrics": {k: m[k] for k in STAGE_METRIC_KEYS if k in m},
+        "checks": checks,
+        "gate_report": str(gate_path),
+        "eval_metrics": str(eval_path),
+    }
+
+
+def rejected_at(stages: Sequence[Mapping[str, Any]]) -> int | None:
+    """The first stage that did not pass (a real failure before a skip), else ``None``."""
+    for s in stages:
+        if not s["passed"]:
+            return int(s["stage"])
+    return None
+
+
+def build_summary(
+    *,
+    status: str,
+    stages: Sequence[Mapping[str, Any]],
+    model_uri: str | None,
+    tracking_uri: str,
+    reports: Mapping[str, Any],
+    model_name: str | None = None,
+    model_version: str | None = None,
+    alias: str | None = None,
+) -> dict[str, Any]:
+    """The summary document (keys in the module docstring)."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    return {
+        "status": status,
+        "rejected_at_stage": rejected_at(stages) if status == "rejected" else None,
+        "stages": [dict(s) for s in stages],
+        "model_uri": model_uri,
+        "model_name": model_name,
+        "model_version": model_version,
+        "alias": alias,
+        "mlflow_tracking_uri": tracking_uri,
+        "reports": dict(reports),
+    }
+
+
+def write_summary(path: str | Path, summary: Mapping[str, Any]) -> Path:
+    """Write the summary atomically (sorted keys; NaN → null)."""
+    return write_text_atomic(path, json_text(dict(summary)))
+
+
+def read_summary(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def _v(x: Any) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return "nan" if not math.isfinite(x) else f"{x:.4g}"
+    return str(x)
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """The end-of-run table (stage, metric, threshold, value, pass) + how to look and use."""
+    rows = [("stage", "check", "threshold", "value", "pass")]
+    for s in summary["stages"]:
+        if not s["checks"]:
+            rows.append((f"stage{s['stage']}", "(gate)", "—", "skipped" if s["skipped"] else "missing", "FAIL"))
+        for c in s["checks"]:
+            rows.append((f"stage{s['stage']}", f"{c['metric']} {c['op']}", _v(c["threshold"]), _v(c["value"]),
+                         "pass" if c["passed"] else "FAIL"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    status = summary["status"]
+    head = {
+        "promoted": f"PROMOTED: {summary['model_uri']} (alias {summary['alias']})",
+        "registered": f"REGISTERED: {summary['model_uri']} (alias {summary['alias']}; did not beat the champion)",
+        "rejected": f"REJECTED at stage {summary['rejected_at_stage']}: nothing registered",
+    }[status]
+    uri = summary["mlflow_tracking_uri"]
+    tail = [
+        "",
+        head,
+        f"MLflow UI:    mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"MLflow UI:    {uri}",
+    ]
+    if summary.get("model_uri"):
+        tail.append(f"Reconstruct:  xct reconstruct --model {summary['model_uri']} --frontal FRONTAL.npy "
+                    f"--lateral LATERAL.npy --out ct.nii.gz")
+    tail.append(f"Summary:      {summary['reports'].get('summary')}")
+    return "\n".join(lines + tail)

@@ -1,0 +1,101 @@
+"""The registered cascade as an MLflow pyfunc — "models from code" (no pickled objects).
+
+``components/register.py`` logs THIS FILE as ``python_model`` (MLflow models from code: the
+file is executed at load time and hands its model over with :func:`mlflow.models.set_model`)
+with these artifacts:
+
+* ``stage1`` … ``stageK`` — the exported stage models (:func:`xct_core.checkpoint.export_stage_model`:
+  EMA ``state_dict`` + params JSON), loaded with ``torch.load(weights_only=True)``;
+* ``params`` — the effective params as JSON (sampler steps, seed, HU window, schedule);
+
+and ``code_paths=[xct_core]``, so the loader needs only torch and the xct science package.
+
+``predict`` input: a mapping ``{"frontal": 2D, "lateral": 2D}`` (line integrals ∫mu dl,
+dimensionless, ``[P, P]`` with ``P = drr.pixels``, image conventions of docs/CONVENTIONS.md),
+or a one-row DataFrame with those columns; optional keys ``steps`` (DDIM steps; default
+``eval.sample_steps`` or ``diffusion.sample_steps``) and ``seed`` (default ``params.seed``).
+Output: float32 ``[S, S, S]`` volume in HU (the last stage's grid, RAS+ axes), the window
+inverse of the sampler's [-1, 1] output (values outside the training window saturate).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel
+
+
+def _as_image(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float32)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2D line-integral image [P, P], got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} holds non-finite values")
+    return arr
+
+
+def _unpack(model_input: Any) -> dict[str, Any]:
+    """A mapping from a dict or a one-row DataFrame (how pyfunc serving hands inputs over)."""
+    if isinstance(model_input, dict):
+        return model_input
+    if hasattr(model_input, "iloc") and hasattr(model_input, "columns"):
+        if len(model_input) != 1:
+            raise ValueError(f"expected one row (one X-ray pair), got {len(model_input)}")
+        return {c: model_input.iloc[0][c] for c in model_input.columns}
+    raise ValueError(f"expected {{'frontal': 2D, 'lateral': 2D}}, got {type(model_input).__name__}")
+
+
+class XctCascadeModel(PythonModel):
+    """Biplanar X-ray line integrals → CT volume in HU with the diffusion cascade."""
+
+    def load_context(self, context: Any) -> None:
+        import torch
+
+        from xct_core.checkpoint import load_stage_model
+        from xct_core.config import params_from_dict
+        from xct_core.diffusion import CosineSchedule
+
+        arts = context.artifacts
+        with open(arts["params"], encoding="utf-8") as f:
+            self.params = params_from_dict(json.load(f), "registered params")
+        n = sum(1 for k in arts if k.startswith("stage"))
+        if n < 1:
+            raise ValueError("the registered model holds no stage artifacts")
+        self.stages = [load_stage_model(arts[f"stage{k}"], "cpu") for k in range(1, n + 1)]
+        self.schedule = CosineSchedule.from_params(self.params.diffusion)
+        self.window = self.params.hu.get_window()
+        self.pixels = int(self.params.drr.pixels)
+        self._torch = torch
+
+    # no type hints on predict: MLflow would read them as an input schema (it wants list[...])
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        """``{"frontal": 2D, "lateral": 2D[, "steps", "seed"]}`` → float32 ``[S, S, S]`` HU."""
+        from xct_core.cascade import sample_cascade
+
+        torch = self._torch
+        data = _unpack(model_input)
+        missing = [v for v in ("frontal", "lateral") if v not in data]
+        if missing:
+            raise ValueError(f"missing input view(s): {', '.join(missing)}")
+        views = {v: _as_image(data[v], v) for v in ("frontal", "lateral")}
+        for v, img in views.items():
+            if img.shape != (self.pixels, self.pixels):
+                raise ValueError(f"{v} is {img.shape}, the model expects ({self.pixels}, {self.pixels}) (drr.pixels)")
+        opts = {**(params or {}), **{k: data[k] for k in ("steps", "seed") if k in data}}
+        steps = int(opts.get("steps") or self.params.eval.sample_steps or self.params.diffusion.sample_steps)
+        seed = int(opts.get("seed", self.params.seed))
+        f = torch.from_numpy(views["frontal"])[None, None]
+        lat = torch.from_numpy(views["lateral"])[None, None]
+        gen = torch.Generator().manual_seed(seed)
+        outs = sample_cascade(self.stages, f, lat, schedule=self.schedule, steps=steps,
+                              eta=float(self.params.diffusion.eta), generator=gen)
+        x = outs[-1][0, 0].float().cpu().numpy()
+        return np.asarray(self.window.inverse(x), dtype=np.float32)
+
+
+mlflow.models.set_model(XctCascadeModel())

@@ -1,0 +1,188 @@
+"""Register step + summary + `xct models` against a real MLflow (sqlite in tmp).
+
+Tiny untrained two-stage cascade; the evaluation metrics fed to the gates are written by
+the TEST (labelled values) so each scenario — pass, worse model, failing gate — is chosen
+here, not by training luck. The pyfunc is loaded back by alias and checked against the
+project sampler run directly on the same stage files (known answer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from test_evaluate import build_tiny_processed, export_tiny_stages, make_tiny_params
+from xct_core.config import Params
+
+NAME = "xct-cascade"
+KEYS = {"status", "rejected_at_stage", "stages", "model_uri", "mlflow_tracking_uri", "reports"}
+
+
+def _write_reports(root: Path, params: Params, psnr: dict[int, float], passing: dict[int, bool]) -> tuple[Path, Path]:
+    """Evaluation summaries with TEST-CHOSEN values, judged by the real gate step with
+    thresholds 10 dB / SSIM 0.1 (test thresholds)."""
+    from components.gate import run_gate
+
+    data = params.model_dump(mode="json")
+    for k in (1, 2):
+        data["gates"][f"stage{k}"] = {"psnr_window_db": 10.0, "ssim_window": 0.1, "max_nan": 0, "min_std_ratio": 0.25}
+    gp = Params.model_validate(data)
+    ev, gates = root / "eval", root / "gates"
+    for k in (1, 2):
+        m = {"stage": k, "psnr_window_db": psnr[k] if passing[k] else 5.0, "ssim_window": 0.5, "nan_count": 0,
+             "std": 0.4, "target_std": 0.5, "mae_hu": 50.0, "n_patients": 1, "test_ids_hash": "split-A"}
+        (ev / f"stage{k}").mkdir(parents=True, exist_ok=True)
+        (ev / f"stage{k}" / "metrics.json").write_text(json.dumps(m))
+        run_gate(k, ev / f"stage{k}" / "metrics.json", gates / f"stage{k}.json", gp)
+    return gates, ev
+
+
+@pytest.fixture(scope="module")
+def reg_env(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("register")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    params = make_tiny_params()
+    processed = build_tiny_processed(root, params, n_train=1, n_test=1)
+    pfile = root / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    yield {"root": root, "uri": uri, "params": params, "processed": processed, "params_file": pfile}
+    mp.undo()
+
+
+def _run(env: dict[str, Any], name: str, seed: int, psnr2: float, passing2: bool = True) -> dict[str, Any]:
+    from components.register import run_register
+
+    run = env["root"] / name
+    export_tiny_stages(run / "train", env["params"], seed=seed)
+    gates, ev = _write_reports(run, env["params"], {1: 20.0, 2: psnr2}, {1: True, 2: passing2})
+    return run_register(gates, ev, run / "train", run / "summary.json", env["params"],
+                        processed_dir=env["processed"], tracking_uri=env["uri"])
+
+
+def _versions(env: dict[str, Any]) -> dict[str, Any]:
+    from mlflow import MlflowClient
+
+    c = MlflowClient(env["uri"])
+    return {str(v.version): v for v in c.search_model_versions(f"name='{NAME}'")}
+
+
+def test_register_promote_idempotent_candidate_and_rejected(reg_env: dict[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    c = MlflowClient(reg_env["uri"])
+    # 1. every gate passes, no champion yet → version 1 @champion with lineage tags
+    s1 = _run(reg_env, "run1", seed=0, psnr2=25.0)
+    assert KEYS <= set(s1) and s1["status"] == "promoted" and s1["rejected_at_stage"] is None
+    assert s1["model_uri"] == f"models:/{NAME}/1" and s1["alias"] == "champion"
+    assert s1["mlflow_tracking_uri"] == reg_env["uri"]
+    assert [st["stage"] for st in s1["stages"]] == [1, 2] and all(st["passed"] for st in s1["stages"])
+    assert s1["stages"][1]["metrics"]["psnr_window_db"] == 25.0 and s1["stages"][1]["checks"]
+    assert json.loads((reg_env["root"] / "run1" / "summary.json").read_text()) == s1
+    mv = c.get_model_version_by_alias(NAME, "champion")
+    assert str(mv.version) == "1"
+    t = mv.tags
+    for key in ("xct.git_commit", "xct.data_hash", "xct.data_hash_source", "xct.params_digest", "xct.content_hash",
+                "xct.test_ids_hash", "xct.psnr_window_db", "xct.run_id", "xct.gates"):
+        assert t.get(key), key
+    assert t["xct.params_digest"] == reg_env["params"].digest() and float(t["xct.psnr_window_db"]) == 25.0
+    assert t["xct.gates"] == "stage1=pass,stage2=pass"
+    arts = {a.path for a in c.list_artifacts(t["xct.run_id"], "gates")}
+    assert arts == {"gates/stage1.json", "gates/stage2.json"}
+
+    # 2. the same run again → no new version, champion unchanged
+    s1b = _run(reg_env, "run1", seed=0, psnr2=25.0)
+    assert s1b["model_uri"] == f"models:/{NAME}/1" and s1b["status"] == "promoted"
+    assert sorted(_versions(reg_env)) == ["1"]
+
+    # 3. different weights, worse on the same test split → version 2 @candidate, champion stays 1
+    s2 = _run(reg_env, "run2", seed=1, psnr2=22.0)
+    assert s2["status"] == "registered" and s2["alias"] == "candidate" and s2["model_uri"] == f"models:/{NAME}/2"
+    assert str(c.get_model_version_by_alias(NAME, "champion").version) == "1"
+    assert str(c.get_model_version_by_alias(NAME, "candidate").version) == "2"
+    assert "does not beat champion v1" in c.get_model_version(NAME, "2").tags["xct.alias_reason"]
+
+    # 4. a failing stage-2 gate → rejected at stage 2, nothing registered, local model uri
+    s3 = _run(reg_env, "run3", seed=2, psnr2=30.0, passing2=False)
+    assert KEYS <= set(s3) and s3["status"] == "rejected" and s3["rejected_at_stage"] == 2
+    assert s3["model_version"] is None and s3["model_uri"].endswith("stage2/best.pt")
+    assert Path(s3["model_uri"]).is_file()
+    assert sorted(_versions(reg_env)) == ["1", "2"]
+    assert any(not c_["passed"] for c_ in s3["stages"][1]["checks"])
+
+
+def test_registered_pyfunc_loads_by_alias_and_matches_the_sampler(reg_env: dict[str, Any]) -> None:
+    import mlflow
+
+    from xct_core.cascade import sample_cascade
+    from xct_core.checkpoint import load_stage_model
+    from xct_core.diffusion import CosineSchedule
+
+    if not _versions(reg_env):
+        _run(reg_env, "run1", seed=0, psnr2=25.0)
+    mlflow.set_tracking_uri(reg_env["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion"))
+    assert not list(local.rglob("*.pkl")), "the registered model must not be pickled"
+    assert (local / "MLmodel").read_text().count("xct_pyfunc.py") >= 1
+
+    p = reg_env["params"]
+    rng = np.random.default_rng(0)
+    frontal = rng.uniform(0, 8, (16, 16)).astype(np.float32)
+    lateral = rng.uniform(0, 8, (16, 16)).astype(np.float32)
+    vol = np.asarray(model.predict({"frontal": frontal.tolist(), "lateral": lateral, "seed": 3}))
+    assert vol.shape == (32, 32, 32) and np.isfinite(vol).all()
+    w = p.hu.get_window()
+    assert vol.min() >= w.lo - 1e-3 and vol.max() <= w.hi + 1e-3  # window inverse of [-1, 1]
+
+    # known answer: the project sampler on the run-1 stage files, same seed and steps
+    stages = [load_stage_model(reg_env["root"] / "run1" / "train" / "models" / f"stage{k}" / "best.pt") for k in (1, 2)]
+    outs = sample_cascade(stages, torch.from_numpy(frontal)[None, None], torch.from_numpy(lateral)[None, None],
+                          schedule=CosineSchedule.from_params(p.diffusion), steps=1,
+                          generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(vol, w.inverse(outs[-1][0, 0].numpy()), atol=1e-3)
+    with pytest.raises(Exception, match="expects"):
+        model.predict({"frontal": np.zeros((8, 8)), "lateral": np.zeros((8, 8))})
+
+
+def test_models_cli_list_and_promote(reg_env: dict[str, Any], capsys) -> None:
+    from pipelines.cli import main
+
+    if len(_versions(reg_env)) < 2:
+        _run(reg_env, "run1", seed=0, psnr2=25.0)
+        _run(reg_env, "run2", seed=1, psnr2=22.0)
+    pf = str(reg_env["params_file"])
+    with pytest.raises(SystemExit) as e:
+        main(["models", "promote", "2", "--alias", "champion", "--params", pf])
+    assert e.value.code in (0, None)
+    with pytest.raises(SystemExit):
+        main(["models", "list", "--params", pf])
+    out = capsys.readouterr().out
+    line2 = next(ln for ln in out.splitlines() if ln.strip().startswith("2 "))
+    assert "champion" in line2 and "22.000" in line2
+    with pytest.raises(SystemExit) as e:
+        main(["models", "promote", "99", "--params", pf])
+    assert e.value.code == 2 and "no version '99'" in capsys.readouterr().err
+    # put the champion back for test-order independence
+    with pytest.raises(SystemExit):
+        main(["models", "promote", "1", "--params", pf])
+
+
+def test_summary_table_lists_checks_and_commands(reg_env: dict[str, Any]) -> None:
+    from components.summary import format_summary
+
+    s = _run(reg_env, "run3", seed=2, psnr2=30.0, passing2=False)
+    text = format_summary(s)
+    assert "REJECTED at stage 2" in text and "psnr_window_db >" in text and "FAIL" in text
+    assert f"mlflow ui --backend-store-uri {reg_env['uri']}" in text
+    assert "xct reconstruct --model" in text
+    assert not math.isnan(s["stages"][0]["metrics"]["psnr_window_db"])
