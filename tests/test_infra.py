@@ -1,0 +1,800 @@
+"""Structural checks of infra/ (container images, Kubernetes manifests, compose) and of
+docs/cluster.md — no Docker engine, no cluster, no network.
+
+What a real deployment would trip over first is checked against the real thing where it
+is cheap: the MLflow server's own CLI parses the server command lines and its own host
+check accepts the tracking URIs; ``ray start``'s options accept the rayStartParams; the
+``xct`` CLI parses the RayJob entrypoint and every ``xct`` command in the docs; the
+cluster params overlay validates against xct_core.config. Everything else is consistency:
+one image list (infra/images.yaml) used by the KFP components, the manifests, the compose
+file and the Dockerfiles; one MLflow/S3 service naming across manifests, compose and docs.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+INFRA = REPO / "infra"
+K8S = INFRA / "k8s"
+COMPOSE = INFRA / "compose" / "docker-compose.yaml"
+ENV_EXAMPLE = INFRA / "compose" / ".env.example"
+DOCKER = INFRA / "docker"
+DOCS = REPO / "docs" / "cluster.md"
+NAMESPACE = "xct"
+PLACEHOLDER = "CHANGE_ME"
+
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job"}
+#: env vars a user sets for a cluster run, and the code that reads each (docs must name them all)
+ENV_READ_BY = {
+    "MLFLOW_TRACKING_URI": "components/tracking.py",
+    "RAY_ADDRESS": "components/train.py",
+    "XCT_S3_ENDPOINT_URL": "components/s3sync.py",
+    "AWS_ENDPOINT_URL": "components/s3sync.py",
+    "XCT_IMAGE_LIGHT": "components/_kfp.py",
+    "XCT_IMAGE_TRAIN": "components/_kfp.py",
+}
+#: env vars read by libraries (boto3, the MLflow server), not by xct code
+ENV_LIBRARY = ["MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _k8s_files() -> list[Path]:
+    return sorted(p for p in K8S.glob("*.yaml"))
+
+
+def _objects() -> list[tuple[Path, dict]]:
+    out = []
+    for f in _k8s_files():
+        for doc in yaml.safe_load_all(f.read_text()):
+            if doc is not None:
+                out.append((f, doc))
+    return out
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[tuple[Path, dict]]:
+    objs = [(f, d) for f, d in _objects() if d.get("kind") != "Kustomization"]
+    assert objs, "no Kubernetes objects under infra/k8s"
+    return objs
+
+
+def _by_kind(objects: list[tuple[Path, dict]], kind: str) -> list[dict]:
+    return [d for _, d in objects if d.get("kind") == kind]
+
+
+def _one(objects: list[tuple[Path, dict]], kind: str, name: str) -> dict:
+    found = [d for d in _by_kind(objects, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def images() -> dict:
+    return yaml.safe_load((INFRA / "images.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _pins(path: Path) -> dict[str, str]:
+    """``name==version`` lines of a requirements file, names normalised (PEP 503)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, ver = line.split("==", 1)
+            out[re.sub(r"[-_.]+", "-", name.split("[")[0]).lower()] = ver.strip()
+    return out
+
+
+LOCK = _pins(REPO / "requirements" / "lock.txt")
+BASE = _pins(REPO / "requirements" / "base.txt")
+
+
+def _pod_specs(doc: dict) -> Iterator[tuple[str, dict]]:
+    """(where, pod spec) of every pod template in an object (CRDs included)."""
+    kind, spec = doc.get("kind"), doc.get("spec", {})
+    if kind in WORKLOAD_KINDS:
+        yield "template", spec["template"]["spec"]
+    elif kind in ("RayCluster", "RayJob"):
+        cluster = spec if kind == "RayCluster" else spec.get("rayClusterSpec")
+        if cluster:
+            yield "head", cluster["headGroupSpec"]["template"]["spec"]
+            for g in cluster.get("workerGroupSpecs", []):
+                yield f"worker {g.get('groupName')}", g["template"]["spec"]
+        if kind == "RayJob" and "submitterPodTemplate" in spec:
+            yield "submitter", spec["submitterPodTemplate"]["spec"]
+
+
+def _containers(doc: dict) -> Iterator[tuple[str, dict, dict]]:
+    for where, pod in _pod_specs(doc):
+        for c in pod.get("containers", []) + pod.get("initContainers", []):
+            yield where, pod, c
+
+
+def _find_images(node: Any) -> Iterator[str]:
+    """Every ``image:`` value under a containers/initContainers list, at any depth."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in ("containers", "initContainers") and isinstance(v, list):
+                for c in v:
+                    if isinstance(c, dict) and "image" in c:
+                        yield c["image"]
+            yield from _find_images(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _find_images(v)
+
+
+def _qty(v: Any) -> float:
+    """A Kubernetes quantity as a float (cpu cores or bytes)."""
+    s = str(v)
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    for u in sorted(units, key=len, reverse=True):
+        if s.endswith(u):
+            return float(s[: -len(u)]) * units[u]
+    return float(s)
+
+
+def _built_refs(images: dict) -> dict[str, str]:
+    return {k: f"{v['name']}:{v['tag']}" for k, v in images["built"].items()}
+
+
+def _pinned(ref: str) -> bool:
+    """name:tag with a real tag (not latest), or a digest."""
+    if "@sha256:" in ref:
+        return True
+    last = ref.rsplit("/", 1)[-1]
+    return ":" in last and last.split(":", 1)[1] not in ("", "latest")
+
+
+# --------------------------------------------------------------------------- parsing + per-kind fields
+
+
+def test_every_infra_yaml_parses() -> None:
+    files = sorted(INFRA.rglob("*.yaml")) + sorted(INFRA.rglob("*.yml"))
+    assert len(files) >= 8, files
+    for f in files:
+        docs = [d for d in yaml.safe_load_all(f.read_text()) if d is not None]
+        assert docs and all(isinstance(d, dict) for d in docs), f"{f}: empty or not mappings"
+
+
+def test_objects_have_identity_and_namespace(objects: list[tuple[Path, dict]]) -> None:
+    for f, d in objects:
+        where = f"{f.name}: {d.get('kind')}/{d.get('metadata', {}).get('name')}"
+        assert d.get("apiVersion") and d.get("kind") and d.get("metadata", {}).get("name"), where
+        if d["kind"] == "Namespace":
+            assert d["metadata"]["name"] == NAMESPACE
+        elif f.name == "kfp-launcher.yaml":
+            assert d["metadata"]["namespace"] == "kubeflow", where
+        else:
+            assert d["metadata"].get("namespace") == NAMESPACE, f"{where}: namespace must be {NAMESPACE}"
+
+
+def test_kustomization_lists_existing_files_and_no_templates() -> None:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    res = kust["resources"]
+    for r in res:
+        assert (K8S / r).is_file(), f"kustomization resource {r} missing"
+    for excluded in ("secrets.template.yaml", "rayjob-train.yaml", "kfp-launcher.yaml"):
+        assert excluded not in res, f"{excluded} must not be applied by `kubectl apply -k`"
+    listed = set(res) | {"kustomization.yaml", "secrets.template.yaml", "rayjob-train.yaml", "kfp-launcher.yaml"}
+    assert {p.name for p in _k8s_files()} <= listed, "a manifest is neither in kustomization.yaml nor a known template"
+
+
+def test_workloads_selectors_containers_and_resources(objects: list[tuple[Path, dict]]) -> None:
+    workloads = [d for _, d in objects if d["kind"] in WORKLOAD_KINDS]
+    assert {d["kind"] for d in workloads} >= {"Deployment", "StatefulSet", "Job"}
+    for d in workloads:
+        name = f"{d['kind']}/{d['metadata']['name']}"
+        tmpl = d["spec"]["template"]
+        if d["kind"] != "Job":
+            sel = d["spec"]["selector"]["matchLabels"]
+            labels = tmpl["metadata"]["labels"]
+            assert sel and all(labels.get(k) == v for k, v in sel.items()), f"{name}: selector ≠ template labels"
+        else:
+            assert tmpl["spec"]["restartPolicy"] in ("OnFailure", "Never"), name
+        assert tmpl["spec"]["containers"], name
+
+
+def test_every_container_has_image_and_bounded_resources(objects: list[tuple[Path, dict]]) -> None:
+    n = 0
+    for _, d in objects:
+        for where, _pod, c in _containers(d):
+            name = f"{d['kind']}/{d['metadata']['name']} {where} {c.get('name')}"
+            assert c.get("image"), name
+            res = c.get("resources", {})
+            req, lim = res.get("requests", {}), res.get("limits", {})
+            for r in ("cpu", "memory"):
+                assert r in req and r in lim, f"{name}: resources.requests/limits.{r} missing"
+                assert _qty(req[r]) <= _qty(lim[r]), f"{name}: {r} request > limit"
+            if "nvidia.com/gpu" in lim or "nvidia.com/gpu" in req:
+                assert req.get("nvidia.com/gpu") == lim.get("nvidia.com/gpu"), f"{name}: GPU request ≠ limit"
+            n += 1
+    assert n >= 9, f"only {n} containers found"
+    ray = _one(objects, "RayCluster", "xct-ray")
+    auto = ray["spec"]["autoscalerOptions"]["resources"]
+    assert auto["requests"] and auto["limits"], "autoscaler sidecar needs resources"
+
+
+def test_statefulset_and_services_match_workloads(objects: list[tuple[Path, dict]]) -> None:
+    pods = []  # (labels, container ports by name and number)
+    for _, d in objects:
+        if d["kind"] in WORKLOAD_KINDS:
+            tmpl = d["spec"]["template"]
+            ports = [p for c in tmpl["spec"]["containers"] for p in c.get("ports", [])]
+            pods.append((tmpl["metadata"]["labels"], ports))
+    services = _by_kind(objects, "Service")
+    assert {s["metadata"]["name"] for s in services} >= {"mlflow", "postgres", "minio"}
+    for s in services:
+        sel, ports = s["spec"].get("selector"), s["spec"].get("ports")
+        name = f"Service/{s['metadata']['name']}"
+        assert sel and ports, f"{name}: selector and ports required"
+        matching = [p for labels, p in pods if all(labels.get(k) == v for k, v in sel.items())]
+        assert matching, f"{name}: selector {sel} matches no workload's pod labels"
+        for p in ports:
+            tp = p.get("targetPort", p["port"])
+            names = {cp.get("name") for cp in matching[0]}
+            numbers = {cp["containerPort"] for cp in matching[0]}
+            assert tp in names or tp in numbers, f"{name}: targetPort {tp} not a container port"
+    sts = _one(objects, "StatefulSet", "postgres")
+    assert sts["spec"]["serviceName"] in {s["metadata"]["name"] for s in services}
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+
+
+def test_references_to_pvcs_configmaps_and_secrets_resolve(objects: list[tuple[Path, dict]]) -> None:
+    pvcs = {d["metadata"]["name"] for d in _by_kind(objects, "PersistentVolumeClaim")}
+    cms = {d["metadata"]["name"]: set(d["data"]) for d in _by_kind(objects, "ConfigMap")}
+    secrets = {d["metadata"]["name"]: set(d["stringData"]) for d in _by_kind(objects, "Secret")}
+    for pvc in _by_kind(objects, "PersistentVolumeClaim"):
+        assert pvc["spec"]["accessModes"] and pvc["spec"]["resources"]["requests"]["storage"]
+    for _, d in objects:
+        for where, pod in _pod_specs(d):
+            name = f"{d['kind']}/{d['metadata']['name']} {where}"
+            vols = {v["name"]: v for v in pod.get("volumes", [])}
+            for v in vols.values():
+                if "persistentVolumeClaim" in v:
+                    assert v["persistentVolumeClaim"]["claimName"] in pvcs, f"{name}: unknown PVC"
+                if "configMap" in v:
+                    assert v["configMap"]["name"] in cms, f"{name}: unknown ConfigMap"
+            for c in pod["containers"]:
+                for m in c.get("volumeMounts", []):
+                    assert m["name"] in vols or m["name"] in {
+                        t["metadata"]["name"] for t in d.get("spec", {}).get("volumeClaimTemplates", [])
+                    }, f"{name}: mount {m['name']} has no volume"
+                for ef in c.get("envFrom", []):
+                    if "secretRef" in ef:
+                        assert ef["secretRef"]["name"] in secrets, f"{name}: unknown Secret"
+                    if "configMapRef" in ef:
+                        assert ef["configMapRef"]["name"] in cms, f"{name}: unknown ConfigMap"
+                for e in c.get("env", []):
+                    ref = e.get("valueFrom", {})
+                    if "secretKeyRef" in ref:
+                        r = ref["secretKeyRef"]
+                        assert r["key"] in secrets.get(r["name"], set()), f"{name}: {r} not in the Secret template"
+                    if "configMapKeyRef" in ref:
+                        r = ref["configMapKeyRef"]
+                        assert r["key"] in cms.get(r["name"], set()), f"{name}: {r} not in the ConfigMap"
+
+
+def test_secret_template_holds_only_placeholders(objects: list[tuple[Path, dict]]) -> None:
+    secrets = _by_kind(objects, "Secret")
+    assert {s["metadata"]["name"] for s in secrets} == {"xct-s3", "xct-postgres"}
+    for s in secrets:
+        assert "data" not in s, "use stringData placeholders, never base64 data"
+        for k, v in s["stringData"].items():
+            if re.search(r"KEY|SECRET|PASSWORD|TOKEN|USER", k):
+                assert str(v).startswith(PLACEHOLDER), f"Secret {s['metadata']['name']}.{k} is not a placeholder"
+    for f, d in objects:
+        if d["kind"] == "Secret":
+            assert f.name == "secrets.template.yaml", f"a Secret outside the template: {f.name}"
+    env_example = dict(
+        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#")
+    )
+    for k, v in env_example.items():
+        if re.search(r"KEY|SECRET|PASSWORD|TOKEN", k):
+            assert v.startswith(PLACEHOLDER), f".env.example {k} is not a placeholder"
+    aws_key = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
+    for f in list(INFRA.rglob("*")) + [DOCS, REPO / ".dockerignore"]:
+        if f.is_file():
+            assert not aws_key.search(f.read_text(errors="replace")), f"{f}: looks like a real AWS key"
+    assert "/infra/compose/.env" in (REPO / ".gitignore").read_text().splitlines()
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def _ray_start_options() -> set[str]:
+    from ray.scripts.scripts import start
+
+    return {p.name for p in start.params}
+
+
+def test_raycluster_gpu_groups_shm_and_autoscaling(objects: list[tuple[Path, dict]]) -> None:
+    rc = _one(objects, "RayCluster", "xct-ray")["spec"]
+    assert rc["rayVersion"] == LOCK["ray"], "rayVersion must be the Ray of requirements/lock.txt"
+    assert rc["enableInTreeAutoscaling"] is True
+    assert rc["headGroupSpec"]["template"]["spec"]["containers"]
+    groups = rc["workerGroupSpecs"]
+    assert groups, "no worker groups"
+    options = _ray_start_options()
+    all_params = [rc["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in groups]
+    for params in all_params:
+        for k, v in params.items():
+            assert isinstance(v, str), f"rayStartParams.{k} must be a string"
+            assert k.replace("-", "_") in options, f"rayStartParams.{k} is not a `ray start` option"
+    products = set()
+    for g in groups:
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+        pod = g["template"]["spec"]
+        gpus = [c["resources"]["limits"].get("nvidia.com/gpu", 0) for c in pod["containers"]]
+        assert sum(gpus) >= 1, f"{g['groupName']}: no nvidia.com/gpu limit"
+        product = pod["nodeSelector"]["nvidia.com/gpu.product"]
+        products.add(product)
+        assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"])
+        # the custom resource the autoscaler sees names the same accelerator as the node selector
+        res = json.loads(shlex.split(g["rayStartParams"]["resources"])[0])
+        acc = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
+        assert len(acc) == 1 and acc[0] in product, (g["groupName"], acc, product)
+    assert any("A100" in p for p in products) and any("H100" in p for p in products)
+    # /dev/shm: a memory-backed emptyDir in every Ray pod, larger than the object store
+    for where, pod in _pod_specs({"kind": "RayCluster", "spec": rc}):
+        vols = {v["name"]: v for v in pod["volumes"]}
+        c = pod["containers"][0]
+        shm = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        assert shm, f"{where}: /dev/shm not mounted"
+        ed = vols[shm[0]["name"]]["emptyDir"]
+        assert ed["medium"] == "Memory", where
+        assert _qty(ed["sizeLimit"]) <= _qty(c["resources"]["limits"]["memory"]), where
+    for params, (where, pod) in zip(all_params, _pod_specs({"kind": "RayCluster", "spec": rc})):
+        shm_vol = next(v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory")
+        assert int(params["object-store-memory"]) < _qty(shm_vol["emptyDir"]["sizeLimit"]), where
+
+
+def test_rayjob_runs_one_stage_on_the_raycluster_spec(objects: list[tuple[Path, dict]]) -> None:
+    job = _one(objects, "RayJob", "xct-train-stage1")["spec"]
+    assert job["entrypoint"].strip()
+    assert "rayClusterSpec" in job or "clusterSelector" in job
+    rc = _one(objects, "RayCluster", "xct-ray")["spec"]
+    assert job["rayClusterSpec"] == rc, "rayjob-train.yaml rayClusterSpec drifted from raycluster.yaml"
+    assert job["shutdownAfterJobFinishes"] is True and job["submissionMode"] == "K8sJobMode"
+    assert "--stage 1" in job["entrypoint"]
+
+
+def _xct_command(argv: list[str]) -> tuple[Any, list[str]]:
+    """(click command, its remaining args) for ``xct <group> <cmd> ...`` via the real CLI."""
+    import typer
+
+    from pipelines.cli import app
+
+    cmd: Any = typer.main.get_command(app)
+    args = list(argv)
+    # duck-typed: typer may ship its own click, so no isinstance(click.Group)
+    while hasattr(cmd, "commands") and args and not args[0].startswith("-"):
+        assert args[0] in cmd.commands, f"`xct ... {args[0]}`: no such command (have {sorted(cmd.commands)})"
+        cmd = cmd.commands[args.pop(0)]
+    return cmd, args
+
+
+def _parse_xct(line: str) -> Any:
+    argv = shlex.split(line)
+    assert argv[0] == "xct", line
+    cmd, args = _xct_command(argv[1:])
+    assert not hasattr(cmd, "commands"), f"{line}: names a command group, not a command"
+    return cmd.make_context(cmd.name, args)  # raises a usage error on unknown options / bad values
+
+
+def _entrypoint_commands(entrypoint: str) -> list[str]:
+    return [part.strip() for part in entrypoint.split("&&") if part.strip()]
+
+
+def test_rayjob_entrypoint_parses_with_the_xct_cli_and_paths_exist(objects: list[tuple[Path, dict]]) -> None:
+    job = _one(objects, "RayJob", "xct-train-stage1")["spec"]
+    cmds = _entrypoint_commands(job["entrypoint"])
+    assert [shlex.split(c)[1] for c in cmds] == ["data", "train"]
+    pull = _parse_xct(cmds[0])
+    train = _parse_xct(cmds[1])
+    assert train.params["stage"] == 1
+    # the pull destination is what training reads; both on the shared volume
+    assert Path(pull.params["directory"]) == train.params["processed"]
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+    vols = {v["name"]: v for v in head["volumes"]}
+    for p in (train.params["processed"], train.params["out"]):
+        shared = [mp for mp in mounts if str(p).startswith(mp + "/")]
+        assert shared and "persistentVolumeClaim" in vols[mounts[shared[0]]], f"{p} not on the shared volume"
+    # params: the image's copies of the repo files + the ConfigMap overlay mounted on the head
+    assert train.params["params"] == Path("/app/params.yaml")
+    overlays = train.params["overlay"]
+    cm_mount = [mp for mp in mounts if "configMap" in vols[mounts[mp]]]
+    assert cm_mount and any(str(o).startswith(cm_mount[0] + "/") for o in overlays)
+    for o in overlays:
+        if str(o).startswith("/app/"):
+            assert (REPO / str(o)[len("/app/"):]).is_file(), f"{o} is not a repo file"
+    bucket = urlparse(pull.params["url"]).netloc
+    assert bucket in _bucket_job_buckets(objects)
+
+
+def test_cluster_overlay_validates_and_fits_a_worker_group(objects: list[tuple[Path, dict]], tmp_path: Path) -> None:
+    from xct_core.config import load_params
+
+    cm = _one(objects, "ConfigMap", "xct-cluster-params")
+    overlay = tmp_path / "cluster.yaml"
+    overlay.write_text(cm["data"]["cluster.yaml"])
+    p = load_params(REPO / "params.yaml", [REPO / "params.production.yaml", overlay])
+    ray = p.train.ray
+    assert ray.use_gpu and ray.accelerator_type
+    rc = _one(objects, "RayCluster", "xct-ray")["spec"]
+    fitting = []
+    for g in rc["workerGroupSpecs"]:
+        res = json.loads(shlex.split(g["rayStartParams"]["resources"])[0])
+        if f"accelerator_type:{ray.accelerator_type}" in res:
+            lim = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+            fitting.append(g)
+            assert g["maxReplicas"] * int(lim["nvidia.com/gpu"]) >= ray.num_workers, "not enough GPUs in the group"
+            assert _qty(lim["cpu"]) >= ray.cpus_per_worker, "cpus_per_worker exceeds a worker pod"
+    assert fitting, f"no worker group offers accelerator_type:{ray.accelerator_type}"
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _kfp_default(var: str) -> str:
+    """The default of ``os.environ.get(var, DEFAULT)`` in components/_kfp.py (no import, no env)."""
+    tree = ast.parse((REPO / "components" / "_kfp.py").read_text())
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "get" and len(node.args) == 2
+                and isinstance(node.args[0], ast.Constant) and node.args[0].value == var):
+            return node.args[1].value
+    raise AssertionError(f"components/_kfp.py reads no {var}")
+
+
+def test_kfp_component_images_are_the_built_images(images: dict) -> None:
+    refs = _built_refs(images)
+    assert _kfp_default("XCT_IMAGE_LIGHT") == refs["light"]
+    assert _kfp_default("XCT_IMAGE_TRAIN") == refs["train"]
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert {v["tag"] for v in images["built"].values()} == {version}, "image tags follow the project version"
+    for v in images["built"].values():
+        assert (REPO / v["dockerfile"]).is_file(), v["dockerfile"]
+
+
+def test_every_image_is_pinned_and_listed(objects: list[tuple[Path, dict]], compose: dict, images: dict) -> None:
+    known = set(_built_refs(images).values()) | set(images["third_party"].values())
+    used = {img for _, d in objects for img in _find_images(d)}
+    used |= {s["image"] for s in compose["services"].values()}
+    assert used, "no images found"
+    for ref in sorted(used):
+        assert _pinned(ref), f"{ref}: pin a tag (no :latest, no untagged)"
+        assert ref in known, f"{ref}: not in infra/images.yaml"
+    for ref in known | set(images["bases"].values()):
+        assert _pinned(ref), f"infra/images.yaml: {ref} is not pinned"
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    by_name = {v["name"]: v["tag"] for v in images["built"].values()}
+    for entry in kust["images"]:
+        assert by_name.get(entry["name"]) == entry["newTag"], f"kustomization image {entry} ≠ images.yaml"
+    mlflow = compose["services"]["mlflow"]
+    assert mlflow["image"] == _built_refs(images)["mlflow"]
+    assert mlflow["build"]["dockerfile"] == images["built"]["mlflow"]["dockerfile"]
+    assert (COMPOSE.parent / mlflow["build"]["context"]).resolve() == REPO
+
+
+def test_images_script_builds_every_image_with_its_tag(images: dict) -> None:
+    out = subprocess.run(
+        [sys.executable, str(INFRA / "images.py"), "build", "--dry-run", "--registry", "reg.example/xct/", "--push"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    builds = {cmd[cmd.index("-t") + 1]: cmd[cmd.index("-f") + 1] for cmd in lines if cmd[1] == "build"}
+    want = {f"reg.example/xct/{v['name']}:{v['tag']}": v["dockerfile"] for v in images["built"].values()}
+    assert builds == want
+    assert all(cmd[-1] == "." for cmd in lines if cmd[1] == "build"), "context must be the repo root"
+    assert {cmd[2] for cmd in lines if cmd[1] == "push"} == set(want)
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+def _dockerfile(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(l for l in path.read_text().splitlines() if not l.lstrip().startswith("#")))
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            instr, _, rest = line.strip().partition(" ")
+            out.append((instr.upper(), rest.strip()))
+    return out
+
+
+def _from_image(instrs: list[tuple[str, str]]) -> str:
+    args = {}
+    for instr, rest in instrs:
+        if instr == "ARG" and "=" in rest:
+            k, v = rest.split("=", 1)
+            args[k] = v
+        if instr == "FROM":
+            return re.sub(r"\$\{?(\w+)\}?", lambda m: args[m.group(1)], rest.split()[0])
+    raise AssertionError("no FROM")
+
+
+@pytest.mark.parametrize("key", ["light", "train", "mlflow"])
+def test_dockerfile_base_user_workdir_and_no_secrets(key: str, images: dict) -> None:
+    path = REPO / images["built"][key]["dockerfile"]
+    instrs = _dockerfile(path)
+    base = _from_image(instrs)
+    assert base == images["bases"][key], f"{path.name}: FROM {base} ≠ images.yaml bases.{key}"
+    assert _pinned(base)
+    assert sum(1 for i, _ in instrs if i == "FROM") == 1
+    users = [rest for i, rest in instrs if i == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), f"{path.name}: must end as a non-root USER"
+    assert any(i == "WORKDIR" for i, _ in instrs)
+    for i, rest in instrs:
+        if i in ("ENV", "ARG"):
+            assert not re.search(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY)\w*\s*=", rest), f"{path.name}: secret in {i}"
+    # every COPY source exists and survives .dockerignore
+    for i, rest in instrs:
+        if i == "COPY":
+            srcs = [a for a in shlex.split(rest) if not a.startswith("--")][:-1]
+            for s in srcs:
+                if s != ".":
+                    assert (REPO / s).exists(), f"{path.name}: COPY {s} missing"
+                    assert not _dockerignored(s), f"{path.name}: COPY {s} is excluded by .dockerignore"
+
+
+@pytest.mark.parametrize("key", ["light", "train"])
+def test_project_images_install_like_the_makefile(key: str, images: dict) -> None:
+    path = REPO / images["built"][key]["dockerfile"]
+    instrs = _dockerfile(path)
+    runs = " ".join(rest for i, rest in instrs if i == "RUN")
+    copies = " ".join(rest for i, rest in instrs if i == "COPY")
+    assert "requirements/base.txt" in copies and "requirements/lock.txt" in copies
+    assert re.search(r"pip install -r requirements/base\.txt -c requirements/lock\.txt", runs)
+    assert re.search(r"pip install --no-deps --no-build-isolation -e \.", runs)
+    make = (REPO / "Makefile").read_text()
+    assert "-c requirements/lock.txt" in make and "--no-deps --no-build-isolation -e ." in make
+    assert "xct_core" in runs, "the build must import the installed project"
+    if key == "light":
+        assert "download.pytorch.org/whl/cpu" in path.read_text(), "CPU torch from PyTorch's CPU index"
+        assert "^torch==" in runs, "torch version taken from requirements/base.txt"
+    else:
+        torch = re.search(r"pytorch/pytorch:([\d.]+)-cuda", _from_image(instrs))
+        assert torch and torch.group(1) == BASE["torch"], "train base image torch ≠ requirements/base.txt"
+        assert "torch.version.cuda" in runs, "the build must check the CUDA torch survived"
+        assert "wget" in runs, "KubeRay probes exec wget"
+    assert "/gcs /minio /s3" in runs, "KFP launcher artifact paths for a non-root user"
+
+
+def test_mlflow_server_image_matches_client_versions() -> None:
+    pins = _pins(DOCKER / "requirements-mlflow.txt")
+    assert pins["mlflow"] == LOCK["mlflow"] and pins["boto3"] == LOCK["boto3"]
+    assert "psycopg2-binary" in pins, "PostgreSQL backend store needs psycopg2"
+
+
+def _dockerignore_patterns() -> list[tuple[bool, str]]:
+    out = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            neg = line.startswith("!")
+            out.append((neg, line.lstrip("!").strip("/")))
+    return out
+
+
+def _dockerignored(rel: str) -> bool:
+    """Docker's rule: a path is excluded when it or a parent matches; the last match wins."""
+    parts = Path(rel).parts
+    excluded = False
+    for neg, pat in _dockerignore_patterns():
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            rx = re.escape(pat).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+            if re.fullmatch(rx, sub) or fnmatch.fnmatch(sub, pat):
+                excluded = not neg
+                break
+    return excluded
+
+
+def test_dockerignore_keeps_data_and_environments_out() -> None:
+    for p in ("data/raw/ct.nii.gz", "outputs/train/x.pt", ".venv/bin/python", "mlruns/0/meta.yaml",
+              "mlflow.db", ".git/HEAD", "infra/compose/.env", "components/__pycache__/x.pyc"):
+        assert _dockerignored(p), f"{p} would enter the build context"
+    for p in ("pyproject.toml", "requirements/base.txt", "requirements/lock.txt", "xct_core/config.py",
+              "components/train.py", "pipelines/cli.py", "params.yaml", "params.production.yaml",
+              "infra/docker/requirements-mlflow.txt", "infra/compose/.env.example"):
+        assert not _dockerignored(p), f"{p} is needed in the build context"
+
+
+# --------------------------------------------------------------------------- MLflow + S3 consistency
+
+
+def _mlflow_server(argv: list[str]) -> Any:
+    """Parse ``mlflow server`` arguments with MLflow's own CLI (validates every option)."""
+    from mlflow.cli import server
+
+    return server.make_context("server", list(argv))
+
+
+def _compose_env() -> dict[str, str]:
+    return dict(l.split("=", 1) for l in ENV_EXAMPLE.read_text().splitlines() if l and not l.startswith("#"))
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """docker compose interpolation (${VAR}, ${VAR:?msg}, ${VAR:-default}, $$)."""
+    def sub(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if name in env:
+            return env[name]
+        assert op == ":-", f"compose variable {name} is not defined in .env.example"
+        return arg
+    value = re.sub(r"(?<!\$)\$\{(\w+)(?:(:[?-])([^}]*))?\}", sub, value)
+    return value.replace("$$", "$")
+
+
+def _bucket_job_buckets(objects: list[tuple[Path, dict]]) -> set[str]:
+    job = _one(objects, "Job", "minio-buckets")
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    return set(re.search(r"for b in ([\w\- ]+); do", script).group(1).split())
+
+
+def test_k8s_mlflow_server_postgres_s3_and_tracking_uri_agree(objects: list[tuple[Path, dict]]) -> None:
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    dep = _one(objects, "Deployment", "mlflow")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["mlflow", "server"]
+    ctx = _mlflow_server(c["args"])
+    port = ctx.params["port"]
+    assert {p["containerPort"] for p in c["ports"]} == {port}
+    svc = _one(objects, "Service", "mlflow")
+    assert svc["spec"]["ports"][0]["port"] == port
+    env_cm = _one(objects, "ConfigMap", "xct-env")["data"]
+    uri = urlparse(env_cm["MLFLOW_TRACKING_URI"])
+    assert uri.hostname == f"mlflow.{NAMESPACE}.svc.cluster.local" and uri.port == port
+    # the server's own host check accepts the in-cluster URI and a port-forward
+    allowed = next(e["value"] for e in c["env"] if e["name"] == "MLFLOW_SERVER_ALLOWED_HOSTS").split(",")
+    for host in (uri.netloc, f"localhost:{port}", f"mlflow:{port}", f"mlflow.{NAMESPACE}:{port}"):
+        assert is_allowed_host_header(allowed, host), f"MLflow would reject Host: {host}"
+    assert not is_allowed_host_header(allowed, "evil.example.com"), "allowed hosts must not be '*'"
+    # backend store: the postgres Service; credentials from its Secret
+    backend = urlparse(ctx.params["backend_store_uri"])
+    pg = _one(objects, "Service", "postgres")
+    assert backend.scheme == "postgresql"
+    assert backend.hostname == f"postgres.{NAMESPACE}.svc.cluster.local" and backend.port == pg["spec"]["ports"][0]["port"]
+    assert "$(POSTGRES_PASSWORD)" in ctx.params["backend_store_uri"]
+    # artifacts: proxied, destination bucket created by the minio-buckets Job
+    assert ctx.params["serve_artifacts"] is True
+    dest = urlparse(ctx.params["artifacts_destination"])
+    assert dest.scheme == "s3" and dest.netloc in _bucket_job_buckets(objects)
+    env_names = {e["name"] for e in c["env"]}
+    assert "MLFLOW_S3_ENDPOINT_URL" in env_names
+    assert any(ef.get("secretRef", {}).get("name") == "xct-s3" for ef in c["envFrom"])
+
+
+def test_s3_endpoints_point_at_the_minio_service(objects: list[tuple[Path, dict]]) -> None:
+    env_cm = _one(objects, "ConfigMap", "xct-env")["data"]
+    minio = _one(objects, "Service", "minio")
+    s3_port = next(p["port"] for p in minio["spec"]["ports"] if p["name"] == "s3")
+    want = f"http://minio.{NAMESPACE}.svc.cluster.local:{s3_port}"
+    for k in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "XCT_S3_ENDPOINT_URL"):
+        assert env_cm[k] == want, k
+    dep = _one(objects, "Deployment", "minio")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--address") + 1] == f":{s3_port}"
+    secret = _one(objects, "Secret", "xct-s3")["stringData"]
+    assert set(secret) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    launcher = _one(objects, "ConfigMap", "kfp-launcher")["data"]
+    providers = yaml.safe_load(launcher["providers"])
+    d = providers["minio"]["default"]
+    assert d["endpoint"] == urlparse(want).netloc
+    ref = d["credentials"]["secretRef"]
+    assert ref["secretName"] == "xct-s3" and {ref["accessKeyKey"], ref["secretKeyKey"]} == set(secret)
+    root = urlparse(launcher["defaultPipelineRoot"])
+    assert root.scheme == "minio" and root.netloc in _bucket_job_buckets(objects)
+
+
+def test_compose_stack_is_consistent(compose: dict) -> None:
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    env = _compose_env()
+    svcs = compose["services"]
+    assert set(svcs) == {"postgres", "minio", "createbuckets", "mlflow"}
+    for s in svcs.values():
+        for v in (s.get("environment") or {}).values():
+            _interpolate(str(v), env)  # every variable is defined in .env.example
+    ml = svcs["mlflow"]
+    argv = [_interpolate(a, env) for a in ml["command"]]
+    assert argv[:2] == ["mlflow", "server"]
+    ctx = _mlflow_server(argv[2:])
+    port = ctx.params["port"]
+    assert f"127.0.0.1:{port}:{port}" in ml["ports"]
+    backend = urlparse(ctx.params["backend_store_uri"])
+    assert backend.scheme == "postgresql" and backend.hostname == "postgres" and backend.port == 5432
+    assert backend.username == env["POSTGRES_USER"] and backend.password == env["POSTGRES_PASSWORD"]
+    assert ctx.params["serve_artifacts"] is True
+    bucket_script = _interpolate(svcs["createbuckets"]["command"][0], env)
+    buckets = set(re.search(r"for b in ([\w\- ]+); do", bucket_script).group(1).split())
+    assert urlparse(ctx.params["artifacts_destination"]).netloc in buckets
+    s3 = urlparse(ml["environment"]["MLFLOW_S3_ENDPOINT_URL"])
+    assert s3.hostname == "minio" and f"127.0.0.1:{s3.port}:{s3.port}" in svcs["minio"]["ports"]
+    assert svcs["createbuckets"]["environment"]["S3_ENDPOINT"] == ml["environment"]["MLFLOW_S3_ENDPOINT_URL"]
+    allowed = ml["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"mlflow:{port}"):
+        assert is_allowed_host_header(allowed, host), f"MLflow would reject Host: {host}"
+    minio_env = svcs["minio"]["environment"]
+    assert "AWS_ACCESS_KEY_ID" in minio_env["MINIO_ROOT_USER"] and "AWS_SECRET_ACCESS_KEY" in minio_env["MINIO_ROOT_PASSWORD"]
+    assert ml["env_file"] == ".env" and "AWS_ACCESS_KEY_ID" in env and "AWS_SECRET_ACCESS_KEY" in env
+    dep = ml["depends_on"]
+    assert dep["postgres"]["condition"] == "service_healthy"
+    assert dep["createbuckets"]["condition"] == "service_completed_successfully"
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def _doc_commands(prefix: str) -> list[str]:
+    """Command lines starting with ``prefix`` inside ```bash blocks (continuations joined)."""
+    text = DOCS.read_text()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #", 1)[0].strip()
+            if line.startswith(prefix):
+                out.append(line)
+    return out
+
+
+def test_docs_xct_commands_parse_with_the_cli(objects: list[tuple[Path, dict]]) -> None:
+    lines = _doc_commands("xct ")
+    assert len(lines) >= 5, lines
+    seen = set()
+    for line in lines:
+        _parse_xct(line)
+        seen.add(" ".join(shlex.split(line)[1:3]))
+    assert {"pipeline compile", "pipeline submit", "train --stage", "data push"} <= seen, seen
+    submit = next(_parse_xct(l) for l in lines if l.startswith("xct pipeline submit"))
+    env_cm = _one(objects, "ConfigMap", "xct-env")["data"]
+    assert submit.params["mlflow_uri"] == env_cm["MLFLOW_TRACKING_URI"]
+    assert urlparse(submit.params["data_uri"]).netloc in _bucket_job_buckets(objects)
+    # the documented `xct train` line is the RayJob's
+    job = _one(objects, "RayJob", "xct-train-stage1")["spec"]
+    doc_train = next(l for l in lines if l.startswith("xct train"))
+    assert shlex.split(doc_train) == shlex.split(_entrypoint_commands(job["entrypoint"])[1])
+
+
+def test_docs_name_every_setting_and_pin_versions(objects: list[tuple[Path, dict]]) -> None:
+    text = DOCS.read_text()
+    for var, reader in ENV_READ_BY.items():
+        assert var in (REPO / reader).read_text(), f"{reader} no longer reads {var}: update docs and this test"
+        assert var in text, f"docs/cluster.md does not mention {var}"
+    for var in ENV_LIBRARY:
+        assert var in text, f"docs/cluster.md does not mention {var}"
+    env_cm = _one(objects, "ConfigMap", "xct-env")["data"]
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
+        assert env_cm[k] in text, f"docs/cluster.md should show the in-cluster {k}"
+    ray_svc = f"xct-ray-head-svc.{NAMESPACE}.svc.cluster.local"
+    assert _one(objects, "RayCluster", "xct-ray") and ray_svc in text
+    kfp = re.search(r"PIPELINE_VERSION=([\d.]+)", text)
+    assert kfp and kfp.group(1) == LOCK["kfp-server-api"], "KFP backend pin ≠ kfp-server-api in lock.txt"
+    assert re.search(r"kuberay-operator --version \d+\.\d+\.\d+", text), "pin the KubeRay operator version"
+    assert "cluster-scoped-resources?ref=$PIPELINE_VERSION" in text
+    for f in ("secrets.template.yaml", "rayjob-train.yaml", "kfp-launcher.yaml", "docker-compose.yaml", "images.yaml"):
+        assert f in text, f"docs/cluster.md does not mention {f}"
