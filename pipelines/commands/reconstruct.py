@@ -1,0 +1,328 @@
+"""`xct reconstruct` and `xct evaluate`: the cascade on user X-rays and user CTs.
+
+``xct reconstruct --model URI --frontal F --lateral L --out ct.nii.gz [--samples K] …``
+writes ``ct.nii.gz`` (int16 HU, the mean of K samples, affine = the stage grid centred at
+the input geometry's isocentre), ``ct_std.nii.gz`` when K > 1 (voxel-wise std, HU) and
+``ct.qa.json`` (reprojection QA: PSNR/SSIM of the output's DRRs vs the inputs); a view
+below ``reconstruct.qa_min_*`` prints a warning line on stderr. ``--report r.html`` adds an
+HTML report with pictures. Inputs, mappings and conventions: :mod:`xct_core.inference`;
+model URIs: :mod:`components.model_uri`.
+
+``xct evaluate --model URI --ct CT_OR_DIR --out DIR`` renders each CT's X-rays with the
+model's training geometry (as the preprocess step), reconstructs, and writes
+``DIR/metrics.json`` (per patient + means), ``DIR/per_patient.csv``,
+``DIR/recon/<id>.nii.gz`` and ``DIR/report.html`` (+ ``DIR/images/``).
+
+The model's own params (geometry, window, sampler) drive the reconstruction; the local
+params file (``--params``) supplies the ``reconstruct`` section (QA thresholds) and the CT
+sanity checks (``data.ct``). When an MLflow run is active (in-process, or
+``$MLFLOW_RUN_ID``), the HTML report and its pictures are logged to it under ``reports/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import typer
+
+from xct_core.config import Params, default_params_path, load_params
+from xct_core.errors import ConfigError, InputError
+
+ParamsOpt = Annotated[
+    Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")
+]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="models:/NAME@ALIAS, models:/NAME/VERSION, "
+                                       "runs:/RUN_ID/PATH, or a local model folder / training folder / stage .pt")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="DDIM steps (default: model's eval.sample_steps "
+                                                  "or diffusion.sample_steps)")]
+SamplesOpt = Annotated[Optional[int], typer.Option("--samples", "-k", help="diffusion samples (default: "
+                                                    "reconstruct.samples); K > 1 also writes the std")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="noise seed of sample 1 (sample i: seed + i - 1; "
+                                                 "default: model's seed)")]
+StagesOpt = Annotated[Optional[int], typer.Option("--stages", help="run stages 1..N (default: all)")]
+
+
+def _params(path: Path | None) -> Params:
+    if path is not None:
+        return load_params(path)
+    default = default_params_path()
+    return load_params(default) if default.exists() else Params()
+
+
+def _nifti_stem(out: Path) -> tuple[Path, str]:
+    name = out.name
+    for suf in (".nii.gz", ".nii"):
+        if name.lower().endswith(suf):
+            return out.with_name(name[: -len(suf)]), name[-len(suf):]
+    raise ConfigError(f"--out must name a NIfTI file ending in .nii or .nii.gz, got {str(out)!r}")
+
+
+def output_paths(out: Path) -> dict[str, Path]:
+    """``{"mean": ct.nii.gz, "std": ct_std.nii.gz, "qa": ct.qa.json}`` for ``--out ct.nii.gz``."""
+    stem, suf = _nifti_stem(out)
+    return {"mean": out, "std": stem.with_name(stem.name + "_std" + suf), "qa": stem.with_name(stem.name + ".qa.json")}
+
+
+def _model(uri: str, local: Params, tmp: str) -> tuple[Any, Params]:
+    """Resolve the model; its params with the local ``reconstruct`` section."""
+    from components.model_uri import resolve_model
+
+    r = resolve_model(uri, dst_dir=tmp)
+    return r, r.params.model_copy(update={"reconstruct": local.reconstruct})
+
+
+def _check_options(samples: int, steps: int | None, stages: int | None, n_files: int) -> None:
+    if samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {samples}")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if stages is not None and not 1 <= stages <= n_files:
+        raise ConfigError(f"--stages must be in 1..{n_files} (the model has {n_files} stage(s)), got {stages}")
+
+
+def _active_run_id() -> str | None:
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return os.environ["MLFLOW_RUN_ID"]
+    if "mlflow" in sys.modules:
+        run = sys.modules["mlflow"].active_run()
+        return run.info.run_id if run is not None else None
+    return None
+
+
+def log_report_to_mlflow(html_path: Path, images: list[Path]) -> str | None:
+    """Log the HTML report and its pictures to the active MLflow run (``reports/``); the run's
+    status is left alone. Returns the run id, or None when no run is active."""
+    run_id = _active_run_id()
+    if run_id is None:
+        return None
+    from components.tracking import get_client
+
+    client = get_client()
+    client.log_artifact(run_id, str(html_path), "reports")
+    for p in images:
+        client.log_artifact(run_id, str(p), "reports/images")
+    return run_id
+
+
+def _warn(line: str) -> None:
+    print(f"xct: warning: {line}", file=sys.stderr)
+
+
+def reconstruct_cmd(
+    model: ModelOpt,
+    frontal: Annotated[Path, typer.Option("--frontal", help="frontal X-ray: .npy (+ .json from `xct drr`), "
+                                          "8/16-bit PNG intensity, or DICOM")],
+    lateral: Annotated[Path, typer.Option("--lateral", help="lateral X-ray (same formats)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output NIfTI (.nii.gz); _std and .qa.json beside it")],
+    steps: StepsOpt = None,
+    samples: SamplesOpt = None,
+    seed: SeedOpt = None,
+    stages: StagesOpt = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="also write an HTML report (+ images/)")] = None,
+    params: ParamsOpt = None,
+    device: Annotated[str, typer.Option("--device", help="torch device")] = "cpu",
+) -> None:
+    """Reconstruct a CT (HU NIfTI) from a frontal + lateral X-ray with the diffusion cascade.
+
+    PNG/DICOM inputs are intensities: I/I0 = value / full scale, p = -ln(I/I0), with the
+    model's training geometry. Image convention: row 0 superior; frontal shows the patient's
+    right on the left columns, lateral shows anterior on the left columns.
+    """
+    from xct_core.inference import input_geometries, load_stages, load_xray, reconstruct, reprojection_qa
+    from xct_core.io import save_nifti
+    from xct_core.stats import json_text, write_text_atomic
+
+    paths = output_paths(out)
+    if report is not None and report.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"--report must name an .html file, got {str(report)!r}")
+    local = _params(params)
+    k = int(samples if samples is not None else local.reconstruct.samples)
+    with tempfile.TemporaryDirectory(prefix="xct-model-") as tmp:
+        resolved, mp = _model(model, local, tmp)
+        _check_options(k, steps, stages, resolved.n_stages)
+        xf = load_xray(frontal, "frontal", mp)
+        xl = load_xray(lateral, "lateral", mp)
+        iso, geoms = input_geometries(xf, xl, mp)
+        nets = load_stages(resolved.stage_files, mp, device)
+    rec = reconstruct(nets, mp, xf.image, xl.image, isocenter=iso, steps=steps, samples=k, seed=seed,
+                      upto=stages, device=device, log=lambda m: typer.echo(m, err=True))
+    qa, reproj = reprojection_qa(rec.mean_hu, rec.affine, geoms, {"frontal": xf.image, "lateral": xl.image}, mp)
+    window = mp.hu.get_window()
+    doc = {
+        "format": "xct-reconstruct-qa/1",
+        "model": {"uri": model, "layout": resolved.layout, "stages_run": rec.stage,
+                  "stage_files": [p.name for p in resolved.stage_files]},
+        "inputs": {x.view: {"path": str(Path(x.source).resolve()), "format": x.fmt, "notes": x.notes}
+                   for x in (xf, xl)},
+        "outputs": {"mean": str(paths["mean"]), "std": str(paths["std"]) if rec.std_hu is not None else None},
+        "grid": {"shape": list(rec.mean_hu.shape), "affine": rec.affine.tolist(), "isocenter": [float(v) for v in iso]},
+        "sampling": {"steps": rec.steps, "samples": rec.samples, "seeds": rec.seeds, "eta": mp.diffusion.eta},
+        "hu_note": f"HU saturate at the training window [{window.lo:g}, {window.hi:g}] ({window.name})",
+        "reprojection": qa,
+    }
+    if rec.std_hu is not None:
+        doc["uncertainty"] = {"mean_std_hu": float(rec.std_hu.mean()), "max_std_hu": float(rec.std_hu.max())}
+    save_nifti(paths["mean"], rec.mean_hu, rec.affine)
+    if rec.std_hu is not None:
+        save_nifti(paths["std"], rec.std_hu, rec.affine)
+    write_text_atomic(paths["qa"], json_text(doc))
+    for w in qa["warnings"]:
+        _warn(w)
+    written = [paths["mean"]] + ([paths["std"]] if rec.std_hu is not None else []) + [paths["qa"]]
+    if report is not None:
+        from xct_core.report import IMAGES, ReportCase, build_report, save_case_images
+
+        imgs = save_case_images(report.parent / IMAGES, paths["mean"].name.split(".")[0],
+                                volumes={"reconstruction": rec.mean_hu}, window=window, spacing=rec.affine,
+                                uncertainty=rec.std_hu,
+                                xrays={v: ({"frontal": xf.image, "lateral": xl.image}[v], reproj[v]) for v in reproj})
+        m = {f"reproj_psnr_{v}_db": q["psnr_db"] for v, q in qa["views"].items()}
+        build_report(report, title=f"xct reconstruction: {paths['mean'].name}",
+                     cases=[ReportCase(paths["mean"].name, m, imgs)], warnings=qa["warnings"],
+                     info={"model": model, "frontal": str(frontal), "lateral": str(lateral), "stages run": rec.stage,
+                           "DDIM steps": rec.steps, "samples (seeds)": f"{rec.samples} ({rec.seeds})"},
+                     notes=[doc["hu_note"], qa["protocol"]])
+        written.append(report)
+        log_report_to_mlflow(report, list(imgs.values()))
+    typer.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _list_cts(root: Path) -> dict[str, Path]:
+    """id → CT path: a NIfTI file / DICOM file or series folder (one CT), or a folder of
+    NIfTI files and/or DICOM series sub-folders."""
+    if not root.exists():
+        raise InputError(root, "no such file or directory")
+    if root.is_file():
+        name = root.name
+        return {name.split(".")[0] if name.lower().endswith((".nii", ".nii.gz")) else root.stem: root}
+    found: dict[str, Path] = {}
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")):
+            found[p.name.split(".")[0]] = p
+        elif p.is_dir() and any(q.is_file() for q in p.iterdir()):
+            found[p.name] = p
+    if not found:
+        return {root.name: root}  # a DICOM series folder itself
+    return found
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    cols = ["id"] + sorted({c for r in rows for c in r} - {"id"})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", restval="")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: ("" if isinstance(r.get(c), float) and not math.isfinite(r[c]) else r.get(c, "")) for c in cols})
+    return buf.getvalue()
+
+
+def evaluate_cmd(
+    model: ModelOpt,
+    ct: Annotated[Path, typer.Option("--ct", help="a CT (NIfTI, DICOM series folder) or a folder of them")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    steps: StepsOpt = None,
+    samples: SamplesOpt = None,
+    seed: SeedOpt = None,
+    stages: StagesOpt = None,
+    processed: Annotated[Optional[Path], typer.Option("--processed", help="processed data folder whose TRAIN "
+                                                      "split gives the mean-volume baseline")] = None,
+    gates: Annotated[Path, typer.Option("--gates", help="gate reports shown in the HTML (when present)")] = Path("reports/gates"),
+    train_dir: Annotated[Optional[Path], typer.Option("--train-dir", help="training folder for the loss curves "
+                                                      "(default: the model's, else params train.out_dir)")] = None,
+    params: ParamsOpt = None,
+    device: Annotated[str, typer.Option("--device", help="torch device")] = "cpu",
+) -> None:
+    """Evaluate the model on your CTs: render X-rays as in training, reconstruct, measure."""
+    from xct_core.inference import evaluate_cts, load_stages
+    from xct_core.io import load_ct, save_nifti
+    from xct_core.report import IMAGES, ReportCase, build_report, read_gate_reports, save_case_images, save_training_curves
+    from xct_core.stats import json_text, write_text_atomic
+
+    local = _params(params)
+    k = int(samples if samples is not None else local.reconstruct.samples)
+    cts = {vid: load_ct(p, local.data.ct) for vid, p in _list_cts(ct).items()}
+    with tempfile.TemporaryDirectory(prefix="xct-model-") as tmp:
+        resolved, mp = _model(model, local, tmp)
+        _check_options(k, steps, stages, resolved.n_stages)
+        nets = load_stages(resolved.stage_files, mp, device)
+        n = stages or len(nets)
+        direct = None
+        if resolved.direct is not None and n == len(nets):
+            from xct_core.checkpoint import load_stage_model
+
+            direct = load_stage_model(resolved.direct, device)
+    train_mean = None
+    if processed is not None:
+        from xct_core.evaluation import mean_volume_baseline
+
+        train_mean = mean_volume_baseline(processed, n, "train")
+    cases, summary = evaluate_cts(cts, nets, mp, steps=steps, samples=k, seed=seed, upto=n, direct=direct,
+                                  train_mean_hu=train_mean, device=device,
+                                  log=lambda m: typer.echo(m, err=True))
+    if processed is not None:
+        summary["baseline"] += f" ({processed})"
+    window = mp.hu.get_window()
+    ev = mp.eval
+    protocol = {
+        "psnr_hu_db": f"3D PSNR, both volumes clipped to [{ev.hu_lo:g}, {ev.hu_hi:g}] HU, data_range {ev.hu_hi - ev.hu_lo:g}",
+        "psnr_window_db": f"3D PSNR in the training window {window.name} [{window.lo:g}, {window.hi:g}] HU, data_range 2",
+        "ssim_window": f"3D SSIM in the window, Gaussian sigma {ev.ssim_sigma:g}, {ev.ssim_win}^3 taps, data_range 2",
+        "mae_hu": f"mean absolute error, clipped to [{ev.hu_lo:g}, {ev.hu_hi:g}] HU",
+        "reproj_psnr_<view>_db": "2D PSNR of the reconstruction's DRR vs the input view, data_range = input max-min",
+        "psnr_slice_avg_db / ssim_slice_avg": "X2CT-style axial SLICE AVERAGES over the HU range (papers only)",
+        "ground_truth": "the CT resampled to the output stage grid (as the preprocess step); X-rays rendered from "
+                        "the finest stage grid with the model's drr geometry",
+        "baseline_*": summary["baseline"],
+        "direct_*": "direct-regression twin (direct.pt)" if direct is not None else "not available (no direct.pt)",
+    }
+    doc = {"format": "xct-evaluate/1", "model": model, "protocol": protocol, **summary,
+           "patients": [{"id": c.case_id, **c.metrics} for c in cases]}
+    img_dir = out / IMAGES
+    report_cases, images = [], []
+    for c in cases:
+        save_nifti(out / "recon" / f"{c.case_id}.nii.gz", c.recon.mean_hu, c.recon.affine)
+        vols = {"reconstruction": c.recon.mean_hu}
+        if c.direct_hu is not None:
+            vols["direct regression"] = c.direct_hu
+        imgs = save_case_images(img_dir, c.case_id, volumes=vols, window=window, spacing=c.recon.affine,
+                                ground_truth=c.target_hu, uncertainty=c.recon.std_hu,
+                                xrays={v: (c.xrays[v], c.reprojections[v]) for v in c.xrays})
+        images += list(imgs.values())
+        report_cases.append(ReportCase(c.case_id, c.metrics, imgs))
+    tdir = train_dir or (resolved.local_path if resolved.layout == "training" else Path(local.train.out_dir))
+    curves = save_training_curves(tdir, img_dir) if tdir.is_dir() else {}
+    images += list(curves.values())
+    gate_docs = read_gate_reports(gates) if gates.is_dir() else []
+    notes = [f"mean-volume baseline: {summary['baseline']}", f"SSIM: {protocol['ssim_window']}",
+             "literature numbers are often slice averages (several dB higher than 3D PSNR): compare like with like"]
+    html_path = build_report(out / "report.html", title=f"xct evaluation of {model}", cases=report_cases,
+                             summary=summary["mean"], notes=notes, gates=gate_docs, curves=curves,
+                             info={"model": model, "CTs": str(ct), "patients": summary["n_patients"],
+                                   "stages run": n, "DDIM steps": summary["sample_steps"], "samples": k,
+                                   "direct baseline": "yes" if direct is not None else "no (no direct.pt)"})
+    write_text_atomic(out / "metrics.json", json_text(doc))
+    write_text_atomic(out / "per_patient.csv", _csv_text(doc["patients"]))
+    log_report_to_mlflow(html_path, images)
+    m = summary["mean"]
+    typer.echo(f"{summary['n_patients']} CT(s): PSNR[-1024,1024] {m['psnr_hu_db']:.2f} dB, PSNR(window) "
+               f"{m['psnr_window_db']:.2f} dB, SSIM {m['ssim_window']:.3f}, MAE {m['mae_hu']:.1f} HU")
+    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'per_patient.csv'}, {html_path}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level `reconstruct` and `evaluate` commands to the root app."""
+    app.command("reconstruct", no_args_is_help=True)(reconstruct_cmd)
+    app.command("evaluate", no_args_is_help=True)(evaluate_cmd)

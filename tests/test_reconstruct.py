@@ -1,0 +1,257 @@
+"""`xct reconstruct` / `xct evaluate` on a tiny untrained two-stage cascade (16³ → 32³, 16-px DRRs).
+
+Random-weight stage models exported with the real exporter, inputs rendered by `xct drr`
+from procedural phantoms. The checks have known answers: the output grid/affine from the
+input geometry, the K-sample mean/std equal to the mean/std of K single runs with the
+documented seeds, the PNG intensity → line-integral mapping, the same volume from a
+registered model URI as from the training folder it was registered from, one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipelines.cli import main
+from test_evaluate import export_tiny_stages
+from train_fixtures import tiny_params
+from xct_core.io import grid_affine, save_nifti
+from xct_core.phantoms import make_phantom
+
+
+def xct(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Tiny params file, a training folder (with direct.pt), a registered-layout folder,
+    two phantom CTs and their `xct drr` inputs (CT 0 centred off the origin)."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("recon")
+    params = tiny_params(eval={"sample_steps": 1}, reconstruct={"qa_min_psnr_db": 99.0})
+    pfile = root / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    train = root / "train"
+    export_tiny_stages(train, params, seed=0, direct=True)
+    reg = root / "registered"
+    reg.mkdir()
+    for k in (1, 2):
+        shutil.copyfile(train / "models" / f"stage{k}" / "best.pt", reg / f"stage{k}.pt")
+    (reg / "params.json").write_text(params.model_dump_json())
+    cts = root / "cts"
+    cts.mkdir()
+    for i in range(2):
+        hu, _, aff = make_phantom(32, 409.6 / 32, i)
+        if i == 0:
+            aff = aff.copy()
+            aff[:3, 3] += [10.0, -20.0, 30.0]
+        save_nifti(cts / f"pat{i}.nii.gz", hu, aff)
+    xr = root / "xr"
+    with contextlib.redirect_stdout(io.StringIO()):
+        for view in ("frontal", "lateral"):
+            for args in ([], ["--pixels", "8", "--pixel-mm", "80"]):
+                tag = "small_" if args else ""
+                try:
+                    main(["drr", str(cts / "pat0.nii.gz"), "--view", view, "--out", str(xr / f"{tag}{view}.npy"),
+                          "--params", str(pfile), *args])
+                except SystemExit as e:
+                    assert not e.code
+    return {"root": root, "params": params, "pfile": pfile, "train": train, "reg": reg, "cts": cts, "xr": xr}
+
+
+def _args(env: dict[str, Any], out: Path, *extra: str, model: str | None = None,
+          frontal: Path | None = None, lateral: Path | None = None) -> list[str]:
+    return ["reconstruct", "--model", model or str(env["train"]), "--frontal", str(frontal or env["xr"] / "frontal.npy"),
+            "--lateral", str(lateral or env["xr"] / "lateral.npy"), "--out", str(out), "--params", str(env["pfile"]),
+            "--seed", "5", *extra]
+
+
+def test_reconstruct_npy_writes_nifti_with_input_affine_and_qa(env: dict[str, Any], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ct.nii.gz"
+    code, stdout, err = xct(_args(env, out), capsys)
+    assert code == 0, err
+    img = nib.load(str(out))
+    assert img.shape == (32, 32, 32) and img.get_data_dtype() == np.int16
+    iso = json.loads((env["xr"] / "frontal.json").read_text())["isocenter"]
+    want = grid_affine((32, 32, 32), 409.6 / 32, iso)
+    np.testing.assert_allclose(img.affine, want, atol=1e-3)
+    # the isocentre of an off-origin CT is its own centre: the output sits where the CT is
+    ct = nib.load(str(env["cts"] / "pat0.nii.gz"))
+    np.testing.assert_allclose(ct.affine[:3, :3] @ (np.array(ct.shape) - 1) / 2 + ct.affine[:3, 3], iso, atol=1e-3)
+    assert not (tmp_path / "ct_std.nii.gz").exists()
+    qa = json.loads((tmp_path / "ct.qa.json").read_text())
+    assert set(qa["reprojection"]["views"]) == {"frontal", "lateral"}
+    for v in qa["reprojection"]["views"].values():
+        assert math.isfinite(v["psnr_db"]) and -1 <= v["ssim"] <= 1
+    assert qa["sampling"] == {"steps": 1, "samples": 1, "seeds": [5], "eta": 0.0}
+    # threshold set above any PSNR here (99 dB): the QA warns on stderr, one line per view
+    warn = [ln for ln in err.splitlines() if ln.startswith("xct: warning: reprojection QA")]
+    assert len(warn) == 2 and qa["reprojection"]["passed"] is False
+    hu = np.asarray(img.dataobj)
+    w = env["params"].hu.get_window()
+    assert hu.min() >= w.lo - 1 and hu.max() <= w.hi + 1
+
+
+def test_samples_mean_and_std_equal_single_runs(env: dict[str, Any], tmp_path: Path, capsys) -> None:
+    from xct_core.inference import load_stages, reconstruct
+
+    out = tmp_path / "ct.nii.gz"
+    code, _, err = xct(_args(env, out, "--samples", "3"), capsys)
+    assert code == 0, err
+    std = np.asarray(nib.load(str(tmp_path / "ct_std.nii.gz")).dataobj, dtype=np.float32)
+    assert std.shape == (32, 32, 32) and std.max() > 0 and std.min() >= 0
+    # known answer: K = 3 is the mean / sample std (ddof 1) of single runs with seeds 5, 6, 7
+    p = env["params"]
+    nets = load_stages([env["train"] / "models" / f"stage{k}" / "best.pt" for k in (1, 2)], p)
+    f = np.load(env["xr"] / "frontal.npy")
+    lat = np.load(env["xr"] / "lateral.npy")
+    singles = np.stack([reconstruct(nets, p, f, lat, samples=1, seed=s).mean_hu for s in (5, 6, 7)])
+    rec = reconstruct(nets, p, f, lat, samples=3, seed=5)
+    np.testing.assert_allclose(rec.mean_hu, singles.mean(0), atol=1e-3)
+    np.testing.assert_allclose(rec.std_hu, singles.std(0, ddof=1), atol=1e-3)
+    mean = np.asarray(nib.load(str(out)).dataobj, dtype=np.float32)
+    np.testing.assert_allclose(mean, singles.mean(0), atol=0.51)  # int16 rounding
+    np.testing.assert_allclose(std, singles.std(0, ddof=1), atol=0.51)
+
+
+def test_png_input_maps_intensity_to_line_integrals(env: dict[str, Any], tmp_path: Path, capsys) -> None:
+    from xct_core.inference import load_xray
+
+    pngs = {}
+    for view in ("frontal", "lateral"):
+        p = np.load(env["xr"] / f"{view}.npy")
+        inten = np.clip(np.rint(np.exp(-p) * 65535), 0, 65535).astype(np.uint16)
+        pngs[view] = tmp_path / f"{view}.png"
+        Image.fromarray(inten).save(pngs[view])
+        x = load_xray(pngs[view], view, env["params"])
+        assert x.fmt == "png" and x.geometry is None
+        ok = np.exp(-p) > 1e-3  # where 16-bit quantisation is fine: |Δp| <= 0.5/65535/I
+        np.testing.assert_allclose(x.image[ok], p[ok], atol=0.5 / 65535 / 1e-3 + 1e-6)
+    out = tmp_path / "png.nii.gz"
+    rep = tmp_path / "rep" / "png.html"
+    code, _, err = xct(_args(env, out, "--report", str(rep), frontal=pngs["frontal"], lateral=pngs["lateral"]), capsys)
+    assert code == 0, err
+    srcs = [s.split('"')[0] for s in rep.read_text().split('<img src="')[1:]]
+    assert len(srcs) == 2 and all((rep.parent / s).is_file() for s in srcs)  # slices + input vs reprojection
+    img = nib.load(str(out))
+    # PNG carries no geometry: the grid is centred at the world origin
+    np.testing.assert_allclose(img.affine, grid_affine((32,) * 3, 12.8, (0, 0, 0)), atol=1e-3)
+    assert json.loads((tmp_path / "png.qa.json").read_text())["inputs"]["frontal"]["format"] == "png"
+
+
+def _bad_cases(env: dict[str, Any], tmp: Path) -> dict[str, tuple[list[str], str]]:
+    xr = env["xr"]
+    nojson = tmp / "nojson.npy"
+    shutil.copyfile(xr / "frontal.npy", nojson)
+    nan = tmp / "nan.npy"
+    a = np.load(xr / "frontal.npy")
+    a[3, 4] = np.nan
+    np.save(nan, a)
+    shutil.copyfile(xr / "frontal.json", tmp / "nan.json")
+    junk = tmp / "junk.npy"
+    junk.write_bytes(b"not a numpy file")
+    shutil.copyfile(xr / "frontal.json", tmp / "junk.json")
+    o = str(tmp / "ct.nii.gz")
+    return {
+        "missing geometry JSON": (_args(env, Path(o), frontal=nojson), "missing geometry JSON"),
+        "wrong size": (_args(env, Path(o), frontal=xr / "small_frontal.npy"), "geometry differs"),
+        "swapped views": (_args(env, Path(o), frontal=xr / "lateral.npy", lateral=xr / "frontal.npy"),
+                          "says view 'lateral' but it was given as --frontal"),
+        "NaN pixels": (_args(env, Path(o), frontal=nan), "non-finite pixels (1 NaN"),
+        "unreadable": (_args(env, Path(o), frontal=junk), "unreadable .npy"),
+        "missing file": (_args(env, Path(o), frontal=tmp / "nope.npy"), "no such file"),
+        "bad model path": (_args(env, Path(o), model=str(tmp / "no-model")), "model not found"),
+        "bad models uri": (_args(env, Path(o), model="models:/no-such-model@champion"), "does not resolve"),
+        "not nifti out": (_args(env, tmp / "ct.npy"), "--out must name a NIfTI"),
+    }
+
+
+def test_bad_inputs_one_line_error_no_output(env: dict[str, Any], tmp_path: Path, capsys,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+    for name, (args, msg) in _bad_cases(env, tmp_path).items():
+        code, _, err = xct(args, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2, (name, err)
+        assert len(lines) == 1 and lines[0].startswith("xct: error:") and msg in lines[0], (name, err)
+        assert "Traceback" not in err
+        assert not list(tmp_path.glob("ct*")), name
+    # an image of the wrong size under a geometry that claims it: the image check speaks
+    bad = tmp_path / "size.npy"
+    np.save(bad, np.zeros((8, 8), np.float32))
+    shutil.copyfile(env["xr"] / "frontal.json", tmp_path / "size.json")
+    code, _, err = xct(_args(env, tmp_path / "ct.nii.gz", frontal=bad), capsys)
+    assert code == 2 and "image is 8x8 pixels, the model's detector is 16x16" in err
+
+
+def test_evaluate_two_cts_metrics_baselines_and_report(env: dict[str, Any], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "eval"
+    code, stdout, err = xct(["evaluate", "--model", str(env["train"]), "--ct", str(env["cts"]), "--out", str(out),
+                             "--params", str(env["pfile"]), "--samples", "2", "--gates", str(tmp_path / "none")],
+                            capsys)
+    assert code == 0, err
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["n_patients"] == 2 and [p["id"] for p in doc["patients"]] == ["pat0", "pat1"]
+    assert doc["has_direct"] is True and "leave-one-out" in doc["baseline"]
+    for key in ("psnr_hu_db", "psnr_window_db", "ssim_window", "mae_hu", "reproj_psnr_frontal_db",
+                "psnr_slice_avg_db", "baseline_psnr_hu_db", "baseline_psnr_window_db", "direct_psnr_window_db",
+                "uncertainty_mean_std_hu"):
+        for row in [doc["mean"], *doc["patients"]]:
+            assert isinstance(row[key], float) and math.isfinite(row[key]), key
+    assert doc["mean"]["psnr_hu_db"] == pytest.approx(np.mean([p["psnr_hu_db"] for p in doc["patients"]]))
+    # leave-one-out mean of two CTs = the other CT (on its stage grid); like every prediction it is
+    # windowed before the HU metrics (evaluation protocol), so its MAE is known in closed form
+    from xct_core.inference import case_inputs
+    from xct_core.io import load_ct
+
+    t = [case_inputs(load_ct(env["cts"] / f"pat{i}.nii.gz"), env["params"], 2)[0].astype(np.float64) for i in (0, 1)]
+    w = env["params"].hu.get_window()
+    for i in (0, 1):
+        want = np.abs(np.clip(t[1 - i], w.lo, w.hi) - np.clip(t[i], -1024, 1024)).mean()
+        assert doc["patients"][i]["baseline_mae_hu"] == pytest.approx(want, rel=1e-4)
+    html = (out / "report.html").read_text()
+    srcs = [s.split('"')[0] for s in html.split('<img src="')[1:]]
+    assert len(srcs) >= 4 and all((out / s).is_file() for s in srcs)
+    assert "mean volume" in html and "direct regression" in html and "pat1" in html
+    assert (out / "recon" / "pat0.nii.gz").is_file() and (out / "per_patient.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.timeout(120)
+def test_registered_model_uri_resolves_through_mlflow(env: dict[str, Any], tmp_path: Path, capsys,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.register import register_cascade
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    gate = tmp_path / "stage1.json"
+    gate.write_text(json.dumps({"stage": 1, "passed": True, "checks": []}))
+    r = register_cascade(env["train"], {2: {"psnr_window_db": 20.0, "test_ids_hash": "x"}}, {1: gate},
+                         env["params"], tracking_uri=uri)
+    assert r.alias == "champion"
+    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    code, _, err = xct(_args(env, a, model="models:/xct-cascade@champion"), capsys)
+    assert code == 0, err
+    code, _, err = xct(_args(env, b, model=str(env["reg"])), capsys)  # the registered layout, locally
+    assert code == 0, err
+    np.testing.assert_array_equal(np.asarray(nib.load(str(a)).dataobj), np.asarray(nib.load(str(b)).dataobj))
+    assert json.loads((tmp_path / "a.qa.json").read_text())["model"]["layout"] == "registered"
+    code, _, err = xct(_args(env, tmp_path / "c.nii.gz", model="models:/xct-cascade@nosuchalias"), capsys)
+    assert code == 2 and "does not resolve" in err and not (tmp_path / "c.nii.gz").exists()
