@@ -1,0 +1,312 @@
+"""MLflow helpers shared by the pipeline steps: where tracking goes, lineage tags, runs.
+
+Tracking URI: ``$MLFLOW_TRACKING_URI`` when set (a server, ``sqlite:///…``, ``file:…``),
+else the embedded default ``sqlite:///<repo>/mlflow.db`` with artifacts under
+``<repo>/mlruns`` (for any ``sqlite:///DIR/x.db`` the artifacts go to ``DIR/mlruns``;
+a tracking server decides its own artifact store).
+
+Lineage tags on every run: ``mlflow.source.git.commit`` (+ ``xct.git_dirty``), the DVC
+hash of the data folder (``xct.data_hash`` from ``dvc.lock`` or ``<data>.dvc``; without
+DVC the sha256 of the preprocess manifest, which lists every file's sha256 — the tag
+``xct.data_hash_source`` says which), and ``xct.params_digest``.
+
+Runs: one parent *pipeline* run per output folder (or ``$XCT_PIPELINE_RUN_ID``, e.g. set by
+the KFP pipeline) and one nested run per stage (tag ``mlflow.parentRunId``). The ids are
+kept next to the outputs so a re-run after a crash continues the same runs
+(:class:`MetricLogger` never logs a (metric, step) pair twice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+REPO = Path(__file__).resolve().parents[1]
+#: the embedded default (no server): a sqlite file in the repo
+DEFAULT_TRACKING_URI = f"sqlite:///{REPO / 'mlflow.db'}"
+#: environment variable naming an existing pipeline (parent) run to nest stage runs under
+PIPELINE_RUN_ENV = "XCT_PIPELINE_RUN_ID"
+_PARAM_MAX = 6000
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` or :data:`DEFAULT_TRACKING_URI`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def artifact_root(uri: str) -> str | None:
+    """Local artifact root for a ``sqlite:///DIR/file.db`` store (``DIR/mlruns`` as a file
+    URI); ``None`` (the server's default) otherwise."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return (db.parent.absolute() / "mlruns").as_uri()
+    return None
+
+
+def get_client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created (with :func:`artifact_root`) if missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
+    except MlflowException:  # created concurrently
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+def git_commit(repo: Path = REPO) -> tuple[str | None, bool]:
+    """``(HEAD commit, working tree dirty)``; ``(None, False)`` outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None, False
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True, timeout=10
+        )
+        return head.stdout.strip(), bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+
+
+def dvc_data_hash(data_dir: str | Path, repo: Path = REPO) -> tuple[str | None, str]:
+    """The DVC hash of ``data_dir``: from ``dvc.lock`` (an ``outs`` entry with that path),
+    else from ``<data_dir>.dvc``, else the sha256 of ``<data_dir>/manifest.json``.
+
+    Returns ``(hash, source)`` with source ``dvc.lock`` | ``.dvc`` | ``manifest`` | ``none``.
+    """
+    d = Path(data_dir).absolute()
+    try:
+        rel = d.relative_to(repo.absolute()).as_posix()
+    except ValueError:
+        rel = None
+    lock = repo / "dvc.lock"
+    if rel is not None and lock.is_file():
+        try:
+            doc = yaml.safe_load(lock.read_text()) or {}
+        except yaml.YAMLError:
+            doc = {}
+        for stage in (doc.get("stages") or {}).values():
+            for out in stage.get("outs") or []:
+                if str(out.get("path", "")).rstrip("/") == rel and out.get("md5"):
+                    return str(out["md5"]), "dvc.lock"
+    dvc_file = d.with_name(d.name + ".dvc")
+    if dvc_file.is_file():
+        try:
+            outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+        except yaml.YAMLError:
+            outs = []
+        if outs and outs[0].get("md5"):
+            return str(outs[0]["md5"]), ".dvc"
+    manifest = d / "manifest.json"
+    if manifest.is_file():
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:32], "manifest"
+    return None, "none"
+
+
+def lineage_tags(params_digest: str, data_dir: str | Path | None) -> dict[str, str]:
+    """Git commit, DVC data hash and params digest as MLflow tags."""
+    commit, dirty = git_commit()
+    tags = {"xct.params_digest": params_digest}
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+        tags["xct.git_dirty"] = str(dirty).lower()
+    if data_dir is not None:
+        h, src = dvc_data_hash(data_dir)
+        if h:
+            tags["xct.data_hash"] = h
+        tags["xct.data_hash_source"] = src
+        tags["xct.data_dir"] = str(Path(data_dir).absolute())
+    return tags
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested params → ``{"a.b.c": "value"}`` (lists as JSON), values cut to MLflow's limit."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            s = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+            out[key] = s[:_PARAM_MAX]
+    return out
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class MetricLogger:
+    """Logs step-indexed metrics to one run, never the same (key, step) twice.
+
+    On creation it reads the steps already logged for each key (a run resumed after a
+    crash keeps its earlier points; points between the resumed checkpoint and the crash
+    are not logged again). Non-numeric values and the ``step`` key itself are skipped."""
+
+    def __init__(self, run_id: str, uri: str | None = None) -> None:
+        self.client = get_client(uri)
+        self.run_id = run_id
+        run = self.client.get_run(run_id)
+        self.last: dict[str, int] = {}
+        for key in run.data.metrics:
+            hist = self.client.get_metric_history(run_id, key)
+            if hist:
+                self.last[key] = max(m.step for m in hist)
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> int:
+        """Log ``metrics`` at ``step``; returns how many points were written."""
+        now = int(time.time() * 1000)
+        batch = []
+        for key, v in metrics.items():
+            if key in ("step", "done") or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if self.last.get(key, -1) >= step:
+                continue
+            val = float(v)
+            batch.append(Metric(key, val if math.isfinite(val) else float("nan"), now, int(step)))
+            self.last[key] = int(step)
+        for i in range(0, len(batch), 900):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 900], synchronous=True)
+        return len(batch)
+
+    def artifact(self, path: str, subdir: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, subdir)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _usable_run(client: MlflowClient, run_id: str | None, experiment_id: str) -> bool:
+    if not run_id:
+        return False
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    return run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
+
+
+class StageRun:
+    """The MLflow runs of one stage training: the parent pipeline run and the nested stage
+    run, created or (after a crash / re-run) reopened.
+
+    ``state_file`` (next to the stage's checkpoints) and ``pipeline_file`` (in the output
+    folder) remember the run ids. ``new_run`` creates a new stage run (nothing to resume);
+    ``new_pipeline`` also a new pipeline run (a fresh start of the cascade)."""
+
+    def __init__(
+        self,
+        *,
+        experiment: str,
+        stage: int,
+        run_name: str,
+        state_file: Path,
+        pipeline_file: Path,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        new_run: bool = False,
+        new_pipeline: bool = False,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.uri = tracking_uri()
+        self.client = get_client(self.uri)
+        self.experiment_id = ensure_experiment(self.client, experiment)
+        parent = parent_run_id or os.environ.get(PIPELINE_RUN_ENV)
+        #: we keep the parent's status in step with the stages only when the parent is ours
+        #: (not one handed in by an orchestrator, which owns its status)
+        self.owns_parent = not parent
+        pstate = _read_json(pipeline_file)
+        if not parent:
+            if not new_pipeline and pstate.get("tracking_uri") == self.uri and _usable_run(
+                self.client, pstate.get("run_id"), self.experiment_id
+            ):
+                parent = pstate["run_id"]
+            else:
+                parent = self.client.create_run(
+                    self.experiment_id, tags={**tags, "xct.kind": "pipeline"}, run_name="pipeline"
+                ).info.run_id
+                _write_json(pipeline_file, {"run_id": parent, "tracking_uri": self.uri})
+        self.parent_run_id: str = parent
+        if self.owns_parent:
+            self.client.update_run(parent, status="RUNNING")
+
+        sstate = {} if new_run else _read_json(state_file)
+        self.resumed = (
+            sstate.get("tracking_uri") == self.uri
+            and sstate.get("parent_run_id") == parent
+            and _usable_run(self.client, sstate.get("run_id"), self.experiment_id)
+        )
+        if self.resumed:
+            self.run_id: str = sstate["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.client.set_tag(self.run_id, "xct.resumed", "true")
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                tags={**tags, MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: run_name, "xct.kind": "stage", "xct.stage": str(stage)},
+                run_name=run_name,
+            )
+            self.run_id = run.info.run_id
+            _write_json(state_file, {"run_id": self.run_id, "parent_run_id": parent, "tracking_uri": self.uri})
+        self._log_params(params)
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+
+    def _log_params(self, params: Mapping[str, Any]) -> None:
+        have = self.client.get_run(self.run_id).data.params
+        todo = [Param(k, v) for k, v in flatten(params).items() if k not in have]
+        changed = sorted(k for k, v in flatten(params).items() if k in have and have[k] != v)
+        for i in range(0, len(todo), 90):
+            self.client.log_batch(self.run_id, params=todo[i : i + 90], synchronous=True)
+        if changed:  # params are immutable in MLflow; record what a resume changed
+            self.client.set_tag(self.run_id, "xct.params_changed_on_resume", ",".join(changed)[:5000])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
+    def end(self, status: str, message: str | None = None) -> None:
+        """Terminate the stage run with ``status`` (FINISHED | FAILED | KILLED); a parent
+        run of ours follows (it is set RUNNING again when the next stage starts)."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"not a terminal run status: {status!r}")
+        if message:
+            self.client.set_tag(self.run_id, "xct.failure", message[:5000])
+        self.client.set_terminated(self.run_id, status=status)
+        if self.owns_parent:
+            self.client.set_terminated(self.parent_run_id, status=status)

@@ -1,0 +1,335 @@
+"""Pipeline step 4 — train one cascade stage on Ray Train, tracked in MLflow.
+
+The loop is :func:`xct_core.training.train_stage` (engine-agnostic); this module binds it:
+
+* **Ray Train**: ``ray.train.torch.TorchTrainer`` with a ``ScalingConfig`` from
+  ``params.train.ray`` (workers, GPU, CPUs/resources per worker, accelerator type for an
+  A100/H100 pool). ``RAY_ADDRESS`` set → join that cluster; otherwise a local Ray runtime
+  is started (and shut down at the end). DDP via ``prepare_model`` (gloo on CPU, NCCL on
+  GPU) and ``prepare_data_loader`` (device transfer; the loop's ``ShardSampler`` already
+  shards the data per worker). Checkpoints are reported to Ray (``RunConfig(name=stageK,
+  storage_path=<out>/ray)``); ``FailureConfig(max_failures)`` restarts crashed workers from
+  the latest one. A re-run of the same command after the driver was killed resumes too
+  (Ray restores the run from its storage path; the loop also looks at its own checkpoints).
+* **MLflow** (:mod:`components.tracking`): one run per stage nested under a pipeline run;
+  params, lineage tags (git commit, DVC data hash, params digest), per-step losses, LR,
+  throughput, peak memory, validation metrics, montage PNGs and the final/best models.
+  Rank 0 logs directly from the worker. A non-finite loss marks the run FAILED.
+
+Entry points: ``xct train --stage K`` (pipelines/commands/train.py), ``python -m
+components.train --stage K …`` (dvc.yaml) and :func:`run_train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xct_core.checkpoint import latest_checkpoint
+from xct_core.config import Params, load_params, params_from_dict
+from xct_core.errors import XctError
+from xct_core.training import (
+    FaultPlan,
+    NonFiniteError,
+    RunLayout,
+    TrainHooks,
+    TrainingFailed,
+    preflight,
+    stage_steps,
+    train_stage,
+)
+
+#: environment variable with a JSON :class:`xct_core.training.FaultPlan` (resilience tests)
+FAULTS_ENV = "XCT_TRAIN_FAULTS"
+
+
+@dataclass
+class TrainSummary:
+    """What :func:`run_train` did."""
+
+    stage: int
+    name: str
+    final_step: int
+    start_step: int | None  #: step the (last) worker run started from (resume), from metrics/stage{K}.json
+    final_model: Path
+    best_model: Path
+    run_id: str | None
+    parent_run_id: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)  #: metrics/stage{K}.json
+    ray_startup_s: float = 0.0  #: ray.init wall time (0 when Ray was already up)
+    fit_s: float = 0.0  #: TorchTrainer.fit wall time (worker start-up included)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """The per-worker function run by ``TorchTrainer`` (every rank)."""
+    import warnings
+
+    import ray.train
+    import ray.train.torch as rt
+    from ray.experimental import tqdm_ray
+
+    from components.tracking import MetricLogger
+
+    # The stage nets run channels-last 3D convs; DDP's flat buckets are contiguous, so it
+    # copies those grads once per step and says so every step. Harmless; keep logs readable.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    params = params_from_dict(config["params"], "params")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logger = MetricLogger(config["run_id"], config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
+
+    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        if logger is not None:
+            logger.log(metrics, int(metrics["step"]))
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(
+            dict(metrics), checkpoint=ckpt, checkpoint_dir_name=Path(checkpoint_dir).name if checkpoint_dir else None
+        )
+
+    def progress(total: int, initial: int, desc: str) -> Any:
+        bar = tqdm_ray.tqdm(total=total, desc=desc, unit="step")
+        bar.n = initial
+        return bar
+
+    hooks = TrainHooks(
+        report=report,
+        log_artifact=(lambda path, sub: logger.artifact(path, sub)) if logger is not None else None,
+        prepare_model=rt.prepare_model,
+        prepare_loader=rt.prepare_data_loader,
+        progress=progress,
+    )
+    kwargs = dict(
+        device=rt.get_device(), rank=rank, world_size=world, hooks=hooks,
+        faults=FaultPlan(**config["faults"]), steps=config["steps"],
+    )
+    ckpt = ray.train.get_checkpoint()
+    try:
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                train_stage(params, config["stage"], config["processed"], config["out_dir"], resume_from=d, **kwargs)
+        else:
+            train_stage(params, config["stage"], config["processed"], config["out_dir"], **kwargs)
+    except NonFiniteError as e:
+        # Every rank detects it at the same step (the loop all-reduces the check). End
+        # normally so Ray does not retry a deterministic failure; rank 0 leaves the reason
+        # for the driver (Result.metrics only holds checkpointed reports).
+        if rank == 0:
+            _write_failure(RunLayout(Path(config["out_dir"]), config["stage"]), {"step": e.step, "message": str(e)})
+
+
+def _has_checkpoint(layout: RunLayout, ray_run_dir: Path) -> bool:
+    """Is there anything to resume from (the loop's checkpoints or Ray's)?"""
+    return latest_checkpoint(layout.checkpoints) is not None or any(ray_run_dir.glob("step_*/state.pt"))
+
+
+def _failure_file(layout: RunLayout) -> Path:
+    return layout.checkpoints / "nonfinite.json"
+
+
+def _write_failure(layout: RunLayout, doc: dict[str, Any]) -> None:
+    path = _failure_file(layout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def _ray_init() -> tuple[bool, float]:
+    """Join ``$RAY_ADDRESS`` or start local Ray; returns (started here, seconds)."""
+    import ray
+
+    if ray.is_initialized():
+        return False, 0.0
+    t0 = time.perf_counter()
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(log_to_driver=True)
+    return True, time.perf_counter() - t0
+
+
+def scaling_config(params: Params) -> Any:
+    """``ray.train.ScalingConfig`` from ``params.train.ray``."""
+    from ray.train import ScalingConfig
+
+    rp = params.train.ray
+    res: dict[str, float] = {"CPU": rp.cpus_per_worker}
+    if rp.use_gpu:
+        res["GPU"] = 1.0
+    res.update(rp.resources_per_worker)
+    return ScalingConfig(
+        num_workers=rp.num_workers, use_gpu=rp.use_gpu, resources_per_worker=res, accelerator_type=rp.accelerator_type
+    )
+
+
+def _root_cause(e: BaseException) -> str:
+    fails = getattr(e, "worker_failures", None)
+    if fails:
+        rank, err = sorted(fails.items())[0]
+        return f"rank {rank}: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+    cause = getattr(e, "controller_failure", None)
+    text = str(cause or e).strip()
+    return text.splitlines()[-1][:300] if text else type(e).__name__
+
+
+def run_train(
+    params: Params,
+    stage: int,
+    processed_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    steps: int | None = None,
+    fresh: bool = False,
+    faults: FaultPlan | None = None,
+    parent_run_id: str | None = None,
+    tracking: bool = True,
+    log: Any = print,
+) -> TrainSummary:
+    """Train stage ``stage`` on Ray Train with MLflow tracking (see the module docstring).
+
+    ``fresh`` deletes this stage's previous outputs (checkpoints, models, curves, Ray run)
+    and starts a new MLflow stage run (for stage 1 a new pipeline run); otherwise an
+    interrupted run is resumed. ``faults``: injected failures for tests (default from
+    ``$XCT_TRAIN_FAULTS``). Raises :class:`XctError` subclasses with one-line messages.
+    """
+    k = int(stage)
+    out = Path(out_dir if out_dir is not None else params.train.out_dir).absolute()
+    processed = Path(processed_dir).absolute()
+    preflight(params, k, processed, out, world_size=params.train.ray.num_workers, steps=steps)
+    name = list(params.stages)[k - 1]
+    n_steps = int(steps) if steps is not None else stage_steps(params, k)
+
+    import ray  # after the checks: a bad input fails fast, without importing Ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from components.tracking import StageRun, lineage_tags
+
+    layout = RunLayout(out, k)
+    storage = out / "ray"
+    faults = faults if faults is not None else FaultPlan.from_json(os.environ.get(FAULTS_ENV))
+    if fresh:
+        layout.clear()
+        shutil.rmtree(storage / name, ignore_errors=True)
+    _failure_file(layout).unlink(missing_ok=True)
+
+    mlrun = None
+    if tracking:
+        cfg = params.stages[name].model_dump(mode="json")
+        logged = {
+            "stage": k, "steps": n_steps, "seed": params.seed, name: cfg,
+            "train": {kk: v for kk, v in params.train.model_dump(mode="json").items() if kk != "steps"},
+            "diffusion": params.diffusion.model_dump(mode="json"), "hu": params.hu.model_dump(mode="json"),
+            "model": params.model.model_dump(mode="json"), "drr": params.drr.model_dump(mode="json"),
+        }
+        mlrun = StageRun(
+            experiment=params.train.experiment, stage=k, run_name=name,
+            state_file=layout.checkpoints / "mlflow.json", pipeline_file=out / "mlflow_pipeline.json",
+            params=logged, tags={**lineage_tags(params.digest(), processed), "xct.out_dir": str(out)},
+            new_run=fresh or not _has_checkpoint(layout, storage / name), new_pipeline=fresh and k == 1,
+            parent_run_id=parent_run_id,
+        )
+        log(f"{name}: MLflow run {mlrun.run_id} ({'resumed' if mlrun.resumed else 'new'}) at {mlrun.uri}")
+
+    started, t_init = False, 0.0
+    t_fit = 0.0
+    try:
+        started, t_init = _ray_init()
+        config = {
+            "params": params.model_dump(mode="json"), "stage": k, "processed": str(processed), "out_dir": str(out),
+            "steps": n_steps, "faults": asdict(faults),
+            "run_id": mlrun.run_id if mlrun else None, "tracking_uri": mlrun.uri if mlrun else None,
+        }
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config=config,
+            scaling_config=scaling_config(params),
+            run_config=RunConfig(
+                name=name,
+                storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=params.train.ray.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=params.train.keep_last),
+                logging_config=LoggingConfig(log_level="WARNING"),
+            ),
+        )
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        t_fit = time.perf_counter() - t0
+    except KeyboardInterrupt:
+        if mlrun:
+            mlrun.end("KILLED", "interrupted")
+        raise
+    except ray.train.TrainingFailedError as e:
+        msg = f"{name}: training failed after {params.train.ray.max_failures} retries ({_root_cause(e)})"
+        if mlrun:
+            mlrun.end("FAILED", msg)
+        raise TrainingFailed(msg) from None
+    except XctError as e:
+        if mlrun:
+            mlrun.end("FAILED", str(e))
+        raise
+    except Exception as e:  # a bug or an infrastructure error: never leave the run RUNNING
+        if mlrun:
+            mlrun.end("FAILED", f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+    final = dict(result.metrics or {})
+    if _failure_file(layout).is_file():
+        doc = json.loads(_failure_file(layout).read_text())
+        if mlrun:
+            mlrun.set_tags({"xct.nonfinite_step": int(doc["step"])})
+            mlrun.end("FAILED", doc["message"])
+        raise NonFiniteError(doc["message"], int(doc["step"]), None)
+
+    summary = json.loads(layout.metrics_file.read_text()) if layout.metrics_file.is_file() else {}
+    if mlrun:
+        names = {"step": "xct.final_step", "start_step": "xct.start_step", "best_step": "xct.best_step"}
+        mlrun.set_tags({tag: summary[key] for key, tag in names.items() if summary.get(key) is not None})
+        mlrun.end("FINISHED")
+    return TrainSummary(
+        stage=k, name=name, final_step=int(summary.get("step", final.get("step", 0))), start_step=summary.get("start_step"),
+        final_model=layout.model("final"), best_model=layout.model("best"),
+        run_id=mlrun.run_id if mlrun else None, parent_run_id=mlrun.parent_run_id if mlrun else None,
+        metrics=summary, ray_startup_s=t_init, fit_s=t_fit,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m components.train --stage K [--processed data/processed] [--out DIR]
+    [--params params.yaml] [--overlay X.yaml] [--steps N] [--fresh]``."""
+    ap = argparse.ArgumentParser(prog="python -m components.train", description="Train one cascade stage on Ray Train + MLflow.")
+    ap.add_argument("--stage", type=int, required=True)
+    ap.add_argument("--processed", default="data/processed")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--params", default=None)
+    ap.add_argument("--overlay", action="append", default=[])
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--fresh", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        s = run_train(load_params(a.params, a.overlay), a.stage, a.processed, a.out, steps=a.steps, fresh=a.fresh)
+    except XctError as e:
+        print(f"xct: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"{s.name}: step {s.final_step} → {s.final_model}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

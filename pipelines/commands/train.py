@@ -1,0 +1,63 @@
+"""`xct train --stage K`: train one cascade stage (Ray Train + MLflow; see components/train.py).
+
+Re-running the same command after an interruption resumes from the last checkpoint;
+``--fresh`` starts over. ``RAY_ADDRESS`` joins an existing Ray cluster; ``MLFLOW_TRACKING_URI``
+overrides the embedded sqlite tracking store. ``--local`` runs the loop in this process
+without Ray or MLflow (``python -m xct_core.training`` does the same).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from xct_core.config import Params, load_params, params_from_dict
+
+
+def _with_overrides(params: Params, workers: int | None, gpu: bool | None) -> Params:
+    if workers is None and gpu is None:
+        return params
+    data = params.model_dump(mode="json")
+    if workers is not None:
+        data["train"]["ray"]["num_workers"] = workers
+    if gpu is not None:
+        data["train"]["ray"]["use_gpu"] = gpu
+    return params_from_dict(data, "params (command-line overrides)")
+
+
+def train(
+    stage: Annotated[int, typer.Option("--stage", "-k", help="1-based cascade stage")],
+    processed: Annotated[Path, typer.Option("--processed", help="preprocessed data folder")] = Path("data/processed"),
+    out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default: params train.out_dir)")] = None,
+    params: Annotated[Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")] = None,
+    overlay: Annotated[Optional[list[Path]], typer.Option("--overlay", help="YAML fragment merged over the params (repeatable)")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="override train.steps for this stage")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="override train.ray.num_workers")] = None,
+    gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="override train.ray.use_gpu")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="discard this stage's previous outputs instead of resuming")] = False,
+    local: Annotated[bool, typer.Option("--local", help="run in this process: no Ray, no MLflow")] = False,
+) -> None:
+    """Train cascade stage K from the preprocessed shards; resumes an interrupted run."""
+    p = _with_overrides(load_params(params, overlay), workers, gpu)
+    if local:
+        from xct_core.training import FaultPlan, train_stage
+
+        res = train_stage(p, stage, processed, out, steps=steps, fresh=fresh,
+                          faults=FaultPlan.from_json(os.environ.get("XCT_TRAIN_FAULTS")))
+        typer.echo(f"{res.name}: step {res.final_step} → {res.final_model}")
+        return
+    from components.train import run_train
+
+    s = run_train(p, stage, processed, out, steps=steps, fresh=fresh, log=typer.echo)
+    best = s.metrics.get("best_value")
+    metric = s.metrics.get("best_metric", "")
+    tail = f", best {metric} {best:.3f} at step {s.metrics.get('best_step')}" if isinstance(best, (int, float)) else ""
+    typer.echo(f"{s.name}: step {s.final_step}{tail} → {s.final_model} (MLflow run {s.run_id})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level `train` command to the root app."""
+    app.command("train", no_args_is_help=True)(train)

@@ -1,0 +1,293 @@
+"""Training checkpoints and exported stage models: atomic writes, ``weights_only`` loads.
+
+Everything written here loads with ``torch.load(path, weights_only=True)``: only state
+dicts, plain tensors, ints, floats, bools, strings, lists/tuples/dicts of those. Configs
+travel as JSON strings; RNG states as tensors (see :func:`capture_rng` / :func:`restore_rng`).
+
+Two kinds of files
+------------------
+* **Training state** (resume): a directory ``step_{N:08d}/`` holding ``state.pt`` (see
+  :func:`save_state`). The directory is written under a temporary name in the same folder
+  and renamed into place, so a reader sees either no checkpoint or a complete one. It is a
+  directory (not a file) because Ray Train persists checkpoint directories.
+* **Stage model** (export, read by evaluation/registration): one ``.pt`` file with the EMA
+  weights and the full params as JSON (:data:`MODEL_FORMAT`, :func:`export_stage_model`,
+  :func:`load_stage_model`); self-contained: the network is rebuilt from the params inside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xct_core.errors import InputError
+
+__all__ = [
+    "MODEL_FORMAT",
+    "STATE_FILE",
+    "STATE_FORMAT",
+    "atomic_torch_save",
+    "capture_rng",
+    "checkpoint_step",
+    "export_stage_model",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_stage_model",
+    "load_state",
+    "prune_checkpoints",
+    "read_stage_model",
+    "restore_rng",
+    "save_state",
+    "step_dir_name",
+]
+
+#: format tag of a training-state file
+STATE_FORMAT = "xct-train-state/1"
+#: format tag of an exported stage model
+MODEL_FORMAT = "xct-stage-model/1"
+#: the file inside a checkpoint directory
+STATE_FILE = "state.pt"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file in the target's folder, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def step_dir_name(step: int) -> str:
+    """``step_00000025`` for step 25 (sorts by step)."""
+    return f"step_{int(step):08d}"
+
+
+def save_state(root: str | Path, step: int, state: Mapping[str, Any]) -> Path:
+    """Write ``root/step_{step:08d}/state.pt`` atomically and return the directory.
+
+    The directory is assembled as ``root/.tmp-step_…-XXXX`` and renamed into place; an
+    existing checkpoint of the same step is replaced (a re-run that reached the same step).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _state_file(path: str | Path) -> Path:
+    p = Path(path)
+    return p / STATE_FILE if p.is_dir() else p
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a training state (a checkpoint directory or its ``state.pt``) with
+    ``weights_only=True``; :class:`InputError` when missing, unreadable or not a state."""
+    f = _state_file(path)
+    if not f.is_file():
+        raise InputError(f, "checkpoint not found")
+    try:
+        state = torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling/IO error means a bad file
+        raise InputError(f, f"unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise InputError(f, f"not an xct training checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
+    return state
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a checkpoint directory from its name (``None`` if not a step dir)."""
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` as ``(step, dir)``, ascending by step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        s = checkpoint_step(d)
+        if s is not None and (d / STATE_FILE).is_file():
+            out.append((s, d))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str | Path) -> tuple[int, Path] | None:
+    """The checkpoint with the highest step under ``root`` (or ``None``)."""
+    cks = list_checkpoints(root)
+    return cks[-1] if cks else None
+
+
+def prune_checkpoints(root: str | Path, keep_last: int, keep_steps: Iterable[int] = ()) -> list[Path]:
+    """Delete all checkpoints under ``root`` except the ``keep_last`` newest and those whose
+    step is in ``keep_steps`` (e.g. the best); also sweeps abandoned temp dirs. Returns the
+    deleted directories."""
+    root = Path(root)
+    cks = list_checkpoints(root)
+    keep = {s for s, _ in cks[-int(keep_last):]} if keep_last > 0 else set()
+    keep |= {int(s) for s in keep_steps}
+    gone = []
+    for s, d in cks:
+        if s not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.name.startswith((".tmp-step_", ".old-step_")) and d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+    return gone
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def capture_rng() -> dict[str, Any]:
+    """Global RNG states as tensors/ints (``weights_only``-safe): torch CPU, every CUDA
+    device, NumPy's legacy global generator, Python's ``random``."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_cached_gaussian": float(np_state[4]),
+        "python_version": int(py_state[0]),
+        "python_state": torch.tensor(py_state[1], dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng` (CUDA states only when the device count matches)."""
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
+    keys = state["numpy_keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state(
+        ("MT19937", keys, int(state["numpy_pos"]), int(state["numpy_has_gauss"]), float(state["numpy_cached_gaussian"]))
+    )
+    random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python_state"].tolist()), None))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in cuda])
+
+
+# --------------------------------------------------------------------------- exported stage models
+
+
+def export_stage_model(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    params_json: str,
+    stage: int,
+    name: str,
+    mode: str,
+    step: int,
+    metrics: Mapping[str, float] | None = None,
+    weights: str = "ema",
+) -> Path:
+    """Write one stage network as a self-contained, ``weights_only``-loadable file.
+
+    Contents: ``format`` (:data:`MODEL_FORMAT`), ``stage`` (1-based), ``name``, ``mode``
+    (``diffusion`` | ``direct``), ``step``, ``weights`` (``"ema"``), ``params`` (the full
+    params as JSON — :func:`load_stage_model` rebuilds the network from it),
+    ``stage_config`` (that stage's section as JSON), ``metrics`` (validation metrics at
+    ``step`` as JSON) and ``state_dict`` (the model's persistent tensors, on the CPU).
+    """
+    params = json.loads(params_json)
+    stage_cfg = list(params["stages"].values())[stage - 1]
+    blob = {
+        "format": MODEL_FORMAT,
+        "stage": int(stage),
+        "name": str(name),
+        "mode": str(mode),
+        "step": int(step),
+        "weights": str(weights),
+        "params": params_json,
+        "stage_config": json.dumps(stage_cfg, sort_keys=True),
+        "metrics": json.dumps({k: _finite_or_none(v) for k, v in (metrics or {}).items()}, sort_keys=True),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+    return atomic_torch_save(blob, path)
+
+
+def _finite_or_none(v: Any) -> Any:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return v
+    return f if np.isfinite(f) else None
+
+
+def read_stage_model(path: str | Path) -> dict[str, Any]:
+    """The raw exported blob (``weights_only=True``), checked for :data:`MODEL_FORMAT`."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "stage model not found")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(p, f"unreadable stage model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise InputError(p, "not an exported xct stage model")
+    return blob
+
+
+def load_stage_model(path: str | Path, device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild an exported stage network (:func:`export_stage_model`) from the params stored
+    in it, load its weights, and return it frozen: eval mode, ``requires_grad=False``."""
+    from xct_core.config import params_from_dict
+    from xct_core.models import build_stage
+
+    blob = read_stage_model(path)
+    params = params_from_dict(json.loads(blob["params"]), f"{path} (params)")
+    net = build_stage(params, int(blob["stage"]), mode=blob["mode"])
+    missing, unexpected = net.load_state_dict(blob["state_dict"], strict=False)
+    if missing or unexpected:
+        raise InputError(path, f"weights do not fit the stored config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if device is not None:
+        net = net.to(device)
+    return net.eval().requires_grad_(False)
