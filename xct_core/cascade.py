@@ -1,0 +1,156 @@
+"""Cascade conditioning and sampling.
+
+Stage k>1 is conditioned on a lower-resolution volume upsampled to its grid:
+
+* training: the ground truth at the previous stage's resolution
+  (:func:`lowres_condition`: area-downsample the target, upsample back), noise-augmented
+  with ``q_sample`` at a random level ``t_aug ~ U{0 … round(cond_aug_max·(T−1))}``
+  (:func:`augment_condition`); ``t_aug`` is also embedded by the network;
+* sampling: the previous stage's output, augmented at the fixed level
+  ``round(cond_aug_sample·(T−1))`` (:func:`sample_cascade`).
+
+Upsampling is trilinear with ``align_corners=False`` (every stage grid covers the same FOV,
+voxel centres at cell centres, so this is the geometrically consistent resampling).
+Sampling uses :func:`xct_core.diffusion.ddim_sample` — the one sampler of the project.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xct_core.diffusion import CosineSchedule, ddim_sample, q_sample
+from xct_core.models.stage import StageNet, unwrap
+
+__all__ = [
+    "aug_timestep",
+    "augment_condition",
+    "lowres_condition",
+    "resize_volume",
+    "sample_aug_timesteps",
+    "sample_cascade",
+]
+
+
+def resize_volume(vol: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B, C, X, Y, Z]`` → ``[B, C, size, size, size]``: area average when shrinking,
+    trilinear (``align_corners=False``) when growing, identity when equal."""
+    if vol.shape[-3:] == (size,) * 3:
+        return vol
+    if all(s >= size for s in vol.shape[-3:]):
+        return F.interpolate(vol, size=(size,) * 3, mode="area")
+    return F.interpolate(vol, size=(size,) * 3, mode="trilinear", align_corners=False)
+
+
+def lowres_condition(x0: torch.Tensor, prev_size: int) -> torch.Tensor:
+    """Training condition for a stage k>1: the target ``x0`` [B,1,S³] averaged down to the
+    previous stage's ``prev_size``³ grid and upsampled back to ``S``³."""
+    return resize_volume(resize_volume(x0, prev_size), x0.shape[-1])
+
+
+def aug_timestep(fraction: float, schedule: CosineSchedule) -> int:
+    """Augmentation level as a timestep: ``round(fraction · (T − 1))``."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"augmentation fraction must be in [0, 1], got {fraction}")
+    return int(round(fraction * (schedule.num_timesteps - 1)))
+
+
+def sample_aug_timesteps(
+    batch: int,
+    max_fraction: float,
+    schedule: CosineSchedule,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Random training augmentation levels ``U{0 … aug_timestep(max_fraction)}``, long ``[batch]``."""
+    hi = aug_timestep(max_fraction, schedule)
+    gen_dev = generator.device if generator is not None else device
+    return torch.randint(0, hi + 1, (batch,), generator=generator, device=gen_dev).to(device)
+
+
+def augment_condition(
+    cond: torch.Tensor,
+    t_aug: torch.Tensor,
+    schedule: CosineSchedule,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``q_sample(cond, t_aug, noise)`` with noise drawn from ``generator`` (on its device)."""
+    gen_dev = generator.device if generator is not None else cond.device
+    noise = torch.randn(cond.shape, generator=generator, device=gen_dev, dtype=cond.dtype).to(cond.device)
+    return q_sample(cond, t_aug.to(cond.device), noise, schedule)
+
+
+@torch.no_grad()
+def sample_cascade(
+    stages: Sequence[nn.Module],
+    frontal: torch.Tensor,
+    lateral: torch.Tensor,
+    *,
+    schedule: CosineSchedule,
+    steps: int | Sequence[int],
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    upto: int | None = None,
+) -> list[torch.Tensor]:
+    """Run the cascade: stage 1 from the X-rays, stage k>1 from the X-rays and stage k−1's
+    output (upsampled, augmented at ``cfg.cond_aug_sample``).
+
+    Args:
+        stages: stage networks in order (:class:`xct_core.models.StageNet`, diffusion or
+            direct mode; direct stages predict x0 in one pass). They are run frozen, in eval
+            mode under ``torch.no_grad``; their previous train/eval mode is restored after.
+        frontal, lateral: line-integral X-rays ``[B, 1, H, W]``.
+        schedule: the training noise schedule.
+        steps: DDIM steps, one int for all stages or one per stage.
+        eta: DDIM eta (0 = deterministic).
+        generator: drives all noise (initial x_T, eta noise, condition augmentation).
+        upto: run stages ``1 … upto`` only (default: all).
+
+    Returns:
+        ``[x0_stage1, …, x0_stage_upto]``, each ``[B, 1, S_k, S_k, S_k]`` in [-1, 1].
+    """
+    n = len(stages) if upto is None else int(upto)
+    if not 1 <= n <= len(stages):
+        raise ValueError(f"upto must be in [1, {len(stages)}], got {upto}")
+    step_list = [int(steps)] * n if isinstance(steps, int) else [int(s) for s in steps][:n]
+    if len(step_list) != n:
+        raise ValueError(f"need {n} step counts, got {steps}")
+    was_training = [m.training for m in stages]
+    outs: list[torch.Tensor] = []
+    try:
+        for k in range(n):
+            model = stages[k]
+            net: StageNet = unwrap(model)  # type: ignore[assignment]
+            model.eval()
+            ctx = net.encode_views(frontal, lateral)
+            B, dev = ctx.frontal.shape[0], ctx.frontal.device
+            cond = cond_aug = None
+            if net.conditional:
+                if not outs:
+                    raise ValueError(f"{net.name} is conditioned on a previous stage; it cannot run first")
+                cond_aug = torch.full((B,), aug_timestep(net.cfg.cond_aug_sample, schedule), dtype=torch.long, device=dev)
+                cond = augment_condition(resize_volume(outs[-1], net.size), cond_aug, schedule, generator)
+            if net.mode == "direct":
+                x0 = model(None, None, frontal, lateral, cond, cond_aug, context=ctx).float().clamp(-1.0, 1.0)
+            else:
+
+                def predict_v(x_t: torch.Tensor, t: torch.Tensor, _m=model, _c=cond, _a=cond_aug, _ctx=ctx) -> torch.Tensor:
+                    return _m(x_t, t, frontal, lateral, _c, _a, context=_ctx).float()
+
+                x0 = ddim_sample(
+                    predict_v,
+                    (B, 1, net.size, net.size, net.size),
+                    schedule=schedule,
+                    steps=step_list[k],
+                    eta=eta,
+                    generator=generator,
+                    device=dev,
+                )
+            outs.append(x0)
+    finally:
+        for m, tr in zip(stages, was_training, strict=False):
+            m.train(tr)
+    return outs

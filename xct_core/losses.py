@@ -1,0 +1,232 @@
+"""Training losses of the cascade stages.
+
+* :func:`diffusion_loss` — v-prediction MSE (+ optional physics term) for a diffusion stage.
+* :func:`direct_loss` — x0 MSE (+ optional physics term) for the direct-regression baseline.
+* :class:`PhysicsLoss` — DRR consistency: the line integrals of the predicted x0 and of the
+  target x0, both views, rendered by the SAME renderer (:func:`xct_core.drr.render`) with
+  the SAME geometry on the stage grid (:func:`xct_core.models.stage_affine`).
+
+Units: volumes are windowed to [-1, 1] (``HUWindow.forward``); the physics term maps them
+back to HU with ``HUWindow.inverse`` (the target is therefore clipped to the window, and so
+is a perfect prediction — both sides see the same clipping), renders line integrals
+``∫mu dl`` (mu = mu_water·(1 + HU/1000), dl in mm), divides them by the fixed
+``params.model.xray_scale`` (the encoder's input scale) and takes the MSE over both views'
+pixels. There is no per-sample normalisation.
+
+The losses read static attributes (mode, grid size, condition settings) from the bare
+module (:func:`xct_core.models.unwrap`) but always run the forward pass through the model
+they are given, so DDP's gradient synchronisation works.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xct_core.cascade import augment_condition, lowres_condition, resize_volume, sample_aug_timesteps
+from xct_core.diffusion import CosineSchedule, q_sample, sample_timesteps, v_target, x0_from_v
+from xct_core.hu import HUWindow
+from xct_core.models.encoder import VIEWS
+from xct_core.models.stage import StageNet, stage_affine, stage_config, unwrap
+
+if TYPE_CHECKING:  # pragma: no cover
+    from xct_core.config import Params
+
+__all__ = ["PhysicsLoss", "diffusion_loss", "direct_loss"]
+
+Logs = dict[str, torch.Tensor]
+
+
+class PhysicsLoss(nn.Module):
+    """DRR line-integral consistency on one stage grid (both views).
+
+    Args:
+        geometries: ``{"frontal": ProjectionGeometry, "lateral": ProjectionGeometry}``.
+        affine: the stage grid's voxel→world affine (mm).
+        window: the training HU window (volumes are windowed [-1, 1] tensors).
+        mu_water: 1/mm.
+        scale: line integrals are divided by this (``params.model.xray_scale``).
+
+    ``project(x_norm [B,1,X,Y,Z]) -> [B, 2, H, W]`` (frontal, lateral; scaled line
+    integrals); ``forward(pred_x0, target_x0) -> scalar`` MSE between the projections
+    (the target's projection carries no gradient).
+    """
+
+    def __init__(
+        self,
+        geometries: dict[str, object],
+        affine: np.ndarray,
+        window: HUWindow,
+        mu_water: float,
+        scale: float,
+    ) -> None:
+        super().__init__()
+        self.geometries = {v: geometries[v] for v in VIEWS}
+        self.affine = np.asarray(affine, dtype=np.float64)
+        self.window = window
+        self.mu_water = float(mu_water)
+        self.scale = float(scale)
+
+    @classmethod
+    def from_params(cls, params: Params, k: int) -> PhysicsLoss:
+        """The physics term of stage ``k`` (1-based): its grid, ``params.drr`` geometry,
+        ``params.hu`` window and mu_water, ``params.model.xray_scale``."""
+        from xct_core.geometry import ProjectionGeometry
+
+        cfg = stage_config(params, k)
+        return cls(
+            {v: ProjectionGeometry.from_params(params.drr, v) for v in VIEWS},
+            stage_affine(cfg),
+            params.hu.get_window(),
+            params.hu.mu_water,
+            params.model.xray_scale,
+        )
+
+    def project(self, x_norm: torch.Tensor) -> torch.Tensor:
+        from xct_core.drr import render
+
+        if x_norm.dim() != 5 or x_norm.shape[1] != 1:
+            raise ValueError(f"expected volumes [B, 1, X, Y, Z], got {tuple(x_norm.shape)}")
+        # always float32 (also under bf16/fp16 autocast): line integrals sum many voxels
+        with torch.autocast(x_norm.device.type, enabled=False):
+            hu = self.window.inverse(x_norm[:, 0].float())
+            imgs = [
+                render(hu, self.affine, self.geometries[v], mu_water=self.mu_water, quantity="line_integral")
+                for v in VIEWS
+            ]
+            return torch.stack(imgs, dim=1) / self.scale
+
+    def forward(self, pred_x0: torch.Tensor, target_x0: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.project(target_x0)
+        return F.mse_loss(self.project(pred_x0), target)
+
+
+def _training_condition(
+    net: StageNet,
+    x0: torch.Tensor,
+    cond: torch.Tensor | None,
+    schedule: CosineSchedule | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(augmented condition, augmentation timesteps) for a stage k>1; (None, None) for stage 1.
+
+    ``cond`` (any grid size, e.g. the preprocessed previous-stage volume) defaults to the
+    target averaged down to the previous stage's grid (:func:`lowres_condition`).
+    Without a schedule (direct mode only) the condition is used clean (level 0)."""
+    if not net.conditional:
+        if cond is not None:
+            raise ValueError(f"{net.name} is the first stage: it takes no cond")
+        return None, None
+    base = lowres_condition(x0, net.prev_size) if cond is None else resize_volume(cond.to(x0), net.size)  # type: ignore[arg-type]
+    B = x0.shape[0]
+    if schedule is None:
+        return base, torch.zeros(B, dtype=torch.long, device=x0.device)
+    t_aug = sample_aug_timesteps(B, net.cfg.cond_aug_max, schedule, generator, x0.device)
+    return augment_condition(base, t_aug, schedule, generator), t_aug
+
+
+def _physics(
+    physics: PhysicsLoss | None,
+    weight: float,
+    pred_x0: torch.Tensor | None,
+    x0: torch.Tensor,
+    loss: torch.Tensor,
+    logs: Logs,
+) -> torch.Tensor:
+    """``loss + weight · physics(pred_x0, x0)`` (logged as ``loss_physics``); ``loss`` when off."""
+    if weight < 0:
+        raise ValueError(f"physics_weight must be >= 0, got {weight}")
+    if weight == 0:
+        return loss
+    if physics is None:
+        raise ValueError("physics_weight > 0 needs a PhysicsLoss (PhysicsLoss.from_params(params, k))")
+    assert pred_x0 is not None
+    lp = physics(pred_x0, x0)
+    logs["loss_physics"] = lp.detach()
+    return loss + weight * lp
+
+
+def diffusion_loss(
+    model: nn.Module,
+    x0: torch.Tensor,
+    frontal: torch.Tensor,
+    lateral: torch.Tensor,
+    cond: torch.Tensor | None = None,
+    *,
+    schedule: CosineSchedule,
+    generator: torch.Generator | None = None,
+    physics_weight: float = 0.0,
+    physics: PhysicsLoss | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Logs]:
+    """v-prediction loss of a diffusion stage on a batch.
+
+    Draws ``t ~ U{0 … T−1}`` and ``noise ~ N(0, I)`` (from ``generator``, unless given),
+    forms ``x_t = q_sample(x0, t, noise)`` and returns ``MSE(v̂, v)`` +
+    ``physics_weight · PhysicsLoss(x0̂, x0)`` with ``x0̂ = x0_from_v(x_t, v̂, t)``. Stage k>1:
+    ``cond`` (default: the low-res ground truth) is noise-augmented at a random level in
+    ``[0, cfg.cond_aug_max]`` (fraction of T), which the network also receives.
+
+    Args:
+        model: a diffusion-mode :class:`~xct_core.models.StageNet`, possibly DDP-wrapped.
+        x0: target volumes ``[B, 1, S, S, S]`` in [-1, 1].
+        frontal, lateral: line-integral X-rays ``[B, 1, H, W]``.
+        cond: optional previous-stage-resolution volume (stage k>1).
+
+    Returns:
+        ``(loss, logs)``; ``logs`` holds detached 0-d tensors ``loss``, ``loss_v`` and, when
+        the physics term is on, ``loss_physics`` (call ``.item()`` when logging).
+    """
+    net = unwrap(model)
+    if getattr(net, "mode", None) != "diffusion":
+        raise ValueError("diffusion_loss needs a diffusion-mode stage (use direct_loss for mode='direct')")
+    B = x0.shape[0]
+    if t is None:
+        t = sample_timesteps(B, schedule, generator, x0.device)
+    if noise is None:
+        gen_dev = generator.device if generator is not None else x0.device
+        noise = torch.randn(x0.shape, generator=generator, device=gen_dev, dtype=x0.dtype).to(x0.device)
+    x_t = q_sample(x0, t, noise, schedule)
+    c, c_aug = _training_condition(net, x0, cond, schedule, generator)  # type: ignore[arg-type]
+    v = model(x_t, t, frontal, lateral, c, c_aug).float()
+    loss_v = F.mse_loss(v, v_target(x0, noise, t, schedule).float())
+    logs: Logs = {"loss_v": loss_v.detach()}
+    pred_x0 = x0_from_v(x_t.float(), v, t, schedule) if physics_weight > 0 else None
+    loss = _physics(physics, physics_weight, pred_x0, x0, loss_v, logs)
+    logs["loss"] = loss.detach()
+    return loss, logs
+
+
+def direct_loss(
+    model: nn.Module,
+    x0: torch.Tensor,
+    frontal: torch.Tensor,
+    lateral: torch.Tensor,
+    cond: torch.Tensor | None = None,
+    *,
+    schedule: CosineSchedule | None = None,
+    generator: torch.Generator | None = None,
+    physics_weight: float = 0.0,
+    physics: PhysicsLoss | None = None,
+) -> tuple[torch.Tensor, Logs]:
+    """x0-regression loss of a direct-mode stage: ``MSE(x0̂, x0)`` + physics term.
+
+    Stage k>1 conditions on ``cond`` (default: the low-res ground truth), noise-augmented
+    like :func:`diffusion_loss` when a ``schedule`` is given (clean otherwise).
+    Returns ``(loss, logs)`` with detached ``loss``, ``loss_x0`` (and ``loss_physics``)."""
+    net = unwrap(model)
+    if getattr(net, "mode", None) != "direct":
+        raise ValueError("direct_loss needs a direct-mode stage (build_stage(..., mode='direct'))")
+    c, c_aug = _training_condition(net, x0, cond, schedule, generator)  # type: ignore[arg-type]
+    pred = model(None, None, frontal, lateral, c, c_aug).float()
+    loss_x0 = F.mse_loss(pred, x0.float())
+    logs: Logs = {"loss_x0": loss_x0.detach()}
+    loss = _physics(physics, physics_weight, pred, x0, loss_x0, logs)
+    logs["loss"] = loss.detach()
+    return loss, logs

@@ -1,0 +1,303 @@
+"""One cascade stage network (encoder → depth lifting → hybrid 3D backbone) and its builders.
+
+A stage maps the two X-rays (DRR line integrals, frontal + lateral), the noisy volume
+``x_t`` and its timestep ``t`` — and, for stage k>1, the previous stage's volume upsampled
+to this grid plus that condition's noise-augmentation level — to ``v`` (diffusion mode), or
+maps the X-rays (+ condition) directly to ``x0`` in one pass (``mode="direct"``, the fast
+regression baseline; same class, no ``x_t`` input, constant ``t = 0``).
+
+Tensors: volumes ``[B, 1, S, S, S]`` windowed to [-1, 1], axes (i, j, k) = RAS+ (see
+docs/CONVENTIONS.md); X-rays ``[B, 1, H, W]`` raw line integrals ∫mu dl (the network
+divides them by ``params.model.xray_scale``); timesteps ``[B]`` integer (``torch.long``).
+
+Stage indices ``k`` are 1-based (stage 1 = the coarsest grid), as in params.yaml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xct_core.diffusion import timestep_embedding
+from xct_core.errors import ConfigError
+from xct_core.models.backbone import Backbone3D, run_maybe_checkpointed
+from xct_core.models.encoder import VIEWS, XrayEncoder
+from xct_core.models.lifting import DepthLifting, lifting_grid
+
+if TYPE_CHECKING:  # pragma: no cover
+    from xct_core.config import Params, StageParams
+
+Mode = Literal["diffusion", "direct"]
+
+__all__ = ["Mode", "StageNet", "ViewContext", "build_stage", "stage_affine", "stage_config", "unwrap", "xray_binning"]
+
+
+def stage_config(params: Params, k: int) -> StageParams:
+    """The config of stage ``k`` (1-based) from ``params.stages``."""
+    stages = list(params.stages.values())
+    if not 1 <= k <= len(stages):
+        raise ConfigError(f"stage {k} does not exist (params define stages 1…{len(stages)})")
+    return stages[k - 1]
+
+
+def stage_affine(cfg: StageParams) -> np.ndarray:
+    """Voxel→world affine (mm, RAS+, float64 4×4) of a stage grid: ``cfg.size``³ isotropic
+    voxels of ``cfg.fov_mm / cfg.size`` mm, centred at the world origin (the centre of the
+    grid, between the two middle voxels for even sizes, is at (0, 0, 0))."""
+    s = float(cfg.fov_mm) / int(cfg.size)
+    aff = np.diag([s, s, s, 1.0])
+    aff[:3, 3] = -0.5 * (int(cfg.size) - 1) * s
+    return aff
+
+
+def xray_binning(voxel_mm: float, magnification: float, pixel_mm: float, pixels: int) -> int:
+    """Detector binning for a stage: the largest power of two ≤ a voxel's footprint on the
+    detector at the isocentre (``voxel_mm · magnification / pixel_mm`` pixels) that divides
+    ``pixels``; at least 1. Binning (average pooling) the X-rays to about the stage's
+    resolution anti-aliases the depth lifting and keeps the 2D encoder cheap at coarse
+    stages (demo stage 1: 25.6 mm voxels ≈ 12 pixels → bin 8)."""
+    foot = voxel_mm * magnification / pixel_mm
+    b = 1
+    while 2 * b <= foot and pixels % (2 * b) == 0:
+        b *= 2
+    return b
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module inside DDP / FSDP / ``torch.compile`` wrappers — ONLY to read static
+    attributes (mode, sizes). Always call the wrapper itself for forward passes (DDP's
+    gradient synchronisation hooks live there)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+@dataclass
+class ViewContext:
+    """Per-sample X-ray encoding, independent of ``x_t`` and ``t`` (computed once per
+    sample and reused at every sampler step).
+
+    Attributes:
+        frontal, lateral: encoder feature maps ``[B, lift_channels, H, W]``.
+        global_emb: ``[B, dim]`` global X-ray embedding (both views, concatenated then projected).
+    """
+
+    frontal: torch.Tensor
+    lateral: torch.Tensor
+    global_emb: torch.Tensor
+
+
+class StageNet(nn.Module):
+    """A cascade stage: shared-weight X-ray encoder + view embedding, per-view depth
+    lifting, hybrid 3D backbone, conditioning MLPs.
+
+    Args:
+        cfg: the stage's :class:`xct_core.config.StageParams`.
+        lift_grids: ``{"frontal", "lateral"}`` → ``[S, S, S, 2]`` sampling grids (see
+            :func:`xct_core.models.lifting.lifting_grid`).
+        xray_scale: X-ray line integrals are divided by this before the encoder.
+        xray_bin: the X-rays are average-binned by this factor (detector pixels) before the
+            encoder (see :func:`xray_binning`); 1 = full detector resolution.
+        prev_size: grid size of the previous stage (``None`` for stage 1): adds the
+            condition channel and the augmentation-level embedding.
+        mode: ``"diffusion"`` (predict v from x_t, t) or ``"direct"`` (predict x0, no x_t).
+        name: stage name (e.g. ``"stage1"``).
+    """
+
+    def __init__(
+        self,
+        cfg: StageParams,
+        lift_grids: dict[str, torch.Tensor],
+        *,
+        xray_scale: float,
+        xray_bin: int = 1,
+        prev_size: int | None = None,
+        mode: Mode = "diffusion",
+        name: str = "stage",
+    ) -> None:
+        super().__init__()
+        if mode not in ("diffusion", "direct"):
+            raise ValueError(f"mode must be 'diffusion' or 'direct', got {mode!r}")
+        self.cfg = cfg
+        self.name = name
+        self.mode: Mode = mode
+        self.size = int(cfg.size)
+        self.prev_size = prev_size
+        self.xray_scale = float(xray_scale)
+        if xray_bin < 1:
+            raise ValueError(f"xray_bin must be >= 1, got {xray_bin}")
+        self.xray_bin = int(xray_bin)
+        dim = cfg.dim
+
+        self.encoder = XrayEncoder(cfg.enc_channels, cfg.lift_channels, num_views=len(VIEWS))
+        self.lifting = DepthLifting(lift_grids)
+        if self.lifting.shape3d != (self.size,) * 3:
+            raise ValueError(f"lifting grids {self.lifting.shape3d} do not match the {self.size}³ stage grid")
+        self.xray_global = nn.Linear(2 * self.encoder.global_dim, dim)
+        self.time_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.aug_embed = (
+            nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim)) if self.conditional else None
+        )
+        in_ch = 2 * cfg.lift_channels + (1 if mode == "diffusion" else 0) + (1 if self.conditional else 0)
+        self.backbone = Backbone3D(
+            in_channels=in_ch,
+            size=cfg.size,
+            token_grid=cfg.token_grid,
+            conv_channels=cfg.conv_channels,
+            dim=dim,
+            depth=cfg.depth,
+            heads=cfg.heads,
+            mlp_ratio=cfg.mlp_ratio,
+            cond_dim=dim,
+            grad_checkpointing=cfg.grad_checkpointing,
+        )
+        # channels-last (NDHWC) conv weights: oneDNN (CPU) and cuDNN (bf16 tensor cores) run
+        # 3D convs fastest in this layout; activations follow the weights' layout. 1×1×1
+        # kernels keep the plain layout (their channels-last strides are ambiguous, which
+        # makes DDP's gradient bucket views mismatch).
+        for m in self.backbone.modules():
+            if isinstance(m, nn.Conv3d) and m.kernel_size != (1, 1, 1):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        # The buffers are derived from params (geometry, token grid): DDP need not
+        # broadcast them every step (at 256³ the lifting grids are 2 × 134 MB).
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [n for n, _ in self.named_buffers()]
+        )
+
+    @property
+    def conditional(self) -> bool:
+        """True for stage k>1 (conditioned on the upsampled previous-stage volume)."""
+        return self.prev_size is not None
+
+    # -- pieces ---------------------------------------------------------------------------
+    def encode_views(self, frontal: torch.Tensor, lateral: torch.Tensor) -> ViewContext:
+        """Encode both X-rays with the shared encoder (+ view embedding)."""
+        frontal, lateral = _as_image(frontal, "frontal"), _as_image(lateral, "lateral")
+        if frontal.shape != lateral.shape:
+            raise ValueError(f"frontal {tuple(frontal.shape)} and lateral {tuple(lateral.shape)} differ in shape")
+        B = frontal.shape[0]
+        x = (torch.cat([frontal, lateral], dim=0) / self.xray_scale).to(self.encoder.inp.weight.dtype)
+        if self.xray_bin > 1:
+            b = self.xray_bin
+            if x.shape[-2] % b or x.shape[-1] % b:
+                raise ValueError(f"X-ray size {tuple(x.shape[-2:])} is not divisible by the binning {b}")
+            x = F.avg_pool2d(x, b)
+        view = torch.tensor([VIEWS["frontal"]] * B + [VIEWS["lateral"]] * B, device=x.device)
+        feats, glob = self.encoder(x, view)
+        g = self.xray_global(torch.cat([glob[:B], glob[B:]], dim=1))
+        return ViewContext(frontal=feats[:B], lateral=feats[B:], global_emb=g)
+
+    def _fused_input(self, feat_f: torch.Tensor, feat_l: torch.Tensor, *vols: torch.Tensor) -> torch.Tensor:
+        """Lift both views, concatenate [frontal-lifted, lateral-lifted, x_t?, cond?], fuse conv."""
+        lifted = self.lifting(feat_f, feat_l)
+        h = torch.cat([lifted, *[v.to(lifted.dtype) for v in vols]], dim=1)
+        # channels-last (NDHWC) is the fast layout for oneDNN (CPU) and cuDNN (bf16) 3D convs;
+        # converting after the 1×1 fusion moves conv_channels[0] channels instead of all inputs
+        return self.backbone.fuse(h).contiguous(memory_format=torch.channels_last_3d)
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(
+        self,
+        x_t: torch.Tensor | None,
+        t: torch.Tensor | None,
+        frontal: torch.Tensor,
+        lateral: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        cond_aug: torch.Tensor | None = None,
+        *,
+        context: ViewContext | None = None,
+    ) -> torch.Tensor:
+        """Predict v (diffusion) or x0 (direct), ``[B, 1, S, S, S]``.
+
+        Args:
+            x_t: noisy volume ``[B, 1, S, S, S]`` (diffusion); ignored-must-be-None (direct).
+            t: integer timesteps ``[B]`` (diffusion); ``None`` in direct mode (t = 0).
+            frontal, lateral: line-integral images ``[B, 1, H, W]`` (or ``[B, H, W]``).
+            cond: stage k>1: the previous-stage volume (any grid size; upsampled here
+                trilinearly to ``S``³), already noise-augmented by the caller.
+            cond_aug: stage k>1: the augmentation timesteps ``[B]`` used on ``cond``
+                (default 0 = clean).
+            context: a precomputed :meth:`encode_views` result (skips the encoder).
+        """
+        if context is None:
+            context = self.encode_views(frontal, lateral)
+        B = context.frontal.shape[0]
+        dev = context.frontal.device
+        vols: list[torch.Tensor] = []
+        if self.mode == "diffusion":
+            if x_t is None or t is None:
+                raise ValueError("diffusion mode needs x_t and t")
+            if tuple(x_t.shape) != (B, 1, self.size, self.size, self.size):
+                raise ValueError(f"x_t must be {(B, 1) + (self.size,) * 3}, got {tuple(x_t.shape)}")
+            vols.append(x_t)
+        else:
+            if x_t is not None:
+                raise ValueError("direct mode takes no x_t (pass None)")
+            t = torch.zeros(B, dtype=torch.long, device=dev)
+        if t.shape != (B,):  # type: ignore[union-attr]
+            raise ValueError(f"t must be [{B}], got {tuple(t.shape)}")  # type: ignore[union-attr]
+        dim = self.cfg.dim
+        emb_dtype = self.time_embed[0].weight.dtype  # float32 params under autocast; bf16 for a .to(bf16) model
+        c = self.time_embed(timestep_embedding(t, dim).to(dev, emb_dtype)) + context.global_emb  # type: ignore[arg-type]
+        if self.conditional:
+            if cond is None:
+                raise ValueError(f"{self.name} is conditioned on the previous stage: pass cond")
+            if cond.dim() != 5 or cond.shape[:2] != (B, 1):
+                raise ValueError(f"cond must be [B, 1, X, Y, Z], got {tuple(cond.shape)}")
+            if cond.shape[-3:] != (self.size,) * 3:
+                cond = F.interpolate(cond, size=(self.size,) * 3, mode="trilinear", align_corners=False)
+            vols.append(cond)
+            if cond_aug is None:
+                cond_aug = torch.zeros(B, dtype=torch.long, device=dev)
+            c = c + self.aug_embed(timestep_embedding(cond_aug, dim).to(dev, emb_dtype))  # type: ignore[misc]
+        elif cond is not None:
+            raise ValueError(f"{self.name} is the first stage: it takes no cond")
+        ckpt = self.backbone.grad_checkpointing and self.training
+        h = run_maybe_checkpointed(self._fused_input, context.frontal, context.lateral, *vols, enabled=ckpt)
+        return self.backbone.trunk(h, c)
+
+
+def _as_image(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"{what} must be [B, 1, H, W] line integrals, got {tuple(x.shape)}")
+    return x
+
+
+def build_stage(
+    params: Params,
+    k: int,
+    *,
+    mode: Mode = "diffusion",
+    device: torch.device | str | None = None,
+) -> StageNet:
+    """Build stage ``k`` (1-based) from params: its grid (:func:`stage_affine`), the
+    projection geometry of both views (``params.drr``) for the lifting grids, and the sizes
+    in ``params.stages``. ``device="meta"`` builds a shape-only model (no geometry maths,
+    no memory) for inspecting production configurations."""
+    from xct_core.geometry import ProjectionGeometry
+
+    cfg = stage_config(params, k)
+    S = cfg.size
+    prev_size = stage_config(params, k - 1).size if k > 1 else None
+    name = list(params.stages)[k - 1]
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            grids = {v: torch.empty(S, S, S, 2) for v in VIEWS}
+            return StageNet(cfg, grids, xray_scale=params.model.xray_scale, prev_size=prev_size, mode=mode, name=name)
+    affine = stage_affine(cfg)
+    geoms = {v: ProjectionGeometry.from_params(params.drr, v) for v in VIEWS}
+    grids = {v: lifting_grid(g.place(affine, (S, S, S)), affine, S) for v, g in geoms.items()}
+    b = xray_binning(cfg.fov_mm / S, geoms["frontal"].magnification, params.drr.pixel_mm, params.drr.pixels)
+    net = StageNet(
+        cfg, grids, xray_scale=params.model.xray_scale, xray_bin=b, prev_size=prev_size, mode=mode, name=name
+    )
+    return net.to(device) if device is not None else net
