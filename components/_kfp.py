@@ -30,13 +30,24 @@ IMAGE_LIGHT: str = os.environ.get("XCT_IMAGE_LIGHT", "xct-light:0.1.0")
 IMAGE_TRAIN: str = os.environ.get("XCT_IMAGE_TRAIN", "xct-train:0.1.0")
 
 
+def _in_kfp_task() -> bool:
+    """True inside a running KFP task: the executor sets ``_KFP_RUNTIME=true`` and its
+    ``kfp.dsl`` then has no ``component`` decorator. A component body that imports its own
+    step module (``from components.ingest import run_ingest``) must still import cleanly."""
+    return os.environ.get("_KFP_RUNTIME", "false") == "true"
+
+
 def light_component(func: Callable[..., Any]) -> Any:
     """``@dsl.component`` on the light (CPU) image, without a kfp pip install at start-up."""
+    if _in_kfp_task():
+        return func
     return dsl.component(func, base_image=IMAGE_LIGHT, install_kfp_package=False)
 
 
 def train_component(func: Callable[..., Any]) -> Any:
     """``@dsl.component`` on the training (GPU) image, without a kfp pip install at start-up."""
+    if _in_kfp_task():
+        return func
     return dsl.component(func, base_image=IMAGE_TRAIN, install_kfp_package=False)
 
 

@@ -1,0 +1,127 @@
+"""`xct pipeline` command group: the Kubeflow Pipelines v2 DAG (pipelines/training.py).
+
+::
+
+    xct pipeline compile [--out pipeline.yaml]          IR YAML for a KFP cluster
+    xct pipeline run --local [--params P] [--data DIR]  the whole DAG here with kfp.local
+    xct pipeline submit --host URL [--data-uri URI] [--ray-address A] [--mlflow-uri U]
+
+The DVC twin of the same DAG is ``dvc repro`` (dvc.yaml); ``make demo`` runs that one.
+Heavy imports (kfp, torch) happen inside the commands so ``xct --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from xct_core.config import default_params_path, load_params
+from xct_core.errors import ConfigError, InputError
+
+app = typer.Typer(no_args_is_help=True)
+
+ParamsOpt = Annotated[
+    Optional[Path],
+    typer.Option("--params", "-p", help="params file handed to every step (default: $XCT_PARAMS or ./params.yaml)"),
+]
+
+
+def params_text(path: Path | None) -> str:
+    """The validated text of the params file (empty string: none given and none present)."""
+    p = path if path is not None else default_params_path()
+    if path is None and not p.exists():
+        return ""
+    load_params(p)  # one-line ConfigError for a bad file before anything is submitted
+    return p.read_text()
+
+
+@app.command("compile")
+def compile_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="IR YAML to write")] = Path("pipeline.yaml"),
+) -> None:
+    """Compile the KFP v2 pipeline (dsl.If gates included) to an IR YAML file."""
+    from pipelines.training import compile_pipeline
+
+    if out.is_dir():
+        raise InputError(out, "is a folder; give a file name such as pipeline.yaml")
+    path = compile_pipeline(out)
+    typer.echo(f"wrote {path}")
+
+
+def _find_outputs(run_root: Path, name: str) -> list[Path]:
+    return sorted(p for p in run_root.rglob(name) if p.is_file())
+
+
+def local_report(root: Path, started: float) -> str:
+    """A short account of a kfp.local run under ``root``: gate verdicts and the summary."""
+    from components.summary import format_summary, read_summary
+
+    gates = [p for p in _find_outputs(root, "stage*.json") if "gate" in p.as_posix()
+             and p.stat().st_mtime >= started]
+    lines = []
+    for g in sorted(gates, key=lambda p: p.name):
+        doc = json.loads(g.read_text())
+        lines.append(str(doc.get("summary", f"{g}: passed={doc.get('passed')}")))
+    summaries = [p for p in _find_outputs(root, "summary.json") if p.stat().st_mtime >= started]
+    if summaries:
+        lines += ["", format_summary(read_summary(summaries[-1]))]
+    else:
+        lines += ["", "REJECTED: a gate did not pass; later stages were not run (nothing registered)"]
+    return "\n".join(lines)
+
+
+@app.command("run")
+def run_cmd(
+    local: Annotated[bool, typer.Option("--local", help="run every task here with kfp.local (SubprocessRunner)")] = False,
+    params: ParamsOpt = None,
+    data: Annotated[
+        Optional[Path], typer.Option("--data", help="raw CT folder (default: params data.raw_dir)")
+    ] = None,
+    root: Annotated[
+        Path, typer.Option("--root", help="kfp.local pipeline root (task outputs, temp dirs)")
+    ] = Path("outputs/kfp-local"),
+) -> None:
+    """Run the KFP pipeline on this machine (``--local``); exit 0 when it completes (promoted or rejected)."""
+    if not local:
+        raise ConfigError(
+            "only local runs are supported here: pass --local (cluster: `xct pipeline submit --host URL`; "
+            "DVC: `dvc repro`)"
+        )
+    from pipelines.training import run_local
+
+    text = params_text(params)
+    p = load_params(params) if (params is not None or default_params_path().exists()) else None
+    data_dir = data if data is not None else Path(p.data.raw_dir if p is not None else "data/raw")
+    started = time.time()
+    run_local(data_dir, text, root)
+    typer.echo(local_report(root.absolute(), started - 1))
+    typer.echo(f"kfp.local run finished in {time.time() - started:.0f} s; task outputs under {root}")
+
+
+@app.command("submit")
+def submit_cmd(
+    host: Annotated[str, typer.Option("--host", help="Kubeflow Pipelines API endpoint, e.g. http://localhost:8080")],
+    data_uri: Annotated[
+        str, typer.Option("--data-uri", help="raw CT folder the cluster can read (s3://…, gs://…, a PVC path)")
+    ] = "s3://xct-data/raw",
+    params: ParamsOpt = None,
+    ray_address: Annotated[str, typer.Option("--ray-address", help="Ray cluster address (empty: local Ray per task)")] = "",
+    mlflow_uri: Annotated[str, typer.Option("--mlflow-uri", help="MLflow tracking URI (empty: step default)")] = "",
+    experiment: Annotated[str, typer.Option("--experiment", help="KFP experiment name")] = "xct",
+    run_name: Annotated[Optional[str], typer.Option("--run-name", help="KFP run name")] = None,
+    namespace: Annotated[Optional[str], typer.Option("--namespace", help="Kubernetes namespace (multi-user KFP)")] = None,
+) -> None:
+    """Submit the pipeline to a Kubeflow Pipelines cluster (data location, Ray and MLflow as parameters)."""
+    from pipelines.training import submit
+
+    run_id = submit(host, data_uri, params_text(params), ray_address, mlflow_uri, experiment, run_name, namespace)
+    typer.echo(f"submitted run {run_id} to {host}")
+
+
+def register(root: typer.Typer) -> None:
+    """Add the `pipeline` group to the root app."""
+    root.add_typer(app, name="pipeline", help="The KFP pipeline: compile, run locally, submit to a cluster.")

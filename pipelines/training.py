@@ -1,0 +1,197 @@
+"""The end-to-end DAG as a Kubeflow Pipelines v2 pipeline (the dvc.yaml DAG, for a cluster).
+
+::
+
+    importer(data_uri) → ingest → validate → preprocess → train1 → evaluate1 → gate1
+      dsl.If(gate1.passed): train2 → evaluate2 → gate2
+        dsl.If(gate2.passed): train3 → evaluate3 → gate3
+          dsl.If(gate3.passed): register          dsl.Else: rejected(3)
+        dsl.Else: rejected(2)
+      dsl.Else: rejected(1)
+
+A failing gate stops the work after it: the tasks nested under its ``dsl.If`` never run and
+the ``dsl.Else`` branch records the gate summary; the run itself completes (rejected is a
+result, not an error). Step failures (bad data, a crashed trainer) fail the run.
+
+Pipeline parameters: ``data_uri`` (a folder of raw CTs: a local path under ``kfp.local``,
+``s3://…``/``gs://…`` on a cluster), ``params_yaml`` (the text of params.yaml; empty: the
+built-in demo defaults), ``ray_address`` and ``mlflow_tracking_uri`` (empty: local Ray and
+the embedded sqlite MLflow of the step's container).
+
+Compile: ``xct pipeline compile --out pipeline.yaml`` (:func:`compile_pipeline`); run on a
+laptop: ``xct pipeline run --local`` (:func:`run_local`); submit: ``xct pipeline submit
+--host URL`` (:func:`submit`).
+
+No ``from __future__ import annotations`` (KFP reads real annotations).
+"""
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler, dsl
+from kfp.dsl import Dataset
+
+from components.ingest import ingest_component
+from components.preprocess import preprocess_component
+from components.stages_kfp import (
+    GATE_PASSED,
+    evaluate_step_component,
+    gate_report_component,
+    register_component,
+    rejected_component,
+    train_stage_component,
+)
+from components.validate import validate_component
+from xct_core.errors import InputError, XctError
+
+PIPELINE_NAME = "xct-cascade"
+
+
+def _cascade_stage(k: int, processed: Any, previous: Any, params_yaml: Any, ray_address: Any,
+                   mlflow_tracking_uri: Any) -> tuple[Any, Any, Any]:
+    """train → evaluate → gate of stage ``k``; returns the three tasks."""
+    kw = {"previous": previous.outputs["model"]} if previous is not None else {}
+    train = train_stage_component(
+        stage=k, processed=processed, params_yaml=params_yaml, ray_address=ray_address,
+        mlflow_tracking_uri=mlflow_tracking_uri, **kw,
+    ).set_display_name(f"train stage {k}")
+    evaluate = evaluate_step_component(
+        stage=k, processed=processed, train_dir=train.outputs["model"], params_yaml=params_yaml,
+    ).set_display_name(f"evaluate stage {k}")
+    gate = gate_report_component(
+        stage=k, evaluation=evaluate.outputs["report"], params_yaml=params_yaml,
+    ).set_display_name(f"gate {k}")
+    return train, evaluate, gate
+
+
+def _rejected(k: int, gate: Any) -> None:
+    rejected_component(stage=k, gate_summary=gate.outputs["summary"]).set_display_name(f"rejected at gate {k}")
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Biplanar X-ray → 3D CT cascade: data → 3 gated stages → register")
+def xct_pipeline(
+    data_uri: str,
+    params_yaml: str = "",
+    ray_address: str = "",
+    mlflow_tracking_uri: str = "",
+) -> None:
+    raw = dsl.importer(artifact_uri=data_uri, artifact_class=Dataset, reimport=False).set_display_name("raw CTs")
+    ingest = ingest_component(raw=raw.output, params_yaml=params_yaml)
+    validate = validate_component(interim=ingest.outputs["interim"], params_yaml=params_yaml)
+    preprocess = preprocess_component(
+        interim=ingest.outputs["interim"], validated=validate.outputs["validated"], params_yaml=params_yaml,
+    )
+    processed = preprocess.outputs["processed"]
+    common = {"params_yaml": params_yaml, "ray_address": ray_address, "mlflow_tracking_uri": mlflow_tracking_uri}
+
+    t1, e1, g1 = _cascade_stage(1, processed, None, **common)
+    with dsl.If(g1.outputs[GATE_PASSED] == True, name="gate-1-passed"):  # noqa: E712 (KFP condition)
+        t2, e2, g2 = _cascade_stage(2, processed, t1, **common)
+        with dsl.If(g2.outputs[GATE_PASSED] == True, name="gate-2-passed"):  # noqa: E712
+            t3, e3, g3 = _cascade_stage(3, processed, t2, **common)
+            with dsl.If(g3.outputs[GATE_PASSED] == True, name="gate-3-passed"):  # noqa: E712
+                register_component(
+                    model=t3.outputs["model"],
+                    eval1=e1.outputs["report"], eval2=e2.outputs["report"], eval3=e3.outputs["report"],
+                    gate1=g1.outputs["gate"], gate2=g2.outputs["gate"], gate3=g3.outputs["gate"],
+                    params_yaml=params_yaml, mlflow_tracking_uri=mlflow_tracking_uri,
+                ).set_display_name("register")
+            with dsl.Else():
+                _rejected(3, g3)
+        with dsl.Else():
+            _rejected(2, g2)
+    with dsl.Else():
+        _rejected(1, g1)
+
+
+def compile_pipeline(out: str | Path) -> Path:
+    """Write the pipeline's IR YAML to ``out`` atomically; returns the path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".yaml", dir=out.parent)
+    os.close(fd)
+    try:
+        compiler.Compiler().compile(pipeline_func=xct_pipeline, package_path=tmp)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+def pipeline_arguments(data_uri: str, params_yaml: str = "", ray_address: str = "",
+                       mlflow_tracking_uri: str = "") -> dict[str, str]:
+    """The pipeline parameters as a dict (what ``kfp.Client`` and ``kfp.local`` receive)."""
+    return {
+        "data_uri": data_uri,
+        "params_yaml": params_yaml,
+        "ray_address": ray_address,
+        "mlflow_tracking_uri": mlflow_tracking_uri,
+    }
+
+
+def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
+              mlflow_tracking_uri: str = "") -> Any:
+    """Run the whole pipeline in this Python environment with ``kfp.local`` (SubprocessRunner).
+
+    ``pipeline_root`` receives every task's artifacts (``<root>/<run>/<task>/<output>``).
+    Temporary per-task folders (kfp.local leaves them) go under ``<root>/tmp`` via TMPDIR.
+    Returns the kfp.local pipeline task (``.outputs``). Raises :class:`InputError` when
+    ``data_dir`` is missing and :class:`XctError` when a task fails.
+    """
+    from kfp import local
+
+    data = Path(data_dir).absolute()
+    if not data.is_dir():
+        raise InputError(data, "raw data folder not found (run `xct data synth` or `dvc pull` first)")
+    root = Path(pipeline_root).absolute()
+    tmp = root / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    old_tmp = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp)
+    tempfile.tempdir = None  # re-read TMPDIR
+    try:
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+                   raise_on_error=True, workspace_root=str(root / "workspace"))
+        try:
+            return xct_pipeline(**pipeline_arguments(str(data), params_yaml, "", mlflow_tracking_uri))
+        except RuntimeError as e:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # kfp colours its messages
+            raise XctError(f"pipeline run failed: {text[-1] if text else type(e).__name__}") from None
+    finally:
+        if old_tmp is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old_tmp
+        tempfile.tempdir = None
+
+
+def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", mlflow_tracking_uri: str = "",
+           experiment: str = "xct", run_name: str | None = None, namespace: str | None = None) -> str:
+    """Submit a run to the Kubeflow Pipelines API at ``host``; returns the run id.
+
+    Raises :class:`XctError` (one line) when the host cannot be reached or rejects the run.
+    """
+    import warnings
+
+    import kfp
+
+    try:
+        with warnings.catch_warnings():  # the client's "only works with KFP >= 2.0.0-beta.2" notice
+            warnings.simplefilter("ignore", FutureWarning)
+            client = kfp.Client(host=host, namespace=namespace)
+        run = client.create_run_from_pipeline_func(
+            xct_pipeline,
+            arguments=pipeline_arguments(data_uri, params_yaml, ray_address, mlflow_tracking_uri),
+            run_name=run_name,
+            experiment_name=experiment,
+        )
+    except Exception as e:  # noqa: BLE001 — kfp/urllib3/kubernetes raise many types; one line to the user
+        text = " ".join(str(e).split()) or type(e).__name__
+        if "NewConnectionError" in text or "Max retries exceeded" in text or isinstance(e, ConnectionError):
+            cause = text.rsplit(": ", 1)[-1].rstrip(")\"'") if ": " in text else text
+            raise XctError(f"cannot reach Kubeflow Pipelines at {host} ({cause[:200]})") from None
+        raise XctError(f"cannot submit to Kubeflow Pipelines at {host}: {type(e).__name__}: {text[:300]}") from None
+    return str(run.run_id)

@@ -1,0 +1,209 @@
+"""The DVC pipeline (dvc.yaml) and its skip-after-failed-gate guard (components/guard.py).
+
+Fast checks: the DAG chain (`dvc dag`), that every stage lists only params keys that exist
+and only its own stage's keys, and the guard's pass / skip / error behaviour.
+Slow check (real engines, tiny profile from tests/pipeline_profile.py, in a temporary copy
+of the repo): `dvc repro` runs the whole chain; a second repro is a no-op; changing a
+stage-2 parameter re-runs stage 2 onward only; a failing gate 1 (test-only thresholds)
+skips every later training/evaluation with markers and the run still exits 0 (rejected).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import guard
+from pipeline_profile import FAILING_GATES, REPO, copy_repo, short_tmpdir, step_env, tiny_profile, write_params
+from xct_core.config import Params, TrainParams
+
+DVC = str(Path(sys.executable).parent / "dvc")
+CHAIN = [
+    "synth", "ingest", "validate", "preprocess",
+    "train_stage1", "evaluate_stage1", "gate1",
+    "train_stage2", "evaluate_stage2", "gate2",
+    "train_stage3", "evaluate_stage3", "gate3",
+    "register",
+]
+STAGE_OF = {s: int(m.group(1)) for s in CHAIN if (m := re.search(r"(\d)$", s))}
+
+
+def _dvc_yaml() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def _params_of(stage: dict) -> list[str]:
+    keys: list[str] = []
+    for item in stage.get("params", []):
+        if isinstance(item, str):
+            keys.append(item)
+        else:  # {file: [keys]}
+            for v in item.values():
+                keys.extend(v)
+    return keys
+
+
+# --------------------------------------------------------------------------- DAG shape
+
+
+def test_dvc_dag_is_the_gated_chain() -> None:
+    out = subprocess.run([DVC, "dag", "--mermaid"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    names = dict(re.findall(r'(node\d+)\["([^"]+)"\]', out))
+    edges = {(names[a], names[b]) for a, b in re.findall(r"(node\d+)-->(node\d+)", out)}
+    assert set(names.values()) == set(CHAIN)
+    for a, b in zip(CHAIN, CHAIN[1:]):
+        assert (a, b) in edges, f"missing edge {a} -> {b}"
+    # every later step waits for the previous stage's gate
+    for k in (2, 3):
+        for step in (f"train_stage{k}", f"evaluate_stage{k}", f"gate{k}"):
+            assert (f"gate{k - 1}", step) in edges, step
+
+
+def test_stage_params_exist_and_are_scoped() -> None:
+    """Each params key exists in the typed config, a stage-K step names no other stage's
+    keys (so a stage-2 change re-runs stage 2 onward only), and training tracks every
+    training knob it reads."""
+    tree = Params().model_dump(mode="json")
+    stages = _dvc_yaml()["stages"]
+    for name, st in stages.items():
+        for key in _params_of(st):
+            node = tree
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{name}: params key {key} not in xct_core.config"
+                node = node[part]
+            k = STAGE_OF.get(name)
+            if k is not None:
+                other = re.findall(r"stage(\d)", key)
+                assert all(int(j) == k for j in other), f"{name} depends on {key}"
+    train_keys = set(TrainParams.model_fields) - {"steps", "out_dir"}
+    for k in (1, 2, 3):
+        listed = {p.split(".", 1)[1] for p in _params_of(stages[f"train_stage{k}"]) if p.startswith("train.")}
+        assert train_keys <= listed, f"train_stage{k} misses {sorted(train_keys - listed)}"
+        assert f"steps.stage{k}" in listed
+    # data steps never depend on training / gate params
+    for name in ("synth", "ingest", "validate", "preprocess"):
+        assert not [p for p in _params_of(stages[name]) if p.split(".")[0] in ("train", "gates", "registry")]
+
+
+# --------------------------------------------------------------------------- guard
+
+
+def _gate(path: Path, passed: bool, summary: str = "") -> Path:
+    path.write_text(json.dumps({"stage": 1, "passed": passed, "summary": summary, "checks": []}))
+    return path
+
+
+def test_guard_runs_the_command_when_the_gate_passed(tmp_path: Path) -> None:
+    gate = _gate(tmp_path / "stage1.json", True)
+    flag = tmp_path / "ran.txt"
+    cmd = [sys.executable, "-c", f"import pathlib,sys; pathlib.Path({str(flag)!r}).write_text('x'); sys.exit(3)"]
+    rc = guard.main(["--after-gate", str(gate), "--stage", "2", "--out", str(tmp_path / "m.json"), "--", *cmd])
+    assert rc == 3  # the step's own exit code
+    assert flag.read_text() == "x"
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_guard_skips_after_a_failed_gate_and_the_skip_cascades(tmp_path: Path) -> None:
+    gate = _gate(tmp_path / "stage1.json", False, "stage 1: gate FAILED — psnr_window: 20 (needs > 28, -8)")
+    flag = tmp_path / "ran.txt"
+    cmd = [sys.executable, "-c", f"open({str(flag)!r}, 'w').write('x')"]
+    outs = [tmp_path / "models" / "stage2", tmp_path / "metrics" / "stage2.json", tmp_path / "gates" / "stage2.json",
+            tmp_path / "eval" / "per_patient.csv"]
+    rc = guard.main(["--after-gate", str(gate), "--stage", "2", *[a for o in outs for a in ("--out", str(o))], "--", *cmd])
+    assert rc == 0 and not flag.exists()
+    marker = json.loads((outs[0] / guard.MARKER_NAME).read_text())
+    assert marker["skipped"] is True and marker["passed"] is False and marker["stage"] == 2
+    assert "psnr_window" in marker["reason"]
+    assert json.loads(outs[1].read_text())["skipped"] is True
+    assert outs[3].read_text().splitlines()[0] == "skipped,reason"  # a file, not a folder
+    # the skipped gate 2 reads as "not passed, skipped" for stage 3
+    verdict = guard.read_gate(outs[2])
+    assert not verdict.passed and verdict.skipped and "psnr_window" in verdict.reason
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"stage": 1}'])
+def test_guard_errors_on_a_missing_or_broken_gate_report(tmp_path: Path, content: str | None,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    gate = tmp_path / "stage1.json"
+    if content is not None:
+        gate.write_text(content)
+    rc = guard.main(["--after-gate", str(gate), "--out", str(tmp_path / "m.json"), "--", "true"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and str(gate) in err
+    assert not (tmp_path / "m.json").exists()
+
+
+# --------------------------------------------------------------------------- dvc repro
+
+
+def _repro(repo: Path, env: dict[str, str]) -> tuple[list[str], str]:
+    proc = subprocess.run([DVC, "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return re.findall(r"Running stage '([^']+)'", log), log
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A short, disposable temp dir (removed afterwards)."""
+    d = short_tmpdir("xdvc")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_dvc_repro_noop_partial_rerun_and_failed_gate(scratch: Path) -> None:
+    root = scratch
+    repo = copy_repo(root / "repo")
+    env = step_env(root, repo)
+    params = tiny_profile()
+    write_params(repo / "params.yaml", params)
+
+    ran, _ = _repro(repo, env)
+    assert ran == CHAIN  # topological order of the whole chain
+    summary = json.loads((repo / "reports/summary.json").read_text())
+    assert summary["status"] in ("promoted", "registered") and [s["passed"] for s in summary["stages"]] == [True] * 3
+    for k in (1, 2, 3):
+        assert (repo / f"outputs/train/models/stage{k}/final.pt").is_file()
+        assert (repo / f"reports/eval/stage{k}/per_patient.csv").is_file()
+    stage1_model = (repo / "outputs/train/models/stage1/final.pt").read_bytes()
+
+    ran, log = _repro(repo, env)  # nothing changed
+    assert ran == [], log[-2000:]
+    st = subprocess.run([DVC, "status"], cwd=repo, env=env, capture_output=True, text=True, check=True).stdout
+    assert "up to date" in st
+
+    params["stages"]["stage2"]["lr"] = params["stages"]["stage2"]["lr"] * 2  # a stage-2 parameter
+    write_params(repo / "params.yaml", params)
+    ran, _ = _repro(repo, env)
+    stage2_on = CHAIN[CHAIN.index("train_stage2"):]
+    assert ran[:2] == ["train_stage2", "evaluate_stage2"] and set(ran) <= set(stage2_on), ran
+    assert "train_stage3" in ran  # it depends on the new stage-2 model
+    assert (repo / "outputs/train/models/stage1/final.pt").read_bytes() == stage1_model
+
+    params["gates"]["stage1"] = FAILING_GATES["stage1"]  # TEST-ONLY threshold: gate 1 must fail
+    write_params(repo / "params.yaml", params)
+    ran, log = _repro(repo, env)  # exits 0: a rejected run is a completed run
+    assert "train_stage1" not in ran and ran[0] == "gate1" and ran[-1] == "register", ran
+    assert "skipped" in log
+    summary = json.loads((repo / "reports/summary.json").read_text())
+    assert summary["status"] == "rejected" and summary["rejected_at_stage"] == 1
+    assert [s["skipped"] for s in summary["stages"]] == [False, True, True]
+    for k in (2, 3):
+        models = repo / f"outputs/train/models/stage{k}"
+        assert sorted(p.name for p in models.iterdir()) == [guard.MARKER_NAME]  # no training happened
+        for f in (f"outputs/train/metrics/stage{k}.json", f"reports/eval/stage{k}/metrics.json",
+                  f"reports/gates/stage{k}.json"):
+            doc = json.loads((repo / f).read_text())
+            assert doc["skipped"] is True and doc["passed"] is False, f
+    ran, _ = _repro(repo, env)
+    assert ran == []  # the skip markers are stable outputs: still a no-op
