@@ -23,12 +23,13 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from pipelines.commands import ct, data, drr, params
+    from pipelines.commands import ct, data, drr, models, params, pipeline, reconstruct, train
 
     app.add_typer(data.app, name="data", help="Data sets: synthesise phantoms, validate, transfer.")
     app.add_typer(ct.app, name="ct", help="Inspect and convert CT volumes (NIfTI, DICOM).")
     app.add_typer(params.app, name="params", help="Show and check the typed parameters.")
-    drr.register(app)
+    for module in (drr, train, models, pipeline, reconstruct):
+        module.register(app)
 
 
 _register()

@@ -52,13 +52,17 @@ class DRRParams(_Section):
     #: detector size in pixels (square)
     pixels: int = Field(128, ge=8, le=4096)
     #: detector pixel pitch in mm (at the detector plane)
-    pixel_mm: float = Field(3.2, gt=0)
+    pixel_mm: float = Field(4.8, gt=0)
     #: source-to-detector distance, mm (cone beam)
     sdd: float = Field(1500.0, gt=0)
     #: source-to-isocentre distance, mm (cone beam); isocentre = volume centre
     sod: float = Field(1000.0, gt=0)
-    #: ray-marching step as a fraction of the smallest voxel spacing
+    #: ray-marching step as a fraction of the smallest voxel spacing (reference renderer)
     step_fraction: float = Field(0.5, gt=0, le=2.0)
+    #: renderer: auto (Joseph when the affine is axis-aligned) | joseph | reference
+    method: Literal["auto", "joseph", "reference"] = "auto"
+    #: unattenuated intensity for quantity=intensity (I = i0 * exp(-line integral))
+    i0: float = Field(1.0, gt=0)
 
     @field_validator("sod")
     @classmethod
@@ -73,12 +77,15 @@ class SynthParams(_Section):
     """Procedural phantoms: the embedded default data set."""
 
     n: int = Field(24, ge=1)
-    size: int = Field(128, ge=16)
-    seed: int = 0
+    #: grid size S (S³ voxels); the field of view is S · spacing_mm
+    size: int = Field(128, ge=16, le=512)
+    seed: int = Field(0, ge=0)
     #: voxel size of the synthesised volumes, mm (isotropic)
     spacing_mm: float = Field(3.2, gt=0)
     #: fraction of phantoms with IV contrast
     contrast_fraction: float = Field(0.5, ge=0, le=1)
+    #: standard deviation of the white image noise, HU
+    noise_hu: float = Field(12.0, ge=0, le=200)
 
 
 class CTCheckParams(_Section):
@@ -214,15 +221,12 @@ Stages = _Annotated[dict[str, StageParams], _AfterValidator(_check_stages)]
 
 #: defaults = the demo profile in params.yaml
 _DEMO_STAGES: dict[str, StageParams] = {
-    "stage1": StageParams(size=32, token_grid=8, conv_channels=(16, 32), dim=96, depth=2, heads=4,
-                          lift_channels=16, enc_channels=(16, 32, 64), physics_weight=0.0, lr=1e-3,
-                          batch_size=2, cond_aug_max=0.25, cond_aug_sample=0.05),
-    "stage2": StageParams(size=64, token_grid=8, conv_channels=(8, 16, 32), dim=96, depth=2, heads=4,
-                          lift_channels=8, enc_channels=(16, 32, 64), physics_weight=0.1, lr=1e-3,
-                          batch_size=1, cond_aug_max=0.25, cond_aug_sample=0.05),
-    "stage3": StageParams(size=128, token_grid=8, conv_channels=(4, 8, 16, 32), dim=96, depth=2, heads=4,
-                          lift_channels=4, enc_channels=(8, 16, 32), physics_weight=0.15, lr=1e-3,
-                          batch_size=1, cond_aug_max=0.25, cond_aug_sample=0.05),
+    "stage1": StageParams(size=16, token_grid=8, conv_channels=(32,), dim=96, depth=2, heads=4,
+                          physics_weight=0.0, batch_size=2),
+    "stage2": StageParams(size=32, token_grid=8, conv_channels=(16, 32), dim=96, depth=2, heads=4,
+                          physics_weight=0.1, batch_size=2),
+    "stage3": StageParams(size=64, token_grid=8, conv_channels=(8, 16, 32), dim=96, depth=2, heads=4,
+                          physics_weight=0.15, batch_size=2),
 }
 
 
@@ -271,6 +275,13 @@ class EvalParams(_Section):
     #: HU range of the wide-range PSNR / MAE (both volumes clipped to it; data_range = hi - lo)
     hu_lo: float = -1024.0
     hu_hi: float = 1024.0
+    #: evaluation step (components/evaluate.py): DDIM steps of the cascade sampler on the
+    #: test split (null: diffusion.sample_steps); the noise seed is the top-level ``seed``
+    sample_steps: int | None = Field(None, ge=1)
+    #: exported stage models evaluated and registered: best.pt | final.pt
+    model_file: Literal["best", "final"] = "best"
+    #: evaluate the first N ids of the test split (0: all)
+    max_volumes: int = Field(0, ge=0)
 
     @_model_validator(mode="after")
     def _check(self) -> EvalParams:
@@ -361,6 +372,223 @@ class ValidateParams(_Section):
         return self
 
 
+# --- pipeline step 3: preprocess (owner: components/preprocess.py, xct_core/preprocess.py) ---
+
+
+class PreprocessParams(_Section):
+    """Step 3 (components/preprocess.py): canonical volumes → stage grids + DRR pairs.
+
+    Every stage grid (``stages.*.size``/``fov_mm``) and the DRRs (``drr``, ``hu.mu_water``)
+    are derived from these and other sections; the HU window is NOT applied here (the
+    Dataset windows at load time), so changing ``hu.window`` needs no re-run.
+    """
+
+    #: worker processes (one torch thread each); 1 = run in-process
+    workers: int = Field(2, ge=1)
+    #: run the per-volume work as a Ray Data map instead of a local process pool
+    use_ray: bool = False
+    #: HU of stage-grid voxels outside the source volume (air)
+    fill_hu: float = -1024.0
+    #: Gaussian anti-aliasing before downsampling to a stage grid (xct_core.io.resample_to_grid)
+    antialias: bool = True
+
+
+# --- pipeline step 4: stage training (owner: xct_core/training.py, components/train.py) ---
+
+
+class RayTrainParams(_Section):
+    """Ray Train scaling and fault tolerance of one stage (components/train.py).
+
+    ``RAY_ADDRESS`` set: join that cluster; otherwise a local Ray runtime is started.
+    """
+
+    #: data-parallel workers (DDP: gloo on CPU, NCCL on GPU); each gets its data shard
+    num_workers: int = Field(1, ge=1)
+    #: one GPU per worker (bf16 autocast, NCCL)
+    use_gpu: bool = False
+    #: CPUs reserved per worker (also its torch intra-op threads)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    #: extra resources per worker (e.g. {"memory": 3.0e10}, custom pool labels); "CPU"/"GPU" here override the above
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    #: schedule only on nodes with this accelerator, e.g. "A100" or "H100" (null: any)
+    accelerator_type: str | None = None
+    #: worker crashes retried from the last checkpoint (FailureConfig.max_failures)
+    max_failures: int = Field(2, ge=0)
+
+
+class TrainParams(_Section):
+    """Step 4: train one cascade stage (``xct train --stage K``).
+
+    Optimiser AdamW (per-stage ``lr`` and ``batch_size`` in ``stages``); LR: linear warmup
+    over ``warmup_steps`` then cosine decay to ``lr · min_lr_ratio`` at the last step. Steps
+    count optimiser updates; one step consumes ``batch_size`` volumes per worker.
+    """
+
+    #: optimiser steps per stage (stage name → steps); every stage trained needs an entry
+    steps: dict[str, int] = Field(default_factory=lambda: {"stage1": 200, "stage2": 60, "stage3": 20})
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    #: max global gradient norm (clipped after the AMP unscale)
+    grad_clip: float = Field(1.0, gt=0)
+    #: EMA of the weights (used for validation and export); warmup min(decay, (1+n)/(10+n))
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+    #: autocast precision on GPU (CPU always trains in fp32); fp16 adds a GradScaler
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    #: metrics/progress every N steps; full checkpoint every N steps (and at the end)
+    log_every: int = Field(5, ge=1)
+    ckpt_every: int = Field(25, ge=1)
+    #: full checkpoints kept besides the best one
+    keep_last: int = Field(2, ge=1)
+    #: validation every N steps (0: only at the end); DDIM steps of the validation sampler
+    val_every: int = Field(0, ge=0)
+    val_sample_steps: int = Field(10, ge=1)
+    #: validation volumes (the first N ids of the val split; 0 = all)
+    val_max_volumes: int = Field(2, ge=0)
+    #: also render the reconstruction's DRRs and report reprojection PSNR/SSIM
+    val_reprojection: bool = True
+    #: validation metric that selects best.pt (a key of xct_core.metrics.volume_metrics)
+    best_metric: str = "psnr_window_db"
+    best_mode: Literal["max", "min"] = "max"
+    #: also train a direct-regression twin (same network, mode="direct") on the same batches
+    #: and report its validation metrics as the baseline (val/direct_*)
+    direct_baseline: bool = False
+    #: earlier stages used (frozen) for validation of stage k>1: their best.pt or final.pt
+    prev_stage_model: Literal["best", "final"] = "best"
+    #: DataLoader worker processes per training worker
+    loader_workers: int = Field(0, ge=0)
+    #: where checkpoints, exported models, curves and montages go (layout: xct_core.training)
+    out_dir: str = "outputs/train"
+    #: MLflow experiment (tracking: MLFLOW_TRACKING_URI, default sqlite:///mlflow.db in the repo)
+    experiment: str = "xct"
+    ray: RayTrainParams = RayTrainParams()
+
+    @field_validator("steps")
+    @classmethod
+    def _positive_steps(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if int(n) < 1}
+        if bad:
+            raise ValueError(f"steps must be >= 1, got {bad}")
+        return v
+
+
+class StageGate(_Section):
+    """Promotion thresholds of one cascade stage (strict inequalities: value must exceed)."""
+
+    #: 3D PSNR in the training window (data_range 2 in normalised units), dB
+    psnr_window_db: float
+    #: 3D SSIM in the training window
+    ssim_window: float
+    #: maximum number of non-finite voxels allowed in the outputs
+    max_nan: int = 0
+    #: "not collapsed": output std must be at least this fraction of the target's std
+    min_std_ratio: float = Field(0.25, ge=0)
+
+
+class GateParams(_Section):
+    """Evaluation gates per stage (stage1/stage2/stage3). Read from params, never hard-coded."""
+
+    stage1: StageGate = StageGate(psnr_window_db=28.0, ssim_window=0.65)
+    stage2: StageGate = StageGate(psnr_window_db=32.0, ssim_window=0.75)
+    stage3: StageGate = StageGate(psnr_window_db=35.0, ssim_window=0.80)
+
+    def for_stage(self, k: int) -> StageGate:
+        try:
+            return getattr(self, f"stage{k}")
+        except AttributeError:
+            raise ConfigError(f"no gate thresholds for stage {k}") from None
+
+
+class RegisterParams(_Section):
+    """Registration step (components/register.py): MLflow registry name and aliases.
+
+    Tracking: ``MLFLOW_TRACKING_URI``, default ``sqlite:///mlflow.db`` in the repo.
+    """
+
+    #: registered model name
+    model_name: str = "xct-cascade"
+    #: alias given when every gate passes and the model beats the champion on the same test split
+    champion_alias: str = "champion"
+    #: alias given otherwise (gates passed, not better than / not comparable to the champion)
+    candidate_alias: str = "candidate"
+    #: MLflow experiment of the registration runs
+    experiment: str = "xct-register"
+
+
+# --- the DAG itself (owner: dvc.yaml, pipelines/training.py, components/guard.py) --------
+
+
+class PipelineTrainParams(_Section):
+    """How the DAG runs the training steps. dvc.yaml unpacks this mapping into flags of
+    ``xct train`` (``${pipeline.train}``: ``local: true`` → ``--local``), so the keys are
+    ``xct train`` options."""
+
+    #: train in-process (``xct train --local``: no Ray, no MLflow run) — quick CI checks;
+    #: false (the default, the demo and production): Ray Train + MLflow
+    local: bool = False
+
+
+class PipelineParams(_Section):
+    """Settings of the end-to-end DAG (dvc.yaml and the KFP pipeline)."""
+
+    train: PipelineTrainParams = PipelineTrainParams()
+
+
+# --- S3 transfers (owner: components/s3sync.py, `xct data pull|push`) -------------------
+
+
+class S3Params(_Section):
+    """Retries, timeouts and part sizes of ``xct data pull|push`` (components/s3sync.py).
+
+    Credentials never live here: they come from the standard boto3 chain only (environment,
+    shared config/credentials files, instance/pod role). The endpoint (MinIO, other
+    S3-compatible stores) comes from ``--endpoint-url``, ``$XCT_S3_ENDPOINT_URL`` or
+    ``$AWS_ENDPOINT_URL``.
+    """
+
+    #: region when the boto3 chain gives none (AWS_DEFAULT_REGION / profile win)
+    region: str = "us-east-1"
+    #: bucket addressing: auto | path (MinIO and most S3-compatible stores) | virtual
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    #: botocore attempts per request ("standard" mode, jittered backoff of up to 2, 4, 8 … s)
+    request_attempts: int = Field(3, ge=1, le=20)
+    #: our own attempts per object around the whole transfer (stream errors, resets)
+    object_attempts: int = Field(3, ge=1, le=20)
+    #: backoff between object attempts: base * 2**attempt seconds (jittered), capped
+    backoff_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(10.0, ge=0)
+    #: socket timeouts, seconds
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0)
+    #: uploads above this size are multipart, in parts of multipart_chunksize_mb (MiB)
+    multipart_threshold_mb: int = Field(64, ge=5)
+    multipart_chunksize_mb: int = Field(16, ge=5)
+    #: parallel part uploads of one multipart object
+    max_concurrency: int = Field(4, ge=1, le=64)
+
+
+# --- reconstruction for users (owner: xct_core/inference.py, `xct reconstruct|evaluate`) ----
+
+
+class ReconstructParams(_Section):
+    """``xct reconstruct`` / ``xct evaluate`` on user X-rays and CTs (xct_core/inference.py).
+
+    The geometry, window and sampler come from the MODEL's params (its artifacts); these
+    settings are the local defaults of the commands and the reprojection-QA thresholds.
+    """
+
+    #: diffusion samples per reconstruction (K > 1 also writes the voxel-wise std)
+    samples: int = Field(1, ge=1, le=64)
+    #: reprojection QA: warn when a view's PSNR (DRR of the output vs the input line
+    #: integrals, data_range = input max - min) or 2D SSIM falls below these
+    qa_min_psnr_db: float = 20.0
+    qa_min_ssim: float = Field(0.5, ge=-1, le=1)
+    #: PNG/DICOM inputs: I/I0 = stored value / full scale (2**bits - 1); pixels at 0 are
+    #: clamped to this fraction of full scale before p = -ln(I/I0)
+    min_intensity_fraction: float = Field(1e-4, gt=0, lt=1)
+
+
 class Params(_Section):
     """The whole parameter tree (one section per concern)."""
 
@@ -374,6 +602,13 @@ class Params(_Section):
     eval: EvalParams = EvalParams()
     ingest: IngestParams = IngestParams()
     validation: ValidateParams = ValidateParams()
+    preprocess: PreprocessParams = PreprocessParams()
+    train: TrainParams = TrainParams()
+    gates: GateParams = GateParams()
+    registry: RegisterParams = RegisterParams()
+    pipeline: PipelineParams = PipelineParams()
+    s3: S3Params = S3Params()
+    reconstruct: ReconstructParams = ReconstructParams()
 
     def digest(self) -> str:
         """Stable hash of the effective parameters (lineage tag)."""

@@ -126,6 +126,9 @@ def synth(
     )
 
 
-from pipelines.commands import data_validate  # noqa: E402  (`xct data validate`, pipeline step 2)
+# sub-commands implemented in their own modules: `xct data validate` (pipeline step 2) and
+# `xct data pull|push` (S3 through boto3)
+from pipelines.commands import data_s3, data_validate  # noqa: E402
 
 data_validate.register(app)
+data_s3.register(app)
