@@ -13,19 +13,16 @@ Science in :mod:`xct_core.evaluation` (stage K fed by stage K−1's samples, as 
 Three ways to run it, one function (:func:`run_evaluate`):
 ``python -m components.evaluate --stage K --processed data/processed --train-dir outputs/train
 --out reports/eval/stageK [--params params.yaml]``, the KFP component
-:data:`evaluate_component`, or a direct call.
+:data:`components.stages_kfp` (its KFP component, which runs this module's CLI), or a direct call.
 """
 
 import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from kfp.dsl import Input, Metrics, Model, Output
-from kfp.dsl import Dataset as KfpDataset
 
-from components._kfp import light_component
 from xct_core.config import Params, load_params
 from xct_core.errors import XctError
 
@@ -81,33 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
-
-
-@light_component
-def evaluate_component(
-    stage: int,
-    processed: Input[KfpDataset],
-    train_dir: Input[Model],
-    report: Output[KfpDataset],
-    metrics: Output[Metrics],
-    params_yaml: str = "",
-) -> NamedTuple("EvaluateOutputs", [("psnr_window_db", float), ("ssim_window", float)]):  # noqa: UP014
-    """KFP step: the cascade 1 … ``stage`` from ``train_dir`` on ``processed``'s test split →
-    ``report`` (metrics.json, per_patient.csv, montage.png); scalar metrics are also logged
-    to ``metrics`` for the KFP UI."""
-    import math
-    from collections import namedtuple
-
-    from components._kfp import params_from_text
-    from components.evaluate import run_evaluate
-
-    m = run_evaluate(stage, processed.path, train_dir.path, report.path, params_from_text(params_yaml), log=print)
-    for key, val in m.items():
-        if isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(float(val)):
-            metrics.log_metric(key, float(val))
-    return namedtuple("EvaluateOutputs", ["psnr_window_db", "ssim_window"])(
-        float(m["psnr_window_db"]), float(m["ssim_window"])
-    )
 
 
 if __name__ == "__main__":

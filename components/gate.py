@@ -8,16 +8,15 @@ A completed run exits 0 whether the gate passes or fails (the decision is in the
 the register step and the KFP ``dsl.If`` read it); unusable input exits non-zero.
 ``python -m components.gate --stage K --metrics reports/eval/stageK/metrics.json
 --out reports/gates/stageK.json [--params params.yaml]``, or the KFP component
-:data:`gate_component`.
+:data:`components.stages_kfp` (its KFP component, which runs this module's CLI).
 """
 
 import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from components._kfp import light_component
 from xct_core.config import Params, load_params
 from xct_core.errors import InputError, XctError
 from xct_core.gates import GateReport, evaluate_gate
@@ -85,28 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'PASS' if c.passed else 'FAIL'}  {c.name:<14} {c.metric} {c.op} {c.threshold:g}: {c.value:.4g} "
               f"(margin {c.margin:+.4g})")
     return 0
-
-
-@light_component
-def gate_component(
-    stage: int,
-    metrics_json: str,
-    params_yaml: str = "",
-) -> NamedTuple("GateOutputs", [("passed", bool), ("report_json", str)]):  # noqa: UP014
-    """KFP step: ``metrics_json`` (the text of an evaluate step's metrics.json) → whether the
-    gate passed (for ``dsl.If``) and the gate report as JSON text."""
-    import json as _json
-    from collections import namedtuple
-
-    from components._kfp import params_from_text
-    from components.gate import gate_metrics
-    from xct_core.stats import json_text
-
-    params = params_from_text(params_yaml)
-    report = gate_metrics(stage, _json.loads(metrics_json), params)
-    print(report.summary())
-    doc = {**report.to_dict(), "params_digest": params.digest()}
-    return namedtuple("GateOutputs", ["passed", "report_json"])(bool(report.passed), json_text(doc))
 
 
 if __name__ == "__main__":

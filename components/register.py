@@ -33,7 +33,7 @@ Tracking: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<repo>/mlflow.db``
 register → ``reports/summary.json``, see :mod:`components.summary`),
 ``python -m components.register --gates reports/gates --eval reports/eval --train-dir
 outputs/train --out reports/summary.json [--processed data/processed] [--params params.yaml]``,
-and the KFP component :data:`register_component`.
+and its KFP component in :mod:`components.stages_kfp` (which runs this module's CLI).
 """
 
 import argparse
@@ -45,12 +45,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from kfp.dsl import Artifact, Input, Model, Output
-from kfp.dsl import Dataset as KfpDataset
 
-from components._kfp import light_component
 from xct_core.config import Params, load_params
 from xct_core.errors import ConfigError, InputError, XctError
 
@@ -416,32 +413,6 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     print(format_summary(summary))
     return 0
-
-
-@light_component
-def register_component(
-    gates: Input[KfpDataset],
-    eval_reports: Input[KfpDataset],
-    train_dir: Input[Model],
-    processed: Input[KfpDataset],
-    summary: Output[Artifact],
-    params_yaml: str = "",
-    tracking_uri: str = "",
-) -> NamedTuple("RegisterOutputs", [("status", str), ("model_uri", str)]):  # noqa: UP014
-    """KFP step: gate reports + evaluations + trained stage models → MLflow registry (when
-    every gate passed) and ``summary`` (summary.json). ``tracking_uri`` empty: the
-    container's ``MLFLOW_TRACKING_URI`` (or the embedded sqlite default)."""
-    from collections import namedtuple
-
-    from components._kfp import params_from_text
-    from components.register import run_register
-    from components.summary import format_summary
-
-    doc = run_register(gates.path, eval_reports.path, train_dir.path, summary.path, params_from_text(params_yaml),
-                       processed_dir=processed.path, tracking_uri=tracking_uri or None, log=print)
-    print(format_summary(doc))
-    summary.metadata["status"] = doc["status"]
-    return namedtuple("RegisterOutputs", ["status", "model_uri"])(doc["status"], doc["model_uri"] or "")
 
 
 if __name__ == "__main__":
