@@ -72,6 +72,7 @@ class TrainSummary:
 
 def _worker_loop(config: dict[str, Any]) -> None:
     """The per-worker function run by ``TorchTrainer`` (every rank)."""
+    import logging
     import warnings
 
     import ray.train
@@ -83,6 +84,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
     # The stage nets run channels-last 3D convs; DDP's flat buckets are contiguous, so it
     # copies those grads once per step and says so every step. Harmless; keep logs readable.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    # Ray Train V2 logs every report (metrics dict included) at INFO from each worker, which
+    # buries the progress bar; its logger is named after the module's file path.
+    try:
+        from ray.train.v2._internal.execution import context as _ray_ctx
+
+        logging.getLogger(_ray_ctx.__file__).setLevel(logging.WARNING)
+    except ImportError:  # a Ray without Train V2: nothing to quiet
+        pass
     params = params_from_dict(config["params"], "params")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
