@@ -79,16 +79,7 @@ def gate_passed(path: str | Path) -> bool:
     return read_gate(path).passed
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from xct_core.atomic import write_text_atomic as _write_text_atomic  # noqa: E402
 
 
 def marker(reason: str, stage: int | None = None, after_gate: str | Path | None = None) -> dict[str, Any]:

@@ -59,6 +59,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
+from xct_core.atomic import temp_sibling
 from xct_core.config import CTCheckParams
 from xct_core.errors import InputError
 
@@ -107,14 +108,7 @@ class CTVolume:
 
 
 def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    # mkstemp creates 0600; give the final file the usual umask-derived mode (e.g. 0644)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
+    return temp_sibling(path, "".join(path.suffixes) or ".tmp")
 
 
 def _is_nifti_name(path: Path) -> bool:

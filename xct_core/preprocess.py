@@ -262,19 +262,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file (``.{name}.*.tmp``) in the same folder + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+from xct_core.atomic import write_bytes_atomic  # noqa: E402,F401  (re-exported: one implementation)
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

@@ -521,19 +521,7 @@ def drop_from_splits(splits: Mapping[str, Any], reasons: Mapping[str, str]) -> d
 # --------------------------------------------------------------------------- table I/O
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` via a temp file in the same folder + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+from xct_core.atomic import write_text_atomic  # noqa: E402,F401  (re-exported: one implementation)
 
 
 def json_text(obj: Any) -> str:

@@ -341,11 +341,7 @@ def _dist_on(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from xct_core.atomic import write_text_atomic as _write_text_atomic  # noqa: E402
 
 
 class _Curves:
