@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def temp_sibling(path: str | Path, suffix: str = ".tmp") -> tuple[int, str]:
-    """Create ``.{name}.XXXX{suffix}`` beside ``path`` (parents made); return (fd, temp path).
+    """Create ``.{name}.<random>{suffix}`` beside ``path`` (parents made); return (fd, temp path).
 
     The temp file gets the mode a normally created file would (``0o666 & ~umask``).
     """

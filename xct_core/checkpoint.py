@@ -89,7 +89,7 @@ def step_dir_name(step: int) -> str:
 def save_state(root: str | Path, step: int, state: Mapping[str, Any]) -> Path:
     """Write ``root/step_{step:08d}/state.pt`` atomically and return the directory.
 
-    The directory is assembled as ``root/.tmp-step_…-XXXX`` and renamed into place; an
+    The directory is assembled as ``root/.tmp-step_…-<random>`` and renamed into place; an
     existing checkpoint of the same step is replaced (a re-run that reached the same step).
     """
     root = Path(root)
