@@ -665,3 +665,12 @@ def load_params(path: str | Path | None = None, overlays: list[str | Path] | Non
     for ov in overlays or []:
         data = _deep_merge(data, _read_yaml(Path(ov)))
     return params_from_dict(data, str(p))
+
+
+def resolve_params(path: str | Path | None = None) -> Params:
+    """The params a command uses: ``path`` if given, else the default params file
+    (``$XCT_PARAMS`` or ./params.yaml) when it exists, else the built-in defaults."""
+    if path is not None:
+        return load_params(path)
+    default = default_params_path()
+    return load_params(default) if default.exists() else Params()

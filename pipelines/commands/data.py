@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from xct_core.config import Params, SynthParams, default_params_path, load_params
+from xct_core.config import SynthParams, resolve_params
 from xct_core.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True)
@@ -32,12 +32,6 @@ ParamsOpt = Annotated[
 ]
 
 
-def _params(path: Path | None) -> Params:
-    """--params, else the default params file when it exists, else the built-in defaults."""
-    if path is not None:
-        return load_params(path)
-    default = default_params_path()
-    return load_params(default) if default.exists() else Params()
 
 
 def synth_params(base: SynthParams, **overrides: object) -> SynthParams:
@@ -76,7 +70,7 @@ def synth(
     """Write N procedural torso phantoms (NIfTI, HU, RAS+) plus preview.png and phantoms.json."""
     from xct_core.phantoms import stale_phantoms, write_phantoms
 
-    p = _params(params)
+    p = resolve_params(params)
     sp = synth_params(
         p.data.synth,
         n=n,

@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xct_core.config import Params, default_params_path, load_params
+from xct_core.config import resolve_params
 
 EndpointOpt = Annotated[
     Optional[str],
@@ -33,11 +33,6 @@ ParamsOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
 
 
-def _params(path: Path | None) -> Params:
-    if path is not None:
-        return load_params(path)
-    default = default_params_path()
-    return load_params(default) if default.exists() else Params()
 
 
 def register(app: typer.Typer) -> None:
@@ -54,7 +49,7 @@ def register(app: typer.Typer) -> None:
         """Download every object below S3_URL into DIR (verified; up-to-date files are skipped)."""
         from components import s3sync
 
-        cfg = _params(params).s3
+        cfg = resolve_params(params).s3
         with s3sync.tqdm_progress("pull") as bar:
             report = s3sync.pull(url, directory, cfg, endpoint_url=endpoint_url, progress=None if quiet else bar)
         typer.echo(report.summary())
@@ -70,7 +65,7 @@ def register(app: typer.Typer) -> None:
         """Upload every file below DIR to S3_URL with its SHA-256 (objects already up to date are skipped)."""
         from components import s3sync
 
-        cfg = _params(params).s3
+        cfg = resolve_params(params).s3
         with s3sync.tqdm_progress("push") as bar:
             report = s3sync.push(directory, url, cfg, endpoint_url=endpoint_url, progress=None if quiet else bar)
         typer.echo(report.summary())

@@ -20,14 +20,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from xct_core.config import Params, default_params_path, load_params
+from xct_core.config import resolve_params
 
 
-def _params(path: Path | None) -> Params:
-    if path is not None:
-        return load_params(path)
-    default = default_params_path()
-    return load_params(default) if default.exists() else Params()
 
 
 def register(app: typer.Typer) -> None:
@@ -47,7 +42,7 @@ def register(app: typer.Typer) -> None:
         """Validate every CT in DIR; print each failing file with its reason; exit 1 if any fails."""
         from components.validate import html_path_for, validate_dir, write_report
 
-        rep = validate_dir(directory, _params(params))
+        rep = validate_dir(directory, resolve_params(params))
         if report is not None:
             write_report(rep, report, html_path_for(report))
         for line in rep.failure_lines():

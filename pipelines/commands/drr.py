@@ -21,7 +21,7 @@ import typer
 from pydantic import ValidationError
 
 import xct_core
-from xct_core.config import DRRParams, Params, default_params_path, load_params
+from xct_core.config import DRRParams, resolve_params
 from xct_core.drr import display_image, joseph_applies, render
 from xct_core.errors import ConfigError
 from xct_core.geometry import KINDS, VIEWS, ProjectionGeometry
@@ -33,12 +33,6 @@ os.umask(_UMASK)
 _OPTION_OF = {"geometry": "--geometry", "pixels": "--pixels", "pixel_mm": "--pixel-mm", "sdd": "--sdd", "sod": "--sod"}
 
 
-def _params(path: Path | None) -> Params:
-    """--params, else the default params file when it exists, else built-in defaults."""
-    if path is not None:
-        return load_params(path)
-    default = default_params_path()
-    return load_params(default) if default.exists() else Params()
 
 
 def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
@@ -122,7 +116,7 @@ def drr(
     if png is not None and png.suffix.lower() != ".png":
         raise ConfigError(f"--png must name a .png file, got {str(png)!r}")
 
-    p = _params(params)
+    p = resolve_params(params)
     dp = _drr_params(p.drr, {"geometry": geometry, "pixels": pixels, "pixel_mm": pixel_mm, "sdd": sdd, "sod": sod})
     meth = method or dp.method
     geom = ProjectionGeometry.from_params(dp, view)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xct_core.config import Params, default_params_path, load_params
+from xct_core.config import resolve_params
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -23,11 +23,6 @@ ParamsOpt = Annotated[
 ]
 
 
-def _params(path: Path | None) -> Params:
-    if path is not None:
-        return load_params(path)
-    default = default_params_path()
-    return load_params(default) if default.exists() else Params()
 
 
 @app.command("list")
@@ -36,7 +31,7 @@ def list_cmd(params: ParamsOpt = None) -> None:
     from components.register import list_versions
     from components.tracking import tracking_uri
 
-    p = _params(params)
+    p = resolve_params(params)
     rows = list_versions(p)
     name = p.registry.model_name
     if not rows:
@@ -60,7 +55,7 @@ def promote_cmd(
     """Point ALIAS (default: champion) at VERSION."""
     from components.register import promote
 
-    out = promote(version, alias, _params(params))
+    out = promote(version, alias, resolve_params(params))
     typer.echo(f"{out['name']} v{out['version']} is now @{out['alias']} ({out['model_uri']})")
 
 

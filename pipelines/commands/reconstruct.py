@@ -33,7 +33,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from xct_core.config import Params, default_params_path, load_params
+from xct_core.config import Params, resolve_params
 from xct_core.errors import ConfigError, InputError
 
 ParamsOpt = Annotated[
@@ -50,11 +50,6 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="noise seed of sa
 StagesOpt = Annotated[Optional[int], typer.Option("--stages", help="run stages 1..N (default: all)")]
 
 
-def _params(path: Path | None) -> Params:
-    if path is not None:
-        return load_params(path)
-    default = default_params_path()
-    return load_params(default) if default.exists() else Params()
 
 
 def _nifti_stem(out: Path) -> tuple[Path, str]:
@@ -143,7 +138,7 @@ def reconstruct_cmd(
     paths = output_paths(out)
     if report is not None and report.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"--report must name an .html file, got {str(report)!r}")
-    local = _params(params)
+    local = resolve_params(params)
     k = int(samples if samples is not None else local.reconstruct.samples)
     with tempfile.TemporaryDirectory(prefix="xct-model-") as tmp:
         resolved, mp = _model(model, local, tmp)
@@ -251,7 +246,7 @@ def evaluate_cmd(
     from xct_core.report import IMAGES, ReportCase, build_report, read_gate_reports, save_case_images, save_training_curves
     from xct_core.stats import json_text, write_text_atomic
 
-    local = _params(params)
+    local = resolve_params(params)
     k = int(samples if samples is not None else local.reconstruct.samples)
     cts = {vid: load_ct(p, local.data.ct) for vid, p in _list_cts(ct).items()}
     with tempfile.TemporaryDirectory(prefix="xct-model-") as tmp:
