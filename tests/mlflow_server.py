@@ -36,10 +36,13 @@ from moto_server import HOST, free_port
 
 
 class MlflowServer:
-    """``python -m mlflow server`` with a sqlite backend and proxied S3 artifacts."""
+    """``python -m mlflow server`` with proxied S3 artifacts and a sqlite backend in ``root``
+    (default) or ``backend_store_uri`` (e.g. ``postgresql+psycopg2://…`` from PostgresServer)."""
 
-    def __init__(self, root: Path, artifacts_destination: str, *, s3_endpoint: str, env: dict[str, str] | None = None):
+    def __init__(self, root: Path, artifacts_destination: str, *, s3_endpoint: str, env: dict[str, str] | None = None,
+                 backend_store_uri: str | None = None):
         self.root = Path(root)
+        self._backend_store_uri = backend_store_uri
         self.root.mkdir(parents=True, exist_ok=True)
         self.destination = artifacts_destination.rstrip("/")
         self.s3_endpoint = s3_endpoint
@@ -54,7 +57,8 @@ class MlflowServer:
 
     @property
     def backend_uri(self) -> str:
-        return f"sqlite:///{self.root / 'mlflow.db'}"
+        """``--backend-store-uri``: the one given, else ``sqlite:///<root>/mlflow.db``."""
+        return self._backend_store_uri or f"sqlite:///{self.root / 'mlflow.db'}"
 
     def server_env(self) -> dict[str, str]:
         """The server's environment: the caller's (dummy AWS credentials from ``aws_env``)
