@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from xct_core.errors import ConfigError, InputError
 __all__ = ["ResolvedModel", "resolve_model"]
 
 _STAGE_FILE = re.compile(r"^stage(\d+)\.pt$")
+#: MLflow's switch for its artifact download progress bars (read at each download)
+_PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,9 @@ def _download(uri: str, dst: Path, tracking_uri: str | None) -> Path:
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(max(q.getEffectiveLevel(), logging.WARNING))
+    # ... nor tqdm "Downloading artifacts" bars on stderr (unless the user asked for them)
+    bar_env = os.environ.get(_PROGRESS_ENV)
+    os.environ[_PROGRESS_ENV] = bar_env or "false"
     try:
         # as components.register: the registry follows the tracking URI (never pinned here)
         mlflow.set_tracking_uri(t)
@@ -155,6 +161,8 @@ def _download(uri: str, dst: Path, tracking_uri: str | None) -> Path:
     finally:
         for q, lvl in zip(quiet, levels, strict=True):
             q.setLevel(lvl)
+        if bar_env is None:
+            os.environ.pop(_PROGRESS_ENV, None)
 
 
 def resolve_model(

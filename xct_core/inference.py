@@ -17,7 +17,10 @@ frontal shows the patient's right on the left columns, lateral shows anterior on
 * DICOM radiograph (any other file with the DICM preamble) — the same mapping with full
   scale ``2**BitsStored − 1`` (MONOCHROME1 is inverted first); the pixel pitch is
   ``ImagerPixelSpacing`` (detector plane), else ``PixelSpacing``, and must equal
-  ``drr.pixel_mm`` (1 % tolerance). Rows × columns must equal ``drr.pixels``.
+  ``drr.pixel_mm`` (1 % tolerance). Rows × columns must equal ``drr.pixels``. Stored
+  values are used as they are (RescaleSlope/Intercept and PixelIntensityRelationship are
+  not applied: a linear raw intensity is assumed). A cross-sectional modality (CT, MR, PT,
+  NM, US — e.g. a CT slice) is rejected.
 
 Every problem raises :class:`~xct_core.errors.InputError` naming the file.
 
@@ -92,6 +95,8 @@ GEOMETRY_RTOL = 1e-3
 ISOCENTER_TOL_MM = 1.0
 #: DICOM pixel spacing vs drr.pixel_mm, relative
 DICOM_SPACING_RTOL = 0.01
+#: DICOM modalities rejected as X-ray inputs (slices of a volume, not projections)
+NON_RADIOGRAPH_MODALITIES = frozenset({"CT", "MR", "PT", "NM", "US"})
 
 
 # --------------------------------------------------------------------------- inputs
@@ -241,6 +246,10 @@ def _load_dicom(path: Path, params: Params) -> tuple[np.ndarray, list[str]]:
         raise InputError(path, "not a .npy, .png or DICOM file") from None
     except Exception as e:  # noqa: BLE001 - truncated/corrupt data, missing decoder
         raise InputError(path, f"unreadable DICOM ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in NON_RADIOGRAPH_MODALITIES:
+        raise InputError(path, f"DICOM modality {modality} is a cross-sectional image, not a projection radiograph "
+                               "(expected an X-ray: DX, CR, ...)")
     spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
     if not spacing or len(spacing) != 2:
         raise InputError(path, "DICOM radiograph without ImagerPixelSpacing/PixelSpacing: pixel pitch unknown")
