@@ -327,15 +327,19 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _fallback_model_uri(train_dir: Path, params: Params) -> str | None:
-    """The last trained stage's model: ``runs:/<train run>/model/<file>.pt`` when its MLflow
-    run is recorded (checkpoints/stage{k}/mlflow.json), else its local path."""
+    """The last trained stage's model, as a reference ``xct reconstruct --model`` accepts.
+
+    Stage 1: ``runs:/<train run>/model/<file>.pt`` when its MLflow run is recorded
+    (checkpoints/stage{k}/mlflow.json), else its local path. Stage k > 1: always the local
+    ``models/stage{k}/<file>.pt`` inside the training folder, which resolves stages 1 … k —
+    the run artifact holds stage k alone, which cannot reconstruct without the earlier stages."""
     from xct_core.evaluation import stage_model_path
 
     for k in range(len(params.stages), 0, -1):
         p = stage_model_path(train_dir, k, params.eval.model_file)
         if p.is_file():
             run = _read_json(train_dir / "checkpoints" / f"stage{k}" / "mlflow.json") or {}
-            if run.get("run_id"):
+            if k == 1 and run.get("run_id"):
                 return f"runs:/{run['run_id']}/model/{p.name}"
             return str(p.absolute())
     return None

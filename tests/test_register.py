@@ -186,3 +186,21 @@ def test_summary_table_lists_checks_and_commands(reg_env: dict[str, Any]) -> Non
     assert f"mlflow ui --backend-store-uri {reg_env['uri']}" in text
     assert "xct reconstruct --model" in text
     assert not math.isnan(s["stages"][0]["metrics"]["psnr_window_db"])
+
+
+def test_fallback_model_uri_is_reconstructable(tmp_path: Path) -> None:
+    """A rejected run names a model `xct reconstruct` can use: a stage-1 run artifact is a whole
+    cascade, a later stage's run artifact is not (it lacks stages 1 … k-1) → the local path."""
+    from components.register import _fallback_model_uri
+
+    params = make_tiny_params()
+    train = tmp_path / "train"
+    for k in (1, 2):
+        (train / "models" / f"stage{k}").mkdir(parents=True)
+        (train / "checkpoints" / f"stage{k}").mkdir(parents=True)
+        (train / "checkpoints" / f"stage{k}" / "mlflow.json").write_text(json.dumps({"run_id": f"run{k}"}))
+    (train / "models" / "stage1" / "best.pt").write_bytes(b"x")
+    assert _fallback_model_uri(train, params) == "runs:/run1/model/best.pt"
+    (train / "models" / "stage2" / "best.pt").write_bytes(b"x")
+    uri = _fallback_model_uri(train, params)
+    assert uri == str((train / "models" / "stage2" / "best.pt").absolute())
