@@ -39,6 +39,7 @@ def tiny_profile(gates: dict[str, Any] | None = None, local_training: bool = Tru
     ``local_training``: train in-process (``xct train --local``: no Ray start-up per stage).
     """
     data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data.pop("overlays", None)  # self-contained: the tuned demo values (hpo/) do not apply here
     data["data"]["synth"].update(n=6, size=32, spacing_mm=12.8, seed=0)
     data["stages"] = {
         "stage1": {**_STAGE, "size": 8, "conv_channels": [8], "physics_weight": 0.0, "batch_size": 2},

@@ -45,10 +45,15 @@ def _params_of(stage: dict) -> list[str]:
     for item in stage.get("params", []):
         if isinstance(item, str):
             keys.append(item)
-        else:  # {file: [keys]}
+        else:  # {file: [keys]}; {file: None} is a whole file (see _param_files_of)
             for v in item.values():
-                keys.extend(v)
+                keys.extend(v or [])
     return keys
+
+
+def _param_files_of(stage: dict) -> list[str]:
+    """Params files a stage depends on as a whole (``- hpo/best_stage1.yaml:``)."""
+    return [f for item in stage.get("params", []) if isinstance(item, dict) for f, v in item.items() if v is None]
 
 
 # --------------------------------------------------------------------------- DAG shape
@@ -91,6 +96,16 @@ def test_stage_params_exist_and_are_scoped() -> None:
     # data steps never depend on training / gate params
     for name in ("synth", "ingest", "validate", "preprocess"):
         assert not [p for p in _params_of(stages[name]) if p.split(".")[0] in ("train", "gates", "registry")]
+    # the tuned overlays (`xct hpo`): each is a whole-file param of its own stage's training and
+    # evaluation only, exists, and is one of params.yaml's `overlays` (so commands apply it too)
+    overlays = yaml.safe_load((REPO / "params.yaml").read_text()).get("overlays", [])
+    for name, st in stages.items():
+        for f in _param_files_of(st):
+            assert STAGE_OF.get(name) is not None and f == f"hpo/best_stage{STAGE_OF[name]}.yaml", f"{name}: {f}"
+            assert f in overlays and (REPO / f).is_file(), f
+    for k in (1, 2, 3):
+        for name in (f"train_stage{k}", f"evaluate_stage{k}"):
+            assert _param_files_of(stages[name]) == [f"hpo/best_stage{k}.yaml"], name
 
 
 # --------------------------------------------------------------------------- guard

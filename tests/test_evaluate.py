@@ -24,7 +24,7 @@ from components.gate import main as gate_main
 from components.gate import run_gate
 from train_fixtures import tiny_params
 from xct_core.checkpoint import export_stage_model
-from xct_core.config import Params
+from xct_core.config import Params, load_params
 from xct_core.errors import InputError
 from xct_core.evaluation import evaluate_stage, mean_volume_baseline, split_ids_hash
 from xct_core.io import save_nifti
@@ -146,8 +146,8 @@ def _metrics_file(path: Path, **over: Any) -> Path:
 
 def _params_with_gate(tmp_path: Path, psnr: float, ssim: float) -> Path:
     """Thresholds set by the TEST (not the product thresholds)."""
-    data = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").is_file() else {}
-    data = Params.model_validate(data).model_dump(mode="json") if data else Params().model_dump(mode="json")
+    # the effective params (params.yaml with its `overlays:` merged), else the defaults
+    data = (load_params("params.yaml") if Path("params.yaml").is_file() else Params()).model_dump(mode="json")
     data["gates"]["stage1"] = {"psnr_window_db": psnr, "ssim_window": ssim, "max_nan": 0, "min_std_ratio": 0.25}
     p = tmp_path / f"params_{psnr}_{ssim}.yaml"
     p.write_text(yaml.safe_dump(data))

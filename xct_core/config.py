@@ -5,7 +5,9 @@ the objects here and never re-declares defaults elsewhere. Unknown keys are reje
 typo in params.yaml is an error, not a silently ignored setting.
 
 Profiles: ``load_params(path, overlays=[...])`` deep-merges YAML fragments (a production
-profile, an HPO result such as ``hpo/best_stage1.yaml``) over the base file.
+profile, an HPO result such as ``hpo/best_stage1.yaml``) over the base file; a params file
+can list its own overlays under a top-level ``overlays:`` key (params.yaml lists the
+``xct hpo`` results there, so `dvc repro` and every command use the tuned values).
 """
 
 from __future__ import annotations
@@ -589,6 +591,121 @@ class ReconstructParams(_Section):
     min_intensity_fraction: float = Field(1e-4, gt=0, lt=1)
 
 
+# --- hyperparameter search (owner: xct_core/hpo.py, components/hpo.py, `xct hpo`) ---------
+
+
+class HPODistribution(_Section):
+    """One searched parameter of ``hpo.space``.
+
+    ``float`` / ``int``: uniform on [low, high] (``log``: log-uniform, needs low > 0; ``step``:
+    a grid low, low+step, …; not with ``log``). ``categorical``: one of ``choices``
+    (scalars: numbers, strings, booleans, null).
+    """
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    choices: list[Any] | None = None
+
+    @_model_validator(mode="after")
+    def _check(self) -> HPODistribution:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical distribution needs a non-empty 'choices' list")
+            bad = [c for c in self.choices if c is not None and not isinstance(c, (bool, int, float, str))]
+            if bad:
+                raise ValueError(f"choices must be scalars (number, string, boolean, null), got {bad!r}")
+            if len({json.dumps(c) for c in self.choices}) != len(self.choices):
+                raise ValueError(f"choices contain duplicates: {self.choices!r}")
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("a categorical distribution takes only 'choices' (no low/high/log/step)")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"a {self.type} distribution takes low/high, not 'choices'")
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} distribution needs 'low' and 'high'")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low:g}) must be smaller than high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0, got {self.low:g}")
+        if self.log and self.step is not None:
+            raise ValueError("'step' and 'log: true' cannot be combined")
+        if self.type == "int":
+            ints = [v for v in (self.low, self.high, self.step) if v is not None]
+            if any(float(v) != int(v) for v in ints):
+                raise ValueError(f"an int distribution needs integer low/high/step, got {ints}")
+        return self
+
+
+#: default search space of ``xct hpo`` (= params.yaml); ``{stage}`` expands to the tuned stage
+_DEFAULT_HPO_SPACE: dict[str, HPODistribution] = {
+    "stages.{stage}.lr": HPODistribution(type="float", low=1.0e-4, high=3.0e-3, log=True),
+    "stages.{stage}.lift_channels": HPODistribution(type="categorical", choices=[8, 16, 32]),
+    "stages.{stage}.physics_weight": HPODistribution(type="float", low=0.0, high=0.3),
+    "stages.{stage}.token_grid": HPODistribution(type="categorical", choices=[4, 8]),
+}
+
+
+class HPOParams(_Section):
+    """``xct hpo --stage K --trials N``: an Optuna study (TPE) run as Ray Tune trials.
+
+    Each trial is a short stage-K training (``steps`` of the stage, validation every
+    ``val_every`` steps); the scheduler (ASHA or the median stopping rule) stops trials whose
+    intermediate validation ``metric`` lags, and the study records them as PRUNED. The study
+    lives in ``storage`` (an Optuna RDB: any SQLAlchemy URL; relative sqlite paths are
+    relative to the working directory) and resumes when re-run. Outputs in ``out_dir``:
+    ``best_stage{K}.yaml`` (a params overlay holding only the searched keys, picked up by
+    params.yaml ``overlays``), ``stage{K}_history.png``, ``stage{K}_importance.png``,
+    ``stage{K}_trials.csv``; per-trial training outputs in ``trials/<study>/trial_NNNN``.
+    """
+
+    #: Optuna storage; a cluster uses e.g. postgresql+psycopg2://user@host:5432/optuna (the
+    #: password from PGPASSWORD / ~/.pgpass or `xct hpo --storage` / $XCT_HPO_STORAGE, never here)
+    storage: str = "sqlite:///hpo/optuna.db"
+    #: default study name: "{study_prefix}-stage{K}" (`xct hpo --study NAME` overrides)
+    study_prefix: str = "xct"
+    #: validation metric optimised (a key of xct_core.metrics.volume_metrics) and its direction
+    metric: str = "psnr_window_db"
+    mode: Literal["max", "min"] = "max"
+    #: optimiser steps of one trial, per stage
+    steps: dict[str, int] = Field(default_factory=lambda: {"stage1": 200, "stage2": 60, "stage3": 30})
+    #: validation every N steps of a trial (and at its end): the intermediate values the scheduler sees
+    val_every: int = Field(25, ge=1)
+    #: early stopping: asha (async successive halving) | median (median stopping rule)
+    scheduler: Literal["asha", "median"] = "asha"
+    #: no trial is stopped before this many validation rounds
+    grace_rounds: int = Field(1, ge=1)
+    #: asha: keep the top 1/reduction_factor of trials at each rung
+    reduction_factor: float = Field(2.0, gt=1)
+    #: median: compare with at least this many other trials (fewer: continue)
+    min_samples: int = Field(2, ge=1)
+    #: trials run at the same time (Ray schedules them over the cluster)
+    max_concurrent_trials: int = Field(1, ge=1)
+    #: resources of one trial (one process; torch threads = CPUs)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    #: TPE sampler seed
+    seed: int = 0
+    #: MLflow experiment of the study runs (one run per study, one child run per trial)
+    experiment: str = "xct-hpo"
+    #: outputs (fragment, plots, trials table, per-trial training outputs)
+    out_dir: str = "hpo"
+    #: configurations evaluated first when a study is created: [{param path: value}, …]
+    points: list[dict[str, Any]] = Field(default_factory=list)
+    #: searched parameters: dotted params path ({stage} = the tuned stage) → distribution
+    space: dict[str, HPODistribution] = Field(default_factory=lambda: dict(_DEFAULT_HPO_SPACE))
+
+    @field_validator("steps")
+    @classmethod
+    def _positive_trial_steps(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if int(n) < 1}
+        if bad:
+            raise ValueError(f"steps must be >= 1, got {bad}")
+        return v
+
+
 class Params(_Section):
     """The whole parameter tree (one section per concern)."""
 
@@ -609,6 +726,7 @@ class Params(_Section):
     pipeline: PipelineParams = PipelineParams()
     s3: S3Params = S3Params()
     reconstruct: ReconstructParams = ReconstructParams()
+    hpo: HPOParams = HPOParams()
 
     def digest(self) -> str:
         """Stable hash of the effective parameters (lineage tag)."""
@@ -658,13 +776,60 @@ def params_from_dict(data: dict, source: str = "<dict>") -> Params:
         raise ConfigError(f"{source}: invalid parameter {loc}: {first['msg']}{more}") from None
 
 
+#: top-level key of a params file listing overlay files to merge after it (consumed by
+#: :func:`load_params`; not a field of :class:`Params`)
+OVERLAYS_KEY = "overlays"
+
+
+def _declared_overlays(data: dict, path: Path) -> list[Path]:
+    """Pop ``overlays`` from a params file's mapping: its entries as paths relative to the
+    folder of ``path``."""
+    raw = data.pop(OVERLAYS_KEY, None)
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(x, str) and x.strip() for x in raw):
+        raise ConfigError(
+            f"{path}: '{OVERLAYS_KEY}' must be a list of YAML file paths (relative to the params file's folder), got {raw!r}"
+        )
+    return [path.parent / x for x in raw]
+
+
+def _read_overlay(path: Path, declared_in: Path | None = None) -> dict:
+    """One overlay file's mapping; an overlay cannot declare ``overlays`` itself (one level)."""
+    if declared_in is not None and not path.is_file():
+        raise ConfigError(f"{path}: overlay file not found (listed under '{OVERLAYS_KEY}' in {declared_in})")
+    data = _read_yaml(path)
+    if OVERLAYS_KEY in data:
+        raise ConfigError(f"{path}: an overlay must not declare '{OVERLAYS_KEY}' (one level only: list it in the params file)")
+    return data
+
+
 def load_params(path: str | Path | None = None, overlays: list[str | Path] | None = None) -> Params:
-    """Load params.yaml (or ``$XCT_PARAMS``), deep-merging any overlay files in order."""
+    """Load params.yaml (or ``$XCT_PARAMS``) and deep-merge its overlays, in this order:
+
+    1. the base file;
+    2. the files it lists under the top-level ``overlays:`` key, in order, with paths relative
+       to the base file's folder (e.g. the HPO results ``hpo/best_stage{K}.yaml``);
+    3. ``overlays`` given here (e.g. ``params.production.yaml``), in order.
+
+    Mappings merge key by key; any other value replaces. A missing overlay is a
+    :class:`ConfigError` naming it; an overlay may not declare ``overlays`` itself. The
+    result is self-contained: ``Params.model_dump()`` holds the merged values and no
+    ``overlays`` key, so a dump loads elsewhere without re-applying anything.
+    """
     p = Path(path) if path is not None else default_params_path()
     data = _read_yaml(p)
+    applied: list[str] = []
+    for ov in _declared_overlays(data, p):
+        frag = _read_overlay(ov, declared_in=p)
+        data = _deep_merge(data, frag)
+        applied += [str(ov)] if frag else []
     for ov in overlays or []:
-        data = _deep_merge(data, _read_yaml(Path(ov)))
-    return params_from_dict(data, str(p))
+        frag = _read_overlay(Path(ov))
+        data = _deep_merge(data, frag)
+        applied += [str(ov)] if frag else []
+    source = f"{p} (+ {', '.join(applied)})" if applied else str(p)
+    return params_from_dict(data, source)
 
 
 def resolve_params(path: str | Path | None = None) -> Params:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import yaml
 
 from xct_core.config import default_params_path, load_params
 from xct_core.errors import ConfigError, InputError
@@ -31,12 +32,15 @@ ParamsOpt = Annotated[
 
 
 def params_text(path: Path | None) -> str:
-    """The validated text of the params file (empty string: none given and none present)."""
+    """The effective params as YAML (empty string: none given and none present).
+
+    Resolved here, with the file's ``overlays:`` (e.g. the hpo/best_stageK.yaml results)
+    merged in: the steps run from a temporary copy elsewhere, so the text they get must be
+    self-contained. A bad file is a one-line ConfigError before anything is submitted."""
     p = path if path is not None else default_params_path()
     if path is None and not p.exists():
         return ""
-    load_params(p)  # one-line ConfigError for a bad file before anything is submitted
-    return p.read_text()
+    return yaml.safe_dump(load_params(p).model_dump(mode="json"), sort_keys=False)
 
 
 @app.command("compile")
