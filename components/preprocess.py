@@ -14,6 +14,12 @@ Output (``data/processed``; the contract is documented in :mod:`xct_core.preproc
     manifest.json       ids per split after quarantine, stage grids, params digest, sha256s
     records/{id}.json   per-item bookkeeping for resumable re-runs
 
+Augmentation (``preprocess.augment.copies`` > 0): every TRAIN id gets that many extra train
+items ``<id>__aug<j>`` (:func:`xct_core.augment.plan_copies`; val/test ids never), each
+resampled from the same canonical volume with its sampled rigid transform / flips / HU
+jitter, and its DRRs rendered from its augmented finest grid. The manifest records each
+copy's source and sampled transform (``items.<id>.augment``).
+
 Resumable and idempotent: outputs whose input checksum and relevant params are unchanged are
 skipped (a re-run touches no file); temp files of an interrupted run are swept; outputs of
 ids no longer in the split are removed. ``manifest.json`` is removed while work is pending and
@@ -43,6 +49,7 @@ from typing import Any, NamedTuple
 from kfp.dsl import Dataset, Input, Output
 
 from components._kfp import light_component
+from xct_core.augment import plan_copies
 from xct_core.config import Params, load_params
 from xct_core.errors import InputError, XctError
 from xct_core.preprocess import (
@@ -201,13 +208,21 @@ def run_preprocess(
             vol_dir / f"{missing[0]}.nii.gz",
             f"volume listed in {splits_path} not found ({len(missing)} of {len(ids)} missing: {', '.join(missing[:5])})",
         )
+    copies = plan_copies(kept["train"], params.preprocess.augment)  # train only: val/test never augmented
+    clash = sorted(set(copies) & (set(ids) | set(quarantined)))
+    if clash:
+        raise InputError(splits_path, f"augmented copy id {clash[0]!r} clashes with a volume id (rename that volume)")
+    kept["train"] = kept["train"] + list(copies)
+    ids = ids + list(copies)
+    volumes.update({a: volumes[c.source_id] for a, c in copies.items()})
     if out.exists() and not out.is_dir():
         raise InputError(out, "output path exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
 
     removed, swept = _prune(out, settings, set(ids))
     checks = params.data.ct.model_dump(mode="json")
-    jobs = [ItemJob(v, str(volumes[v]), str(out), settings, checks) for v in ids]
+    jobs = [ItemJob(v, str(volumes[v]), str(out), settings, checks, copies[v].to_json() if v in copies else None)
+            for v in ids]
     stale = [j for j in jobs if not item_up_to_date(j)]
     manifest_path = out / MANIFEST
     if stale or removed:
@@ -234,7 +249,7 @@ def run_preprocess(
     if not manifest_path.is_file() or manifest_path.read_bytes() != data:
         write_bytes_atomic(manifest_path, data)
     skipped = sorted(set(ids) - set(processed))
-    sizes = ", ".join(f"{s} {len(kept[s])}" for s in SPLITS)
+    sizes = ", ".join(f"{s} {len(kept[s])}" for s in SPLITS) + (f" (train incl. {len(copies)} augmented copies)" if copies else "")
     say(
         f"preprocessed {len(ids)} volumes → {out} ({len(processed)} processed, {len(skipped)} skipped as up to date, "
         f"{n_files} files written, {len(removed)} stale files removed, {len(quarantined)} quarantined); split: {sizes}"

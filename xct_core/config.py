@@ -377,6 +377,42 @@ class ValidateParams(_Section):
 # --- pipeline step 3: preprocess (owner: components/preprocess.py, xct_core/preprocess.py) ---
 
 
+class AugmentParams(_Section):
+    """Training-set augmentation in the preprocess step (xct_core/augment.py; default off).
+
+    ``copies`` augmented copies ``<id>__aug<j>`` of every TRAIN volume (never val/test), each
+    the source CT moved by a rigid transform about its centre (+ optional mirror flips) and
+    intensity-jittered, resampled ONCE onto the stage grids; its DRRs are rendered from its
+    own augmented finest grid. Deterministic from (seed, id, j). Exact maps: xct_core/augment.py.
+    """
+
+    #: augmented copies per train volume (0 = augmentation off)
+    copies: int = Field(0, ge=0, le=1000)
+    #: seed of the per-copy draws (independent of the training seed)
+    seed: int = Field(0, ge=0)
+    #: max |rotation| about the R, A, S axes through the volume centre, degrees (uniform)
+    rotate_deg: tuple[float, float, float] = Field((0.0, 0.0, 0.0))
+    #: max |translation| along R, A, S, mm (uniform)
+    translate_mm: tuple[float, float, float] = Field((0.0, 0.0, 0.0))
+    #: probability of a left-right (sagittal-plane) mirror
+    flip_lr: float = Field(0.0, ge=0, le=1)
+    #: probability of an anterior-posterior (coronal-plane) mirror
+    flip_ap: float = Field(0.0, ge=0, le=1)
+    #: intensity jitter HU' = a·HU + b with a ~ U[1 - hu_scale, 1 + hu_scale] ...
+    hu_scale: float = Field(0.0, ge=0, lt=1)
+    #: ... and b ~ U[-hu_offset, hu_offset] HU ...
+    hu_offset: float = Field(0.0, ge=0)
+    #: ... applied only to voxels above this HU (body; air, lung and the outside fill are kept)
+    jitter_above_hu: float = -500.0
+
+    @field_validator("rotate_deg", "translate_mm")
+    @classmethod
+    def _non_negative(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) < 0:
+            raise ValueError(f"maxima must be >= 0 on every axis, got {list(v)}")
+        return v
+
+
 class PreprocessParams(_Section):
     """Step 3 (components/preprocess.py): canonical volumes → stage grids + DRR pairs.
 
@@ -393,6 +429,8 @@ class PreprocessParams(_Section):
     fill_hu: float = -1024.0
     #: Gaussian anti-aliasing before downsampling to a stage grid (xct_core.io.resample_to_grid)
     antialias: bool = True
+    #: training-set augmentation (copies: 0 = off)
+    augment: AugmentParams = AugmentParams()
 
 
 # --- pipeline step 4: stage training (owner: xct_core/training.py, components/train.py) ---

