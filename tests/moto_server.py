@@ -224,20 +224,25 @@ class CutProxy:
                 t.join(timeout=5)
 
 
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def isolate_aws_env(mp: pytest.MonkeyPatch, aws_dir: Path, clear: tuple[str, ...] = ()) -> dict[str, str]:
     """Dummy credentials only; nothing from the developer's machine (~/.aws is replaced by
-    empty files: /dev/null is refused by aiobotocore) or a metadata service."""
-    for k in CLEARED_ENV:
-        monkeypatch.delenv(k, raising=False)
-    aws_dir = tmp_path_factory.mktemp("aws")
+    empty files in ``aws_dir``: /dev/null is refused by aiobotocore) or a metadata service.
+    Unsets :data:`CLEARED_ENV` and ``clear``; returns the variables set."""
+    for k in (*CLEARED_ENV, *clear):
+        mp.delenv(k, raising=False)
     env = dict(DUMMY_ENV)
     for var, name in (("AWS_CONFIG_FILE", "config"), ("AWS_SHARED_CREDENTIALS_FILE", "credentials")):
         (aws_dir / name).write_text("")
         env[var] = str(aws_dir / name)
     for k, v in env.items():
-        monkeypatch.setenv(k, v)
+        mp.setenv(k, v)
     return env
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """:func:`isolate_aws_env` for one test."""
+    return isolate_aws_env(monkeypatch, tmp_path_factory.mktemp("aws"))
 
 
 @pytest.fixture

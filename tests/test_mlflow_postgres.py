@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from mlflow_server import MlflowServer
-from moto_server import CLEARED_ENV, DUMMY_ENV, HOST, MotoServer
+from moto_server import HOST, MotoServer, isolate_aws_env
 from postgres_server import PostgresServer, require_postgres
 from test_evaluate import build_tiny_processed
 from train_fixtures import tiny_params
@@ -73,14 +73,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     bin_dir = require_postgres()
     root = tmp_path_factory.mktemp("mlflow-pg")
     mp = pytest.MonkeyPatch()
-    for k in (*CLEARED_ENV, "MLFLOW_S3_ENDPOINT_URL", "RAY_ADDRESS", "XCT_PIPELINE_RUN_ID", "XCT_TRAIN_FAULTS"):
-        mp.delenv(k, raising=False)
-    env = dict(DUMMY_ENV)
-    for var, name in (("AWS_CONFIG_FILE", "config"), ("AWS_SHARED_CREDENTIALS_FILE", "credentials")):
-        (root / name).write_text("")
-        env[var] = str(root / name)
-    for k, v in env.items():
-        mp.setenv(k, v)
+    isolate_aws_env(mp, root, ("MLFLOW_S3_ENDPOINT_URL", "RAY_ADDRESS", "XCT_PIPELINE_RUN_ID", "XCT_TRAIN_FAULTS"))
     mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     ray_tmp = Path(tempfile.mkdtemp(prefix="xr-", dir="/tmp"))  # short: unix socket paths are length-limited
     mp.setenv("RAY_TMPDIR", str(ray_tmp))

@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from mlflow_server import MlflowServer
-from moto_server import CLEARED_ENV, DUMMY_ENV, MotoServer
+from moto_server import MotoServer, isolate_aws_env
 from test_evaluate import build_tiny_processed, export_tiny_stages, make_tiny_params
 from test_register import NAME, _write_reports
 
@@ -49,14 +49,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     the client env points at the server only (no S3 endpoint)."""
     root = tmp_path_factory.mktemp("mlflow-server")
     mp = pytest.MonkeyPatch()
-    for k in (*CLEARED_ENV, "MLFLOW_S3_ENDPOINT_URL"):
-        mp.delenv(k, raising=False)
-    env = dict(DUMMY_ENV)
-    for var, name in (("AWS_CONFIG_FILE", "config"), ("AWS_SHARED_CREDENTIALS_FILE", "credentials")):
-        (root / name).write_text("")
-        env[var] = str(root / name)
-    for k, v in env.items():
-        mp.setenv(k, v)
+    isolate_aws_env(mp, root, ("MLFLOW_S3_ENDPOINT_URL",))
     mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     moto = MotoServer(root).start()
     srv = MlflowServer(root / "server", f"s3://{BUCKET}/{PREFIX}", s3_endpoint=moto.url)
