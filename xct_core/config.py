@@ -714,7 +714,7 @@ class HPOParams(_Section):
     #: early stopping: asha (async successive halving) | median (median stopping rule)
     scheduler: Literal["asha", "median"] = "asha"
     #: no trial is stopped before this many validation rounds
-    grace_rounds: int = Field(1, ge=1)
+    grace_rounds: int = Field(3, ge=1)
     #: asha: keep the top 1/reduction_factor of trials at each rung
     reduction_factor: float = Field(2.0, gt=1)
     #: median: compare with at least this many other trials (fewer: continue)
