@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -137,15 +136,11 @@ def effective_params(params_file: Path, overlays: Sequence[Path], out: Path) -> 
 
 
 def git_state(repo: Path = REPO) -> dict[str, Any]:
-    """Commit and whether the working tree differs from it (read-only git calls)."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
+    """Commit and whether tracked files differ from it (:func:`components.tracking.git_commit`)."""
+    from components.tracking import git_commit
 
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty_files": len(dirty.splitlines()) if dirty else 0}
+    commit, dirty = git_commit(repo)
+    return {"commit": commit, "dirty": dirty}
 
 
 class _Steps:
@@ -350,7 +345,7 @@ def write_results(prefix: Path, summary: dict[str, Any], out: Path) -> None:
         "",
         f"Machine: {summary['machine']}; torch {summary['torch']}; {summary['date']}  ",
         f"Command: `{summary['command']}`  ",
-        f"Git: {summary['git']['commit']} ({summary['git']['dirty_files']} tracked files modified at run time)",
+        f"Git: {summary['git']['commit']}" + (" (tracked files modified at run time)" if summary['git'].get('dirty') else ""),
         "",
         "## Setup",
         f"- Train: {', '.join(summary['train_cts'])} + {summary['augmented_copies']} augmented copies "
