@@ -317,10 +317,10 @@ def write_report(res: dict[str, Any], out_dir: Path, device: str) -> tuple[Path,
         lines += ["", "Estimate: model cast to the dtype (autocast keeps fp32 weights and fp32 norm outputs: "
                   "expect somewhat more), physics term, CUDA context and allocator cache excluded.", ""]
     lines += ["See the docstring of benchmarks/bench_model.py for the methods.", ""]
+    from xct_core.atomic import write_text_atomic
+
     for path, text in ((js, json.dumps(res, indent=2) + "\n"), (md, "\n".join(lines))):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return js, md
 
 

@@ -226,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"train_{'gpu' if gpu else 'cpu'}"
+    from xct_core.atomic import write_text_atomic
+
     for path, text in ((stem.with_suffix(".json"), json.dumps(doc, indent=2) + "\n"), (stem.with_suffix(".md"), _md(doc))):
-        tmpf = path.with_name(f".{path.name}.tmp")
-        tmpf.write_text(text)
-        os.replace(tmpf, path)
+        write_text_atomic(path, text)
     print(_md(doc))
     return 0
 

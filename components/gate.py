@@ -12,7 +12,6 @@ the register step and the KFP ``dsl.If`` read it); unusable input exits non-zero
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,20 +46,6 @@ def run_gate(
            "test_ids_hash": metrics.get("test_ids_hash")}
     write_text_atomic(out_path, json_text(doc))
     return report
-
-
-def read_gate_report(path: str | Path) -> dict[str, Any]:
-    """A gate report written by :func:`run_gate` (:class:`InputError` if unusable)."""
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError(p, "gate report not found (run the gate step first)") from None
-    except (OSError, ValueError) as e:
-        raise InputError(p, f"unreadable gate report ({e})") from None
-    if not isinstance(doc, dict) or "passed" not in doc or "stage" not in doc:
-        raise InputError(p, "not a gate report (needs 'stage' and 'passed')")
-    return doc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from xct_core.errors import InputError, XctError
+from xct_core.gates import read_gate_report
 
 #: file written inside a skipped output folder
 MARKER_NAME = "SKIPPED.json"
@@ -58,14 +57,7 @@ def read_gate(path: str | Path) -> GateVerdict:
     ``passed`` field — a guard never treats a broken report as a pass or a skip.
     """
     p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError(p, "gate report not found (run the gate step first)") from None
-    except (OSError, ValueError) as e:
-        raise InputError(p, f"gate report is not readable JSON ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("passed"), bool):
-        raise InputError(p, "gate report has no boolean 'passed' field")
+    doc = read_gate_report(p)
     if doc["passed"]:
         return GateVerdict(True, "")
     if doc.get("skipped"):

@@ -61,7 +61,7 @@ from typing import Any
 from ray.tune.schedulers import MedianStoppingRule
 from ray.tune.search.optuna import OptunaSearch
 
-from xct_core.atomic import temp_sibling, write_text_atomic
+from xct_core.atomic import atomic_path, write_text_atomic
 from xct_core.config import Params, params_from_dict
 from xct_core.errors import ConfigError, InputError
 from xct_core.hpo import (
@@ -736,14 +736,8 @@ def _save_png(fig: Any, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    fd, tmp = temp_sibling(path, ".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return path
 
 

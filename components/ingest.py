@@ -34,6 +34,7 @@ from components._kfp import light_component
 from xct_core.config import Params, load_params
 from xct_core.errors import InputError, XctError
 from xct_core.io import save_ct
+from xct_core.jsondoc import read_json_doc
 from xct_core.stats import (
     STATS_COLUMNS,
     STATS_VERSION,
@@ -88,10 +89,10 @@ def _cache_key(params: Params, raw_dir: str) -> str:
 def _previous_rows(out: Path, key: str) -> dict[str, dict[str, Any]]:
     """Rows of the previous run's stats.json when it was made with the same cache key."""
     try:
-        doc = json.loads((out / STATS_JSON).read_text())
-    except (OSError, ValueError):
+        doc = read_json_doc(out / STATS_JSON, "stats table")
+    except InputError:
         return {}
-    if not isinstance(doc, dict) or doc.get("cache_key") != key or not isinstance(doc.get("volumes"), list):
+    if doc.get("cache_key") != key or not isinstance(doc.get("volumes"), list):
         return {}
     return {r["id"]: r for r in doc["volumes"] if isinstance(r, dict) and "id" in r}
 

@@ -50,6 +50,7 @@ from typing import Any
 
 from xct_core.config import Params, load_params
 from xct_core.errors import ConfigError, InputError, XctError
+from xct_core.jsondoc import read_json_doc
 
 REPO = Path(__file__).resolve().parents[1]
 PYFUNC_FILE = Path(__file__).resolve().with_name("xct_pyfunc.py")
@@ -315,15 +316,10 @@ def promote(version: str, alias: str, params: Params, tracking_uri: str | None =
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
+    """A report, or None when the file does not exist (a stage that never ran)."""
+    if not path.exists():
         return None
-    except (OSError, ValueError) as e:
-        raise InputError(path, f"unreadable report ({e})") from None
-    if not isinstance(doc, dict):
-        raise InputError(path, "report must be a JSON object")
-    return doc
+    return read_json_doc(path, "report")
 
 
 def _fallback_model_uri(train_dir: Path, params: Params) -> str | None:

@@ -37,7 +37,6 @@ import hashlib
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -53,6 +52,7 @@ from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
+from xct_core.atomic import atomic_path, file_mode
 from xct_core.config import S3Params
 from xct_core.errors import InputError, XctError
 
@@ -449,22 +449,14 @@ def _remove_stale_parts(dest: Path) -> int:
     return n
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _download_once(
     client: Any, url: S3Url, obj: _Obj, target: Path, progress: Progress, mode: int
 ) -> bool:
     """GET the object into a temp file beside ``target``, verify, os.replace. Returns whether
     a checksum was verified. Any failure removes the temp file; ``target`` is untouched."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PART_SUFFIX)
-    tmp = Path(tmp_name)
     done = 0
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(target, PART_SUFFIX) as tmp, open(tmp, "wb") as f:
             resp = client.get_object(Bucket=url.bucket, Key=obj.key)
             expected = expected_digest(resp)
             length = int(resp["ContentLength"])
@@ -483,21 +475,18 @@ def _download_once(
                 raise bexc.IncompleteReadError(actual_bytes=done, expected_bytes=length)
             f.flush()
             os.fsync(f.fileno())
-        if expected is not None and not _matches(expected, sha.hexdigest(), md5.hexdigest()):
-            algo, want = expected
-            got = sha.hexdigest() if algo == "sha256" else md5.hexdigest()
-            raise ChecksumMismatchError(
-                f"{url.child(obj.key)}: {algo} mismatch (object says {want[:16]}…, received bytes "
-                f"hash to {got[:16]}…); the download was discarded"
-            )
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
+            if expected is not None and not _matches(expected, sha.hexdigest(), md5.hexdigest()):
+                algo, want = expected
+                got = sha.hexdigest() if algo == "sha256" else md5.hexdigest()
+                raise ChecksumMismatchError(
+                    f"{url.child(obj.key)}: {algo} mismatch (object says {want[:16]}…, received bytes "
+                    f"hash to {got[:16]}…); the download was discarded"
+                )
+            os.chmod(tmp, mode)
         return expected is not None
     except BaseException:
         progress.advance(-done)
         raise
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def pull(
@@ -537,7 +526,7 @@ def pull(
         _rmdirs(created)
         raise InputError(e.filename or dest, f"cannot create folder ({e.strerror})") from None
     report.stale_removed = _remove_stale_parts(dest)
-    mode = 0o666 & ~_umask()
+    mode = file_mode()
     progress.plan(sum(o.size for o in objs), len(objs))
 
     try:

@@ -24,13 +24,13 @@ value, pass) and the commands to open the MLflow UI and to reconstruct with the 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from xct_core.stats import json_text, write_text_atomic
+from xct_core.atomic import write_text_atomic
+from xct_core.jsondoc import json_text, read_json_doc
 
 STATUSES = ("promoted", "registered", "rejected")
 SUMMARY_KEYS = (
@@ -114,7 +114,8 @@ def write_summary(path: str | Path, summary: Mapping[str, Any]) -> Path:
 
 
 def read_summary(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+    """``reports/summary.json`` (:class:`InputError` when missing or not a summary)."""
+    return read_json_doc(path, "run summary", missing_hint="run the register step first")
 
 
 def _v(x: Any) -> str:

@@ -34,6 +34,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from xct_core.atomic import write_json_atomic
+from xct_core.errors import XctError
+from xct_core.jsondoc import read_json_doc
+
 REPO = Path(__file__).resolve().parents[1]
 #: the embedded default (no server): a sqlite file in the repo
 DEFAULT_TRACKING_URI = f"sqlite:///{REPO / 'mlflow.db'}"
@@ -199,18 +203,15 @@ class MetricLogger:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A run-state file, or {} when missing or unusable (a new run is started then)."""
     try:
-        doc = json.loads(path.read_text())
-        return doc if isinstance(doc, dict) else {}
-    except (OSError, ValueError):
+        return read_json_doc(path, "MLflow run state")
+    except XctError:
         return {}
 
 
 def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, dict(doc))
 
 
 def _usable_run(client: MlflowClient, run_id: str | None, experiment_id: str) -> bool:

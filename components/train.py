@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xct_core.atomic import write_json_atomic
 from xct_core.checkpoint import latest_checkpoint
 from xct_core.config import Params, load_params, params_from_dict
 from xct_core.errors import XctError
@@ -146,11 +147,7 @@ def _failure_file(layout: RunLayout) -> Path:
 
 
 def _write_failure(layout: RunLayout, doc: dict[str, Any]) -> None:
-    path = _failure_file(layout)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    write_json_atomic(_failure_file(layout), doc)
 
 
 # --------------------------------------------------------------------------- driver side

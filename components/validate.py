@@ -466,15 +466,10 @@ def run_validate(
 
 
 def _read_splits(path: Path) -> dict[str, Any]:
-    import json
+    from xct_core.jsondoc import read_json_doc
 
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "splits file not found (run the ingest step first)") from None
-    except (OSError, ValueError) as e:
-        raise InputError(path, f"unreadable splits file ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("volumes"), dict):
+    doc = read_json_doc(path, "splits file", missing_hint="run the ingest step first")
+    if not isinstance(doc.get("volumes"), dict):
         raise InputError(path, "not an xct splits file (no 'volumes' mapping)")
     return doc
 

@@ -45,6 +45,7 @@ from components.stages_kfp import (
     train_stage_component,
 )
 from components.validate import validate_component
+from xct_core.atomic import atomic_path, writable
 from xct_core.errors import InputError, XctError
 
 PIPELINE_NAME = "xct-cascade"
@@ -110,14 +111,8 @@ def xct_pipeline(
 def compile_pipeline(out: str | Path) -> Path:
     """Write the pipeline's IR YAML to ``out`` atomically; returns the path."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".yaml", dir=out.parent)
-    os.close(fd)
-    try:
-        compiler.Compiler().compile(pipeline_func=xct_pipeline, package_path=tmp)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(out, ".yaml") as tmp, writable(out):
+        compiler.Compiler().compile(pipeline_func=xct_pipeline, package_path=str(tmp))
     return out
 
 

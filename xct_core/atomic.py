@@ -1,17 +1,73 @@
-"""Atomic file writes: one implementation for the whole project.
+"""Atomic file and folder writes: ONE implementation for every output of the project.
 
-A file is written to a temporary sibling (``.{name}.*.tmp`` in the same folder, so the
-final ``os.replace`` is atomic on POSIX), given the usual umask-derived mode (mkstemp
-creates 0600), then renamed into place. On any failure the temporary file is removed and
-the previous content of ``path`` (if any) is untouched: readers never see a half-written
-file.
+A file is written to a temporary sibling (``.{name}.<random>{suffix}`` in the same folder,
+so the final ``os.replace`` is atomic on POSIX), given the mode a normally created file
+would have (``0o666 & ~umask``; ``mkstemp`` alone creates 0600), then renamed into place.
+On any failure the temporary file is removed and the previous content of ``path`` (if any)
+is untouched: readers never see a half-written file.
+
+Three ways in, one mechanism:
+
+* :func:`write_bytes_atomic` / :func:`write_text_atomic` / :func:`write_json_atomic` for
+  data already in memory;
+* :func:`atomic_path` — a context manager yielding the temporary path, for writers that
+  want a file name (``nib.save``, ``np.save``, ``savefig``, a KFP compiler, a download):
+  raise inside the block (e.g. a failed checksum) and nothing is renamed;
+* :func:`atomic_dir` — the same for a folder (a training checkpoint): assembled under a
+  temporary sibling name (``0o777 & ~umask``) and renamed into place, replacing an old one.
+
+:func:`writable` turns the OS errors of an output path (parent is a file, no permission,
+disk full) into one-line :class:`~xct_core.errors.InputError` s naming the path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from xct_core.errors import InputError
+
+__all__ = [
+    "atomic_dir",
+    "atomic_path",
+    "file_mode",
+    "folder_mode",
+    "temp_sibling",
+    "writable",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode of a normally created file: ``0o666 & ~umask``."""
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """The mode of a normally created folder: ``0o777 & ~umask``."""
+    return 0o777 & ~_umask()
+
+
+def _mkdir_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(path, "cannot write: a parent of this path is a file, not a folder") from None
+    except OSError as e:
+        raise InputError(path, f"cannot write ({e.strerror or e})") from None
 
 
 def temp_sibling(path: str | Path, suffix: str = ".tmp") -> tuple[int, str]:
@@ -20,28 +76,90 @@ def temp_sibling(path: str | Path, suffix: str = ".tmp") -> tuple[int, str]:
     The temp file gets the mode a normally created file would (``0o666 & ~umask``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    _mkdir_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        raise InputError(path, f"cannot write ({e.strerror or e})") from None
+    os.chmod(tmp, file_mode())
     return fd, tmp
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary sibling path of ``path``; on a clean exit it replaces ``path``.
+
+    ``suffix`` keeps writers that look at the extension happy (``.nii.gz``, ``.png``,
+    ``.yaml``). The temp file exists (empty, normal mode) when the block starts. An
+    exception inside the block removes it and propagates; ``path`` is untouched.
+    """
+    path = Path(path)
+    fd, tmp = temp_sibling(path, suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with writable(path):
+            os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``path``; on a clean exit it becomes ``path``.
+
+    An existing ``path`` is moved aside first and deleted after the rename (a re-run that
+    rewrites the same checkpoint). On an exception the temporary folder is deleted.
+    """
+    path = Path(path)
+    _mkdir_parent(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    os.chmod(tmp, folder_mode())
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f".old-{path.name}-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def writable(path: str | Path) -> Iterator[None]:
+    """Turn OS errors raised while writing ``path`` into a one-line :class:`InputError`."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(path, "cannot write: a parent of this path is a file, not a folder") from None
+    except IsADirectoryError:
+        raise InputError(path, "cannot write: it is a folder") from None
+    except OSError as e:
+        raise InputError(path, f"cannot write ({e.strerror or e})") from None
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp sibling + ``os.replace``)."""
     path = Path(path)
-    fd, tmp = temp_sibling(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, writable(path):
+        tmp.write_bytes(data)
     return path
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, doc: Any) -> Path:
+    """Write ``doc`` as indented, key-sorted JSON (non-finite floats → ``null``) atomically."""
+    from xct_core.jsondoc import json_text
+
+    return write_text_atomic(path, json_text(doc))

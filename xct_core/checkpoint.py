@@ -22,7 +22,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xct_core.atomic import atomic_dir, atomic_path, writable
 from xct_core.errors import InputError
 
 __all__ = [
@@ -67,17 +67,10 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temp file in the target's folder, then ``os.replace``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, writable(path), open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -89,28 +82,15 @@ def step_dir_name(step: int) -> str:
 def save_state(root: str | Path, step: int, state: Mapping[str, Any]) -> Path:
     """Write ``root/step_{step:08d}/state.pt`` atomically and return the directory.
 
-    The directory is assembled as ``root/.tmp-step_…-<random>`` and renamed into place; an
-    existing checkpoint of the same step is replaced (a re-run that reached the same step).
+    The directory is assembled as ``root/.tmp-step_…-<random>`` and renamed into place
+    (:func:`xct_core.atomic.atomic_dir`, normal folder/file modes); an existing checkpoint of
+    the same step is replaced (a re-run that reached the same step).
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = Path(root) / step_dir_name(step)
+    with atomic_dir(final) as tmp, open(tmp / STATE_FILE, "wb") as f:
+        torch.save(dict(state), f)
+        f.flush()
+        os.fsync(f.fileno())
     return final
 
 

@@ -19,7 +19,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pathlib import Path
+
 from xct_core.config import StageGate
+from xct_core.errors import InputError
+from xct_core.jsondoc import read_json_doc
 
 
 @dataclass(frozen=True)
@@ -104,3 +108,16 @@ def evaluate_gate(stage: int, metrics: dict[str, Any], gate: StageGate) -> GateR
         _check("not_collapsed", "std/target_std", ">=", gate.min_std_ratio, ratio),
     ]
     return GateReport(stage=stage, passed=all(c.passed for c in checks), checks=checks)
+
+
+def read_gate_report(path: str | Path) -> dict[str, Any]:
+    """A gate report (:meth:`GateReport.to_dict` as written by the gate step, or a skip
+    marker of ``components/guard.py``) — the one reader of these files.
+
+    Raises :class:`InputError` when the file is missing, not JSON, or has no boolean
+    ``passed`` field: a broken report is never read as a pass or a skip.
+    """
+    doc = read_json_doc(path, "gate report", missing_hint="run the gate step first")
+    if not isinstance(doc.get("passed"), bool):
+        raise InputError(path, "gate report has no boolean 'passed' field")
+    return doc

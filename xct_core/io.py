@@ -44,8 +44,6 @@ per slice. Files without the 128-byte preamble + "DICM" are not recognised as DI
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,7 +57,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
-from xct_core.atomic import temp_sibling
+from xct_core.atomic import atomic_path, writable
 from xct_core.config import CTCheckParams
 from xct_core.errors import InputError
 
@@ -107,10 +105,6 @@ class CTVolume:
 # --------------------------------------------------------------------------- saving
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    return temp_sibling(path, "".join(path.suffixes) or ".tmp")
-
-
 def _is_nifti_name(path: Path) -> bool:
     return path.name.lower().endswith(_NIFTI_SUFFIXES)
 
@@ -129,20 +123,8 @@ def save_nifti(path: str | Path, hu: np.ndarray, affine: np.ndarray) -> Path:
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
-    try:
-        fd, tmp = _atomic_target(path)
-    except OSError as e:
-        raise InputError(path, f"cannot write ({e.strerror or e})") from e
-    os.close(fd)
-    try:
+    with atomic_path(path, "".join(path.suffixes) or ".tmp") as tmp, writable(path):
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise InputError(path, f"cannot write ({e.strerror or e})") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -57,9 +57,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +71,7 @@ from xct_core.config import CTCheckParams, DRRParams, Params
 from xct_core.errors import InputError, XctError
 from xct_core.geometry import VIEWS, ProjectionGeometry
 from xct_core.io import CTVolume, grid_affine, load_ct, resample_to_grid
+from xct_core.jsondoc import read_json_doc
 
 #: bump when the meaning of any output changes (invalidates every recorded key)
 FORMAT_VERSION = 1
@@ -345,11 +344,11 @@ def _entry_valid(path: Path, entry: Mapping[str, Any] | None, key: str) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A record, or None when it is missing or unusable (the item is then redone)."""
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json_doc(path, "record")
+    except InputError:
         return None
-    return doc if isinstance(doc, dict) else None
 
 
 # --------------------------------------------------------------------------- one item
@@ -578,15 +577,14 @@ def read_quarantine(path: str | Path) -> dict[str, str]:
 
 
 def _load_json_input(p: Path, what: str, allow_list: bool = False) -> Any:
-    try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError(p, f"{what} not found") from None
-    except (OSError, ValueError) as e:
-        raise InputError(p, f"unreadable {what} ({e})") from None
-    if isinstance(doc, dict) or (allow_list and isinstance(doc, list)):
-        return doc
-    raise InputError(p, f"{what} must hold a JSON object")
+    if allow_list:  # a quarantine file may be a bare list of ids
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, ValueError):
+            doc = None
+        if isinstance(doc, list):
+            return doc
+    return read_json_doc(p, what)
 
 
 def find_volume(volumes_dir: str | Path, vid: str) -> Path | None:

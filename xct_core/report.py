@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import html
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from xct_core.hu import HUWindow
-from xct_core.stats import write_text_atomic
+from xct_core.atomic import write_text_atomic
+from xct_core.errors import XctError
 from xct_core.viz import PLANES, Panel, orthogonal_slice, save_image_grid, slice_aspect
 
 __all__ = [
@@ -167,14 +167,14 @@ def save_training_curves(train_dir: str | Path, img_dir: str | Path) -> dict[str
 
 def read_gate_reports(gates_dir: str | Path) -> list[dict[str, Any]]:
     """The gate reports ``stage*.json`` of a folder (unreadable files are reported as such)."""
+    from xct_core.gates import read_gate_report
+
     out = []
     for p in sorted(Path(gates_dir).glob("stage*.json")):
         try:
-            doc = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            doc = {"stage": p.stem, "summary": f"unreadable gate report ({e})", "checks": []}
-        if isinstance(doc, dict):
-            out.append(doc)
+            out.append(read_gate_report(p))
+        except XctError as e:
+            out.append({"stage": p.stem, "summary": str(e), "checks": []})
     return out
 
 

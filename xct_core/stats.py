@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -522,23 +521,7 @@ def drop_from_splits(splits: Mapping[str, Any], reasons: Mapping[str, str]) -> d
 
 
 from xct_core.atomic import write_text_atomic  # noqa: E402,F401  (re-exported: one implementation)
-
-
-def json_text(obj: Any) -> str:
-    """Deterministic JSON (sorted keys, 2-space indent, trailing newline); NaN → null."""
-    return json.dumps(_jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+from xct_core.jsondoc import json_text, read_json_doc  # noqa: E402,F401  (re-exported: one implementation)
 
 
 def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -560,13 +543,8 @@ def read_stats(path: str | Path) -> dict[str, Any]:
     Raises :class:`InputError` when it is missing or malformed.
     """
     p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError(p, "stats table not found (run the ingest step first)") from None
-    except (OSError, ValueError) as e:
-        raise InputError(p, f"unreadable stats table ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("volumes"), list):
+    doc = read_json_doc(p, "stats table", missing_hint="run the ingest step first")
+    if not isinstance(doc.get("volumes"), list):
         raise InputError(p, "not an xct stats table (no 'volumes' list)")
     for r in doc["volumes"]:
         if not isinstance(r, dict) or "id" not in r or "status" not in r:

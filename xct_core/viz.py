@@ -18,8 +18,6 @@ Inputs may be NumPy arrays or (CPU or CUDA) torch tensors.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from xct_core.atomic import atomic_path, file_mode  # noqa: F401  (file_mode re-exported)
 from xct_core.hu import HUWindow, get_window
 
 WindowLike = Union[str, HUWindow, Sequence[float]]
@@ -109,26 +108,11 @@ def _robust_limits(img: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def file_mode() -> int:
-    """Permissions of a new file under the current umask (mkstemp alone gives 0600)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _atomic_savefig(fig: Figure, path: Path, dpi: int) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, ".png") as tmp:
         FigureCanvasAgg(fig)
         fig.savefig(tmp, format="png", dpi=dpi, facecolor="black")
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Annotated, Any, Optional
@@ -23,13 +21,12 @@ from pydantic import ValidationError
 import xct_core
 from xct_core.config import DRRParams, resolve_params
 from xct_core.drr import display_image, joseph_applies, render
+from xct_core.atomic import atomic_path, writable
 from xct_core.errors import ConfigError
 from xct_core.geometry import KINDS, VIEWS, ProjectionGeometry
 from xct_core.io import load_ct, orientation_codes
 
 QUANTITY_NAMES = {"line-integral": "line_integral", "intensity": "intensity"}
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 _OPTION_OF = {"geometry": "--geometry", "pixels": "--pixels", "pixel_mm": "--pixel-mm", "sdd": "--sdd", "sod": "--sod"}
 
 
@@ -53,17 +50,10 @@ def _drr_params(base: DRRParams, overrides: dict[str, Any]) -> DRRParams:
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write via a temp file in the target directory, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``write(f)`` into a temp sibling of ``path``, then rename it over ``path``
+    (:func:`xct_core.atomic.atomic_path`; unwritable targets are one-line errors)."""
+    with atomic_path(path) as tmp, writable(path), open(tmp, "wb") as f:
+        write(f)
 
 
 def _sha256(path: Path) -> str | None:

@@ -30,7 +30,6 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import numpy as np
 import typer
 
 from xct_core.config import Params, resolve_params
