@@ -10,9 +10,9 @@ Usage::
 What is timed (the functions ``xct reconstruct`` calls, in its order; one "run" = one user
 invocation with a local model folder):
 
-1. ``load_inputs`` — :func:`xct_core.inference.load_xray` of the frontal and lateral
+1. ``load_inputs`` — :func:`xct_core.xray_io.load_xray` of the frontal and lateral
    ``.npy`` + ``.json`` (as written by ``xct drr``) and
-   :func:`~xct_core.inference.input_geometries`;
+   :func:`~xct_core.xray_io.input_geometries`;
 2. ``load_models`` — :func:`~xct_core.inference.load_stages` of the exported stage files
    (rebuild, lifting grids, weights, ``.to(device)``);
 3. sampling — :func:`~xct_core.inference.reconstruct`: K samples of the cascade
@@ -23,7 +23,7 @@ invocation with a local model folder):
    DDIM loop; summed over the K samples), ``hu_conversion`` (the sampler's last update
    after the final network call, window inverse to HU, the running mean/std) and
    ``finalize`` (the std of K samples, output affine);
-4. ``qa`` — :func:`~xct_core.inference.reprojection_qa` (DRRs of the output, PSNR/SSIM);
+4. ``qa`` — :func:`~xct_core.qa.reprojection_qa` (DRRs of the output, PSNR/SSIM);
 5. ``write`` — :func:`xct_core.io.save_nifti` of the mean (and std for K > 1) and the QA
    JSON (atomic writes), as the command does.
 
@@ -322,8 +322,10 @@ def run_once(
 ) -> dict[str, Any]:
     """One ``xct reconstruct`` invocation's work (module docstring), timed piece by piece."""
     from xct_core.atomic import write_text_atomic
-    from xct_core.inference import input_geometries, load_stages, load_xray, reconstruct, reprojection_qa
+    from xct_core.inference import load_stages, reconstruct
     from xct_core.io import save_nifti
+    from xct_core.qa import reprojection_qa
+    from xct_core.xray_io import input_geometries, load_xray
 
     clock = time.perf_counter
     device.reset_peak()
@@ -421,7 +423,7 @@ def summarise(runs: list[dict[str, Any]], params: Params, upto: int) -> dict[str
 def meta_check(params: Params, steps: int, profile: str) -> dict[str, Any]:
     """The cascade's shapes on the meta device through the same probes (no compute)."""
     from xct_core.cascade import sample_cascade
-    from xct_core.diffusion import CosineSchedule
+    from xct_core.diffusion import Sampler
     from xct_core.models import build_stage
 
     nets = [build_stage(params, k, device="meta").eval() for k in range(1, len(params.stages) + 1)]
@@ -430,8 +432,7 @@ def meta_check(params: Params, steps: int, profile: str) -> dict[str, Any]:
         f, lat = torch.empty(1, 1, P, P), torch.empty(1, 1, P, P)
     with StageProbe(nets, Device("meta")) as probe:
         probe.mark("start")
-        outs = sample_cascade(nets, f, lat, schedule=CosineSchedule.from_params(params.diffusion), steps=steps,
-                              eta=float(params.diffusion.eta), generator=None)
+        outs = sample_cascade(nets, f, lat, sampler=Sampler.from_params(params, steps), generator=None)
         probe.mark("say")
         probe.mark("end")
     _, forwards = probe.attribute(len(nets))
@@ -550,7 +551,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats_k = a.repeats if a.repeats_k is None else a.repeats_k
     if a.repeats < 1 or repeats_k < 1 or a.warmup < 0 or any(k < 1 for k in a.samples) or (a.steps is not None and a.steps < 1):
         sys.exit("bench_reconstruct: --repeats, --samples and --steps must be >= 1, --warmup >= 0")
-    from xct_core.inference import sample_steps
+    from xct_core.diffusion import Sampler
     from xct_core.models import build_stage
 
     profile = a.profile or ("demo" if a.device == "cpu" else "production")
@@ -560,7 +561,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not 1 <= upto <= n_stages:
         sys.exit(f"bench_reconstruct: --stages must be in 1..{n_stages}")
     precisions = (a.precision or ("fp32" if a.device == "cpu" else "fp32,bf16")).split(",")
-    steps = sample_steps(params, a.steps)
+    steps = Sampler.from_params(params, a.steps).steps_for(1)[0]
     device = Device(a.device)
     load_start = loadavg()
     arch = []

@@ -1,21 +1,17 @@
-"""Skip-after-failed-gate guard: run a pipeline step only when the previous stage's gate passed.
+"""Skip-after-failed-gate guard: run a stage-K pipeline step only when gate K-1 passed.
 
-In the DVC pipeline (dvc.yaml) every step after gate K-1 runs through this wrapper::
+In the DVC pipeline (dvc.yaml) the stage steps take ``--gates reports/gates``
+(``xct train``, ``xct step evaluate``, ``xct step gate``) and ask :func:`proceed` first:
 
-    python -m components.guard --after-gate reports/gates/stage1.json \\
-        --out outputs/train/models/stage2 --out outputs/train/metrics/stage2.json \\
-        -- python -m components.train --stage 2 ...
-
-- gate report says ``"passed": true`` → the command after ``--`` runs unchanged; the guard
-  exits with its exit code (the step's own logic lives in one place, its module).
-- gate failed, or was itself skipped → the command does NOT run; every ``--out`` is written
-  as a small "skipped" marker so DVC finds the stage outputs it declared, and the guard
-  exits 0 (a pipeline that stops at a failing gate is a completed, rejected run).
+- stage 1, or gate K-1 says ``"passed": true`` → the step runs;
+- gate K-1 failed, or was itself skipped → the step does NOT run; each of its declared
+  outputs (the step knows them from :mod:`xct_core.layout`) is written as a small "skipped"
+  marker so DVC finds the outputs it declared, and the command exits 0;
 - gate report missing or unreadable → :class:`InputError`, exit 2 (an error, not a skip).
 
-Markers (written atomically): an ``--out`` with a file suffix is a file — ``.json`` gets
-the marker below, ``.csv`` a one-row ``skipped,reason`` table, anything else one text
-line; an ``--out`` without a suffix is a folder holding ``SKIPPED.json``. Marker::
+Markers (written atomically): an output with a file suffix is a file — ``.json`` gets the
+marker below, ``.csv`` a one-row ``skipped,reason`` table, anything else one text line; an
+output without a suffix is a folder holding ``SKIPPED.json``. Marker::
 
     {"skipped": true, "passed": false, "stage": K, "reason": "...", "after_gate": "..."}
 
@@ -26,16 +22,14 @@ to every later stage; :func:`gate_passed` understands both real gate reports
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xct_core.errors import InputError, XctError
+from xct_core.errors import InputError
 from xct_core.gates import read_gate_report
+from xct_core.layout import ReportLayout
 
 #: file written inside a skipped output folder
 MARKER_NAME = "SKIPPED.json"
@@ -117,44 +111,25 @@ def write_skipped(outs: list[str | Path], reason: str, stage: int | None = None,
     return written
 
 
-def run_guarded(after_gate: str | Path, outs: list[str | Path], command: list[str],
-                stage: int | None = None, log: Any = print) -> int:
-    """Run ``command`` if the gate at ``after_gate`` passed, else write skip markers.
+def previous_gate(gates_dir: str | Path, stage: int) -> Path | None:
+    """The gate report stage ``stage`` waits for: ``gates_dir/stage{K-1}.json`` (the
+    :class:`xct_core.layout.ReportLayout` name); ``None`` for stage 1, which always runs."""
+    return Path(gates_dir) / ReportLayout.gate_file(stage - 1) if stage > 1 else None
 
-    Returns the command's exit code, or 0 when skipped.
-    """
-    if not command:
-        raise InputError(None, "no command given after '--'")
-    verdict = read_gate(after_gate)
+
+def proceed(gates_dir: str | Path | None, stage: int, outs: list[str | Path], log: Any = print) -> bool:
+    """Should stage ``stage``'s step run? ``True`` when there is no gate to wait for (stage 1,
+    or ``gates_dir`` is ``None``) or the previous stage's gate passed; otherwise every declared
+    output in ``outs`` becomes a skip marker and the answer is ``False`` (the step exits 0: a
+    pipeline that stops at a failing gate is a completed, rejected run). A missing or broken
+    previous gate report is an :class:`InputError`, never a pass or a skip."""
+    gate = previous_gate(gates_dir, stage) if gates_dir is not None else None
+    if gate is None:
+        return True
+    verdict = read_gate(gate)
     if verdict.passed:
-        return subprocess.call(command)
+        return True
     reason = verdict.reason if verdict.skipped else f"gate not passed: {verdict.reason}"
-    write_skipped(outs, reason, stage=stage, after_gate=after_gate)
-    what = f"stage {stage}" if stage is not None else "step"
-    log(f"guard: {what} skipped ({reason}); wrote {len(outs)} skip marker(s)")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m components.guard --after-gate GATE.json [--stage K] [--out PATH ...] -- CMD ...``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" in argv:
-        i = argv.index("--")
-        own, command = argv[:i], argv[i + 1:]
-    else:
-        own, command = argv, []
-    ap = argparse.ArgumentParser(prog="python -m components.guard", description=__doc__.splitlines()[0])
-    ap.add_argument("--after-gate", required=True, type=Path, help="gate report of the previous stage")
-    ap.add_argument("--stage", type=int, default=None, help="stage this step belongs to (recorded in markers)")
-    ap.add_argument("--out", action="append", default=[], type=Path,
-                    help="declared output to mark as skipped (repeatable; *.json = file, else folder)")
-    args = ap.parse_args(own)
-    try:
-        return run_guarded(args.after_gate, args.out, command, stage=args.stage)
-    except XctError as e:
-        print(f"guard: error: {e}", file=sys.stderr)
-        return e.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    write_skipped(outs, reason, stage=stage, after_gate=gate)
+    log(f"stage {stage} skipped ({reason}); wrote {len(outs)} skip marker(s)")
+    return False

@@ -589,7 +589,7 @@ def run_hpo(
 def _check_val_split(processed: Path, stage: int, params: Params) -> None:
     from xct_core.data import XrayCTDataset
 
-    ds = XrayCTDataset(processed, stage, "train", params.hu.get_window())
+    ds = XrayCTDataset(processed, stage, "train", params.hu.net_map())
     if not list(ds.manifest["splits"].get("val", [])):
         raise InputError(processed / "manifest.json", "the val split is empty: trials are scored on validation data")
 

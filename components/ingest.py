@@ -15,14 +15,12 @@ and a re-run is idempotent: identical bytes, volumes of deleted raw files are re
 volume whose source checksum, output file and relevant params are unchanged is not reloaded.
 
 Three ways to run it, one function (:func:`run_ingest`):
-``python -m components.ingest --raw data/raw --out data/interim`` (dvc.yaml), the KFP
+``xct step ingest --raw data/raw --out data/interim`` (dvc.yaml), the KFP
 component :data:`ingest_component`, or a direct call.
 """
 
-import argparse
 import hashlib
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +29,8 @@ from typing import Any, NamedTuple
 from kfp.dsl import Dataset, Input, Output
 
 from components._kfp import light_component
-from xct_core.config import Params, load_params
-from xct_core.errors import InputError, XctError
+from xct_core.config import Params
+from xct_core.errors import InputError
 from xct_core.io import save_ct
 from xct_core.jsondoc import read_json_doc
 from xct_core.stats import (
@@ -181,27 +179,6 @@ def run_ingest(
 # --------------------------------------------------------------------------- CLI (dvc.yaml)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m components.ingest --raw data/raw --out data/interim [--params params.yaml]``.
-
-    Exit 0 when the step ran (volumes that failed to load are recorded, not fatal: the
-    validate step judges them); 2 with one line on stderr for unusable input or params.
-    """
-    ap = argparse.ArgumentParser(prog="python -m components.ingest", description=__doc__.splitlines()[0])
-    ap.add_argument("--raw", type=Path, default=None, help="raw CT folder (default: params data.raw_dir)")
-    ap.add_argument("--out", type=Path, default=Path("data/interim"), help="output folder (default: data/interim)")
-    ap.add_argument("--params", type=Path, default=None, help="params file (default: $XCT_PARAMS or ./params.yaml)")
-    args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        raw = args.raw if args.raw is not None else Path(params.data.raw_dir)
-        run_ingest(raw, args.out, params, log=print)
-    except XctError as e:
-        print(f"ingest: error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
-
-
 # --------------------------------------------------------------------------- KFP component
 
 
@@ -227,5 +204,3 @@ def ingest_component(
     return namedtuple("IngestOutputs", ["n_ok", "n_failed"])(res.n_ok, res.n_failed)
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,12 +29,11 @@ Parallelism: a ``concurrent.futures`` process pool (``preprocess.workers``, fork
 method, one torch thread per worker) with a progress bar, or a Ray Data map when
 ``preprocess.use_ray`` is true (Ray is imported only then).
 
-Three ways to run it, one function (:func:`run_preprocess`): ``python -m components.preprocess
+Three ways to run it, one function (:func:`run_preprocess`): ``xct step preprocess
 --volumes DIR --splits splits.json [--quarantine q.json] --out data/processed [--params
 params.yaml]`` (dvc.yaml), the KFP component :data:`preprocess_component`, or a direct call.
 """
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -50,8 +49,8 @@ from kfp.dsl import Dataset, Input, Output
 
 from components._kfp import light_component
 from xct_core.augment import plan_copies
-from xct_core.config import Params, load_params
-from xct_core.errors import InputError, XctError
+from xct_core.config import Params
+from xct_core.errors import InputError
 from xct_core.preprocess import (
     MANIFEST,
     RECORDS_DIR,
@@ -260,33 +259,6 @@ def run_preprocess(
 # --------------------------------------------------------------------------- CLI (dvc.yaml)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m components.preprocess --volumes DIR --splits splits.json [--quarantine q.json]
-    --out data/processed [--params params.yaml] [--workers N] [--no-progress]``.
-
-    Exit 0 when every volume is up to date; 2 with one line on stderr for unusable input/params.
-    """
-    ap = argparse.ArgumentParser(prog="python -m components.preprocess", description=__doc__.splitlines()[0])
-    ap.add_argument("--volumes", type=Path, default=Path("data/interim/volumes"),
-                    help="folder of canonical NIfTIs {id}.nii.gz (default: data/interim/volumes)")
-    ap.add_argument("--splits", type=Path, default=Path("data/validated/splits.json"),
-                    help="splits JSON (default: data/validated/splits.json)")
-    ap.add_argument("--quarantine", type=Path, default=None, help="optional JSON of quarantined ids")
-    ap.add_argument("--out", type=Path, default=Path("data/processed"), help="output folder (default: data/processed)")
-    ap.add_argument("--params", type=Path, default=None, help="params file (default: $XCT_PARAMS or ./params.yaml)")
-    ap.add_argument("--workers", type=int, default=None, help="override preprocess.workers")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        run_preprocess(args.volumes, args.splits, args.out, params, args.quarantine,
-                       workers=args.workers, progress=not args.no_progress, log=print)
-    except XctError as e:
-        print(f"preprocess: error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
-
-
 # --------------------------------------------------------------------------- KFP component
 
 
@@ -323,5 +295,3 @@ def preprocess_component(
     return namedtuple("PreprocessOutputs", ["n_volumes", "params_digest"])(n, res.manifest["params_digest"])
 
 
-if __name__ == "__main__":
-    sys.exit(main())

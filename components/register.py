@@ -31,26 +31,25 @@ Aliases and idempotency
 Tracking: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<repo>/mlflow.db``
 (:func:`components.tracking.tracking_uri`). Entry points: :func:`run_register` (all gates →
 register → ``reports/summary.json``, see :mod:`components.summary`),
-``python -m components.register --gates reports/gates --eval reports/eval --train-dir
+``xct step register --gates reports/gates --eval reports/eval --train-dir
 outputs/train --out reports/summary.json [--processed data/processed] [--params params.yaml]``,
-and its KFP component in :mod:`components.stages_kfp` (which runs this module's CLI).
+and its KFP component in :mod:`components.stages_kfp` (which calls :func:`run_register`).
 """
 
-import argparse
 import hashlib
 import json
 import math
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
-from xct_core.config import Params, load_params
-from xct_core.errors import ConfigError, InputError, XctError
+from xct_core.config import Params
+from xct_core.errors import ConfigError, InputError
 from xct_core.jsondoc import read_json_doc
+from xct_core.layout import METRICS_JSON, ReportLayout, RunLayout, stage_model_files
 
 REPO = Path(__file__).resolve().parents[1]
 PYFUNC_FILE = Path(__file__).resolve().with_name("xct_pyfunc.py")
@@ -102,10 +101,7 @@ def pip_requirements() -> list[str]:
 def stage_files(train_dir: str | Path, params: Params, n: int | None = None) -> list[Path]:
     """The exported stage models ``1 … n`` (default: every stage in params) that make up the
     cascade; :class:`InputError` naming the first missing one."""
-    from xct_core.evaluation import stage_model_path
-
-    n = n or len(params.stages)
-    paths = [stage_model_path(train_dir, k, params.eval.model_file) for k in range(1, n + 1)]
+    paths = stage_model_files(train_dir, n or params.n_stages, params.eval.model_file)
     for p in paths:
         if not p.is_file():
             raise InputError(p, "stage model not found (train the stage first)")
@@ -329,12 +325,11 @@ def _fallback_model_uri(train_dir: Path, params: Params) -> str | None:
     (checkpoints/stage{k}/mlflow.json), else its local path. Stage k > 1: always the local
     ``models/stage{k}/<file>.pt`` inside the training folder, which resolves stages 1 … k —
     the run artifact holds stage k alone, which cannot reconstruct without the earlier stages."""
-    from xct_core.evaluation import stage_model_path
-
-    for k in range(len(params.stages), 0, -1):
-        p = stage_model_path(train_dir, k, params.eval.model_file)
+    for k in range(params.n_stages, 0, -1):
+        lay = RunLayout(Path(train_dir), k)
+        p = lay.model(params.eval.model_file)
         if p.is_file():
-            run = _read_json(train_dir / "checkpoints" / f"stage{k}" / "mlflow.json") or {}
+            run = _read_json(lay.mlflow_state) or {}
             if k == 1 and run.get("run_id"):
                 return f"runs:/{run['run_id']}/model/{p.name}"
             return str(p.absolute())
@@ -362,8 +357,8 @@ def run_register(
     uri = tracking_uri or default_uri()
     gates_dir, eval_dir, train_dir = Path(gates_dir), Path(eval_dir), Path(train_dir)
     stages, metrics, gate_paths, eval_paths = [], {}, {}, {}
-    for k in range(1, len(params.stages) + 1):
-        gp, ep = gates_dir / f"stage{k}.json", eval_dir / f"stage{k}" / "metrics.json"
+    for k in range(1, params.n_stages + 1):
+        gp, ep = gates_dir / ReportLayout.gate_file(k), eval_dir / f"stage{k}" / METRICS_JSON
         gate, m = _read_json(gp), _read_json(ep)
         stages.append(stage_entry(k, gate, m, gp, ep))
         if gate is not None:
@@ -390,30 +385,3 @@ def run_register(
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI (dvc.yaml): exit 0 when the step completed (promoted, registered or rejected);
-    2 with one line on stderr for unusable input or params."""
-    from components.summary import format_summary
-
-    ap = argparse.ArgumentParser(prog="python -m components.register", description=__doc__.splitlines()[0])
-    ap.add_argument("--gates", type=Path, default=Path("reports/gates"), help="gate reports folder (stageK.json)")
-    ap.add_argument("--eval", type=Path, default=Path("reports/eval"), help="evaluation folder (stageK/metrics.json)")
-    ap.add_argument("--train-dir", type=Path, default=None, help="training output folder (default: params train.out_dir)")
-    ap.add_argument("--processed", type=Path, default=Path("data/processed"), help="processed data (lineage hash)")
-    ap.add_argument("--out", type=Path, default=Path("reports/summary.json"), help="summary file")
-    ap.add_argument("--params", type=Path, default=None, help="params file (default: $XCT_PARAMS or ./params.yaml)")
-    args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        train_dir = args.train_dir or Path(params.train.out_dir)
-        summary = run_register(args.gates, args.eval, train_dir, args.out, params,
-                               processed_dir=args.processed, log=print)
-    except XctError as e:
-        print(f"register: error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(format_summary(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

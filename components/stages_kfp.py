@@ -1,10 +1,12 @@
 """KFP v2 components for the cascade steps: train stage K, evaluate, the gate (a report
 artifact + the decision), register and the rejected branch.
 
-Each component is a thin adapter around the step's command-line entry point — the same
-command dvc.yaml runs (``python -m components.train|evaluate|gate|register``), so the step
+Each component is a thin adapter that calls the step's plain function — the same function
+the ``xct`` command dvc.yaml runs calls (``components.train.run_train``, ``run_evaluate``,
+``run_gate``, ``run_register``), as the KFP v2 lightweight-component samples do — so the step
 logic stays in one place and the three ways of running a step (DVC, a KFP cluster,
-``kfp.local``) cannot drift apart. Artifacts map onto the DVC layout:
+``kfp.local``) cannot drift apart. Nothing here calls up into ``pipelines/``. Artifacts map
+onto the DVC layout (:mod:`xct_core.layout`):
 
 - ``train_stage_component`` → ``model`` (``Output[Model]``): a training output folder
   (``models/stage{1..K}``, ``plots``, ``metrics``; layout in :mod:`xct_core.training`).
@@ -33,33 +35,12 @@ from components._kfp import light_component, train_component
 GATE_PASSED = "passed"
 
 
-def run_step(module: str, args: list, params_yaml: str = "", env: dict | None = None) -> None:
-    """Run ``python -m <module> ARGS --params <params_yaml as a file>``.
-
-    Raises ``RuntimeError`` with the step's last stderr lines when it exits non-zero (the
-    KFP task then fails, which stops the pipeline — unlike a gate that did not pass).
-    """
+def _environment(values: dict) -> None:
+    """Set the non-empty ``values`` as environment variables of this task (RAY_ADDRESS,
+    MLFLOW_TRACKING_URI: the engines read them)."""
     import os
-    import subprocess
-    import sys
-    import tempfile
 
-    fd, path = tempfile.mkstemp(prefix="xct-params-", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(params_yaml if params_yaml.strip() else "{}\n")
-        cmd = [sys.executable, "-m", module, *[str(a) for a in args], "--params", path]
-        full_env = dict(os.environ)
-        full_env.update({k: v for k, v in (env or {}).items() if v})
-        print("+", " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, env=full_env, stderr=subprocess.PIPE, text=True)
-        if proc.stderr:
-            sys.stderr.write(proc.stderr)
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-            raise RuntimeError(f"{module} exited with {proc.returncode}: {tail}")
-    finally:
-        os.unlink(path)
+    os.environ.update({k: v for k, v in values.items() if v})
 
 
 @train_component
@@ -72,19 +53,20 @@ def train_stage_component(
     ray_address: str = "",
     mlflow_tracking_uri: str = "",
 ) -> NamedTuple("TrainOutputs", [("final_step", int)]):  # noqa: UP014
-    """Train cascade stage ``stage`` into ``model`` with ``xct train`` (Ray Train + MLflow,
-    components/train.py; in-process when ``pipeline.train.local`` is true).
+    """Train cascade stage ``stage`` into ``model`` (:func:`components.train.run_train`: Ray
+    Train + MLflow; :func:`components.train.run_local` in-process when
+    ``pipeline.train.local`` is true) — the functions ``xct train`` calls.
 
     ``previous``: stage K-1's ``model`` folder (required for K > 1; copied in first so the
     frozen earlier stages are found at ``models/stage{1..K-1}``).
     """
-    import json
     import shutil
     from collections import namedtuple
     from pathlib import Path
 
     from components._kfp import params_from_text
-    from components.stages_kfp import run_step
+    from components.stages_kfp import _environment
+    from components.train import run_local, run_train
 
     out = Path(model.path)
     if stage > 1:
@@ -92,18 +74,15 @@ def train_stage_component(
             raise ValueError(f"stage {stage} needs the previous stage's model folder")
         shutil.copytree(previous.path, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints", "ray"))
     out.mkdir(parents=True, exist_ok=True)
-    local = params_from_text(params_yaml).pipeline.train.local  # in-process (no Ray/MLflow) when true
-    run_step(
-        "pipelines.cli",
-        ["train", "--stage", stage, "--processed", processed.path, "--out", out, "--fresh", *(["--local"] if local else [])],
-        params_yaml,
-        {"RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_tracking_uri},
-    )
-    summary_file = out / "metrics" / f"stage{stage}.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    params = params_from_text(params_yaml)
+    _environment({"RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_tracking_uri})
+    if params.pipeline.train.local:
+        final_step = run_local(params, stage, processed.path, out, fresh=True).final_step
+    else:
+        final_step = run_train(params, stage, processed.path, out, fresh=True).final_step
     model.metadata["stage"] = stage
-    model.metadata["final_step"] = int(summary.get("step", 0))
-    return namedtuple("TrainOutputs", ["final_step"])(int(summary.get("step", 0)))
+    model.metadata["final_step"] = int(final_step)
+    return namedtuple("TrainOutputs", ["final_step"])(int(final_step))
 
 
 @light_component
@@ -115,21 +94,15 @@ def evaluate_step_component(
     metrics: Output[Metrics],
     params_yaml: str = "",
 ) -> None:
-    """Evaluate the cascade 1 … ``stage`` from ``train_dir`` on the test split (``python -m
-    components.evaluate``) → ``report`` (metrics.json, per_patient.csv, montage.png); the
-    numeric metrics also go to a KFP ``Metrics`` artifact."""
-    import json
+    """Evaluate the cascade 1 … ``stage`` from ``train_dir`` on the test split
+    (:func:`components.evaluate.run_evaluate`) → ``report`` (metrics.json, per_patient.csv,
+    montage.png); the numeric metrics also go to a KFP ``Metrics`` artifact."""
     import math
-    from pathlib import Path
 
-    from components.stages_kfp import run_step
+    from components._kfp import params_from_text
+    from components.evaluate import run_evaluate
 
-    run_step(
-        "components.evaluate",
-        ["--stage", stage, "--processed", processed.path, "--train-dir", train_dir.path, "--out", report.path],
-        params_yaml,
-    )
-    doc = json.loads((Path(report.path) / "metrics.json").read_text())
+    doc = run_evaluate(stage, processed.path, train_dir.path, report.path, params_from_text(params_yaml), log=print)
     for key, value in doc.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             metrics.log_metric(key, float(value))
@@ -143,27 +116,21 @@ def gate_report_component(
     gate: Output[Dataset],
     params_yaml: str = "",
 ) -> NamedTuple("GateOutputs", [("passed", bool), ("summary", str)]):  # noqa: UP014
-    """Apply ``gates.stage{stage}`` to the evaluation metrics → ``gate`` (``stageK.json``);
-    returns ``passed`` (the ``dsl.If`` condition) and the one-line summary."""
-    import json
+    """Apply ``gates.stage{stage}`` to the evaluation metrics (:func:`components.gate.run_gate`)
+    → ``gate`` (``stageK.json``); returns ``passed`` (the ``dsl.If`` condition) and the summary."""
     from collections import namedtuple
     from pathlib import Path
 
-    from components.stages_kfp import run_step
+    from components._kfp import params_from_text
+    from components.gate import report_lines, run_gate
+    from xct_core.layout import METRICS_JSON, ReportLayout
 
-    report = Path(gate.path) / f"stage{stage}.json"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    run_step(
-        "components.gate",
-        ["--stage", stage, "--metrics", Path(evaluation.path) / "metrics.json", "--out", report],
-        params_yaml,
-    )
-    doc = json.loads(report.read_text())
-    passed = bool(doc["passed"])
-    summary = str(doc.get("summary", ""))
-    print(summary)
-    gate.metadata["passed"] = passed
-    return namedtuple("GateOutputs", ["passed", "summary"])(passed, summary)
+    out = Path(gate.path) / ReportLayout.gate_file(stage)
+    report = run_gate(stage, Path(evaluation.path) / METRICS_JSON, out, params_from_text(params_yaml))
+    for line in report_lines(report):
+        print(line)
+    gate.metadata["passed"] = report.passed
+    return namedtuple("GateOutputs", ["passed", "summary"])(bool(report.passed), report.summary())
 
 
 @light_component
@@ -179,31 +146,30 @@ def register_component(
     params_yaml: str = "",
     mlflow_tracking_uri: str = "",
 ) -> None:
-    """Register the cascade (every gate passed) → ``summary`` (``summary.json``).
+    """Register the cascade (every gate passed; :func:`components.register.run_register`) →
+    ``summary`` (``summary.json``).
 
     Lays the evaluation and gate artifacts out as ``reports/eval/stageK`` and
-    ``reports/gates/stageK.json`` (the DVC layout the register step reads).
+    ``reports/gates/stageK.json`` (the layout the register step reads).
     """
     import shutil
     import tempfile
     from pathlib import Path
 
-    from components.stages_kfp import run_step
+    from components._kfp import params_from_text
+    from components.register import run_register
+    from components.stages_kfp import _environment
+    from xct_core.layout import ReportLayout
 
+    _environment({"MLFLOW_TRACKING_URI": mlflow_tracking_uri})
     with tempfile.TemporaryDirectory(prefix="xct-reports-") as tmp:
-        reports = Path(tmp)
+        reports = ReportLayout(Path(tmp))
         for k, (ev, gt) in enumerate([(eval1, gate1), (eval2, gate2), (eval3, gate3)], start=1):
-            shutil.copytree(ev.path, reports / "eval" / f"stage{k}")
-            (reports / "gates").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(gt.path) / f"stage{k}.json", reports / "gates" / f"stage{k}.json")
+            shutil.copytree(ev.path, reports.eval_dir(k))
+            reports.gates_root.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(gt.path) / ReportLayout.gate_file(k), reports.gate(k))
         out = Path(summary.path) / "summary.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        run_step(
-            "components.register",
-            ["--gates", reports / "gates", "--eval", reports / "eval", "--train-dir", model.path, "--out", out],
-            params_yaml,
-            {"MLFLOW_TRACKING_URI": mlflow_tracking_uri},
-        )
+        run_register(reports.gates_root, reports.eval_root, model.path, out, params_from_text(params_yaml), log=print)
 
 
 @light_component

@@ -16,13 +16,14 @@ The loop is :func:`xct_core.training.train_stage` (engine-agnostic); this module
   throughput, peak memory, validation metrics, montage PNGs and the final/best models.
   Rank 0 logs directly from the worker. A non-finite loss marks the run FAILED.
 
-Entry points: ``xct train --stage K`` (pipelines/commands/train.py), ``python -m
-components.train --stage K …`` (dvc.yaml) and :func:`run_train`.
+Entry points: ``xct train --stage K`` (pipelines/commands/train.py; dvc.yaml runs it), the
+KFP train component (components/stages_kfp.py) and :func:`run_train` / :func:`run_local`
+(in-process, no Ray, no MLflow: ``xct train --local``).
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ from typing import Any
 
 from xct_core.atomic import write_json_atomic
 from xct_core.checkpoint import latest_checkpoint
-from xct_core.config import Params, load_params, params_from_dict
+from xct_core.config import Params, params_from_dict
 from xct_core.errors import XctError
 from xct_core.training import (
     FaultPlan,
@@ -42,8 +43,8 @@ from xct_core.training import (
     RunLayout,
     TrainHooks,
     TrainingFailed,
+    TrainResult,
     preflight,
-    stage_steps,
     train_stage,
 )
 
@@ -68,6 +69,105 @@ class TrainSummary:
     fit_s: float = 0.0  #: TorchTrainer.fit wall time (worker start-up included)
 
 
+def faults_from_env() -> FaultPlan:
+    """The fault plan of the resilience tests, from ``$XCT_TRAIN_FAULTS`` (JSON; unset: none)."""
+    return FaultPlan.from_json(os.environ.get(FAULTS_ENV))
+
+
+def run_local(
+    params: Params,
+    stage: int,
+    processed_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    steps: int | None = None,
+    fresh: bool = False,
+    device: str | None = None,
+) -> TrainResult:
+    """Train in this process (no Ray, no MLflow): ``xct train --local`` and a bare GPU box."""
+    return train_stage(params, stage, processed_dir, out_dir, device=device, steps=steps, fresh=fresh,
+                       faults=faults_from_env())
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class ProgressFile:
+    """The rank-0 worker's progress bar: a tqdm-like object that writes ``{n, total, desc}``
+    to a small JSON file (atomically, at most every ``interval_s``) instead of drawing.
+
+    Ray forwards worker output to the driver line by line with a ``(RayTrainWorker pid=…)``
+    prefix, so a bar drawn in the worker repeats on every update; the driver draws the one
+    bar from this file (:class:`DriverBar`)."""
+
+    def __init__(self, path: Path, total: int, initial: int = 0, desc: str = "", interval_s: float = 0.5) -> None:
+        self.path, self.total, self.n, self.desc = path, int(total), int(initial), desc
+        self.interval_s = interval_s
+        self._last = 0.0
+        self._write(force=True)
+
+    def _write(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last >= self.interval_s:
+            self._last = now
+            write_json_atomic(self.path, {"n": self.n, "total": self.total, "desc": self.desc})
+
+    def update(self, n: int = 1) -> None:
+        self.n += int(n)
+        self._write(force=self.n >= self.total)
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+        self._write()
+
+    def close(self) -> None:
+        self._write(force=True)
+
+
+class DriverBar:
+    """The driver's one progress line for a stage: a thread polling :class:`ProgressFile`'s
+    JSON and updating a tqdm bar in place (on a terminal; elsewhere tqdm prints sparse lines)."""
+
+    def __init__(self, path: Path, desc: str, poll_s: float = 0.5) -> None:
+        import threading
+
+        self.path, self.desc, self.poll_s = path, desc, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"progress-{desc}", daemon=True)
+        self._bar: Any = None
+
+    def __enter__(self) -> DriverBar:
+        self.path.unlink(missing_ok=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        from xct_core.jsondoc import read_json_doc
+
+        try:
+            doc = read_json_doc(self.path, "progress")
+        except XctError:
+            return
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=int(doc["total"]), initial=int(doc["n"]), desc=self.desc, unit="step",
+                             dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        self._bar.set_description(str(doc.get("desc") or self.desc), refresh=False)
+        self._bar.update(int(doc["n"]) - self._bar.n)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self._poll()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._poll()
+        if self._bar is not None:
+            self._bar.close()
+
+
 # --------------------------------------------------------------------------- worker side
 
 
@@ -78,7 +178,6 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     import ray.train
     import ray.train.torch as rt
-    from ray.experimental import tqdm_ray
 
     from components.tracking import MetricLogger
 
@@ -107,9 +206,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         )
 
     def progress(total: int, initial: int, desc: str) -> Any:
-        bar = tqdm_ray.tqdm(total=total, desc=desc, unit="step")
-        bar.n = initial
-        return bar
+        return ProgressFile(Path(config["progress_file"]), total=total, initial=initial, desc=desc)
 
     hooks = TrainHooks(
         report=report,
@@ -202,6 +299,7 @@ def run_train(
     faults: FaultPlan | None = None,
     parent_run_id: str | None = None,
     tracking: bool = True,
+    progress: bool = True,
     log: Any = print,
 ) -> TrainSummary:
     """Train stage ``stage`` on Ray Train with MLflow tracking (see the module docstring).
@@ -215,8 +313,9 @@ def run_train(
     out = Path(out_dir if out_dir is not None else params.train.out_dir).absolute()
     processed = Path(processed_dir).absolute()
     preflight(params, k, processed, out, world_size=params.train.ray.num_workers, steps=steps)
-    name = list(params.stages)[k - 1]
-    n_steps = int(steps) if steps is not None else stage_steps(params, k)
+    st = params.stage(k)
+    name = st.name
+    n_steps = int(steps) if steps is not None else st.train_steps
 
     import ray  # after the checks: a bad input fails fast, without importing Ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
@@ -226,7 +325,7 @@ def run_train(
 
     layout = RunLayout(out, k)
     storage = out / "ray"
-    faults = faults if faults is not None else FaultPlan.from_json(os.environ.get(FAULTS_ENV))
+    faults = faults if faults is not None else faults_from_env()
     if fresh:
         layout.clear()
         shutil.rmtree(storage / name, ignore_errors=True)
@@ -243,7 +342,7 @@ def run_train(
         }
         mlrun = StageRun(
             experiment=params.train.experiment, stage=k, run_name=name,
-            state_file=layout.checkpoints / "mlflow.json", pipeline_file=out / "mlflow_pipeline.json",
+            state_file=layout.mlflow_state, pipeline_file=out / "mlflow_pipeline.json",
             params=logged, tags={**lineage_tags(params.digest(), processed), "xct.out_dir": str(out)},
             new_run=fresh or not _has_checkpoint(layout, storage / name), new_pipeline=fresh and k == 1,
             parent_run_id=parent_run_id,
@@ -254,9 +353,10 @@ def run_train(
     t_fit = 0.0
     try:
         started, t_init = _ray_init()
+        progress_file = layout.checkpoints / "progress.json"
         config = {
             "params": params.model_dump(mode="json"), "stage": k, "processed": str(processed), "out_dir": str(out),
-            "steps": n_steps, "faults": asdict(faults),
+            "steps": n_steps, "faults": asdict(faults), "progress_file": str(progress_file),
             "run_id": mlrun.run_id if mlrun else None, "tracking_uri": mlrun.uri if mlrun else None,
         }
         trainer = TorchTrainer(
@@ -272,7 +372,8 @@ def run_train(
             ),
         )
         t0 = time.perf_counter()
-        result = trainer.fit()
+        with DriverBar(progress_file, name) if progress else contextlib.nullcontext():
+            result = trainer.fit()
         t_fit = time.perf_counter() - t0
     except KeyboardInterrupt:
         if mlrun:
@@ -314,28 +415,3 @@ def run_train(
         run_id=mlrun.run_id if mlrun else None, parent_run_id=mlrun.parent_run_id if mlrun else None,
         metrics=summary, ray_startup_s=t_init, fit_s=t_fit,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m components.train --stage K [--processed data/processed] [--out DIR]
-    [--params params.yaml] [--overlay X.yaml] [--steps N] [--fresh]``."""
-    ap = argparse.ArgumentParser(prog="python -m components.train", description="Train one cascade stage on Ray Train + MLflow.")
-    ap.add_argument("--stage", type=int, required=True)
-    ap.add_argument("--processed", default="data/processed")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--params", default=None)
-    ap.add_argument("--overlay", action="append", default=[])
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--fresh", action="store_true")
-    a = ap.parse_args(argv)
-    try:
-        s = run_train(load_params(a.params, a.overlay), a.stage, a.processed, a.out, steps=a.steps, fresh=a.fresh)
-    except XctError as e:
-        print(f"xct: error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"{s.name}: step {s.final_step} → {s.final_model}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

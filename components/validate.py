@@ -21,15 +21,13 @@ Policy (``validation.policy``): ``fail`` → non-zero exit when any volume fails
 → failing volumes leave the split (listed under ``excluded``/``quarantined`` with their
 reasons) and the step succeeds, unless no training volume is left.
 
-Entry points, one implementation: ``python -m components.validate --interim data/interim
+Entry points, one implementation: ``xct step validate --interim data/interim
 --out data/validated`` (dvc.yaml), the KFP component :data:`validate_component`, and
 ``xct data validate DIR`` (:func:`validate_dir`, pipelines/commands/data_validate.py).
 """
 
-import argparse
 import html
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +36,8 @@ from typing import Any, NamedTuple
 from kfp.dsl import HTML, Dataset, Input, Output
 
 from components._kfp import light_component
-from xct_core.config import Params, ValidateParams, load_params
-from xct_core.errors import InputError, XctError
+from xct_core.config import Params, ValidateParams
+from xct_core.errors import InputError
 from xct_core.stats import (
     STATS_COLUMNS,
     discover,
@@ -477,31 +475,6 @@ def _read_splits(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- CLI (dvc.yaml)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m components.validate --interim data/interim --out data/validated
-    [--params params.yaml] [--policy fail|quarantine]``.
-
-    Exit 0: every volume passed, or policy quarantine (failures listed, split filtered);
-    1: policy fail and some volume failed (one line per failing file on stderr);
-    2: unusable input/params, or quarantine left no training volume.
-    """
-    ap = argparse.ArgumentParser(prog="python -m components.validate", description=__doc__.splitlines()[0])
-    ap.add_argument("--interim", type=Path, default=Path("data/interim"), help="ingest output (default: data/interim)")
-    ap.add_argument("--out", type=Path, default=Path("data/validated"), help="output folder (default: data/validated)")
-    ap.add_argument("--params", type=Path, default=None, help="params file (default: $XCT_PARAMS or ./params.yaml)")
-    ap.add_argument("--policy", choices=("fail", "quarantine"), default=None, help="override validation.policy")
-    args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        if args.policy is not None:
-            params = params.model_copy(update={"validation": params.validation.model_copy(update={"policy": args.policy})})
-        report = run_validate(args.interim, args.out, params, log=lambda m: print(m, file=sys.stderr))
-    except XctError as e:
-        print(f"validate: error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 1 if (not report.success and report.policy == "fail") else 0
-
-
 # --------------------------------------------------------------------------- KFP component
 
 
@@ -534,5 +507,3 @@ def validate_component(
     return namedtuple("ValidateOutputs", ["passed", "n_failed"])(report.success, len(report.failed))
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,9 +13,10 @@ and ``code_paths=[xct_core]``, so the loader needs only torch and the xct scienc
 ``predict`` input: a mapping ``{"frontal": 2D, "lateral": 2D}`` (line integrals ∫mu dl,
 dimensionless, ``[P, P]`` with ``P = drr.pixels``, image conventions of docs/CONVENTIONS.md),
 or a one-row DataFrame with those columns; optional keys ``steps`` (DDIM steps; default
-``eval.sample_steps`` or ``diffusion.sample_steps``) and ``seed`` (default ``params.seed``).
-Output: float32 ``[S, S, S]`` volume in HU (the last stage's grid, RAS+ axes), the window
-inverse of the sampler's [-1, 1] output (values outside the training window saturate).
+the steps rule of :meth:`xct_core.diffusion.Sampler.from_params`), ``seed`` (default
+``params.seed``) and ``samples`` (default ``reconstruct.samples``). The prediction IS
+:func:`xct_core.inference.reconstruct` (what ``xct reconstruct`` runs): float32 ``[S, S, S]``
+volume in HU (the last stage's grid, RAS+ axes), the mean of the samples.
 """
 
 from __future__ import annotations
@@ -54,11 +55,9 @@ class XctCascadeModel(PythonModel):
     """Biplanar X-ray line integrals → CT volume in HU with the diffusion cascade."""
 
     def load_context(self, context: Any) -> None:
-        import torch
 
-        from xct_core.checkpoint import load_stage_model
         from xct_core.config import params_from_dict
-        from xct_core.diffusion import CosineSchedule
+        from xct_core.inference import load_stages
 
         arts = context.artifacts
         with open(arts["params"], encoding="utf-8") as f:
@@ -66,18 +65,14 @@ class XctCascadeModel(PythonModel):
         n = sum(1 for k in arts if k.startswith("stage"))
         if n < 1:
             raise ValueError("the registered model holds no stage artifacts")
-        self.stages = [load_stage_model(arts[f"stage{k}"], "cpu") for k in range(1, n + 1)]
-        self.schedule = CosineSchedule.from_params(self.params.diffusion)
-        self.window = self.params.hu.get_window()
+        self.stages = load_stages([arts[f"stage{k}"] for k in range(1, n + 1)], self.params, "cpu")
         self.pixels = int(self.params.drr.pixels)
-        self._torch = torch
 
     # no type hints on predict: MLflow would read them as an input schema (it wants list[...])
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        """``{"frontal": 2D, "lateral": 2D[, "steps", "seed"]}`` → float32 ``[S, S, S]`` HU."""
-        from xct_core.cascade import sample_cascade
+        """``{"frontal": 2D, "lateral": 2D[, "steps", "seed", "samples"]}`` → float32 ``[S, S, S]`` HU."""
+        from xct_core.inference import reconstruct
 
-        torch = self._torch
         data = _unpack(model_input)
         missing = [v for v in ("frontal", "lateral") if v not in data]
         if missing:
@@ -86,16 +81,13 @@ class XctCascadeModel(PythonModel):
         for v, img in views.items():
             if img.shape != (self.pixels, self.pixels):
                 raise ValueError(f"{v} is {img.shape}, the model expects ({self.pixels}, {self.pixels}) (drr.pixels)")
-        opts = {**(params or {}), **{k: data[k] for k in ("steps", "seed") if k in data}}
-        steps = int(opts.get("steps") or self.params.eval.sample_steps or self.params.diffusion.sample_steps)
+        opts = {**(params or {}), **{k: data[k] for k in ("steps", "seed", "samples") if k in data}}
+        steps = int(opts["steps"]) if opts.get("steps") else None
         seed = int(opts.get("seed", self.params.seed))
-        f = torch.from_numpy(views["frontal"])[None, None]
-        lat = torch.from_numpy(views["lateral"])[None, None]
-        gen = torch.Generator().manual_seed(seed)
-        outs = sample_cascade(self.stages, f, lat, schedule=self.schedule, steps=steps,
-                              eta=float(self.params.diffusion.eta), generator=gen)
-        x = outs[-1][0, 0].float().cpu().numpy()
-        return np.asarray(self.window.inverse(x), dtype=np.float32)
+        samples = int(opts.get("samples") or self.params.reconstruct.samples)
+        rec = reconstruct(self.stages, self.params, views["frontal"], views["lateral"], steps=steps, samples=samples,
+                          seed=seed)
+        return np.asarray(rec.mean_hu, dtype=np.float32)
 
 
 mlflow.models.set_model(XctCascadeModel())

@@ -23,12 +23,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from pipelines.commands import ct, data, drr, hpo, models, params, pipeline, reconstruct, train
+    from pipelines.commands import ct, data, drr, hpo, models, params, pipeline, reconstruct, step, train
 
     app.add_typer(data.app, name="data", help="Data sets: synthesise phantoms, validate, transfer.")
     app.add_typer(ct.app, name="ct", help="Inspect and convert CT volumes (NIfTI, DICOM).")
     app.add_typer(params.app, name="params", help="Show and check the typed parameters.")
-    for module in (drr, train, hpo, models, pipeline, reconstruct):
+    for module in (drr, train, hpo, models, pipeline, reconstruct, step):
         module.register(app)
 
 

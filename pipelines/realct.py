@@ -211,7 +211,7 @@ def run_experiment(
     q = shlex.quote
     interim, validated, processed, train_dir, eval_dir = (out / n for n in ("interim", "validated", "processed",
                                                                            "train", "eval"))
-    steps.run("ingest", f"python -m components.ingest --raw {q(str(raw))} --out {q(str(interim))} --params {q(str(pfile))}",
+    steps.run("ingest", f"xct step ingest --raw {q(str(raw))} --out {q(str(interim))} --params {q(str(pfile))}",
               lambda: run_ingest(raw, interim, params, log=log))
 
     def _validate() -> Any:
@@ -220,9 +220,9 @@ def run_experiment(
             raise InputError(validated / "report.json", "validation failed (policy fail); see the report")
         return rep
 
-    report = steps.run("validate", f"python -m components.validate --interim {q(str(interim))} --out {q(str(validated))} "
+    report = steps.run("validate", f"xct step validate --interim {q(str(interim))} --out {q(str(validated))} "
                        f"--params {q(str(pfile))}", _validate)
-    steps.run("preprocess", f"python -m components.preprocess --volumes {q(str(interim / 'volumes'))} --splits "
+    steps.run("preprocess", f"xct step preprocess --volumes {q(str(interim / 'volumes'))} --splits "
               f"{q(str(validated / 'splits.json'))} --out {q(str(processed))} --params {q(str(pfile))}",
               lambda: run_preprocess(interim / "volumes", validated / "splits.json", processed, params, log=log))
     manifest = read_manifest(processed)

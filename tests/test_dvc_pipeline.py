@@ -1,6 +1,7 @@
 """The DVC pipeline (dvc.yaml) and its skip-after-failed-gate guard (components/guard.py).
 
-Fast checks: the DAG chain (`dvc dag`), that every stage lists only params keys that exist
+Fast checks: the DAG chain (`dvc dag`), the `foreach` cascade against params.yaml, that every
+step depends on the code it runs (its import closure) and lists only params keys that exist
 and only its own stage's keys, and the guard's pass / skip / error behaviour.
 Slow check (real engines, tiny profile from tests/pipeline_profile.py, in a temporary copy
 of the repo): `dvc repro` runs the whole chain; a second repro is a no-op; changing a
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -28,32 +30,50 @@ from xct_core.config import Params, TrainParams
 DVC = str(Path(sys.executable).parent / "dvc")
 CHAIN = [
     "synth", "ingest", "validate", "preprocess",
-    "train_stage1", "evaluate_stage1", "gate1",
-    "train_stage2", "evaluate_stage2", "gate2",
-    "train_stage3", "evaluate_stage3", "gate3",
+    "train@stage1", "evaluate@stage1", "gate@stage1",
+    "train@stage2", "evaluate@stage2", "gate@stage2",
+    "train@stage3", "evaluate@stage3", "gate@stage3",
     "register",
 ]
-STAGE_OF = {s: int(m.group(1)) for s in CHAIN if (m := re.search(r"(\d)$", s))}
+STAGE_OF = {s: int(m.group(1)) for s in CHAIN if (m := re.search(r"stage(\d)$", s))}
+
+#: what each DVC stage runs: the command it must start with, the shell module of that command
+#: (listed, not followed) and the entry modules whose import closure it must depend on
+ENTRIES: dict[str, tuple[str, str, list[str]]] = {
+    "synth": ("xct data synth", "pipelines/commands/data.py", ["xct_core.phantoms"]),
+    "ingest": ("xct step ingest", "pipelines/commands/step.py", ["components.ingest"]),
+    "validate": ("xct step validate", "pipelines/commands/step.py", ["components.validate"]),
+    "preprocess": ("xct step preprocess", "pipelines/commands/step.py", ["components.preprocess"]),
+    "train": ("xct train", "pipelines/commands/train.py", ["components.train", "components.guard"]),
+    "evaluate": ("xct step evaluate", "pipelines/commands/step.py", ["components.evaluate", "components.guard"]),
+    "gate": ("xct step gate", "pipelines/commands/step.py", ["components.gate", "components.guard"]),
+    "register": ("xct step register", "pipelines/commands/step.py", ["components.register"]),
+}
+#: what register ships with the model besides what it imports (MLflow "models from code")
+REGISTER_SHIPS = ["components/xct_pyfunc.py", "xct_core"]
 
 
-def _dvc_yaml() -> dict:
-    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+@pytest.fixture(scope="module")
+def dvc_stages() -> dict[str, Any]:
+    """dvc.yaml as DVC resolves it (``foreach`` expanded): name → stage."""
+    from dvc.repo import Repo
+
+    return {st.name: st for st in Repo(str(REPO)).index.stages}
 
 
-def _params_of(stage: dict) -> list[str]:
-    keys: list[str] = []
-    for item in stage.get("params", []):
-        if isinstance(item, str):
-            keys.append(item)
-        else:  # {file: [keys]}; {file: None} is a whole file (see _param_files_of)
-            for v in item.values():
-                keys.extend(v or [])
-    return keys
+def _params_of(stage: Any) -> list[str]:
+    return [k for p in stage.params for k in p.params]
 
 
-def _param_files_of(stage: dict) -> list[str]:
+def _param_files_of(stage: Any) -> list[str]:
     """Params files a stage depends on as a whole (``- hpo/best_stage1.yaml:``)."""
-    return [f for item in stage.get("params", []) if isinstance(item, dict) for f, v in item.items() if v is None]
+    return [str(p.def_path) for p in stage.params if not p.params]
+
+
+def _deps_of(stage: Any) -> list[str]:
+    from dvc.dependency.param import ParamsDependency
+
+    return [str(d.def_path) for d in stage.deps if not isinstance(d, ParamsDependency)]
 
 
 # --------------------------------------------------------------------------- DAG shape
@@ -68,17 +88,49 @@ def test_dvc_dag_is_the_gated_chain() -> None:
         assert (a, b) in edges, f"missing edge {a} -> {b}"
     # every later step waits for the previous stage's gate
     for k in (2, 3):
-        for step in (f"train_stage{k}", f"evaluate_stage{k}", f"gate{k}"):
-            assert (f"gate{k - 1}", step) in edges, step
+        for step in (f"train@stage{k}", f"evaluate@stage{k}", f"gate@stage{k}"):
+            assert (f"gate@stage{k - 1}", step) in edges, step
 
 
-def test_stage_params_exist_and_are_scoped() -> None:
+def test_cascade_vars_match_the_params_stages() -> None:
+    cascade = _dvc_yaml()["vars"][0]["cascade"]
+    assert list(cascade) == list(Params().stages) == list(yaml.safe_load((REPO / "params.yaml").read_text())["stages"])
+    for name, item in cascade.items():
+        k = item["k"]
+        assert name == f"stage{k}"
+        if k > 1:
+            assert item["after_models"] == f"outputs/train/models/stage{k - 1}"
+            assert item["after_gate"] == f"reports/gates/stage{k - 1}.json"
+
+
+def _dvc_yaml() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def test_every_step_depends_on_the_code_it_runs(dvc_stages: dict[str, Any]) -> None:
+    """Each step's deps cover the repo modules its command can run (the transitive import
+    closure of its entry modules, function-level imports included): change one and `dvc
+    repro` re-runs the step. Package ``__init__`` files (markers + the version) are exempt."""
+    from import_closure import closure
+
+    assert set(dvc_stages) == set(CHAIN)
+    for name, st in dvc_stages.items():
+        cmd_prefix, shell, entries = ENTRIES[name.split("@")[0]]
+        assert st.cmd.startswith(cmd_prefix), (name, st.cmd)
+        deps = _deps_of(st)
+        need = {f for f in closure(entries) if not f.endswith("__init__.py")} | {shell}
+        if name == "register":
+            need |= set(REGISTER_SHIPS)
+        covered = {f for f in need for d in deps if f == d or f.startswith(d.rstrip("/") + "/")}
+        assert need <= covered, f"{name}: dvc.yaml deps miss {sorted(need - covered)}"
+
+
+def test_stage_params_exist_and_are_scoped(dvc_stages: dict[str, Any]) -> None:
     """Each params key exists in the typed config, a stage-K step names no other stage's
     keys (so a stage-2 change re-runs stage 2 onward only), and training tracks every
     training knob it reads."""
     tree = Params().model_dump(mode="json")
-    stages = _dvc_yaml()["stages"]
-    for name, st in stages.items():
+    for name, st in dvc_stages.items():
         for key in _params_of(st):
             node = tree
             for part in key.split("."):
@@ -90,22 +142,22 @@ def test_stage_params_exist_and_are_scoped() -> None:
                 assert all(int(j) == k for j in other), f"{name} depends on {key}"
     train_keys = set(TrainParams.model_fields) - {"steps", "out_dir"}
     for k in (1, 2, 3):
-        listed = {p.split(".", 1)[1] for p in _params_of(stages[f"train_stage{k}"]) if p.startswith("train.")}
-        assert train_keys <= listed, f"train_stage{k} misses {sorted(train_keys - listed)}"
+        listed = {p.split(".", 1)[1] for p in _params_of(dvc_stages[f"train@stage{k}"]) if p.startswith("train.")}
+        assert train_keys <= listed, f"train@stage{k} misses {sorted(train_keys - listed)}"
         assert f"steps.stage{k}" in listed
     # data steps never depend on training / gate params
     for name in ("synth", "ingest", "validate", "preprocess"):
-        assert not [p for p in _params_of(stages[name]) if p.split(".")[0] in ("train", "gates", "registry")]
+        assert not [p for p in _params_of(dvc_stages[name]) if p.split(".")[0] in ("train", "gates", "registry")]
     # the tuned overlays (`xct hpo`): each is a whole-file param of its own stage's training and
     # evaluation only, exists, and is one of params.yaml's `overlays` (so commands apply it too)
     overlays = yaml.safe_load((REPO / "params.yaml").read_text()).get("overlays", [])
-    for name, st in stages.items():
+    for name, st in dvc_stages.items():
         for f in _param_files_of(st):
             assert STAGE_OF.get(name) is not None and f == f"hpo/best_stage{STAGE_OF[name]}.yaml", f"{name}: {f}"
             assert f in overlays and (REPO / f).is_file(), f
     for k in (1, 2, 3):
-        for name in (f"train_stage{k}", f"evaluate_stage{k}"):
-            assert _param_files_of(stages[name]) == [f"hpo/best_stage{k}.yaml"], name
+        for name in (f"train@stage{k}", f"evaluate@stage{k}"):
+            assert _param_files_of(dvc_stages[name]) == [f"hpo/best_stage{k}.yaml"], name
 
 
 # --------------------------------------------------------------------------- guard
@@ -116,24 +168,24 @@ def _gate(path: Path, passed: bool, summary: str = "") -> Path:
     return path
 
 
-def test_guard_runs_the_command_when_the_gate_passed(tmp_path: Path) -> None:
-    gate = _gate(tmp_path / "stage1.json", True)
-    flag = tmp_path / "ran.txt"
-    cmd = [sys.executable, "-c", f"import pathlib,sys; pathlib.Path({str(flag)!r}).write_text('x'); sys.exit(3)"]
-    rc = guard.main(["--after-gate", str(gate), "--stage", "2", "--out", str(tmp_path / "m.json"), "--", *cmd])
-    assert rc == 3  # the step's own exit code
-    assert flag.read_text() == "x"
+def test_guard_lets_the_step_run_when_the_gate_passed(tmp_path: Path) -> None:
+    _gate(tmp_path / "stage1.json", True)
+    outs = [tmp_path / "m.json"]
+    assert guard.proceed(tmp_path, 2, outs) is True  # gate 1 passed: stage 2 runs
+    assert guard.proceed(None, 2, outs) is True  # no gates folder: nothing to wait for
+    assert guard.proceed(tmp_path / "absent", 1, outs) is True  # stage 1 never waits
     assert not (tmp_path / "m.json").exists()
 
 
 def test_guard_skips_after_a_failed_gate_and_the_skip_cascades(tmp_path: Path) -> None:
-    gate = _gate(tmp_path / "stage1.json", False, "stage 1: gate FAILED — psnr_window: 20 (needs > 28, -8)")
-    flag = tmp_path / "ran.txt"
-    cmd = [sys.executable, "-c", f"open({str(flag)!r}, 'w').write('x')"]
-    outs = [tmp_path / "models" / "stage2", tmp_path / "metrics" / "stage2.json", tmp_path / "gates" / "stage2.json",
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    _gate(gates / "stage1.json", False, "stage 1: gate FAILED — psnr_window: 20 (needs > 28, -8)")
+    outs = [tmp_path / "models" / "stage2", tmp_path / "metrics" / "stage2.json", gates / "stage2.json",
             tmp_path / "eval" / "per_patient.csv"]
-    rc = guard.main(["--after-gate", str(gate), "--stage", "2", *[a for o in outs for a in ("--out", str(o))], "--", *cmd])
-    assert rc == 0 and not flag.exists()
+    lines: list[str] = []
+    assert guard.proceed(gates, 2, outs, log=lines.append) is False
+    assert "stage 2 skipped" in lines[0]
     marker = json.loads((outs[0] / guard.MARKER_NAME).read_text())
     assert marker["skipped"] is True and marker["passed"] is False and marker["stage"] == 2
     assert "psnr_window" in marker["reason"]
@@ -142,15 +194,20 @@ def test_guard_skips_after_a_failed_gate_and_the_skip_cascades(tmp_path: Path) -
     # the skipped gate 2 reads as "not passed, skipped" for stage 3
     verdict = guard.read_gate(outs[2])
     assert not verdict.passed and verdict.skipped and "psnr_window" in verdict.reason
+    assert guard.proceed(gates, 3, [tmp_path / "m3.json"]) is False
+    assert "psnr_window" in json.loads((tmp_path / "m3.json").read_text())["reason"]
 
 
 @pytest.mark.parametrize("content", [None, "not json", '{"stage": 1}'])
 def test_guard_errors_on_a_missing_or_broken_gate_report(tmp_path: Path, content: str | None,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from cli_run import xct
+
     gate = tmp_path / "stage1.json"
     if content is not None:
         gate.write_text(content)
-    rc = guard.main(["--after-gate", str(gate), "--out", str(tmp_path / "m.json"), "--", "true"])
+    rc = xct(["step", "gate", "--stage", "2", "--gates", str(tmp_path), "--metrics", str(tmp_path / "x.json"),
+              "--out", str(tmp_path / "m.json")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and str(gate) in err
     assert not (tmp_path / "m.json").exists()
@@ -200,15 +257,15 @@ def test_dvc_repro_noop_partial_rerun_and_failed_gate(scratch: Path) -> None:
     params["stages"]["stage2"]["lr"] = params["stages"]["stage2"]["lr"] * 2  # a stage-2 parameter
     write_params(repo / "params.yaml", params)
     ran, _ = _repro(repo, env)
-    stage2_on = CHAIN[CHAIN.index("train_stage2"):]
-    assert ran[:2] == ["train_stage2", "evaluate_stage2"] and set(ran) <= set(stage2_on), ran
-    assert "train_stage3" in ran  # it depends on the new stage-2 model
+    stage2_on = CHAIN[CHAIN.index("train@stage2"):]
+    assert ran[:2] == ["train@stage2", "evaluate@stage2"] and set(ran) <= set(stage2_on), ran
+    assert "train@stage3" in ran  # it depends on the new stage-2 model
     assert (repo / "outputs/train/models/stage1/final.pt").read_bytes() == stage1_model
 
     params["gates"]["stage1"] = FAILING_GATES["stage1"]  # TEST-ONLY threshold: gate 1 must fail
     write_params(repo / "params.yaml", params)
     ran, log = _repro(repo, env)  # exits 0: a rejected run is a completed run
-    assert "train_stage1" not in ran and ran[0] == "gate1" and ran[-1] == "register", ran
+    assert "train@stage1" not in ran and ran[0] == "gate@stage1" and ran[-1] == "register", ran
     assert "skipped" in log
     summary = json.loads((repo / "reports/summary.json").read_text())
     assert summary["status"] == "rejected" and summary["rejected_at_stage"] == 1

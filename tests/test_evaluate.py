@@ -18,9 +18,8 @@ import pytest
 import torch
 import yaml
 
-from components.evaluate import main as evaluate_main
+from cli_run import xct
 from components.evaluate import run_evaluate
-from components.gate import main as gate_main
 from components.gate import run_gate
 from train_fixtures import tiny_params
 from xct_core.checkpoint import export_stage_model
@@ -87,7 +86,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_evaluate_cli_writes_metrics_per_patient_and_montage(tiny_run: dict[str, Any]) -> None:
     out = tiny_run["root"] / "reports" / "eval" / "stage2"
-    rc = evaluate_main(["--stage", "2", "--processed", str(tiny_run["processed"]), "--train-dir",
+    rc = xct(["step", "evaluate", "--stage", "2", "--processed", str(tiny_run["processed"]), "--train-dir",
                         str(tiny_run["train"]), "--out", str(out), "--params", str(tiny_run["params_file"])])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -129,7 +128,7 @@ def test_mean_volume_baseline_matches_an_independent_computation(tiny_run: dict[
 def test_evaluate_missing_model_is_a_one_line_error(tiny_run: dict[str, Any], tmp_path: Path, capsys) -> None:
     with pytest.raises(InputError, match="stage model not found"):
         run_evaluate(1, tiny_run["processed"], tmp_path / "nothing", tmp_path / "out", tiny_run["params"])
-    rc = evaluate_main(["--stage", "1", "--processed", str(tiny_run["processed"]), "--train-dir", str(tmp_path),
+    rc = xct(["step", "evaluate", "--stage", "1", "--processed", str(tiny_run["processed"]), "--train-dir", str(tmp_path),
                         "--out", str(tmp_path / "o"), "--params", str(tiny_run["params_file"])])
     assert rc == 2 and "stage model not found" in capsys.readouterr().err
 
@@ -157,7 +156,7 @@ def _params_with_gate(tmp_path: Path, psnr: float, ssim: float) -> Path:
 def test_gate_pass_and_fail_both_exit_zero_with_full_report(tmp_path: Path, capsys) -> None:
     metrics = _metrics_file(tmp_path / "metrics.json")
     out = tmp_path / "gates" / "stage1.json"
-    assert gate_main(["--stage", "1", "--metrics", str(metrics), "--out", str(out),
+    assert xct(["step", "gate", "--stage", "1", "--metrics", str(metrics), "--out", str(out),
                       "--params", str(_params_with_gate(tmp_path, 29.0, 0.6))]) == 0
     rep = json.loads(out.read_text())
     assert rep["passed"] is True and rep["stage"] == 1
@@ -165,7 +164,7 @@ def test_gate_pass_and_fail_both_exit_zero_with_full_report(tmp_path: Path, caps
     assert by["psnr_window"]["threshold"] == 29.0 and by["psnr_window"]["value"] == 30.0
     assert by["psnr_window"]["margin"] == pytest.approx(1.0) and by["not_collapsed"]["value"] == pytest.approx(0.8)
 
-    assert gate_main(["--stage", "1", "--metrics", str(metrics), "--out", str(out),
+    assert xct(["step", "gate", "--stage", "1", "--metrics", str(metrics), "--out", str(out),
                       "--params", str(_params_with_gate(tmp_path, 31.5, 0.6))]) == 0
     rep = json.loads(out.read_text())
     assert rep["passed"] is False
@@ -179,7 +178,7 @@ def test_gate_non_finite_metric_fails_and_bad_input_errors(tmp_path: Path, capsy
     rep = run_gate(1, _metrics_file(tmp_path / "m.json", psnr_window_db=None), tmp_path / "g.json", params)
     assert not rep.passed and "psnr_window" in [c.name for c in rep.failed]
     assert json.loads((tmp_path / "g.json").read_text())["checks"][0]["margin"] is None  # NaN → null
-    assert gate_main(["--stage", "1", "--metrics", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.json")]) == 2
+    assert xct(["step", "gate", "--stage", "1", "--metrics", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.json")]) == 2
     assert "metrics file not found" in capsys.readouterr().err
     with pytest.raises(InputError, match="holds stage 1 metrics"):
         run_gate(2, tmp_path / "m.json", tmp_path / "g2.json", params)

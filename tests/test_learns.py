@@ -23,12 +23,12 @@ import torch
 
 from xct_core.cascade import sample_cascade
 from xct_core.config import params_from_dict
-from xct_core.diffusion import CosineSchedule
+from xct_core.diffusion import CosineSchedule, Sampler
 from xct_core.drr import render
 from xct_core.geometry import ProjectionGeometry
 from xct_core.losses import diffusion_loss
 from xct_core.metrics import psnr_window
-from xct_core.models import build_stage, stage_affine, stage_config
+from xct_core.models import build_stage, stage_affine
 from xct_core.phantoms import make_phantom
 
 STEPS = 600
@@ -55,7 +55,7 @@ def test_tiny_stage1_overfits_phantoms_and_beats_the_mean_volume(artifacts_dir: 
         "stages": {"stage1": {"size": 16, "token_grid": 4, "conv_channels": [8, 16], "dim": 64, "depth": 2,
                               "heads": 4, "lift_channels": 8, "enc_channels": [16, 32], "lr": 3e-3}},
     })
-    cfg = stage_config(params, 1)
+    cfg = params.stage(1).cfg
     affine = stage_affine(cfg)
     window = params.hu.get_window()
     geoms = {v: ProjectionGeometry.from_params(params.drr, v) for v in ("frontal", "lateral")}
@@ -87,7 +87,7 @@ def test_tiny_stage1_overfits_phantoms_and_beats_the_mean_volume(artifacts_dir: 
         losses.append(float(loss.detach()))
     assert np.mean(losses[-50:]) < 0.5 * np.mean(losses[:50])
 
-    recon = sample_cascade([net], f_t, l_t, schedule=schedule, steps=10, generator=torch.Generator().manual_seed(1))[0]
+    recon = sample_cascade([net], f_t, l_t, sampler=Sampler(schedule, 10), generator=torch.Generator().manual_seed(1))[0]
     baseline = x0_t.mean(0, keepdim=True).expand_as(x0_t)
     psnr_model = np.asarray(psnr_window(recon, x0_t))
     psnr_base = np.asarray(psnr_window(baseline, x0_t))

@@ -153,7 +153,7 @@ def test_train_evaluate_register_and_load_by_alias_through_postgres_server(stack
     from components.train import run_train
     from xct_core.cascade import sample_cascade
     from xct_core.checkpoint import load_stage_model
-    from xct_core.diffusion import CosineSchedule
+    from xct_core.diffusion import Sampler
 
     assert os.environ["MLFLOW_TRACKING_URI"] == stack["uri"] and "MLFLOW_S3_ENDPOINT_URL" not in os.environ
     p: Params = stack["params"]
@@ -233,6 +233,6 @@ def test_train_evaluate_register_and_load_by_alias_through_postgres_server(stack
     w = p.hu.get_window()
     assert vol.min() >= w.lo - 1e-3 and vol.max() <= w.hi + 1e-3
     outs = sample_cascade([load_stage_model(best)], torch.from_numpy(frontal)[None, None],
-                          torch.from_numpy(lateral)[None, None], schedule=CosineSchedule.from_params(p.diffusion),
-                          steps=p.eval.sample_steps, generator=torch.Generator().manual_seed(3))
+                          torch.from_numpy(lateral)[None, None], sampler=Sampler.from_params(p, p.eval.sample_steps),
+                          generator=torch.Generator().manual_seed(3))
     np.testing.assert_allclose(vol, w.inverse(outs[-1][0, 0].numpy()), atol=1e-3)

@@ -165,7 +165,7 @@ def test_load_by_alias_through_server_and_predict(server: dict[str, Any]) -> Non
     from components.model_uri import resolve_model
     from xct_core.cascade import sample_cascade
     from xct_core.checkpoint import load_stage_model
-    from xct_core.diffusion import CosineSchedule
+    from xct_core.diffusion import Sampler
 
     c = MlflowClient(server["uri"])
     if not c.search_model_versions(f"name='{NAME}'"):
@@ -202,6 +202,5 @@ def test_load_by_alias_through_server_and_predict(server: dict[str, Any]) -> Non
     # known answer: the project sampler on the resolved stage files, same seed and steps
     stages = [load_stage_model(f) for f in rm.stage_files]
     outs = sample_cascade(stages, torch.from_numpy(frontal)[None, None], torch.from_numpy(lateral)[None, None],
-                          schedule=CosineSchedule.from_params(p.diffusion), steps=p.eval.sample_steps,
-                          generator=torch.Generator().manual_seed(3))
+                          sampler=Sampler.from_params(p, p.eval.sample_steps), generator=torch.Generator().manual_seed(3))
     np.testing.assert_allclose(vol, w.inverse(outs[-1][0, 0].numpy()), atol=1e-3)

@@ -19,7 +19,7 @@ from torch import nn
 
 from xct_core.cascade import aug_timestep, lowres_condition, resize_volume, sample_cascade
 from xct_core.config import Params, load_params, params_from_dict
-from xct_core.diffusion import CosineSchedule
+from xct_core.diffusion import CosineSchedule, Sampler
 from xct_core.errors import ConfigError
 from xct_core.losses import PhysicsLoss, diffusion_loss, direct_loss
 from xct_core.models import (
@@ -30,7 +30,6 @@ from xct_core.models import (
     build_stage,
     lifting_grid,
     stage_affine,
-    stage_config,
     unwrap,
     xray_binning,
 )
@@ -124,7 +123,7 @@ def test_stages_must_be_ordered_growing_and_share_the_fov() -> None:
     with pytest.raises(ConfigError, match="same fov_mm"):
         params_from_dict({"stages": {"stage1": s1, "stage2": {**s2, "fov_mm": 300.0}}})
     with pytest.raises(ConfigError, match="stage 3 does not exist"):
-        stage_config(tiny_params(), 3)
+        tiny_params().stage(3)
 
 
 def test_repo_profiles_are_valid(repo_root: Path) -> None:
@@ -144,7 +143,7 @@ def test_repo_profiles_are_valid(repo_root: Path) -> None:
 def test_stage_affine_is_the_origin_centred_phantom_grid() -> None:
     from xct_core.phantoms import canonical_affine
 
-    cfg = stage_config(tiny_params(), 2)
+    cfg = tiny_params().stage(2).cfg
     aff = stage_affine(cfg)
     np.testing.assert_allclose(aff, canonical_affine(cfg.size, cfg.fov_mm / cfg.size))
     centre = aff @ np.array([(cfg.size - 1) / 2] * 3 + [1.0])
@@ -277,7 +276,7 @@ def test_lifting_samples_each_voxel_where_its_ray_hits_the_detector(view: str, k
     (row) of every voxel centre: exact for bilinear sampling of a linear function."""
     pix, pmm = 48, 17.6 if kind == "cone" else 9.6
     p = tiny_params(geometry=kind, pixels=pix, pixel_mm=pmm)
-    cfg = stage_config(p, 1)
+    cfg = p.stage(1).cfg
     aff = stage_affine(cfg)
     from xct_core.geometry import ProjectionGeometry, voxel_centers_world
 
@@ -498,7 +497,7 @@ def test_physics_loss_zero_for_identical_positive_for_shifted_and_differentiable
     from xct_core.drr import render
     from xct_core.geometry import ProjectionGeometry
 
-    win, aff = p.hu.get_window(), stage_affine(stage_config(p, 2))
+    win, aff = p.hu.get_window(), stage_affine(p.stage(2).cfg)
     imgs = {
         name: torch.stack([render(win.inverse(v[:, 0]), aff, ProjectionGeometry.from_params(p.drr, view),
                                   mu_water=p.hu.mu_water) for view in ("frontal", "lateral")], 1)
@@ -532,7 +531,7 @@ class _Oracle(nn.Module):
         self.x0, self.noise, self.schedule = x0, noise, schedule
         self.mode, self.prev_size, self.name = mode, prev_size, name
         self.size = x0.shape[-1]
-        self.cfg = stage_config(tiny_params(), 2)
+        self.cfg = tiny_params().stage(2).cfg
         self.w = nn.Parameter(torch.zeros(()))
         self.seen: list[dict] = []
 
@@ -603,7 +602,7 @@ def test_sample_cascade_with_oracle_stages(schedule: CosineSchedule) -> None:
     s1.train()
     s2.eval()
     f, lat = xrays(1, 32)
-    outs = sample_cascade([s1, s2], f, lat, schedule=schedule, steps=[4, 7], generator=torch.Generator().manual_seed(0))
+    outs = sample_cascade([s1, s2], f, lat, sampler=Sampler(schedule, (4, 7)), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(outs[0], x1, atol=1e-4, rtol=0)
     torch.testing.assert_close(outs[1], x2, atol=1e-4, rtol=0)
     assert len(s1.seen) == 4 and len(s2.seen) == 7
@@ -615,9 +614,9 @@ def test_sample_cascade_with_oracle_stages(schedule: CosineSchedule) -> None:
     a = schedule.alphas_cumprod[level]
     resid = (cond - a.sqrt() * resize_volume(x1, 16)) / (1 - a).sqrt()
     assert abs(float(resid.std()) - 1.0) < 0.1  # augmented with unit noise around stage 1's output
-    assert len(sample_cascade([s1, s2], f, lat, schedule=schedule, steps=2, upto=1)) == 1
+    assert len(sample_cascade([s1, s2], f, lat, sampler=Sampler(schedule, 2), upto=1)) == 1
     with pytest.raises(ValueError, match="cannot run first"):
-        sample_cascade([s2], f, lat, schedule=schedule, steps=2)
+        sample_cascade([s2], f, lat, sampler=Sampler(schedule, 2))
 
 
 def test_sample_cascade_real_stages_deterministic(schedule: CosineSchedule) -> None:
@@ -625,7 +624,7 @@ def test_sample_cascade_real_stages_deterministic(schedule: CosineSchedule) -> N
     torch.manual_seed(0)
     stages = [wake(build_stage(p, 1)), wake(build_stage(p, 2, mode="direct"))]
     f, lat = xrays(2, p.drr.pixels)
-    run = lambda: sample_cascade(stages, f, lat, schedule=schedule, steps=3,  # noqa: E731
+    run = lambda: sample_cascade(stages, f, lat, sampler=Sampler(schedule, 3),  # noqa: E731
                                  generator=torch.Generator().manual_seed(5))
     a, b = run(), run()
     assert [o.shape for o in a] == [(2, 1, 16, 16, 16), (2, 1, 32, 32, 32)]

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from components.preprocess import main, preprocess_component, run_preprocess
+from cli_run import xct
+from components.preprocess import preprocess_component, run_preprocess
 from xct_core.config import Params, params_from_dict
 from xct_core.drr import render
 from xct_core.errors import InputError
@@ -314,12 +315,12 @@ def test_cli_entry_point(inputs: tuple[Path, Path], tmp_path: Path, capsys: pyte
 
     params_file.write_text(yaml.safe_dump(small_params().model_dump(mode="json")))
     out = tmp_path / "processed"
-    rc = main(["--volumes", str(vols), "--splits", str(splits), "--out", str(out),
-               "--params", str(params_file), "--no-progress"])
+    rc = xct(["step", "preprocess", "--volumes", str(vols), "--splits", str(splits), "--out", str(out),
+              "--params", str(params_file), "--no-progress"])
     assert rc == 0 and (out / MANIFEST).is_file()
     assert "4 processed, 0 skipped" in capsys.readouterr().out
-    rc = main(["--volumes", str(tmp_path / "missing"), "--splits", str(splits), "--out", str(out),
-               "--params", str(params_file)])
+    rc = xct(["step", "preprocess", "--volumes", str(tmp_path / "missing"), "--splits", str(splits), "--out", str(out),
+              "--params", str(params_file)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "missing: volumes folder not found" in err
 

@@ -133,7 +133,7 @@ def test_samples_mean_and_std_equal_single_runs(env: dict[str, Any], tmp_path: P
 
 
 def test_png_input_maps_intensity_to_line_integrals(env: dict[str, Any], tmp_path: Path, capsys) -> None:
-    from xct_core.inference import load_xray
+    from xct_core.xray_io import load_xray
 
     pngs = {}
     for view in ("frontal", "lateral"):
@@ -219,10 +219,10 @@ def test_evaluate_two_cts_metrics_baselines_and_report(env: dict[str, Any], tmp_
     assert doc["mean"]["psnr_hu_db"] == pytest.approx(np.mean([p["psnr_hu_db"] for p in doc["patients"]]))
     # leave-one-out mean of two CTs = the other CT (on its stage grid); like every prediction it is
     # windowed before the HU metrics (evaluation protocol), so its MAE is known in closed form
-    from xct_core.inference import case_inputs
+    from xct_core.evaluation import ct_case
     from xct_core.io import load_ct
 
-    t = [case_inputs(load_ct(env["cts"] / f"pat{i}.nii.gz"), env["params"], 2)[0].astype(np.float64) for i in (0, 1)]
+    t = [ct_case(f"pat{i}", load_ct(env["cts"] / f"pat{i}.nii.gz"), env["params"], 2).target_hu.astype(np.float64) for i in (0, 1)]
     w = env["params"].hu.get_window()
     for i in (0, 1):
         want = np.abs(np.clip(t[1 - i], w.lo, w.hi) - np.clip(t[i], -1024, 1024)).mean()

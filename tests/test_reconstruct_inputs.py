@@ -85,7 +85,7 @@ def _drr(env: dict[str, Any], view: str) -> tuple[np.ndarray, float]:
 ])
 def test_dicom_radiograph_gives_back_the_drr_line_integrals(env: dict[str, Any], tmp_path: Path, bits: int,
                                                             photometric: str, modality: str, min_i: float) -> None:
-    from xct_core.inference import load_xray
+    from xct_core.xray_io import load_xray
 
     p, pitch = _drr(env, "frontal")
     assert pitch == env["params"].drr.pixel_mm == 40.0
@@ -107,7 +107,7 @@ def test_dicom_radiograph_gives_back_the_drr_line_integrals(env: dict[str, Any],
 
 
 def test_monochrome1_and_2_decode_to_the_same_image(env: dict[str, Any], tmp_path: Path) -> None:
-    from xct_core.inference import load_xray
+    from xct_core.xray_io import load_xray
 
     p, pitch = _drr(env, "lateral")
     write_radiograph(tmp_path / "m1.dcm", p, photometric="MONOCHROME1", imager_spacing=(pitch, pitch))
@@ -120,7 +120,7 @@ def test_monochrome1_and_2_decode_to_the_same_image(env: dict[str, Any], tmp_pat
 def test_dicom_pixel_spacing_read_from_header(env: dict[str, Any], tmp_path: Path) -> None:
     """Known answer: the DRR's pitch (40 mm) is accepted from ImagerPixelSpacing (which wins
     over PixelSpacing) or, alone, PixelSpacing; the numbers read appear in the error."""
-    from xct_core.inference import load_xray
+    from xct_core.xray_io import load_xray
 
     p, pitch = _drr(env, "frontal")
     accepted = {"imager": ((pitch, pitch), None), "imager wins": ((pitch, pitch), (pitch / 2, pitch / 2)),
@@ -144,7 +144,8 @@ def test_dicom_pixel_spacing_read_from_header(env: dict[str, Any], tmp_path: Pat
 
 
 def test_reconstruct_cli_with_dicom_radiographs(env: dict[str, Any], tmp_path: Path, capsys) -> None:
-    from xct_core.inference import load_stages, load_xray, reconstruct
+    from xct_core.inference import load_stages, reconstruct
+    from xct_core.xray_io import load_xray
 
     files = {}
     for view, phot in (("frontal", "MONOCHROME2"), ("lateral", "MONOCHROME1")):

@@ -125,7 +125,7 @@ def test_registered_pyfunc_loads_by_alias_and_matches_the_sampler(reg_env: dict[
 
     from xct_core.cascade import sample_cascade
     from xct_core.checkpoint import load_stage_model
-    from xct_core.diffusion import CosineSchedule
+    from xct_core.diffusion import Sampler
 
     if not _versions(reg_env):
         _run(reg_env, "run1", seed=0, psnr2=25.0)
@@ -147,8 +147,7 @@ def test_registered_pyfunc_loads_by_alias_and_matches_the_sampler(reg_env: dict[
     # known answer: the project sampler on the run-1 stage files, same seed and steps
     stages = [load_stage_model(reg_env["root"] / "run1" / "train" / "models" / f"stage{k}" / "best.pt") for k in (1, 2)]
     outs = sample_cascade(stages, torch.from_numpy(frontal)[None, None], torch.from_numpy(lateral)[None, None],
-                          schedule=CosineSchedule.from_params(p.diffusion), steps=1,
-                          generator=torch.Generator().manual_seed(3))
+                          sampler=Sampler.from_params(p, 1), generator=torch.Generator().manual_seed(3))
     np.testing.assert_allclose(vol, w.inverse(outs[-1][0, 0].numpy()), atol=1e-3)
     with pytest.raises(Exception, match="expects"):
         model.predict({"frontal": np.zeros((8, 8)), "lateral": np.zeros((8, 8))})

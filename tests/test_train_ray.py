@@ -144,7 +144,7 @@ def test_driver_killed_mid_run_then_rerun_resumes(env: dict) -> None:
         "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
         "XCT_TRAIN_FAULTS": json.dumps({"slow_step_s": 1.0}),
     }
-    cmd = [sys.executable, "-m", "components.train", "--stage", "1", "--processed", str(env["processed"]),
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--stage", "1", "--processed", str(env["processed"]),
            "--out", str(out), "--params", str(pfile), "--steps", "8"]
     log = env["root"] / "kill_driver.log"
     with open(log, "w") as fh:

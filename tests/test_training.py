@@ -27,7 +27,6 @@ from xct_core.training import (
     RunLayout,
     ShardSampler,
     lr_factor,
-    main,
     preflight,
     train_stage,
 )
@@ -219,14 +218,27 @@ def test_resume_with_a_different_network_is_refused(setup: dict) -> None:
 
 
 def test_bare_entry_point(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bare-GPU-box entry point is `xct train --local` (xct_core holds no CLI): it prints
+    one summary line and errors are one line with exit 2."""
+    from pipelines.cli import main as xct
+
+    def run(args: list[str]) -> int:
+        try:
+            xct(args)
+        except SystemExit as e:
+            return int(e.code or 0)
+        return 0
+
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump(setup["params"].model_dump(mode="json")))
-    rc = main(["--stage", "1", "--processed", str(setup["processed"]), "--out", str(tmp_path / "o"),
-               "--params", str(pfile), "--steps", "2", "--device", "cpu"])
+    rc = run(["train", "--local", "--stage", "1", "--processed", str(setup["processed"]), "--out", str(tmp_path / "o"),
+              "--params", str(pfile), "--steps", "2", "--device", "cpu"])
     assert rc == 0
-    assert "stage1: step 2 (from scratch" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stage1: step 2 →" in out and "(from scratch" in out
     assert (tmp_path / "o" / "models" / "stage1" / "final.pt").is_file()
-    rc = main(["--stage", "2", "--processed", str(setup["processed"]), "--out", str(tmp_path / "none"), "--params", str(pfile)])
+    rc = run(["train", "--local", "--stage", "2", "--processed", str(setup["processed"]), "--out", str(tmp_path / "none"),
+              "--params", str(pfile)])
     assert rc == 2 and "stage 1 model not found" in capsys.readouterr().err
 
 

@@ -15,7 +15,7 @@ import pytest
 from dicom_synth import write_nifti
 
 from components.ingest import run_ingest
-from components.validate import main as validate_main
+from cli_run import xct
 from components.validate import render_html, run_validate, validate_dir, validate_component
 from xct_core.config import Params, params_from_dict
 
@@ -154,15 +154,15 @@ def test_fail_policy_exits_non_zero_and_withholds_the_split(dataset: tuple[Path,
     out = tmp_path / "validated"
     out.mkdir()
     (out / "splits.json").write_text("{}")  # stale output from an earlier run must not survive
-    rc = validate_main(["--interim", str(dataset[1]), "--out", str(out), "--params", str(tmp_path / "none.yaml")])
+    rc = xct(["step", "validate", "--interim", str(dataset[1]), "--out", str(out), "--params", str(tmp_path / "none.yaml")])
     assert rc == 2 and "params file not found" in capsys.readouterr().err
     (tmp_path / "p.yaml").write_text("validation:\n  policy: fail\n")
-    rc = validate_main(["--interim", str(dataset[1]), "--out", str(out), "--params", str(tmp_path / "p.yaml")])
+    rc = xct(["step", "validate", "--interim", str(dataset[1]), "--out", str(out), "--params", str(tmp_path / "p.yaml")])
     assert rc == 1
     assert not (out / "splits.json").exists() and (out / "report.json").is_file()
     err = capsys.readouterr().err
     assert sum(line.startswith(str(dataset[0])) for line in err.splitlines()) == len(EXPECTED)
-    rc = validate_main(["--interim", str(dataset[1]), "--out", str(out), "--params", str(tmp_path / "p.yaml"),
+    rc = xct(["step", "validate", "--interim", str(dataset[1]), "--out", str(out), "--params", str(tmp_path / "p.yaml"),
                         "--policy", "quarantine"])  # fmt: skip
     assert rc == 0 and (out / "splits.json").is_file()
 

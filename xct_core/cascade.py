@@ -11,7 +11,8 @@ Stage k>1 is conditioned on a lower-resolution volume upsampled to its grid:
 
 Upsampling is trilinear with ``align_corners=False`` (every stage grid covers the same FOV,
 voxel centres at cell centres, so this is the geometrically consistent resampling).
-Sampling uses :func:`xct_core.diffusion.ddim_sample` — the one sampler of the project.
+Sampling uses :func:`xct_core.diffusion.ddim_sample` — the one sampler of the project —
+with the settings of one :class:`xct_core.diffusion.Sampler` (steps, eta, clip, spacing).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xct_core.diffusion import CosineSchedule, ddim_sample, q_sample
+from xct_core.diffusion import CosineSchedule, Sampler, q_sample
 from xct_core.models.stage import StageNet, unwrap
 
 __all__ = [
@@ -89,9 +90,7 @@ def sample_cascade(
     frontal: torch.Tensor,
     lateral: torch.Tensor,
     *,
-    schedule: CosineSchedule,
-    steps: int | Sequence[int],
-    eta: float = 0.0,
+    sampler: Sampler,
     generator: torch.Generator | None = None,
     upto: int | None = None,
 ) -> list[torch.Tensor]:
@@ -103,9 +102,8 @@ def sample_cascade(
             direct mode; direct stages predict x0 in one pass). They are run frozen, in eval
             mode under ``torch.no_grad``; their previous train/eval mode is restored after.
         frontal, lateral: line-integral X-rays ``[B, 1, H, W]``.
-        schedule: the training noise schedule.
-        steps: DDIM steps, one int for all stages or one per stage.
-        eta: DDIM eta (0 = deterministic).
+        sampler: schedule + DDIM settings (:meth:`xct_core.diffusion.Sampler.from_params`);
+            its ``steps`` are one int for all stages or one per stage.
         generator: drives all noise (initial x_T, eta noise, condition augmentation).
         upto: run stages ``1 … upto`` only (default: all).
 
@@ -115,9 +113,8 @@ def sample_cascade(
     n = len(stages) if upto is None else int(upto)
     if not 1 <= n <= len(stages):
         raise ValueError(f"upto must be in [1, {len(stages)}], got {upto}")
-    step_list = [int(steps)] * n if isinstance(steps, int) else [int(s) for s in steps][:n]
-    if len(step_list) != n:
-        raise ValueError(f"need {n} step counts, got {steps}")
+    step_list = sampler.steps_for(n)
+    schedule = sampler.schedule
     was_training = [m.training for m in stages]
     outs: list[torch.Tensor] = []
     try:
@@ -134,20 +131,15 @@ def sample_cascade(
                 cond_aug = torch.full((B,), aug_timestep(net.cfg.cond_aug_sample, schedule), dtype=torch.long, device=dev)
                 cond = augment_condition(resize_volume(outs[-1], net.size), cond_aug, schedule, generator)
             if net.mode == "direct":
-                x0 = model(None, None, frontal, lateral, cond, cond_aug, context=ctx).float().clamp(-1.0, 1.0)
+                x0 = model(None, None, frontal, lateral, cond, cond_aug, context=ctx).float()
+                x0 = x0.clamp(*sampler.clip) if sampler.clip is not None else x0
             else:
 
                 def predict_v(x_t: torch.Tensor, t: torch.Tensor, _m=model, _c=cond, _a=cond_aug, _ctx=ctx) -> torch.Tensor:
                     return _m(x_t, t, frontal, lateral, _c, _a, context=_ctx).float()
 
-                x0 = ddim_sample(
-                    predict_v,
-                    (B, 1, net.size, net.size, net.size),
-                    schedule=schedule,
-                    steps=step_list[k],
-                    eta=eta,
-                    generator=generator,
-                    device=dev,
+                x0 = sampler.sample(
+                    predict_v, (B, 1, net.size, net.size, net.size), steps=step_list[k], generator=generator, device=dev
                 )
             outs.append(x0)
     finally:

@@ -15,14 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated as _Annotated
 from typing import Any, Literal
 
 import yaml
+from pydantic import AfterValidator as _AfterValidator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import model_validator as _model_validator
 
 from xct_core.errors import ConfigError
-from xct_core.hu import HUWindow, get_window
+from xct_core.grid import StageGrid, token_levels
+from xct_core.hu import HUMap, HUWindow, get_window
 
 #: environment variable naming the params file (default: ./params.yaml)
 PARAMS_ENV = "XCT_PARAMS"
@@ -32,9 +37,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class HUMapParams(_Section):
+    """Explicit knots of the networks' HU map (:class:`xct_core.hu.HUMap`)."""
+
+    #: strictly increasing HU knots (the first and last bound what the networks can output)
+    hu: tuple[float, ...]
+    #: strictly increasing unit knots from -1 to 1, one per HU knot
+    unit: tuple[float, ...]
+
+
 class HUParams(_Section):
-    #: training window: a name from xct_core.hu.WINDOWS or an explicit [lo, hi] in HU
+    #: the evaluation/gate window: a name from xct_core.hu.WINDOWS or an explicit [lo, hi] in HU
     window: str | tuple[float, float] = "soft_tissue"
+    #: the units the stage networks predict in (xct_core.hu.HUMap): "window" = the window
+    #: above mapped linearly to [-1, 1] (HU outside it are clipped: the output is that window,
+    #: not a CT), or explicit {hu: [knots], unit: [knots]} (a monotone piecewise-linear map)
+    output: Literal["window"] | HUMapParams = "window"
     #: linear attenuation of water in 1/mm (≈0.02 at 60-70 keV)
     mu_water: float = Field(0.02, gt=0)
 
@@ -44,8 +62,23 @@ class HUParams(_Section):
         get_window(v)
         return v
 
+    @_model_validator(mode="after")
+    def _valid_map(self) -> HUParams:
+        try:
+            self.net_map()
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
     def get_window(self) -> HUWindow:
+        """The evaluation window (gates, reports, display)."""
         return get_window(self.window)
+
+    def net_map(self) -> HUMap:
+        """The networks' HU ↔ unit map (datasets, physics loss, reconstruction)."""
+        if self.output == "window":
+            return HUMap.from_window(self.get_window())
+        return HUMap("custom", tuple(self.output.hu), tuple(self.output.unit))
 
 
 class DRRParams(_Section):
@@ -134,10 +167,6 @@ class DataParams(_Section):
 
 
 # --- model / cascade stages (owner: xct_core.models) -----------------------------------
-from typing import Annotated as _Annotated  # noqa: E402
-
-from pydantic import AfterValidator as _AfterValidator  # noqa: E402
-from pydantic import model_validator as _model_validator  # noqa: E402
 
 
 class ModelParams(_Section):
@@ -184,12 +213,7 @@ class StageParams(_Section):
 
     @_model_validator(mode="after")
     def _check_shapes(self) -> StageParams:
-        if self.size % self.token_grid:
-            raise ValueError(f"size {self.size} is not divisible by token_grid {self.token_grid}")
-        ratio = self.size // self.token_grid
-        if ratio < 2 or ratio & (ratio - 1):
-            raise ValueError(f"size/token_grid = {ratio} must be a power of two >= 2")
-        levels = ratio.bit_length() - 1
+        levels = token_levels(self.size, self.token_grid)
         if len(self.conv_channels) != levels:
             raise ValueError(
                 f"conv_channels needs {levels} entries (one per level from {self.size}³ down to "
@@ -280,6 +304,9 @@ class EvalParams(_Section):
     #: evaluation step (components/evaluate.py): DDIM steps of the cascade sampler on the
     #: test split (null: diffusion.sample_steps); the noise seed is the top-level ``seed``
     sample_steps: int | None = Field(None, ge=1)
+    #: diffusion samples per evaluated volume: the point estimate is their voxel-wise mean
+    #: (posterior mean); with K > 1 the single first sample is reported beside it (single_*)
+    samples: int = Field(1, ge=1, le=64)
     #: exported stage models evaluated and registered: best.pt | final.pt
     model_file: Literal["best", "final"] = "best"
     #: evaluate the first N ids of the test split (0: all)
@@ -484,6 +511,8 @@ class TrainParams(_Section):
     #: validation every N steps (0: only at the end); DDIM steps of the validation sampler
     val_every: int = Field(0, ge=0)
     val_sample_steps: int = Field(10, ge=1)
+    #: diffusion samples per validation volume (their mean is the point estimate, as in evaluation)
+    val_samples: int = Field(1, ge=1, le=64)
     #: validation volumes (the first N ids of the val split; 0 = all)
     val_max_volumes: int = Field(2, ge=0)
     #: also render the reconstruction's DRRs and report reprojection PSNR/SSIM
@@ -744,6 +773,63 @@ class HPOParams(_Section):
         return v
 
 
+@dataclass(frozen=True)
+class Stage:
+    """Cascade stage ``k`` resolved from params: the one door through which code learns
+    about a stage (``params.stage(k)``), instead of re-deriving name, grid, spacing or the
+    previous stage from ``params`` + ``k`` in every module.
+
+    Attributes:
+        k: 1-based index (stage 1 = the coarsest grid).
+        name: ``stage{k}`` (the key in ``stages``, ``train.steps``, ``gates``).
+        cfg: the stage's :class:`StageParams`.
+        prev: stage ``k-1`` resolved (``None`` for stage 1).
+        steps: ``train.steps[name]`` (``None`` when absent; :attr:`train_steps` raises then).
+        gate: ``gates.stage{k}`` (``None`` when the gates define no such stage).
+    """
+
+    k: int
+    name: str
+    cfg: StageParams
+    prev: Stage | None
+    steps: int | None
+    gate: StageGate | None
+
+    @property
+    def grid(self) -> StageGrid:
+        return StageGrid(self.k, int(self.cfg.size), float(self.cfg.fov_mm))
+
+    @property
+    def size(self) -> int:
+        return int(self.cfg.size)
+
+    @property
+    def fov_mm(self) -> float:
+        return float(self.cfg.fov_mm)
+
+    @property
+    def spacing_mm(self) -> float:
+        """Voxel size (isotropic), ``fov_mm / size``."""
+        return self.grid.spacing_mm
+
+    @property
+    def token_levels(self) -> int:
+        """Halvings of the conv stem from ``size``³ to ``token_grid``³ (``log2(size/token_grid)``)."""
+        return token_levels(self.size, int(self.cfg.token_grid))
+
+    def affine(self, center_world: Any = (0.0, 0.0, 0.0)) -> Any:
+        """Voxel → world (mm, RAS+) affine of this grid, its centre at ``center_world``
+        (default the world origin: the networks' and the projection geometry's frame)."""
+        return self.grid.affine(center_world)
+
+    @property
+    def train_steps(self) -> int:
+        """``train.steps[name]``; :class:`ConfigError` when params give none for this stage."""
+        if self.steps is None:
+            raise ConfigError(f"train.steps has no entry for {self.name}")
+        return int(self.steps)
+
+
 class Params(_Section):
     """The whole parameter tree (one section per concern)."""
 
@@ -765,6 +851,32 @@ class Params(_Section):
     s3: S3Params = S3Params()
     reconstruct: ReconstructParams = ReconstructParams()
     hpo: HPOParams = HPOParams()
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages)
+
+    def stage(self, k: int | str) -> Stage:
+        """Stage ``k`` (1-based index, or its name ``stage{k}``) resolved: see :class:`Stage`.
+
+        Raises :class:`ConfigError` when the params define no such stage."""
+        names = list(self.stages)
+        if isinstance(k, str):
+            if k not in self.stages:
+                raise ConfigError(f"no stage {k!r} in params.stages (have {', '.join(names)})")
+            k = names.index(k) + 1
+        k = int(k)
+        if not 1 <= k <= len(names):
+            raise ConfigError(f"stage {k} does not exist (params define stages 1…{len(names)})")
+        prev = self.stage(k - 1) if k > 1 else None
+        name = names[k - 1]
+        steps = self.train.steps.get(name)
+        return Stage(k=k, name=name, cfg=self.stages[name], prev=prev,
+                     steps=None if steps is None else int(steps), gate=getattr(self.gates, name, None))
+
+    def stage_list(self) -> list[Stage]:
+        """Every stage resolved, in cascade order."""
+        return [self.stage(k) for k in range(1, self.n_stages + 1)]
 
     def digest(self) -> str:
         """Stable hash of the effective parameters (lineage tag)."""

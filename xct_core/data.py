@@ -3,15 +3,15 @@
 Each item is one volume at one cascade stage::
 
     {"id": str,
-     "x0": float32 [1, S, S, S]        stage-k volume windowed to [-1, 1] (HUWindow.forward),
+     "x0": float32 [1, S, S, S]        stage-k volume in the networks' units [-1, 1] (HUMap.forward),
      "frontal": float32 [1, P, P]      DRR line integral ∫mu dl (dimensionless, not scaled),
      "lateral": float32 [1, P, P],
      "x0_prev": float32 [1, S', S', S'] (stage k > 1 only) stage k-1's ground-truth volume,
-                                        windowed the same way; the model upsamples and
+                                        mapped the same way; the model upsamples and
                                         noise-augments it}
 
-Volumes are stored full-range int16 HU and windowed here, at load time, with the window
-passed in (usually ``params.hu.get_window()``) — a different window needs no re-run of the
+Volumes are stored full-range int16 HU and mapped here, at load time, with the HU map
+passed in (``params.hu.net_map()``) — a different map needs no re-run of the
 preprocess step. Axes (i, j, k) = RAS+ (docs/CONVENTIONS.md); X-ray images: row 0 superior,
 frontal shows the patient's right on the left columns, lateral anterior on the left.
 
@@ -33,8 +33,9 @@ from torch.utils.data import Dataset
 
 from xct_core.errors import InputError
 from xct_core.geometry import VIEWS, PlacedGeometry
-from xct_core.hu import HUWindow
-from xct_core.preprocess import StageGrid, item_affine, read_manifest, stage_file, xray_file
+from xct_core.hu import HUMap, HUWindow
+from xct_core.grid import StageGrid
+from xct_core.preprocess import item_affine, read_manifest, stage_file, xray_file
 
 __all__ = ["XrayCTDataset", "stage_affine_for", "stage_grid_for"]
 
@@ -69,7 +70,8 @@ class XrayCTDataset(Dataset):
         processed_dir: output folder of the preprocess step (must hold ``manifest.json``).
         stage: 1-based stage index.
         split: ``"train"``, ``"val"`` or ``"test"``.
-        window: HU window mapping HU to [-1, 1] (clipped), applied at load time.
+        window: the networks' HU map (:class:`~xct_core.hu.HUMap`, or a window), applied at
+            load time; ``None``: X-rays, geometry and ids only (``__getitem__`` refuses).
         ids: optional subset of the split's ids (order kept); ids outside the split are an error.
 
     Raises :class:`InputError` naming the missing file when the folder, the manifest or any
@@ -81,7 +83,7 @@ class XrayCTDataset(Dataset):
         processed_dir: str | Path,
         stage: int,
         split: str,
-        window: HUWindow,
+        window: HUWindow | HUMap | None,
         *,
         ids: Sequence[str] | None = None,
     ) -> None:
@@ -124,6 +126,8 @@ class XrayCTDataset(Dataset):
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
         if arr.shape != (size, size, size) or arr.dtype != np.int16:
             raise InputError(path, f"expected int16 {(size,) * 3}, got {arr.dtype} {arr.shape}")
+        if self.window is None:
+            raise ValueError("this dataset was opened without an HU map: it serves X-rays and geometry only")
         x = self.window.forward(np.asarray(arr, dtype=np.float32))
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).unsqueeze(0)
 
@@ -138,6 +142,10 @@ class XrayCTDataset(Dataset):
                     raise InputError(path, f"{view} image has shape {img.shape}, expected {(p, p)}")
                 out[view] = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).unsqueeze(0)
         return out
+
+    def xrays(self, vid: str) -> dict[str, np.ndarray]:
+        """``{"frontal", "lateral"}``: ``vid``'s stored line-integral images, float32 [P, P]."""
+        return {v: t[0].numpy() for v, t in self._xrays(vid).items()}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         vid = self.ids[index]

@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from xct_core.config import DiffusionParams
+    from xct_core.config import DiffusionParams, Params
 
 Spacing = Literal["trailing", "leading"]
 
@@ -60,6 +61,7 @@ __all__ = [
     "ddim_timesteps",
     "ddim_step",
     "ddim_sample",
+    "Sampler",
 ]
 
 
@@ -405,3 +407,76 @@ def ddim_sample(
             raise ValueError(f"predict_v returned shape {tuple(v.shape)}, expected {tuple(x.shape)}")
         x, _ = ddim_step(x, v.to(x.dtype), t, t_prev, schedule, eta=eta, clip=clip, generator=generator)
     return x
+
+
+# --------------------------------------------------------------------------------------
+# the sampler settings, resolved once
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Everything :func:`ddim_sample` needs besides the model: the schedule and the
+    ``diffusion:`` sampler params, resolved ONCE (:meth:`from_params`) and passed down, so
+    ``eta``, ``clip_x0`` and ``timestep_spacing`` reach every caller (validation, evaluation,
+    reconstruction, serving) through the same object.
+
+    Attributes:
+        schedule: the training noise schedule.
+        steps: DDIM steps, one for every stage or one per stage.
+        eta: 0 = deterministic DDIM.
+        clip: range of the x0 prediction inside the sampler (``None``: no clipping).
+        spacing: ``"trailing"`` | ``"leading"`` (:func:`ddim_timesteps`).
+    """
+
+    schedule: CosineSchedule
+    steps: int | tuple[int, ...]
+    eta: float = 0.0
+    clip: tuple[float, float] | None = (-1.0, 1.0)
+    spacing: Spacing = "trailing"
+
+    @classmethod
+    def from_params(cls, params: Params, steps: int | None = None) -> Sampler:
+        """The project's sampler from params. THE steps rule: ``steps`` (a command-line or
+        validation override) or ``eval.sample_steps`` or ``diffusion.sample_steps``."""
+        d = params.diffusion
+        n = int(steps or params.eval.sample_steps or d.sample_steps)
+        if not 1 <= n <= d.num_timesteps:
+            from xct_core.errors import ConfigError
+
+            raise ConfigError(f"DDIM steps must be in 1…{d.num_timesteps}, got {n}")
+        return cls(
+            schedule=CosineSchedule.from_params(d),
+            steps=n,
+            eta=float(d.eta),
+            clip=(-1.0, 1.0) if d.clip_x0 else None,
+            spacing=d.timestep_spacing,
+        )
+
+    def with_steps(self, steps: int | Sequence[int]) -> Sampler:
+        return replace(self, steps=int(steps) if isinstance(steps, int) else tuple(int(s) for s in steps))
+
+    def steps_for(self, n_stages: int) -> list[int]:
+        """Per-stage step counts for ``n_stages`` stages."""
+        if isinstance(self.steps, int):
+            return [int(self.steps)] * n_stages
+        out = [int(s) for s in self.steps][:n_stages]
+        if len(out) != n_stages:
+            raise ValueError(f"need {n_stages} step counts, got {self.steps}")
+        return out
+
+    def sample(
+        self,
+        predict_v: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        shape: tuple[int, ...] | torch.Size,
+        *,
+        steps: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """:func:`ddim_sample` with these settings (``steps``: this stage's count)."""
+        return ddim_sample(
+            predict_v, shape, schedule=self.schedule, steps=int(steps), eta=self.eta, generator=generator,
+            clip=self.clip, device=device, progress=progress, spacing=self.spacing,
+        )

@@ -1,30 +1,35 @@
-"""Evaluation of the cascade up to stage K on a held-out split (pure torch/numpy).
+"""THE evaluator: one case → reconstruct → reproject → metrics; many cases → :func:`aggregate`.
 
-What is measured
-----------------
-Stage K is evaluated **as in production**: stages 1 … K run in sequence with the shared
-sampler (:func:`xct_core.cascade.sample_cascade` → :func:`xct_core.diffusion.ddim_sample`),
-stage k>1 conditioned on stage k−1's *samples* (never on the ground truth), with
-``eval.sample_steps`` DDIM steps (null: ``diffusion.sample_steps``) and a fixed noise seed
-per volume derived from the top-level ``seed`` — two runs on the same models and data give
-the same numbers. The stage models are the exported ``outputs/train/models/stage{k}/{best|final}.pt``
-(``eval.model_file``; layout: :mod:`xct_core.training`), loaded with ``weights_only=True``.
+Every number the project reports about a model comes from :func:`evaluate_case` — training
+validation (the val split, :mod:`xct_core.training`), the evaluate step on the test split
+(:func:`evaluate_stage`, read by the gates), ``xct evaluate`` on user CTs
+(:func:`evaluate_cts`) — and the prediction inside it is :func:`xct_core.inference.reconstruct`,
+the same call the registered pyfunc and ``xct reconstruct`` make. A lever (HU map, posterior
+mean of K samples, sampler settings, protocol) therefore changes one place.
 
-Per volume (the demo data and the LIDC ids have one volume per patient, so a row is a
-patient): :func:`xct_core.metrics.volume_metrics_per_sample` of the sample against the
-stage-K target, with the target's **full-range HU** (stored un-windowed by the preprocess
-step) for the HU metrics, reprojection PSNR/SSIM of the sample's DRRs against the input
-X-rays, and ``target_std`` (std of the windowed target, the reference of the gates'
-not-collapsed check). Two baselines on the same volumes, same metric code:
+What is measured (one case)
+---------------------------
+The cascade 1 … K runs as in production: stage k>1 is conditioned on stage k−1's *samples*
+(never on the ground truth), with the :class:`~xct_core.diffusion.Sampler` given (the steps
+rule: :meth:`Sampler.from_params`) and ``samples`` draws whose seeds follow the one seed rule
+(:mod:`xct_core.seeding`: the case seed ``(seed, 99, case index)``, sample ``i`` of it
+``(case seed, i)``) — two runs on the same models and data give the same numbers. Metrics
+(:class:`EvalProtocol`, :func:`xct_core.metrics.hu_metrics_per_sample`) compare the
+reconstruction in HU with the case's full-range HU target; reprojection PSNR/SSIM compare its
+DRRs, rendered with the geometry the inputs were rendered with, against the input X-rays.
+Keys, each with an optional prefix:
 
-* ``baseline_*`` — the **mean volume**: the voxel-wise mean HU of the TRAIN split's stage-K
-  volumes, predicted for every test volume (what a collapsed model scores);
-* ``direct_*`` — the direct-regression twin ``models/stageK/direct.pt`` (one forward pass,
-  fed by the same earlier-stage samples), only when that file exists.
+* (none) — the point estimate: the voxel-wise mean of the ``samples`` draws (posterior mean);
+* ``single_`` — the first draw alone (only when ``samples > 1``: single-sample vs K-mean);
+* ``direct_`` — the direct-regression twin (one pass, fed by the first draw's earlier
+  stages), when the models include one;
+* ``baseline_`` — the mean volume (voxel-wise mean HU of the TRAIN split, or of the other
+  evaluated CTs), limited to the range the networks can output (``params.hu.output``),
+  predicted for every case: what a collapsed model scores;
+* ``target_std`` — std of the windowed target (the reference of the gates' not-collapsed check).
 
-The summary (:attr:`EvalResult.metrics`) holds patient means (``nan_count``: the total),
-``n_patients``, ``sample_steps``, ``seed``, ``split`` and ``test_ids_hash`` (sha256 of the
-sorted ids: models are only compared on the same split).
+:func:`aggregate` gives patient means (``*nan_count``: the total). The demo data and the
+LIDC ids have one volume per patient, so a row is a patient.
 """
 
 from __future__ import annotations
@@ -32,9 +37,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,76 +47,233 @@ import numpy as np
 import torch
 from torch import nn
 
-from xct_core.cascade import sample_cascade
-from xct_core.checkpoint import load_stage_model, read_stage_model
+from xct_core.atomic import write_text_atomic
 from xct_core.config import Params
-from xct_core.data import XrayCTDataset
-from xct_core.diffusion import CosineSchedule
-from xct_core.errors import ConfigError, InputError
-from xct_core.metrics import dynamic_range, metric_kwargs, volume_metrics_per_sample
-from xct_core.preprocess import read_manifest, stage_file
-from xct_core.stats import json_text, write_text_atomic
+from xct_core.diffusion import Sampler
+from xct_core.errors import InputError
+from xct_core.geometry import VIEWS, PlacedGeometry
+from xct_core.hu import HUWindow
+from xct_core.inference import Reconstruction, load_stage, load_stages, reconstruct
+from xct_core.io import CTVolume
+from xct_core.jsondoc import json_text
+from xct_core.layout import METRICS_JSON, MONTAGE_PNG, PER_PATIENT_CSV, RunLayout, stage_model_files
+from xct_core.metrics import dynamic_range, hu_metrics_per_sample, mean_rows
+from xct_core.seeding import case_seed, sample_seed
 
 __all__ = [
+    "BASELINE_LOO",
+    "BASELINE_TRAIN",
     "METRICS_JSON",
     "MONTAGE_PNG",
     "PER_PATIENT_CSV",
+    "Case",
+    "CaseResult",
+    "EvalProtocol",
     "EvalResult",
-    "eval_sample_steps",
+    "aggregate",
+    "ct_case",
+    "dataset_cases",
+    "evaluate_case",
+    "evaluate_cts",
     "evaluate_stage",
     "load_cascade",
     "mean_volume_baseline",
-    "read_eval_metrics",
     "split_ids_hash",
-    "stage_model_path",
     "write_eval_reports",
 ]
 
-METRICS_JSON = "metrics.json"
-PER_PATIENT_CSV = "per_patient.csv"
-MONTAGE_PNG = "montage.png"
+
+#: how the mean-volume baseline was obtained (recorded in metrics.json and the report)
+BASELINE_TRAIN = "train-split mean volume"
+BASELINE_LOO = "leave-one-out mean of the other evaluated CTs"
 
 
-def stage_model_path(train_dir: str | Path, k: int, which: str = "best") -> Path:
-    """``train_dir/models/stage{k}/{which}.pt`` (``which``: best | final | direct)."""
-    return Path(train_dir) / "models" / f"stage{k}" / f"{which}.pt"
+# --------------------------------------------------------------------------- the protocol
 
 
-def eval_sample_steps(params: Params) -> int:
-    """DDIM steps of the evaluation sampler: ``eval.sample_steps`` or ``diffusion.sample_steps``."""
-    return int(params.eval.sample_steps or params.diffusion.sample_steps)
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How a reconstruction is scored, built ONCE from params by the caller (an adapter)
+    and passed down: the evaluation window (the gates read PSNR/SSIM in it), the wide HU
+    range, the SSIM window, and the reprojection renderer's settings."""
+
+    window: HUWindow
+    hu_range: tuple[float, float]
+    ssim_sigma: float
+    ssim_win: int
+    params: Params  #: for the renderer (``drr``, ``hu.mu_water``) of the reprojection
+
+    @classmethod
+    def from_params(cls, params: Params, window: HUWindow | None = None) -> EvalProtocol:
+        ev = params.eval
+        return cls(window=window or params.hu.get_window(), hu_range=(float(ev.hu_lo), float(ev.hu_hi)),
+                   ssim_sigma=float(ev.ssim_sigma), ssim_win=int(ev.ssim_win), params=params)
+
+    @property
+    def wide(self) -> HUWindow:
+        """The wide-range window ``[hu_lo, hu_hi]`` (pictures of the full HU range)."""
+        return HUWindow("wide", *self.hu_range)
+
+    def metrics(self, pred_hu: np.ndarray, target_hu: np.ndarray,
+                views: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, float]:
+        """The metric set of one HU prediction against its HU target (+ reprojection views)."""
+        v = None if views is None else {n: (torch.from_numpy(a), torch.from_numpy(b)) for n, (a, b) in views.items()}
+        return hu_metrics_per_sample(torch.from_numpy(np.asarray(pred_hu, dtype=np.float32)),
+                                     torch.from_numpy(np.asarray(target_hu, dtype=np.float32)), self.window,
+                                     hu_range=self.hu_range, ssim_sigma=self.ssim_sigma, ssim_win=self.ssim_win,
+                                     views=v)[0]
+
+    def describe(self) -> dict[str, str]:
+        """The protocol, in words, for metrics.json and the reports."""
+        w, (lo, hi) = self.window, self.hu_range
+        return {
+            "psnr_window_db": f"3D PSNR in the evaluation window {w.name} [{w.lo:g}, {w.hi:g}] HU (both clipped), data_range 2",
+            "ssim_window": f"3D SSIM in the window, Gaussian sigma {self.ssim_sigma:g}, {self.ssim_win}^3 taps, data_range 2",
+            "psnr_hu_db": f"3D PSNR, both volumes clipped to [{lo:g}, {hi:g}] HU, data_range {hi - lo:g}",
+            "mae_hu": f"mean absolute error, clipped to [{lo:g}, {hi:g}] HU",
+            "reproj_psnr_<view>_db": "2D PSNR of the reconstruction's DRR vs the input view, data_range = input max-min",
+            "psnr_slice_avg_db / ssim_slice_avg": "X2CT-style axial SLICE AVERAGES over the HU range (papers only)",
+        }
 
 
-def split_ids_hash(ids: Sequence[str]) -> str:
-    """Order-independent identity of a split: sha256 (16 hex) of the sorted ids, one a line."""
-    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+# --------------------------------------------------------------------------- one case
 
 
-def load_cascade(
-    train_dir: str | Path,
-    upto: int,
+@dataclass
+class Case:
+    """One volume to evaluate: its input X-rays, its full-range HU target on the output grid,
+    that grid's world affine and the geometry the X-rays were rendered with."""
+
+    id: str
+    index: int  #: position among the evaluated cases (the seed rule)
+    frontal: np.ndarray  #: float32 [P, P] line integrals
+    lateral: np.ndarray
+    target_hu: np.ndarray  #: float32 [S, S, S] HU
+    affine: np.ndarray  #: output grid, voxel → world mm
+    geometries: dict[str, PlacedGeometry]
+
+    @property
+    def xrays(self) -> dict[str, np.ndarray]:
+        return {"frontal": self.frontal, "lateral": self.lateral}
+
+    @property
+    def isocenter(self) -> np.ndarray:
+        """World position of the grid centre (= the geometry's isocentre)."""
+        n = self.target_hu.shape[0]
+        return np.asarray(self.affine, dtype=np.float64)[:3, :3] @ np.full(3, (n - 1) / 2.0) + self.affine[:3, 3]
+
+
+@dataclass
+class CaseResult:
+    """What :func:`evaluate_case` measured on one case, with the volumes behind it."""
+
+    case: Case
+    metrics: dict[str, float]
+    recon: Reconstruction
+    direct_hu: np.ndarray | None = None
+    baseline_hu: np.ndarray | None = None
+    reprojections: dict[str, np.ndarray] = field(default_factory=dict)  #: DRRs of ``recon.mean_hu``
+
+    @property
+    def case_id(self) -> str:
+        return self.case.id
+
+    @property
+    def target_hu(self) -> np.ndarray:
+        return self.case.target_hu
+
+    @property
+    def xrays(self) -> dict[str, np.ndarray]:
+        return self.case.xrays
+
+    @property
+    def row(self) -> dict[str, Any]:
+        return {"id": self.case.id, **self.metrics}
+
+
+@torch.no_grad()
+def _direct_hu(stages: Sequence[nn.Module], direct: nn.Module, case: Case, params: Params, sampler: Sampler,
+               seed: int, device: torch.device) -> np.ndarray:
+    """The direct twin of the last stage, fed by earlier stages sampled with ``seed``."""
+    from xct_core.cascade import sample_cascade
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    f = torch.from_numpy(np.ascontiguousarray(case.frontal, dtype=np.float32))[None, None].to(device)
+    lat = torch.from_numpy(np.ascontiguousarray(case.lateral, dtype=np.float32))[None, None].to(device)
+    outs = sample_cascade([*stages[:-1], direct], f, lat, sampler=sampler, generator=gen)
+    return params.hu.net_map().inverse(outs[-1][0, 0].float().cpu().numpy()).astype(np.float32)
+
+
+def evaluate_case(
+    case: Case,
+    stages: Sequence[nn.Module],
     params: Params,
+    protocol: EvalProtocol,
     *,
-    which: str | None = None,
+    sampler: Sampler,
+    samples: int = 1,
+    seed: int | None = None,
+    direct: nn.Module | None = None,
+    baseline_hu: np.ndarray | None = None,
+    reprojection: bool = True,
     device: str | torch.device = "cpu",
-) -> list[nn.Module]:
-    """Frozen stage networks 1 … ``upto`` from ``train_dir/models`` (``which`` default
-    ``params.eval.model_file``). Each stage's grid must match ``params.stages``."""
-    which = which or params.eval.model_file
-    if not 1 <= upto <= len(params.stages):
-        raise ConfigError(f"stage {upto} not in params.stages (1…{len(params.stages)})")
-    nets = []
-    for k in range(1, upto + 1):
-        path = stage_model_path(train_dir, k, which)
-        net = load_stage_model(path, device)
-        want = list(params.stages.values())[k - 1].size
-        if int(getattr(net, "size", want)) != want:
-            raise InputError(path, f"stage {k} grid {net.size}³ does not match params ({want}³)")
-        nets.append(net)
-    return nets
+) -> CaseResult:
+    """Reconstruct ``case`` with the cascade ``stages`` (``samples`` draws) and measure it,
+    its twin ``direct`` and the mean volume ``baseline_hu`` (module docstring: keys).
+
+    ``params``: the MODEL's params (HU map, sampler); ``seed``: the base seed (default
+    ``params.seed``), the case seed derives from it and ``case.index``.
+    """
+    dev = torch.device(device)
+    cseed = case_seed(int(params.seed if seed is None else seed), case.index)
+    rec = reconstruct(stages, params, case.frontal, case.lateral, sampler=sampler, isocenter=case.isocenter,
+                      samples=samples, seed=cseed, device=dev)
+    if rec.mean_hu.shape != case.target_hu.shape:
+        raise InputError(None, f"{case.id}: reconstruction {rec.mean_hu.shape} does not match the target grid "
+                               f"{case.target_hu.shape}")
+    preds: dict[str, np.ndarray] = {"": rec.mean_hu}
+    if samples > 1 and rec.first_hu is not None:
+        preds["single_"] = rec.first_hu
+    direct_hu = None
+    if direct is not None:
+        direct_hu = _direct_hu(stages, direct, case, params, sampler, sample_seed(cseed, 0), dev)
+        preds["direct_"] = direct_hu
+    if baseline_hu is not None:
+        if baseline_hu.shape != case.target_hu.shape:
+            raise InputError(None, f"mean-volume baseline {baseline_hu.shape} does not match the grid "
+                                   f"{case.target_hu.shape}")
+        # the mean volume as the networks could output it (their HU map's range): a collapsed model
+        net = params.hu.net_map()
+        preds["baseline_"] = net.inverse(net.forward(np.asarray(baseline_hu, dtype=np.float32))).astype(np.float32)
+    metrics: dict[str, float] = {}
+    reproj_main: dict[str, np.ndarray] = {}
+    for prefix, pred in preds.items():
+        views = None
+        if reprojection:
+            from xct_core.qa import render_views
+
+            drrs = render_views(pred, case.affine, case.geometries, protocol.params)
+            views = {v: (drrs[v], case.xrays[v]) for v in VIEWS}
+            if prefix == "":
+                reproj_main = drrs
+        metrics.update({f"{prefix}{k}": v for k, v in protocol.metrics(pred, case.target_hu, views).items()})
+    if rec.std_hu is not None:
+        metrics["uncertainty_mean_std_hu"] = float(rec.std_hu.mean())
+    metrics["target_std"] = float(dynamic_range(protocol.window.forward(case.target_hu))[1])
+    return CaseResult(case, metrics, rec, direct_hu, baseline_hu, reproj_main)
+
+
+def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Patient means of per-case metric rows (``*nan_count``: summed; the ``id`` is skipped)."""
+    return mean_rows(rows)
+
+
+# --------------------------------------------------------------------------- cases
 
 
 def _hu_volume(processed: Path, k: int, vid: str) -> np.ndarray:
+    from xct_core.preprocess import stage_file
+
     path = processed / stage_file(k, vid)
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -121,8 +282,42 @@ def _hu_volume(processed: Path, k: int, vid: str) -> np.ndarray:
     return np.asarray(arr, dtype=np.float32)
 
 
+def dataset_cases(processed_dir: str | Path, k: int, split: str, ids: Sequence[str] | None = None) -> Iterable[Case]:
+    """The cases of a processed split at stage ``k`` (its stored X-rays, full-range HU target,
+    grid affine and the X-rays' placed geometry), in split order."""
+    from xct_core.data import XrayCTDataset
+
+    root = Path(processed_dir)
+    ds = XrayCTDataset(root, k, split, None, ids=ids)
+    for idx, vid in enumerate(ds.ids):
+        xr = ds.xrays(vid)
+        yield Case(id=vid, index=idx, frontal=xr["frontal"], lateral=xr["lateral"], target_hu=_hu_volume(root, k, vid),
+                   affine=ds.affine_of(vid), geometries=ds.geometry_of(vid))
+
+
+def ct_case(case_id: str, vol: CTVolume, params: Params, upto: int, index: int = 0) -> Case:
+    """A user CT as the preprocess step would store it: resampled to the finest stage grid
+    (centred on the volume centre), both views rendered from it with the model's geometry;
+    the target is ``vol`` on stage ``upto``'s grid."""
+    from xct_core.preprocess import PreprocessSettings, render_xrays, stage_hu
+
+    s = PreprocessSettings.from_params(params)
+    center = np.asarray(vol.center_world, dtype=np.float64)
+    finest = stage_hu(vol, s.finest, s.fill_hu, s.antialias)
+    frontal, lateral, geo = render_xrays(finest, s.finest.affine(center), s)
+    grid = s.grids[upto - 1]
+    target = finest if grid.k == s.finest.k else stage_hu(vol, grid, s.fill_hu, s.antialias)
+    return Case(id=case_id, index=index, frontal=frontal, lateral=lateral, target_hu=target.astype(np.float32),
+                affine=grid.affine(center), geometries={v: PlacedGeometry.from_json(geo[v]) for v in VIEWS})
+
+
+# --------------------------------------------------------------------------- baselines, models, ids
+
+
 def mean_volume_baseline(processed_dir: str | Path, k: int, split: str = "train") -> np.ndarray:
     """Voxel-wise mean (float32 HU, full range) of ``split``'s stage-``k`` volumes."""
+    from xct_core.preprocess import read_manifest
+
     root = Path(processed_dir)
     ids = list(read_manifest(root)["splits"].get(split) or [])
     if not ids:
@@ -133,6 +328,28 @@ def mean_volume_baseline(processed_dir: str | Path, k: int, split: str = "train"
         acc = v if acc is None else acc + v
     assert acc is not None
     return (acc / len(ids)).astype(np.float32)
+
+
+def load_cascade(
+    train_dir: str | Path,
+    upto: int,
+    params: Params,
+    *,
+    which: str | None = None,
+    device: str | torch.device = "cpu",
+) -> list[nn.Module]:
+    """Frozen stage networks 1 … ``upto`` of a training folder (``which`` default
+    ``params.eval.model_file``) through the one loader :func:`xct_core.inference.load_stages`."""
+    params.stage(upto)  # ConfigError for a stage the params do not define
+    return load_stages(stage_model_files(train_dir, upto, which or params.eval.model_file), params, device)
+
+
+def split_ids_hash(ids: Sequence[str]) -> str:
+    """Order-independent identity of a split: sha256 (16 hex) of the sorted ids, one a line."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the evaluate step
 
 
 @dataclass
@@ -149,18 +366,19 @@ class EvalResult:
     spacing: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
-def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key in rows[0]:
-        if key == "id":
-            continue
-        vals = np.array([r[key] for r in rows], dtype=np.float64)
-        out[key] = float(vals.sum() if key.endswith("nan_count") else vals.mean())
-    return out
-
-
-def _seed(base: int, idx: int) -> int:
-    return (int(base) * 1_000_003 + 7919 * int(idx) + 12345) % (2**63 - 1)
+def montage_volumes(res: CaseResult, stage_spacing: float, prev_spacing: float | None) -> tuple[
+        dict[str, np.ndarray], dict[str, tuple[float, float, float]]]:
+    """The pictures of one case (target, reconstruction, direct, mean volume, previous stage)."""
+    vols = {"target": res.target_hu, "diffusion": res.recon.mean_hu}
+    if res.direct_hu is not None:
+        vols["direct"] = res.direct_hu
+    if res.baseline_hu is not None:
+        vols["mean volume"] = res.baseline_hu
+    spacing = {n: (stage_spacing,) * 3 for n in vols}
+    if res.recon.previous_hu is not None and prev_spacing is not None:
+        vols["previous stage"] = res.recon.previous_hu
+        spacing["previous stage"] = (prev_spacing,) * 3
+    return vols, spacing
 
 
 @torch.no_grad()
@@ -170,143 +388,162 @@ def evaluate_stage(
     train_dir: str | Path,
     k: int,
     *,
+    protocol: EvalProtocol | None = None,
     split: str = "test",
     steps: int | None = None,
     device: str | torch.device = "cpu",
     reprojection: bool = True,
-    log: Any = None,
+    log: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Run the cascade 1 … ``k`` on ``split`` and measure stage ``k`` (module docstring).
-
-    ``steps`` overrides :func:`eval_sample_steps`. Raises :class:`InputError` for a missing
-    model or data file, or an empty split.
-    """
-    from xct_core.losses import PhysicsLoss
-
+    """Run the cascade 1 … ``k`` of ``train_dir`` on ``split`` and measure stage ``k`` with
+    :func:`evaluate_case` (the mean-volume baseline from the TRAIN split; the direct twin when
+    ``models/stageK/direct.pt`` exists). ``steps`` overrides the steps rule. Raises
+    :class:`InputError` for a missing model or data file, or an empty split."""
     say = log or (lambda _m: None)
+    protocol = protocol or EvalProtocol.from_params(params)
+    st = params.stage(k)
     root = Path(processed_dir)
-    window = params.hu.get_window()
-    n_steps = int(steps or eval_sample_steps(params))
-    ds = XrayCTDataset(root, k, split, window)
-    ids = list(ds.ids)
+    from xct_core.preprocess import read_manifest
+
+    ids = list(read_manifest(root)["splits"].get(split) or [])
     if params.eval.max_volumes:
         ids = ids[: params.eval.max_volumes]
     if not ids:
         raise InputError(root / "manifest.json", f"split {split!r} is empty: nothing to evaluate")
     dev = torch.device(device)
     stages = load_cascade(train_dir, k, params, device=dev)
-    direct_path = stage_model_path(train_dir, k, "direct")
-    direct = load_stage_model(direct_path, dev) if direct_path.is_file() else None
-    schedule = CosineSchedule.from_params(params.diffusion)
-    physics = PhysicsLoss.from_params(params, k).to(dev) if reprojection else None
-    kw = metric_kwargs(params.eval)
+    direct_path = RunLayout(Path(train_dir), k).model("direct")
+    direct = load_stage(direct_path, params, k, dev) if direct_path.is_file() else None
+    sampler = Sampler.from_params(params, steps)
     base_hu = mean_volume_baseline(root, k, "train")
-    base_norm = torch.from_numpy(window.forward(base_hu)).float()
+    samples = int(params.eval.samples)
 
     rows: list[dict[str, Any]] = []
     montage: dict[str, np.ndarray] = {}
-    for idx, vid in enumerate(ids):
-        item = ds[ds.ids.index(vid)]
-        x0 = item["x0"].unsqueeze(0).to(dev)  # [1,1,S,S,S] windowed
-        t_hu = torch.from_numpy(_hu_volume(root, k, vid)).unsqueeze(0)
-        f = item["frontal"].unsqueeze(0).to(dev)
-        lat = item["lateral"].unsqueeze(0).to(dev)
-        row: dict[str, Any] = {"id": vid}
-        preds: dict[str, torch.Tensor] = {}
-        gen = torch.Generator(device=dev).manual_seed(_seed(params.seed, idx))
-        outs = sample_cascade(stages, f, lat, schedule=schedule, steps=n_steps, generator=gen)
-        preds[""] = outs[-1].float()
-        if direct is not None:
-            gen = torch.Generator(device=dev).manual_seed(_seed(params.seed, idx))
-            d_outs = sample_cascade([*stages[:-1], direct], f, lat, schedule=schedule, steps=n_steps, generator=gen)
-            preds["direct_"] = d_outs[-1].float()
-        preds["baseline_"] = base_norm.to(dev)[None, None]
-        for prefix, pred in preds.items():
-            views = None
-            if physics is not None:
-                proj = physics.project(pred) * physics.scale
-                views = {"frontal": (proj[:, 0], f[:, 0]), "lateral": (proj[:, 1], lat[:, 0])}
-            m = volume_metrics_per_sample(pred[:, 0].cpu(), x0[:, 0].cpu(), window, target_hu=t_hu,
-                                          views=None if views is None else {
-                                              n: (a.cpu(), b.cpu()) for n, (a, b) in views.items()}, **kw)[0]
-            row.update({f"{prefix}{key}": v for key, v in m.items()})
-        row["target_std"] = float(dynamic_range(x0[0, 0].cpu())[1])
-        rows.append(row)
-        say(f"stage{k} {split} {vid}: PSNR(window) {row['psnr_window_db']:.2f} dB, "
-            f"SSIM {row['ssim_window']:.3f} (mean volume {row['baseline_psnr_window_db']:.2f} dB)")
-        if idx == 0:
-            montage["target"] = t_hu[0].numpy()
-            montage["diffusion"] = window.inverse(preds[""][0, 0].cpu().numpy())
-            if "direct_" in preds:
-                montage["direct"] = window.inverse(preds["direct_"][0, 0].cpu().numpy())
-            montage["mean volume"] = base_hu
-            if len(outs) > 1:
-                montage["previous stage"] = window.inverse(outs[-2][0, 0].cpu().numpy())
+    spacing: dict[str, tuple[float, float, float]] = {}
+    for case in dataset_cases(root, k, split, ids):
+        res = evaluate_case(case, stages, params, protocol, sampler=sampler, samples=samples, direct=direct,
+                            baseline_hu=base_hu, reprojection=reprojection, device=dev)
+        rows.append(res.row)
+        m = res.metrics
+        say(f"{st.name} {split} {case.id}: PSNR(window) {m['psnr_window_db']:.2f} dB, "
+            f"SSIM {m['ssim_window']:.3f} (mean volume {m['baseline_psnr_window_db']:.2f} dB)")
+        if case.index == 0:
+            montage, spacing = montage_volumes(res, st.spacing_mm, st.prev.spacing_mm if st.prev else None)
 
-    metrics: dict[str, Any] = _summary(rows)
+    metrics: dict[str, Any] = aggregate(rows)
     metrics.update({
         "stage": k,
         "split": split,
         "n_patients": len(rows),
-        "sample_steps": n_steps,
+        "sample_steps": sampler.steps_for(k)[-1],
+        "samples": samples,
         "seed": int(params.seed),
         "model_file": params.eval.model_file,
         "has_direct": direct is not None,
         "test_ids_hash": split_ids_hash(ids),
+        "protocol": protocol.describe(),
     })
-    cfgs = list(params.stages.values())
-    sp = {n: (cfgs[k - 1].fov_mm / cfgs[k - 1].size,) * 3 for n in montage}
-    if "previous stage" in montage:
-        sp["previous stage"] = (cfgs[k - 2].fov_mm / cfgs[k - 2].size,) * 3
-    return EvalResult(stage=k, split=split, ids=ids, rows=rows, metrics=metrics, montage=montage, spacing=sp)
+    return EvalResult(stage=k, split=split, ids=ids, rows=rows, metrics=metrics, montage=montage, spacing=spacing)
 
 
-def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+def evaluate_cts(
+    cts: Mapping[str, CTVolume],
+    stages: Sequence[nn.Module],
+    params: Params,
+    *,
+    protocol: EvalProtocol | None = None,
+    steps: int | None = None,
+    samples: int = 1,
+    seed: int | None = None,
+    upto: int | None = None,
+    direct: nn.Module | None = None,
+    train_mean_hu: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[CaseResult], dict[str, Any]]:
+    """Evaluate user CTs (``xct evaluate``): each a :func:`ct_case`, measured by
+    :func:`evaluate_case`; returns the cases and the summary.
+
+    Mean-volume baseline: ``train_mean_hu`` (the train split's voxel-wise mean HU on the
+    output grid) when given; otherwise — the model artifacts carry no train mean — the
+    voxel-wise mean of the OTHER evaluated CTs' targets (leave-one-out; needs >= 2 CTs),
+    else none. The summary: ``mean`` (patient means; ``*nan_count`` summed), ``n_patients``,
+    ``baseline`` (which mean volume, or why none), ``has_direct``, ``sample_steps``, ``seeds``.
+    """
+    say = log or (lambda _m: None)
+    protocol = protocol or EvalProtocol.from_params(params)
+    n = len(stages) if upto is None else int(upto)
+    ids = list(cts)
+    if not ids:
+        raise InputError(None, "no CT to evaluate")
+    cases = [ct_case(i, cts[i], params, n, index=idx) for idx, i in enumerate(ids)]
+    if train_mean_hu is not None:
+        baseline_note = BASELINE_TRAIN
+    elif len(ids) >= 2:
+        baseline_note = BASELINE_LOO + " (the model artifacts carry no train-split mean volume)"
+        total = np.sum([c.target_hu.astype(np.float64) for c in cases], axis=0)
+    else:
+        baseline_note = ("none: the model artifacts carry no train-split mean volume and a leave-one-out "
+                         "mean needs >= 2 CTs (pass the processed data folder to use its train split)")
+    sampler = Sampler.from_params(params, steps)
+    results = []
+    for case in cases:
+        if train_mean_hu is not None:
+            base = np.asarray(train_mean_hu, dtype=np.float32)
+        elif len(ids) >= 2:
+            base = ((total - case.target_hu) / (len(ids) - 1)).astype(np.float32)
+        else:
+            base = None
+        res = evaluate_case(case, list(stages[:n]), params, protocol, sampler=sampler, samples=samples, seed=seed,
+                            direct=direct, baseline_hu=base, device=device)
+        m = res.metrics
+        say(f"{case.id}: PSNR(window) {m['psnr_window_db']:.2f} dB, PSNR[{protocol.hu_range[0]:g},"
+            f"{protocol.hu_range[1]:g}] {m['psnr_hu_db']:.2f} dB, SSIM {m['ssim_window']:.3f}, MAE {m['mae_hu']:.1f} HU")
+        results.append(res)
+    summary = {
+        "n_patients": len(results),
+        "stage": n,
+        "mean": aggregate([r.metrics for r in results]),
+        "baseline": baseline_note,
+        "has_baseline": any("baseline_psnr_window_db" in r.metrics for r in results),
+        "has_direct": direct is not None,
+        "sample_steps": results[0].recon.steps,
+        "samples": samples,
+        "seeds": {r.case_id: r.recon.seeds for r in results},
+    }
+    return results, summary
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def rows_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Per-patient rows as CSV: ``id`` first, then the sorted metric columns (NaN → empty)."""
     cols = ["id"] + sorted({c for r in rows for c in r} - {"id"})
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", restval="")
     w.writeheader()
     for r in rows:
         w.writerow({c: ("" if isinstance(r.get(c), float) and not math.isfinite(r[c]) else r.get(c, "")) for c in cols})
     return buf.getvalue()
 
 
-def write_eval_reports(result: EvalResult, out_dir: str | Path, window: Any = None) -> dict[str, Path]:
+def write_eval_reports(result: EvalResult, out_dir: str | Path, protocol: EvalProtocol) -> dict[str, Path]:
     """Write ``metrics.json`` (summary; NaN → null), ``per_patient.csv`` (one row per volume,
     sorted columns) and ``montage.png`` (first volume: target, samples, baselines; the
-    training window and a wide [-1024, 1024] HU window) into ``out_dir``, atomically."""
+    evaluation window and the wide HU range) into ``out_dir``, atomically."""
     from xct_core.viz import save_slice_montage
 
     out = Path(out_dir)
     paths = {
         "metrics": write_text_atomic(out / METRICS_JSON, json_text(result.metrics)),
-        "per_patient": write_text_atomic(out / PER_PATIENT_CSV, _csv_text(result.rows)),
+        "per_patient": write_text_atomic(out / PER_PATIENT_CSV, rows_csv(result.rows)),
     }
     if result.montage:
-        windows = [window, (-1024.0, 1024.0)] if window is not None else ["soft_tissue", (-1024.0, 1024.0)]
         m = result.metrics
         title = (f"stage{result.stage} {result.split} {result.ids[0]}: PSNR(window) {m.get('psnr_window_db', math.nan):.2f} dB "
                  f"(mean volume {m.get('baseline_psnr_window_db', math.nan):.2f} dB), {m.get('sample_steps')} DDIM steps")
-        paths["montage"] = save_slice_montage(result.montage, out / MONTAGE_PNG, windows, spacing=result.spacing, title=title)
+        paths["montage"] = save_slice_montage(result.montage, out / MONTAGE_PNG, [protocol.window, protocol.wide],
+                                              spacing=result.spacing, title=title)
     return paths
-
-
-def read_eval_metrics(path: str | Path) -> dict[str, Any]:
-    """A ``metrics.json`` written by :func:`write_eval_reports` (:class:`InputError` when
-    missing or not a JSON object)."""
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError(p, "metrics file not found (run the evaluate step first)") from None
-    except (OSError, ValueError) as e:
-        raise InputError(p, f"unreadable metrics file ({e})") from None
-    if not isinstance(doc, dict):
-        raise InputError(p, "metrics file must hold a JSON object")
-    return doc
-
-
-def stage_model_info(path: str | Path) -> dict[str, Any]:
-    """Stage index, name, mode and step recorded in an exported stage model."""
-    blob = read_stage_model(path)
-    return {"stage": int(blob["stage"]), "name": blob["name"], "mode": blob["mode"], "step": int(blob["step"])}

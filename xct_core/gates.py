@@ -121,3 +121,9 @@ def read_gate_report(path: str | Path) -> dict[str, Any]:
     if not isinstance(doc.get("passed"), bool):
         raise InputError(path, "gate report has no boolean 'passed' field")
     return doc
+
+
+def read_eval_metrics(path: str | Path) -> dict[str, Any]:
+    """An evaluate step's ``metrics.json`` (what a gate judges; :class:`InputError` when
+    missing or not a JSON object)."""
+    return read_json_doc(path, "metrics file", missing_hint="run the evaluate step first")

@@ -34,6 +34,7 @@ import yaml
 
 from xct_core.config import HPODistribution, Params, params_from_dict
 from xct_core.errors import ConfigError
+from xct_core.grid import token_levels
 
 __all__ = [
     "CONTROLLED",
@@ -252,10 +253,10 @@ def check_points(space: SearchSpace, points: Sequence[Mapping[str, Any]]) -> lis
 def _conv_for_grid(size: int, token_grid: int, conv: Sequence[int]) -> list[int]:
     """``conv_channels`` with one entry per halving from ``size`` to ``token_grid`` (widths
     per resolution kept; extra levels double the last width)."""
-    ratio = size // token_grid if token_grid > 0 and size % token_grid == 0 else 0
-    if ratio < 2 or ratio & (ratio - 1):
+    try:
+        levels = token_levels(size, token_grid)
+    except (ValueError, ZeroDivisionError):
         return list(conv)  # invalid grid: the params validation reports it
-    levels = ratio.bit_length() - 1
     out = list(conv[:levels])
     while len(out) < levels:
         out.append(out[-1] * 2 if out else 16)

@@ -1,9 +1,16 @@
-"""Hounsfield-unit windows: named [lo, hi] ranges mapped linearly to [-1, 1] and back.
+"""Hounsfield units ↔ [-1, 1]: windows (evaluation and display views) and the networks' map.
 
-The forward map clips to the window, so ``inverse(forward(hu))`` is ``clip(hu, lo, hi)``.
-A window's width in normalised units is always 2, which is the ``data_range`` of PSNR/SSIM
-computed on windowed volumes (one source of truth: :attr:`HUWindow.normalised_range`).
-Works on NumPy arrays and torch tensors alike (torch keeps gradients inside the window).
+* :class:`HUWindow` — a named [lo, hi] range mapped linearly to [-1, 1]. The forward map
+  clips to the window, so ``inverse(forward(hu))`` is ``clip(hu, lo, hi)``. A window's width
+  in normalised units is always 2, the ``data_range`` of PSNR/SSIM computed on windowed
+  volumes (one source of truth: :attr:`HUWindow.normalised_range`). Windows are VIEWS of a
+  CT: the gates read PSNR/SSIM in ``hu.window`` (soft tissue by default).
+* :class:`HUMap` — the units the stage networks predict in: a monotone piecewise-linear map
+  from HU knots to unit knots spanning [-1, 1] (``hu.output`` in params). With the knots of a
+  window it is that window (values outside are clipped); a full-range map lets the networks
+  output air, lung and bone.
+
+Both work on NumPy arrays and torch tensors alike (torch keeps gradients inside the range).
 """
 
 from __future__ import annotations
@@ -78,3 +85,73 @@ def get_window(name_or_range: str | tuple[float, float] | list[float]) -> HUWind
             ) from None
     lo, hi = (float(v) for v in name_or_range)
     return HUWindow(f"custom[{lo:g},{hi:g}]", lo, hi)
+
+
+def _clip(x: ArrayT, lo: float, hi: float) -> ArrayT:
+    if hasattr(x, "clamp"):
+        return x.clamp(lo, hi)  # type: ignore[return-value]
+    return np.clip(x, lo, hi)  # type: ignore[return-value]
+
+
+def _piecewise(x: ArrayT, xs: tuple[float, ...], ys: tuple[float, ...]) -> ArrayT:
+    """Monotone piecewise-linear interpolation ``xs → ys`` of ``x`` clipped to [xs[0], xs[-1]],
+    written as ``ys[0] + Σ slope_i · clip(x − xs[i], 0, xs[i+1] − xs[i])`` (differentiable in
+    torch, no searchsorted)."""
+    out = x * 0.0 + ys[0]
+    for (x0, x1), (y0, y1) in zip(zip(xs, xs[1:]), zip(ys, ys[1:])):
+        out = out + (y1 - y0) / (x1 - x0) * _clip(x - x0, 0.0, x1 - x0)
+    if not hasattr(out, "clamp"):
+        out = np.asarray(out).astype(np.result_type(out, np.float32), copy=False)
+    return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class HUMap:
+    """The networks' units: HU ↔ [-1, 1], monotone piecewise linear through the knots.
+
+    ``hu``: strictly increasing HU knots; ``unit``: strictly increasing unit knots from -1 to
+    1. :meth:`forward` clips HU to ``[hu[0], hu[-1]]`` (the representable range);
+    :meth:`inverse` clips units to [-1, 1]. A two-knot map is a window.
+    """
+
+    name: str
+    hu: tuple[float, ...]
+    unit: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        h, u = tuple(float(v) for v in self.hu), tuple(float(v) for v in self.unit)
+        object.__setattr__(self, "hu", h)
+        object.__setattr__(self, "unit", u)
+        if len(h) < 2 or len(h) != len(u):
+            raise ConfigError(f"HU map {self.name!r}: need >= 2 knots and as many unit knots, got {len(h)} / {len(u)}")
+        if not all(np.isfinite(h)) or any(b <= a for a, b in zip(h, h[1:])):
+            raise ConfigError(f"HU map {self.name!r}: HU knots must be finite and strictly increasing, got {list(h)}")
+        if u[0] != -1.0 or u[-1] != 1.0 or any(b <= a for a, b in zip(u, u[1:])):
+            raise ConfigError(f"HU map {self.name!r}: unit knots must increase strictly from -1 to 1, got {list(u)}")
+
+    @classmethod
+    def from_window(cls, w: HUWindow) -> HUMap:
+        return cls(w.name, (w.lo, w.hi), (-1.0, 1.0))
+
+    @property
+    def lo(self) -> float:
+        """Lowest representable HU."""
+        return self.hu[0]
+
+    @property
+    def hi(self) -> float:
+        """Highest representable HU."""
+        return self.hu[-1]
+
+    def forward(self, hu: ArrayT) -> ArrayT:
+        """HU → units in [-1, 1] (HU clipped to the representable range first)."""
+        return _piecewise(hu, self.hu, self.unit)
+
+    def inverse(self, x: ArrayT) -> ArrayT:
+        """Units → HU (units clipped to [-1, 1] first)."""
+        return _piecewise(x, self.unit, self.hu)
+
+    def hu_per_unit(self, hu: float) -> float:
+        """Local slope dHU/dunit at ``hu`` (how many HU one unit is worth there)."""
+        i = int(np.clip(np.searchsorted(self.hu, hu, side="right") - 1, 0, len(self.hu) - 2))
+        return (self.hu[i + 1] - self.hu[i]) / (self.unit[i + 1] - self.unit[i])

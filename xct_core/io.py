@@ -60,6 +60,7 @@ from scipy import ndimage
 from xct_core.atomic import atomic_path, writable
 from xct_core.config import CTCheckParams
 from xct_core.errors import InputError
+from xct_core.grid import _spacing3, grid_affine  # noqa: F401  (grid_affine re-exported)
 
 #: SOP Class UID of (single-frame) CT Image Storage
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -577,24 +578,6 @@ def load_ct(path: str | Path, checks: CTCheckParams | None = None) -> CTVolume:
 
 
 # --------------------------------------------------------------------------- resampling
-
-
-def grid_affine(
-    shape: Sequence[int], spacing_mm: float | Sequence[float], center_world: Sequence[float]
-) -> np.ndarray:
-    """Affine of an axis-aligned RAS+ grid whose centre voxel ((n-1)/2) sits at ``center_world``."""
-    sp = _spacing3(spacing_mm)
-    shp = np.asarray(shape, dtype=np.float64)
-    aff = np.diag([*sp, 1.0])
-    aff[:3, 3] = np.asarray(center_world, dtype=np.float64) - sp * (shp - 1.0) / 2.0
-    return aff
-
-
-def _spacing3(spacing_mm: float | Sequence[float]) -> np.ndarray:
-    sp = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,)).copy()
-    if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise ValueError(f"spacing_mm must be positive and finite, got {spacing_mm!r}")
-    return sp
 
 
 def resample_to_grid(

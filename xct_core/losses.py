@@ -4,11 +4,12 @@
 * :func:`direct_loss` — x0 MSE (+ optional physics term) for the direct-regression baseline.
 * :class:`PhysicsLoss` — DRR consistency: the line integrals of the predicted x0 and of the
   target x0, both views, rendered by the SAME renderer (:func:`xct_core.drr.render`) with
-  the SAME geometry on the stage grid (:func:`xct_core.models.stage_affine`).
+  the SAME geometry on the stage grid (``params.stage(k).affine()``).
 
-Units: volumes are windowed to [-1, 1] (``HUWindow.forward``); the physics term maps them
-back to HU with ``HUWindow.inverse`` (the target is therefore clipped to the window, and so
-is a perfect prediction — both sides see the same clipping), renders line integrals
+Units: volumes are in the networks' units [-1, 1] (``HUMap.forward``, ``params.hu.output``);
+the physics term maps them back to HU with ``HUMap.inverse`` (with a window map the target
+is clipped to the window, and so is a perfect prediction — both sides see the same
+clipping), renders line integrals
 ``∫mu dl`` (mu = mu_water·(1 + HU/1000), dl in mm), divides them by the fixed
 ``params.model.xray_scale`` (the encoder's input scale) and takes the MSE over both views'
 pixels. There is no per-sample normalisation.
@@ -29,12 +30,12 @@ from torch import nn
 
 from xct_core.cascade import augment_condition, lowres_condition, resize_volume, sample_aug_timesteps
 from xct_core.diffusion import CosineSchedule, q_sample, sample_timesteps, v_target, x0_from_v
-from xct_core.hu import HUWindow
+from xct_core.hu import HUMap, HUWindow
 from xct_core.models.encoder import VIEWS
-from xct_core.models.stage import StageNet, stage_affine, stage_config, unwrap
+from xct_core.models.stage import StageNet, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
-    from xct_core.config import Params
+    from xct_core.config import Params, Stage
 
 __all__ = ["PhysicsLoss", "diffusion_loss", "direct_loss"]
 
@@ -47,7 +48,7 @@ class PhysicsLoss(nn.Module):
     Args:
         geometries: ``{"frontal": ProjectionGeometry, "lateral": ProjectionGeometry}``.
         affine: the stage grid's voxel→world affine (mm).
-        window: the training HU window (volumes are windowed [-1, 1] tensors).
+        window: the networks' HU map (volumes are [-1, 1] tensors in its units; a window works too).
         mu_water: 1/mm.
         scale: line integrals are divided by this (``params.model.xray_scale``).
 
@@ -60,7 +61,7 @@ class PhysicsLoss(nn.Module):
         self,
         geometries: dict[str, object],
         affine: np.ndarray,
-        window: HUWindow,
+        window: HUMap | HUWindow,
         mu_water: float,
         scale: float,
     ) -> None:
@@ -72,16 +73,16 @@ class PhysicsLoss(nn.Module):
         self.scale = float(scale)
 
     @classmethod
-    def from_params(cls, params: Params, k: int) -> PhysicsLoss:
-        """The physics term of stage ``k`` (1-based): its grid, ``params.drr`` geometry,
-        ``params.hu`` window and mu_water, ``params.model.xray_scale``."""
+    def from_params(cls, params: Params, stage: int | Stage) -> PhysicsLoss:
+        """The physics term of a stage (index or ``params.stage(k)``): its grid, the
+        ``params.drr`` geometry, the networks' HU map and mu_water, ``params.model.xray_scale``."""
         from xct_core.geometry import ProjectionGeometry
 
-        cfg = stage_config(params, k)
+        st = params.stage(stage) if isinstance(stage, int) else stage
         return cls(
             {v: ProjectionGeometry.from_params(params.drr, v) for v in VIEWS},
-            stage_affine(cfg),
-            params.hu.get_window(),
+            st.affine(),
+            params.hu.net_map(),
             params.hu.mu_water,
             params.model.xray_scale,
         )

@@ -31,7 +31,7 @@ Definitions (the protocol in /work/shared/REFERENCE.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,8 @@ __all__ = [
     "slice_ssim",
     "volume_metrics",
     "volume_metrics_per_sample",
+    "hu_metrics_per_sample",
+    "mean_rows",
     "METRIC_KEYS",
     "metric_kwargs",
 ]
@@ -367,6 +369,64 @@ def metric_kwargs(eval_params: Any) -> dict[str, Any]:
     }
 
 
+def hu_metrics_per_sample(
+    pred_hu: ArrayLike,
+    target_hu: ArrayLike,
+    window: HUWindow,
+    *,
+    hu_range: tuple[float, float] = (-1024.0, 1024.0),
+    ssim_sigma: float = 1.5,
+    ssim_win: int = 11,
+    views: Mapping[str, tuple[ArrayLike, ArrayLike]] | None = None,
+) -> list[dict[str, float]]:
+    """THE metric set, per sample, of volumes in HU (the one implementation; training
+    validation, evaluation, ``xct evaluate`` and the gates all read these keys).
+
+    Args:
+        pred_hu, target_hu: ``[X, Y, Z]`` or a batch, in HU (the target over its full range).
+        window: the evaluation window: ``psnr_window_db`` / ``ssim_window`` compare both
+            volumes windowed (clipped) to it, data_range 2 (= the window's width).
+        hu_range: [lo, hi] HU of ``psnr_hu_db`` / ``mae_hu`` / slice averages (both clipped
+            to it; data_range hi − lo).
+        ssim_sigma, ssim_win: Gaussian SSIM window (voxels).
+        views: ``{"frontal": (drr_of_pred, input_view), …}`` → ``reproj_psnr_<view>_db``,
+            ``reproj_ssim_<view>`` (data_range = input max − min).
+
+    Keys (:data:`METRIC_KEYS` + reprojection): as :func:`volume_metrics`; ``dynamic_range``
+    / ``std`` are those of the windowed prediction (window units), ``nan_count`` counts
+    non-finite prediction voxels.
+    """
+    ph, th, _ = _pair(pred_hu, target_hu, 3)
+    B = ph.shape[0]
+    lo, hi = float(hu_range[0]), float(hu_range[1])
+    x, y = window.forward(ph), window.forward(th)
+    phc, thc = ph.clamp(lo, hi), th.clamp(lo, hi)
+
+    def arr(v: Any) -> np.ndarray:
+        return np.asarray(v, dtype=np.float64).reshape(B)
+
+    rng, std = dynamic_range(x)
+    cols: dict[str, np.ndarray] = {
+        "psnr_window_db": arr(psnr_window(x, y)),
+        "psnr_hu_db": arr(psnr_hu(phc, thc, lo, hi)),
+        "ssim_window": arr(ssim3d(x, y, HUWindow.normalised_range, sigma=ssim_sigma, win=ssim_win)),
+        "mae_hu": arr(mae_hu(phc, thc, lo, hi)),
+        "dynamic_range": arr(rng),
+        "std": arr(std),
+        "nan_count": arr(nan_count(ph)),
+        "psnr_slice_avg_db": arr(slice_psnr(phc, thc, hi - lo)),
+        "ssim_slice_avg": arr(slice_ssim(phc, thc, hi - lo, sigma=ssim_sigma, win=ssim_win)),
+    }
+    for name, (drr_pred, drr_ref) in (views or {}).items():
+        dp, _ = _as_batch(drr_pred, 2, f"views[{name}] pred")
+        dr, _ = _as_batch(drr_ref, 2, f"views[{name}] ref")
+        if dp.shape[0] != B:
+            raise ValueError(f"views[{name}]: batch {dp.shape[0]} != volume batch {B}")
+        cols[f"reproj_psnr_{name}_db"] = arr(reprojection_psnr(dp, dr))
+        cols[f"reproj_ssim_{name}"] = arr(ssim2d(dp, dr, sigma=ssim_sigma, win=ssim_win))
+    return [{k: float(v[i]) for k, v in cols.items()} for i in range(B)]
+
+
 def volume_metrics_per_sample(
     pred_norm: ArrayLike,
     target_norm: ArrayLike,
@@ -378,44 +438,37 @@ def volume_metrics_per_sample(
     ssim_win: int = 11,
     views: Mapping[str, tuple[ArrayLike, ArrayLike]] | None = None,
 ) -> list[dict[str, float]]:
-    """:func:`volume_metrics` for each sample of a batch (one dict per sample)."""
+    """:func:`volume_metrics` for each sample of a batch (one dict per sample): window-unit
+    inputs mapped to HU, then :func:`hu_metrics_per_sample`."""
     x, y, _ = _pair(pred_norm, target_norm, 3)
-    B = x.shape[0]
-    xc, yc = x.clamp(-1.0, 1.0), y.clamp(-1.0, 1.0)
-    lo, hi = float(hu_range[0]), float(hu_range[1])
-    pred_hu = window.inverse(xc)
     if target_hu is not None:
         t_hu, _ = _as_batch(target_hu, 3, "target_hu")
         if t_hu.shape != x.shape:
             raise ValueError(f"target_hu {tuple(t_hu.shape)} does not match pred {tuple(x.shape)}")
         t_hu = t_hu.to(x.device)
     else:
-        t_hu = window.inverse(yc)
-    ph, th = pred_hu.clamp(lo, hi), t_hu.clamp(lo, hi)
+        t_hu = window.inverse(y.clamp(-1.0, 1.0))
+    rows = hu_metrics_per_sample(window.inverse(x.clamp(-1.0, 1.0)), t_hu, window, hu_range=hu_range,
+                                 ssim_sigma=ssim_sigma, ssim_win=ssim_win, views=views)
+    # spread and non-finite count of the RAW window-unit prediction (clipping would hide both)
+    B = x.shape[0]
+    rng, std = (np.asarray(v, dtype=np.float64).reshape(B) for v in dynamic_range(x))
+    bad = np.asarray(nan_count(x), dtype=np.float64).reshape(B)
+    for i, r in enumerate(rows):
+        r["dynamic_range"], r["std"], r["nan_count"] = float(rng[i]), float(std[i]), float(bad[i])
+    return rows
 
-    def arr(v: Any) -> np.ndarray:
-        return np.asarray(v, dtype=np.float64).reshape(B)
 
-    rng, std = dynamic_range(x)
-    cols: dict[str, np.ndarray] = {
-        "psnr_window_db": arr(psnr_window(x, y)),
-        "psnr_hu_db": arr(psnr_hu(ph, th, lo, hi)),
-        "ssim_window": arr(ssim3d(xc, yc, HUWindow.normalised_range, sigma=ssim_sigma, win=ssim_win)),
-        "mae_hu": arr(mae_hu(ph, th, lo, hi)),
-        "dynamic_range": arr(rng),
-        "std": arr(std),
-        "nan_count": arr(nan_count(x)),
-        "psnr_slice_avg_db": arr(slice_psnr(ph, th, hi - lo)),
-        "ssim_slice_avg": arr(slice_ssim(ph, th, hi - lo, sigma=ssim_sigma, win=ssim_win)),
-    }
-    for name, (drr_pred, drr_ref) in (views or {}).items():
-        dp, _ = _as_batch(drr_pred, 2, f"views[{name}] pred")
-        dr, _ = _as_batch(drr_ref, 2, f"views[{name}] ref")
-        if dp.shape[0] != B:
-            raise ValueError(f"views[{name}]: batch {dp.shape[0]} != volume batch {B}")
-        cols[f"reproj_psnr_{name}_db"] = arr(reprojection_psnr(dp, dr))
-        cols[f"reproj_ssim_{name}"] = arr(ssim2d(dp, dr, sigma=ssim_sigma, win=ssim_win))
-    return [{k: float(v[i]) for k, v in cols.items()} for i in range(B)]
+def mean_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean of each numeric key over rows (``*nan_count``: the sum); the one aggregation of
+    per-sample / per-patient metrics. Non-numeric values (an ``id``) are skipped."""
+    out: dict[str, float] = {}
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float, np.floating, np.integer))
+            and not isinstance(rows[0][k], bool)] if rows else []
+    for k in keys:
+        vals = np.array([float(r.get(k, math.nan)) for r in rows], dtype=np.float64)
+        out[k] = float(vals.sum()) if k.endswith("nan_count") else float(vals.mean())
+    return out
 
 
 def volume_metrics(
@@ -429,12 +482,12 @@ def volume_metrics(
     ssim_win: int = 11,
     views: Mapping[str, tuple[ArrayLike, ArrayLike]] | None = None,
 ) -> dict[str, float]:
-    """The full metric set used by training validation, evaluation and the gates.
+    """The full metric set of window-unit volumes (batch: the mean over samples).
 
     Args:
         pred_norm, target_norm: windowed volumes in [-1, 1] (``window.forward``), one
             ``[X, Y, Z]`` or a batch; both are clipped to [-1, 1].
-        window: the training window (maps [-1, 1] back to HU).
+        window: the window (maps [-1, 1] back to HU).
         target_hu: the reference in HU over its full range. Without it the HU metrics
             compare ``window.inverse`` of both windowed volumes, i.e. they only see
             the window's HU span — pass it for the honest wide-range numbers.
@@ -452,12 +505,7 @@ def volume_metrics(
         For a batch: the mean over samples (``nan_count``: the total). Metrics of a sample
         with non-finite values are NaN, so the batch mean is NaN too.
     """
-    rows = volume_metrics_per_sample(
+    return mean_rows(volume_metrics_per_sample(
         pred_norm, target_norm, window, target_hu=target_hu, hu_range=hu_range,
         ssim_sigma=ssim_sigma, ssim_win=ssim_win, views=views,
-    )
-    out: dict[str, float] = {}
-    for k in rows[0]:
-        vals = np.array([r[k] for r in rows], dtype=np.float64)
-        out[k] = float(vals.sum()) if k == "nan_count" else float(vals.mean())
-    return out
+    ))

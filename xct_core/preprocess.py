@@ -70,7 +70,8 @@ from xct_core.augment import Augmentation
 from xct_core.config import CTCheckParams, DRRParams, Params
 from xct_core.errors import InputError, XctError
 from xct_core.geometry import VIEWS, ProjectionGeometry
-from xct_core.io import CTVolume, grid_affine, load_ct, resample_to_grid
+from xct_core.grid import StageGrid
+from xct_core.io import CTVolume, load_ct, resample_to_grid
 from xct_core.jsondoc import read_json_doc
 
 #: bump when the meaning of any output changes (invalidates every recorded key)
@@ -123,27 +124,6 @@ def check_id(vid: Any, where: str | Path | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class StageGrid:
-    """Stage ``k``'s grid: ``size``³ isotropic voxels over ``fov_mm`` (mm), RAS+."""
-
-    k: int
-    size: int
-    fov_mm: float
-
-    @property
-    def spacing_mm(self) -> float:
-        return float(self.fov_mm) / int(self.size)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.size, self.size, self.size)
-
-    def affine(self, center_world: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
-        """Voxel → world (mm) affine with the grid centre (voxel ``(S-1)/2``) at ``center_world``."""
-        return grid_affine(self.shape, self.spacing_mm, center_world)
 
 
 @dataclass(frozen=True)

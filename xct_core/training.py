@@ -1,56 +1,45 @@
-"""Engine-agnostic training of one cascade stage (pure torch; no Ray, no MLflow).
+"""Engine-agnostic training of one cascade stage (pure torch; no Ray, no MLflow, no CLI).
 
-:func:`train_stage` is the loop. An engine binds it through :class:`TrainHooks`: a
-``report(metrics, checkpoint_dir)`` callback (every rank, same steps), an optional model /
-data-loader preparation (DDP wrapping, device placement), a progress-bar factory and an
-artifact logger. ``components/train.py`` binds it to Ray Train + MLflow; a bare GPU box
-runs it directly::
+:func:`train_stage` is the loop (nanoGPT-style: set up, then ``while step < max_steps``:
+:func:`train_step`, synchronise, update, report). An engine binds it through
+:class:`TrainHooks`: a ``report(metrics, checkpoint_dir)`` callback (every rank, same
+steps), an optional model / data-loader preparation (DDP wrapping, device placement), a
+progress-bar factory, an artifact logger and per-step hooks (what :class:`FaultPlan`, the
+resilience tests' fault injection, plugs into). ``components/train.py`` binds it to Ray
+Train + MLflow; ``xct train --local`` and a bare GPU box call it directly.
 
-    python -m xct_core.training --stage 1 --processed data/processed --out outputs/train --params params.yaml
-
-What one step does
-------------------
-Batch ``batch_size`` volumes per worker (data sharded per worker by
-:class:`ShardSampler`), draw ``t`` and noise from a generator seeded by
-``(seed, rank, step)``, :func:`xct_core.losses.diffusion_loss` (v-prediction, + physics
-term when ``physics_weight > 0``; stage k>1 conditions on the ground-truth low-res volume,
+What one step does (:func:`train_step`)
+---------------------------------------
+Batch ``batch_size`` volumes per worker (data sharded per worker by :class:`ShardSampler`),
+draw ``t`` and noise from a generator seeded by the one seed rule
+(:func:`xct_core.seeding.derive_seed` ``(seed, 4 + learner, rank, step)``),
+:func:`xct_core.losses.diffusion_loss` (v-prediction, + physics term when
+``physics_weight > 0``; stage k>1 conditions on the ground-truth low-res volume,
 noise-augmented) under bf16 autocast on GPU, backward, unscale (fp16) and clip the global
-gradient norm, check loss and gradient are finite on every rank, AdamW step, EMA update.
-LR: linear warmup then cosine decay (:func:`lr_factor`).
+gradient norm. Then the loop all-reduces the logs with an "any rank non-finite" flag
+(:func:`sync_stats`), steps AdamW and updates the EMA. LR: linear warmup then cosine decay
+(:func:`lr_factor`).
 
-Validation (rank 0, every ``val_every`` steps and at the end) samples with the shared
-cascade sampler (:func:`xct_core.cascade.sample_cascade` → :func:`xct_core.diffusion.ddim_sample`)
-using the EMA weights of this stage and the frozen, exported earlier stages, on the first
-``val_max_volumes`` ids of the val split (never augmented), with a fixed noise seed so
-successive validations are comparable. Metrics: :func:`xct_core.metrics.volume_metrics`
-(+ reprojection of the reconstruction vs the input X-rays; + the direct-regression twin
-when ``train.direct_baseline``).
+Validation (rank 0, every ``val_every`` steps and at the end) is THE evaluator
+(:func:`xct_core.evaluation.evaluate_case`) on the first ``val_max_volumes`` ids of the val
+split (never augmented): the EMA weights of this stage behind the frozen, exported earlier
+stages, ``train.val_sample_steps`` DDIM steps, ``train.val_samples`` draws, the case seeds
+of the one seed rule (successive validations are comparable), metrics against the
+full-range HU target exactly as the evaluate step computes them (+ the direct twin when
+``train.direct_baseline``). The best value of ``train.best_metric`` picks ``best.pt``.
 
-Layout of ``out_dir`` (``params.train.out_dir``; K = stage index)
------------------------------------------------------------------
-::
+Layout of ``out_dir``: :mod:`xct_core.layout` (:class:`RunLayout`). Exported models:
+:func:`xct_core.checkpoint.export_stage_model` (self-contained: EMA ``state_dict`` + the
+full params as JSON; rebuild with :func:`xct_core.checkpoint.load_stage_model`). Everything
+loads with ``torch.load(weights_only=True)``.
 
-    checkpoints/stage{K}/step_{N:08d}/state.pt   full training state (resume), last
-                                                 ``keep_last`` + the best one kept
-    models/stage{K}/final.pt                     EMA weights at the last step  ┐ read by
-    models/stage{K}/best.pt                      EMA weights at the best val   ┘ evaluation /
-    models/stage{K}/direct.pt                    direct-regression twin (when configured)
-    plots/stage{K}/train.csv, val.csv            curves (step-indexed) for ``dvc plots``
-    metrics/stage{K}.json                        summary for ``dvc metrics``
-    val/stage{K}/step_{N:08d}.png                validation montages (axial/coronal/sagittal)
-
-Exported models: :func:`xct_core.checkpoint.export_stage_model` (self-contained: EMA
-``state_dict`` + the full params as JSON; rebuild with
-:func:`xct_core.checkpoint.load_stage_model`). Everything loads with
-``torch.load(weights_only=True)``.
-
-Resume: a run starts from the newest checkpoint among ``resume_from`` (e.g. the engine's
-checkpoint) and ``checkpoints/stage{K}/``; the step count, optimizer, EMA, data position
-(epoch + offset), curves and best-so-far continue. Per-step randomness is a function of
-``(seed, rank, step)``, so a resumed run reproduces the uninterrupted one (to float
-rounding; tests/test_training.py checks it on CPU). Raising ``train.steps`` later continues
-from the last step (the LR schedule is recomputed for the new total); a checkpoint of a
-different network (stage/model/diffusion/DRR/HU params) is refused.
+Resume (:class:`Checkpointer`): a run starts from the newest checkpoint among ``resume_from``
+(e.g. the engine's checkpoint) and ``checkpoints/stage{K}/``; the step count, optimizer, EMA,
+data position (epoch + offset), curves and best-so-far continue. Per-step randomness is a
+function of ``(seed, rank, step)``, so a resumed run reproduces the uninterrupted one (to
+float rounding; tests/test_training.py checks it on CPU). Raising ``train.steps`` later
+continues from the last step (the LR schedule is recomputed for the new total); a checkpoint
+of a different network (stage/model/diffusion/DRR/HU params) is refused.
 
 Non-finite loss or gradient: the run stops before the optimizer step with
 :class:`NonFiniteError` naming the step; no checkpoint is written for it, so the last good
@@ -59,9 +48,9 @@ one stays the newest.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
+import hashlib
 import io
 import json
 import math
@@ -69,10 +58,9 @@ import os
 import random
 import resource
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,14 +70,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from xct_core.cascade import sample_cascade
+from xct_core.atomic import write_json_atomic, write_text_atomic
 from xct_core.checkpoint import (
     STATE_FORMAT,
     capture_rng,
     export_stage_model,
     latest_checkpoint,
     list_checkpoints,
-    load_stage_model,
     load_state,
     prune_checkpoints,
     read_stage_model,
@@ -97,26 +84,32 @@ from xct_core.checkpoint import (
     save_state,
     step_dir_name,
 )
-from xct_core.config import Params, load_params
+from xct_core.config import Params, Stage
 from xct_core.diffusion import CosineSchedule
 from xct_core.errors import ConfigError, InputError, XctError
+from xct_core.layout import RunLayout
 from xct_core.losses import PhysicsLoss, diffusion_loss, direct_loss
-from xct_core.metrics import metric_kwargs, volume_metrics_per_sample
-from xct_core.models import build_stage, stage_config, unwrap
+from xct_core.models import build_stage, unwrap
+from xct_core.seeding import derive_seed
 
 __all__ = [
+    "EMA",
+    "Checkpointer",
     "FaultPlan",
     "NonFiniteError",
     "RunLayout",
     "ShardSampler",
+    "StepStats",
     "TrainHooks",
     "TrainResult",
     "TrainingFailed",
+    "compat_key",
     "lr_factor",
-    "main",
     "preflight",
-    "stage_steps",
+    "summary_line",
+    "sync_stats",
     "train_stage",
+    "train_step",
 ]
 
 ReportFn = Callable[[dict[str, float], "str | None"], None]
@@ -140,49 +133,12 @@ class NonFiniteError(TrainingFailed):
         self.last_good = last_good
 
 
-# --------------------------------------------------------------------------- layout
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Paths of one stage's outputs under ``out_dir`` (see the module docstring)."""
-
-    out_dir: Path
-    stage: int
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.out_dir / "checkpoints" / f"stage{self.stage}"
-
-    def model(self, which: str = "final", stage: int | None = None) -> Path:
-        """``models/stage{k}/{which}.pt`` (``final`` | ``best`` | ``direct``)."""
-        return self.out_dir / "models" / f"stage{self.stage if stage is None else stage}" / f"{which}.pt"
-
-    @property
-    def plots(self) -> Path:
-        return self.out_dir / "plots" / f"stage{self.stage}"
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.out_dir / "metrics" / f"stage{self.stage}.json"
-
-    @property
-    def montages(self) -> Path:
-        return self.out_dir / "val" / f"stage{self.stage}"
-
-    def clear(self) -> None:
-        """Delete this stage's checkpoints, models, curves, metrics and montages (fresh start)."""
-        for p in (self.checkpoints, self.model().parent, self.plots, self.montages):
-            shutil.rmtree(p, ignore_errors=True)
-        self.metrics_file.unlink(missing_ok=True)
-
-
 # --------------------------------------------------------------------------- hooks, faults, result
 
 
 @dataclass
 class TrainHooks:
-    """How an engine plugs into :func:`train_stage`; every field is optional.
+    """How an engine (and a test) plugs into :func:`train_stage`; every field is optional.
 
     Attributes:
         report: ``report(metrics, checkpoint_dir)``, called by EVERY rank at the same steps
@@ -198,6 +154,9 @@ class TrainHooks:
             transfer; our :class:`ShardSampler` is a ``DistributedSampler`` so it is kept).
         progress: tqdm-compatible factory ``(total=, initial=, desc=)`` with ``update(n)``,
             ``set_description(s)`` and ``close()``; default tqdm on rank 0.
+        before_step: ``before_step(step, rank)`` before step ``step`` (1-based) runs.
+        after_step: ``after_step(step, rank)`` after step ``step``'s update.
+        perturb_loss: ``perturb_loss(step, rank, learner, loss) -> loss`` before backward.
     """
 
     report: ReportFn | None = None
@@ -205,11 +164,15 @@ class TrainHooks:
     prepare_model: Callable[[nn.Module], nn.Module] | None = None
     prepare_loader: Callable[[DataLoader], DataLoader] | None = None
     progress: Callable[..., Any] | None = None
+    before_step: Callable[[int, int], None] | None = None
+    after_step: Callable[[int, int], None] | None = None
+    perturb_loss: Callable[[int, int, int, torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
 class FaultPlan:
-    """Deliberate faults for resilience tests (chaos testing); all off by default.
+    """Deliberate faults for resilience tests (chaos testing); all off by default. They
+    reach the loop only through :class:`TrainHooks` (:meth:`install`).
 
     Attributes:
         nan_at_step: rank 0 multiplies the loss of this (1-based) step by NaN.
@@ -225,13 +188,42 @@ class FaultPlan:
 
     @classmethod
     def from_json(cls, text: str | None) -> FaultPlan:
-        """From a JSON object (e.g. the ``XCT_TRAIN_FAULTS`` environment variable)."""
+        """From a JSON object (the adapters read it from ``$XCT_TRAIN_FAULTS``)."""
         if not text:
             return cls()
         try:
             return cls(**json.loads(text))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"fault plan {text!r}: {e}") from None
+
+    def install(self, hooks: TrainHooks, layout: RunLayout) -> TrainHooks:
+        """``hooks`` with this plan's faults chained into its per-step hooks."""
+        if self == FaultPlan():
+            return hooks
+        marker = layout.checkpoints / f".fault-crash-{self.crash_at_step}"
+        before, after, perturb = hooks.before_step, hooks.after_step, hooks.perturb_loss
+
+        def before_step(step: int, rank: int) -> None:
+            if before is not None:
+                before(step, rank)
+            if self.crash_at_step == step and rank == self.crash_rank and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                os.kill(os.getpid(), 9)  # simulated hard crash of this worker
+
+        def after_step(step: int, rank: int) -> None:
+            if after is not None:
+                after(step, rank)
+            if self.slow_step_s > 0:
+                time.sleep(self.slow_step_s)
+
+        def perturb_loss(step: int, rank: int, learner: int, loss: torch.Tensor) -> torch.Tensor:
+            loss = perturb(step, rank, learner, loss) if perturb is not None else loss
+            if self.nan_at_step == step and rank == 0 and learner == 0:
+                loss = loss * float("nan")
+            return loss
+
+        return replace(hooks, before_step=before_step, after_step=after_step, perturb_loss=perturb_loss)
 
 
 @dataclass
@@ -253,16 +245,15 @@ class TrainResult:
     steps_run: int = 0  #: optimizer steps executed by this call
 
 
+def summary_line(res: TrainResult) -> str:
+    """One line about a finished :func:`train_stage` call (what ``xct train --local`` prints)."""
+    where = f"resumed at step {res.start_step}" if res.start_step else "from scratch"
+    best = f", best {res.best_value:.3f} at step {res.best_step}" if res.best_value is not None else ""
+    speed = f", {res.samples_per_s:.2f} samples/s" if res.samples_per_s else ""
+    return f"{res.name}: step {res.final_step} → {res.final_model} ({where}{speed}{best})"
+
+
 # --------------------------------------------------------------------------- small pieces
-
-
-def stage_steps(params: Params, k: int) -> int:
-    """``params.train.steps`` of stage ``k``'s name; :class:`ConfigError` when absent."""
-    name = list(params.stages)[k - 1]
-    try:
-        return int(params.train.steps[name])
-    except KeyError:
-        raise ConfigError(f"train.steps has no entry for {name} (have {', '.join(params.train.steps) or 'none'})") from None
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -275,11 +266,6 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     span = max(1, total - 1 - warmup)
     prog = min(1.0, max(0.0, (step - warmup) / span))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * prog))
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers (NumPy SeedSequence mixing)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
 
 
 class ShardSampler(DistributedSampler):
@@ -341,9 +327,6 @@ def _dist_on(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
-from xct_core.atomic import write_text_atomic as _write_text_atomic  # noqa: E402
-
-
 class _Curves:
     """A step-indexed CSV (``dvc plots``), rewritten atomically on every append. On resume
     rows after the resumed step are dropped (no duplicated steps)."""
@@ -363,10 +346,21 @@ class _Curves:
         w = csv.DictWriter(buf, fieldnames=cols, restval="", lineterminator="\n")
         w.writeheader()
         w.writerows(self.rows)
-        _write_text_atomic(self.path, buf.getvalue())
+        write_text_atomic(self.path, buf.getvalue())
 
 
-# --------------------------------------------------------------------------- learners
+def _default_progress(total: int, initial: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def _report(hooks: TrainHooks, metrics: dict[str, float], ckpt: str | None) -> None:
+    if hooks.report is not None:
+        hooks.report(metrics, ckpt)
+
+
+# --------------------------------------------------------------------------- learners, one step
 
 
 class _Learner:
@@ -381,6 +375,10 @@ class _Learner:
         self.opt: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
 
+    @property
+    def prefix(self) -> str:
+        return "train/" if self.kind == "diffusion" else "train/direct_"
+
     def state(self) -> dict[str, Any]:
         assert self.opt is not None
         return {
@@ -390,383 +388,169 @@ class _Learner:
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
         }
 
+    def load(self, saved: Mapping[str, Any]) -> None:
+        self.net.load_state_dict(saved["model"])
+        self.ema.module.load_state_dict(saved["ema"])
 
-# --------------------------------------------------------------------------- the loop
+    def update(self) -> None:
+        assert self.opt is not None
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
 
 
-def train_stage(
-    params: Params,
-    stage: int,
-    processed_dir: str | Path,
-    out_dir: str | Path | None = None,
+@dataclass
+class StepStats:
+    """One step's logs on this rank: ``keys`` ↔ ``local`` (0-d tensors stacked) and a count of
+    values that must be finite but are not (loss, and the gradient norm without fp16)."""
+
+    keys: list[str]
+    local: torch.Tensor
+    fatal: torch.Tensor
+
+
+def train_step(
+    learners: list[_Learner],
+    batch: Mapping[str, Any],
     *,
-    device: str | torch.device | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    resume_from: str | Path | None = None,
-    hooks: TrainHooks | None = None,
-    faults: FaultPlan | None = None,
-    steps: int | None = None,
-    fresh: bool = False,
-) -> TrainResult:
-    """Train stage ``stage`` (1-based) on ``processed_dir`` (layout :mod:`xct_core.preprocess`).
+    step: int,
+    lr: float,
+    rank: int,
+    seed: int,
+    device: torch.device,
+    schedule: CosineSchedule,
+    stage: Stage,
+    physics: PhysicsLoss | None,
+    grad_clip: float,
+    amp_dtype: torch.dtype | None,
+    hooks: TrainHooks,
+) -> StepStats:
+    """Forward, backward, unscale and clip every learner on one batch (no optimizer step);
+    ``step`` = updates done so far (the one being computed is ``step + 1``)."""
+    x0 = batch["x0"].to(device, non_blocking=True)
+    frontal = batch["frontal"].to(device, non_blocking=True)
+    lateral = batch["lateral"].to(device, non_blocking=True)
+    cond = batch["x0_prev"].to(device, non_blocking=True) if "x0_prev" in batch else None
+    gen = torch.Generator(device=device)
+    keys: list[str] = []
+    stats: list[torch.Tensor] = []
+    fatal: list[torch.Tensor] = []
+    for i, lrn in enumerate(learners):
+        assert lrn.opt is not None
+        for g in lrn.opt.param_groups:
+            g["lr"] = lr
+        lrn.opt.zero_grad(set_to_none=True)
+        gen.manual_seed(derive_seed(seed, 4 + i, rank, step))
+        loss_fn = diffusion_loss if lrn.kind == "diffusion" else direct_loss
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss, logs = loss_fn(lrn.model, x0, frontal, lateral, cond, schedule=schedule, generator=gen,
+                                 physics_weight=stage.cfg.physics_weight, physics=physics)
+        if hooks.perturb_loss is not None:
+            loss = hooks.perturb_loss(step + 1, rank, i, loss)
+            logs["loss"] = loss.detach()
+        if lrn.scaler is not None:
+            lrn.scaler.scale(loss).backward()
+            lrn.scaler.unscale_(lrn.opt)
+        else:
+            loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(lrn.model.parameters(), grad_clip).detach().float()
+        for key in sorted(logs):
+            keys.append(lrn.prefix + key)
+            stats.append(logs[key].float().reshape(()))
+        keys.append(lrn.prefix + "grad_norm")
+        stats.append(gnorm.reshape(()))
+        fatal.append((~torch.isfinite(loss.detach().float())).float().reshape(()))
+        if lrn.scaler is None:  # fp16: an overflowing gradient is the scaler's business
+            fatal.append((~torch.isfinite(gnorm)).float().reshape(()))
+    return StepStats(keys, torch.stack(stats).to(device), torch.stack(fatal).sum().reshape(1).to(device))
 
-    Args:
-        params: the typed params (``stages``, ``train``, ``diffusion``, ``hu``, ``drr``, ``eval``).
-        out_dir: outputs (default ``params.train.out_dir``); layout in the module docstring.
-            With several workers it must be storage every rank sees (rank 0 writes).
-        device: default CUDA when available, else CPU.
-        rank, world_size: this worker's global rank and the number of workers. When
-            ``world_size > 1`` a ``torch.distributed`` process group must be initialised
-            (the engine does it) and ``hooks.prepare_model`` should wrap in DDP.
-        resume_from: a checkpoint directory to resume from (e.g. the engine's latest); the
-            newer of it and the newest local checkpoint is used.
-        hooks: engine binding (:class:`TrainHooks`).
-        faults: fault injection for tests (:class:`FaultPlan`).
-        steps: override ``params.train.steps[stage name]``.
-        fresh: delete this stage's previous outputs first (rank 0) instead of resuming.
 
-    Raises:
-        InputError / ConfigError: bad data folder, missing earlier-stage model, bad params.
-        NonFiniteError: a non-finite loss or gradient (names the step; last good checkpoint kept).
-    """
-    hooks = hooks or TrainHooks()
-    faults = faults or FaultPlan()
-    tp = params.train
-    k = int(stage)
-    cfg = stage_config(params, k)
-    name = list(params.stages)[k - 1]
-    max_steps = int(steps) if steps is not None else stage_steps(params, k)
-    if max_steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {max_steps}")
-    layout = RunLayout(Path(out_dir if out_dir is not None else tp.out_dir).absolute(), k)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    is_main = rank == 0
-    distributed = _dist_on(world_size)
-    if world_size > 1 and not distributed:
-        raise RuntimeError("world_size > 1 needs an initialised torch.distributed process group")
-
-    if fresh and is_main:
-        layout.clear()
+def sync_stats(stats: StepStats, distributed: bool, world_size: int) -> tuple[dict[str, float], bool]:
+    """One small all-reduce: the logs' mean over ranks and "did any rank see a non-finite
+    value". Returns ``(values, any_fatal)``; without a process group, this rank's values."""
+    payload = torch.cat([torch.nan_to_num(stats.local, nan=0.0, posinf=0.0, neginf=0.0), stats.fatal])
     if distributed:
-        dist.barrier()
+        dist.all_reduce(payload)
+        payload[:-1] /= world_size
+    host = payload.tolist()
+    values = host[:-1] if distributed else stats.local.tolist()
+    return dict(zip(stats.keys, values, strict=True)), host[-1] > 0
 
-    # --- data ---------------------------------------------------------------------------
-    from xct_core.data import XrayCTDataset
 
-    preflight(params, k, processed_dir, layout.out_dir, world_size=world_size, steps=max_steps)
-    window = params.hu.get_window()
-    train_ds = XrayCTDataset(processed_dir, k, "train", window)
-    sampler = ShardSampler(train_ds, world_size, rank, seed=params.seed)
-    steps_per_epoch = sampler.num_samples // cfg.batch_size
-    loader: DataLoader = DataLoader(
-        train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-        num_workers=tp.loader_workers, pin_memory=dev.type == "cuda",
-    )
-    if hooks.prepare_loader is not None:
-        loader = hooks.prepare_loader(loader)
-    val_ids: list[str] = []
-    if is_main:
-        all_val = list(train_ds.manifest["splits"].get("val", []))
-        val_ids = all_val[: tp.val_max_volumes] if tp.val_max_volumes > 0 else all_val
+# --------------------------------------------------------------------------- checkpoints
 
-    # --- models, resume ------------------------------------------------------------------
-    torch.manual_seed(_seed(params.seed, 1, rank))
-    np.random.seed(_seed(params.seed, 2, rank) % 2**32)
-    random.seed(_seed(params.seed, 3, rank))
-    learners = [_Learner("diffusion", build_stage(params, k), tp.ema_decay)]
-    if tp.direct_baseline:
-        learners.append(_Learner("direct", build_stage(params, k, mode="direct"), tp.ema_decay))
-    compat = _compat_key(params, k, [l.kind for l in learners])
 
-    state, resumed_from = _pick_resume(layout, resume_from, fresh)
-    start_step = int(state["step"]) if state is not None else 0
-    if distributed:  # every rank must resume from the same step (shared storage)
-        t = torch.tensor([start_step, -start_step], dtype=torch.float64)
-        t = t.to(dev) if dist.get_backend() == "nccl" else t
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if int(t[0]) != start_step or int(-t[1]) != start_step:
-            raise TrainingFailed(
-                f"{name}: workers found different checkpoints to resume from (steps {int(-t[1])}…{int(t[0])}); "
-                f"{layout.out_dir} must be storage every worker sees"
-            )
-    if state is not None:
-        if state.get("compat") != compat:
+def compat_key(params: Params, stage: Stage, kinds: list[str]) -> str:
+    """What a checkpoint's weights depend on: the stage's network, the model/diffusion/DRR
+    sections, the HU map and window and which learners exist. Other params (LR, steps,
+    logging) may change between resumes."""
+    blob = {
+        "stage": stage.cfg.model_dump(mode="json"),
+        "prev": stage.prev.size if stage.prev is not None else None,
+        "model": params.model.model_dump(mode="json"),
+        "diffusion": params.diffusion.model_dump(mode="json"),
+        "drr": params.drr.model_dump(mode="json"),
+        "hu": params.hu.model_dump(mode="json"),
+        "learners": kinds,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Checkpointer:
+    """One stage's training states: which one to resume from, whether it fits this network
+    (the compatibility key), saving (rank 0) and pruning to ``keep_last`` + the best."""
+
+    def __init__(self, layout: RunLayout, keep_last: int, compat: str, is_main: bool) -> None:
+        self.layout = layout
+        self.keep_last = int(keep_last)
+        self.compat = compat
+        self.is_main = is_main
+        last = list_checkpoints(layout.checkpoints)[-1:] if is_main else []
+        self.last: tuple[int, str] | None = (last[0][0], str(last[0][1])) if last else None
+
+    def pick(self, resume_from: str | Path | None, fresh: bool) -> tuple[dict[str, Any] | None, str | None]:
+        """The newest of ``resume_from`` and the newest local checkpoint, loaded (or ``None``)."""
+        if fresh:
+            return None, None
+        cands: list[tuple[int, str]] = []
+        ext_state: dict[str, Any] | None = None
+        if resume_from is not None:
+            ext_state = load_state(resume_from)
+            cands.append((int(ext_state["step"]), str(resume_from)))
+        loc = latest_checkpoint(self.layout.checkpoints)
+        if loc is not None:
+            cands.append((loc[0], str(loc[1])))
+        if not cands:
+            return None, None
+        _, path = max(cands, key=lambda c: c[0])
+        if ext_state is not None and path == str(resume_from):
+            return ext_state, path
+        return load_state(path), path
+
+    def check(self, state: Mapping[str, Any], path: str, name: str) -> None:
+        """Refuse a checkpoint of another network (:class:`ConfigError`)."""
+        if state.get("compat") != self.compat:
             raise ConfigError(
-                f"{resumed_from}: checkpoint was trained with a different {name} network/schedule "
+                f"{path}: checkpoint was trained with a different {name} network/schedule "
                 f"(params changed); restore them or start over with --fresh"
             )
-        for lrn in learners:
-            saved = state["learners"][lrn.kind]
-            lrn.net.load_state_dict(saved["model"])
-            lrn.ema.module.load_state_dict(saved["ema"])
 
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tp.precision) if dev.type == "cuda" else None
-    for lrn in learners:
-        lrn.model = hooks.prepare_model(lrn.net) if hooks.prepare_model is not None else lrn.net.to(dev)
-        lrn.net = unwrap(lrn.model)
-        lrn.ema.module.to(dev)
-        lrn.opt = torch.optim.AdamW(
-            lrn.model.parameters(), lr=cfg.lr, betas=tuple(tp.adam_betas), weight_decay=tp.weight_decay
-        )
-        if amp_dtype == torch.float16:
-            lrn.scaler = torch.amp.GradScaler("cuda")
-        if state is not None:
-            saved = state["learners"][lrn.kind]
-            lrn.opt.load_state_dict(saved["optimizer"])
-            if lrn.scaler is not None and saved["scaler"]:
-                lrn.scaler.load_state_dict(saved["scaler"])
-    if state is not None and is_main and state.get("rng") is not None:
-        restore_rng(state["rng"])
-
-    schedule = CosineSchedule.from_params(params.diffusion)
-    physics = PhysicsLoss.from_params(params, k) if cfg.physics_weight > 0 else None
-    best_step: int | None = state.get("best_step") if state is not None else None
-    best_value: float | None = state.get("best_value") if state is not None else None
-    last_val: dict[str, float] = json.loads(state.get("last_val", "{}")) if state is not None else {}
-    samples_seen = int(state.get("samples_seen", 0)) if state is not None else 0
-    del state
-
-    train_curve = _Curves(layout.plots / "train.csv", start_step) if is_main else None
-    val_curve = _Curves(layout.plots / "val.csv", start_step) if is_main else None
-    last_ckpt: list[tuple[int, str]] = [(s, str(d)) for s, d in list_checkpoints(layout.checkpoints)[-1:]] if is_main else []
-    validator = _Validator(params, k, processed_dir, val_ids, layout, dev, hooks) if is_main and val_ids else None
-
-    params_json = json.dumps(params.model_dump(mode="json"), sort_keys=True)
-
-    def checkpoint(step: int) -> str | None:
-        if not is_main:
+    def save(self, step: int, state: Mapping[str, Any], best_step: int | None) -> str | None:
+        """Write ``step``'s state (rank 0), prune, return its directory (``None`` off rank 0)."""
+        if not self.is_main:
             return None
-        st = {
-            "format": STATE_FORMAT,
-            "stage": k,
-            "name": name,
-            "step": step,
-            "max_steps": max_steps,
-            "samples_seen": samples_seen,
-            "world_size": world_size,
-            "compat": compat,
-            "params": params_json,
-            "learners": {lrn.kind: lrn.state() for lrn in learners},
-            "rng": capture_rng(),
-            "best_step": best_step,
-            "best_value": best_value,
-            "last_val": json.dumps(last_val),
-        }
-        d = save_state(layout.checkpoints, step, st)
-        prune_checkpoints(layout.checkpoints, tp.keep_last, [best_step] if best_step is not None else [])
-        last_ckpt[:] = [(step, str(d))]
+        d = save_state(self.layout.checkpoints, step, {**state, "compat": self.compat})
+        prune_checkpoints(self.layout.checkpoints, self.keep_last, [best_step] if best_step is not None else [])
+        self.last = (step, str(d))
         return str(d)
 
-    def export(which: str, step: int, metrics: Mapping[str, float]) -> Path:
-        """EMA weights → models/stage{k}/{which}.pt (+ direct.pt at the end); the metrics
-        stored with a model are its own validation metrics, without the ``val/`` prefix."""
-        own = {m.removeprefix("val/"): v for m, v in metrics.items() if not m.startswith("val/direct_")}
-        path = layout.model(which)
-        export_stage_model(path, learners[0].ema.module, params_json=params_json, stage=k, name=name,
-                           mode="diffusion", step=step, metrics=own)
-        if which == "final" and len(learners) > 1:
-            direct = {m.removeprefix("val/direct_"): v for m, v in metrics.items() if m.startswith("val/direct_")}
-            export_stage_model(layout.model("direct"), learners[1].ema.module, params_json=params_json, stage=k,
-                               name=name, mode="direct", step=step, metrics=direct)
-        return path
+    def last_good(self) -> str:
+        return f"{self.last[1]} (step {self.last[0]})" if self.last else "none written yet"
 
-    def validate(step: int) -> dict[str, float]:
-        nonlocal best_step, best_value, last_val
-        if validator is None:
-            return {}
-        t0 = time.perf_counter()
-        vals = validator.run(step, [lrn.ema.module for lrn in learners])
-        vals["val/time_s"] = time.perf_counter() - t0
-        last_val = vals
-        assert val_curve is not None
-        val_curve.append(step, {k2.removeprefix("val/"): v for k2, v in vals.items()})
-        key = f"val/{tp.best_metric}"
-        if key not in vals:
-            raise ConfigError(f"train.best_metric {tp.best_metric!r} is not a validation metric ({', '.join(sorted(vals))})")
-        v = vals[key]
-        better = math.isfinite(v) and (
-            best_value is None or (v > best_value if tp.best_mode == "max" else v < best_value)
-        )
-        if better:
-            best_step, best_value = step, float(v)
-            export("best", step, vals)
-        return vals
 
-    # --- already finished? -----------------------------------------------------------------
-    final_path = layout.model("final")
-    if start_step >= max_steps:
-        if is_main and (not final_path.is_file() or read_stage_model(final_path)["step"] != start_step):
-            export("final", start_step, last_val)
-            if best_step is None:
-                shutil.copyfile(final_path, layout.model("best"))
-        _report(hooks, {"step": float(start_step), "done": 1.0}, None)
-        return TrainResult(
-            stage=k, name=name, start_step=start_step, final_step=start_step, resumed_from=resumed_from,
-            final_model=final_path, best_model=layout.model("best") if is_main else None,
-            best_step=best_step, best_value=best_value, val_metrics=last_val,
-        )
-
-    # --- train -----------------------------------------------------------------------------
-    bar = None
-    if is_main:
-        factory = hooks.progress or _default_progress
-        bar = factory(total=max_steps, initial=start_step, desc=name)
-    gen = torch.Generator(device=dev)
-    global_batch = cfg.batch_size * world_size
-    step = start_step
-    window_t, window_steps, run_t = 0.0, 0, 0.0
-    last_loss: float | None = None
-    batches = _batch_stream(loader, sampler, start_step, steps_per_epoch, cfg.batch_size)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    crash_marker = layout.checkpoints / f".fault-crash-{faults.crash_at_step}"
-    try:
-        while step < max_steps:
-            if faults.crash_at_step == step + 1 and rank == faults.crash_rank and not crash_marker.exists():
-                crash_marker.parent.mkdir(parents=True, exist_ok=True)
-                crash_marker.touch()
-                os.kill(os.getpid(), 9)  # simulated hard crash of this worker
-            t0 = time.perf_counter()
-            batch = next(batches)
-            x0 = batch["x0"].to(dev, non_blocking=True)
-            frontal = batch["frontal"].to(dev, non_blocking=True)
-            lateral = batch["lateral"].to(dev, non_blocking=True)
-            cond = batch["x0_prev"].to(dev, non_blocking=True) if "x0_prev" in batch else None
-            lr = cfg.lr * lr_factor(step, max_steps, tp.warmup_steps, tp.min_lr_ratio)
-            keys: list[str] = []
-            stats: list[torch.Tensor] = []
-            fatal: list[torch.Tensor] = []  # 1 where a value that must be finite is not
-            for i, lrn in enumerate(learners):
-                assert lrn.opt is not None
-                for g in lrn.opt.param_groups:
-                    g["lr"] = lr
-                lrn.opt.zero_grad(set_to_none=True)
-                gen.manual_seed(_seed(params.seed, 4 + i, rank, step))
-                loss_fn = diffusion_loss if lrn.kind == "diffusion" else direct_loss
-                with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, logs = loss_fn(
-                        lrn.model, x0, frontal, lateral, cond, schedule=schedule, generator=gen,
-                        physics_weight=cfg.physics_weight, physics=physics,
-                    )
-                if faults.nan_at_step == step + 1 and rank == 0 and i == 0:
-                    loss = loss * float("nan")
-                    logs["loss"] = loss.detach()
-                if lrn.scaler is not None:
-                    lrn.scaler.scale(loss).backward()
-                    lrn.scaler.unscale_(lrn.opt)
-                else:
-                    loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(lrn.model.parameters(), tp.grad_clip).detach().float()
-                prefix = "train/" if lrn.kind == "diffusion" else "train/direct_"
-                for key in sorted(logs):
-                    keys.append(prefix + key)
-                    stats.append(logs[key].float().reshape(()))
-                keys.append(prefix + "grad_norm")
-                stats.append(gnorm.reshape(()))
-                fatal.append((~torch.isfinite(loss.detach().float())).float().reshape(()))
-                if lrn.scaler is None:  # fp16: an overflowing gradient is the scaler's business
-                    fatal.append((~torch.isfinite(gnorm)).float().reshape(()))
-            local = torch.stack(stats).to(dev)
-            payload = torch.cat([torch.nan_to_num(local, nan=0.0, posinf=0.0, neginf=0.0), torch.stack(fatal).sum().reshape(1).to(dev)])
-            if distributed:  # one small all-reduce: mean logs + "any rank non-finite"
-                dist.all_reduce(payload)
-                payload[:-1] /= world_size
-            host = payload.tolist()
-            if host[-1] > 0:
-                here = ", ".join(f"{key.removeprefix('train/')}={v:.4g}" for key, v in zip(keys, local.tolist(), strict=True))
-                good = f"{last_ckpt[-1][1]} (step {last_ckpt[-1][0]})" if last_ckpt else "none written yet"
-                raise NonFiniteError(
-                    f"{name}: non-finite loss or gradient at step {step + 1} (rank {rank}: {here}); training "
-                    f"stopped before the optimizer step. Last good checkpoint: {good}",
-                    step + 1,
-                    last_ckpt[-1][1] if last_ckpt else None,
-                )
-            values = dict(zip(keys, (host[:-1] if distributed else local.tolist()), strict=True))
-            for lrn in learners:
-                assert lrn.opt is not None
-                if lrn.scaler is not None:
-                    lrn.scaler.step(lrn.opt)
-                    lrn.scaler.update()
-                else:
-                    lrn.opt.step()
-            step += 1
-            samples_seen += global_batch
-            for lrn in learners:
-                lrn.ema.update(lrn.net, step)
-            if faults.slow_step_s > 0:
-                time.sleep(faults.slow_step_s)
-            dt = time.perf_counter() - t0
-            window_t += dt
-            run_t += dt
-            window_steps += 1
-            last_loss = values["train/loss"]
-            if bar is not None:
-                bar.update(1)
-
-            do_log = step % tp.log_every == 0 or step == max_steps
-            do_val = step == max_steps or (tp.val_every > 0 and step % tp.val_every == 0)
-            do_ckpt = do_val or step % tp.ckpt_every == 0 or step == max_steps
-            if not (do_log or do_ckpt):
-                continue
-            metrics: dict[str, float] = {"step": float(step)}
-            if do_log:
-                metrics.update(values)
-                metrics["train/lr"] = lr
-                metrics["train/samples_per_s"] = window_steps * global_batch / max(window_t, 1e-9)
-                metrics["train/step_time_s"] = window_t / max(window_steps, 1)
-                metrics["train/epoch"] = step / steps_per_epoch
-                metrics["sys/peak_mem_mb"] = _peak_mem_mb(dev)
-                window_t, window_steps = 0.0, 0
-                if train_curve is not None:
-                    train_curve.append(step, {k2.split("/", 1)[1]: v for k2, v in metrics.items() if k2.startswith(("train/", "sys/"))})
-                if bar is not None:
-                    bar.set_description(
-                        f"{name} loss {values['train/loss']:.4f} | {metrics['train/samples_per_s']:.2f} samples/s"
-                    )
-            if do_val and is_main:
-                metrics.update(validate(step))
-                if bar is not None and last_val:
-                    bar.set_description(f"{name} val {tp.best_metric} {last_val.get('val/' + tp.best_metric, float('nan')):.3f}")
-            ckpt_dir = checkpoint(step) if do_ckpt else None
-            if is_main and do_ckpt:
-                metrics["checkpoint_step"] = float(step)
-            _report(hooks, metrics, ckpt_dir)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    if is_main:
-        export("final", step, last_val)
-        if best_step is None:  # no validation data: best = final
-            shutil.copyfile(final_path, layout.model("best"))
-        summary = {
-            "stage": k,
-            "name": name,
-            "step": step,
-            "start_step": start_step,
-            "best_step": best_step,
-            "best_metric": tp.best_metric,
-            "best_value": best_value,
-            "train_loss": last_loss,
-            "samples_per_s": (step - start_step) * global_batch / max(run_t, 1e-9),
-            "workers": world_size,
-            **{k2.removeprefix("val/"): v for k2, v in last_val.items()},
-        }
-        _write_text_atomic(layout.metrics_file, json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
-        if hooks.log_artifact is not None:
-            hooks.log_artifact(str(final_path), "model")
-            if layout.model("best").is_file():
-                hooks.log_artifact(str(layout.model("best")), "model")
-            if layout.model("direct").is_file():
-                hooks.log_artifact(str(layout.model("direct")), "model")
-    return TrainResult(
-        stage=k, name=name, start_step=start_step, final_step=step,
-        resumed_from=resumed_from, final_model=final_path,
-        best_model=layout.model("best") if is_main else None, best_step=best_step, best_value=best_value,
-        val_metrics=last_val, train_loss=last_loss,
-        samples_per_s=(step - start_step) * global_batch / max(run_t, 1e-9), steps_run=step - start_step,
-    )
+# --------------------------------------------------------------------------- preflight
 
 
 def preflight(
@@ -789,92 +573,103 @@ def preflight(
     from xct_core.data import XrayCTDataset
     from xct_core.metrics import METRIC_KEYS
 
-    k = int(stage)
-    cfg = stage_config(params, k)
-    name = list(params.stages)[k - 1]
+    st = params.stage(stage)
     if steps is None:
-        stage_steps(params, k)
+        st.train_steps  # noqa: B018 - raises ConfigError when absent
     tp = params.train
-    if tp.best_metric not in METRIC_KEYS and not tp.best_metric.startswith("reproj_"):
+    base = tp.best_metric.removeprefix("single_")
+    if base not in METRIC_KEYS and not base.startswith("reproj_"):
         raise ConfigError(f"train.best_metric {tp.best_metric!r} is not a validation metric ({', '.join(METRIC_KEYS)})")
     if tp.best_metric.startswith("reproj_") and not tp.val_reprojection:
         raise ConfigError(f"train.best_metric {tp.best_metric!r} needs train.val_reprojection: true")
-    ds = XrayCTDataset(processed_dir, k, "train", params.hu.get_window())
+    ds = XrayCTDataset(processed_dir, st.k, "train", params.hu.net_map())
     if len(ds) == 0:
         raise InputError(Path(processed_dir) / "manifest.json", "the train split is empty")
-    if ds.grid.size != cfg.size:
+    if ds.grid.size != st.size:
         raise ConfigError(
-            f"{name}: processed data has {ds.grid.size}³ volumes for stage {k} but params say {cfg.size}³ (re-run preprocess)"
+            f"{st.name}: processed data has {ds.grid.size}³ volumes for stage {st.k} but params say {st.size}³ "
+            "(re-run preprocess)"
         )
     per_worker = math.ceil(len(ds) / world_size)
-    if per_worker < cfg.batch_size:
+    if per_worker < st.cfg.batch_size:
         raise ConfigError(
-            f"{name}: batch_size {cfg.batch_size} exceeds the {per_worker} training volumes per worker "
+            f"{st.name}: batch_size {st.cfg.batch_size} exceeds the {per_worker} training volumes per worker "
             f"({len(ds)} volumes / {world_size} workers)"
         )
     if check_models:
-        layout = RunLayout(Path(out_dir if out_dir is not None else tp.out_dir).absolute(), k)
-        for j in range(1, k):  # frozen earlier stages are needed for validation
+        layout = RunLayout(Path(out_dir if out_dir is not None else tp.out_dir).absolute(), st.k)
+        for j in range(1, st.k):  # frozen earlier stages are needed for validation
             p = layout.model(tp.prev_stage_model, stage=j)
             if not p.is_file():
                 raise InputError(p, f"stage {j} model not found: train stage {j} first (xct train --stage {j})")
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+# --------------------------------------------------------------------------- validation
 
 
-def _report(hooks: TrainHooks, metrics: dict[str, float], ckpt: str | None) -> None:
-    if hooks.report is not None:
-        hooks.report(metrics, ckpt)
+class _Validator:
+    """Rank-0 validation: THE evaluator on the val split (module docstring)."""
+
+    def __init__(self, params: Params, stage: Stage, processed_dir: str | Path, ids: list[str], layout: RunLayout,
+                 device: torch.device, hooks: TrainHooks) -> None:
+        from xct_core.diffusion import Sampler
+        from xct_core.evaluation import EvalProtocol, dataset_cases
+
+        self.params, self.stage, self.layout, self.device, self.hooks = params, stage, layout, device, hooks
+        self.tp = params.train
+        self.protocol = EvalProtocol.from_params(params)
+        self.sampler = Sampler.from_params(params, self.tp.val_sample_steps)
+        self.cases = list(dataset_cases(processed_dir, stage.k, "val", ids))
+        self.prev: list[nn.Module] | None = None
+
+    def _frozen(self) -> list[nn.Module]:
+        if self.prev is None:
+            from xct_core.evaluation import load_cascade
+
+            self.prev = (load_cascade(self.layout.out_dir, self.stage.k - 1, self.params,
+                                      which=self.tp.prev_stage_model, device=self.device) if self.stage.k > 1 else [])
+        return self.prev
+
+    @torch.no_grad()
+    def run(self, step: int, emas: list[nn.Module]) -> dict[str, float]:
+        from xct_core.evaluation import aggregate, evaluate_case, montage_volumes
+
+        frozen = self._frozen()
+        direct = emas[1] if len(emas) > 1 else None
+        rows = []
+        for case in self.cases:
+            res = evaluate_case(case, [*frozen, emas[0]], self.params, self.protocol, sampler=self.sampler,
+                                samples=self.tp.val_samples, direct=direct, reprojection=self.tp.val_reprojection,
+                                device=self.device)
+            rows.append(res.metrics)
+            if case.index == 0:
+                st = self.stage
+                vols, spacing = montage_volumes(res, st.spacing_mm, st.prev.spacing_mm if st.prev else None)
+        out = {f"val/{k}": v for k, v in aggregate(rows).items()}
+        self._montage(step, vols, spacing, out)
+        return out
+
+    def _montage(self, step: int, vols: dict[str, np.ndarray], spacing: dict[str, Any], metrics: Mapping[str, float]) -> None:
+        from xct_core.viz import save_slice_montage
+
+        w = self.protocol.window
+        title = (
+            f"{self.stage.name} step {step}: PSNR(window) {metrics.get('val/psnr_window_db', float('nan')):.2f} dB, "
+            f"SSIM {metrics.get('val/ssim_window', float('nan')):.3f} ({w.name} window, EMA, "
+            f"{self.tp.val_sample_steps} DDIM steps, {self.tp.val_samples} sample(s))"
+        )
+        path = self.layout.montages / f"{step_dir_name(step)}.png"
+        save_slice_montage(vols, path, [w, self.protocol.wide], spacing=spacing, title=title)
+        if self.hooks.log_artifact is not None:
+            self.hooks.log_artifact(str(path), "val_montages")
 
 
-def _compat_key(params: Params, k: int, kinds: list[str]) -> str:
-    """What a checkpoint's weights depend on: the stage's network, the model/diffusion/DRR
-    sections, the HU window and which learners exist. Other params (LR, steps, logging)
-    may change between resumes."""
-    import hashlib
-
-    blob = {
-        "stage": stage_config(params, k).model_dump(mode="json"),
-        "prev": stage_config(params, k - 1).size if k > 1 else None,
-        "model": params.model.model_dump(mode="json"),
-        "diffusion": params.diffusion.model_dump(mode="json"),
-        "drr": params.drr.model_dump(mode="json"),
-        "hu": params.hu.model_dump(mode="json"),
-        "learners": kinds,
-    }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _pick_resume(layout: RunLayout, resume_from: str | Path | None, fresh: bool) -> tuple[dict[str, Any] | None, str | None]:
-    """The newest of ``resume_from`` and the newest local checkpoint, loaded (or ``None``)."""
-    cands: list[tuple[int, str]] = []
-    if resume_from is not None and not fresh:
-        st = load_state(resume_from)
-        cands.append((int(st["step"]), str(resume_from)))
-        ext_state: dict[str, Any] | None = st
-    else:
-        ext_state = None
-    if not fresh:
-        loc = latest_checkpoint(layout.checkpoints)
-        if loc is not None:
-            cands.append((loc[0], str(loc[1])))
-    if not cands:
-        return None, None
-    step, path = max(cands, key=lambda c: c[0])
-    if ext_state is not None and path == str(resume_from):
-        return ext_state, path
-    return load_state(path), path
+# --------------------------------------------------------------------------- the loop
 
 
 def _batch_stream(
     loader: DataLoader, sampler: ShardSampler, start_step: int, steps_per_epoch: int, batch_size: int
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[Mapping[str, Any]]:
     """Endless batches continuing at ``start_step``: epoch ``s // steps_per_epoch``, starting
     ``(s % steps_per_epoch) · batch_size`` indices into this rank's shard."""
     s = start_step
@@ -891,145 +686,297 @@ def _batch_stream(
                 break
 
 
-def _default_progress(total: int, initial: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
+@dataclass
+class _Progress:
+    """What the loop carries from step to step (and into checkpoints)."""
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+    step: int
+    samples_seen: int = 0
+    best_step: int | None = None
+    best_value: float | None = None
+    last_val: dict[str, float] = field(default_factory=dict)
+    last_loss: float | None = None
+    window_t: float = 0.0
+    window_steps: int = 0
+    run_t: float = 0.0
 
 
-# --------------------------------------------------------------------------- validation
+def train_stage(
+    params: Params,
+    stage: int,
+    processed_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    device: str | torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    resume_from: str | Path | None = None,
+    hooks: TrainHooks | None = None,
+    faults: FaultPlan | None = None,
+    steps: int | None = None,
+    fresh: bool = False,
+) -> TrainResult:
+    """Train stage ``stage`` (1-based) on ``processed_dir`` (layout :mod:`xct_core.preprocess`).
 
+    Args:
+        params: the typed params (``stages``, ``train``, ``diffusion``, ``hu``, ``drr``, ``eval``).
+        out_dir: outputs (default ``params.train.out_dir``); layout :class:`RunLayout`.
+            With several workers it must be storage every rank sees (rank 0 writes).
+        device: default CUDA when available, else CPU.
+        rank, world_size: this worker's global rank and the number of workers. When
+            ``world_size > 1`` a ``torch.distributed`` process group must be initialised
+            (the engine does it) and ``hooks.prepare_model`` should wrap in DDP.
+        resume_from: a checkpoint directory to resume from (e.g. the engine's latest); the
+            newer of it and the newest local checkpoint is used.
+        hooks: engine binding (:class:`TrainHooks`).
+        faults: fault injection for tests (:class:`FaultPlan`, installed into ``hooks``).
+        steps: override ``params.train.steps[stage name]``.
+        fresh: delete this stage's previous outputs first (rank 0) instead of resuming.
 
-class _Validator:
-    """Rank-0 validation: cascade sampling with frozen earlier stages + this stage's EMA."""
+    Raises:
+        InputError / ConfigError: bad data folder, missing earlier-stage model, bad params.
+        NonFiniteError: a non-finite loss or gradient (names the step; last good checkpoint kept).
+    """
+    from xct_core.data import XrayCTDataset
 
-    def __init__(
-        self, params: Params, k: int, processed_dir: str | Path, ids: list[str], layout: RunLayout,
-        device: torch.device, hooks: TrainHooks,
-    ) -> None:
-        from xct_core.data import XrayCTDataset
+    tp = params.train
+    st = params.stage(stage)
+    cfg, name = st.cfg, st.name
+    max_steps = int(steps) if steps is not None else st.train_steps
+    if max_steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {max_steps}")
+    layout = RunLayout(Path(out_dir if out_dir is not None else tp.out_dir).absolute(), st.k)
+    hooks = (faults or FaultPlan()).install(hooks or TrainHooks(), layout)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    is_main = rank == 0
+    distributed = _dist_on(world_size)
+    if world_size > 1 and not distributed:
+        raise RuntimeError("world_size > 1 needs an initialised torch.distributed process group")
+    if fresh and is_main:
+        layout.clear()
+    if distributed:
+        dist.barrier()
 
-        self.params = params
-        self.k = k
-        self.tp = params.train
-        self.layout = layout
-        self.device = device
-        self.hooks = hooks
-        self.window = params.hu.get_window()
-        self.ds = XrayCTDataset(processed_dir, k, "val", self.window, ids=ids)
-        self.schedule = CosineSchedule.from_params(params.diffusion)
-        self.prev: list[nn.Module] | None = None
-        self.physics = PhysicsLoss.from_params(params, k) if self.tp.val_reprojection else None
-        self.kw = metric_kwargs(params.eval)
-        cfg = stage_config(params, k)
-        self.spacing = float(cfg.fov_mm) / int(cfg.size)
+    # --- data ---------------------------------------------------------------------------
+    preflight(params, st.k, processed_dir, layout.out_dir, world_size=world_size, steps=max_steps)
+    train_ds = XrayCTDataset(processed_dir, st.k, "train", params.hu.net_map())
+    sampler = ShardSampler(train_ds, world_size, rank, seed=params.seed)
+    steps_per_epoch = sampler.num_samples // cfg.batch_size
+    loader: DataLoader = DataLoader(
+        train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+        num_workers=tp.loader_workers, pin_memory=dev.type == "cuda",
+    )
+    if hooks.prepare_loader is not None:
+        loader = hooks.prepare_loader(loader)
+    val_ids: list[str] = []
+    if is_main:
+        all_val = list(train_ds.manifest["splits"].get("val", []))
+        val_ids = all_val[: tp.val_max_volumes] if tp.val_max_volumes > 0 else all_val
 
-    def _frozen(self) -> list[nn.Module]:
-        if self.prev is None:
-            self.prev = []
-            for j in range(1, self.k):
-                path = self.layout.model(self.tp.prev_stage_model, stage=j)
-                net = load_stage_model(path, self.device)
-                want = stage_config(self.params, j).size
-                if getattr(net, "size", want) != want:
-                    raise ConfigError(f"{path}: stage {j} grid {net.size}³ does not match params ({want}³)")  # type: ignore[attr-defined]
-                self.prev.append(net)
-        return self.prev
+    # --- models, resume ------------------------------------------------------------------
+    torch.manual_seed(derive_seed(params.seed, 1, rank))
+    np.random.seed(derive_seed(params.seed, 2, rank) % 2**32)
+    random.seed(derive_seed(params.seed, 3, rank))
+    learners = [_Learner("diffusion", build_stage(params, st), tp.ema_decay)]
+    if tp.direct_baseline:
+        learners.append(_Learner("direct", build_stage(params, st, mode="direct"), tp.ema_decay))
+    ckpt = Checkpointer(layout, tp.keep_last, compat_key(params, st, [lrn.kind for lrn in learners]), is_main)
+    state, resumed_from = ckpt.pick(resume_from, fresh)
+    start_step = int(state["step"]) if state is not None else 0
+    if distributed:  # every rank must resume from the same step (shared storage)
+        t = torch.tensor([start_step, -start_step], dtype=torch.float64)
+        t = t.to(dev) if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if int(t[0]) != start_step or int(-t[1]) != start_step:
+            raise TrainingFailed(
+                f"{name}: workers found different checkpoints to resume from (steps {int(-t[1])}…{int(t[0])}); "
+                f"{layout.out_dir} must be storage every worker sees"
+            )
+    if state is not None:
+        assert resumed_from is not None
+        ckpt.check(state, resumed_from, name)
+        for lrn in learners:
+            lrn.load(state["learners"][lrn.kind])
 
-    @torch.no_grad()
-    def run(self, step: int, emas: list[nn.Module]) -> dict[str, float]:
-        frozen = self._frozen()
-        rows: dict[str, list[dict[str, float]]] = {"": [], "direct_": []}
-        first: dict[str, torch.Tensor] = {}
-        for idx in range(len(self.ds)):
-            item = self.ds[idx]
-            x0 = item["x0"].unsqueeze(0).to(self.device)
-            f = item["frontal"].unsqueeze(0).to(self.device)
-            lat = item["lateral"].unsqueeze(0).to(self.device)
-            for ema, prefix in zip(emas, ("", "direct_"), strict=False):
-                gen = torch.Generator(device=self.device).manual_seed(_seed(self.params.seed, 99, idx))
-                outs = sample_cascade(
-                    [*frozen, ema], f, lat, schedule=self.schedule, steps=self.tp.val_sample_steps, generator=gen
-                )
-                pred = outs[-1].float()
-                views = None
-                if self.physics is not None:
-                    proj = self.physics.project(pred) * self.physics.scale
-                    views = {"frontal": (proj[:, 0], f[:, 0]), "lateral": (proj[:, 1], lat[:, 0])}
-                rows[prefix] += volume_metrics_per_sample(pred[:, 0], x0[:, 0], self.window, views=views, **self.kw)
-                if idx == 0:
-                    first["direct" if prefix else "diffusion"] = pred[0, 0]
-                    if len(outs) > 1 and prefix == "":
-                        first["previous stage"] = outs[-2][0, 0]
-            if idx == 0:
-                first["target"] = x0[0, 0]
-        out: dict[str, float] = {}
-        for prefix, rs in rows.items():
-            if not rs:
-                continue
-            for key in rs[0]:
-                vals = np.array([r[key] for r in rs], dtype=np.float64)
-                out[f"val/{prefix}{key}"] = float(vals.sum() if key == "nan_count" else vals.mean())
-        self._montage(step, first, out)
-        return out
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tp.precision) if dev.type == "cuda" else None
+    for lrn in learners:
+        lrn.model = hooks.prepare_model(lrn.net) if hooks.prepare_model is not None else lrn.net.to(dev)
+        lrn.net = unwrap(lrn.model)
+        lrn.ema.module.to(dev)
+        lrn.opt = torch.optim.AdamW(lrn.model.parameters(), lr=cfg.lr, betas=tuple(tp.adam_betas),
+                                    weight_decay=tp.weight_decay)
+        if amp_dtype == torch.float16:
+            lrn.scaler = torch.amp.GradScaler("cuda")
+        if state is not None:
+            saved = state["learners"][lrn.kind]
+            lrn.opt.load_state_dict(saved["optimizer"])
+            if lrn.scaler is not None and saved["scaler"]:
+                lrn.scaler.load_state_dict(saved["scaler"])
+    if state is not None and is_main and state.get("rng") is not None:
+        restore_rng(state["rng"])
 
-    def _montage(self, step: int, vols: dict[str, torch.Tensor], metrics: Mapping[str, float]) -> None:
-        from xct_core.viz import save_slice_montage
+    schedule = CosineSchedule.from_params(params.diffusion)
+    physics = PhysicsLoss.from_params(params, st) if cfg.physics_weight > 0 else None
+    prog = _Progress(step=start_step)
+    if state is not None:
+        prog.best_step, prog.best_value = state.get("best_step"), state.get("best_value")
+        prog.last_val = json.loads(state.get("last_val", "{}"))
+        prog.samples_seen = int(state.get("samples_seen", 0))
+    del state
 
-        order = ["target", "diffusion", "direct", "previous stage"]
-        hu = {n: self.window.inverse(vols[n].float().cpu().numpy()) for n in order if n in vols}
-        spacing = {n: (self.spacing,) * 3 for n in hu}
-        if "previous stage" in hu:
-            prev = stage_config(self.params, self.k - 1)
-            spacing["previous stage"] = (float(prev.fov_mm) / int(prev.size),) * 3
-        title = (
-            f"stage{self.k} step {step}: PSNR(window) {metrics.get('val/psnr_window_db', float('nan')):.2f} dB, "
-            f"SSIM {metrics.get('val/ssim_window', float('nan')):.3f} ({self.window.name} window, EMA, "
-            f"{self.tp.val_sample_steps} DDIM steps)"
+    train_curve = _Curves(layout.plots / "train.csv", start_step) if is_main else None
+    val_curve = _Curves(layout.plots / "val.csv", start_step) if is_main else None
+    validator = _Validator(params, st, processed_dir, val_ids, layout, dev, hooks) if is_main and val_ids else None
+    params_json = json.dumps(params.model_dump(mode="json"), sort_keys=True)
+
+    def export(which: str, step: int, metrics: Mapping[str, float]) -> Path:
+        """EMA weights → models/stage{k}/{which}.pt (+ direct.pt at the end); the metrics
+        stored with a model are its own validation metrics, without the ``val/`` prefix."""
+        own = {m.removeprefix("val/"): v for m, v in metrics.items() if not m.startswith("val/direct_")}
+        path = layout.model(which)
+        export_stage_model(path, learners[0].ema.module, params_json=params_json, stage=st.k, name=name,
+                           mode="diffusion", step=step, metrics=own)
+        if which == "final" and len(learners) > 1:
+            direct = {m.removeprefix("val/direct_"): v for m, v in metrics.items() if m.startswith("val/direct_")}
+            export_stage_model(layout.model("direct"), learners[1].ema.module, params_json=params_json, stage=st.k,
+                               name=name, mode="direct", step=step, metrics=direct)
+        return path
+
+    def validate(step: int) -> dict[str, float]:
+        """Validation metrics of this step; exports best.pt when ``best_metric`` improved."""
+        if validator is None:
+            return {}
+        t0 = time.perf_counter()
+        vals = validator.run(step, [lrn.ema.module for lrn in learners])
+        vals["val/time_s"] = time.perf_counter() - t0
+        prog.last_val = vals
+        assert val_curve is not None
+        val_curve.append(step, {k2.removeprefix("val/"): v for k2, v in vals.items()})
+        key = f"val/{tp.best_metric}"
+        if key not in vals:
+            raise ConfigError(f"train.best_metric {tp.best_metric!r} is not a validation metric ({', '.join(sorted(vals))})")
+        v = vals[key]
+        if math.isfinite(v) and (prog.best_value is None or (v > prog.best_value if tp.best_mode == "max" else v < prog.best_value)):
+            prog.best_step, prog.best_value = step, float(v)
+            export("best", step, vals)
+        return vals
+
+    def checkpoint(step: int) -> str | None:
+        if not is_main:
+            return None
+        return ckpt.save(step, {
+            "format": STATE_FORMAT, "stage": st.k, "name": name, "step": step, "max_steps": max_steps,
+            "samples_seen": prog.samples_seen, "world_size": world_size, "params": params_json,
+            "learners": {lrn.kind: lrn.state() for lrn in learners}, "rng": capture_rng(),
+            "best_step": prog.best_step, "best_value": prog.best_value, "last_val": json.dumps(prog.last_val),
+        }, prog.best_step)
+
+    def finish(step: int) -> None:
+        """Export final.pt (and best.pt = final.pt when nothing was validated)."""
+        export("final", step, prog.last_val)
+        if prog.best_step is None:
+            shutil.copyfile(layout.model("final"), layout.model("best"))
+
+    def result(steps_run: int) -> TrainResult:
+        return TrainResult(
+            stage=st.k, name=name, start_step=start_step, final_step=prog.step, resumed_from=resumed_from,
+            final_model=layout.model("final"), best_model=layout.model("best") if is_main else None,
+            best_step=prog.best_step, best_value=prog.best_value, val_metrics=prog.last_val, train_loss=prog.last_loss,
+            samples_per_s=steps_run * global_batch / max(prog.run_t, 1e-9) if steps_run else None, steps_run=steps_run,
         )
-        path = self.layout.montages / f"{step_dir_name(step)}.png"
-        save_slice_montage(hu, path, self.window, spacing=spacing, title=title)
-        if self.hooks.log_artifact is not None:
-            self.hooks.log_artifact(str(path), "val_montages")
 
+    global_batch = cfg.batch_size * world_size
+    # --- already finished? -----------------------------------------------------------------
+    if start_step >= max_steps:
+        final_path = layout.model("final")
+        if is_main and (not final_path.is_file() or read_stage_model(final_path)["step"] != start_step):
+            finish(start_step)
+        _report(hooks, {"step": float(start_step), "done": 1.0}, None)
+        return result(0)
 
-# --------------------------------------------------------------------------- bare entry point
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m xct_core.training``: one stage in this process (no Ray, no MLflow)."""
-    ap = argparse.ArgumentParser(prog="python -m xct_core.training", description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", type=int, required=True, help="1-based stage index")
-    ap.add_argument("--processed", required=True, help="preprocessed data folder (manifest.json)")
-    ap.add_argument("--out", default=None, help="output folder (default: params train.out_dir)")
-    ap.add_argument("--params", default=None, help="params.yaml (default: $XCT_PARAMS or ./params.yaml)")
-    ap.add_argument("--overlay", action="append", default=[], help="YAML fragment merged over the params (repeatable)")
-    ap.add_argument("--steps", type=int, default=None, help="override train.steps for this stage")
-    ap.add_argument("--device", default=None, help="cuda | cuda:1 | cpu (default: cuda when available)")
-    ap.add_argument("--fresh", action="store_true", help="discard this stage's previous outputs instead of resuming")
-    a = ap.parse_args(argv)
+    # --- train -----------------------------------------------------------------------------
+    bar = (hooks.progress or _default_progress)(total=max_steps, initial=start_step, desc=name) if is_main else None
+    batches = _batch_stream(loader, sampler, start_step, steps_per_epoch, cfg.batch_size)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     try:
-        params = load_params(a.params, a.overlay)
-        res = train_stage(
-            params, a.stage, a.processed, a.out, device=a.device, steps=a.steps, fresh=a.fresh,
-            faults=FaultPlan.from_json(os.environ.get("XCT_TRAIN_FAULTS")),
-        )
-    except XctError as e:
-        print(f"xct: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("xct: error: interrupted", file=sys.stderr)
-        return 130
-    print(_summary_line(res))
-    return 0
+        while prog.step < max_steps:
+            step = prog.step
+            if hooks.before_step is not None:
+                hooks.before_step(step + 1, rank)
+            t0 = time.perf_counter()
+            lr = cfg.lr * lr_factor(step, max_steps, tp.warmup_steps, tp.min_lr_ratio)
+            stats = train_step(learners, next(batches), step=step, lr=lr, rank=rank, seed=params.seed, device=dev,
+                               schedule=schedule, stage=st, physics=physics, grad_clip=tp.grad_clip,
+                               amp_dtype=amp_dtype, hooks=hooks)
+            values, bad = sync_stats(stats, distributed, world_size)
+            if bad:
+                here = ", ".join(f"{k.removeprefix('train/')}={v:.4g}"
+                                 for k, v in zip(stats.keys, stats.local.tolist(), strict=True))
+                raise NonFiniteError(
+                    f"{name}: non-finite loss or gradient at step {step + 1} (rank {rank}: {here}); training "
+                    f"stopped before the optimizer step. Last good checkpoint: {ckpt.last_good()}",
+                    step + 1, ckpt.last[1] if ckpt.last else None,
+                )
+            for lrn in learners:
+                lrn.update()
+            prog.step = step = step + 1
+            prog.samples_seen += global_batch
+            for lrn in learners:
+                lrn.ema.update(lrn.net, step)
+            if hooks.after_step is not None:
+                hooks.after_step(step, rank)
+            dt = time.perf_counter() - t0
+            prog.window_t, prog.window_steps, prog.run_t = prog.window_t + dt, prog.window_steps + 1, prog.run_t + dt
+            prog.last_loss = values["train/loss"]
+            if bar is not None:
+                bar.update(1)
 
+            do_log = step % tp.log_every == 0 or step == max_steps
+            do_val = step == max_steps or (tp.val_every > 0 and step % tp.val_every == 0)
+            do_ckpt = do_val or step % tp.ckpt_every == 0 or step == max_steps
+            if not (do_log or do_ckpt):
+                continue
+            metrics: dict[str, float] = {"step": float(step)}
+            if do_log:
+                metrics.update(values)
+                metrics["train/lr"] = lr
+                metrics["train/samples_per_s"] = prog.window_steps * global_batch / max(prog.window_t, 1e-9)
+                metrics["train/step_time_s"] = prog.window_t / max(prog.window_steps, 1)
+                metrics["train/epoch"] = step / steps_per_epoch
+                metrics["sys/peak_mem_mb"] = _peak_mem_mb(dev)
+                prog.window_t, prog.window_steps = 0.0, 0
+                if train_curve is not None:
+                    train_curve.append(step, {k2.split("/", 1)[1]: v for k2, v in metrics.items()
+                                              if k2.startswith(("train/", "sys/"))})
+                if bar is not None:
+                    bar.set_description(f"{name} loss {values['train/loss']:.4f} | "
+                                        f"{metrics['train/samples_per_s']:.2f} samples/s")
+            if do_val and is_main:
+                metrics.update(validate(step))
+                if bar is not None and prog.last_val:
+                    bar.set_description(f"{name} val {tp.best_metric} "
+                                        f"{prog.last_val.get('val/' + tp.best_metric, float('nan')):.3f}")
+            ckpt_dir = checkpoint(step) if do_ckpt else None
+            if is_main and do_ckpt:
+                metrics["checkpoint_step"] = float(step)
+            _report(hooks, metrics, ckpt_dir)
+    finally:
+        if bar is not None:
+            bar.close()
 
-def _summary_line(res: TrainResult) -> str:
-    where = f"resumed at step {res.start_step}" if res.start_step else "from scratch"
-    best = f", best {res.best_value:.3f} at step {res.best_step}" if res.best_value is not None else ""
-    speed = f", {res.samples_per_s:.2f} samples/s" if res.samples_per_s else ""
-    return f"{res.name}: step {res.final_step} ({where}{speed}{best}) → {res.final_model}"
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    res = result(prog.step - start_step)
+    if is_main:
+        finish(prog.step)
+        summary = {
+            "stage": st.k, "name": name, "step": prog.step, "start_step": start_step, "best_step": prog.best_step,
+            "best_metric": tp.best_metric, "best_value": prog.best_value, "train_loss": prog.last_loss,
+            "samples_per_s": res.samples_per_s, "workers": world_size,
+            **{k2.removeprefix("val/"): v for k2, v in prog.last_val.items()},
+        }
+        write_json_atomic(layout.metrics_file, summary)
+        if hooks.log_artifact is not None:
+            for which in ("final", "best", "direct"):
+                if layout.model(which).is_file():
+                    hooks.log_artifact(str(layout.model(which)), "model")
+    return res

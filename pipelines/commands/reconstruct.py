@@ -21,9 +21,6 @@ sanity checks (``data.ct``). When an MLflow run is active (in-process, or
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 import os
 import sys
 import tempfile
@@ -106,6 +103,14 @@ def log_report_to_mlflow(html_path: Path, images: list[Path]) -> str | None:
     return run_id
 
 
+def _hu_note(p: Params) -> str:
+    """What the output's HU can be: the networks' HU map's range (a window map saturates)."""
+    net, w = p.hu.net_map(), p.hu.get_window()
+    if p.hu.output == "window":
+        return f"HU saturate at the model's output window [{net.lo:g}, {net.hi:g}] ({w.name}): not a full-range CT"
+    return f"HU span the model's output range [{net.lo:g}, {net.hi:g}]; the {w.name} window is a display view"
+
+
 def _warn(line: str) -> None:
     print(f"xct: warning: {line}", file=sys.stderr)
 
@@ -130,9 +135,12 @@ def reconstruct_cmd(
     model's training geometry. Image convention: row 0 superior; frontal shows the patient's
     right on the left columns, lateral shows anterior on the left columns.
     """
-    from xct_core.inference import input_geometries, load_stages, load_xray, reconstruct, reprojection_qa
+    from xct_core.atomic import write_text_atomic
+    from xct_core.inference import load_stages, reconstruct
     from xct_core.io import save_nifti
-    from xct_core.stats import json_text, write_text_atomic
+    from xct_core.jsondoc import json_text
+    from xct_core.qa import reprojection_qa
+    from xct_core.xray_io import input_geometries, load_xray
 
     paths = output_paths(out)
     if report is not None and report.suffix.lower() not in (".html", ".htm"):
@@ -159,7 +167,7 @@ def reconstruct_cmd(
         "outputs": {"mean": str(paths["mean"]), "std": str(paths["std"]) if rec.std_hu is not None else None},
         "grid": {"shape": list(rec.mean_hu.shape), "affine": rec.affine.tolist(), "isocenter": [float(v) for v in iso]},
         "sampling": {"steps": rec.steps, "samples": rec.samples, "seeds": rec.seeds, "eta": mp.diffusion.eta},
-        "hu_note": f"HU saturate at the training window [{window.lo:g}, {window.hi:g}] ({window.name})",
+        "hu_note": _hu_note(mp),
         "reprojection": qa,
     }
     if rec.std_hu is not None:
@@ -213,16 +221,6 @@ def _list_cts(root: Path) -> dict[str, Path]:
     return found
 
 
-def _csv_text(rows: list[dict[str, Any]]) -> str:
-    cols = ["id"] + sorted({c for r in rows for c in r} - {"id"})
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", restval="")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: ("" if isinstance(r.get(c), float) and not math.isfinite(r[c]) else r.get(c, "")) for c in cols})
-    return buf.getvalue()
-
-
 def evaluate_cmd(
     model: ModelOpt,
     ct: Annotated[Path, typer.Option("--ct", help="a CT (NIfTI, DICOM series folder) or a folder of them")],
@@ -240,10 +238,12 @@ def evaluate_cmd(
     device: Annotated[str, typer.Option("--device", help="torch device")] = "cpu",
 ) -> None:
     """Evaluate the model on your CTs: render X-rays as in training, reconstruct, measure."""
-    from xct_core.inference import evaluate_cts, load_stages
+    from xct_core.atomic import write_text_atomic
+    from xct_core.evaluation import EvalProtocol, evaluate_cts, rows_csv
+    from xct_core.inference import load_stage, load_stages
     from xct_core.io import load_ct, save_nifti
+    from xct_core.jsondoc import json_text
     from xct_core.report import IMAGES, ReportCase, build_report, read_gate_reports, save_case_images, save_training_curves
-    from xct_core.stats import json_text, write_text_atomic
 
     local = resolve_params(params)
     k = int(samples if samples is not None else local.reconstruct.samples)
@@ -255,34 +255,27 @@ def evaluate_cmd(
         n = stages or len(nets)
         direct = None
         if resolved.direct is not None and n == len(nets):
-            from xct_core.checkpoint import load_stage_model
-
-            direct = load_stage_model(resolved.direct, device)
+            direct = load_stage(resolved.direct, mp, n, device)
     train_mean = None
     if processed is not None:
         from xct_core.evaluation import mean_volume_baseline
 
         train_mean = mean_volume_baseline(processed, n, "train")
-    cases, summary = evaluate_cts(cts, nets, mp, steps=steps, samples=k, seed=seed, upto=n, direct=direct,
-                                  train_mean_hu=train_mean, device=device,
+    protocol = EvalProtocol.from_params(mp)
+    cases, summary = evaluate_cts(cts, nets, mp, protocol=protocol, steps=steps, samples=k, seed=seed, upto=n,
+                                  direct=direct, train_mean_hu=train_mean, device=device,
                                   log=lambda m: typer.echo(m, err=True))
     if processed is not None:
         summary["baseline"] += f" ({processed})"
-    window = mp.hu.get_window()
-    ev = mp.eval
-    protocol = {
-        "psnr_hu_db": f"3D PSNR, both volumes clipped to [{ev.hu_lo:g}, {ev.hu_hi:g}] HU, data_range {ev.hu_hi - ev.hu_lo:g}",
-        "psnr_window_db": f"3D PSNR in the training window {window.name} [{window.lo:g}, {window.hi:g}] HU, data_range 2",
-        "ssim_window": f"3D SSIM in the window, Gaussian sigma {ev.ssim_sigma:g}, {ev.ssim_win}^3 taps, data_range 2",
-        "mae_hu": f"mean absolute error, clipped to [{ev.hu_lo:g}, {ev.hu_hi:g}] HU",
-        "reproj_psnr_<view>_db": "2D PSNR of the reconstruction's DRR vs the input view, data_range = input max-min",
-        "psnr_slice_avg_db / ssim_slice_avg": "X2CT-style axial SLICE AVERAGES over the HU range (papers only)",
+    window = protocol.window
+    described = {
+        **protocol.describe(),
         "ground_truth": "the CT resampled to the output stage grid (as the preprocess step); X-rays rendered from "
                         "the finest stage grid with the model's drr geometry",
         "baseline_*": summary["baseline"],
         "direct_*": "direct-regression twin (direct.pt)" if direct is not None else "not available (no direct.pt)",
     }
-    doc = {"format": "xct-evaluate/1", "model": model, "protocol": protocol, **summary,
+    doc = {"format": "xct-evaluate/1", "model": model, "protocol": described, **summary,
            "patients": [{"id": c.case_id, **c.metrics} for c in cases]}
     img_dir = out / IMAGES
     report_cases, images = [], []
@@ -300,7 +293,7 @@ def evaluate_cmd(
     curves = save_training_curves(tdir, img_dir) if tdir.is_dir() else {}
     images += list(curves.values())
     gate_docs = read_gate_reports(gates) if gates.is_dir() else []
-    notes = [f"mean-volume baseline: {summary['baseline']}", f"SSIM: {protocol['ssim_window']}",
+    notes = [f"mean-volume baseline: {summary['baseline']}", f"SSIM: {described['ssim_window']}",
              "literature numbers are often slice averages (several dB higher than 3D PSNR): compare like with like"]
     html_path = build_report(out / "report.html", title=f"xct evaluation of {model}", cases=report_cases,
                              summary=summary["mean"], notes=notes, gates=gate_docs, curves=curves,
@@ -308,7 +301,7 @@ def evaluate_cmd(
                                    "stages run": n, "DDIM steps": summary["sample_steps"], "samples": k,
                                    "direct baseline": "yes" if direct is not None else "no (no direct.pt)"})
     write_text_atomic(out / "metrics.json", json_text(doc))
-    write_text_atomic(out / "per_patient.csv", _csv_text(doc["patients"]))
+    write_text_atomic(out / "per_patient.csv", rows_csv(doc["patients"]))
     log_report_to_mlflow(html_path, images)
     m = summary["mean"]
     typer.echo(f"{summary['n_patients']} CT(s): PSNR[-1024,1024] {m['psnr_hu_db']:.2f} dB, PSNR(window) "

@@ -3,12 +3,13 @@
 Re-running the same command after an interruption resumes from the last checkpoint;
 ``--fresh`` starts over. ``RAY_ADDRESS`` joins an existing Ray cluster; ``MLFLOW_TRACKING_URI``
 overrides the embedded sqlite tracking store. ``--local`` runs the loop in this process
-without Ray or MLflow (``python -m xct_core.training`` does the same).
+without Ray or MLflow (what a bare GPU box with only torch runs). ``--gates DIR`` (dvc.yaml)
+runs stage K only when ``DIR/stage{K-1}.json`` passed; otherwise its outputs become skip
+markers (components/guard.py) and the command exits 0.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -39,15 +40,25 @@ def train(
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="override train.ray.use_gpu")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="discard this stage's previous outputs instead of resuming")] = False,
     local: Annotated[bool, typer.Option("--local", help="run in this process: no Ray, no MLflow")] = False,
+    device: Annotated[Optional[str], typer.Option("--device", help="--local: cuda | cuda:1 | cpu (default: cuda when available)")] = None,
+    gates: Annotated[Optional[Path], typer.Option("--gates", help="run only if the previous stage's gate in this folder "
+                                                  "passed (else write skip markers; dvc.yaml)")] = None,
 ) -> None:
     """Train cascade stage K from the preprocessed shards; resumes an interrupted run."""
-    p = _with_overrides(load_params(params, overlay), workers, gpu)
-    if local:
-        from xct_core.training import FaultPlan, train_stage
+    from components.guard import proceed
+    from xct_core.layout import RunLayout
 
-        res = train_stage(p, stage, processed, out, steps=steps, fresh=fresh,
-                          faults=FaultPlan.from_json(os.environ.get("XCT_TRAIN_FAULTS")))
-        typer.echo(f"{res.name}: step {res.final_step} → {res.final_model}")
+    p = _with_overrides(load_params(params, overlay), workers, gpu)
+    p.stage(stage)  # an unknown stage is a one-line error before anything else
+    layout = RunLayout((out or Path(p.train.out_dir)), stage)
+    if not proceed(gates, stage, list(layout.step_outputs()), log=typer.echo):
+        return
+    if local:
+        from components.train import run_local
+        from xct_core.training import summary_line
+
+        res = run_local(p, stage, processed, out, steps=steps, fresh=fresh, device=device)
+        typer.echo(summary_line(res))
         return
     from components.train import run_train
 

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from xct_core.grid import token_levels
+
 __all__ = [
     "Backbone3D",
     "ConvResBlock",
@@ -165,10 +167,7 @@ class Backbone3D(nn.Module):
         out_channels: int = 1,
     ) -> None:
         super().__init__()
-        ratio = size // token_grid
-        levels = ratio.bit_length() - 1
-        if size % token_grid or ratio < 2 or ratio != 2**levels:
-            raise ValueError(f"size {size} / token_grid {token_grid} must be a power of two >= 2")
+        levels = token_levels(size, token_grid)
         chans = list(conv_channels)
         if len(chans) != levels:
             raise ValueError(f"conv_channels needs {levels} entries for {size}³ → {token_grid}³, got {chans}")

@@ -24,35 +24,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from xct_core.diffusion import timestep_embedding
-from xct_core.errors import ConfigError
+from xct_core.grid import StageGrid
 from xct_core.models.backbone import Backbone3D, run_maybe_checkpointed
 from xct_core.models.encoder import VIEWS, XrayEncoder
 from xct_core.models.lifting import DepthLifting, lifting_grid
 
 if TYPE_CHECKING:  # pragma: no cover
-    from xct_core.config import Params, StageParams
+    from xct_core.config import Params, Stage, StageParams
 
 Mode = Literal["diffusion", "direct"]
 
-__all__ = ["Mode", "StageNet", "ViewContext", "build_stage", "stage_affine", "stage_config", "unwrap", "xray_binning"]
-
-
-def stage_config(params: Params, k: int) -> StageParams:
-    """The config of stage ``k`` (1-based) from ``params.stages``."""
-    stages = list(params.stages.values())
-    if not 1 <= k <= len(stages):
-        raise ConfigError(f"stage {k} does not exist (params define stages 1…{len(stages)})")
-    return stages[k - 1]
+__all__ = ["Mode", "StageNet", "ViewContext", "build_stage", "stage_affine", "unwrap", "xray_binning"]
 
 
 def stage_affine(cfg: StageParams) -> np.ndarray:
     """Voxel→world affine (mm, RAS+, float64 4×4) of a stage grid: ``cfg.size``³ isotropic
     voxels of ``cfg.fov_mm / cfg.size`` mm, centred at the world origin (the centre of the
-    grid, between the two middle voxels for even sizes, is at (0, 0, 0))."""
-    s = float(cfg.fov_mm) / int(cfg.size)
-    aff = np.diag([s, s, s, 1.0])
-    aff[:3, 3] = -0.5 * (int(cfg.size) - 1) * s
-    return aff
+    grid, between the two middle voxels for even sizes, is at (0, 0, 0)) — the same as
+    ``params.stage(k).affine()`` (:class:`xct_core.grid.StageGrid`)."""
+    return StageGrid(0, int(cfg.size), float(cfg.fov_mm)).affine()
 
 
 def xray_binning(voxel_mm: float, magnification: float, pixel_mm: float, pixels: int) -> int:
@@ -274,7 +264,7 @@ def _as_image(x: torch.Tensor, what: str) -> torch.Tensor:
 
 def build_stage(
     params: Params,
-    k: int,
+    k: int | Stage,
     *,
     mode: Mode = "diffusion",
     device: torch.device | str | None = None,
@@ -285,18 +275,17 @@ def build_stage(
     no memory) for inspecting production configurations."""
     from xct_core.geometry import ProjectionGeometry
 
-    cfg = stage_config(params, k)
-    S = cfg.size
-    prev_size = stage_config(params, k - 1).size if k > 1 else None
-    name = list(params.stages)[k - 1]
+    st = params.stage(k) if isinstance(k, int) else k
+    cfg, S, name = st.cfg, st.size, st.name
+    prev_size = st.prev.size if st.prev is not None else None
     if device is not None and torch.device(device).type == "meta":
         with torch.device("meta"):
             grids = {v: torch.empty(S, S, S, 2) for v in VIEWS}
             return StageNet(cfg, grids, xray_scale=params.model.xray_scale, prev_size=prev_size, mode=mode, name=name)
-    affine = stage_affine(cfg)
+    affine = st.affine()
     geoms = {v: ProjectionGeometry.from_params(params.drr, v) for v in VIEWS}
     grids = {v: lifting_grid(g.place(affine, (S, S, S)), affine, S) for v, g in geoms.items()}
-    b = xray_binning(cfg.fov_mm / S, geoms["frontal"].magnification, params.drr.pixel_mm, params.drr.pixels)
+    b = xray_binning(st.spacing_mm, geoms["frontal"].magnification, params.drr.pixel_mm, params.drr.pixels)
     net = StageNet(
         cfg, grids, xray_scale=params.model.xray_scale, xray_bin=b, prev_size=prev_size, mode=mode, name=name
     )

@@ -1,0 +1,260 @@
+"""X-ray input files for reconstruction: ``.npy`` (+ geometry JSON), PNG, DICOM radiographs.
+
+Pure NumPy/pydicom/PIL. Image conventions of docs/CONVENTIONS.md: row 0 superior; frontal
+shows the patient's right on the left columns, lateral shows anterior on the left.
+
+* ``.npy`` — written by ``xct drr``: float32 ``[P, P]`` line integrals (or intensities,
+  converted with the JSON's ``i0``), with ``OUT.json`` beside it holding the placed
+  geometry. The JSON is REQUIRED; its ``view`` must be the slot it is given for, and its
+  detector (kind, pixels, pixel_mm, sdd, sod) and ``mu_water`` must equal the model's
+  training geometry (``params.drr``, ``params.hu.mu_water``; relative tolerance 1e-3).
+* ``.png`` — an 8- or 16-bit grayscale **intensity** image: ``I/I0 = value / full scale``
+  (255 or 65535), clamped below at ``reconstruct.min_intensity_fraction``, then
+  ``p = −ln(I/I0)``. The geometry is the model's training geometry (``params.drr``).
+* DICOM radiograph (any other file with the DICM preamble) — the same mapping with full
+  scale ``2**BitsStored − 1`` (MONOCHROME1 is inverted first); the pixel pitch is
+  ``ImagerPixelSpacing`` (detector plane), else ``PixelSpacing``, and must equal
+  ``drr.pixel_mm`` (1 % tolerance). Rows × columns must equal ``drr.pixels``. Stored
+  values are used as they are (RescaleSlope/Intercept and PixelIntensityRelationship are
+  not applied: a linear raw intensity is assumed). A cross-sectional modality (CT, MR, PT,
+  NM, US — e.g. a CT slice) is rejected.
+
+Every problem raises :class:`~xct_core.errors.InputError` naming the file.
+:func:`input_geometries` places both views for the reconstruction (isocentre of the JSONs —
+both views must agree within 1 mm — or the world origin for PNG/DICOM inputs).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xct_core.config import Params
+from xct_core.errors import ConfigError, InputError
+from xct_core.geometry import VIEW_AXES, VIEWS, PlacedGeometry, ProjectionGeometry
+from xct_core.grid import grid_affine
+
+__all__ = ["XrayInput", "input_geometries", "load_xray"]
+
+#: relative tolerance when comparing an input's geometry with the model's
+GEOMETRY_RTOL = 1e-3
+#: isocentres of the two views must agree within this (mm)
+ISOCENTER_TOL_MM = 1.0
+#: DICOM pixel spacing vs drr.pixel_mm, relative
+DICOM_SPACING_RTOL = 0.01
+#: DICOM modalities rejected as X-ray inputs (slices of a volume, not projections)
+NON_RADIOGRAPH_MODALITIES = frozenset({"CT", "MR", "PT", "NM", "US"})
+
+
+@dataclass
+class XrayInput:
+    """One input view as the model sees it.
+
+    ``image``: float32 ``[P, P]`` line integrals ∫mu dl (dimensionless), display order;
+    ``geometry``: the placed geometry from the ``.npy``'s JSON (``None`` for PNG/DICOM: the
+    model's training geometry applies); ``fmt``: ``npy`` | ``png`` | ``dicom``.
+    """
+
+    view: str
+    image: np.ndarray
+    geometry: PlacedGeometry | None
+    source: str
+    fmt: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _close(a: float, b: float, rtol: float = GEOMETRY_RTOL) -> bool:
+    return abs(float(a) - float(b)) <= rtol * max(abs(float(a)), abs(float(b)), 1e-12)
+
+
+def _check_image(path: Path, img: np.ndarray, params: Params) -> np.ndarray:
+    if img.ndim == 3 and img.shape[0] == 1:
+        img = img[0]
+    if img.ndim != 2:
+        raise InputError(path, f"expected a 2D X-ray image, got shape {tuple(img.shape)}")
+    p = int(params.drr.pixels)
+    if img.shape != (p, p):
+        raise InputError(
+            path, f"image is {img.shape[0]}x{img.shape[1]} pixels, the model's detector is {p}x{p} (drr.pixels)"
+        )
+    bad = int(img.size - np.count_nonzero(np.isfinite(img)))
+    if bad:
+        n_nan = int(np.count_nonzero(np.isnan(img)))
+        raise InputError(path, f"{bad} non-finite pixels ({n_nan} NaN, {bad - n_nan} Inf) of {img.size}")
+    return np.ascontiguousarray(img, dtype=np.float32)
+
+
+def _check_geometry(path: Path, meta: Mapping[str, Any], view: str, params: Params) -> PlacedGeometry:
+    """The JSON's placed geometry, checked against the slot (``view``) and the model."""
+    got_view = meta.get("view")
+    if got_view != view:
+        raise InputError(
+            path, f"geometry JSON says view {got_view!r} but it was given as --{view} (swapped inputs?)"
+        )
+    try:
+        pg = PlacedGeometry.from_json(dict(meta))
+    except ConfigError as e:
+        raise InputError(path, f"invalid geometry JSON ({e})") from None
+    for name, want in (("beam", "beam"), ("u_axis", "u"), ("v_axis", "v")):
+        if not np.allclose(getattr(pg, name), VIEW_AXES[view][want], atol=1e-6):
+            raise InputError(path, f"geometry JSON {name} {list(getattr(pg, name))} is not the {view} view's "
+                                   f"{list(VIEW_AXES[view][want])}")
+    d = params.drr
+    diffs = []
+    if pg.kind != d.geometry:
+        diffs.append(f"kind {pg.kind} vs {d.geometry}")
+    if pg.pixels != d.pixels:
+        diffs.append(f"pixels {pg.pixels} vs {d.pixels}")
+    for name in ("pixel_mm", "sdd", "sod"):
+        if pg.kind == "parallel" and name in ("sdd", "sod"):
+            continue  # informational for parallel beam
+        if not _close(getattr(pg, name), getattr(d, name)):
+            diffs.append(f"{name} {getattr(pg, name):g} vs {getattr(d, name):g}")
+    mu = meta.get("mu_water")
+    if mu is not None and not _close(float(mu), params.hu.mu_water):
+        diffs.append(f"mu_water {float(mu):g} vs {params.hu.mu_water:g}")
+    if diffs:
+        raise InputError(path, "geometry differs from the model's training geometry (input vs model): "
+                               + ", ".join(diffs))
+    return pg
+
+
+def _load_npy(path: Path, view: str, params: Params) -> XrayInput:
+    jpath = path.with_suffix(".json")
+    if not jpath.is_file():
+        raise InputError(path, f"missing geometry JSON {jpath.name} beside it (`xct drr` writes OUT.npy + OUT.json)")
+    try:
+        meta = json.loads(jpath.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(jpath, f"unreadable geometry JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise InputError(jpath, "geometry JSON must hold an object")
+    pg = _check_geometry(jpath, meta, view, params)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"unreadable .npy ({str(e).splitlines()[0][:200]})") from None
+    if not np.issubdtype(arr.dtype, np.number):
+        raise InputError(path, f"not a numeric image (dtype {arr.dtype})")
+    img = _check_image(path, np.asarray(arr, dtype=np.float64), params)
+    quantity = meta.get("quantity", "line_integral")
+    notes = []
+    if quantity == "intensity":
+        i0 = float(meta.get("i0", 1.0))
+        if np.any(img <= 0) or i0 <= 0:
+            raise InputError(path, "intensity image with pixels <= 0: cannot take -ln(I/I0)")
+        img = (-np.log(img / i0)).astype(np.float32)
+        notes.append(f"intensity converted to line integrals: p = -ln(I / {i0:g})")
+    elif quantity != "line_integral":
+        raise InputError(jpath, f"unknown quantity {quantity!r} (line_integral | intensity)")
+    return XrayInput(view, img, pg, str(path), "npy", notes)
+
+
+def _intensity_to_line_integral(values: np.ndarray, full_scale: float, params: Params) -> np.ndarray:
+    """``p = −ln(max(value / full_scale, min_intensity_fraction))`` (module docstring)."""
+    frac = np.clip(values.astype(np.float64) / float(full_scale), params.reconstruct.min_intensity_fraction, None)
+    return (-np.log(frac)).astype(np.float32)
+
+
+def _load_png(path: Path, params: Params) -> tuple[np.ndarray, list[str]]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.asarray(im)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise InputError(path, f"unreadable PNG ({str(e).splitlines()[0][:200]})") from None
+    if mode == "L":
+        full = 255.0
+    elif mode in ("I;16", "I;16B", "I;16L", "I"):
+        full = 65535.0
+    else:
+        raise InputError(path, f"PNG mode {mode!r}: expected an 8- or 16-bit grayscale image (L, I;16)")
+    img = _check_image(path, np.asarray(arr, dtype=np.float64), params)
+    if img.max() > full:
+        raise InputError(path, f"pixel values up to {img.max():g} exceed the {int(full)} full scale")
+    p = _intensity_to_line_integral(img, full, params)
+    return p, [f"PNG intensity I/I0 = value/{int(full)} -> p = -ln(I/I0); geometry = model's params.drr"]
+
+
+def _load_dicom(path: Path, params: Params) -> tuple[np.ndarray, list[str]]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path)
+        raw = ds.pixel_array
+    except InvalidDicomError:
+        raise InputError(path, "not a .npy, .png or DICOM file") from None
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt data, missing decoder
+        raise InputError(path, f"unreadable DICOM ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in NON_RADIOGRAPH_MODALITIES:
+        raise InputError(path, f"DICOM modality {modality} is a cross-sectional image, not a projection radiograph "
+                               "(expected an X-ray: DX, CR, ...)")
+    spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
+    if not spacing or len(spacing) != 2:
+        raise InputError(path, "DICOM radiograph without ImagerPixelSpacing/PixelSpacing: pixel pitch unknown")
+    sp = [float(s) for s in spacing]
+    want = float(params.drr.pixel_mm)
+    if not all(_close(s, want, DICOM_SPACING_RTOL) for s in sp):
+        raise InputError(path, f"pixel spacing {sp[0]:g} x {sp[1]:g} mm differs from the model's detector pitch "
+                               f"{want:g} mm (drr.pixel_mm)")
+    bits = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 16) or 16)
+    full = float(2**bits - 1)
+    img = _check_image(path, np.asarray(raw, dtype=np.float64), params)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
+        img = full - img  # MONOCHROME1: high values are dark → intensity
+    return _intensity_to_line_integral(img, full, params), [
+        f"DICOM intensity I/I0 = value/{int(full)} (BitsStored {bits}) -> p = -ln(I/I0); geometry = model's params.drr"
+    ]
+
+
+def load_xray(path: str | Path, view: str, params: Params) -> XrayInput:
+    """Load one input view for a model with ``params`` (formats and checks: module docstring)."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, "no such file")
+    if not p.is_file():
+        raise InputError(p, "not a regular file")
+    suffix = p.suffix.lower()
+    if suffix == ".npy":
+        return _load_npy(p, view, params)
+    if suffix == ".png":
+        img, notes = _load_png(p, params)
+        return XrayInput(view, img, None, str(p), "png", notes)
+    img, notes = _load_dicom(p, params)
+    return XrayInput(view, img, None, str(p), "dicom", notes)
+
+
+def input_geometries(
+    frontal: XrayInput, lateral: XrayInput, params: Params
+) -> tuple[np.ndarray, dict[str, PlacedGeometry]]:
+    """``(isocenter [3] world mm, {view: placed geometry})`` for the reconstruction.
+
+    JSON geometries are used as given (their isocentres must agree within 1 mm); a view
+    without one (PNG/DICOM) gets the model's geometry placed at the other view's isocentre
+    or the world origin.
+    """
+    isos = {x.view: np.asarray(x.geometry.isocenter) for x in (frontal, lateral) if x.geometry is not None}
+    if len(isos) == 2 and float(np.linalg.norm(isos["frontal"] - isos["lateral"])) > ISOCENTER_TOL_MM:
+        raise InputError(lateral.source, f"isocentre {isos['lateral'].tolist()} differs from the frontal view's "
+                                         f"{isos['frontal'].tolist()} by more than {ISOCENTER_TOL_MM:g} mm")
+    iso = next(iter(isos.values())) if isos else np.zeros(3)
+    geoms: dict[str, PlacedGeometry] = {}
+    for x in (frontal, lateral):
+        if x.geometry is not None:
+            geoms[x.view] = x.geometry
+        else:
+            geoms[x.view] = ProjectionGeometry.from_params(params.drr, x.view).place(  # type: ignore[arg-type]
+                grid_affine((2, 2, 2), 1.0, iso), (2, 2, 2))
+    return np.asarray(iso, dtype=np.float64), geoms
