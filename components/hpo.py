@@ -355,8 +355,12 @@ class _Book:
     """Driver-side bookkeeping: MLflow child runs and one progress line per trial."""
 
     def __init__(self, client: Any, experiment_id: str, parent: str, study: str, stage: int,
-                 trials_dir: Path, metric: str, log: Callable[[str], None]) -> None:
+                 trials_dir: Path, metric: str, log: Callable[[str], None],
+                 lineage: Mapping[str, str] | None = None) -> None:
         self.client = client
+        #: the training runs' lineage tags (git commit, DVC data hash, params digest of the base
+        #: params; each trial then records its own digest) — every trial run carries them
+        self.lineage = dict(lineage or {})
         self.experiment_id = experiment_id
         self.parent = parent
         self.study = study
@@ -375,7 +379,7 @@ class _Book:
         n = ot_trial.number
         run = self.client.create_run(
             self.experiment_id, run_name=f"trial-{n}",
-            tags={MLFLOW_PARENT_RUN_ID: self.parent, MLFLOW_RUN_NAME: f"trial-{n}", "xct.kind": "hpo_trial",
+            tags={**self.lineage, MLFLOW_PARENT_RUN_ID: self.parent, MLFLOW_RUN_NAME: f"trial-{n}", "xct.kind": "hpo_trial",
                   "xct.study": self.study, "xct.stage": str(self.stage), "xct.trial_number": str(n),
                   "xct.out_dir": str(self.trials_dir / f"trial_{n:04d}")},
         )
@@ -536,8 +540,9 @@ def run_hpo(
 
     uri = tracking_uri()
     client = get_client(uri)
+    lineage = lineage_tags(params.digest(), processed)
     parent_tags = {
-        **lineage_tags(params.digest(), processed), "xct.kind": "hpo_study", "xct.study": study_name,
+        **lineage, "xct.kind": "hpo_study", "xct.study": study_name,
         "xct.stage": str(k), "xct.optuna_storage": shown_url, "xct.out_dir": str(out),
     }
     parent = _study_run(client, ostudy, hp.experiment, uri, parent_tags)
@@ -553,7 +558,8 @@ def run_hpo(
 
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     trials_dir = out / "trials" / study_name
-    book = _Book(client, client.get_run(parent).info.experiment_id, parent, study_name, k, trials_dir, hp.metric, log)
+    book = _Book(client, client.get_run(parent).info.experiment_id, parent, study_name, k, trials_dir, hp.metric, log,
+                 lineage=lineage)
     try:
         _fail_stale(ostudy, client, log)
         if not ostudy.trials and points:

@@ -460,6 +460,12 @@ def test_three_trial_study_prunes_one_and_writes_the_best_overlay(study_env: dic
     pruned = children["2"]
     assert pruned.data.tags["xct.trial_state"] == "PRUNED" and pruned.info.status == "KILLED"
     assert pruned.data.tags["xct.pruned_at_step"] == "4" and float(pruned.data.params["stages.stage1.lr"]) == 1e-8
+    for run in children.values():  # every trial carries the training runs' lineage (its own params digest)
+        tags = run.data.tags
+        for tag in ("mlflow.source.git.commit", "xct.data_hash_source", "xct.data_dir"):
+            assert tags.get(tag) == parent.data.tags.get(tag) and tags.get(tag), tag
+        assert tags.get("xct.data_hash") == parent.data.tags.get("xct.data_hash")
+        assert len(tags["xct.params_digest"]) == 16 and tags["xct.params_digest"] != parent.data.tags["xct.params_digest"]
     for n in ("0", "1"):
         run = children[n]
         assert run.info.status == "FINISHED" and run.data.tags["xct.trial_state"] == "COMPLETE"
