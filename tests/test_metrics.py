@@ -301,3 +301,50 @@ def test_eval_params_defaults_match_metric_defaults():
     assert M.metric_kwargs(e) == {"hu_range": (-1024.0, 1024.0), "ssim_sigma": 1.5, "ssim_win": 11}
     with pytest.raises(ValueError):
         EvalParams(ssim_win=8)
+
+
+# ------------------------------------------------------------------- the protocol of issue 14
+
+
+def test_ssim_taps_fit_the_grid():
+    assert [M.ssim_taps(s, 11) for s in (8, 12, 16, 24, 32, 64)] == [3, 5, 7, 11, 11, 11]
+    assert M.ssim_taps(64, 7) == 7  # never more than asked
+    # 16³ with 7 taps keeps a valid region of 10³ voxels (11 taps: 6³)
+    x = torch.rand(16, 16, 16, dtype=torch.float64)
+    assert M.ssim3d(x, x, 1.0, win=M.ssim_taps(16)) == pytest.approx(1.0)
+
+
+def _torso(n: int = 24) -> np.ndarray:
+    """Air around a cylindrical body (40 HU) with a lung (-850 HU) inside, along the S axis."""
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    r = np.hypot(i - (n - 1) / 2, j - (n - 1) / 2)
+    sl = np.where(r < n * 0.4, 40.0, -1000.0)
+    sl[(r < n * 0.2)] = -850.0  # the lung: below the body threshold but inside the body
+    return np.repeat(sl[:, :, None], n, axis=2).astype(np.float32)
+
+
+def test_body_mask_fills_the_lungs_and_drops_the_air_around():
+    t = _torso()
+    m = M.body_mask(t, -500.0)[0].numpy()
+    n = t.shape[0]
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    r = np.hypot(i - (n - 1) / 2, j - (n - 1) / 2)
+    want = np.repeat((r < n * 0.4)[:, :, None], n, axis=2)
+    np.testing.assert_array_equal(m, want)
+    assert m[t == -850.0].all() and not m[t == -1000.0].any()
+
+
+def test_body_psnr_ignores_errors_in_the_air():
+    t = _torso()
+    p = t.copy()
+    p[t == -1000.0] = -200.0  # a wrong value in the air only: whole-volume PSNRs drop, body PSNRs stay inf
+    body = M.body_mask(t, -500.0)
+    assert M.masked_psnr(p, t, body, 2048.0) == math.inf
+    p2 = t + np.float32(20.0)  # a uniform 20 HU error everywhere
+    assert M.masked_psnr(p2, t, body, 2048.0) == pytest.approx(20 * math.log10(2048 / 20), abs=1e-6)
+    row = M.hu_metrics_per_sample(p, t, SOFT, body_hu=-500.0)[0]
+    assert row["psnr_hu_body_db"] == math.inf and math.isfinite(row["psnr_hu_db"])
+    assert row["psnr_window_body_db"] == math.inf  # -200 and -1000 both read as the window floor
+    assert row["body_fraction"] == pytest.approx(float(body.double().mean()))
+    assert "psnr_hu_body_db" not in M.hu_metrics_per_sample(p, t, SOFT)[0]  # only when asked
+    assert math.isnan(M.masked_psnr(p, t, torch.zeros(t.shape, dtype=torch.bool), 2048.0))  # empty mask

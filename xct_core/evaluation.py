@@ -57,7 +57,7 @@ from xct_core.inference import Reconstruction, load_stage, load_stages, reconstr
 from xct_core.io import CTVolume
 from xct_core.jsondoc import json_text
 from xct_core.layout import METRICS_JSON, MONTAGE_PNG, PER_PATIENT_CSV, RunLayout, stage_model_files
-from xct_core.metrics import dynamic_range, hu_metrics_per_sample, mean_rows
+from xct_core.metrics import dynamic_range, hu_metrics_per_sample, mean_rows, ssim_taps
 from xct_core.seeding import case_seed, sample_seed
 
 __all__ = [
@@ -100,14 +100,20 @@ class EvalProtocol:
     window: HUWindow
     hu_range: tuple[float, float]
     ssim_sigma: float
-    ssim_win: int
+    ssim_win: int  #: the most taps; a small grid gets fewer (:meth:`ssim_taps`)
+    body_hu: float  #: the body mask's threshold (``ingest.body_hu``: the same "body" everywhere)
     params: Params  #: for the renderer (``drr``, ``hu.mu_water``) of the reprojection
 
     @classmethod
     def from_params(cls, params: Params, window: HUWindow | None = None) -> EvalProtocol:
         ev = params.eval
         return cls(window=window or params.hu.get_window(), hu_range=(float(ev.hu_lo), float(ev.hu_hi)),
-                   ssim_sigma=float(ev.ssim_sigma), ssim_win=int(ev.ssim_win), params=params)
+                   ssim_sigma=float(ev.ssim_sigma), ssim_win=int(ev.ssim_win),
+                   body_hu=float(params.ingest.body_hu), params=params)
+
+    def ssim_taps(self, size: int) -> int:
+        """SSIM taps on a ``size``³ grid (:func:`xct_core.metrics.ssim_taps`)."""
+        return ssim_taps(size, self.ssim_win)
 
     @property
     def wide(self) -> HUWindow:
@@ -118,17 +124,24 @@ class EvalProtocol:
                 views: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, float]:
         """The metric set of one HU prediction against its HU target (+ reprojection views)."""
         v = None if views is None else {n: (torch.from_numpy(a), torch.from_numpy(b)) for n, (a, b) in views.items()}
+        size = int(np.asarray(target_hu).shape[-1])
         return hu_metrics_per_sample(torch.from_numpy(np.asarray(pred_hu, dtype=np.float32)),
                                      torch.from_numpy(np.asarray(target_hu, dtype=np.float32)), self.window,
-                                     hu_range=self.hu_range, ssim_sigma=self.ssim_sigma, ssim_win=self.ssim_win,
-                                     views=v)[0]
+                                     hu_range=self.hu_range, ssim_sigma=self.ssim_sigma, ssim_win=self.ssim_taps(size),
+                                     views=v, body_hu=self.body_hu)[0]
 
-    def describe(self) -> dict[str, str]:
-        """The protocol, in words, for metrics.json and the reports."""
+    def describe(self, size: int | None = None) -> dict[str, str]:
+        """The protocol, in words, for metrics.json and the reports (``size``: the grid, for
+        the SSIM taps actually used)."""
         w, (lo, hi) = self.window, self.hu_range
+        taps = (f"{self.ssim_taps(size)}^3 taps on the {size}^3 grid" if size else
+                f"min({self.ssim_win}, largest odd <= S/2-1)^3 taps on an S^3 grid")
         return {
             "psnr_window_db": f"3D PSNR in the evaluation window {w.name} [{w.lo:g}, {w.hi:g}] HU (both clipped), data_range 2",
-            "ssim_window": f"3D SSIM in the window, Gaussian sigma {self.ssim_sigma:g}, {self.ssim_win}^3 taps, data_range 2",
+            "ssim_window": f"3D SSIM in the window, Gaussian sigma {self.ssim_sigma:g}, {taps}, data_range 2, "
+                           "mean over the valid region",
+            "psnr_window_body_db / psnr_hu_body_db": f"the same PSNRs with the MSE inside the body only: per axial slice "
+                                                     f"the hole-filled target > {self.body_hu:g} HU",
             "psnr_hu_db": f"3D PSNR, both volumes clipped to [{lo:g}, {hi:g}] HU, data_range {hi - lo:g}",
             "mae_hu": f"mean absolute error, clipped to [{lo:g}, {hi:g}] HU",
             "reproj_psnr_<view>_db": "2D PSNR of the reconstruction's DRR vs the input view, data_range = input max-min",
@@ -442,7 +455,8 @@ def evaluate_stage(
         "model_file": params.eval.model_file,
         "has_direct": direct is not None,
         "test_ids_hash": split_ids_hash(ids),
-        "protocol": protocol.describe(),
+        "ssim_taps": protocol.ssim_taps(st.size),
+        "protocol": protocol.describe(st.size),
     })
     return EvalResult(stage=k, split=split, ids=ids, rows=rows, metrics=metrics, montage=montage, spacing=spacing)
 

@@ -269,7 +269,7 @@ def evaluate_cmd(
         summary["baseline"] += f" ({processed})"
     window = protocol.window
     described = {
-        **protocol.describe(),
+        **protocol.describe(mp.stage(n).size),
         "ground_truth": "the CT resampled to the output stage grid (as the preprocess step); X-rays rendered from "
                         "the finest stage grid with the model's drr geometry",
         "baseline_*": summary["baseline"],
