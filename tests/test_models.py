@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xct_core.cascade import aug_timestep, lowres_condition, resize_volume, sample_cascade
@@ -293,6 +294,32 @@ def test_lifting_samples_each_voxel_where_its_ray_hits_the_detector(view: str, k
     assert inside.float().mean() > 0.9  # the detector sees (almost) the whole grid
     torch.testing.assert_close(out[0][inside], want_c[inside].float(), atol=2e-3, rtol=0)
     torch.testing.assert_close(out[1][inside], want_r[inside].float(), atol=2e-3, rtol=0)
+
+
+def test_lifting_keeps_float32_sampling_positions_for_bf16_features() -> None:
+    """A bf16 feature map (autocast) is sampled at the float32 positions: the result is the
+    float32 lifting rounded to bf16 once, not a lifting at bf16-rounded positions (up to a
+    quarter pixel off at 256 px)."""
+    pix = 256
+    p = tiny_params(geometry="cone", pixels=pix, pixel_mm=1.6)
+    cfg = p.stage(1).cfg
+    aff = stage_affine(cfg)
+    from xct_core.geometry import ProjectionGeometry
+
+    S = cfg.size
+    grid = lifting_grid(ProjectionGeometry.from_params(p.drr, "frontal").place(aff, (S,) * 3), aff, S)
+    lift = DepthLifting({"frontal": grid, "lateral": grid})
+    cols = torch.arange(pix, dtype=torch.float32).expand(pix, pix)[None, None]  # value = column index
+    feat = cols.to(torch.bfloat16)
+    want = lift.lift(feat.float(), "frontal").to(torch.bfloat16)
+    got = lift.lift(feat, "frontal")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(lift.lift(feat, "frontal").float(), want.float(), atol=0, rtol=0)
+    # the bf16-rounded grid would have sampled elsewhere: the check above can fail
+    bad = F.grid_sample(feat.float(), getattr(lift, "grid_frontal").to(torch.bfloat16).float(), align_corners=False)
+    assert (bad.reshape(-1) - want.float().reshape(-1)).abs().max() > 0.05
 
 
 @pytest.mark.parametrize("kind", ["parallel", "cone"])

@@ -73,9 +73,12 @@ class DepthLifting(nn.Module):
         if view not in self.view_names:
             raise ValueError(f"unknown view {view!r}")
         B, C = features.shape[:2]
-        grid = getattr(self, f"grid_{view}").to(features.dtype).expand(B, -1, -1, -1)
-        out = F.grid_sample(features, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return out.view(B, C, *self.shape3d)
+        # the sampling positions stay float32 (a bf16 grid rounds by up to 0.25 px at 256 px):
+        # sample float32 features, return the features' dtype
+        # (autocast runs grid_sample in float32 too: it is on its float32 list)
+        grid = getattr(self, f"grid_{view}").float().expand(B, -1, -1, -1)
+        out = F.grid_sample(features.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return out.to(features.dtype).view(B, C, *self.shape3d)
 
     def forward(self, frontal: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.lift(frontal, "frontal"), self.lift(lateral, "lateral")], dim=1)
