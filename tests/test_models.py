@@ -646,6 +646,88 @@ def test_sample_cascade_with_oracle_stages(schedule: CosineSchedule) -> None:
         sample_cascade([s2], f, lat, sampler=Sampler(schedule, 2))
 
 
+class _AnchoredOracle(_Oracle):
+    """An anchored (residual) stage that knows the answer: the true v of the scaled residual
+    ``(x0 − anchor) / scale`` for whatever anchor it is given; records the anchors it saw."""
+
+    anchored = True
+
+    def __init__(self, x0: torch.Tensor, schedule: CosineSchedule, scale: float) -> None:
+        super().__init__(x0, None, schedule)
+        self.residual_scale = scale
+        self.anchors: list[torch.Tensor] = []
+
+    def forward(self, x_t, t, frontal, lateral, cond=None, cond_aug=None, *, context=None, anchor=None):  # noqa: ANN001
+        self.anchors.append(anchor)
+        r = (self.x0.double() - anchor.double()) / self.residual_scale
+        a = self.schedule.alphas_cumprod.double()[t].view(-1, 1, 1, 1, 1)
+        eps = (x_t.double() - a.sqrt() * r) / (1 - a).sqrt()
+        return (a.sqrt() * eps - (1 - a).sqrt() * r).float()
+
+
+def test_anchored_stage_samples_twin_plus_residual(schedule: CosineSchedule) -> None:
+    """Residual diffusion over the direct twin: the sample is mu + scale·r with mu the twin's
+    one-pass estimate (given to the residual network at every step) and r the residual the
+    network diffuses — unclipped, so a residual beyond [-1, 1] (|x0 − mu| > scale) survives."""
+    from xct_core.models import AnchoredStage
+
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.rand(1, 1, 8, 8, 8, generator=g) * 1.6 - 0.8
+    mu = x0 + 0.3 * torch.randn(x0.shape, generator=g).clamp(-1, 1)  # residual/scale reaches ±3
+    twin = _Oracle(mu, None, schedule, mode="direct")
+    stage = AnchoredStage(_AnchoredOracle(x0, schedule, scale=0.1), twin)
+    f, lat = xrays(1, 32)
+    for steps in (1, 6):
+        out = sample_cascade([stage], f, lat, sampler=Sampler(schedule, steps), generator=torch.Generator().manual_seed(0))[0]
+        torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+    assert all(torch.equal(a, mu.clamp(-1, 1)) for a in stage.diffusion.anchors)
+    assert len(twin.seen) == 2  # one pass of the twin per sample
+    # a plain-diffusion view of the same residual (clipped to [-1, 1]) would miss x0
+    r = (x0 - mu.clamp(-1, 1)) / 0.1
+    assert float(r.abs().max()) > 1.5
+    with pytest.raises(ValueError, match="sample it as an AnchoredStage"):
+        sample_cascade([_AnchoredOracle(x0, schedule, 0.1)], f, lat, sampler=Sampler(schedule, 2))
+
+
+def test_anchored_diffusion_loss_diffuses_the_scaled_residual(schedule: CosineSchedule) -> None:
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(2, 1, 8, 8, 8, generator=g) * 1.6 - 0.8
+    mu = (x0 + 0.05 * torch.randn(x0.shape, generator=g)).clamp(-1, 1)
+    twin = _Oracle(mu, None, schedule, mode="direct")
+    oracle = _AnchoredOracle(x0, schedule, scale=0.1)
+    f, lat = xrays(2, 32)
+    loss, logs = diffusion_loss(oracle, x0, f, lat, schedule=schedule, generator=g, anchor_net=twin)
+    assert float(logs["loss_v"]) < 1e-9  # the oracle's v of (x0 - mu) / scale is the training target
+    assert torch.equal(oracle.anchors[-1], mu)
+    with pytest.raises(ValueError, match="pass anchor_net"):
+        diffusion_loss(oracle, x0, f, lat, schedule=schedule, generator=g)
+
+
+def test_anchored_stage_exports_and_loads_with_its_twin(tmp_path) -> None:
+    from xct_core.checkpoint import export_stage_model, load_stage_model
+    from xct_core.models import AnchoredStage
+
+    d = tiny_params().model_dump(mode="json")
+    d["stages"]["stage1"].update(anchor="direct", residual_scale=0.2)
+    p = params_from_dict(d)
+    net, twin = build_stage(p, 1), build_stage(p, 1, mode="direct")
+    assert net.anchored and not twin.anchored
+    assert net.backbone.fuse.in_channels == build_stage(tiny_params(), 1).backbone.fuse.in_channels + 1  # + mu
+    with pytest.raises(ValueError, match="exported with its direct twin"):
+        export_stage_model(tmp_path / "x.pt", net, params_json=p.model_dump_json(), stage=1, name="stage1",
+                           mode="diffusion", step=1)
+    path = export_stage_model(tmp_path / "best.pt", net, params_json=p.model_dump_json(), stage=1, name="stage1",
+                              mode="diffusion", step=1, anchor=twin)
+    loaded = load_stage_model(path)
+    assert isinstance(loaded, AnchoredStage) and loaded.residual_scale == 0.2 and loaded.size == net.size
+    for a, b in ((loaded.diffusion, net), (loaded.anchor, twin)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    f, lat = xrays(1, p.drr.pixels)
+    out = sample_cascade([loaded], f, lat, sampler=Sampler(CosineSchedule(1000, zero_terminal_snr=True), 2),
+                         generator=torch.Generator().manual_seed(0))[0]
+    assert out.shape == (1, 1, net.size, net.size, net.size) and float(out.abs().max()) <= 1.0
+
+
 def test_sample_cascade_real_stages_deterministic(schedule: CosineSchedule) -> None:
     p = tiny_params()
     torch.manual_seed(0)

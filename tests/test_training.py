@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from train_fixtures import build_processed, tiny_params
+from train_fixtures import TINY_STAGES, build_processed, tiny_params
 from xct_core.checkpoint import MODEL_FORMAT, STATE_FORMAT, list_checkpoints, load_stage_model, load_state
 from xct_core.errors import ConfigError, InputError
 from xct_core.training import (
@@ -191,6 +191,31 @@ def test_stage2_with_frozen_stage1_and_direct_baseline(setup: dict, tmp_path: Pa
     montage = lay.montages / "step_00000002.png"  # rows: target, diffusion, direct, previous stage
     assert montage.stat().st_size > 1000
     shutil.copyfile(montage, artifacts_dir / "train_stage2_val_montage.png")
+
+
+def test_anchored_stage_trains_on_its_twin_and_exports_both(setup: dict, tmp_path: Path) -> None:
+    """Residual diffusion (stages.stage1.anchor: direct): the twin trains beside the stage, the
+    exported best/final carry it (they load as an AnchoredStage), validation samples mu + s·r
+    and reports the twin beside it; without the twin the params are refused up front."""
+    from xct_core.models import AnchoredStage
+
+    anchored = {**TINY_STAGES["stage1"], "anchor": "direct", "residual_scale": 0.2}
+    params = tiny_params(train={"direct_baseline": True, "steps": {"stage1": 4}}, stages={"stage1": anchored})
+    out = tmp_path / "anchored"
+    res = train_stage(params, 1, setup["processed"], out, device="cpu")
+    assert res.final_step == 4
+    for key in ("val/psnr_window_db", "val/direct_psnr_window_db"):
+        assert math.isfinite(res.val_metrics[key]), key
+    lay = RunLayout(out, 1)
+    for which in ("final", "best"):
+        net = load_stage_model(lay.model(which))
+        assert isinstance(net, AnchoredStage) and net.residual_scale == 0.2
+    twin = load_stage_model(lay.model("direct"))
+    final = load_stage_model(lay.model("final"))
+    assert all(torch.equal(a, b) for a, b in zip(final.anchor.state_dict().values(), twin.state_dict().values(),
+                                                 strict=True))  # final.pt's twin is direct.pt
+    with pytest.raises(ConfigError, match="needs train.direct_baseline: true"):
+        preflight(tiny_params(stages={"stage1": anchored}), 1, setup["processed"], out)
 
 
 # --------------------------------------------------------------------------- user errors

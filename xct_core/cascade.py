@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xct_core.diffusion import CosineSchedule, Sampler, q_sample
-from xct_core.models.stage import StageNet, unwrap
+from xct_core.models.stage import AnchoredStage, StageNet, unwrap
 
 __all__ = [
     "aug_timestep",
@@ -99,8 +99,11 @@ def sample_cascade(
 
     Args:
         stages: stage networks in order (:class:`xct_core.models.StageNet`, diffusion or
-            direct mode; direct stages predict x0 in one pass). They are run frozen, in eval
-            mode under ``torch.no_grad``; their previous train/eval mode is restored after.
+            direct mode; direct stages predict x0 in one pass; an
+            :class:`~xct_core.models.stage.AnchoredStage` returns its twin's estimate plus
+            ``residual_scale`` times a sampled residual, the residual unclipped and the sum
+            clipped). They are run frozen, in eval mode under ``torch.no_grad``; their previous
+            train/eval mode is restored after.
         frontal, lateral: line-integral X-rays ``[B, 1, H, W]``.
         sampler: schedule + DDIM settings (:meth:`xct_core.diffusion.Sampler.from_params`);
             its ``steps`` are one int for all stages or one per stage.
@@ -130,9 +133,22 @@ def sample_cascade(
                     raise ValueError(f"{net.name} is conditioned on a previous stage; it cannot run first")
                 cond_aug = torch.full((B,), aug_timestep(net.cfg.cond_aug_sample, schedule), dtype=torch.long, device=dev)
                 cond = augment_condition(resize_volume(outs[-1], net.size), cond_aug, schedule, generator)
+            clip = (lambda x: x.clamp(*sampler.clip)) if sampler.clip is not None else (lambda x: x)
             if net.mode == "direct":
-                x0 = model(None, None, frontal, lateral, cond, cond_aug, context=ctx).float()
-                x0 = x0.clamp(*sampler.clip) if sampler.clip is not None else x0
+                x0 = clip(model(None, None, frontal, lateral, cond, cond_aug, context=ctx).float())
+            elif getattr(net, "anchored", False):
+                if not isinstance(net, AnchoredStage):
+                    raise ValueError(f"{net.name} is anchored on its direct twin: sample it as an AnchoredStage "
+                                     "(xct_core.checkpoint.load_stage_model of an anchored export)")
+                mu = clip(net.anchor(None, None, frontal, lateral, cond, cond_aug).float())
+
+                def predict_r(x_t: torch.Tensor, t: torch.Tensor, _m=model, _c=cond, _a=cond_aug, _ctx=ctx,
+                              _mu=mu) -> torch.Tensor:
+                    return _m(x_t, t, frontal, lateral, _c, _a, context=_ctx, anchor=_mu).float()
+
+                r = sampler.sample(predict_r, (B, 1, net.size, net.size, net.size), steps=step_list[k],
+                                   generator=generator, device=dev, clip=None)
+                x0 = clip(mu + net.residual_scale * r)
             else:
 
                 def predict_v(x_t: torch.Tensor, t: torch.Tensor, _m=model, _c=cond, _a=cond_aug, _ctx=ctx) -> torch.Tensor:

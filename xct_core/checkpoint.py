@@ -208,6 +208,7 @@ def export_stage_model(
     step: int,
     metrics: Mapping[str, float] | None = None,
     weights: str = "ema",
+    anchor: nn.Module | None = None,
 ) -> Path:
     """Write one stage network as a self-contained, ``weights_only``-loadable file.
 
@@ -215,7 +216,9 @@ def export_stage_model(
     (``diffusion`` | ``direct``), ``step``, ``weights`` (``"ema"``), ``params`` (the full
     params as JSON — :func:`load_stage_model` rebuilds the network from it),
     ``stage_config`` (that stage's section as JSON), ``metrics`` (validation metrics at
-    ``step`` as JSON) and ``state_dict`` (the model's persistent tensors, on the CPU).
+    ``step`` as JSON) and ``state_dict`` (the model's persistent tensors, on the CPU). An
+    anchored (residual-diffusion) stage also carries its direct twin: ``anchor_state_dict``
+    (required: the stage cannot sample without it), so one file is one usable stage.
     """
     params = json.loads(params_json)
     stage_cfg = list(params["stages"].values())[stage - 1]
@@ -231,6 +234,11 @@ def export_stage_model(
         "metrics": json.dumps({k: _finite_or_none(v) for k, v in (metrics or {}).items()}, sort_keys=True),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
+    anchored = bool(getattr(model, "anchored", False))
+    if anchored != (anchor is not None):
+        raise ValueError(f"{name}: an anchored stage is exported with its direct twin (anchor=), a plain one without")
+    if anchor is not None:
+        blob["anchor_state_dict"] = {k: v.detach().cpu().clone() for k, v in anchor.state_dict().items()}
     return atomic_torch_save(blob, path)
 
 
@@ -240,6 +248,12 @@ def _finite_or_none(v: Any) -> Any:
     except (TypeError, ValueError):
         return v
     return f if np.isfinite(f) else None
+
+
+def _load_weights(net: nn.Module, state: Mapping[str, Any], path: str | Path) -> None:
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(path, f"weights do not fit the stored config (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def read_stage_model(path: str | Path) -> dict[str, Any]:
@@ -262,12 +276,18 @@ def load_stage_model(path: str | Path, device: str | torch.device | None = None)
     from xct_core.config import params_from_dict
     from xct_core.models import build_stage
 
+    from xct_core.models import AnchoredStage
+
     blob = read_stage_model(path)
     params = params_from_dict(json.loads(blob["params"]), f"{path} (params)")
     net = build_stage(params, int(blob["stage"]), mode=blob["mode"])
-    missing, unexpected = net.load_state_dict(blob["state_dict"], strict=False)
-    if missing or unexpected:
-        raise InputError(path, f"weights do not fit the stored config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    _load_weights(net, blob["state_dict"], path)
+    if getattr(net, "anchored", False):
+        if "anchor_state_dict" not in blob:
+            raise InputError(path, "an anchored (residual-diffusion) stage without its direct twin")
+        twin = build_stage(params, int(blob["stage"]), mode="direct")
+        _load_weights(twin, blob["anchor_state_dict"], path)
+        net = AnchoredStage(net, twin)
     if device is not None:
         net = net.to(device)
     return net.eval().requires_grad_(False)

@@ -210,6 +210,14 @@ class StageParams(_Section):
     cond_aug_sample: float = Field(0.05, ge=0, le=1)
     #: activation checkpointing (torch.utils.checkpoint) per conv/transformer block
     grad_checkpointing: bool = False
+    #: residual diffusion: "direct" anchors the stage on its direct-regression twin (trained
+    #: beside it: train.direct_baseline must be on). The twin's estimate mu is an input
+    #: channel and the diffusion runs on the scaled residual r = (x0 - mu) / residual_scale;
+    #: a sample is mu + residual_scale * r, so the K-sample mean starts from the regression
+    #: mean and the diffusion adds what the twin cannot know. "none": plain diffusion of x0.
+    anchor: Literal["none", "direct"] = "none"
+    #: the residual's scale in network units (about its std, so the diffused variable is O(1))
+    residual_scale: float = Field(0.1, gt=0)
 
     @_model_validator(mode="after")
     def _check_shapes(self) -> StageParams:

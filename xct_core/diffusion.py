@@ -474,9 +474,11 @@ class Sampler:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
+        clip: tuple[float, float] | None | str = "settings",
     ) -> torch.Tensor:
-        """:func:`ddim_sample` with these settings (``steps``: this stage's count)."""
+        """:func:`ddim_sample` with these settings (``steps``: this stage's count; ``clip``
+        overrides the settings' x0 range, e.g. ``None`` for a residual that has no [-1, 1])."""
         return ddim_sample(
             predict_v, shape, schedule=self.schedule, steps=int(steps), eta=self.eta, generator=generator,
-            clip=self.clip, device=device, progress=progress, spacing=self.spacing,
+            clip=self.clip if clip == "settings" else clip, device=device, progress=progress, spacing=self.spacing,
         )

@@ -165,8 +165,14 @@ def diffusion_loss(
     physics: PhysicsLoss | None = None,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    anchor_net: nn.Module | None = None,
 ) -> tuple[torch.Tensor, Logs]:
     """v-prediction loss of a diffusion stage on a batch.
+
+    Anchored stage (``cfg.anchor == "direct"``): ``anchor_net`` is the direct twin (its EMA);
+    its estimate ``mu`` of this batch (no gradient, from the same noise-augmented condition
+    the stage sees) is the stage's extra input, the diffused variable is
+    ``(x0 − mu) / residual_scale`` and the physics term sees ``mu + residual_scale · r̂``.
 
     Draws ``t ~ U{0 … T−1}`` and ``noise ~ N(0, I)`` (from ``generator``, unless given),
     forms ``x_t = q_sample(x0, t, noise)`` and returns ``MSE(v̂, v)`` +
@@ -193,12 +199,23 @@ def diffusion_loss(
     if noise is None:
         gen_dev = generator.device if generator is not None else x0.device
         noise = torch.randn(x0.shape, generator=generator, device=gen_dev, dtype=x0.dtype).to(x0.device)
-    x_t = q_sample(x0, t, noise, schedule)
     c, c_aug = _training_condition(net, x0, cond, schedule, generator)  # type: ignore[arg-type]
-    v = model(x_t, t, frontal, lateral, c, c_aug).float()
-    loss_v = F.mse_loss(v, v_target(x0, noise, t, schedule).float())
+    kw: dict[str, torch.Tensor] = {}
+    target, mu = x0, None
+    if getattr(net, "anchored", False):
+        if anchor_net is None:
+            raise ValueError(f"{net.name} is anchored on its direct twin: pass anchor_net (the twin)")
+        with torch.no_grad():
+            mu = anchor_net(None, None, frontal, lateral, c, c_aug).float().clamp(-1.0, 1.0).to(x0.dtype)
+        kw["anchor"] = mu
+        target = (x0 - mu) / net.residual_scale
+    x_t = q_sample(target, t, noise, schedule)
+    v = model(x_t, t, frontal, lateral, c, c_aug, **kw).float()
+    loss_v = F.mse_loss(v, v_target(target, noise, t, schedule).float())
     logs: Logs = {"loss_v": loss_v.detach()}
     pred_x0 = x0_from_v(x_t.float(), v, t, schedule) if physics_weight > 0 else None
+    if pred_x0 is not None and mu is not None:
+        pred_x0 = mu + net.residual_scale * pred_x0
     loss = _physics(physics, physics_weight, pred_x0, x0, loss_v, logs)
     logs["loss"] = loss.detach()
     return loss, logs

@@ -443,10 +443,13 @@ def train_step(
             g["lr"] = lr
         lrn.opt.zero_grad(set_to_none=True)
         gen.manual_seed(derive_seed(seed, 4 + i, rank, step))
+        kw: dict[str, Any] = {}
+        if lrn.kind == "diffusion" and stage.cfg.anchor == "direct":  # residual diffusion over the twin's EMA
+            kw["anchor_net"] = next(o.ema.module for o in learners if o.kind == "direct")
         loss_fn = diffusion_loss if lrn.kind == "diffusion" else direct_loss
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss, logs = loss_fn(lrn.model, x0, frontal, lateral, cond, schedule=schedule, generator=gen,
-                                 physics_weight=stage.cfg.physics_weight, physics=physics)
+                                 physics_weight=stage.cfg.physics_weight, physics=physics, **kw)
         if hooks.perturb_loss is not None:
             loss = hooks.perturb_loss(step + 1, rank, i, loss)
             logs["loss"] = loss.detach()
@@ -582,6 +585,9 @@ def preflight(
         raise ConfigError(f"train.best_metric {tp.best_metric!r} is not a validation metric ({', '.join(METRIC_KEYS)})")
     if tp.best_metric.startswith("reproj_") and not tp.val_reprojection:
         raise ConfigError(f"train.best_metric {tp.best_metric!r} needs train.val_reprojection: true")
+    if st.cfg.anchor == "direct" and not tp.direct_baseline:
+        raise ConfigError(f"{st.name}: anchor 'direct' (residual diffusion over the direct twin) needs "
+                          "train.direct_baseline: true")
     ds = XrayCTDataset(processed_dir, st.k, "train", params.hu.net_map())
     if len(ds) == 0:
         raise InputError(Path(processed_dir) / "manifest.json", "the train split is empty")
@@ -633,9 +639,12 @@ class _Validator:
     @torch.no_grad()
     def run(self, step: int, emas: list[nn.Module]) -> dict[str, float]:
         from xct_core.evaluation import aggregate, evaluate_case, montage_volumes
+        from xct_core.models import AnchoredStage
 
         frozen = self._frozen()
         direct = emas[1] if len(emas) > 1 else None
+        if getattr(emas[0], "anchored", False):  # the stage as it is exported: with its twin
+            emas = [AnchoredStage(emas[0], emas[1]), *emas[1:]]
         rows = []
         for case in self.cases:
             res = evaluate_case(case, [*frozen, emas[0]], self.params, self.protocol, sampler=self.sampler,
@@ -834,8 +843,9 @@ def train_stage(
         stored with a model are its own validation metrics, without the ``val/`` prefix."""
         own = {m.removeprefix("val/"): v for m, v in metrics.items() if not m.startswith("val/direct_")}
         path = layout.model(which)
+        twin = learners[1].ema.module if st.cfg.anchor == "direct" else None  # an anchored stage ships its twin
         export_stage_model(path, learners[0].ema.module, params_json=params_json, stage=st.k, name=name,
-                           mode="diffusion", step=step, metrics=own)
+                           mode="diffusion", step=step, metrics=own, anchor=twin)
         if which == "final" and len(learners) > 1:
             direct = {m.removeprefix("val/direct_"): v for m, v in metrics.items() if m.startswith("val/direct_")}
             export_stage_model(layout.model("direct"), learners[1].ema.module, params_json=params_json, stage=st.k,

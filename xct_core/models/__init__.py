@@ -6,10 +6,11 @@ Pure torch. See :mod:`xct_core.models.stage` for the tensor conventions.
 from xct_core.models.backbone import Backbone3D, sincos_pos_embed_3d
 from xct_core.models.encoder import VIEWS, XrayEncoder
 from xct_core.models.lifting import DepthLifting, lifting_grid
-from xct_core.models.stage import StageNet, ViewContext, build_stage, stage_affine, unwrap, xray_binning
+from xct_core.models.stage import AnchoredStage, StageNet, ViewContext, build_stage, stage_affine, unwrap, xray_binning
 
 __all__ = [
     "VIEWS",
+    "AnchoredStage",
     "Backbone3D",
     "DepthLifting",
     "StageNet",

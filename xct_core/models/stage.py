@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Mode = Literal["diffusion", "direct"]
 
-__all__ = ["Mode", "StageNet", "ViewContext", "build_stage", "stage_affine", "unwrap", "xray_binning"]
+__all__ = ["AnchoredStage", "Mode", "StageNet", "ViewContext", "build_stage", "stage_affine", "unwrap", "xray_binning"]
 
 
 def stage_affine(cfg: StageParams) -> np.ndarray:
@@ -135,7 +135,12 @@ class StageNet(nn.Module):
         self.aug_embed = (
             nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim)) if self.conditional else None
         )
-        in_ch = 2 * cfg.lift_channels + (1 if mode == "diffusion" else 0) + (1 if self.conditional else 0)
+        #: residual diffusion over the direct twin (``cfg.anchor == "direct"``): the twin's
+        #: estimate is an extra input channel and x_t / v refer to the scaled residual
+        self.anchored = mode == "diffusion" and cfg.anchor == "direct"
+        self.residual_scale = float(cfg.residual_scale)
+        in_ch = (2 * cfg.lift_channels + (1 if mode == "diffusion" else 0) + (1 if self.conditional else 0)
+                 + (1 if self.anchored else 0))
         self.backbone = Backbone3D(
             in_channels=in_ch,
             size=cfg.size,
@@ -203,6 +208,7 @@ class StageNet(nn.Module):
         cond_aug: torch.Tensor | None = None,
         *,
         context: ViewContext | None = None,
+        anchor: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict v (diffusion) or x0 (direct), ``[B, 1, S, S, S]``.
 
@@ -215,6 +221,9 @@ class StageNet(nn.Module):
             cond_aug: stage k>1: the augmentation timesteps ``[B]`` used on ``cond``
                 (default 0 = clean).
             context: a precomputed :meth:`encode_views` result (skips the encoder).
+            anchor: an anchored stage (:attr:`anchored`): the direct twin's estimate
+                ``[B, 1, S, S, S]`` (network units); ``x_t`` and v then refer to the residual
+                ``(x0 − anchor) / residual_scale``.
         """
         if context is None:
             context = self.encode_views(frontal, lateral)
@@ -249,9 +258,49 @@ class StageNet(nn.Module):
             c = c + self.aug_embed(timestep_embedding(cond_aug, dim).to(dev, emb_dtype))  # type: ignore[misc]
         elif cond is not None:
             raise ValueError(f"{self.name} is the first stage: it takes no cond")
+        if self.anchored:
+            if anchor is None or tuple(anchor.shape) != (B, 1, self.size, self.size, self.size):
+                raise ValueError(f"{self.name} is anchored on its direct twin: pass anchor [B, 1, S, S, S], "
+                                 f"got {None if anchor is None else tuple(anchor.shape)}")
+            vols.append(anchor)
+        elif anchor is not None:
+            raise ValueError(f"{self.name} is not anchored: it takes no anchor")
         ckpt = self.backbone.grad_checkpointing and self.training
         h = run_maybe_checkpointed(self._fused_input, context.frontal, context.lateral, *vols, enabled=ckpt)
         return self.backbone.trunk(h, c)
+
+
+class AnchoredStage(nn.Module):
+    """An anchored (residual-diffusion) stage as one frozen model: the diffusion network and
+    the direct-regression twin it is anchored on (``cfg.anchor == "direct"``).
+
+    :func:`xct_core.cascade.sample_cascade` samples it as ``mu + residual_scale · r``: ``mu`` =
+    the twin's estimate (one pass), ``r`` = a DDIM sample of the residual network conditioned
+    on ``mu``. Static attributes (name, size, cfg, conditional …) are the diffusion network's.
+    """
+
+    def __init__(self, diffusion: StageNet, anchor: StageNet) -> None:
+        super().__init__()
+        if not getattr(diffusion, "anchored", False) or anchor.mode != "direct":
+            raise ValueError("AnchoredStage needs an anchored diffusion stage and a direct-mode twin")
+        if anchor.size != diffusion.size or anchor.prev_size != diffusion.prev_size:
+            raise ValueError(f"twin grid {anchor.size}³ does not match the stage's {diffusion.size}³")
+        self.diffusion = diffusion
+        self.anchor = anchor
+        self.mode: Mode = "diffusion"
+        self.anchored = True
+        self.name, self.size, self.cfg, self.prev_size = diffusion.name, diffusion.size, diffusion.cfg, diffusion.prev_size
+        self.residual_scale = diffusion.residual_scale
+
+    @property
+    def conditional(self) -> bool:
+        return self.diffusion.conditional
+
+    def encode_views(self, frontal: torch.Tensor, lateral: torch.Tensor) -> ViewContext:
+        return self.diffusion.encode_views(frontal, lateral)
+
+    def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - the diffusion net's forward
+        return self.diffusion(*args, **kwargs)
 
 
 def _as_image(x: torch.Tensor, what: str) -> torch.Tensor:
