@@ -53,3 +53,23 @@ def test_custom_and_unknown_windows() -> None:
         get_window("softtissue")
     with pytest.raises(ConfigError, match="lo < hi"):
         get_window([100, 100])
+
+
+def test_output_maps_are_monotone_invert_and_give_soft_tissue_more_of_the_range():
+    import torch
+
+    from xct_core.hu import OUTPUT_MAPS, HUMap
+
+    hu = np.linspace(-1024, 1024, 257)
+    for m in (*OUTPUT_MAPS.values(), HUMap.from_window(get_window("soft_tissue"))):
+        y = m.forward(hu)
+        assert np.all(np.diff(y) >= 0) and y.min() >= -1 and y.max() <= 1
+        inside = (hu >= m.lo) & (hu <= m.hi)
+        np.testing.assert_allclose(m.inverse(y)[inside], hu[inside], atol=1e-6)
+        np.testing.assert_allclose(m.forward(torch.from_numpy(hu)).numpy(), y, atol=1e-9)
+    soft = OUTPUT_MAPS["soft60"]
+    assert soft.lo == -1024 and soft.hi == 1024  # a CT: air, lung and bone are representable
+    assert soft.forward(np.array([-200.0, 200.0])).tolist() == [-0.6, 0.6]  # soft tissue: 60 % of [-1, 1]
+    assert soft.hu_per_unit(0.0) == pytest.approx(400 / 1.2) and soft.hu_per_unit(-600.0) == pytest.approx(824 / 0.4)
+    w = get_window("soft_tissue")
+    np.testing.assert_allclose(HUMap.from_window(w).forward(hu), w.forward(hu), atol=1e-7)

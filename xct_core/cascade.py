@@ -103,7 +103,9 @@ def sample_cascade(
             :class:`~xct_core.models.stage.AnchoredStage` returns its twin's estimate plus
             ``residual_scale`` times a sampled residual, the residual unclipped and the sum
             clipped). They are run frozen, in eval mode under ``torch.no_grad``; their previous
-            train/eval mode is restored after.
+            train/eval mode is restored after. With ``sampler.guidance`` every diffusion
+            stage's x0 predictions are pulled toward the input line integrals
+            (:mod:`xct_core.guidance`); direct stages stay one pass.
         frontal, lateral: line-integral X-rays ``[B, 1, H, W]``.
         sampler: schedule + DDIM settings (:meth:`xct_core.diffusion.Sampler.from_params`);
             its ``steps`` are one int for all stages or one per stage.
@@ -146,16 +148,19 @@ def sample_cascade(
                               _mu=mu) -> torch.Tensor:
                     return _m(x_t, t, frontal, lateral, _c, _a, context=_ctx, anchor=_mu).float()
 
+                x0_fn = sampler.guidance.for_stage(net, frontal, lateral, anchor=mu) if sampler.guidance else None
                 r = sampler.sample(predict_r, (B, 1, net.size, net.size, net.size), steps=step_list[k],
-                                   generator=generator, device=dev, clip=None)
+                                   generator=generator, device=dev, clip=None, x0_fn=x0_fn)
                 x0 = clip(mu + net.residual_scale * r)
             else:
 
                 def predict_v(x_t: torch.Tensor, t: torch.Tensor, _m=model, _c=cond, _a=cond_aug, _ctx=ctx) -> torch.Tensor:
                     return _m(x_t, t, frontal, lateral, _c, _a, context=_ctx).float()
 
+                x0_fn = sampler.guidance.for_stage(net, frontal, lateral) if sampler.guidance else None
                 x0 = sampler.sample(
-                    predict_v, (B, 1, net.size, net.size, net.size), steps=step_list[k], generator=generator, device=dev
+                    predict_v, (B, 1, net.size, net.size, net.size), steps=step_list[k], generator=generator,
+                    device=dev, x0_fn=x0_fn,
                 )
             outs.append(x0)
     finally:

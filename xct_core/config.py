@@ -27,7 +27,7 @@ from pydantic import model_validator as _model_validator
 
 from xct_core.errors import ConfigError
 from xct_core.grid import StageGrid, token_levels
-from xct_core.hu import HUMap, HUWindow, get_window
+from xct_core.hu import OUTPUT_MAPS, HUMap, HUWindow, get_window
 
 #: environment variable naming the params file (default: ./params.yaml)
 PARAMS_ENV = "XCT_PARAMS"
@@ -49,10 +49,12 @@ class HUMapParams(_Section):
 class HUParams(_Section):
     #: the evaluation/gate window: a name from xct_core.hu.WINDOWS or an explicit [lo, hi] in HU
     window: str | tuple[float, float] = "soft_tissue"
-    #: the units the stage networks predict in (xct_core.hu.HUMap): "window" = the window
-    #: above mapped linearly to [-1, 1] (HU outside it are clipped: the output is that window,
-    #: not a CT), or explicit {hu: [knots], unit: [knots]} (a monotone piecewise-linear map)
-    output: Literal["window"] | HUMapParams = "window"
+    #: the units the stage networks predict in (xct_core.hu.HUMap): a full-range map
+    #: (soft60: [-1024, 1024] HU with soft tissue given 60 % of [-1, 1] | wide: linear
+    #: [-1024, 1024]; xct_core.hu.OUTPUT_MAPS), "window" = the window above mapped linearly
+    #: to [-1, 1] (HU outside it are clipped: the output is that window, not a CT), or explicit
+    #: {hu: [knots], unit: [knots]} (a monotone piecewise-linear map)
+    output: Literal["window", "soft60", "wide"] | HUMapParams = "window"
     #: linear attenuation of water in 1/mm (≈0.02 at 60-70 keV)
     mu_water: float = Field(0.02, gt=0)
 
@@ -78,6 +80,8 @@ class HUParams(_Section):
         """The networks' HU ↔ unit map (datasets, physics loss, reconstruction)."""
         if self.output == "window":
             return HUMap.from_window(self.get_window())
+        if isinstance(self.output, str):
+            return OUTPUT_MAPS[self.output]
         return HUMap("custom", tuple(self.output.hu), tuple(self.output.unit))
 
 
@@ -287,6 +291,12 @@ class DiffusionParams(_Section):
     eta: float = Field(0.0, ge=0)
     #: clip the x0 prediction to [-1, 1] inside the sampler
     clip_x0: bool = True
+    #: DRR data consistency inside DDIM (xct_core/guidance.py): at every sampler step the x0
+    #: prediction takes `guidance_iters` SIRT steps of relaxation `guidance_weight` toward the
+    #: input line integrals (detector binned to the stage's resolution); 0 = off. Needs a
+    #: full-range hu.output (a window-clipped volume renders -200 HU air)
+    guidance_weight: float = Field(0.0, ge=0, lt=2)
+    guidance_iters: int = Field(1, ge=1, le=20)
 
     @_model_validator(mode="after")
     def _check(self) -> DiffusionParams:
@@ -859,6 +869,13 @@ class Params(_Section):
     s3: S3Params = S3Params()
     reconstruct: ReconstructParams = ReconstructParams()
     hpo: HPOParams = HPOParams()
+
+    @_model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        if self.diffusion.guidance_weight > 0 and self.hu.output == "window":
+            raise ValueError("diffusion.guidance_weight > 0 needs a full-range hu.output (soft60 | wide | knots): "
+                             "a window-clipped volume renders -200 HU air, so matching the X-rays would distort it")
+        return self
 
     @property
     def n_stages(self) -> int:

@@ -40,7 +40,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -309,13 +309,17 @@ def ddim_step(
     eta: float = 0.0,
     clip: tuple[float, float] | None = (-1.0, 1.0),
     generator: torch.Generator | None = None,
+    x0_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM update ``x_t → x_{t_prev}`` from a v prediction (Song et al. 2021, eq. 12).
 
     ``t_prev = -1`` means the final step to ``ā_prev = 1`` (returns the x0 prediction, plus
     no noise). x0 is predicted from v, clipped to ``clip`` (``None``: no clipping), and eps
     is recomputed from the clipped x0 so that ``x_t = sqrt(ā)·x0 + sqrt(1−ā)·eps`` holds
-    (diffusers ``use_clipped_model_output=True``)::
+    (diffusers ``use_clipped_model_output=True``). ``x0_fn(x0, t)`` (optional) then corrects
+    the x0 prediction — data consistency with the measured X-rays
+    (:class:`xct_core.guidance.DataConsistency`) — and eps is re-derived from the corrected
+    x0 the same way, so ``x_t = sqrt(ā)·x0 + sqrt(1−ā)·eps`` still holds::
 
         σ      = eta · sqrt((1−ā_prev)/(1−ā_t)) · sqrt(1 − ā_t/ā_prev)
         x_prev = sqrt(ā_prev)·x0 + sqrt(1 − ā_prev − σ²)·eps + σ·z,   z ~ N(0, I)
@@ -333,6 +337,12 @@ def ddim_step(
         # eps re-derived from the clipped x0: (x_t − sqrt(ā)·x0c)/sqrt(1−ā), written as a
         # correction of eps_from_v so it is exact where nothing was clipped (and at ā=0).
         eps = eps + (a_t.sqrt() / (1.0 - a_t).sqrt()) * (x0_raw - x0)
+    if x0_fn is not None:
+        x0_new = x0_fn(x0, int(t))
+        if clip is not None:
+            x0_new = x0_new.clamp(float(clip[0]), float(clip[1]))
+        eps = eps + (a_t.sqrt() / (1.0 - a_t).sqrt()) * (x0 - x0_new)
+        x0 = x0_new
     if eta > 0 and t_prev >= 0:
         sigma = eta * ((1.0 - a_prev) / (1.0 - a_t)).sqrt() * (1.0 - a_t / a_prev).clamp(min=0).sqrt()
     else:
@@ -359,6 +369,7 @@ def ddim_sample(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     spacing: Spacing = "trailing",
+    x0_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """DDIM sampler for a v-predicting model — THE sampler of the project.
 
@@ -377,6 +388,8 @@ def ddim_sample(
         device, dtype: of the sample (default device: ``x_T``'s, else CPU).
         progress: show a tqdm bar.
         spacing: ``"trailing"`` (default; first step at t = T−1) or ``"leading"``.
+        x0_fn: optional correction ``x0_fn(x0, t) -> x0`` of every step's x0 prediction
+            (:func:`ddim_step`; e.g. DRR data consistency). ``None``: plain DDIM.
 
     Returns:
         The x0 sample (``shape``, ``dtype``). With ``steps=1`` it is the (clipped) x0
@@ -405,7 +418,7 @@ def ddim_sample(
         v = predict_v(x, t_batch)
         if v.shape != x.shape:
             raise ValueError(f"predict_v returned shape {tuple(v.shape)}, expected {tuple(x.shape)}")
-        x, _ = ddim_step(x, v.to(x.dtype), t, t_prev, schedule, eta=eta, clip=clip, generator=generator)
+        x, _ = ddim_step(x, v.to(x.dtype), t, t_prev, schedule, eta=eta, clip=clip, generator=generator, x0_fn=x0_fn)
     return x
 
 
@@ -434,6 +447,8 @@ class Sampler:
     eta: float = 0.0
     clip: tuple[float, float] | None = (-1.0, 1.0)
     spacing: Spacing = "trailing"
+    #: DRR data consistency inside DDIM (:class:`xct_core.guidance.Guidance`; ``None``: off)
+    guidance: Any = None
 
     @classmethod
     def from_params(cls, params: Params, steps: int | None = None) -> Sampler:
@@ -445,12 +460,18 @@ class Sampler:
             from xct_core.errors import ConfigError
 
             raise ConfigError(f"DDIM steps must be in 1…{d.num_timesteps}, got {n}")
+        guidance = None
+        if d.guidance_weight > 0:
+            from xct_core.guidance import Guidance
+
+            guidance = Guidance.from_params(params)
         return cls(
             schedule=CosineSchedule.from_params(d),
             steps=n,
             eta=float(d.eta),
             clip=(-1.0, 1.0) if d.clip_x0 else None,
             spacing=d.timestep_spacing,
+            guidance=guidance,
         )
 
     def with_steps(self, steps: int | Sequence[int]) -> Sampler:
@@ -475,10 +496,13 @@ class Sampler:
         device: torch.device | str | None = None,
         progress: bool = False,
         clip: tuple[float, float] | None | str = "settings",
+        x0_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """:func:`ddim_sample` with these settings (``steps``: this stage's count; ``clip``
-        overrides the settings' x0 range, e.g. ``None`` for a residual that has no [-1, 1])."""
+        overrides the settings' x0 range, e.g. ``None`` for a residual that has no [-1, 1];
+        ``x0_fn``: this stage's x0 correction, built from :attr:`guidance`)."""
         return ddim_sample(
             predict_v, shape, schedule=self.schedule, steps=int(steps), eta=self.eta, generator=generator,
             clip=self.clip if clip == "settings" else clip, device=device, progress=progress, spacing=self.spacing,
+            x0_fn=x0_fn,
         )
