@@ -319,19 +319,37 @@ class EvalParams(_Section):
     #: HU range of the wide-range PSNR / MAE (both volumes clipped to it; data_range = hi - lo)
     hu_lo: float = -1024.0
     hu_hi: float = 1024.0
-    #: evaluation step (components/evaluate.py): DDIM steps of the cascade sampler on the
-    #: test split (null: diffusion.sample_steps); the noise seed is the top-level ``seed``
-    sample_steps: int | None = Field(None, ge=1)
+    #: DDIM steps of the cascade sampler in evaluation, reconstruction and serving (null:
+    #: diffusion.sample_steps); one number, or per stage {stage1: 50, stage2: 20} (stages
+    #: left out: diffusion.sample_steps). The noise seed is the top-level ``seed``
+    sample_steps: int | dict[str, int] | None = None
     #: diffusion samples per evaluated volume: the point estimate is their voxel-wise mean
-    #: (posterior mean); with K > 1 the single first sample is reported beside it (single_*)
-    samples: int = Field(1, ge=1, le=64)
+    #: (posterior mean); with K > 1 the single first sample is reported beside it (single_*).
+    #: One number, or per evaluated (last) stage {stage1: 8, stage2: 2} (left out: 1)
+    samples: int | dict[str, int] = 1
     #: exported stage models evaluated and registered: best.pt | final.pt
     model_file: Literal["best", "final"] = "best"
     #: evaluate the first N ids of the test split (0: all)
     max_volumes: int = Field(0, ge=0)
 
+    def samples_for(self, stage: str) -> int:
+        """Diffusion samples when stage ``stage`` (a name) is the last evaluated stage."""
+        return int(self.samples) if isinstance(self.samples, int) else int(self.samples.get(stage, 1))
+
+    def steps_for(self, stage: str) -> int | None:
+        """DDIM steps of stage ``stage`` (a name); None: diffusion.sample_steps."""
+        if self.sample_steps is None or isinstance(self.sample_steps, int):
+            return self.sample_steps
+        return self.sample_steps.get(stage)
+
     @_model_validator(mode="after")
     def _check(self) -> EvalParams:
+        for what, v in (("sample_steps", self.sample_steps), ("samples", self.samples)):
+            vals = list(v.values()) if isinstance(v, dict) else ([] if v is None else [v])
+            if any(int(x) < 1 for x in vals) or (what == "samples" and any(int(x) > 64 for x in vals)):
+                raise ValueError(f"{what} must be in 1…{64 if what == 'samples' else 'num_timesteps'}, got {v}")
+            if isinstance(v, dict) and not all(str(k).startswith("stage") for k in v):
+                raise ValueError(f"{what}: per-stage keys are stage names (stage1, stage2, …), got {sorted(v)}")
         if self.ssim_win % 2 == 0:
             raise ValueError(f"ssim_win must be odd, got {self.ssim_win}")
         if self.hu_hi <= self.hu_lo:

@@ -453,13 +453,16 @@ class Sampler:
     @classmethod
     def from_params(cls, params: Params, steps: int | None = None) -> Sampler:
         """The project's sampler from params. THE steps rule: ``steps`` (a command-line or
-        validation override) or ``eval.sample_steps`` or ``diffusion.sample_steps``."""
+        validation override, every stage) or ``eval.sample_steps`` (one number or per stage)
+        or ``diffusion.sample_steps``."""
         d = params.diffusion
-        n = int(steps or params.eval.sample_steps or d.sample_steps)
-        if not 1 <= n <= d.num_timesteps:
+        per = [int(steps or params.eval.steps_for(name) or d.sample_steps) for name in params.stages]
+        bad = [s for s in per if not 1 <= s <= d.num_timesteps]
+        if bad:
             from xct_core.errors import ConfigError
 
-            raise ConfigError(f"DDIM steps must be in 1…{d.num_timesteps}, got {n}")
+            raise ConfigError(f"DDIM steps must be in 1…{d.num_timesteps}, got {bad[0]}")
+        n: int | tuple[int, ...] = per[0] if len(set(per)) == 1 else tuple(per)
         guidance = None
         if d.guidance_weight > 0:
             from xct_core.guidance import Guidance

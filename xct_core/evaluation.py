@@ -429,7 +429,7 @@ def evaluate_stage(
     direct = load_stage(direct_path, params, k, dev) if direct_path.is_file() else None
     sampler = Sampler.from_params(params, steps)
     base_hu = mean_volume_baseline(root, k, "train")
-    samples = int(params.eval.samples)
+    samples = params.eval.samples_for(st.name)
 
     rows: list[dict[str, Any]] = []
     montage: dict[str, np.ndarray] = {}
