@@ -404,3 +404,15 @@ def test_params_section():
         params_from_dict({"diffusion": {"zero_terminal_snr": True, "timestep_spacing": "leading"}})
     with pytest.raises(ConfigError):
         params_from_dict({"diffusion": {"num_timesteps": 10, "sample_steps": 20}})
+
+
+def test_randn_with_one_generator_per_row_draws_what_each_row_would_alone():
+    """Batched samples keep their seeds: row i of a batch draw equals a draw of generator i alone."""
+    shape = (3, 1, 4, 4, 4)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    batch = D.randn(shape, gens, "cpu", torch.float32)
+    for i, s in enumerate((5, 6, 7)):
+        alone = D.randn(shape[1:], torch.Generator().manual_seed(s), "cpu", torch.float32)
+        assert torch.equal(batch[i], alone)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        D.randn(shape, gens[:2], "cpu", torch.float32)

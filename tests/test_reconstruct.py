@@ -124,8 +124,15 @@ def test_samples_mean_and_std_equal_single_runs(env: dict[str, Any], tmp_path: P
     f = np.load(env["xr"] / "frontal.npy")
     lat = np.load(env["xr"] / "lateral.npy")
     singles = np.stack([reconstruct(nets, p, f, lat, samples=1, seed=s).mean_hu for s in (5, 6, 7)])
-    rec = reconstruct(nets, p, f, lat, samples=3, seed=5)
+    p1 = p.model_copy(update={"reconstruct": p.reconstruct.model_copy(update={"sample_batch": 1})})
+    rec = reconstruct(nets, p1, f, lat, samples=3, seed=5)  # one sample at a time
     np.testing.assert_allclose(rec.mean_hu, singles.mean(0), atol=1e-3)
+    # batched (the default: all three in one batch, each row with its own seed's generator):
+    # the same samples up to float32 rounding of batched convolutions
+    assert p.reconstruct.sample_batch >= 3
+    batched = reconstruct(nets, p, f, lat, samples=3, seed=5)
+    np.testing.assert_allclose(batched.mean_hu, singles.mean(0), atol=2e-2)
+    np.testing.assert_allclose(batched.std_hu, singles.std(0, ddof=1), atol=2e-2)
     np.testing.assert_allclose(rec.std_hu, singles.std(0, ddof=1), atol=1e-3)
     mean = np.asarray(nib.load(str(out)).dataobj, dtype=np.float32)
     np.testing.assert_allclose(mean, singles.mean(0), atol=0.51)  # int16 rounding

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xct_core.diffusion import CosineSchedule, Sampler, q_sample
+from xct_core.diffusion import CosineSchedule, Sampler, q_sample, randn
 from xct_core.models.stage import AnchoredStage, StageNet, unwrap
 
 __all__ = [
@@ -79,8 +79,7 @@ def augment_condition(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``q_sample(cond, t_aug, noise)`` with noise drawn from ``generator`` (on its device)."""
-    gen_dev = generator.device if generator is not None else cond.device
-    noise = torch.randn(cond.shape, generator=generator, device=gen_dev, dtype=cond.dtype).to(cond.device)
+    noise = randn(cond.shape, generator, cond.device, cond.dtype)
     return q_sample(cond, t_aug.to(cond.device), noise, schedule)
 
 
@@ -109,7 +108,8 @@ def sample_cascade(
         frontal, lateral: line-integral X-rays ``[B, 1, H, W]``.
         sampler: schedule + DDIM settings (:meth:`xct_core.diffusion.Sampler.from_params`);
             its ``steps`` are one int for all stages or one per stage.
-        generator: drives all noise (initial x_T, eta noise, condition augmentation).
+        generator: drives all noise (initial x_T, eta noise, condition augmentation); a
+            sequence of generators, one per batch row, gives each row its own stream.
         upto: run stages ``1 … upto`` only (default: all).
 
     Returns:

@@ -685,6 +685,9 @@ class ReconstructParams(_Section):
 
     #: diffusion samples per reconstruction (K > 1 also writes the voxel-wise std)
     samples: int = Field(1, ge=1, le=64)
+    #: samples run together as one batch (each keeps its own seed; memory grows with it:
+    #: 1 for the largest grids on a small GPU)
+    sample_batch: int = Field(8, ge=1, le=64)
     #: reprojection QA: warn when a view's PSNR (DRR of the output vs the input line
     #: integrals, data_range = input max - min) or 2D SSIM falls below these
     qa_min_psnr_db: float = 20.0

@@ -61,6 +61,7 @@ __all__ = [
     "ddim_timesteps",
     "ddim_step",
     "ddim_sample",
+    "randn",
     "Sampler",
 ]
 
@@ -220,16 +221,32 @@ def snr(t: torch.Tensor, schedule: CosineSchedule) -> torch.Tensor:
     return (a / (1.0 - a)).to(torch.float32)
 
 
-def _randn(
+#: a generator, or one generator per batch row (batched samples that each keep their own seed)
+Generators = "torch.Generator | Sequence[torch.Generator] | None"
+
+
+def randn(
     shape: tuple[int, ...] | torch.Size,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
     device: torch.device | str | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Standard normal noise drawn on the generator's device (so a CPU generator gives the
-    same numbers whatever ``device`` is), then moved to ``device``."""
+    same numbers whatever ``device`` is), then moved to ``device``.
+
+    ``generator`` may be a sequence of generators, one per batch row (``shape[0]``): row ``i``
+    is drawn from generator ``i`` alone, so a batch of samples draws exactly the numbers the
+    samples would draw one at a time (batched sampling keeps every sample's seed)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.stack(rows).to(device)
     gen_device = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+_randn = randn
 
 
 def sample_timesteps(

@@ -16,7 +16,9 @@ window's ends).
 Sampling
 --------
 Sample ``i`` (0-based) of ``K`` draws all its noise from a ``torch.Generator`` seeded with
-:func:`xct_core.seeding.sample_seed` ``(seed, i)`` and runs the shared sampler
+:func:`xct_core.seeding.sample_seed` ``(seed, i)`` — also when up to
+``reconstruct.sample_batch`` samples run as one batch (each row draws from its own
+generator, so batching changes no sample) — and runs the shared sampler
 (:func:`xct_core.cascade.sample_cascade` with one :class:`xct_core.diffusion.Sampler`:
 steps, ``diffusion.eta``, ``clip_x0``, ``timestep_spacing``), so ``K = 1`` with seed ``s``
 gives exactly what the registered pyfunc predicts for seed ``s``. The output is the
@@ -141,24 +143,28 @@ def reconstruct(
     m2: np.ndarray | None = None
     prev: np.ndarray | None = None
     first: np.ndarray | None = None
-    seeds = []
-    for i in range(samples):
-        s = sample_seed(base, i)
-        seeds.append(s)
-        gen = torch.Generator(device=dev).manual_seed(s)
-        outs = sample_cascade(list(stages[:n]), f, lat, sampler=sampler, generator=gen)
-        hu = net_map.inverse(outs[-1][0, 0].float().cpu().numpy().astype(np.float64))
-        if i == 0:
-            first = hu.astype(np.float32)
-            if len(outs) > 1:
-                prev = net_map.inverse(outs[-2][0, 0].float().cpu().numpy()).astype(np.float32)
-        if mean is None:
-            mean, m2 = hu.copy(), np.zeros_like(hu)
-        else:  # Welford
-            delta = hu - mean
-            mean += delta / (i + 1)
-            m2 += delta * (hu - mean)
-        say(f"sample {i + 1}/{samples} (seed {s}, {n_steps} DDIM steps, stages 1-{n})")
+    seeds = [sample_seed(base, i) for i in range(samples)]
+    chunk = max(1, int(params.reconstruct.sample_batch))
+    for lo in range(0, samples, chunk):  # samples in batches, each row with its own seed's generator
+        batch = seeds[lo : lo + chunk]
+        gens = [torch.Generator(device=dev).manual_seed(s) for s in batch]
+        fb, lb = f.expand(len(batch), -1, -1, -1), lat.expand(len(batch), -1, -1, -1)
+        outs = sample_cascade(list(stages[:n]), fb, lb, sampler=sampler, generator=gens)
+        for j, s in enumerate(batch):
+            i = lo + j
+            hu = net_map.inverse(outs[-1][j, 0].float().cpu().numpy().astype(np.float64))
+            if i == 0:
+                first = hu.astype(np.float32)
+                if len(outs) > 1:
+                    prev = net_map.inverse(outs[-2][0, 0].float().cpu().numpy()).astype(np.float32)
+            if mean is None:
+                mean, m2 = hu.copy(), np.zeros_like(hu)
+            else:  # Welford
+                delta = hu - mean
+                mean += delta / (i + 1)
+                m2 += delta * (hu - mean)
+        say(f"samples {lo + 1}-{lo + len(batch)}/{samples} (seeds {batch[0]}…{batch[-1]}, {n_steps} DDIM steps, "
+            f"stages 1-{n})")
     assert mean is not None and m2 is not None
     std = np.sqrt(np.maximum(m2 / (samples - 1), 0.0)).astype(np.float32) if samples > 1 else None
     size = int(mean.shape[0])
