@@ -339,7 +339,7 @@ def scan_raw(raw_dir: str | Path, params: Params | None = None) -> list[dict[str
     sources, _ignored = discover(raw_dir)
     if not sources:
         raise InputError(raw_dir, "no CT volumes found (expected .nii/.nii.gz files or DICOM series folders)")
-    rows = [measure(s, params.data.ct, params.ingest)[0] for s in sources]
+    rows = [measure(s, params.data.ct, params.ingest, limits=params.limits)[0] for s in sources]
     mark_duplicates(rows)
     return rows
 

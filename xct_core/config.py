@@ -694,6 +694,34 @@ class ReconstructParams(_Section):
     min_intensity_fraction: float = Field(1e-4, gt=0, lt=1)
 
 
+# --- hostile and broken inputs (owner: xct_core/limits.py; every reader, xct_core/qa.py) ---
+
+
+class LimitsParams(_Section):
+    """What an input may claim and hold, checked BEFORE its data is read (xct_core/limits.py).
+
+    A header's claimed size is checked against these limits (and, for a compressed file,
+    against the file's size) before anything is allocated, so a 90-byte file cannot make a
+    reader allocate gigabytes. X-ray inputs must be plausible line integrals; a
+    reconstruction that is not finite or has no dynamic range is an error, never an output.
+    """
+
+    #: most voxels a CT may claim: NIfTI (every axis), DICOM series (rows x cols x slices).
+    #: 2**29 = 512 x 512 x 2048 slices (2 GiB as float32 in memory)
+    max_ct_voxels: int = Field(2**29, ge=8)
+    #: most pixels an X-ray input may claim (.npy, PNG, DICOM radiograph): 2**26 = 8192 x 8192
+    max_xray_pixels: int = Field(2**26, ge=4)
+    #: .nii.gz: (claimed voxel bytes) / (file size) above this is a truncated or forged
+    #: header. 1032 is the most deflate can expand, so no real file exceeds it
+    max_compression_ratio: float = Field(1032.0, ge=1)
+    #: X-ray inputs are line integrals p = ∫mu dl with 0 <= p <= this. Water is 0.02/mm, so
+    #: 400 mm of soft tissue give 8 and a lateral chest with bone ~10; metal can add tens.
+    #: 50 means I/I0 = e^-50 ~ 2e-22, far beyond any detector (a 16-bit one ends near 11)
+    max_line_integral: float = Field(50.0, gt=0)
+    #: a reconstruction whose max - min is below this (HU) is degenerate (a constant volume)
+    min_dynamic_range_hu: float = Field(1.0, ge=0)
+
+
 # --- hyperparameter search (owner: xct_core/hpo.py, components/hpo.py, `xct hpo`) ---------
 
 
@@ -886,6 +914,7 @@ class Params(_Section):
     pipeline: PipelineParams = PipelineParams()
     s3: S3Params = S3Params()
     reconstruct: ReconstructParams = ReconstructParams()
+    limits: LimitsParams = LimitsParams()
     hpo: HPOParams = HPOParams()
 
     @_model_validator(mode="after")

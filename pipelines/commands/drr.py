@@ -110,7 +110,7 @@ def drr(
     dp = _drr_params(p.drr, {"geometry": geometry, "pixels": pixels, "pixel_mm": pixel_mm, "sdd": sdd, "sod": sod})
     meth = method or dp.method
     geom = ProjectionGeometry.from_params(dp, view)  # type: ignore[arg-type]
-    vol = load_ct(ct, p.data.ct)
+    vol = load_ct(ct, p.data.ct, limits=p.limits)
     placed = geom.place(vol.affine, vol.shape)
     used = "reference" if meth == "reference" or not joseph_applies(vol.affine, placed, vol.shape) else "joseph"
     if meth == "joseph" and used != "joseph":

@@ -247,7 +247,7 @@ def evaluate_cmd(
 
     local = resolve_params(params)
     k = int(samples if samples is not None else local.reconstruct.samples)
-    cts = {vid: load_ct(p, local.data.ct) for vid, p in _list_cts(ct).items()}
+    cts = {vid: load_ct(p, local.data.ct, limits=local.limits) for vid, p in _list_cts(ct).items()}
     with tempfile.TemporaryDirectory(prefix="xct-model-") as tmp:
         resolved, mp = _model(model, local, tmp)
         _check_options(k, steps, stages, resolved.n_stages)
