@@ -40,6 +40,7 @@ from torch import nn
 from xct_core.config import Params
 from xct_core.diffusion import Sampler
 from xct_core.errors import ConfigError, InputError
+from xct_core.qa import check_reconstruction
 from xct_core.seeding import sample_seed
 
 __all__ = ["Reconstruction", "load_stage", "load_stages", "output_affine", "reconstruct"]
@@ -148,6 +149,7 @@ def reconstruct(
         gen = torch.Generator(device=dev).manual_seed(s)
         outs = sample_cascade(list(stages[:n]), f, lat, sampler=sampler, generator=gen)
         hu = net_map.inverse(outs[-1][0, 0].float().cpu().numpy().astype(np.float64))
+        check_reconstruction(hu, stages[n - 1], params)  # never a NaN/constant CT (xct_core/qa.py)
         if i == 0:
             first = hu.astype(np.float32)
             if len(outs) > 1:
