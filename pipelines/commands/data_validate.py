@@ -5,7 +5,9 @@ written) or an ingest output folder (it has ``stats.json``; the table is validat
 canonical volume files are checked against their checksums).
 
 Contract (scripts rely on it): exit 0 when every volume passes; exit 1 otherwise, with one
-line per failing file on stdout, ``<path>: <reason>; <reason>``; a summary goes to stderr.
+line per failing file on stdout, ``<path>: <reason>; <reason>``; a summary goes to stderr,
+after one ``xct: note: <path>: ignored (…)`` line per file that is neither a NIfTI file nor
+part of a DICOM series (named, not validated; it does not change the exit status).
 Unusable input (no such folder, no CT in it, bad params) exits 2 with one line, via the CLI
 root. ``--report OUT.json`` also writes the full report there and ``OUT.html`` beside it.
 The ``validation.policy`` of params does not change this command's exit status: it is a
@@ -47,6 +49,9 @@ def register(app: typer.Typer) -> None:
             write_report(rep, report, html_path_for(report))
         for line in rep.failure_lines():
             typer.echo(line)
+        for line in rep.ignored_lines():
+            print(f"xct: note: {line}", file=sys.stderr)
         n, bad = len(rep.volumes), len(rep.failed)
-        print(f"{n - bad} of {n} volumes passed validation" + (f"; {bad} failed" if bad else ""), file=sys.stderr)
+        ign = f"; {len(rep.ignored)} other file(s) ignored" if rep.ignored else ""
+        print(f"{n - bad} of {n} volumes passed validation" + (f"; {bad} failed" if bad else "") + ign, file=sys.stderr)
         raise typer.Exit(0 if rep.success else 1)
