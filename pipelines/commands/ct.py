@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
+from xct_core.atomic import check_writable
 from xct_core.config import Params, default_params_path, load_params
 from xct_core.errors import InputError
 from xct_core.io import CTVolume, load_ct, orientation_codes, save_ct
@@ -102,6 +103,7 @@ def convert(
     """Convert a DICOM series or NIfTI to a canonical RAS+ int16 HU NIfTI (written atomically)."""
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise InputError(out, "output must be a NIfTI file ending in .nii or .nii.gz")
+    check_writable(out)
     vol = _load(src, params)
     save_ct(out, vol)
     sp = " x ".join(f"{s:.4g}" for s in vol.spacing)

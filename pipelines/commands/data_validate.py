@@ -43,7 +43,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Validate every CT in DIR; print each failing file with its reason; exit 1 if any fails."""
         from components.validate import html_path_for, validate_dir, write_report
+        from xct_core.atomic import check_writable
 
+        if report is not None:  # before the suite runs
+            check_writable(report)
+            check_writable(html_path_for(report))
         rep = validate_dir(directory, resolve_params(params))
         if report is not None:
             write_report(rep, report, html_path_for(report))

@@ -140,7 +140,7 @@ def reconstruct_cmd(
     model's training geometry. Image convention: row 0 superior; frontal shows the patient's
     right on the left columns, lateral shows anterior on the left columns.
     """
-    from xct_core.atomic import write_text_atomic
+    from xct_core.atomic import check_writable, write_text_atomic
     from xct_core.inference import load_stages, reconstruct
     from xct_core.io import save_nifti
     from xct_core.jsondoc import json_text
@@ -152,6 +152,8 @@ def reconstruct_cmd(
         raise ConfigError(f"--report must name an .html file, got {str(report)!r}")
     local = resolve_params(params)
     k = int(samples if samples is not None else local.reconstruct.samples)
+    for target in (paths["mean"], paths["qa"], *([paths["std"]] if k > 1 else []), *([report] if report else [])):
+        check_writable(target)  # before the model is loaded and sampled
     with tempfile.TemporaryDirectory(prefix="xct-model-") as tmp:
         resolved, mp = _model(model, local, tmp)
         _check_options(k, steps, stages, resolved.n_stages)
@@ -264,7 +266,7 @@ def evaluate_cmd(
     device: Annotated[str, typer.Option("--device", help="torch device")] = "cpu",
 ) -> None:
     """Evaluate the model on your CTs: render X-rays as in training, reconstruct, measure."""
-    from xct_core.atomic import write_text_atomic
+    from xct_core.atomic import check_writable, write_text_atomic
     from xct_core.evaluation import EvalProtocol, evaluate_cts, rows_csv
     from xct_core.inference import load_stage, load_stages
     from xct_core.io import save_nifti
@@ -273,6 +275,7 @@ def evaluate_cmd(
 
     local = resolve_params(params)
     k = int(samples if samples is not None else local.reconstruct.samples)
+    check_writable(out / "metrics.json")  # before any CT is loaded or reconstructed
     cts, bad = _load_cts(ct, local)
     if not cts:
         for _p, line in bad:
