@@ -272,7 +272,8 @@ def torch_load_problem(e: BaseException, path: str | Path) -> str:
         m = _UNSAFE_GLOBAL.search(msg)
         if m or "weights only" in msg.lower():
             if m is None and (w := _WO_REASON.search(msg)):  # a corrupt pickle, not a forbidden object
-                return f"corrupt pickle data ({w.group(1).strip()[:200]})"
+                why = w.group(1).strip()[:200]
+                return f"not a PyTorch weights file or truncated: corrupt pickle data{' (' + why + ')' if why else ''}"
             what = f" ({m.group(1)})" if m else ""
             return (f"it holds pickled Python objects{what}; xct loads weights only (tensors, numbers, strings) "
                     "and refuses pickled code")
