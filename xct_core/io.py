@@ -18,7 +18,7 @@ Entry points
 
 Size limits (``params.yaml → limits``, :class:`~xct_core.config.LimitsParams`)
 -------------------------------------------------------------------------------
-Checked from the header BEFORE any voxel is read (:mod:`xct_core.limits`): the claimed voxel
+Checked from the header BEFORE any voxel is read (:class:`~xct_core.config.LimitsParams`): the claimed voxel
 count (NIfTI: every axis; DICOM: rows × columns × slices) against ``max_ct_voxels``; a
 ``.nii.gz`` whose claimed voxel bytes exceed ``max_compression_ratio`` × its file size, or a
 ``.nii`` shorter than its claim, is a truncated or forged file.
@@ -68,7 +68,6 @@ from xct_core.atomic import atomic_path, writable
 from xct_core.config import CTCheckParams, LimitsParams
 from xct_core.errors import InputError
 from xct_core.grid import _spacing3, grid_affine  # noqa: F401  (grid_affine re-exported)
-from xct_core.limits import check_count, check_payload
 
 #: SOP Class UID of (single-frame) CT Image Storage
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -263,7 +262,7 @@ def check_nifti_claim(path: str | Path, img: nib.Nifti1Image, limits: LimitsPara
     limits = limits if limits is not None else LimitsParams()
     path = Path(path)
     shape = tuple(int(s) for s in img.shape)
-    n = check_count(path, shape, limits.max_ct_voxels, "voxels", "max_ct_voxels")
+    n = limits.check_claim(path, shape, "max_ct_voxels")
     try:
         itemsize = int(img.get_data_dtype().itemsize)
         offset = int(getattr(img.dataobj, "offset", 0) or 0)  # where nibabel will read the voxels
@@ -274,8 +273,7 @@ def check_nifti_claim(path: str | Path, img: nib.Nifti1Image, limits: LimitsPara
     except OSError as e:
         raise InputError(path, f"cannot read ({e.strerror or e})") from None
     gz = path.name.lower().endswith(".gz")
-    check_payload(path, n * itemsize, size, compressed=gz, max_ratio=limits.max_compression_ratio,
-                  offset=0 if gz else offset)
+    limits.check_payload(path, n * itemsize, size, compressed=gz, offset=0 if gz else offset)
 
 
 def _load_nifti(path: Path, checks: CTCheckParams, limits: LimitsParams) -> CTVolume:
@@ -380,7 +378,7 @@ def _read_slice(path: Path, ds: pydicom.Dataset, limits: LimitsParams) -> _Slice
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if not rows or not cols:
         raise InputError(path, "missing Rows/Columns")
-    check_count(path, (int(rows), int(cols)), limits.max_ct_voxels, "pixels", "max_ct_voxels")
+    limits.check_claim(path, (int(rows), int(cols)), "max_ct_voxels", "pixels")
     return _Slice(
         path=path,
         ds=ds,
@@ -543,7 +541,7 @@ def _load_dicom(path: Path, checks: CTCheckParams, limits: LimitsParams) -> CTVo
 
     rescale_type = str(ref.ds.get("RescaleType", "") or "")
     # rows x columns x slices, from the headers, before the volume is allocated
-    check_count(where, (ref.cols, ref.rows, n), limits.max_ct_voxels, "voxels", "max_ct_voxels")
+    limits.check_claim(where, (ref.cols, ref.rows, n), "max_ct_voxels")
     vol = np.empty((ref.cols, ref.rows, n), dtype=np.float32)
     rescale: set[tuple[float, float]] = set()
     for k, s in enumerate(slices):

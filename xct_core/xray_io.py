@@ -20,7 +20,7 @@ shows the patient's right on the left columns, lateral shows anterior on the lef
   NM, US — e.g. a CT slice) is rejected.
 
 Hostile and broken inputs (``params.yaml → limits``, :class:`~xct_core.config.LimitsParams`)
-* Sizes are judged from the header BEFORE any pixel is read (:mod:`xct_core.limits`): the
+* Sizes are judged from the header BEFORE any pixel is read (:class:`~xct_core.config.LimitsParams`): the
   ``.npy`` header's shape, the PNG's IHDR size (PIL's decompression-bomb guard surfaces as
   the same one-line error), the DICOM Rows × Columns — against ``limits.max_xray_pixels`` and
   then against the model's ``drr.pixels``; a ``.npy`` shorter than its header's claim is
@@ -53,7 +53,6 @@ from xct_core.config import Params
 from xct_core.errors import ConfigError, InputError
 from xct_core.geometry import VIEW_AXES, VIEWS, PlacedGeometry, ProjectionGeometry
 from xct_core.grid import grid_affine
-from xct_core.limits import check_count, check_payload
 
 __all__ = ["LINE_INTEGRAL_ATOL", "XrayInput", "check_line_integrals", "input_geometries", "load_xray"]
 
@@ -94,7 +93,7 @@ def _check_shape(path: object, shape: tuple[int, ...], params: Params) -> None:
     """A claimed or actual image shape: within ``limits.max_xray_pixels``, then 2D (or
     ``[1, P, P]``) and the model's detector ``drr.pixels`` square."""
     shape = tuple(int(s) for s in shape)
-    check_count(path, shape, params.limits.max_xray_pixels, "pixels", "max_xray_pixels")
+    params.limits.check_claim(path, shape, "max_xray_pixels", "pixels")
     dims = shape[1:] if len(shape) == 3 and shape[0] == 1 else shape
     if len(dims) != 2:
         raise InputError(path, f"expected a 2D X-ray image, got shape {shape}")
@@ -190,7 +189,7 @@ def _load_npy(path: Path, view: str, params: Params) -> XrayInput:
     quantity = meta.get("quantity", "line_integral")
     if quantity not in ("line_integral", "intensity"):
         raise InputError(jpath, f"unknown quantity {quantity!r} (line_integral | intensity)")
-    shape, dtype = _npy_header(path, params)
+    _shape, dtype = _npy_header(path, params)
     if dtype.kind != "f":
         raise InputError(path, f"a DRR is a floating-point image (xct drr writes float32), this .npy holds {dtype}")
     try:
@@ -229,9 +228,9 @@ def _npy_header(path: Path, params: Params) -> tuple[tuple[int, ...], np.dtype]:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
             elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
             else:
                 raise InputError(path, f"unsupported .npy format version {version[0]}.{version[1]}")
             offset = f.tell()
@@ -242,8 +241,8 @@ def _npy_header(path: Path, params: Params) -> tuple[tuple[int, ...], np.dtype]:
     if dtype.hasobject or dtype.fields is not None:
         raise InputError(path, f"not a numeric image (dtype {dtype})")
     _check_shape(path, shape, params)
-    check_payload(path, int(np.prod(shape, dtype=object)) * dtype.itemsize, size, compressed=False,
-                  max_ratio=1.0, offset=offset)
+    params.limits.check_payload(path, int(np.prod(shape, dtype=object)) * dtype.itemsize, size, compressed=False,
+                                offset=offset)
     return tuple(int(s) for s in shape), dtype
 
 
@@ -312,7 +311,7 @@ def _load_dicom(path: Path, params: Params) -> tuple[np.ndarray, list[str]]:
         raise InputError(path, "unreadable Rows/Columns/NumberOfFrames/SamplesPerPixel") from None
     if "PixelData" not in ds:
         raise InputError(path, "DICOM file without pixel data")
-    check_count(path, claim, params.limits.max_xray_pixels, "pixels", "max_xray_pixels")
+    params.limits.check_claim(path, claim, "max_xray_pixels", "pixels")
     if claim[0] != 1 or claim[3] != 1:
         raise InputError(path, f"expected one grayscale frame, the header claims {claim[0]} frame(s) of "
                                f"{claim[3]} sample(s) per pixel")
