@@ -135,7 +135,7 @@ def run_ingest(
             row = {c: prev.get(c) for c in STATS_COLUMNS}  # type: ignore[union-attr]
             reused += 1
         else:
-            row, vol = measure(src, params.data.ct, params.ingest, sha256=sha)
+            row, vol = measure(src, params.data.ct, params.ingest, sha256=sha, limits=params.limits)
             if vol is not None:
                 target = vol_dir / f"{src.id}.nii.gz"
                 save_ct(target, vol)

@@ -141,6 +141,11 @@ def _download(uri: str, dst: Path, tracking_uri: str | None) -> Path:
     from components.tracking import tracking_uri as default_uri
 
     t = tracking_uri or default_uri()
+    from components.tracking import store_exists
+
+    if not store_exists(t):  # opening it would create an empty store: a read must not
+        raise InputError(None, f"model URI {uri!r} does not resolve at {t} (no tracking store there yet: "
+                               "nothing is registered)")
     # MLflow/alembic log INFO lines on stderr when they create a store: keep errors one line
     quiet = [logging.getLogger(n) for n in ("mlflow", "alembic")]
     levels = [q.level for q in quiet]

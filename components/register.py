@@ -266,7 +266,14 @@ def register_cascade(
 
 
 def list_versions(params: Params, tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """Every version of ``registry.model_name``, newest first: version, aliases, key metrics."""
+    """Every version of ``registry.model_name``, newest first: version, aliases, key metrics.
+
+    A tracking store that does not exist yet has no versions, and is not created (read-only)."""
+    from components.tracking import store_exists
+    from components.tracking import tracking_uri as default_uri
+
+    if not store_exists(tracking_uri or default_uri()):
+        return []
     client = _client(tracking_uri)
     from mlflow.exceptions import MlflowException
 
@@ -295,7 +302,13 @@ def promote(version: str, alias: str, params: Params, tracking_uri: str | None =
     """Point ``alias`` at ``version`` (idempotent); :class:`InputError` for an unknown version."""
     from mlflow.exceptions import MlflowException
 
+    from components.tracking import store_exists
+    from components.tracking import tracking_uri as default_uri
+
     name = params.registry.model_name
+    uri = tracking_uri or default_uri()
+    if not store_exists(uri):
+        raise InputError(None, f"no model registry at {uri} yet: nothing is registered (see `xct models list`)")
     client = _client(tracking_uri)
     try:
         client.get_model_version(name, str(version))

@@ -5,6 +5,13 @@ Semantics
   (keys are POSIX relative paths; ``s3://b`` or ``s3://b/`` is the bucket root). Pulling a
   URL that names a single object (no keys below ``prefix/``) writes ``DIR/<basename>``.
   Nothing is ever deleted on either side (copy, not mirror).
+- Symlinks: a transfer stays inside its folder. ``pull`` REFUSES (one-line error, before any
+  object is transferred) when a path it would write passes through a symlink inside the
+  destination folder (a sub-folder linked elsewhere, or a file that is a link): it never
+  writes through one. ``push`` SKIPS symlinks below the source folder (files and folders;
+  never followed, never uploaded) and names each one: ``TransferReport.symlinks_skipped``,
+  the summary line, and one ``xct: warning`` line per link from ``xct data push``. The
+  folder given on the command line may itself be a symlink.
 - Checksums: push stores the SHA-256 of every file as object metadata ``x-amz-meta-sha256``
   and re-reads it (HEAD) after the upload, together with the size and, for single-part
   objects, the ETag (= MD5 of the stored bytes). Pull hashes the stream while writing a
@@ -247,6 +254,8 @@ class TransferReport:
     unverified: list[str] = field(default_factory=list)
     #: stale temporary files of an earlier killed pull that were removed
     stale_removed: int = 0
+    #: push: symlinks below the source folder that were skipped (relative POSIX paths)
+    symlinks_skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -258,6 +267,8 @@ class TransferReport:
         )
         if self.unverified:
             s += f"; {len(self.unverified)} without a checksum (size-checked only)"
+        if self.symlinks_skipped:
+            s += f"; {len(self.symlinks_skipped)} symlink(s) skipped, not followed"
         return s
 
 
@@ -515,6 +526,8 @@ def pull(
     objs = _list_objects(client, src, retrier)
     if not objs:
         raise InputError(str(src), "no objects under this prefix")
+    for obj in objs:  # before anything is written: never through a symlink inside dest
+        _refuse_symlink(dest, obj.rel, src.child(obj.key))
     created: list[Path] = []
     try:
         for d in [dest, *sorted({(dest / o.rel).parent for o in objs}, key=lambda p: len(p.parts))]:
@@ -560,6 +573,22 @@ def pull(
     return report
 
 
+def _refuse_symlink(dest: Path, rel: str, what: str) -> None:
+    """:class:`InputError` when ``dest/rel`` (or a folder on the way below ``dest``) is a symlink."""
+    p = dest
+    for part in rel.split("/"):
+        p = p / part
+        if p.is_symlink():
+            try:
+                to = os.readlink(p)
+            except OSError:
+                to = "?"
+            raise InputError(p, f"is a symlink (to {to}) inside the destination folder; xct data pull never writes "
+                                f"through symlinks ({what} would land there): remove the link or pull elsewhere")
+        if not p.exists():
+            return
+
+
 def _rmdirs(created: list[Path]) -> None:
     """Remove the folders this run created that are still empty (deepest first)."""
     for p in sorted(created, key=lambda p: len(p.parts), reverse=True):
@@ -572,16 +601,23 @@ def _rmdirs(created: list[Path]) -> None:
 # --- push ----------------------------------------------------------------------------------
 
 
-def _local_files(src: Path) -> list[tuple[Path, str]]:
+def _local_files(src: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(regular files with their relative POSIX paths, symlinks skipped) below ``src``."""
     out: list[tuple[Path, str]] = []
+    links: list[str] = []
     for root, dirs, files in os.walk(src, followlinks=False):
-        dirs.sort()
+        here = Path(root)
+        links += [(here / d).relative_to(src).as_posix() for d in dirs if (here / d).is_symlink()]
+        dirs[:] = sorted(d for d in dirs if not (here / d).is_symlink())
         for name in sorted(files):
-            p = Path(root) / name
-            if name.endswith(PART_SUFFIX) or not p.is_file():  # temp files, broken links, sockets
+            p = here / name
+            if p.is_symlink():
+                links.append(p.relative_to(src).as_posix())
+                continue
+            if name.endswith(PART_SUFFIX) or not p.is_file():  # temp files, sockets, fifos
                 continue
             out.append((p, p.relative_to(src).as_posix()))
-    return out
+    return out, sorted(links)
 
 
 def _head_or_none(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
@@ -626,14 +662,15 @@ def push(
     src = Path(src)
     if not src.is_dir():
         raise InputError(src, "no such folder" if not src.exists() else "not a folder")
-    files = _local_files(src)
+    files, links = _local_files(src)
     if not files:
-        raise InputError(src, "no files to push")
+        why = f" ({len(links)} symlink(s), which push does not follow)" if links else ""
+        raise InputError(src, f"no files to push{why}")
     endpoint = resolve_endpoint(endpoint_url)
     client = client if client is not None else make_client(cfg, endpoint)
     retrier = _Retrier(cfg, endpoint, sleep)
     progress = progress or _NoProgress()
-    report = TransferReport("push", str(src), str(dst))
+    report = TransferReport("push", str(src), str(dst), symlinks_skipped=links)
     tcfg = TransferConfig(
         multipart_threshold=cfg.multipart_threshold_mb * _MIB,
         multipart_chunksize=cfg.multipart_chunksize_mb * _MIB,

@@ -51,6 +51,25 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def store_exists(uri: str) -> bool:
+    """Whether the tracking store at ``uri`` already exists, WITHOUT creating it (opening a
+    ``sqlite:///`` or ``file:`` store with MLflow creates it): a sqlite file or a local
+    folder must be there; a server (http, postgresql, …) is assumed to exist.
+
+    Read-only commands (``xct models list``, ``models:/`` and ``runs:/`` URIs) check this
+    first, so they never leave an empty ``mlflow.db`` behind."""
+    if uri.startswith("sqlite:///"):
+        db = uri.removeprefix("sqlite:///").split("?", 1)[0]
+        return db in ("", ":memory:") or Path(db).is_file()
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path)).is_dir()
+    if "://" not in uri:  # a plain local path is a file store
+        return Path(uri).is_dir()
+    return True
+
+
 def artifact_root(uri: str) -> str | None:
     """Local artifact root for a ``sqlite:///DIR/file.db`` store (``DIR/mlruns`` as a file
     URI); ``None`` (the server's default) otherwise."""

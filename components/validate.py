@@ -212,6 +212,8 @@ class ValidationReport:
     thresholds: dict[str, Any]
     gx_version: str
     quarantined: list[str] = field(default_factory=list)
+    #: files under the folder that are neither NIfTI nor part of a DICOM series (not validated)
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def success(self) -> bool:
@@ -225,6 +227,10 @@ class ValidationReport:
     def failure_lines(self) -> list[str]:
         """One line per failing volume: ``<path>: <reason>; <reason>``."""
         return [f"{v['path']}: {'; '.join(v['reasons'])}" for v in self.failed]
+
+    def ignored_lines(self) -> list[str]:
+        """One line per ignored file: ``<path>: ignored (…)`` — not a verdict, a notice."""
+        return [f"{p}: ignored (neither a .nii/.nii.gz file nor part of a DICOM series)" for p in self.ignored]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -243,6 +249,7 @@ class ValidationReport:
             "volumes": self.volumes,
             "expectations": self.expectations,
             "quarantined": self.quarantined,
+            "ignored_files": self.ignored,
         }
 
 
@@ -333,13 +340,20 @@ def check_volume_files(rows: Sequence[dict[str, Any]], interim_dir: str | Path) 
             r[VOLUME_CHECK] = "ok"
 
 
-def scan_raw(raw_dir: str | Path, params: Params | None = None) -> list[dict[str, Any]]:
-    """Stats rows for a raw folder, in memory (nothing written): what ingest would record."""
+def scan_raw(
+    raw_dir: str | Path, params: Params | None = None, ignored: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Stats rows for a raw folder, in memory (nothing written): what ingest would record.
+
+    ``ignored`` (when given) receives the relative paths of the files that are not CTs."""
     params = params or Params()
-    sources, _ignored = discover(raw_dir)
+    sources, other = discover(raw_dir)
+    if ignored is not None:
+        ignored.extend(other)
     if not sources:
-        raise InputError(raw_dir, "no CT volumes found (expected .nii/.nii.gz files or DICOM series folders)")
-    rows = [measure(s, params.data.ct, params.ingest)[0] for s in sources]
+        listing = f" ({len(other)} other file(s), e.g. {other[0]})" if other else ""
+        raise InputError(raw_dir, f"no CT volumes found (expected .nii/.nii.gz files or DICOM series folders){listing}")
+    rows = [measure(s, params.data.ct, params.ingest, limits=params.limits)[0] for s in sources]
     mark_duplicates(rows)
     return rows
 
@@ -355,8 +369,14 @@ def validate_dir(path: str | Path, params: Params | None = None) -> ValidationRe
         doc = read_stats(p / "stats.json")
         rows = doc["volumes"]
         check_volume_files(rows, p)
-        return validate_rows(rows, params, doc.get("raw_dir"))
-    return validate_rows(scan_raw(p, params), params, p)
+        rep = validate_rows(rows, params, doc.get("raw_dir"))
+        base = Path(doc["raw_dir"]) if doc.get("raw_dir") else None
+        rep.ignored = [str(base / f) if base is not None else str(f) for f in doc.get("ignored_files") or []]
+        return rep
+    other: list[str] = []
+    rep = validate_rows(scan_raw(p, params, other), params, p)
+    rep.ignored = [str(p / f) for f in other]
+    return rep
 
 
 # --------------------------------------------------------------------------- outputs

@@ -29,15 +29,23 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 
 
-def _as_image(x: Any, name: str) -> np.ndarray:
-    arr = np.asarray(x, dtype=np.float32)
+def _as_image(x: Any, name: str, params: Any) -> np.ndarray:
+    """A view as float32 line integrals, checked as ``xct reconstruct`` checks its inputs
+    (:func:`xct_core.xray_io.check_line_integrals`: real, finite, 0 <= p <= limits.max_line_integral)."""
+    from xct_core.errors import InputError
+    from xct_core.xray_io import check_line_integrals
+
+    arr = np.asarray(x)
+    if arr.dtype == object:  # nested lists / arrays from a DataFrame cell
+        arr = np.array(arr.tolist())
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2D line-integral image [P, P], got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} holds non-finite values")
-    return arr
+    try:
+        return check_line_integrals(name, arr, params)
+    except InputError as e:
+        raise ValueError(str(e)) from None
 
 
 def _unpack(model_input: Any) -> dict[str, Any]:
@@ -77,7 +85,7 @@ class XctCascadeModel(PythonModel):
         missing = [v for v in ("frontal", "lateral") if v not in data]
         if missing:
             raise ValueError(f"missing input view(s): {', '.join(missing)}")
-        views = {v: _as_image(data[v], v) for v in ("frontal", "lateral")}
+        views = {v: _as_image(data[v], v, self.params) for v in ("frontal", "lateral")}
         for v, img in views.items():
             if img.shape != (self.pixels, self.pixels):
                 raise ValueError(f"{v} is {img.shape}, the model expects ({self.pixels}, {self.pixels}) (drr.pixels)")

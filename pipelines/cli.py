@@ -2,7 +2,9 @@
 
 Every sub-command group lives in its own module under ``pipelines/commands`` and is
 registered here. User errors (:class:`xct_core.errors.XctError`, bad CLI usage) print one
-line on stderr and exit non-zero; only genuine bugs produce a traceback.
+line on stderr and exit non-zero; only genuine bugs produce a traceback. Ctrl-C (SIGINT)
+prints ``xct: interrupted`` and exits 130; every output is written atomically, so an
+interrupted command leaves no partial file.
 """
 
 from __future__ import annotations
@@ -40,18 +42,40 @@ def _fail(msg: str, code: int) -> None:
     sys.exit(code)
 
 
+def _interrupt() -> None:
+    print("xct: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether ``e`` was caused by a KeyboardInterrupt (anywhere in its cause/context chain)."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        if isinstance(x, KeyboardInterrupt):
+            return True
+        seen.add(id(x))
+        x = x.__cause__ or x.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``xct``).
 
     Typer runs in standalone mode (usage errors print usage and exit 2); errors raised by
-    xct for bad input are caught here and shown as one line.
+    xct for bad input are caught here and shown as one line. Typer turns Ctrl-C into a
+    silent ``exit 130``; it is told here: ``xct: interrupted``, exit 130.
     """
     try:
         app(args=argv, prog_name="xct")
     except XctError as e:
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        _interrupt()
+    except SystemExit as e:
+        if e.code == 130 and _interrupted(e):
+            _interrupt()
+        raise
 
 
 if __name__ == "__main__":

@@ -235,6 +235,58 @@ def test_every_container_has_image_and_bounded_resources(objects: list[tuple[Pat
     assert auto["requests"] and auto["limits"], "autoscaler sidecar needs resources"
 
 
+#: images whose own default user is root: the manifests/compose must name a non-root uid
+ROOT_BY_DEFAULT = ("postgres:", "quay.io/minio/minio:", "quay.io/minio/mc:")
+
+
+def _hardened(where: str, pod_sc: dict, c_sc: dict, image: str) -> None:
+    """One container's effective security context: non-root (a uid other than 0, named when
+    the image's default user is root), no privilege escalation, every capability dropped."""
+    eff = {**(pod_sc or {}), **(c_sc or {})}
+    assert eff.get("runAsNonRoot") is True, f"{where}: runAsNonRoot must be true"
+    uid = eff.get("runAsUser")
+    assert uid is None or int(uid) != 0, f"{where}: runAsUser 0"
+    if image.startswith(ROOT_BY_DEFAULT):
+        assert uid is not None, f"{where}: {image} runs as root by default: set runAsUser"
+    assert (c_sc or {}).get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation: false"
+    caps = (c_sc or {}).get("capabilities") or {}
+    assert "ALL" in (caps.get("drop") or []), f"{where}: capabilities.drop must hold ALL"
+    assert not caps.get("add"), f"{where}: adds capabilities {caps.get('add')}"
+    assert not (c_sc or {}).get("privileged"), f"{where}: privileged"
+
+
+def test_every_container_runs_non_root_without_privileges(objects: list[tuple[Path, dict]], compose: dict) -> None:
+    n = 0
+    for _, d in objects:
+        for where, pod, c in _containers(d):
+            name = f"{d['kind']}/{d['metadata']['name']} {where} {c.get('name')}"
+            _hardened(name, pod.get("securityContext"), c.get("securityContext"), c.get("image", ""))
+            n += 1
+        if d["kind"] in ("RayCluster", "RayJob"):  # the autoscaler sidecar KubeRay adds to the head pod
+            cluster = d["spec"] if d["kind"] == "RayCluster" else d["spec"]["rayClusterSpec"]
+            head = cluster["headGroupSpec"]["template"]["spec"]
+            _hardened(f"{d['kind']}/{d['metadata']['name']} autoscaler", head.get("securityContext"),
+                      cluster["autoscalerOptions"].get("securityContext"), head["containers"][0]["image"])
+            n += 1
+    assert n >= 11, f"only {n} containers checked"
+    for name, svc in compose["services"].items():
+        where = f"compose service {name}"
+        user = str(svc.get("user", ""))
+        assert user, f"{where}: set user: (a non-root uid)"
+        uid = user.split(":")[0]
+        assert uid not in ("0", "root"), f"{where}: runs as root"
+        if uid.startswith("${"):  # ${XCT_UID:-1000}: the default must be non-root too
+            assert _interpolate(uid, {}) not in ("0", "root"), f"{where}: default uid is root"
+        assert "ALL" in (svc.get("cap_drop") or []), f"{where}: cap_drop: [ALL]"
+        assert not svc.get("cap_add"), f"{where}: cap_add"
+        assert "no-new-privileges:true" in (svc.get("security_opt") or []), f"{where}: no-new-privileges"
+        assert not svc.get("privileged"), f"{where}: privileged"
+    # postgres runs as the image's own postgres user (999), the owner of its data folder
+    assert compose["services"]["postgres"]["user"] == "999:999"
+    pg = _one(objects, "StatefulSet", "postgres")["spec"]["template"]["spec"]["securityContext"]
+    assert (pg["runAsUser"], pg["fsGroup"]) == (999, 999)
+
+
 def test_statefulset_and_services_match_workloads(objects: list[tuple[Path, dict]]) -> None:
     pods = []  # (labels, container ports by name and number)
     for _, d in objects:

@@ -17,7 +17,9 @@ Three ways in, one mechanism:
   temporary sibling name (``0o777 & ~umask``) and renamed into place, replacing an old one.
 
 :func:`writable` turns the OS errors of an output path (parent is a file, no permission,
-disk full) into one-line :class:`~xct_core.errors.InputError` s naming the path.
+disk full) into one-line :class:`~xct_core.errors.InputError` s naming the path;
+:func:`check_writable` raises the same errors BEFORE any work (a command checks its output
+paths first, so a long reconstruction does not end in "cannot write"), creating nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from xct_core.errors import InputError
 __all__ = [
     "atomic_dir",
     "atomic_path",
+    "check_writable",
     "file_mode",
     "folder_mode",
     "temp_sibling",
@@ -128,6 +131,23 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_writable(path: str | Path) -> None:
+    """The :func:`writable` errors of ``path``, found before anything is written: ``path`` is
+    a folder, its nearest existing parent is a file, or that parent is not writable. Creates
+    nothing (missing parents are made by the write itself)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "cannot write: it is a folder")
+    for parent in path.absolute().parents:
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            raise InputError(path, "cannot write: a parent of this path is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(path, f"cannot write (permission denied in {parent})")
+        return
 
 
 @contextlib.contextmanager

@@ -13,12 +13,19 @@ Two kinds of files
 * **Stage model** (export, read by evaluation/registration): one ``.pt`` file with the EMA
   weights and the full params as JSON (:data:`MODEL_FORMAT`, :func:`export_stage_model`,
   :func:`load_stage_model`); self-contained: the network is rebuilt from the params inside.
+
+Broken files are one-line :class:`~xct_core.errors.InputError` s naming the file: empty,
+truncated or not a PyTorch file; a pickle that needs Python objects to load (refused: only
+``weights_only`` content is ever loaded, and the error does not suggest otherwise); a stage
+model lacking a field, with params that do not validate, with a tensor whose shape does not
+fit the network its params build (named, both shapes), or with NaN/Inf weights.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -108,7 +115,7 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
     try:
         state = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling/IO error means a bad file
-        raise InputError(f, f"unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise InputError(f, f"unreadable checkpoint ({torch_load_problem(e, f)})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise InputError(f, f"not an xct training checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
     return state
@@ -250,44 +257,113 @@ def _finite_or_none(v: Any) -> Any:
     return f if np.isfinite(f) else None
 
 
-def _load_weights(net: nn.Module, state: Mapping[str, Any], path: str | Path) -> None:
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InputError(path, f"weights do not fit the stored config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_WO_REASON = re.compile(r"WeightsUnpickler error: ([^\n]*)")
+
+
+def torch_load_problem(e: BaseException, path: str | Path) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in one line.
+
+    A pickle that needs Python objects is named as such (and which object) without torch's
+    advice to load it with ``weights_only=False``: xct never does. An empty file and an
+    exception without a message are named too."""
+    msg = str(e)
+    if isinstance(e, pickle.UnpicklingError):
+        m = _UNSAFE_GLOBAL.search(msg)
+        if m or "weights only" in msg.lower():
+            if m is None and (w := _WO_REASON.search(msg)):  # a corrupt pickle, not a forbidden object
+                why = w.group(1).strip()[:200]
+                return f"not a PyTorch weights file or truncated: corrupt pickle data{' (' + why + ')' if why else ''}"
+            what = f" ({m.group(1)})" if m else ""
+            return (f"it holds pickled Python objects{what}; xct loads weights only (tensors, numbers, strings) "
+                    "and refuses pickled code")
+    try:
+        if Path(path).stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", msg).strip().splitlines() if ln.strip()]
+    first = lines[0][:200] if lines else ""
+    if "weights_only" in first:  # never pass torch's weights_only=False advice on
+        first = "not loadable with weights_only=True"
+    kind = "not a PyTorch weights file or truncated" if isinstance(e, (EOFError, KeyError, RuntimeError)) else "unreadable"
+    return f"{kind}: {type(e).__name__}{': ' + first if first else ''}"
 
 
 def read_stage_model(path: str | Path) -> dict[str, Any]:
-    """The raw exported blob (``weights_only=True``), checked for :data:`MODEL_FORMAT`."""
+    """The raw exported blob (``weights_only=True``), checked for :data:`MODEL_FORMAT` and
+    its fields (``stage``, ``mode``, ``params`` JSON, ``state_dict`` of tensors)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(p, "stage model not found")
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise InputError(p, f"unreadable stage model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise InputError(p, f"unreadable stage model ({torch_load_problem(e, p)})") from None
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise InputError(p, "not an exported xct stage model")
+    lacking = [k for k in ("stage", "mode", "params", "state_dict") if k not in blob]
+    if lacking:
+        raise InputError(p, f"broken stage model: missing {', '.join(lacking)}")
+    sd = blob["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise InputError(p, "broken stage model: state_dict is not a mapping of tensors")
+    if not isinstance(blob["params"], str) or not isinstance(blob["stage"], int):
+        raise InputError(p, "broken stage model: params must be a JSON string and stage an integer")
     return blob
+
+
+def _load_weights(net: nn.Module, state: Any, path: Path) -> None:
+    """Load ``state`` into ``net`` (strict) after checking that every stored tensor fits the
+    network its params build (names and shapes, both named in the error) and is finite."""
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(path, "broken stage model: weights that are not a mapping of tensors")
+    want = net.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    if missing or unexpected:
+        raise InputError(path, f"weights do not fit the stored config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in want.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        k, got, exp = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise InputError(path, f"weights do not fit the stored config: {k} has shape {got}, the network needs {exp}{more}")
+    for k, v in state.items():
+        if v.is_floating_point() or v.is_complex():
+            bad = int(v.numel() - torch.isfinite(v).sum())
+            if bad:
+                raise InputError(path, f"broken weights: {k} holds {bad} NaN/Inf value(s) of {v.numel()}")
+    net.load_state_dict(state, strict=True)
 
 
 def load_stage_model(path: str | Path, device: str | torch.device | None = None) -> nn.Module:
     """Rebuild an exported stage network (:func:`export_stage_model`) from the params stored
-    in it, load its weights, and return it frozen: eval mode, ``requires_grad=False``."""
+    in it, load its weights, and return it frozen: eval mode, ``requires_grad=False``.
+
+    The network's ``xct_source`` attribute is the file's path (errors about its output name it)."""
     from xct_core.config import params_from_dict
     from xct_core.models import build_stage
 
     from xct_core.models import AnchoredStage
 
-    blob = read_stage_model(path)
-    params = params_from_dict(json.loads(blob["params"]), f"{path} (params)")
+    p = Path(path)
+    blob = read_stage_model(p)
+    try:
+        data = json.loads(blob["params"])
+    except ValueError as e:
+        raise InputError(p, f"broken stage model: its params are not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(p, "broken stage model: its params are not a JSON object")
+    params = params_from_dict(data, f"{path} (params)")
     net = build_stage(params, int(blob["stage"]), mode=blob["mode"])
-    _load_weights(net, blob["state_dict"], path)
+    _load_weights(net, blob["state_dict"], p)
     if getattr(net, "anchored", False):
         if "anchor_state_dict" not in blob:
             raise InputError(path, "an anchored (residual-diffusion) stage without its direct twin")
         twin = build_stage(params, int(blob["stage"]), mode="direct")
-        _load_weights(twin, blob["anchor_state_dict"], path)
+        _load_weights(twin, blob["anchor_state_dict"], p)
         net = AnchoredStage(net, twin)
+    net.xct_source = str(p)
     if device is not None:
         net = net.to(device)
     return net.eval().requires_grad_(False)

@@ -697,6 +697,86 @@ class ReconstructParams(_Section):
     min_intensity_fraction: float = Field(1e-4, gt=0, lt=1)
 
 
+# --- hostile and broken inputs (every reader: xct_core/io.py, xray_io.py, stats.py; qa.py) ---
+
+#: the most deflate (gzip, zlib) can expand its input: 1032 output bytes per input byte
+DEFLATE_MAX_RATIO = 1032
+
+
+def _human_bytes(n: float) -> str:
+    """``3.4 GiB``-style size (powers of 1024, one decimal)."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class LimitsParams(_Section):
+    """What an input may claim and hold, judged BEFORE its data is read.
+
+    A header is a promise about the data that follows: a 90-byte ``.nii.gz`` may claim 1200³
+    int16 voxels (3.4 GB), a ``.npy`` 200000² float32 pixels (149 GiB). Every reader of user
+    files (NIfTI, DICOM series, ``.npy``, PNG, DICOM radiographs) checks the claimed element
+    count (:meth:`check_claim`) and the claimed bytes against the file's size
+    (:meth:`check_payload`) from the header alone, so nothing is allocated for a forged claim;
+    each raises a one-line :class:`~xct_core.errors.InputError` naming the file, the claim
+    and the limit. X-ray inputs must be plausible line integrals (xct_core/xray_io.py); a
+    reconstruction that is not finite or has no dynamic range is an error (xct_core/qa.py).
+    """
+
+    #: most voxels a CT may claim: NIfTI (every axis), DICOM series (rows x cols x slices).
+    #: 2**29 = 512 x 512 x 2048 slices (2 GiB as float32 in memory)
+    max_ct_voxels: int = Field(2**29, ge=8)
+    #: most pixels an X-ray input may claim (.npy, PNG, DICOM radiograph): 2**26 = 8192 x 8192
+    max_xray_pixels: int = Field(2**26, ge=4)
+    #: .nii.gz: (claimed voxel bytes) / (file size) above this is a truncated or forged
+    #: header. 1032 is the most deflate can expand, so no real file exceeds it
+    max_compression_ratio: float = Field(1032.0, ge=1)
+    #: X-ray inputs are line integrals p = ∫mu dl with 0 <= p <= this. Water is 0.02/mm, so
+    #: 400 mm of soft tissue give 8 and a lateral chest with bone ~10; metal can add tens.
+    #: 50 means I/I0 = e^-50 ~ 2e-22, far beyond any detector (a 16-bit one ends near 11)
+    max_line_integral: float = Field(50.0, gt=0)
+    #: a reconstruction whose max - min is below this (HU) is degenerate (a constant volume)
+    min_dynamic_range_hu: float = Field(1.0, ge=0)
+
+    def check_claim(self, where: Any, shape: Any, setting: Literal["max_ct_voxels", "max_xray_pixels"],
+                    what: str = "voxels") -> int:
+        """``prod(shape)`` (exact, Python ints); :class:`InputError` naming ``where`` when it
+        exceeds the limit ``setting``. ``what``: ``"voxels"`` | ``"pixels"`` (the message)."""
+        from xct_core.errors import InputError
+
+        dims = [int(s) for s in shape]
+        n = 1
+        for d in dims:
+            n *= d
+        limit = int(getattr(self, setting))
+        if n > limit:
+            raise InputError(where, f"header claims {' x '.join(map(str, dims))} = {n:,} {what}, more than "
+                                    f"limits.{setting} ({limit:,}): refusing to read it")
+        return n
+
+    def check_payload(self, where: Any, claimed_bytes: int, file_bytes: int, *, compressed: bool,
+                      offset: int = 0) -> None:
+        """The claimed data must fit the file: ``offset + claimed_bytes <= file_bytes`` when
+        uncompressed, ``claimed_bytes / file_bytes <= max_compression_ratio`` when compressed."""
+        from xct_core.errors import InputError
+
+        claimed_bytes, file_bytes = int(claimed_bytes), int(file_bytes)
+        if compressed:
+            ratio = claimed_bytes / max(file_bytes, 1)
+            if ratio > self.max_compression_ratio:
+                raise InputError(
+                    where, f"corrupt or truncated data: the header claims {_human_bytes(claimed_bytes)} but the "
+                           f"compressed file is {_human_bytes(file_bytes)} ({ratio:,.0f}:1, more than "
+                           f"limits.max_compression_ratio {self.max_compression_ratio:g}:1; deflate expands at most "
+                           f"{DEFLATE_MAX_RATIO}:1): a truncated file or a forged header")
+        elif offset + claimed_bytes > file_bytes:
+            raise InputError(where, f"corrupt or truncated data: the header claims {claimed_bytes:,} bytes after "
+                                    f"byte {offset:,}, the file has {file_bytes:,} bytes")
+
+
 # --- hyperparameter search (owner: xct_core/hpo.py, components/hpo.py, `xct hpo`) ---------
 
 
@@ -889,6 +969,7 @@ class Params(_Section):
     pipeline: PipelineParams = PipelineParams()
     s3: S3Params = S3Params()
     reconstruct: ReconstructParams = ReconstructParams()
+    limits: LimitsParams = LimitsParams()
     hpo: HPOParams = HPOParams()
 
     @_model_validator(mode="after")

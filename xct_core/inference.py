@@ -42,6 +42,7 @@ from torch import nn
 from xct_core.config import Params
 from xct_core.diffusion import Sampler
 from xct_core.errors import ConfigError, InputError
+from xct_core.qa import check_reconstruction
 from xct_core.seeding import sample_seed
 
 __all__ = ["Reconstruction", "load_stage", "load_stages", "output_affine", "reconstruct"]
@@ -153,6 +154,7 @@ def reconstruct(
         for j, s in enumerate(batch):
             i = lo + j
             hu = net_map.inverse(outs[-1][j, 0].float().cpu().numpy().astype(np.float64))
+            check_reconstruction(hu, stages[n - 1], params)  # never a NaN/constant CT (xct_core/qa.py)
             if i == 0:
                 first = hu.astype(np.float32)
                 if len(outs) > 1:

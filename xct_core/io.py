@@ -16,6 +16,13 @@ Entry points
   stage grids 64³/128³/256³), centred on the volume centre by default.
 - :func:`orientation_codes` — ``nibabel.aff2axcodes`` as a plain tuple.
 
+Size limits (``params.yaml → limits``, :class:`~xct_core.config.LimitsParams`)
+-------------------------------------------------------------------------------
+Checked from the header BEFORE any voxel is read (:class:`~xct_core.config.LimitsParams`): the claimed voxel
+count (NIfTI: every axis; DICOM: rows × columns × slices) against ``max_ct_voxels``; a
+``.nii.gz`` whose claimed voxel bytes exceed ``max_compression_ratio`` × its file size, or a
+``.nii`` shorter than its claim, is a truncated or forged file.
+
 Sanity checks (thresholds in ``params.yaml → data.ct``, :class:`~xct_core.config.CTCheckParams`)
 ----------------------------------------------------------------------------------------------
 Rejected, each with an InputError: 2D data / a single slice / an axis of length 1; 4D or
@@ -58,7 +65,7 @@ from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
 from xct_core.atomic import atomic_path, writable
-from xct_core.config import CTCheckParams
+from xct_core.config import CTCheckParams, LimitsParams
 from xct_core.errors import InputError
 from xct_core.grid import _spacing3, grid_affine  # noqa: F401  (grid_affine re-exported)
 
@@ -248,13 +255,35 @@ def _finish(
 # --------------------------------------------------------------------------- NIfTI
 
 
-def _load_nifti(path: Path, checks: CTCheckParams) -> CTVolume:
+def check_nifti_claim(path: str | Path, img: nib.Nifti1Image, limits: LimitsParams | None = None) -> None:
+    """What a NIfTI header claims, judged before its data is read: the voxel count (every
+    axis) against ``limits.max_ct_voxels``, the claimed bytes against the file size
+    (``.nii.gz``: ``limits.max_compression_ratio``; ``.nii``: the file must hold them)."""
+    limits = limits if limits is not None else LimitsParams()
+    path = Path(path)
+    shape = tuple(int(s) for s in img.shape)
+    n = limits.check_claim(path, shape, "max_ct_voxels")
+    try:
+        itemsize = int(img.get_data_dtype().itemsize)
+        offset = int(getattr(img.dataobj, "offset", 0) or 0)  # where nibabel will read the voxels
+    except Exception as e:  # noqa: BLE001  garbage datatype/offset fields
+        raise InputError(path, f"not a readable NIfTI header ({_why(e)})") from None
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise InputError(path, f"cannot read ({e.strerror or e})") from None
+    gz = path.name.lower().endswith(".gz")
+    limits.check_payload(path, n * itemsize, size, compressed=gz, offset=0 if gz else offset)
+
+
+def _load_nifti(path: Path, checks: CTCheckParams, limits: LimitsParams) -> CTVolume:
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises many types for garbage headers
         raise InputError(path, f"not a readable NIfTI file ({_why(e)})") from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
+    check_nifti_claim(path, img, limits)  # before anything allocates what the header claims
     hdr = img.header
     if int(hdr["qform_code"]) == 0 and int(hdr["sform_code"]) == 0:
         raise InputError(path, "no orientation: qform_code and sform_code are both 0 (world axes unknown)")
@@ -340,7 +369,7 @@ def _floats(where: Path, ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarra
     return arr
 
 
-def _read_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
+def _read_slice(path: Path, ds: pydicom.Dataset, limits: LimitsParams) -> _Slice:
     frames = ds.get("NumberOfFrames")
     if frames is not None and int(frames or 1) > 1:
         raise InputError(
@@ -349,6 +378,7 @@ def _read_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if not rows or not cols:
         raise InputError(path, "missing Rows/Columns")
+    limits.check_claim(path, (int(rows), int(cols)), "max_ct_voxels", "pixels")
     return _Slice(
         path=path,
         ds=ds,
@@ -395,7 +425,7 @@ def _series_uid(ds: pydicom.Dataset) -> str:
     return str(ds.get("SeriesInstanceUID", "") or "").strip()
 
 
-def _load_dicom(path: Path, checks: CTCheckParams) -> CTVolume:
+def _load_dicom(path: Path, checks: CTCheckParams, limits: LimitsParams) -> CTVolume:
     """Load a DICOM series from a directory, or the series of one file in its directory."""
     if path.is_dir():
         directory, wanted_series = path, None
@@ -436,7 +466,7 @@ def _load_dicom(path: Path, checks: CTCheckParams) -> CTVolume:
     if not members:  # the given file was skipped on the full read (e.g. it has no pixel data)
         raise InputError(path, "no CT slice with pixel data in this file's series")
     where = path if path.is_dir() else directory
-    slices = [_read_slice(p, ds) for p, ds in members]
+    slices = [_read_slice(p, ds, limits) for p, ds in members]
     if len(slices) < 2:
         raise InputError(where, "a single slice: 2D data, expected a series of ≥ 2 CT slices")
 
@@ -510,6 +540,8 @@ def _load_dicom(path: Path, checks: CTCheckParams) -> CTVolume:
         )
 
     rescale_type = str(ref.ds.get("RescaleType", "") or "")
+    # rows x columns x slices, from the headers, before the volume is allocated
+    limits.check_claim(where, (ref.cols, ref.rows, n), "max_ct_voxels")
     vol = np.empty((ref.cols, ref.rows, n), dtype=np.float32)
     rescale: set[tuple[float, float]] = set()
     for k, s in enumerate(slices):
@@ -556,24 +588,27 @@ def _load_dicom(path: Path, checks: CTCheckParams) -> CTVolume:
 # --------------------------------------------------------------------------- public loader
 
 
-def load_ct(path: str | Path, checks: CTCheckParams | None = None) -> CTVolume:
+def load_ct(path: str | Path, checks: CTCheckParams | None = None, *, limits: LimitsParams | None = None) -> CTVolume:
     """Load a CT as a canonical RAS+ :class:`CTVolume` (float32 HU, affine in mm).
 
     ``path``: a ``.nii``/``.nii.gz`` file, a DICOM series directory, or one DICOM file
     (its directory is scanned and that file's series is loaded). ``checks`` defaults to
     ``CTCheckParams()`` (the same defaults as ``params.yaml → data.ct``); pass
-    ``load_params().data.ct`` to honour a params file. Any problem with the input raises
+    ``load_params().data.ct`` to honour a params file. ``limits`` (default ``LimitsParams()``
+    = ``params.yaml → limits``): the size claims a header may make (module docstring), checked
+    before any data is read. Any problem with the input raises
     :class:`InputError` naming the file; ``vol.meta`` records the source orientation,
     source affine, format and rescale details.
     """
     checks = checks if checks is not None else CTCheckParams()
+    limits = limits if limits is not None else LimitsParams()
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such file or directory")
     if p.is_file() and _is_nifti_name(p):
-        return _load_nifti(p, checks)
+        return _load_nifti(p, checks, limits)
     if p.is_dir() or p.is_file():
-        return _load_dicom(p, checks)
+        return _load_dicom(p, checks, limits)
     raise InputError(p, "not a regular file or directory")
 
 

@@ -7,6 +7,13 @@ the input X-rays (the evaluator's reprojection metrics and ``xct reconstruct``'s
 view) and 2D Gaussian SSIM (σ ``eval.ssim_sigma``, ``eval.ssim_win`` taps) —
 :func:`xct_core.metrics.reprojection_psnr` / :func:`~xct_core.metrics.ssim2d` — and warns for
 a view below ``reconstruct.qa_min_psnr_db`` or ``reconstruct.qa_min_ssim``.
+
+:func:`check_reconstruction` is the last word before a reconstruction leaves
+:func:`xct_core.inference.reconstruct` (so ``xct reconstruct``, ``xct evaluate`` and the
+registered pyfunc never return it): a volume with a NaN/Inf voxel, or whose dynamic range
+(max − min) is below ``limits.min_dynamic_range_hu`` (a constant volume: what a broken
+model or a garbage input produces), raises :class:`~xct_core.errors.InputError` naming the
+model file with the reason, instead of being written as an all-zero CT.
 """
 
 from __future__ import annotations
@@ -19,9 +26,32 @@ import numpy as np
 import torch
 
 from xct_core.config import Params
+from xct_core.errors import InputError
 from xct_core.geometry import VIEWS, PlacedGeometry
 
-__all__ = ["qa_warnings", "render_views", "reprojection_qa"]
+__all__ = ["check_reconstruction", "qa_warnings", "render_views", "reprojection_qa"]
+
+
+def check_reconstruction(hu: np.ndarray, source: Any, params: Params) -> None:
+    """Refuse a reconstruction that is not a CT: any non-finite voxel, or a dynamic range
+    (max − min, HU) below ``params.limits.min_dynamic_range_hu``. ``source``: what produced
+    it (a file, or a network whose ``xct_source`` is its file), named in the
+    :class:`InputError`."""
+    where = getattr(source, "xct_source", None) if isinstance(source, torch.nn.Module) else source
+    arr = np.asarray(hu)
+    finite = np.isfinite(arr)
+    bad = int(arr.size - np.count_nonzero(finite))
+    if bad:
+        n_nan = int(np.count_nonzero(np.isnan(arr)))
+        raise InputError(where, f"the reconstruction has {bad} non-finite voxels ({n_nan} NaN, {bad - n_nan} Inf) "
+                                f"of {arr.size}: the model's output is not a CT (NaN/Inf weights or an overflow?)")
+    if arr.size == 0:
+        raise InputError(where, "the reconstruction is empty")
+    lo, hi = float(arr.min()), float(arr.max())
+    floor = float(params.limits.min_dynamic_range_hu)
+    if hi - lo < floor:
+        raise InputError(where, f"degenerate reconstruction: every voxel is {lo:.6g} .. {hi:.6g} HU (dynamic range "
+                                f"{hi - lo:.3g} < limits.min_dynamic_range_hu {floor:g}): a collapsed or broken model")
 
 
 @torch.no_grad()

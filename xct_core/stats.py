@@ -41,9 +41,9 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from xct_core.config import CTCheckParams, IngestParams
+from xct_core.config import CTCheckParams, IngestParams, LimitsParams
 from xct_core.errors import InputError
-from xct_core.io import CTVolume, load_ct, orientation_codes
+from xct_core.io import CTVolume, check_nifti_claim, load_ct, orientation_codes
 
 #: the columns of the stats table, in order (CSV header; JSON rows have the same keys)
 STATS_COLUMNS: tuple[str, ...] = (
@@ -296,12 +296,13 @@ def dicom_header_probe(files: Iterable[Path]) -> dict[str, Any]:
     return out
 
 
-def probe_nifti(path: Path, body_hu: float = -500.0) -> dict[str, Any]:
+def probe_nifti(path: Path, body_hu: float = -500.0, limits: LimitsParams | None = None) -> dict[str, Any]:
     """Whatever a lenient read of a NIfTI that :func:`load_ct` rejected still tells.
 
     Header: source shape/ndim/dtype, spacing (header zooms of the first three axes, source
-    order), orientation codes. Data (when it can be read): HU statistics over all voxels
-    (4D included), NaN/Inf counts. Never raises; unreadable parts are simply absent.
+    order), orientation codes. Data (when it can be read and the header's size claim passes
+    :func:`xct_core.io.check_nifti_claim` with ``limits``): HU statistics over all voxels (4D
+    included), NaN/Inf counts. Never raises; unreadable parts are simply absent.
     """
     out: dict[str, Any] = {}
     try:
@@ -330,9 +331,10 @@ def probe_nifti(path: Path, body_hu: float = -500.0) -> dict[str, Any]:
     except Exception:
         pass
     try:
+        check_nifti_claim(path, img, limits)  # never allocate what a forged header claims
         data = np.asarray(img.dataobj)
         out.update(value_stats(data, body_hu))
-    except Exception:  # truncated or corrupt data block
+    except Exception:  # an implausible size claim, a truncated or corrupt data block
         pass
     return out
 
@@ -352,8 +354,10 @@ def measure(
     checks: CTCheckParams | None = None,
     ingest: IngestParams | None = None,
     sha256: str | None = None,
+    limits: LimitsParams | None = None,
 ) -> tuple[dict[str, Any], CTVolume | None]:
-    """Load one source with :func:`load_ct` and compute its stats-table row.
+    """Load one source with :func:`load_ct` (size ``limits``: ``params.limits``) and compute
+    its stats-table row.
 
     Returns ``(row, volume)``; on a load error (an :class:`InputError`) ``row['status']`` is
     ``"error"``, ``row['error']`` the message and ``volume`` None: the row is still filled
@@ -372,14 +376,14 @@ def measure(
         row.update(head)
     vol: CTVolume | None
     try:
-        vol = load_ct(src.path, checks)
+        vol = load_ct(src.path, checks, limits=limits)
     except InputError as e:
         vol = None
         # the message without the source path when it names the source itself
         msg = e.problem if e.path == str(src.path) else str(e)
         row.update(status="error", error=msg)
         if src.kind == "nifti":
-            row.update(probe_nifti(src.path, ingest.body_hu))
+            row.update(probe_nifti(src.path, ingest.body_hu, limits))
     else:
         row["status"] = "ok"
         row.update(volume_stats(vol, ingest.body_hu))

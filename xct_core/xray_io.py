@@ -19,6 +19,20 @@ shows the patient's right on the left columns, lateral shows anterior on the lef
   not applied: a linear raw intensity is assumed). A cross-sectional modality (CT, MR, PT,
   NM, US — e.g. a CT slice) is rejected.
 
+Hostile and broken inputs (``params.yaml → limits``, :class:`~xct_core.config.LimitsParams`)
+* Sizes are judged from the header BEFORE any pixel is read (:class:`~xct_core.config.LimitsParams`): the
+  ``.npy`` header's shape, the PNG's IHDR size (PIL's decompression-bomb guard surfaces as
+  the same one-line error), the DICOM Rows × Columns — against ``limits.max_xray_pixels`` and
+  then against the model's ``drr.pixels``; a ``.npy`` shorter than its header's claim is
+  truncated, an empty one is named as such.
+* Values (:func:`check_line_integrals`, also what the registered pyfunc applies): a real
+  dtype (a ``.npy`` must be floating point, as ``xct drr`` writes it: integer, complex, bool
+  or object arrays are not DRRs), every pixel finite, and **plausible line integrals
+  0 ≤ p ≤ limits.max_line_integral** (default 50; ``p = ∫mu dl`` is dimensionless: 400 mm
+  of water at mu_water = 0.02/mm give 8, a lateral chest with bone about 10, metal can add
+  tens; e^−50 ≈ 2e−22 is far beyond any detector, a 16-bit one ends near 11). Negative
+  values (float rounding of −ln(I/I0) aside: ``LINE_INTEGRAL_ATOL``) are not line integrals.
+
 Every problem raises :class:`~xct_core.errors.InputError` naming the file.
 :func:`input_geometries` places both views for the reconstruction (isocentre of the JSONs —
 both views must agree within 1 mm — or the world origin for PNG/DICOM inputs).
@@ -27,6 +41,7 @@ both views must agree within 1 mm — or the world origin for PNG/DICOM inputs).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +54,7 @@ from xct_core.errors import ConfigError, InputError
 from xct_core.geometry import VIEW_AXES, VIEWS, PlacedGeometry, ProjectionGeometry
 from xct_core.grid import grid_affine
 
-__all__ = ["XrayInput", "input_geometries", "load_xray"]
+__all__ = ["LINE_INTEGRAL_ATOL", "XrayInput", "check_line_integrals", "input_geometries", "load_xray"]
 
 #: relative tolerance when comparing an input's geometry with the model's
 GEOMETRY_RTOL = 1e-3
@@ -49,6 +64,8 @@ ISOCENTER_TOL_MM = 1.0
 DICOM_SPACING_RTOL = 0.01
 #: DICOM modalities rejected as X-ray inputs (slices of a volume, not projections)
 NON_RADIOGRAPH_MODALITIES = frozenset({"CT", "MR", "PT", "NM", "US"})
+#: line integrals below 0 by at most this are float rounding of -ln(I/I0) (I = I0 in air)
+LINE_INTEGRAL_ATOL = 1e-5
 
 
 @dataclass
@@ -72,21 +89,55 @@ def _close(a: float, b: float, rtol: float = GEOMETRY_RTOL) -> bool:
     return abs(float(a) - float(b)) <= rtol * max(abs(float(a)), abs(float(b)), 1e-12)
 
 
-def _check_image(path: Path, img: np.ndarray, params: Params) -> np.ndarray:
-    if img.ndim == 3 and img.shape[0] == 1:
-        img = img[0]
-    if img.ndim != 2:
-        raise InputError(path, f"expected a 2D X-ray image, got shape {tuple(img.shape)}")
+def _check_shape(path: object, shape: tuple[int, ...], params: Params) -> None:
+    """A claimed or actual image shape: within ``limits.max_xray_pixels``, then 2D (or
+    ``[1, P, P]``) and the model's detector ``drr.pixels`` square."""
+    shape = tuple(int(s) for s in shape)
+    params.limits.check_claim(path, shape, "max_xray_pixels", "pixels")
+    dims = shape[1:] if len(shape) == 3 and shape[0] == 1 else shape
+    if len(dims) != 2:
+        raise InputError(path, f"expected a 2D X-ray image, got shape {shape}")
     p = int(params.drr.pixels)
-    if img.shape != (p, p):
-        raise InputError(
-            path, f"image is {img.shape[0]}x{img.shape[1]} pixels, the model's detector is {p}x{p} (drr.pixels)"
-        )
+    if dims != (p, p):
+        raise InputError(path, f"image is {dims[0]}x{dims[1]} pixels, the model's detector is {p}x{p} (drr.pixels)")
+
+
+def _check_image(path: Path, img: np.ndarray, params: Params) -> np.ndarray:
+    _check_shape(path, img.shape, params)
+    if img.ndim == 3:
+        img = img[0]
     bad = int(img.size - np.count_nonzero(np.isfinite(img)))
     if bad:
         n_nan = int(np.count_nonzero(np.isnan(img)))
         raise InputError(path, f"{bad} non-finite pixels ({n_nan} NaN, {bad - n_nan} Inf) of {img.size}")
     return np.ascontiguousarray(img, dtype=np.float32)
+
+
+def check_line_integrals(where: object, img: Any, params: Params) -> np.ndarray:
+    """``img`` as float32 line integrals, or :class:`InputError` naming ``where``: a real
+    numeric dtype (not complex, bool, object), every value finite, and
+    ``0 <= p <= limits.max_line_integral`` (module docstring: why that range). Nothing is
+    cast before the checks (no NumPy warnings on complex or huge values)."""
+    arr = np.asarray(img)
+    if arr.dtype.kind not in "fiu":
+        raise InputError(where, f"X-ray values must be real numbers (line integrals), got dtype {arr.dtype}")
+    if arr.dtype.kind == "f":
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            n_nan = int(np.count_nonzero(np.isnan(arr)))
+            raise InputError(where, f"{bad} non-finite pixels ({n_nan} NaN, {bad - n_nan} Inf) of {arr.size}")
+    if arr.size == 0:
+        raise InputError(where, "empty X-ray image")
+    lo, hi = float(arr.min()), float(arr.max())
+    top = float(params.limits.max_line_integral)
+    if lo < -LINE_INTEGRAL_ATOL or hi > top:
+        n_neg = int(np.count_nonzero(arr < -LINE_INTEGRAL_ATOL))
+        n_big = int(np.count_nonzero(arr > top))
+        raise InputError(
+            where, f"not plausible line integrals: values {lo:.4g} .. {hi:.4g} ({n_neg} below 0, {n_big} above "
+                   f"limits.max_line_integral {top:g}); an X-ray input is p = -ln(I/I0) = integral of mu dl, 0 <= p <= {top:g}"
+        )
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def _check_geometry(path: Path, meta: Mapping[str, Any], view: str, params: Params) -> PlacedGeometry:
@@ -135,24 +186,64 @@ def _load_npy(path: Path, view: str, params: Params) -> XrayInput:
     if not isinstance(meta, dict):
         raise InputError(jpath, "geometry JSON must hold an object")
     pg = _check_geometry(jpath, meta, view, params)
+    quantity = meta.get("quantity", "line_integral")
+    if quantity not in ("line_integral", "intensity"):
+        raise InputError(jpath, f"unknown quantity {quantity!r} (line_integral | intensity)")
+    _shape, dtype = _npy_header(path, params)
+    if dtype.kind != "f":
+        raise InputError(path, f"a DRR is a floating-point image (xct drr writes float32), this .npy holds {dtype}")
     try:
         arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise InputError(path, f"unreadable .npy ({str(e).splitlines()[0][:200]})") from None
-    if not np.issubdtype(arr.dtype, np.number):
-        raise InputError(path, f"not a numeric image (dtype {arr.dtype})")
+    except (OSError, ValueError, EOFError) as e:
+        raise InputError(path, f"unreadable .npy ({_first_line(e)})") from None
     img = _check_image(path, np.asarray(arr, dtype=np.float64), params)
-    quantity = meta.get("quantity", "line_integral")
     notes = []
     if quantity == "intensity":
-        i0 = float(meta.get("i0", 1.0))
-        if np.any(img <= 0) or i0 <= 0:
-            raise InputError(path, "intensity image with pixels <= 0: cannot take -ln(I/I0)")
-        img = (-np.log(img / i0)).astype(np.float32)
+        try:
+            i0 = float(meta.get("i0", 1.0))
+        except (TypeError, ValueError):
+            raise InputError(jpath, f"invalid i0 {meta.get('i0')!r}") from None
+        if not np.isfinite(i0) or i0 <= 0 or np.any(img <= 0):
+            raise InputError(path, "intensity image with pixels <= 0 (or i0 <= 0): cannot take -ln(I/I0)")
+        with np.errstate(over="ignore", under="ignore"):
+            img = -np.log(img.astype(np.float64) / i0)
         notes.append(f"intensity converted to line integrals: p = -ln(I / {i0:g})")
-    elif quantity != "line_integral":
-        raise InputError(jpath, f"unknown quantity {quantity!r} (line_integral | intensity)")
+    img = check_line_integrals(path, img, params)
     return XrayInput(view, img, pg, str(path), "npy", notes)
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when there is none), ≤ 200 chars."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _npy_header(path: Path, params: Params) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a ``.npy`` header, judged before the data is read: the claimed
+    pixel count and shape (:func:`_check_shape`) and the claimed bytes against the file size."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise InputError(path, "unreadable .npy: empty file (0 bytes)")
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise InputError(path, f"unsupported .npy format version {version[0]}.{version[1]}")
+            offset = f.tell()
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, SyntaxError) as e:
+        raise InputError(path, f"unreadable .npy ({_first_line(e)})") from None
+    if dtype.hasobject or dtype.fields is not None:
+        raise InputError(path, f"not a numeric image (dtype {dtype})")
+    _check_shape(path, shape, params)
+    params.limits.check_payload(path, int(np.prod(shape, dtype=object)) * dtype.itemsize, size, compressed=False,
+                                offset=offset)
+    return tuple(int(s) for s in shape), dtype
 
 
 def _intensity_to_line_integral(values: np.ndarray, full_scale: float, params: Params) -> np.ndarray:
@@ -165,12 +256,20 @@ def _load_png(path: Path, params: Params) -> tuple[np.ndarray, list[str]]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            arr = np.asarray(im)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise InputError(path, f"unreadable PNG ({str(e).splitlines()[0][:200]})") from None
+        with warnings.catch_warnings():
+            # PIL's decompression-bomb guard: a warning above Image.MAX_IMAGE_PIXELS, an error
+            # above twice that; both become the one-line error below, never terminal noise
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size  # from the header (IHDR): nothing decoded yet
+                _check_shape(path, (h, w), params)
+                im.load()
+                mode = im.mode
+                arr = np.asarray(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(path, f"PNG header claims too many pixels ({_first_line(e)})") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as e:
+        raise InputError(path, f"unreadable PNG ({_first_line(e)})") from None
     if mode == "L":
         full = 255.0
     elif mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -190,11 +289,10 @@ def _load_dicom(path: Path, params: Params) -> tuple[np.ndarray, list[str]]:
 
     try:
         ds = pydicom.dcmread(path)
-        raw = ds.pixel_array
     except InvalidDicomError:
         raise InputError(path, "not a .npy, .png or DICOM file") from None
-    except Exception as e:  # noqa: BLE001 - truncated/corrupt data, missing decoder
-        raise InputError(path, f"unreadable DICOM ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt header
+        raise InputError(path, f"unreadable DICOM ({type(e).__name__}: {_first_line(e)})") from None
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality in NON_RADIOGRAPH_MODALITIES:
         raise InputError(path, f"DICOM modality {modality} is a cross-sectional image, not a projection radiograph "
@@ -207,9 +305,29 @@ def _load_dicom(path: Path, params: Params) -> tuple[np.ndarray, list[str]]:
     if not all(_close(s, want, DICOM_SPACING_RTOL) for s in sp):
         raise InputError(path, f"pixel spacing {sp[0]:g} x {sp[1]:g} mm differs from the model's detector pitch "
                                f"{want:g} mm (drr.pixel_mm)")
+    try:  # the size the header claims, before any pixel is decoded
+        claim = tuple(int(ds.get(k) or 1) for k in ("NumberOfFrames", "Rows", "Columns", "SamplesPerPixel"))
+    except (TypeError, ValueError):
+        raise InputError(path, "unreadable Rows/Columns/NumberOfFrames/SamplesPerPixel") from None
+    if "PixelData" not in ds:
+        raise InputError(path, "DICOM file without pixel data")
+    params.limits.check_claim(path, claim, "max_xray_pixels", "pixels")
+    if claim[0] != 1 or claim[3] != 1:
+        raise InputError(path, f"expected one grayscale frame, the header claims {claim[0]} frame(s) of "
+                               f"{claim[3]} sample(s) per pixel")
+    _check_shape(path, claim[1:3], params)
     bits = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 16) or 16)
     full = float(2**bits - 1)
+    try:
+        raw = ds.pixel_array
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt data, missing decoder
+        raise InputError(path, f"unreadable DICOM pixel data ({type(e).__name__}: {_first_line(e)})") from None
+    if np.asarray(raw).dtype.kind not in "iu":
+        raise InputError(path, f"DICOM radiograph pixels must be stored integers, got {np.asarray(raw).dtype}")
     img = _check_image(path, np.asarray(raw, dtype=np.float64), params)
+    if img.max() > full or img.min() < 0:
+        raise InputError(path, f"pixel values {img.min():g} .. {img.max():g} lie outside the stored range "
+                               f"0 .. {int(full)} (BitsStored {bits})")
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
         img = full - img  # MONOCHROME1: high values are dark → intensity
     return _intensity_to_line_integral(img, full, params), [
@@ -231,9 +349,9 @@ def load_xray(path: str | Path, view: str, params: Params) -> XrayInput:
         return _load_npy(p, view, params)
     if suffix == ".png":
         img, notes = _load_png(p, params)
-        return XrayInput(view, img, None, str(p), "png", notes)
+        return XrayInput(view, check_line_integrals(p, img, params), None, str(p), "png", notes)
     img, notes = _load_dicom(p, params)
-    return XrayInput(view, img, None, str(p), "dicom", notes)
+    return XrayInput(view, check_line_integrals(p, img, params), None, str(p), "dicom", notes)
 
 
 def input_geometries(

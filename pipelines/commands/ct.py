@@ -1,7 +1,8 @@
 """`xct ct` command group: inspect and convert CT volumes (NIfTI, DICOM series).
 
 Both commands load through :func:`xct_core.io.load_ct` (canonical RAS+, HU, sanity checks
-from ``params.yaml → data.ct``); bad input surfaces as a one-line error from the CLI root.
+from ``params.yaml → data.ct``, header size limits from ``params.yaml → limits``); bad input
+surfaces as a one-line error from the CLI root.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from xct_core.config import CTCheckParams, default_params_path, load_params
+from xct_core.atomic import check_writable
+from xct_core.config import Params, default_params_path, load_params
 from xct_core.errors import InputError
 from xct_core.io import CTVolume, load_ct, orientation_codes, save_ct
 
@@ -24,7 +26,7 @@ ParamsOpt = Annotated[
     typer.Option(
         "--params",
         "-p",
-        help="params file for the data.ct checks (default: $XCT_PARAMS or ./params.yaml if present)",
+        help="params file for the data.ct checks and limits (default: $XCT_PARAMS or ./params.yaml if present)",
     ),
 ]
 SrcArg = Annotated[Path, typer.Argument(help="a .nii/.nii.gz file, a DICOM series directory or one DICOM file")]
@@ -32,12 +34,18 @@ SrcArg = Annotated[Path, typer.Argument(help="a .nii/.nii.gz file, a DICOM serie
 PERCENTILES = (1, 5, 50, 95, 99)
 
 
-def _checks(params: Path | None) -> CTCheckParams:
-    """The data.ct checks: from --params, else the default params file when it exists, else defaults."""
+def _params(params: Path | None) -> Params:
+    """The params of the data.ct checks and the limits: from --params, else the default params
+    file when it exists, else defaults."""
     if params is not None:
-        return load_params(params).data.ct
+        return load_params(params)
     default = default_params_path()
-    return load_params(default).data.ct if default.exists() else CTCheckParams()
+    return load_params(default) if default.exists() else Params()
+
+
+def _load(path: Path, params: Path | None) -> CTVolume:
+    p = _params(params)
+    return load_ct(path, p.data.ct, limits=p.limits)
 
 
 def describe(vol: CTVolume) -> dict:
@@ -69,7 +77,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")] = False,
 ) -> None:
     """Print shape, spacing, orientation, HU statistics and affine of a CT (after canonicalisation)."""
-    d = describe(load_ct(path, _checks(params)))
+    d = describe(_load(path, params))
     if as_json:
         typer.echo(json.dumps(d))
         return
@@ -95,7 +103,8 @@ def convert(
     """Convert a DICOM series or NIfTI to a canonical RAS+ int16 HU NIfTI (written atomically)."""
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise InputError(out, "output must be a NIfTI file ending in .nii or .nii.gz")
-    vol = load_ct(src, _checks(params))
+    check_writable(out)
+    vol = _load(src, params)
     save_ct(out, vol)
     sp = " x ".join(f"{s:.4g}" for s in vol.spacing)
     typer.echo(f"wrote {out}: {' x '.join(map(str, vol.shape))} voxels, {sp} mm, RAS+ int16 HU")

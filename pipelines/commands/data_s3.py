@@ -6,8 +6,10 @@ role). ``--endpoint-url`` (else ``$XCT_S3_ENDPOINT_URL`` / ``$AWS_ENDPOINT_URL``
 S3-compatible store such as MinIO. Retries, timeouts and part sizes: ``params.yaml → s3``.
 
 Exit status: 0 done (the summary line goes to stdout); 2 bad input (URL, folder, bucket,
-credentials); 1 the transfer failed after its retries or a checksum did not match — nothing
-partial is left in place and re-running resumes. Errors are one line on stderr.
+credentials, a symlink inside the pull destination); 1 the transfer failed after its retries
+or a checksum did not match — nothing partial is left in place and re-running resumes.
+Errors are one line on stderr. Symlinks: pull refuses to write through one inside DIR; push
+skips (and names) every symlink below DIR (components/s3sync.py).
 """
 
 from __future__ import annotations
@@ -68,4 +70,6 @@ def register(app: typer.Typer) -> None:
         cfg = resolve_params(params).s3
         with s3sync.tqdm_progress("push") as bar:
             report = s3sync.push(directory, url, cfg, endpoint_url=endpoint_url, progress=None if quiet else bar)
+        for rel in report.symlinks_skipped:
+            typer.echo(f"xct: warning: {directory / rel}: symlink skipped (push does not follow symlinks)", err=True)
         typer.echo(report.summary())

@@ -5,7 +5,9 @@ written) or an ingest output folder (it has ``stats.json``; the table is validat
 canonical volume files are checked against their checksums).
 
 Contract (scripts rely on it): exit 0 when every volume passes; exit 1 otherwise, with one
-line per failing file on stdout, ``<path>: <reason>; <reason>``; a summary goes to stderr.
+line per failing file on stdout, ``<path>: <reason>; <reason>``; a summary goes to stderr,
+after one ``xct: note: <path>: ignored (…)`` line per file that is neither a NIfTI file nor
+part of a DICOM series (named, not validated; it does not change the exit status).
 Unusable input (no such folder, no CT in it, bad params) exits 2 with one line, via the CLI
 root. ``--report OUT.json`` also writes the full report there and ``OUT.html`` beside it.
 The ``validation.policy`` of params does not change this command's exit status: it is a
@@ -41,12 +43,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Validate every CT in DIR; print each failing file with its reason; exit 1 if any fails."""
         from components.validate import html_path_for, validate_dir, write_report
+        from xct_core.atomic import check_writable
 
+        if report is not None:  # before the suite runs
+            check_writable(report)
+            check_writable(html_path_for(report))
         rep = validate_dir(directory, resolve_params(params))
         if report is not None:
             write_report(rep, report, html_path_for(report))
         for line in rep.failure_lines():
             typer.echo(line)
+        for line in rep.ignored_lines():
+            print(f"xct: note: {line}", file=sys.stderr)
         n, bad = len(rep.volumes), len(rep.failed)
-        print(f"{n - bad} of {n} volumes passed validation" + (f"; {bad} failed" if bad else ""), file=sys.stderr)
+        ign = f"; {len(rep.ignored)} other file(s) ignored" if rep.ignored else ""
+        print(f"{n - bad} of {n} volumes passed validation" + (f"; {bad} failed" if bad else "") + ign, file=sys.stderr)
         raise typer.Exit(0 if rep.success else 1)

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 import xct_core
 from xct_core.config import DRRParams, resolve_params
 from xct_core.drr import display_image, joseph_applies, render
-from xct_core.atomic import atomic_path, writable
+from xct_core.atomic import atomic_path, check_writable, writable
 from xct_core.errors import ConfigError
 from xct_core.geometry import KINDS, VIEWS, ProjectionGeometry
 from xct_core.io import load_ct, orientation_codes
@@ -106,11 +106,13 @@ def drr(
     if png is not None and png.suffix.lower() != ".png":
         raise ConfigError(f"--png must name a .png file, got {str(png)!r}")
 
+    for target in (out, out.with_suffix(".json"), *([png] if png is not None else [])):
+        check_writable(target)  # before the CT is loaded and rendered
     p = resolve_params(params)
     dp = _drr_params(p.drr, {"geometry": geometry, "pixels": pixels, "pixel_mm": pixel_mm, "sdd": sdd, "sod": sod})
     meth = method or dp.method
     geom = ProjectionGeometry.from_params(dp, view)  # type: ignore[arg-type]
-    vol = load_ct(ct, p.data.ct)
+    vol = load_ct(ct, p.data.ct, limits=p.limits)
     placed = geom.place(vol.affine, vol.shape)
     used = "reference" if meth == "reference" or not joseph_applies(vol.affine, placed, vol.shape) else "joseph"
     if meth == "joseph" and used != "joseph":

@@ -4,6 +4,10 @@
 ``xct models promote VERSION [--alias champion]`` points an alias at a version (a manual
 override of the pipeline's automatic champion/candidate decision). Tracking:
 ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<repo>/mlflow.db``.
+
+``list`` is read-only: when the tracking store does not exist yet (no ``mlflow.db``, no
+``file:`` folder) it says so in one line and exits 0, without creating it; ``promote`` then
+fails with one line (exit 2).
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ ParamsOpt = Annotated[
 def list_cmd(params: ParamsOpt = None) -> None:
     """List the registered versions: aliases, last-stage test PSNR (window), lineage."""
     from components.register import list_versions
-    from components.tracking import tracking_uri
+    from components.tracking import store_exists, tracking_uri
 
     p = resolve_params(params)
-    rows = list_versions(p)
     name = p.registry.model_name
+    if not store_exists(tracking_uri()):
+        typer.echo(f"no model registry at {tracking_uri()} yet: no versions of {name} (nothing registered)")
+        return
+    rows = list_versions(p)
     if not rows:
         typer.echo(f"no versions of {name} at {tracking_uri()}")
         return

@@ -11,7 +11,12 @@ model URIs: :mod:`components.model_uri`.
 ``xct evaluate --model URI --ct CT_OR_DIR --out DIR`` renders each CT's X-rays with the
 model's training geometry (as the preprocess step), reconstructs, and writes
 ``DIR/metrics.json`` (per patient + means), ``DIR/per_patient.csv``,
-``DIR/recon/<id>.nii.gz`` and ``DIR/report.html`` (+ ``DIR/images/``).
+``DIR/recon/<id>.nii.gz`` and ``DIR/report.html`` (+ ``DIR/images/``). A folder is
+evaluated as a batch: every CT that loads is evaluated and reported; every one that does not
+is listed on stderr as ``xct: error: <file>: <reason>`` (and under ``not_evaluated`` in
+metrics.json / the HTML), and the command then exits 1; when none loads it exits 2 with the
+list and writes nothing. Files in the folder that are neither NIfTI nor a DICOM series
+folder are named on stderr (``xct: note: <file>: ignored …``).
 
 The model's own params (geometry, window, sampler) drive the reconstruction; the local
 params file (``--params``) supplies the ``reconstruct`` section (QA thresholds) and the CT
@@ -63,11 +68,11 @@ def output_paths(out: Path) -> dict[str, Path]:
 
 
 def _model(uri: str, local: Params, tmp: str) -> tuple[Any, Params]:
-    """Resolve the model; its params with the local ``reconstruct`` section."""
+    """Resolve the model; its params with the local ``reconstruct`` and ``limits`` sections."""
     from components.model_uri import resolve_model
 
     r = resolve_model(uri, dst_dir=tmp)
-    return r, r.params.model_copy(update={"reconstruct": local.reconstruct})
+    return r, r.params.model_copy(update={"reconstruct": local.reconstruct, "limits": local.limits})
 
 
 def _check_options(samples: int, steps: int | None, stages: int | None, n_files: int) -> None:
@@ -135,7 +140,7 @@ def reconstruct_cmd(
     model's training geometry. Image convention: row 0 superior; frontal shows the patient's
     right on the left columns, lateral shows anterior on the left columns.
     """
-    from xct_core.atomic import write_text_atomic
+    from xct_core.atomic import check_writable, write_text_atomic
     from xct_core.inference import load_stages, reconstruct
     from xct_core.io import save_nifti
     from xct_core.jsondoc import json_text
@@ -147,6 +152,8 @@ def reconstruct_cmd(
         raise ConfigError(f"--report must name an .html file, got {str(report)!r}")
     local = resolve_params(params)
     k = int(samples if samples is not None else local.reconstruct.samples)
+    for target in (paths["mean"], paths["qa"], *([paths["std"]] if k > 1 else []), *([report] if report else [])):
+        check_writable(target)  # before the model is loaded and sampled
     with tempfile.TemporaryDirectory(prefix="xct-model-") as tmp:
         resolved, mp = _model(model, local, tmp)
         _check_options(k, steps, stages, resolved.n_stages)
@@ -200,15 +207,16 @@ def reconstruct_cmd(
 # --------------------------------------------------------------------------- evaluate
 
 
-def _list_cts(root: Path) -> dict[str, Path]:
-    """id → CT path: a NIfTI file / DICOM file or series folder (one CT), or a folder of
-    NIfTI files and/or DICOM series sub-folders."""
+def _list_cts(root: Path) -> tuple[dict[str, Path], list[Path]]:
+    """(id → CT path, ignored files): a NIfTI file / DICOM file or series folder (one CT), or
+    a folder of NIfTI files and/or DICOM series sub-folders (its other files are ignored)."""
     if not root.exists():
         raise InputError(root, "no such file or directory")
     if root.is_file():
         name = root.name
-        return {name.split(".")[0] if name.lower().endswith((".nii", ".nii.gz")) else root.stem: root}
+        return {name.split(".")[0] if name.lower().endswith((".nii", ".nii.gz")) else root.stem: root}, []
     found: dict[str, Path] = {}
+    other: list[Path] = []
     for p in sorted(root.iterdir()):
         if p.name.startswith("."):
             continue
@@ -216,9 +224,29 @@ def _list_cts(root: Path) -> dict[str, Path]:
             found[p.name.split(".")[0]] = p
         elif p.is_dir() and any(q.is_file() for q in p.iterdir()):
             found[p.name] = p
+        else:
+            other.append(p)
     if not found:
-        return {root.name: root}  # a DICOM series folder itself
-    return found
+        return {root.name: root}, []  # a DICOM series folder itself
+    return found, other
+
+
+def _load_cts(root: Path, local: Params) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
+    """Every CT under ``root`` that loads (id → volume) and every one that does not, with
+    the one-line reason (``<file>: <problem>``); ignored files are named on stderr."""
+    from xct_core.io import load_ct
+
+    listed, ignored = _list_cts(root)
+    for p in ignored:
+        print(f"xct: note: {p}: ignored (neither a .nii/.nii.gz file nor a DICOM series folder)", file=sys.stderr)
+    cts: dict[str, Any] = {}
+    bad: list[tuple[Path, str]] = []
+    for vid, p in listed.items():
+        try:
+            cts[vid] = load_ct(p, local.data.ct, limits=local.limits)
+        except InputError as e:
+            bad.append((p, str(e) if e.path is not None else f"{p}: {e.problem}"))
+    return cts, bad
 
 
 def evaluate_cmd(
@@ -238,16 +266,22 @@ def evaluate_cmd(
     device: Annotated[str, typer.Option("--device", help="torch device")] = "cpu",
 ) -> None:
     """Evaluate the model on your CTs: render X-rays as in training, reconstruct, measure."""
-    from xct_core.atomic import write_text_atomic
+    from xct_core.atomic import check_writable, write_text_atomic
     from xct_core.evaluation import EvalProtocol, evaluate_cts, rows_csv
     from xct_core.inference import load_stage, load_stages
-    from xct_core.io import load_ct, save_nifti
+    from xct_core.io import save_nifti
     from xct_core.jsondoc import json_text
     from xct_core.report import IMAGES, ReportCase, build_report, read_gate_reports, save_case_images, save_training_curves
 
     local = resolve_params(params)
     k = int(samples if samples is not None else local.reconstruct.samples)
-    cts = {vid: load_ct(p, local.data.ct) for vid, p in _list_cts(ct).items()}
+    check_writable(out / "metrics.json")  # before any CT is loaded or reconstructed
+    cts, bad = _load_cts(ct, local)
+    if not cts:
+        for _p, line in bad:
+            print(f"xct: error: {line}", file=sys.stderr)
+        print(f"xct: error: {ct}: none of the {len(bad)} CT(s) could be loaded; nothing evaluated", file=sys.stderr)
+        raise typer.Exit(2)
     with tempfile.TemporaryDirectory(prefix="xct-model-") as tmp:
         resolved, mp = _model(model, local, tmp)
         _check_options(k, steps, stages, resolved.n_stages)
@@ -276,7 +310,8 @@ def evaluate_cmd(
         "direct_*": "direct-regression twin (direct.pt)" if direct is not None else "not available (no direct.pt)",
     }
     doc = {"format": "xct-evaluate/1", "model": model, "protocol": described, **summary,
-           "patients": [{"id": c.case_id, **c.metrics} for c in cases]}
+           "patients": [{"id": c.case_id, **c.metrics} for c in cases],
+           "not_evaluated": [{"path": str(p), "error": line} for p, line in bad]}
     img_dir = out / IMAGES
     report_cases, images = [], []
     for c in cases:
@@ -295,6 +330,7 @@ def evaluate_cmd(
     gate_docs = read_gate_reports(gates) if gates.is_dir() else []
     notes = [f"mean-volume baseline: {summary['baseline']}", f"SSIM: {described['ssim_window']}",
              "literature numbers are often slice averages (several dB higher than 3D PSNR): compare like with like"]
+    notes += [f"not evaluated (could not be loaded): {line}" for _p, line in bad]
     html_path = build_report(out / "report.html", title=f"xct evaluation of {model}", cases=report_cases,
                              summary=summary["mean"], notes=notes, gates=gate_docs, curves=curves,
                              info={"model": model, "CTs": str(ct), "patients": summary["n_patients"],
@@ -307,6 +343,12 @@ def evaluate_cmd(
     typer.echo(f"{summary['n_patients']} CT(s): PSNR[-1024,1024] {m['psnr_hu_db']:.2f} dB, PSNR(window) "
                f"{m['psnr_window_db']:.2f} dB, SSIM {m['ssim_window']:.3f}, MAE {m['mae_hu']:.1f} HU")
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'per_patient.csv'}, {html_path}")
+    if bad:
+        for _p, line in bad:
+            print(f"xct: error: {line}", file=sys.stderr)
+        print(f"xct: error: {len(bad)} of {len(bad) + len(cts)} CT(s) could not be loaded and were not evaluated "
+              "(listed above; the others are in the report)", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
