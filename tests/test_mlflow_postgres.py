@@ -230,7 +230,7 @@ def test_train_evaluate_register_and_load_by_alias_through_postgres_server(stack
     lateral = rng.uniform(0, 8, (16, 16)).astype(np.float32)
     vol = np.asarray(model.predict({"frontal": frontal, "lateral": lateral, "seed": 3}))
     assert vol.shape == (16, 16, 16) and vol.dtype == np.float32 and np.isfinite(vol).all()
-    w = p.hu.get_window()
+    w = p.hu.net_map()  # the networks' HU range (the map inverse of [-1, 1])
     assert vol.min() >= w.lo - 1e-3 and vol.max() <= w.hi + 1e-3
     outs = sample_cascade([load_stage_model(best)], torch.from_numpy(frontal)[None, None],
                           torch.from_numpy(lateral)[None, None], sampler=Sampler.from_params(p, p.eval.sample_steps),

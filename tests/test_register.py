@@ -141,7 +141,7 @@ def test_registered_pyfunc_loads_by_alias_and_matches_the_sampler(reg_env: dict[
     lateral = rng.uniform(0, 8, (16, 16)).astype(np.float32)
     vol = np.asarray(model.predict({"frontal": frontal.tolist(), "lateral": lateral, "seed": 3}))
     assert vol.shape == (32, 32, 32) and np.isfinite(vol).all()
-    w = p.hu.get_window()
+    w = p.hu.net_map()  # the networks' HU range (the map inverse of [-1, 1])
     assert vol.min() >= w.lo - 1e-3 and vol.max() <= w.hi + 1e-3  # window inverse of [-1, 1]
 
     # known answer: the project sampler on the run-1 stage files, same seed and steps

@@ -177,7 +177,7 @@ def test_served_model_reconstructs_a_volume_from_two_xrays(server: dict[str, Any
     vol = np.asarray(json.loads(text)["predictions"], dtype=np.float32)
     assert vol.shape == (size, size, size)
     assert np.isfinite(vol).all()
-    w = params.hu.get_window()
+    w = params.hu.net_map()  # the networks' HU range (the map inverse of [-1, 1])
     assert vol.min() >= w.lo - 1e-3 and vol.max() <= w.hi + 1e-3
     assert vol.std() > 0  # not a constant
 

@@ -41,6 +41,7 @@ def tiny_params(train: dict[str, Any] | None = None, **sections: Any) -> Params:
         "val_sample_steps": 2,
         "val_max_volumes": 1,
         "ema_decay": 0.9,
+        "direct_baseline": False,  # the twin only where a test asks for it (speed)
         **(train or {}),
     }
     for key, val in sections.items():

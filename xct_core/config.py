@@ -54,7 +54,7 @@ class HUParams(_Section):
     #: [-1024, 1024]; xct_core.hu.OUTPUT_MAPS), "window" = the window above mapped linearly
     #: to [-1, 1] (HU outside it are clipped: the output is that window, not a CT), or explicit
     #: {hu: [knots], unit: [knots]} (a monotone piecewise-linear map)
-    output: Literal["window", "soft60", "wide"] | HUMapParams = "window"
+    output: Literal["window", "soft60", "wide"] | HUMapParams = "soft60"
     #: linear attenuation of water in 1/mm (≈0.02 at 60-70 keV)
     mu_water: float = Field(0.02, gt=0)
 
@@ -260,11 +260,11 @@ Stages = _Annotated[dict[str, StageParams], _AfterValidator(_check_stages)]
 #: defaults = the demo profile in params.yaml
 _DEMO_STAGES: dict[str, StageParams] = {
     "stage1": StageParams(size=16, token_grid=8, conv_channels=(32,), dim=96, depth=2, heads=4,
-                          physics_weight=0.0, batch_size=2),
+                          physics_weight=0.0, batch_size=2, anchor="direct"),
     "stage2": StageParams(size=32, token_grid=8, conv_channels=(16, 32), dim=96, depth=2, heads=4,
-                          physics_weight=0.1, batch_size=2),
+                          physics_weight=0.1, batch_size=2, anchor="direct"),
     "stage3": StageParams(size=64, token_grid=8, conv_channels=(8, 16, 32), dim=96, depth=2, heads=4,
-                          physics_weight=0.15, batch_size=2),
+                          physics_weight=0.15, batch_size=2, anchor="direct"),
 }
 
 
@@ -558,7 +558,7 @@ class TrainParams(_Section):
     best_mode: Literal["max", "min"] = "max"
     #: also train a direct-regression twin (same network, mode="direct") on the same batches
     #: and report its validation metrics as the baseline (val/direct_*)
-    direct_baseline: bool = False
+    direct_baseline: bool = True
     #: earlier stages used (frozen) for validation of stage k>1: their best.pt or final.pt
     prev_stage_model: Literal["best", "final"] = "best"
     #: DataLoader worker processes per training worker
