@@ -31,14 +31,16 @@ invocation with a local model folder):
 piece except the stages; ``unaccounted`` = total − stages − overhead (Python glue between
 the pieces; reported so that the bookkeeping can be checked). Stage boundaries come from
 probes on the loaded networks: a wrapper on each stage's ``encode_views`` (the first thing
-``sample_cascade`` does for a stage) and a forward hook that counts network evaluations
-(= DDIM steps; ``forwards_per_sample``). On CUDA each probe calls
+``sample_cascade`` does for a stage) and a forward hook that counts network evaluations per
+sample, i.e. batch rows (= DDIM steps; ``forwards_per_sample``: ``reconstruct.sample_batch``
+samples share one batched forward, each of its rows counts once). On CUDA each probe calls
 ``torch.cuda.synchronize()`` first — once per network forward, negligible next to a
 forward at these grid sizes.
 
 Per configuration: ``--warmup`` un-recorded runs (allocator growth, oneDNN/cuDNN plans,
 CUDA context), then ``--repeats`` recorded runs; median and min over the repeats are
-reported, and the per-DDIM-step time = stage time / forwards.
+reported, and the per-DDIM-step time = stage time / forwards (per sample and step, so
+amortised over a batch of samples).
 
 Memory: CPU — peak resident set size of this process during the run (``VmHWM`` after
 resetting it via ``/proc/self/clear_refs``; includes Python, torch and the loaded models);
@@ -223,14 +225,16 @@ def export_models(params: Params, out_dir: Path, seed: int = 0) -> list[Path]:
     """Random-weight stage networks of the profile's architecture, exported with the real
     exporter (what a trained model folder holds, minus the training)."""
     from xct_core.checkpoint import export_stage_model
-    from xct_core.models import build_stage
+    from xct_core.models import AnchoredStage, build_sampling_stage
 
     files = []
     for k, name in enumerate(params.stages, start=1):
         torch.manual_seed(1000 * seed + k)
         path = out_dir / f"stage{k}.pt"
-        export_stage_model(path, build_stage(params, k), params_json=params.model_dump_json(), stage=k,
-                           name=name, mode="diffusion", step=0)
+        stage = build_sampling_stage(params, k)  # an anchored stage carries its direct twin
+        net, twin = (stage.diffusion, stage.anchor) if isinstance(stage, AnchoredStage) else (stage, None)
+        export_stage_model(path, net, params_json=params.model_dump_json(), stage=k,
+                           name=name, mode="diffusion", step=0, anchor=twin)
         files.append(path)
     return files
 
@@ -252,12 +256,17 @@ class StageProbe:
         self.nets = list(nets)
         self.device = device
         self.events: list[tuple[str, int, float]] = []
+        self.rows: dict[int, int] = {}  # event index of a forward → its batch rows (1 where absent)
         self._handles: list[Any] = []
         self._patched: list[nn.Module] = []
 
     def mark(self, kind: str, k: int = 0) -> None:
         self.device.sync()
         self.events.append((kind, k, time.perf_counter()))
+
+    def _fwd(self, k: int, out: torch.Tensor) -> None:
+        self.mark("fwd", k)
+        self.rows[len(self.events) - 1] = int(out.shape[0])
 
     def __enter__(self) -> StageProbe:
         from xct_core.models.stage import unwrap
@@ -272,7 +281,7 @@ class StageProbe:
 
             net.encode_views = encode_views  # instance attribute shadows the method
             self._patched.append(net)
-            self._handles.append(model.register_forward_hook(lambda _m, _a, _o, _k=k: self.mark("fwd", _k)))
+            self._handles.append(model.register_forward_hook(lambda _m, _a, o, _k=k: self._fwd(_k, o)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -285,7 +294,10 @@ class StageProbe:
     def attribute(self, last_stage: int) -> tuple[dict[str, float], dict[int, int]]:
         """Seconds per segment label and network forwards per stage (module docstring)."""
         seconds: dict[str, float] = defaultdict(float)
-        forwards: Counter[int] = Counter(k for kind, k, _ in self.events if kind == "fwd")
+        forwards: Counter[int] = Counter()  # network evaluations of one sample: a forward counts its rows
+        for i, (kind, k, _) in enumerate(self.events):
+            if kind == "fwd":
+                forwards[k] += self.rows.get(i, 1)
         for (k0, s0, t0), (k1, s1, t1) in pairwise(self.events):
             seconds[_segment(k0, s0, k1, s1, last_stage)] += t1 - t0
         return dict(seconds), dict(forwards)
@@ -424,9 +436,9 @@ def meta_check(params: Params, steps: int, profile: str) -> dict[str, Any]:
     """The cascade's shapes on the meta device through the same probes (no compute)."""
     from xct_core.cascade import sample_cascade
     from xct_core.diffusion import Sampler
-    from xct_core.models import build_stage
+    from xct_core.models import build_sampling_stage
 
-    nets = [build_stage(params, k, device="meta").eval() for k in range(1, len(params.stages) + 1)]
+    nets = [build_sampling_stage(params, k, device="meta").eval() for k in range(1, len(params.stages) + 1)]
     P = params.drr.pixels
     with torch.device("meta"):
         f, lat = torch.empty(1, 1, P, P), torch.empty(1, 1, P, P)

@@ -112,3 +112,6 @@ def test_probe_attribution_known_answer() -> None:
     probe.events = [("start", 0, 0.0), ("enc", 2, 1.0)]  # stage 2 before stage 1: bookkeeping error
     with pytest.raises(RuntimeError, match="unexpected probe event order"):
         probe.attribute(2)
+    # a batched forward of 4 sample rows counts as 4 evaluations
+    probe.events, probe.rows = ev, {2: 4}
+    assert probe.attribute(2)[1] == {1: 6, 2: 3}

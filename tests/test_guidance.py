@@ -78,6 +78,8 @@ def test_guided_cascade_reprojects_closer_to_the_inputs():
     from xct_core.models import build_stage
 
     p = params_from_dict({"hu": {"output": "wide"}, "diffusion": {"guidance_weight": 0.5, "guidance_iters": 2}})
+    s1 = p.stages["stage1"].model_copy(update={"anchor": "none"})  # a plain (not twin-anchored) stage
+    p = p.model_copy(update={"stages": {**p.stages, "stage1": s1}})
     st, aff, geoms, true_hu, views = _sphere_case(p)
     wrong = OUTPUT_MAPS["wide"].forward(true_hu * 0.6)[None, None]  # the stage believes in a fainter body
 
@@ -101,4 +103,4 @@ def test_guidance_params_are_validated():
     with pytest.raises(Exception, match="guidance_weight"):
         params_from_dict({"diffusion": {"guidance_weight": 2.5}, "hu": {"output": "wide"}})
     with pytest.raises(Exception, match="needs a full-range hu.output"):
-        params_from_dict({"diffusion": {"guidance_weight": 0.5}})
+        params_from_dict({"diffusion": {"guidance_weight": 0.5}, "hu": {"output": "window"}})

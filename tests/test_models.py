@@ -170,8 +170,9 @@ def test_demo_stage_output_shapes() -> None:
         S = net.size
         f, lat = xrays(1, P)
         cond = None if k == 1 else torch.zeros(1, 1, S // 2, S // 2, S // 2)
+        anchor = torch.zeros(1, 1, S, S, S) if net.anchored else None  # the demo stages are anchored
         with torch.no_grad():
-            out = net(torch.randn(1, 1, S, S, S), torch.tensor([500]), f, lat, cond)
+            out = net(torch.randn(1, 1, S, S, S), torch.tensor([500]), f, lat, cond, anchor=anchor)
         assert out.shape == (1, 1, S, S, S)
         assert torch.isfinite(out).all()
 
@@ -194,8 +195,9 @@ def test_production_stages_on_the_meta_device(repo_root: Path) -> None:
         assert net.backbone.pos_embed.shape == (T**3, cfg.dim)
         with torch.device("meta"):
             cond = None if k == 1 else torch.empty(2, 1, S // 2, S // 2, S // 2)
+            anchor = torch.empty(2, 1, S, S, S) if net.anchored else None
             out = net(torch.empty(2, 1, S, S, S), torch.zeros(2, dtype=torch.long),
-                      torch.empty(2, 1, P, P), torch.empty(2, 1, P, P), cond)
+                      torch.empty(2, 1, P, P), torch.empty(2, 1, P, P), cond, anchor=anchor)
         assert seen["grid"] == (T, T, T)
         assert out.shape == (2, 1, S, S, S)
 
@@ -524,7 +526,7 @@ def test_physics_loss_zero_for_identical_positive_for_shifted_and_differentiable
     from xct_core.drr import render
     from xct_core.geometry import ProjectionGeometry
 
-    win, aff = p.hu.get_window(), stage_affine(p.stage(2).cfg)
+    win, aff = p.hu.net_map(), stage_affine(p.stage(2).cfg)
     imgs = {
         name: torch.stack([render(win.inverse(v[:, 0]), aff, ProjectionGeometry.from_params(p.drr, view),
                                   mu_water=p.hu.mu_water) for view in ("frontal", "lateral")], 1)

@@ -128,11 +128,13 @@ def test_samples_mean_and_std_equal_single_runs(env: dict[str, Any], tmp_path: P
     rec = reconstruct(nets, p1, f, lat, samples=3, seed=5)  # one sample at a time
     np.testing.assert_allclose(rec.mean_hu, singles.mean(0), atol=1e-3)
     # batched (the default: all three in one batch, each row with its own seed's generator):
-    # the same samples up to float32 rounding of batched convolutions
+    # the same samples up to float32 rounding of batched convolutions (~1e-5 network units; a unit is
+    # up to ~2000 HU in the steep part of the soft60 map, so 1e-4 of the map's HU span)
     assert p.reconstruct.sample_batch >= 3
+    tol = 1e-4 * (p.hu.net_map().hi - p.hu.net_map().lo)
     batched = reconstruct(nets, p, f, lat, samples=3, seed=5)
-    np.testing.assert_allclose(batched.mean_hu, singles.mean(0), atol=2e-2)
-    np.testing.assert_allclose(batched.std_hu, singles.std(0, ddof=1), atol=2e-2)
+    np.testing.assert_allclose(batched.mean_hu, singles.mean(0), atol=tol)
+    np.testing.assert_allclose(batched.std_hu, singles.std(0, ddof=1), atol=tol)
     np.testing.assert_allclose(rec.std_hu, singles.std(0, ddof=1), atol=1e-3)
     mean = np.asarray(nib.load(str(out)).dataobj, dtype=np.float32)
     np.testing.assert_allclose(mean, singles.mean(0), atol=0.51)  # int16 rounding

@@ -185,7 +185,7 @@ def test_served_model_reconstructs_a_volume_from_two_xrays(server: dict[str, Any
     mlflow.set_tracking_uri(server["uri"])
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     ref = np.asarray(model.predict({"frontal": views["frontal"], "lateral": views["lateral"], "seed": SEED}))
-    tol = 1e-4 * w.width  # HU; float32 reduction order differs with the server's thread count
+    tol = 1e-4 * (w.hi - w.lo)  # HU; float32 reduction order differs with the server's thread count
     np.testing.assert_allclose(vol, ref, atol=tol)
 
     # the one-row DataFrame form the pyfunc documents gives the same volume

@@ -339,3 +339,13 @@ def build_stage(
         cfg, grids, xray_scale=params.model.xray_scale, xray_bin=b, prev_size=prev_size, mode=mode, name=name
     )
     return net.to(device) if device is not None else net
+
+
+def build_sampling_stage(params: Params, k: int | Stage, *, device: torch.device | str | None = None) -> nn.Module:
+    """Stage ``k`` as :func:`xct_core.cascade.sample_cascade` samples it: the diffusion network,
+    wrapped with a freshly built direct twin (:class:`AnchoredStage`) when the stage is anchored
+    (``cfg.anchor == "direct"``). Random weights: for shapes, latency and export tests."""
+    net = build_stage(params, k, device=device)
+    if not net.anchored:
+        return net
+    return AnchoredStage(net, build_stage(params, k, mode="direct", device=device))
