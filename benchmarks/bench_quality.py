@@ -261,7 +261,7 @@ def _fmt(v: Any, key: str) -> str:
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    lines = [f"# Reconstruction-quality ablation (issue 14)", "",
+    lines = ["# Reconstruction-quality ablation (issue 14)", "",
              f"Machine: {doc['machine']}; torch {doc['torch']}; commit {doc['git']['commit']}"
              f"{' (dirty)' if doc['git']['dirty'] else ''}; {doc['date']}. Command: `{doc['command']}`.", "",
              "Each cell: the method / its direct-regression twin / the mean volume (same volumes, same metric code).",
