@@ -79,7 +79,8 @@ REPORTED: tuple[tuple[str, str], ...] = (
     ("psnr_slice_avg_db", "slice-avg PSNR (dB, X2CT-style)"),
     ("ssim_slice_avg", "slice-avg SSIM (X2CT-style)"),
 )
-METHODS: tuple[tuple[str, str], ...] = (("", "diffusion cascade"), ("direct_", "direct regression"),
+METHODS: tuple[tuple[str, str], ...] = (("", "diffusion cascade"), ("single_", "diffusion cascade, one sample"),
+                                        ("direct_", "direct regression"),
                                         ("baseline_", "mean volume (train split)"))
 
 
@@ -304,6 +305,7 @@ def build_summary(out: Path, params: Any, split: dict[str, list[str]], manifest:
         "wall_s": {k: round(v, 1) for k, v in walls.items()},
         "wall_total_s": round(sum(walls.values()), 1),
         "sample_steps": ev.get("sample_steps"),
+        "samples": ev.get("samples", 1),
         "protocol": ev["protocol"],
         "baseline": ev.get("baseline"),
         "per_patient": per_patient,
@@ -324,7 +326,9 @@ def format_table(summary: dict[str, Any]) -> str:
     blocks = [*summary["per_patient"].items(), ("**mean**", summary["mean"])]
     for pid, methods in blocks:
         for _, label in METHODS:
-            vals = methods[label]
+            vals = methods.get(label) or {}
+            if all(v is None for v in vals.values()):  # e.g. no one-sample rows when K = 1
+                continue
             lines.append(f"| {pid} | {label} | " + " | ".join(_fmt(vals.get(k), k) for k, _ in REPORTED) + " |")
     return "\n".join(lines)
 
@@ -354,14 +358,15 @@ def write_results(prefix: Path, summary: dict[str, Any], out: Path) -> None:
         f"with |a-1| ≤ {summary['augment']['hu_scale']}, |b| ≤ {summary['augment']['hu_offset']} HU; DRRs rendered after "
         f"augmentation). Quarantined by validation: {', '.join(summary['quarantined']) or 'none'}.",
         f"- Test (never ingested, only read by `xct evaluate`): {', '.join(summary['test_cts'])}.",
-        f"- No validation split, no model selection: fixed steps, final weights.",
+        "- No validation split, no model selection: fixed steps, final weights.",
         f"- Cascade stages trained: {summary['stages_trained']} (grids {' → '.join(f'{g}³' for g in summary['stage_grids'])} over "
         f"{summary['fov_mm']} mm); window {summary['window']}; X-rays: {summary['drr']}.",
         "- Steps: " + ", ".join(f"{k} {v} ({tr[k]['samples_per_s'] or 0:.2f} samples/s)"
                                for k, v in summary["train_steps"].items()) + f"; engine {summary['engine']}.",
         "- Wall times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in w.items())
         + f"; total {summary['wall_total_s'] / 60:.1f} min.",
-        f"- Sampler: DDIM {summary['sample_steps']} steps per stage, 1 sample, fixed seed.",
+        f"- Sampler: DDIM {summary['sample_steps']} steps per stage, {summary.get('samples', 1)} sample(s) per CT, fixed "
+        "seeds; the cascade's point estimate is the voxel-wise mean of the samples (the one-sample rows: the first).",
         "",
         "## Results (3D metrics unless labelled; per patient and mean over the 2 test chests)",
         "",
