@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-REQS := requirements/base.txt requirements/test.txt requirements/lock.txt pyproject.toml
+REQS := requirements/base.txt requirements/build.txt requirements/test.txt requirements/lock.txt pyproject.toml
 # Off this workplace a plain `pip install torch` may pull a multi-GB CUDA build; set
 # TORCH_PIP_ARGS="--index-url <PyTorch's CPU wheel index>" to force the CPU build.
 TORCH_PIP_ARGS ?=
@@ -24,7 +24,7 @@ $(STAMP): $(REQS)
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0 $(TORCH_PIP_ARGS)
-	$(PIP) install -q -r requirements/base.txt -r requirements/test.txt -c requirements/lock.txt
+	$(PIP) install -q -r requirements/base.txt -r requirements/build.txt -r requirements/test.txt -c requirements/lock.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 	@echo "installed into $(VENV)"

@@ -641,6 +641,70 @@ def test_mlflow_server_image_matches_client_versions() -> None:
     assert "psycopg2-binary" in pins, "PostgreSQL backend store needs psycopg2"
 
 
+BUILD = _pins(REPO / "requirements" / "build.txt")
+
+
+def _image_pins(text: str) -> dict[str, tuple[str, str]]:
+    """Versions a Dockerfile pins by itself: ``pkg==ver`` inside RUN lines and ``ARG
+    <PKG>_VERSION=ver`` defaults (name normalised) → (version, where)."""
+    out: dict[str, tuple[str, str]] = {}
+    for m in re.finditer(r"^ARG\s+([A-Za-z0-9_]+)_VERSION=(\S+)", text, flags=re.M):
+        out[m.group(1).lower().replace("_", "-")] = (m.group(2), m.group(0))
+    for m in re.finditer(r"[\"' ]([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][^\s\"']*)", text):
+        out[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = (m.group(2), m.group(0).strip("\"' "))
+    return out
+
+
+@pytest.mark.parametrize("dockerfile", sorted(p.name for p in DOCKER.glob("Dockerfile.*")))
+def test_image_pins_agree_with_the_lock(dockerfile: str) -> None:
+    """An image may not pin a package to another version than requirements/lock.txt (a
+    setuptools 75.8.0 pin beside torch 2.13.0, which needs >= 77.0.3, broke the images'
+    `pip check`): build-time pins come from requirements/build.txt, installed with the lock."""
+    text = (DOCKER / dockerfile).read_text()
+    for name, (ver, where) in _image_pins(text).items():
+        if name in LOCK:
+            assert ver == LOCK[name], f"{dockerfile}: {where!r} contradicts requirements/lock.txt ({name}=={LOCK[name]})"
+    if "--no-build-isolation" in text:
+        assert "pip install -r requirements/build.txt -c requirements/lock.txt" in text, (
+            f"{dockerfile}: builds the project without build isolation but does not install requirements/build.txt")
+
+
+def test_build_pins_are_locked_and_satisfy_the_locked_distributions() -> None:
+    """requirements/build.txt: every pin is the lock's, and satisfies what each locked
+    distribution installed here requires of it (torch 2.13.0: setuptools>=77.0.3)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    assert BUILD, "requirements/build.txt pins nothing"
+    for name, ver in BUILD.items():
+        assert LOCK.get(name) == ver, f"requirements/build.txt {name}=={ver} ≠ lock.txt {LOCK.get(name)}"
+    checked = 0
+    for dist, locked in LOCK.items():
+        try:
+            d = metadata.distribution(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        if d.version.split("+")[0] != locked.split("+")[0]:
+            continue  # not the locked version here: its requirements say nothing about the lock
+        for spec in d.requires or []:
+            req = Requirement(spec)
+            rname = re.sub(r"[-_.]+", "-", req.name).lower()
+            if rname in BUILD and (req.marker is None or req.marker.evaluate({"extra": ""})):
+                assert Version(BUILD[rname]) in req.specifier, (
+                    f"requirements/build.txt {rname}=={BUILD[rname]} violates {dist} {locked}: {spec}")
+                checked += 1
+    assert checked >= 1, "no locked distribution states a requirement on a build pin (torch needs setuptools)"
+    make = (REPO / "Makefile").read_text()
+    assert "-r requirements/build.txt" in make and "requirements/build.txt" in make.split("REQS :=", 1)[1].splitlines()[0]
+
+
+def test_mlflow_image_pins_are_locked() -> None:
+    for name, ver in _pins(DOCKER / "requirements-mlflow.txt").items():
+        assert LOCK.get(name) == ver, f"requirements-mlflow.txt {name}=={ver} ≠ lock.txt {LOCK.get(name)}"
+
+
 def _dockerignore_patterns() -> list[tuple[bool, str]]:
     out = []
     for line in (REPO / ".dockerignore").read_text().splitlines():
@@ -669,7 +733,7 @@ def test_dockerignore_keeps_data_and_environments_out() -> None:
     for p in ("data/raw/ct.nii.gz", "outputs/train/x.pt", ".venv/bin/python", "mlruns/0/meta.yaml",
               "mlflow.db", ".git/HEAD", "infra/compose/.env", "components/__pycache__/x.pyc"):
         assert _dockerignored(p), f"{p} would enter the build context"
-    for p in ("pyproject.toml", "requirements/base.txt", "requirements/lock.txt", "xct_core/config.py",
+    for p in ("pyproject.toml", "requirements/base.txt", "requirements/build.txt", "requirements/lock.txt", "xct_core/config.py",
               "components/train.py", "pipelines/cli.py", "params.yaml", "params.production.yaml",
               "infra/docker/requirements-mlflow.txt", "infra/compose/.env.example"):
         assert not _dockerignored(p), f"{p} is needed in the build context"
