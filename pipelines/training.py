@@ -11,7 +11,15 @@
 
 A failing gate stops the work after it: the tasks nested under its ``dsl.If`` never run and
 the ``dsl.Else`` branch records the gate summary; the run itself completes (rejected is a
-result, not an error). Step failures (bad data, a crashed trainer) fail the run.
+result, not an error). Step failures (bad data, a crashed trainer) fail the run. The whole
+DAG sits inside a ``dsl.ExitHandler`` whose exit task (components/run_summary.py) writes
+``run_summary.json`` however the run ended, a failed step included.
+
+Everyday controls, from ``params.pipeline.kfp`` at compile time (:func:`build_pipeline`):
+step caching of every task (``caching``; ``--no-cache`` on the CLI turns it off), retries
+with exponential back-off on the train and preprocess tasks (``retries``: ``set_retry``), and
+the train task's accelerator request and tolerations (``train_accelerator``:
+``set_accelerator_type`` / ``set_accelerator_limit``, kfp-kubernetes ``add_toleration``).
 
 Pipeline parameters: ``data_uri`` (a folder of raw CTs: a local path under ``kfp.local``,
 ``s3://…``/``gs://…`` on a cluster), ``params_yaml`` (the text of params.yaml; empty: the
@@ -36,6 +44,7 @@ from kfp.dsl import Dataset
 
 from components.ingest import ingest_component
 from components.preprocess import preprocess_component
+from components.run_summary import run_summary_component
 from components.stages_kfp import (
     GATE_PASSED,
     evaluate_step_component,
@@ -46,73 +55,115 @@ from components.stages_kfp import (
 )
 from components.validate import validate_component
 from xct_core.atomic import atomic_path, writable
+from xct_core.config import KfpParams, Params, params_from_dict
 from xct_core.errors import InputError, XctError
 
 PIPELINE_NAME = "xct-cascade"
 
 
+class _Controls:
+    """Applies ``params.pipeline.kfp`` to each task as the DAG is built."""
+
+    def __init__(self, kp: KfpParams, caching: bool) -> None:
+        self.kp, self.caching = kp, caching
+
+    def __call__(self, task: Any, kind: str = "") -> Any:
+        task.set_caching_options(self.caching)
+        retry = self.kp.retries.get(kind)
+        if retry is not None and retry.num_retries > 0:
+            task.set_retry(num_retries=retry.num_retries, backoff_duration=f"{retry.backoff_s:g}s",
+                           backoff_factor=retry.backoff_factor, backoff_max_duration=f"{retry.backoff_max_s:g}s")
+        acc = self.kp.train_accelerator
+        if kind == "train" and acc.type:
+            task.set_accelerator_type(acc.type).set_accelerator_limit(acc.limit)
+        if kind == "train" and acc.tolerations:
+            from kfp import kubernetes
+
+            for tol in acc.tolerations:
+                kubernetes.add_toleration(task, key=tol.key, operator=tol.operator, value=tol.value,
+                                          effect=tol.effect, toleration_seconds=tol.toleration_seconds)
+        return task
+
+
 def _cascade_stage(k: int, processed: Any, previous: Any, params_yaml: Any, ray_address: Any,
-                   mlflow_tracking_uri: Any) -> tuple[Any, Any, Any]:
+                   mlflow_tracking_uri: Any, ctl: _Controls) -> tuple[Any, Any, Any]:
     """train → evaluate → gate of stage ``k``; returns the three tasks."""
     kw = {"previous": previous.outputs["model"]} if previous is not None else {}
-    train = train_stage_component(
+    train = ctl(train_stage_component(
         stage=k, processed=processed, params_yaml=params_yaml, ray_address=ray_address,
         mlflow_tracking_uri=mlflow_tracking_uri, **kw,
-    ).set_display_name(f"train stage {k}")
-    evaluate = evaluate_step_component(
+    ).set_display_name(f"train stage {k}"), "train")
+    evaluate = ctl(evaluate_step_component(
         stage=k, processed=processed, train_dir=train.outputs["model"], params_yaml=params_yaml,
-    ).set_display_name(f"evaluate stage {k}")
-    gate = gate_report_component(
+    ).set_display_name(f"evaluate stage {k}"))
+    gate = ctl(gate_report_component(
         stage=k, evaluation=evaluate.outputs["report"], params_yaml=params_yaml,
-    ).set_display_name(f"gate {k}")
+    ).set_display_name(f"gate {k}"))
     return train, evaluate, gate
 
 
-def _rejected(k: int, gate: Any) -> None:
-    rejected_component(stage=k, gate_summary=gate.outputs["summary"]).set_display_name(f"rejected at gate {k}")
+def build_pipeline(params: Params | None = None, *, caching: bool | None = None) -> Any:
+    """The ``@dsl.pipeline`` function with ``params.pipeline.kfp``'s controls applied
+    (default params when ``None``); ``caching`` overrides ``pipeline.kfp.caching``."""
+    kp = (params if params is not None else params_from_dict({})).pipeline.kfp
+    ctl = _Controls(kp, kp.caching if caching is None else bool(caching))
 
+    def rejected(k: int, gate: Any) -> None:
+        ctl(rejected_component(stage=k, gate_summary=gate.outputs["summary"]).set_display_name(f"rejected at gate {k}"))
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Biplanar X-ray → 3D CT cascade: data → 3 gated stages → register")
-def xct_pipeline(
-    data_uri: str,
-    params_yaml: str = "",
-    ray_address: str = "",
-    mlflow_tracking_uri: str = "",
-) -> None:
-    raw = dsl.importer(artifact_uri=data_uri, artifact_class=Dataset, reimport=False).set_display_name("raw CTs")
-    ingest = ingest_component(raw=raw.output, params_yaml=params_yaml)
-    validate = validate_component(interim=ingest.outputs["interim"], params_yaml=params_yaml)
-    preprocess = preprocess_component(
-        interim=ingest.outputs["interim"], validated=validate.outputs["validated"], params_yaml=params_yaml,
-    )
-    processed = preprocess.outputs["processed"]
-    common = {"params_yaml": params_yaml, "ray_address": ray_address, "mlflow_tracking_uri": mlflow_tracking_uri}
+    @dsl.pipeline(name=PIPELINE_NAME, description="Biplanar X-ray → 3D CT cascade: data → 3 gated stages → register")
+    def xct_pipeline(
+        data_uri: str,
+        params_yaml: str = "",
+        ray_address: str = "",
+        mlflow_tracking_uri: str = "",
+    ) -> None:
+        exit_task = run_summary_component(data_uri=data_uri).set_display_name("run summary")
+        exit_task.set_caching_options(False)  # the summary of THIS run, never a cached one
+        with dsl.ExitHandler(exit_task, name="xct-run"):
+            raw = ctl(dsl.importer(artifact_uri=data_uri, artifact_class=Dataset, reimport=False)
+                      .set_display_name("raw CTs"))
+            ingest = ctl(ingest_component(raw=raw.output, params_yaml=params_yaml))
+            validate = ctl(validate_component(interim=ingest.outputs["interim"], params_yaml=params_yaml))
+            preprocess = ctl(preprocess_component(
+                interim=ingest.outputs["interim"], validated=validate.outputs["validated"], params_yaml=params_yaml,
+            ), "preprocess")
+            processed = preprocess.outputs["processed"]
+            common = {"params_yaml": params_yaml, "ray_address": ray_address,
+                      "mlflow_tracking_uri": mlflow_tracking_uri, "ctl": ctl}
 
-    t1, e1, g1 = _cascade_stage(1, processed, None, **common)
-    with dsl.If(g1.outputs[GATE_PASSED] == True, name="gate-1-passed"):  # noqa: E712 (KFP condition)
-        t2, e2, g2 = _cascade_stage(2, processed, t1, **common)
-        with dsl.If(g2.outputs[GATE_PASSED] == True, name="gate-2-passed"):  # noqa: E712
-            t3, e3, g3 = _cascade_stage(3, processed, t2, **common)
-            with dsl.If(g3.outputs[GATE_PASSED] == True, name="gate-3-passed"):  # noqa: E712
-                register_component(
-                    model=t3.outputs["model"],
-                    eval1=e1.outputs["report"], eval2=e2.outputs["report"], eval3=e3.outputs["report"],
-                    gate1=g1.outputs["gate"], gate2=g2.outputs["gate"], gate3=g3.outputs["gate"],
-                    params_yaml=params_yaml, mlflow_tracking_uri=mlflow_tracking_uri,
-                ).set_display_name("register")
+            t1, e1, g1 = _cascade_stage(1, processed, None, **common)
+            with dsl.If(g1.outputs[GATE_PASSED] == True, name="gate-1-passed"):  # noqa: E712 (KFP condition)
+                t2, e2, g2 = _cascade_stage(2, processed, t1, **common)
+                with dsl.If(g2.outputs[GATE_PASSED] == True, name="gate-2-passed"):  # noqa: E712
+                    t3, e3, g3 = _cascade_stage(3, processed, t2, **common)
+                    with dsl.If(g3.outputs[GATE_PASSED] == True, name="gate-3-passed"):  # noqa: E712
+                        ctl(register_component(
+                            model=t3.outputs["model"],
+                            eval1=e1.outputs["report"], eval2=e2.outputs["report"], eval3=e3.outputs["report"],
+                            gate1=g1.outputs["gate"], gate2=g2.outputs["gate"], gate3=g3.outputs["gate"],
+                            params_yaml=params_yaml, mlflow_tracking_uri=mlflow_tracking_uri,
+                        ).set_display_name("register"))
+                    with dsl.Else():
+                        rejected(3, g3)
+                with dsl.Else():
+                    rejected(2, g2)
             with dsl.Else():
-                _rejected(3, g3)
-        with dsl.Else():
-            _rejected(2, g2)
-    with dsl.Else():
-        _rejected(1, g1)
+                rejected(1, g1)
+
+    return xct_pipeline
 
 
-def compile_pipeline(out: str | Path) -> Path:
-    """Write the pipeline's IR YAML to ``out`` atomically; returns the path."""
+#: the pipeline with the default params' controls (what ``xct pipeline compile`` writes without --params)
+xct_pipeline = build_pipeline()
+
+
+def compile_pipeline(out: str | Path, params: Params | None = None, *, caching: bool | None = None) -> Path:
+    """Write the pipeline's IR YAML to ``out`` atomically (controls from ``params``, see
+    :func:`build_pipeline`); returns the path."""
     out = Path(out)
     with atomic_path(out, ".yaml") as tmp, writable(out):
-        compiler.Compiler().compile(pipeline_func=xct_pipeline, package_path=str(tmp))
+        compiler.Compiler().compile(pipeline_func=build_pipeline(params, caching=caching), package_path=str(tmp))
     return out
 
 
@@ -128,10 +179,12 @@ def pipeline_arguments(data_uri: str, params_yaml: str = "", ray_address: str = 
 
 
 def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
-              mlflow_tracking_uri: str = "") -> Any:
+              mlflow_tracking_uri: str = "", *, caching: bool | None = None) -> Any:
     """Run the whole pipeline in this Python environment with ``kfp.local`` (SubprocessRunner).
 
     ``pipeline_root`` receives every task's artifacts (``<root>/<run>/<task>/<output>``).
+    Step caching (kfp.local's file cache under ``<root>/.kfp_cache``) follows
+    ``pipeline.kfp.caching`` unless ``caching`` says otherwise.
     Temporary per-task folders (kfp.local leaves them) go under ``<root>/tmp`` via TMPDIR.
     Returns the kfp.local pipeline task (``.outputs``). Raises :class:`InputError` when
     ``data_dir`` is missing and :class:`XctError` when a task fails.
@@ -141,6 +194,10 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
     data = Path(data_dir).absolute()
     if not data.is_dir():
         raise InputError(data, "raw data folder not found (run `xct data synth` or `dvc pull` first)")
+    from components._kfp import params_from_text
+
+    params = params_from_text(params_yaml)
+    use_cache = params.pipeline.kfp.caching if caching is None else bool(caching)
     root = Path(pipeline_root).absolute()
     tmp = root / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -149,9 +206,11 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
     tempfile.tempdir = None  # re-read TMPDIR
     try:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
-                   raise_on_error=True, workspace_root=str(root / "workspace"))
+                   raise_on_error=True, workspace_root=str(root / "workspace"),
+                   enable_caching=use_cache, cache_root=str(root / ".kfp_cache"))
         try:
-            return xct_pipeline(**pipeline_arguments(str(data), params_yaml, "", mlflow_tracking_uri))
+            pipeline = build_pipeline(params, caching=use_cache)
+            return pipeline(**pipeline_arguments(str(data), params_yaml, "", mlflow_tracking_uri))
         except RuntimeError as e:
             text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # kfp colours its messages
             raise XctError(f"pipeline run failed: {text[-1] if text else type(e).__name__}") from None
@@ -164,8 +223,11 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
 
 
 def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", mlflow_tracking_uri: str = "",
-           experiment: str = "xct", run_name: str | None = None, namespace: str | None = None) -> str:
-    """Submit a run to the Kubeflow Pipelines API at ``host``; returns the run id.
+           experiment: str = "xct", run_name: str | None = None, namespace: str | None = None,
+           *, caching: bool | None = None) -> str:
+    """Submit a run to the Kubeflow Pipelines API at ``host``; returns the run id. ``caching``
+    (default ``pipeline.kfp.caching``) is compiled into every task and passed as the run's
+    ``enable_caching``.
 
     Raises :class:`XctError` (one line) when the host cannot be reached or rejects the run.
     """
@@ -173,15 +235,20 @@ def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", ml
 
     import kfp
 
+    from components._kfp import params_from_text
+
+    params = params_from_text(params_yaml)
+    use_cache = params.pipeline.kfp.caching if caching is None else bool(caching)
     try:
         with warnings.catch_warnings():  # the client's "only works with KFP >= 2.0.0-beta.2" notice
             warnings.simplefilter("ignore", FutureWarning)
             client = kfp.Client(host=host, namespace=namespace)
         run = client.create_run_from_pipeline_func(
-            xct_pipeline,
+            build_pipeline(params, caching=use_cache),
             arguments=pipeline_arguments(data_uri, params_yaml, ray_address, mlflow_tracking_uri),
             run_name=run_name,
             experiment_name=experiment,
+            enable_caching=use_cache,
         )
     except Exception as e:  # noqa: BLE001 — kfp/urllib3/kubernetes raise many types; one line to the user
         text = " ".join(str(e).split()) or type(e).__name__

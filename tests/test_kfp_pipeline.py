@@ -116,6 +116,8 @@ def test_kfp_local_pass_path_runs_every_task(scratch: Path) -> None:
     summary = json.loads(next(run.glob("register-component/summary/summary.json")).read_text())
     assert summary["status"] in ("promoted", "registered") and [s["passed"] for s in summary["stages"]] == [True] * 3
     assert "stage 3: gate passed" in proc.stdout
+    run_summary = json.loads((run / "run-summary-component" / "summary" / "run_summary.json").read_text())
+    assert run_summary["state"] == "SUCCEEDED" and run_summary["succeeded"] is True
 
 
 @pytest.mark.slow
@@ -137,3 +139,118 @@ def test_kfp_local_failing_gate_stops_later_tasks(scratch: Path) -> None:
     gate = json.loads((run / "gate-report-component" / "gate" / "stage1.json").read_text())
     assert gate["passed"] is False
     assert "REJECTED" in proc.stdout
+    run_summary = json.loads((run / "run-summary-component" / "summary" / "run_summary.json").read_text())
+    assert run_summary["state"] == "SUCCEEDED", "a rejected run is a completed run"
+
+
+# --------------------------------------------------------------------------- everyday controls
+
+
+def _all_tasks(ir: dict) -> dict[str, dict]:
+    """Every task of the compiled IR (root DAG and every sub-DAG), by ``<dag>/<task>``."""
+    out = {f"root/{n}": t for n, t in ir["root"]["dag"]["tasks"].items()}
+    for comp, spec in ir["components"].items():
+        for n, t in spec.get("dag", {}).get("tasks", {}).items():
+            out[f"{comp}/{n}"] = t
+    return out
+
+
+def _container_tasks(ir: dict) -> dict[str, dict]:
+    """Tasks that run an executor (not a sub-DAG), the exit task excluded."""
+    comps = ir["components"]
+    return {k: t for k, t in _all_tasks(ir).items()
+            if "executorLabel" in comps[t["componentRef"]["name"]] and not k.endswith("run-summary-component")}
+
+
+def _compile(tmp: Path, capsys: pytest.CaptureFixture[str], *extra: str, kfp: dict | None = None) -> list[dict]:
+    from xct_core.config import load_params
+
+    args = ["pipeline", "compile", "--out", str(tmp / "p.yaml")]
+    if kfp is not None:
+        data = load_params(REPO / "params.yaml").model_dump(mode="json")
+        data["pipeline"]["kfp"].update(kfp)
+        args += ["--params", str(write_params(tmp / "params.yaml", data))]
+    code, err = _main([*args, *extra], capsys)
+    assert code == 0, err
+    return list(yaml.safe_load_all((tmp / "p.yaml").read_text()))
+
+
+def test_compiled_tasks_cache_retry_and_sit_inside_the_exit_handler(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from xct_core.config import load_params
+
+    kp = load_params(REPO / "params.yaml").pipeline.kfp
+    (ir,) = _compile(tmp_path, capsys)  # no tolerations: no platform spec document
+    tasks = _container_tasks(ir)
+    assert len(tasks) >= 14, sorted(tasks)  # importer, ingest, validate, preprocess, 3 × (train, eval, gate), register, 3 rejected
+    assert all(t.get("cachingOptions", {}).get("enableCache") is True for t in tasks.values()), "caching: true"
+    retried = {k: t["retryPolicy"] for k, t in tasks.items() if "retryPolicy" in t}
+    kinds = {k.rsplit("/", 1)[1].split("-component")[0] for k in retried}
+    assert kinds == {"train-stage", "preprocess"}, sorted(retried)
+    assert sum(k.rsplit("/", 1)[1].startswith("train-stage") for k in retried) == 3
+    for k, r in retried.items():
+        want = kp.retries["preprocess" if "preprocess" in k else "train"]
+        assert int(r["maxRetryCount"]) == want.num_retries
+        assert r["backoffDuration"] == f"{want.backoff_s:g}s" and r["backoffMaxDuration"] == f"{want.backoff_max_s:g}s"
+        assert float(r["backoffFactor"]) == want.backoff_factor
+    assert not any("accelerator" in e.get("container", {}).get("resources", {})
+                   for e in ir["deploymentSpec"]["executors"].values()), "type '' = no accelerator request"
+    # the exit handler: the root DAG is the guarded group + the exit task, which gets the final status
+    root = ir["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "run-summary-component"}, sorted(root)
+    exit_task = root["run-summary-component"]
+    assert exit_task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert exit_task["dependentTasks"] == ["exit-handler-1"]
+    assert "taskFinalStatus" in exit_task["inputs"]["parameters"]["status"]
+    assert not exit_task.get("cachingOptions", {}).get("enableCache"), "the run summary is never cached"
+    assert "ingest-component" in ir["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+
+
+def test_no_cache_and_the_train_accelerator_reach_the_compiled_yaml(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    tol = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ir, platform = _compile(tmp_path, capsys, "--no-cache",
+                            kfp={"train_accelerator": {"type": "nvidia.com/gpu", "limit": 2, "tolerations": [tol]}})
+    tasks = _container_tasks(ir)
+    assert tasks and not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks.values()), "--no-cache"
+    executors = ir["deploymentSpec"]["executors"]
+    with_acc = {k: e["container"]["resources"]["accelerator"] for k, e in executors.items()
+                if "accelerator" in e.get("container", {}).get("resources", {})}
+    assert sorted(with_acc) == ["exec-train-stage-component", "exec-train-stage-component-2",
+                                "exec-train-stage-component-3"], sorted(with_acc)
+    for acc in with_acc.values():
+        assert acc["resourceType"] == "nvidia.com/gpu" and str(acc["resourceCount"]) == "2"
+    tolerations = {k: v["tolerations"] for k, v in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items()}
+    assert sorted(tolerations) == sorted(with_acc) and all(v == [tol] for v in tolerations.values())
+    # caching on again without the flag (params decide)
+    ir2, _ = _compile(tmp_path, capsys, kfp={"train_accelerator": {"type": "nvidia.com/gpu", "limit": 2,
+                                                                   "tolerations": [tol]}})
+    assert all(t.get("cachingOptions", {}).get("enableCache") is True for t in _container_tasks(ir2).values())
+
+
+def test_kfp_params_are_validated() -> None:
+    from xct_core.config import params_from_dict
+    from xct_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="retries"):
+        params_from_dict({"pipeline": {"kfp": {"retries": {"evaluate": {"num_retries": 1}}}}})
+    with pytest.raises(ConfigError, match="backoff_factor"):
+        params_from_dict({"pipeline": {"kfp": {"retries": {"train": {"backoff_factor": 0.5}}}}})
+
+
+def test_exit_handler_writes_the_run_summary_when_a_step_fails(scratch: Path) -> None:
+    """A real kfp.local run whose ingest fails (an empty data folder): the run fails with one
+    line, and the exit task still wrote run_summary.json with the FAILED state."""
+    env = step_env(scratch)
+    raw = scratch / "raw"
+    raw.mkdir()
+    root = scratch / "kfp"
+    proc = _xct(["pipeline", "run", "--local", "--params", str(REPO / "params.yaml"), "--data", str(raw),
+                 "--root", str(root), "--no-cache"], env=env, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("xct: error: pipeline run failed"), proc.stderr[-2000:]
+    (summary,) = root.glob("xct-cascade-*/run-summary-component/summary/run_summary.json")
+    doc = json.loads(summary.read_text())
+    assert doc["state"] == "FAILED" and doc["succeeded"] is False, doc
+    assert doc["data_uri"] == str(raw) and doc["error_message"]
+    assert not list(root.glob("xct-cascade-*/validate-component")), "nothing ran after the failed step"

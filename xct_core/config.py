@@ -634,10 +634,54 @@ class PipelineTrainParams(_Section):
     local: bool = False
 
 
+class KfpRetry(_Section):
+    """``task.set_retry`` of one KFP task kind: a failed task is re-run up to
+    ``num_retries`` times, waiting ``backoff_s · backoff_factor^i`` (at most
+    ``backoff_max_s`` in all). ``num_retries: 0``: no retry policy."""
+
+    num_retries: int = Field(2, ge=0, le=20)
+    backoff_s: float = Field(60.0, ge=0)
+    backoff_factor: float = Field(2.0, ge=1.0)
+    backoff_max_s: float = Field(3600.0, gt=0)
+
+
+class KfpToleration(_Section):
+    """A Kubernetes toleration of the train task's pod (kfp-kubernetes ``add_toleration``)."""
+
+    key: str
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0)
+
+
+class KfpAccelerator(_Section):
+    """The train task's accelerator request (``set_accelerator_type`` + ``set_accelerator_limit``)
+    and the tolerations that let it schedule on tainted GPU nodes. ``type: ""``: a CPU pod (the
+    demo default). KFP's train task trains with a local Ray runtime inside its own pod, so the
+    production overlay asks for one ``nvidia.com/gpu`` and the GPU nodes' taint toleration."""
+
+    type: str = ""
+    limit: int = Field(1, ge=1)
+    tolerations: list[KfpToleration] = []
+
+
+class KfpParams(_Section):
+    """Compile-time controls of the KFP pipeline (pipelines/training.py); dvc.yaml ignores them."""
+
+    #: KFP step caching of every task (``xct pipeline compile|run|submit --no-cache`` turns it off)
+    caching: bool = True
+    #: retries with exponential back-off of the train and preprocess tasks
+    retries: dict[Literal["train", "preprocess"], KfpRetry] = {
+        "train": KfpRetry(), "preprocess": KfpRetry(num_retries=2, backoff_s=30.0, backoff_max_s=1800.0)}
+    train_accelerator: KfpAccelerator = KfpAccelerator()
+
+
 class PipelineParams(_Section):
     """Settings of the end-to-end DAG (dvc.yaml and the KFP pipeline)."""
 
     train: PipelineTrainParams = PipelineTrainParams()
+    kfp: KfpParams = KfpParams()
 
 
 # --- S3 transfers (owner: components/s3sync.py, `xct data pull|push`) -------------------

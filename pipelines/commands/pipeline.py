@@ -2,9 +2,12 @@
 
 ::
 
-    xct pipeline compile [--out pipeline.yaml]          IR YAML for a KFP cluster
-    xct pipeline run --local [--params P] [--data DIR]  the whole DAG here with kfp.local
-    xct pipeline submit --host URL [--data-uri URI] [--ray-address A] [--mlflow-uri U]
+    xct pipeline compile [--out pipeline.yaml] [--params P] [--no-cache]   IR YAML for a KFP cluster
+    xct pipeline run --local [--params P] [--data DIR] [--no-cache]        the whole DAG here with kfp.local
+    xct pipeline submit --host URL [--data-uri URI] [--ray-address A] [--mlflow-uri U] [--no-cache]
+
+Caching, retries and the train task's accelerator come from ``pipeline.kfp`` in the params
+(pipelines/training.py :func:`build_pipeline`); ``--no-cache`` turns step caching off.
 
 The DVC twin of the same DAG is ``dvc repro`` (dvc.yaml); ``make demo`` runs that one.
 Heavy imports (kfp, torch) happen inside the commands so ``xct --help`` stays fast.
@@ -29,6 +32,19 @@ ParamsOpt = Annotated[
     Optional[Path],
     typer.Option("--params", "-p", help="params file handed to every step (default: $XCT_PARAMS or ./params.yaml)"),
 ]
+NoCacheOpt = Annotated[
+    bool, typer.Option("--no-cache", help="turn KFP step caching off for every task (default: params pipeline.kfp.caching)"),
+]
+
+
+def _caching(no_cache: bool) -> bool | None:
+    """``False`` when --no-cache was given, else ``None`` (params decide)."""
+    return False if no_cache else None
+
+
+def _params_or_none(path: Path | None):  # noqa: ANN202 - Params | None
+    """The typed params of ``path`` (or of the default file when it exists), else ``None``."""
+    return load_params(path) if (path is not None or default_params_path().exists()) else None
 
 
 def params_text(path: Path | None) -> str:
@@ -46,13 +62,15 @@ def params_text(path: Path | None) -> str:
 @app.command("compile")
 def compile_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="IR YAML to write")] = Path("pipeline.yaml"),
+    params: ParamsOpt = None,
+    no_cache: NoCacheOpt = False,
 ) -> None:
-    """Compile the KFP v2 pipeline (dsl.If gates included) to an IR YAML file."""
+    """Compile the KFP v2 pipeline (dsl.If gates, exit handler, retries, caching) to an IR YAML file."""
     from pipelines.training import compile_pipeline
 
     if out.is_dir():
         raise InputError(out, "is a folder; give a file name such as pipeline.yaml")
-    path = compile_pipeline(out)
+    path = compile_pipeline(out, _params_or_none(params), caching=_caching(no_cache))
     typer.echo(f"wrote {path}")
 
 
@@ -88,6 +106,7 @@ def run_cmd(
     root: Annotated[
         Path, typer.Option("--root", help="kfp.local pipeline root (task outputs, temp dirs)")
     ] = Path("outputs/kfp-local"),
+    no_cache: NoCacheOpt = False,
 ) -> None:
     """Run the KFP pipeline on this machine (``--local``); exit 0 when it completes (promoted or rejected)."""
     if not local:
@@ -98,10 +117,10 @@ def run_cmd(
     from pipelines.training import run_local
 
     text = params_text(params)
-    p = load_params(params) if (params is not None or default_params_path().exists()) else None
+    p = _params_or_none(params)
     data_dir = data if data is not None else Path(p.data.raw_dir if p is not None else "data/raw")
     started = time.time()
-    run_local(data_dir, text, root)
+    run_local(data_dir, text, root, caching=_caching(no_cache))
     typer.echo(local_report(root.absolute(), started - 1))
     typer.echo(f"kfp.local run finished in {time.time() - started:.0f} s; task outputs under {root}")
 
@@ -118,11 +137,13 @@ def submit_cmd(
     experiment: Annotated[str, typer.Option("--experiment", help="KFP experiment name")] = "xct",
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="KFP run name")] = None,
     namespace: Annotated[Optional[str], typer.Option("--namespace", help="Kubernetes namespace (multi-user KFP)")] = None,
+    no_cache: NoCacheOpt = False,
 ) -> None:
     """Submit the pipeline to a Kubeflow Pipelines cluster (data location, Ray and MLflow as parameters)."""
     from pipelines.training import submit
 
-    run_id = submit(host, data_uri, params_text(params), ray_address, mlflow_uri, experiment, run_name, namespace)
+    run_id = submit(host, data_uri, params_text(params), ray_address, mlflow_uri, experiment, run_name, namespace,
+                    caching=_caching(no_cache))
     typer.echo(f"submitted run {run_id} to {host}")
 
 

@@ -1,0 +1,61 @@
+"""The KFP pipeline's exit handler: a run summary written however the run ended.
+
+``run_summary_component`` is the exit task of ``dsl.ExitHandler`` in pipelines/training.py:
+KFP runs it after every other task has finished — succeeded, failed or skipped — and hands
+it the run's final status (``dsl.PipelineTaskFinalStatus``). It writes ``run_summary.json``
+(:func:`run_summary`: state, the KFP job and task names, the error code and message of a
+failure, the data URI, the time) as its ``summary`` artifact and prints it, so a failed run
+still leaves one document that says what happened. The gate verdicts of a completed run
+stay in ``summary.json`` (register / rejected tasks); an exit task cannot read the outputs
+of the tasks it guards (a KFP rule), so this summary holds the run's status, not its metrics.
+"""
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kfp import dsl
+from kfp.dsl import Artifact, Output
+
+from components._kfp import light_component
+from xct_core.atomic import write_json_atomic
+
+#: the file inside the exit task's ``summary`` artifact
+SUMMARY_FILE = "run_summary.json"
+
+
+def run_summary(state: str, job: str = "", task: str = "", error_code: float | None = None,
+                error_message: str = "", data_uri: str = "") -> dict[str, Any]:
+    """The run summary document (plain dict, JSON-ready). ``task`` is the task the exit handler
+    guards (its ``exit-handler-N`` group); ``error_code`` arrives as a float from KFP."""
+    return {
+        "state": state,
+        "succeeded": state == "SUCCEEDED",
+        "pipeline_job": job,
+        "guarded_task": task,
+        "error_code": int(error_code) if error_code is not None else None,
+        "error_message": error_message,
+        "data_uri": data_uri,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_run_summary(doc: dict[str, Any], out_dir: str | Path) -> Path:
+    """``out_dir/run_summary.json`` written atomically; returns the path."""
+    path = Path(out_dir) / SUMMARY_FILE
+    write_json_atomic(path, doc)
+    return path
+
+
+@light_component
+def run_summary_component(status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact], data_uri: str = "") -> str:
+    """Exit task: write the run summary (``summary/run_summary.json``); returns the final state."""
+    import json
+
+    from components.run_summary import run_summary, write_run_summary
+
+    doc = run_summary(status.state, job=status.pipeline_job_resource_name, task=status.pipeline_task_name,
+                      error_code=status.error_code, error_message=status.error_message or "", data_uri=data_uri)
+    write_run_summary(doc, summary.path)
+    print(f"xct run summary: {json.dumps(doc, sort_keys=True)}")
+    return str(status.state)
