@@ -7,6 +7,11 @@ margin, a one-line summary) plus the metrics file it judged and the params diges
 A completed run exits 0 whether the gate passes or fails (the decision is in the report;
 the register step and the KFP ``dsl.If`` read it); unusable input exits non-zero. One
 function, :func:`run_gate`, called by ``xct step gate`` (dvc.yaml) and the KFP component.
+
+Relative checks against the champion (``gates.stageK.relative`` with ``baseline:
+champion``) read the registry's champion (``registry.champion_alias``): its registration
+run's ``stage{K}/<metric>`` metrics and its ``xct.test_ids_hash`` tag (:func:`read_champion`).
+The registry is only read: a tracking store that does not exist yet means "no champion".
 """
 
 from __future__ import annotations
@@ -16,12 +21,32 @@ from typing import Any
 
 from xct_core.config import Params
 from xct_core.errors import InputError
-from xct_core.gates import GateReport, evaluate_gate
+from xct_core.gates import Champion, GateReport, evaluate_gate
 
 
-def gate_metrics(stage: int, metrics: dict[str, Any], params: Params) -> GateReport:
+def read_champion(stage: int, params: Params, tracking_uri: str | None = None) -> Champion | None:
+    """The champion's stage-``stage`` metrics from the registry, or ``None`` (no store, no
+    registered model, no champion alias). Never creates a store."""
+    from components.register import _champion, _client
+    from components.tracking import store_exists
+    from components.tracking import tracking_uri as default_uri
+
+    uri = tracking_uri or default_uri()
+    if not store_exists(uri):
+        return None
+    client = _client(uri)
+    mv = _champion(client, params.registry.model_name, params.registry.champion_alias)
+    if mv is None:
+        return None
+    prefix = f"stage{stage}/"
+    run_metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    return Champion(version=str(mv.version), test_ids_hash=(mv.tags or {}).get("xct.test_ids_hash"),
+                    metrics={k.removeprefix(prefix): float(v) for k, v in run_metrics.items() if k.startswith(prefix)})
+
+
+def gate_metrics(stage: int, metrics: dict[str, Any], params: Params, champion: Champion | None = None) -> GateReport:
     """The gate decision for ``stage`` from an evaluation summary (thresholds from params)."""
-    return evaluate_gate(stage, metrics, params.gates.for_stage(stage))
+    return evaluate_gate(stage, metrics, params.gates.for_stage(stage), champion)
 
 
 def run_gate(
@@ -29,8 +54,11 @@ def run_gate(
     metrics_path: str | Path,
     out_path: str | Path,
     params: Params | None = None,
+    *,
+    tracking_uri: str | None = None,
 ) -> GateReport:
-    """Judge ``metrics_path`` (an evaluate step's ``metrics.json``) and write the gate report."""
+    """Judge ``metrics_path`` (an evaluate step's ``metrics.json``) and write the gate report
+    (the champion, when a relative check needs it, from the registry at ``tracking_uri``)."""
     from xct_core.atomic import write_json_atomic
     from xct_core.gates import read_eval_metrics
 
@@ -39,7 +67,9 @@ def run_gate(
     got = metrics.get("stage")
     if got is not None and int(got) != int(stage):
         raise InputError(metrics_path, f"holds stage {got} metrics, gate asked for stage {stage}")
-    report = gate_metrics(stage, metrics, params)
+    gate = params.gates.for_stage(stage)
+    champion = read_champion(stage, params, tracking_uri) if any(r.baseline == "champion" for r in gate.relative) else None
+    report = gate_metrics(stage, metrics, params, champion)
     doc = {**report.to_dict(), "metrics_file": str(metrics_path), "params_digest": params.digest(),
            "test_ids_hash": metrics.get("test_ids_hash")}
     write_json_atomic(out_path, doc)
@@ -50,6 +80,8 @@ def report_lines(report: GateReport) -> list[str]:
     """The gate's summary and one line per check (what ``xct step gate`` prints)."""
     lines = [report.summary()]
     for c in report.checks:
+        vs = f" [{c.baseline} {c.baseline_value:.4g}]" if c.baseline_value is not None else ""
+        note = f" — {c.note}" if c.note else ""
         lines.append(f"  {'PASS' if c.passed else 'FAIL'}  {c.name:<14} {c.metric} {c.op} {c.threshold:g}: {c.value:.4g} "
-                     f"(margin {c.margin:+.4g})")
+                     f"(margin {c.margin:+.4g}){vs}{note}")
     return lines

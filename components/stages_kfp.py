@@ -115,9 +115,11 @@ def gate_report_component(
     evaluation: Input[Dataset],
     gate: Output[Dataset],
     params_yaml: str = "",
+    mlflow_tracking_uri: str = "",
 ) -> NamedTuple("GateOutputs", [("passed", bool), ("summary", str)]):  # noqa: UP014
     """Apply ``gates.stage{stage}`` to the evaluation metrics (:func:`components.gate.run_gate`)
-    → ``gate`` (``stageK.json``); returns ``passed`` (the ``dsl.If`` condition) and the summary."""
+    → ``gate`` (``stageK.json``); returns ``passed`` (the ``dsl.If`` condition) and the summary.
+    ``mlflow_tracking_uri``: the registry a champion check reads (empty: the step's default)."""
     from collections import namedtuple
     from pathlib import Path
 
@@ -126,7 +128,8 @@ def gate_report_component(
     from xct_core.layout import METRICS_JSON, ReportLayout
 
     out = Path(gate.path) / ReportLayout.gate_file(stage)
-    report = run_gate(stage, Path(evaluation.path) / METRICS_JSON, out, params_from_text(params_yaml))
+    report = run_gate(stage, Path(evaluation.path) / METRICS_JSON, out, params_from_text(params_yaml),
+                      tracking_uri=mlflow_tracking_uri or None)
     for line in report_lines(report):
         print(line)
     gate.metadata["passed"] = report.passed

@@ -133,8 +133,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         if not s["checks"]:
             rows.append((f"stage{s['stage']}", "(gate)", "—", "skipped" if s["skipped"] else "missing", "FAIL"))
         for c in s["checks"]:
-            rows.append((f"stage{s['stage']}", f"{c['metric']} {c['op']}", _v(c["threshold"]), _v(c["value"]),
-                         "pass" if c["passed"] else "FAIL"))
+            vs = f" (vs {c['baseline']})" if c.get("baseline") else ""  # relative checks name their baseline
+            verdict = "skip" if c["passed"] and str(c.get("note", "")).endswith("skipped") else (
+                "pass" if c["passed"] else "FAIL")
+            rows.append((f"stage{s['stage']}", f"{c['metric']} {c['op']}{vs}", _v(c["threshold"]), _v(c["value"]),
+                         verdict))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -97,7 +97,7 @@ def _cascade_stage(k: int, processed: Any, previous: Any, params_yaml: Any, ray_
         stage=k, processed=processed, train_dir=train.outputs["model"], params_yaml=params_yaml,
     ).set_display_name(f"evaluate stage {k}"))
     gate = ctl(gate_report_component(
-        stage=k, evaluation=evaluate.outputs["report"], params_yaml=params_yaml,
+        stage=k, evaluation=evaluate.outputs["report"], params_yaml=params_yaml, mlflow_tracking_uri=mlflow_tracking_uri,
     ).set_display_name(f"gate {k}"))
     return train, evaluate, gate
 

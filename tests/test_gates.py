@@ -57,3 +57,86 @@ def test_missing_target_std_fails_collapse_check() -> None:
     del metrics["target_std"]
     rep = evaluate_gate(1, metrics, StageGate(psnr_window_db=20, ssim_window=0.5))
     assert [c.name for c in rep.failed] == ["not_collapsed"]
+
+
+# --------------------------------------------------------------------------- relative to baselines
+
+from xct_core.config import RelativeGate  # noqa: E402
+from xct_core.errors import ConfigError  # noqa: E402
+from xct_core.gates import Champion  # noqa: E402
+
+REL = {**GOOD, "baseline_psnr_window_db": 20.0, "direct_psnr_window_db": 30.5, "test_ids_hash": "abc",
+       "mae_hu": 40.0, "baseline_mae_hu": 90.0}
+
+
+def _rel(*checks: dict, champion: Champion | None = None, metrics: dict | None = None):
+    gate = StageGate(psnr_window_db=20, ssim_window=0.5, relative=[RelativeGate(**c) for c in checks])
+    rep = evaluate_gate(1, metrics or REL, gate, champion)
+    return rep, {c.name: c for c in rep.checks}
+
+
+def test_relative_to_the_mean_volume_absolute_and_relative_margins() -> None:
+    rep, by = _rel({"baseline": "mean_volume", "min_absolute_change": 9.0})
+    c = by["psnr_window_vs_mean_volume"]
+    assert rep.passed and c.baseline_value == 20.0 and c.threshold == pytest.approx(29.0) and c.margin == pytest.approx(1.0)
+    rep, by = _rel({"baseline": "mean_volume", "min_absolute_change": 11.0})
+    assert not rep.passed and by["psnr_window_vs_mean_volume"].margin == pytest.approx(-1.0)
+    # relative: +50 % of 20 dB = 30 dB needed; 30.0 passes exactly (>=), +51 % does not
+    assert _rel({"baseline": "mean_volume", "min_relative_change": 0.5})[0].passed
+    rep, by = _rel({"baseline": "mean_volume", "min_relative_change": 0.51})
+    assert not rep.passed and by["psnr_window_vs_mean_volume"].threshold == pytest.approx(30.2)
+    # both: the stricter one decides
+    rep, by = _rel({"baseline": "mean_volume", "min_absolute_change": 5.0, "min_relative_change": 0.6})
+    assert not rep.passed and by["psnr_window_vs_mean_volume"].threshold == pytest.approx(32.0)
+
+
+def test_relative_to_the_twin_and_lower_is_better() -> None:
+    rep, by = _rel({"baseline": "direct_twin", "min_absolute_change": 0.0})
+    assert not rep.passed and by["psnr_window_vs_direct_twin"].margin == pytest.approx(-0.5)
+    assert "psnr_window_vs_direct_twin" in rep.summary()
+    assert _rel({"baseline": "direct_twin", "min_absolute_change": -0.5})[0].passed  # "within 0.5 dB of the twin"
+    # MAE: lower is better; 40 vs 90 HU is a 50 HU improvement
+    rep, by = _rel({"metric": "mae_hu", "baseline": "mean_volume", "min_absolute_change": 45.0, "greater_is_better": False})
+    c = by["mae_hu_vs_mean_volume"]
+    assert rep.passed and c.op == "<=" and c.threshold == pytest.approx(45.0) and c.margin == pytest.approx(5.0)
+    assert not _rel({"metric": "mae_hu", "baseline": "mean_volume", "min_absolute_change": 55.0,
+                     "greater_is_better": False})[0].passed
+
+
+def test_a_missing_baseline_fails_and_says_why() -> None:
+    metrics = {k: v for k, v in REL.items() if not k.startswith("direct_")}
+    rep, by = _rel({"baseline": "direct_twin", "min_absolute_change": -1.0}, metrics=metrics)
+    assert not rep.passed and "direct_psnr_window_db" in by["psnr_window_vs_direct_twin"].note
+
+
+def test_champion_same_split_other_split_and_none() -> None:
+    check = {"baseline": "champion", "min_absolute_change": 0.1}
+    better = Champion("3", "abc", {"psnr_window_db": 29.95})
+    rep, by = _rel(check, champion=better)
+    assert not rep.passed and by["psnr_window_vs_champion"].baseline_value == pytest.approx(29.95)
+    assert "champion v3" in rep.summary()
+    assert _rel(check, champion=Champion("3", "abc", {"psnr_window_db": 29.0}))[0].passed
+    rep, by = _rel(check, champion=Champion("3", "other", {"psnr_window_db": 99.0}))
+    assert rep.passed and "not comparable" in by["psnr_window_vs_champion"].note
+    rep, by = _rel(check, champion=None)
+    assert rep.passed and "no champion yet" in by["psnr_window_vs_champion"].note
+    d = rep.to_dict()
+    assert d["checks"][-1]["baseline"] == "champion" and d["checks"][-1]["min_absolute_change"] == 0.1
+
+
+def test_relative_gate_needs_a_margin_and_a_known_baseline() -> None:
+    from xct_core.config import params_from_dict
+
+    with pytest.raises(ConfigError, match="min_absolute_change"):
+        params_from_dict({"gates": {"stage1": {"psnr_window_db": 28, "ssim_window": 0.65,
+                                               "relative": [{"baseline": "mean_volume"}]}}})
+    with pytest.raises(ConfigError, match="baseline"):
+        params_from_dict({"gates": {"stage1": {"psnr_window_db": 28, "ssim_window": 0.65,
+                                               "relative": [{"baseline": "prior_art", "min_absolute_change": 1}]}}})
+
+
+def test_default_gates_require_the_mean_volume_margin_and_the_champion(repo_root) -> None:
+    g = load_params(repo_root / "params.yaml").gates
+    for k in (1, 2, 3):
+        kinds = {(r.baseline, r.metric) for r in g.for_stage(k).relative}
+        assert kinds == {("mean_volume", "psnr_window_db"), ("champion", "psnr_window_db")}

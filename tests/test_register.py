@@ -120,6 +120,38 @@ def test_register_promote_idempotent_candidate_and_rejected(reg_env: dict[str, A
     assert any(not c_["passed"] for c_ in s3["stages"][1]["checks"])
 
 
+def test_gate_reads_the_champion_from_the_registry(reg_env: dict[str, Any], tmp_path: Path) -> None:
+    """A champion check of the gate step against the real registry: the champion's stage-2
+    metrics of its registration run, on the same test split; a missing store is no champion
+    and is not created."""
+    from components.gate import read_champion, run_gate
+
+    _run(reg_env, "run1", seed=0, psnr2=25.0)  # idempotent: v1 (@champion, stage-2 PSNR 25.0 on split-A)
+    from mlflow import MlflowClient
+
+    champ_v = str(MlflowClient(reg_env["uri"]).get_model_version_by_alias(NAME, "champion").version)
+    champ = read_champion(2, reg_env["params"], reg_env["uri"])
+    assert champ is not None and champ.version == champ_v and champ.test_ids_hash == "split-A"
+    assert champ.metrics["psnr_window_db"] == pytest.approx(25.0 if champ_v == "1" else champ.metrics["psnr_window_db"])
+    base = champ.metrics["psnr_window_db"]
+    data = reg_env["params"].model_dump(mode="json")
+    data["gates"]["stage2"] = {"psnr_window_db": 10.0, "ssim_window": 0.1, "max_nan": 0, "min_std_ratio": 0.25,
+                               "relative": [{"baseline": "champion", "min_absolute_change": 0.5}]}
+    gp = Params.model_validate(data)
+    for psnr, want in ((base + 0.4, False), (base + 0.6, True)):
+        m = tmp_path / f"m{psnr}.json"
+        m.write_text(json.dumps({"stage": 2, "psnr_window_db": psnr, "ssim_window": 0.5, "nan_count": 0, "std": 0.4,
+                                 "target_std": 0.5, "test_ids_hash": "split-A"}))
+        rep = run_gate(2, m, tmp_path / f"g{psnr}.json", gp, tracking_uri=reg_env["uri"])
+        assert rep.passed is want
+        doc = json.loads((tmp_path / f"g{psnr}.json").read_text())
+        check = doc["checks"][-1]
+        assert check["baseline"] == "champion" and check["baseline_value"] == pytest.approx(base)
+        assert check["threshold"] == pytest.approx(base + 0.5) and f"champion v{champ_v}" in check["note"]
+    missing = tmp_path / "none" / "mlflow.db"
+    assert read_champion(2, reg_env["params"], f"sqlite:///{missing}") is None and not missing.exists()
+
+
 def test_registered_pyfunc_loads_by_alias_and_matches_the_sampler(reg_env: dict[str, Any]) -> None:
     import mlflow
 

@@ -578,6 +578,31 @@ class TrainParams(_Section):
         return v
 
 
+class RelativeGate(_Section):
+    """A check of the candidate against a baseline on the SAME test split (MLflow's
+    ``MetricThreshold`` idea): with ``d = candidate − baseline`` (``baseline − candidate``
+    when ``greater_is_better`` is false), pass iff ``d ≥ min_absolute_change`` and
+    ``d / |baseline| ≥ min_relative_change`` (each when set; at least one must be).
+
+    Baselines: ``mean_volume`` (the evaluation's ``baseline_<metric>``: the train split's
+    mean volume), ``direct_twin`` (``direct_<metric>``: the stage's own one-pass regression
+    twin) and ``champion`` (the registered champion's stage-K ``<metric>``, only when it was
+    measured on the same test split; no champion yet, or another split: the check is skipped
+    and says so)."""
+
+    metric: str = "psnr_window_db"
+    baseline: Literal["mean_volume", "direct_twin", "champion"]
+    min_absolute_change: float | None = None
+    min_relative_change: float | None = None
+    greater_is_better: bool = True
+
+    @_model_validator(mode="after")
+    def _needs_a_margin(self) -> RelativeGate:
+        if self.min_absolute_change is None and self.min_relative_change is None:
+            raise ValueError(f"relative gate against {self.baseline}: set min_absolute_change and/or min_relative_change")
+        return self
+
+
 class StageGate(_Section):
     """Promotion thresholds of one cascade stage (strict inequalities: value must exceed)."""
 
@@ -589,6 +614,8 @@ class StageGate(_Section):
     max_nan: int = 0
     #: "not collapsed": output std must be at least this fraction of the target's std
     min_std_ratio: float = Field(0.25, ge=0)
+    #: checks against baselines (mean volume, direct twin, champion), all must pass
+    relative: list[RelativeGate] = []
 
 
 class GateParams(_Section):

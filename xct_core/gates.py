@@ -11,6 +11,14 @@ Checks (all must pass):
 - ``std / target_std >= min_std_ratio`` — the output is not collapsed to a constant
   (a model that outputs the mean volume has a tiny std in the window).
 A missing or non-finite metric fails its check (never passes by default).
+
+Relative checks (``gates.stageK.relative``, :class:`xct_core.config.RelativeGate`) compare
+the candidate with a baseline measured on the same test split: the mean volume and the
+direct twin come from the same ``metrics.json`` (``baseline_*`` / ``direct_*``), the
+champion's stage-K metrics are passed in by the gate step (:class:`Champion`; it reads them
+from the registry). Each becomes one :class:`GateCheck` whose ``threshold`` is the effective
+bar (``baseline + max(min_absolute_change, min_relative_change·|baseline|)``), with the
+baseline and its value recorded beside it.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Any
 
 from pathlib import Path
 
-from xct_core.config import StageGate
+from xct_core.config import RelativeGate, StageGate
 from xct_core.errors import InputError
 from xct_core.jsondoc import read_json_doc
 
@@ -35,6 +43,21 @@ class GateCheck:
     value: float
     passed: bool
     margin: float
+    #: relative checks: which baseline, its value, the requested changes; ``note`` says why a check was skipped
+    baseline: str | None = None
+    baseline_value: float | None = None
+    min_absolute_change: float | None = None
+    min_relative_change: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The registered champion's metrics for one stage, as the gate step read them."""
+
+    version: str
+    test_ids_hash: str | None
+    metrics: dict[str, float]
 
 
 @dataclass
@@ -51,7 +74,8 @@ class GateReport:
         if self.passed:
             return f"stage {self.stage}: gate passed ({len(self.checks)} checks)"
         parts = [
-            f"{c.name}: {_fmt(c.value)} (needs {c.op} {_fmt(c.threshold)}, {_fmt(c.margin, signed=True)})"
+            f"{c.name}: {_fmt(c.value)} (needs {c.op} {_fmt(c.threshold)}, {_fmt(c.margin, signed=True)}"
+            + (f"; {c.note}" if c.note else "") + ")"
             for c in self.failed
         ]
         return f"stage {self.stage}: gate FAILED — " + "; ".join(parts)
@@ -93,11 +117,48 @@ def _check(name: str, metric: str, op: str, threshold: float, value: float) -> G
     return GateCheck(name, metric, op, float(threshold), float(value), bool(ok), float(margin))
 
 
-def evaluate_gate(stage: int, metrics: dict[str, Any], gate: StageGate) -> GateReport:
+def _relative(rel: RelativeGate, metrics: dict[str, Any], champion: Champion | None) -> GateCheck:
+    """One check against a baseline (module docstring)."""
+    name = f"{rel.metric.removesuffix('_db')}_vs_{rel.baseline}"
+    value = _num(metrics, rel.metric)
+    sign = 1.0 if rel.greater_is_better else -1.0
+    op = ">=" if rel.greater_is_better else "<="
+    kw = {"baseline": rel.baseline, "min_absolute_change": rel.min_absolute_change,
+          "min_relative_change": rel.min_relative_change}
+    note = ""
+    if rel.baseline == "champion":
+        if champion is None:
+            return GateCheck(name, rel.metric, op, math.nan, value, True, math.nan, **kw, note="no champion yet: skipped")
+        here = metrics.get("test_ids_hash")
+        if champion.test_ids_hash != here:
+            return GateCheck(name, rel.metric, op, math.nan, value, True, math.nan, **kw,
+                             note=f"champion v{champion.version} was measured on another test split "
+                                  f"({champion.test_ids_hash} vs {here}): not comparable, skipped")
+        base = _num(champion.metrics, rel.metric)
+        note = f"champion v{champion.version}"
+    else:
+        prefix = "baseline_" if rel.baseline == "mean_volume" else "direct_"
+        base = _num(metrics, prefix + rel.metric)
+        if not math.isfinite(base):
+            note = f"no {prefix}{rel.metric} in the metrics (the evaluation did not measure this baseline)"
+    if not (math.isfinite(value) and math.isfinite(base)):
+        return GateCheck(name, rel.metric, op, math.nan, value, False, math.nan, baseline_value=base, **kw, note=note)
+    need = max(rel.min_absolute_change if rel.min_absolute_change is not None else -math.inf,
+               rel.min_relative_change * abs(base) if rel.min_relative_change is not None else -math.inf)
+    threshold = base + sign * need
+    change = sign * (value - base)
+    passed = change >= need
+    return GateCheck(name, rel.metric, op, float(threshold), float(value), bool(passed), float(change - need),
+                     baseline_value=float(base), **kw, note=note)
+
+
+def evaluate_gate(stage: int, metrics: dict[str, Any], gate: StageGate, champion: Champion | None = None) -> GateReport:
     """Decide one stage's gate from its (patient-mean) metrics.
 
     ``metrics`` needs ``psnr_window_db``, ``ssim_window``, ``nan_count``, ``std`` (output std
-    in window units) and ``target_std`` (the ground truth's std, same units).
+    in window units) and ``target_std`` (the ground truth's std, same units); relative checks
+    read ``baseline_<metric>`` / ``direct_<metric>`` and ``test_ids_hash`` too, and
+    ``champion`` (the registered champion's metrics for this stage, or ``None``).
     """
     std, tstd = _num(metrics, "std"), _num(metrics, "target_std")
     ratio = std / tstd if (math.isfinite(std) and math.isfinite(tstd) and tstd > 0) else math.nan
@@ -107,6 +168,7 @@ def evaluate_gate(stage: int, metrics: dict[str, Any], gate: StageGate) -> GateR
         _check("no_nan", "nan_count", "<=", float(gate.max_nan), _num(metrics, "nan_count")),
         _check("not_collapsed", "std/target_std", ">=", gate.min_std_ratio, ratio),
     ]
+    checks += [_relative(rel, metrics, champion) for rel in gate.relative]
     return GateReport(stage=stage, passed=all(c.passed for c in checks), checks=checks)
 
 
