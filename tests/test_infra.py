@@ -13,6 +13,7 @@ file and the Dockerfiles; one MLflow/S3 service naming across manifests, compose
 from __future__ import annotations
 
 import ast
+import copy
 import fnmatch
 import json
 import re
@@ -914,3 +915,94 @@ def test_docs_name_every_setting_and_pin_versions(objects: list[tuple[Path, dict
     assert "cluster-scoped-resources?ref=$PIPELINE_VERSION" in text
     for f in ("secrets.template.yaml", "rayjob-train.yaml", "kfp-launcher.yaml", "docker-compose.yaml", "images.yaml"):
         assert f in text, f"docs/cluster.md does not mention {f}"
+
+
+# --------------------------------------------------------------------------- as a cluster would check them
+
+#: the Kubernetes version the manifests are validated against (kubernetes-validate's bundled,
+#: pinned OpenAPI schemas); raise it with the clusters the project supports
+K8S_SCHEMA_VERSION = "1.32.0"
+#: custom resources: no schema in kubernetes-validate (KubeRay's CRD schemas are not vendored here)
+CUSTOM_KINDS = {"RayCluster", "RayJob"}
+
+
+def _kustomize_build() -> list[dict] | None:
+    """``kubectl kustomize infra/k8s`` (or ``kustomize build``) as objects; ``None`` when
+    neither binary is installed."""
+    import shutil
+
+    if shutil.which("kubectl"):
+        cmd = ["kubectl", "kustomize", str(K8S)]
+    elif shutil.which("kustomize"):
+        cmd = ["kustomize", "build", str(K8S)]
+    else:
+        return None
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed: {out.stderr[-2000:]}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _schema_errors(doc: dict) -> list[str]:
+    import kubernetes_validate
+    from kubernetes_validate.utils import SchemaNotFoundError
+
+    try:
+        kubernetes_validate.validate(doc, K8S_SCHEMA_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        where = "/".join(str(p) for p in e.path)
+        return [f"{doc['kind']}/{doc['metadata'].get('name')}: {where}: {e.message}"]
+    except SchemaNotFoundError:
+        return [f"{doc['kind']} {doc.get('apiVersion')}: no schema in Kubernetes {K8S_SCHEMA_VERSION}"]
+    return []
+
+
+def test_kustomize_render_validates_against_the_pinned_kubernetes_schema() -> None:
+    """What `kubectl apply -k infra/k8s` would send, each core object validated strictly
+    (unknown fields are errors) against the OpenAPI schema of Kubernetes K8S_SCHEMA_VERSION."""
+    rendered = _kustomize_build()
+    if rendered is None:
+        pytest.skip("neither kubectl nor kustomize is installed: the raw manifests are validated by the next test")
+    listed = {(d["kind"], d["metadata"]["name"]) for f, d in _objects()
+              if d.get("kind") != "Kustomization" and f.name in yaml.safe_load((K8S / "kustomization.yaml").read_text())[
+                  "resources"]}
+    assert {(d["kind"], d["metadata"]["name"]) for d in rendered} == listed, "kustomize renders other objects"
+    assert all(d["metadata"].get("namespace", "xct") == NAMESPACE or d["kind"] == "Namespace" for d in rendered)
+    errors = [e for d in rendered if d["kind"] not in CUSTOM_KINDS for e in _schema_errors(d)]
+    assert not errors, "\n".join(errors)
+    # kustomize's image rewrite reached every container, the KubeRay pods included
+    images = [c["image"] for d in rendered for _, _, c in _containers(d)]
+    assert images and all(":" in i and not i.endswith(":latest") for i in images), images
+
+
+def test_every_manifest_and_template_validates_against_the_pinned_schema() -> None:
+    """The templates too (Secret placeholders, the KFP launcher ConfigMap), without kustomize."""
+    docs = [d for _, d in _objects() if d.get("kind") not in ("Kustomization", *CUSTOM_KINDS)]
+    assert {d["kind"] for d in docs} >= {"Namespace", "ConfigMap", "Secret", "StatefulSet", "Deployment", "Service",
+                                         "PersistentVolumeClaim", "Job"}
+    errors = [e for d in docs for e in _schema_errors(d)]
+    assert not errors, "\n".join(errors)
+
+
+def test_schema_validation_catches_a_broken_manifest() -> None:
+    """The validator is strict: a misspelt field and a wrong type are both errors."""
+    dep = copy.deepcopy(next(d for _, d in _objects() if d.get("kind") == "Deployment"))
+    assert _schema_errors(dep) == []
+    bad = copy.deepcopy(dep)
+    bad["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    assert _schema_errors(bad)
+    bad = copy.deepcopy(dep)
+    bad["spec"]["replicas"] = "two"
+    assert _schema_errors(bad)
+
+
+def test_ray_custom_resources_have_the_fields_kuberay_requires() -> None:
+    """KubeRay's CRD schemas are not vendored (see README): the Ray objects are checked for the
+    fields the operator rejects without, and their pod templates as core PodTemplateSpecs."""
+    for _, d in _objects():
+        if d.get("kind") not in CUSTOM_KINDS:
+            continue
+        assert d["apiVersion"] == "ray.io/v1", d["apiVersion"]
+        for where, pod in _pod_specs(d):
+            tmpl = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{d['metadata']['name']}-{where}"},
+                    "template": {"spec": pod}}
+            assert _schema_errors(tmpl) == [], (d["kind"], where, _schema_errors(tmpl))
