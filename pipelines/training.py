@@ -164,7 +164,32 @@ def compile_pipeline(out: str | Path, params: Params | None = None, *, caching: 
     out = Path(out)
     with atomic_path(out, ".yaml") as tmp, writable(out):
         compiler.Compiler().compile(pipeline_func=build_pipeline(params, caching=caching), package_path=str(tmp))
+        load_pipeline_spec(tmp)  # strict protobuf parse before the file is renamed into place
     return out
+
+
+def load_pipeline_spec(path: str | Path) -> tuple[Any, Any | None]:
+    """The compiled YAML parsed STRICTLY as KFP protobufs: ``(PipelineSpec, PlatformSpec or
+    None)``; an unknown field or a wrong type is an :class:`InputError` naming the file (what
+    a KFP backend does on upload, here before any run)."""
+    import yaml
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    path = Path(path)
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(path, f"not a readable pipeline YAML ({str(e).splitlines()[0]})") from None
+    if not docs or len(docs) > 2:
+        raise InputError(path, f"a compiled pipeline is one PipelineSpec (+ one PlatformSpec), found {len(docs)} documents")
+    try:
+        spec = json_format.ParseDict(docs[0], pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=False)
+        platform = (json_format.ParseDict(docs[1], pipeline_spec_pb2.PlatformSpec(), ignore_unknown_fields=False)
+                    if len(docs) == 2 else None)
+    except json_format.ParseError as e:
+        raise InputError(path, f"not a valid KFP PipelineSpec: {str(e).splitlines()[0]}") from None
+    return spec, platform
 
 
 def pipeline_arguments(data_uri: str, params_yaml: str = "", ray_address: str = "",
@@ -183,7 +208,9 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
     """Run the whole pipeline in this Python environment with ``kfp.local`` (SubprocessRunner).
 
     ``pipeline_root`` receives every task's artifacts (``<root>/<run>/<task>/<output>``).
-    Step caching (kfp.local's file cache under ``<root>/.kfp_cache``) follows
+    The run executes the compiled YAML (``<root>/pipeline.yaml``, parsed strictly by
+    :func:`load_pipeline_spec`, loaded back with ``kfp.components.load_component_from_file``),
+    not the Python function, so a local run checks what a cluster would receive. Step caching (kfp.local's file cache under ``<root>/.kfp_cache``) follows
     ``pipeline.kfp.caching`` unless ``caching`` says otherwise.
     Temporary per-task folders (kfp.local leaves them) go under ``<root>/tmp`` via TMPDIR.
     Returns the kfp.local pipeline task (``.outputs``). Raises :class:`InputError` when
@@ -209,7 +236,12 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
                    raise_on_error=True, workspace_root=str(root / "workspace"),
                    enable_caching=use_cache, cache_root=str(root / ".kfp_cache"))
         try:
-            pipeline = build_pipeline(params, caching=use_cache)
+            # run what a cluster would get: the compiled YAML, strictly parsed, loaded back
+            from kfp import components
+
+            spec_file = compile_pipeline(root / "pipeline.yaml", params, caching=use_cache)
+            load_pipeline_spec(spec_file)
+            pipeline = components.load_component_from_file(str(spec_file))
             return pipeline(**pipeline_arguments(str(data), params_yaml, "", mlflow_tracking_uri))
         except RuntimeError as e:
             text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # kfp colours its messages

@@ -254,3 +254,48 @@ def test_exit_handler_writes_the_run_summary_when_a_step_fails(scratch: Path) ->
     assert doc["state"] == "FAILED" and doc["succeeded"] is False, doc
     assert doc["data_uri"] == str(raw) and doc["error_message"]
     assert not list(root.glob("xct-cascade-*/validate-component")), "nothing ran after the failed step"
+
+
+def test_compiled_yaml_parses_strictly_as_pipeline_and_platform_specs(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.training import load_pipeline_spec
+    from xct_core.errors import InputError
+
+    tol = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    _compile(tmp_path, capsys, kfp={"train_accelerator": {"type": "nvidia.com/gpu", "limit": 1, "tolerations": [tol]}})
+    spec, platform = load_pipeline_spec(tmp_path / "p.yaml")
+    assert spec.pipeline_info.name == "xct-cascade" and "comp-exit-handler-1" in spec.components
+    assert platform is not None and "kubernetes" in platform.platforms
+    # strict: one unknown field anywhere and the parse fails, naming the file
+    docs = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+    docs[0]["root"]["dag"]["tasks"]["exit-handler-1"]["retryPolicyy"] = {}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump_all(docs))
+    with pytest.raises(InputError, match="not a valid KFP PipelineSpec") as exc:
+        load_pipeline_spec(bad)
+    assert str(bad) in str(exc.value)
+
+
+def test_a_local_run_executes_the_compiled_yaml(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run_local` runs <root>/pipeline.yaml loaded back from the file, not the Python function:
+    a YAML whose ingest task is renamed on disk runs under the new name."""
+    import pipelines.training as training
+    from xct_core.errors import XctError
+
+    real = training.compile_pipeline
+
+    def renamed(out, params=None, *, caching=None):  # noqa: ANN001, ANN202
+        path = real(out, params, caching=caching)
+        path.write_text(path.read_text().replace("ingest-component", "ingestfromyaml-component"))
+        return path
+
+    monkeypatch.setattr(training, "compile_pipeline", renamed)
+    monkeypatch.chdir(scratch)
+    raw = scratch / "raw"
+    raw.mkdir()
+    root = scratch / "kfp"
+    with pytest.raises(XctError, match="ingestfromyaml-component"):  # empty data: ingest fails (fast)
+        training.run_local(raw, "", root)
+    (run,) = root.glob("xct-cascade-*")
+    assert "ingestfromyaml-component" in _tasks(run) and "ingest-component" not in _tasks(run)
+    assert "ingestfromyaml-component" in (root / "pipeline.yaml").read_text()
