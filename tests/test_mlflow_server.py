@@ -1,4 +1,4 @@
-"""Register / promote / load through a REAL ``mlflow server`` whose artifacts live in S3 (moto).
+"""Register / promote / load through a REAL ``mlflow server`` whose artifacts live in S3 (moto, then ``rclone serve s3``).
 
 Same scenarios as tests/test_register.py (sqlite), but the client only knows
 ``MLFLOW_TRACKING_URI=http://127.0.0.1:<port>``: the server (sqlite backend,
@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from mlflow_server import MlflowServer
-from moto_server import MotoServer, isolate_aws_env
+from moto_server import S3_SERVERS, isolate_aws_env, make_s3_server
 from test_evaluate import build_tiny_processed, export_tiny_stages, make_tiny_params
 from test_register import NAME, _write_reports
 
@@ -43,15 +43,15 @@ BUCKET = "xct-mlflow-test"
 PREFIX = "mlflow"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """moto S3 + bucket, an mlflow server proxying artifacts to it, tiny processed data;
-    the client env points at the server only (no S3 endpoint)."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+@pytest.fixture(scope="module", params=S3_SERVERS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """An S3 server (moto, then rclone serve s3) + bucket, an mlflow server proxying artifacts
+    to it, tiny processed data; the client env points at the server only (no S3 endpoint)."""
+    root = tmp_path_factory.mktemp(f"mlflow-server-{request.param}")
     mp = pytest.MonkeyPatch()
     isolate_aws_env(mp, root, ("MLFLOW_S3_ENDPOINT_URL",))
     mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    moto = MotoServer(root).start()
+    moto = make_s3_server(request.param, root).start()
     srv = MlflowServer(root / "server", f"s3://{BUCKET}/{PREFIX}", s3_endpoint=moto.url)
     try:
         s3 = moto.client()
