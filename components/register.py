@@ -18,6 +18,15 @@ processed file's sha256; :func:`components.tracking.dvc_data_hash`) — ``xct.pa
 ``xct.content_hash``, ``xct.test_ids_hash``, ``xct.psnr_window_db`` (the LAST stage's test
 PSNR in the window), ``xct.stages``, ``xct.gates`` (``stage1=pass,…``) and ``xct.run_id``.
 
+Model card
+----------
+Every run of the step writes the card of its model beside the summary
+(``reports/model_card.json`` + ``model_card.md``, :mod:`xct_core.model_card`), registered or
+rejected; a new version also gets it on its registration run (artifacts ``model_card/``) and
+the version tag ``xct.model_card`` = ``runs:/<run id>/model_card``, which
+:func:`show_card` (``xct models show VERSION``) reads. The card's intervals come from each
+stage's ``per_patient.csv``.
+
 Aliases and idempotency
 -----------------------
 * ``xct.content_hash`` = sha256 of the stage model files + the params sections the model's
