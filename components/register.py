@@ -439,9 +439,7 @@ def show_card(version: str, params: Params, *, as_json: bool = False, tracking_u
     """The model card of ``version`` as logged at registration: its Markdown, or (``as_json``)
     its JSON. :class:`InputError` for no registry, an unknown version, or a version
     registered without a card."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
+    from components.model_uri import _download  # the one quiet download (no progress bars, one-line errors)
     from components.tracking import tracking_uri as default_uri
 
     _client_, name, mv = _existing_version(version, params, tracking_uri)
@@ -451,11 +449,9 @@ def show_card(version: str, params: Params, *, as_json: bool = False, tracking_u
     fname = MODEL_CARD_JSON if as_json else MODEL_CARD_MD
     with tempfile.TemporaryDirectory(prefix="xct-card-") as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{ref}/{fname}", dst_path=tmp,
-                                                            tracking_uri=tracking_uri or default_uri()))
-        except (MlflowException, OSError) as e:
-            raise InputError(None, f"{name} v{mv.version}: cannot fetch its model card {ref}/{fname} "
-                                   f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            local = _download(f"{ref}/{fname}", Path(tmp), tracking_uri or default_uri())
+        except InputError as e:
+            raise InputError(None, f"{name} v{mv.version}: cannot fetch its model card ({e})") from None
         if as_json:
             from xct_core.jsondoc import json_text
 

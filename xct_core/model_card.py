@@ -274,10 +274,13 @@ def _data_section(manifest: Mapping[str, Any] | None, lineage: Mapping[str, Any]
         out["splits"] = None
         out["note"] = "no preprocess manifest available: split sizes and hashes unknown"
         return out
+    from xct_core.preprocess import SPLITS
+
     items = manifest.get("items") or {}
+    found = manifest.get("splits") or {}
     splits = {}
-    for name, ids in (manifest.get("splits") or {}).items():
-        ids = list(ids)
+    for name in [*(s for s in SPLITS if s in found), *(s for s in found if s not in SPLITS)]:
+        ids = list(found[name])
         splits[name] = {"volumes": len(ids), "augmented_copies": sum(1 for i in ids if (items.get(i) or {}).get("augment")),
                         "ids_hash": split_ids_hash(ids)}
     out["splits"] = splits
@@ -372,6 +375,10 @@ def _num(v: Any, digits: int = 3) -> str:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return str(v)
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _count(v: Any) -> str:
+    return str(int(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "—"
 
 
 def _cell(entry: Mapping[str, Any] | None) -> str:
@@ -486,7 +493,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             out.append(f"Not evaluated: {st.get('note')}")
             continue
         out.append(f"{st.get('n_patients')} test patients, {st.get('samples')} sample(s), {st.get('sample_steps')} DDIM "
-                   f"steps, SSIM {st.get('ssim_taps')}^3 taps, NaN voxels {st.get('nan_count')}; interval over "
+                   f"steps, SSIM {st.get('ssim_taps')}^3 taps, NaN voxels {_count(st.get('nan_count'))}; interval over "
                    f"{st.get('interval_over')}.")
         notes = sorted({v["note"] for v in st["values"].values() if v.get("note")})
         out.append("")
