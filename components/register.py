@@ -18,6 +18,15 @@ processed file's sha256; :func:`components.tracking.dvc_data_hash`) — ``xct.pa
 ``xct.content_hash``, ``xct.test_ids_hash``, ``xct.psnr_window_db`` (the LAST stage's test
 PSNR in the window), ``xct.stages``, ``xct.gates`` (``stage1=pass,…``) and ``xct.run_id``.
 
+Model card
+----------
+Every run of the step writes the card of its model beside the summary
+(``reports/model_card.json`` + ``model_card.md``, :mod:`xct_core.model_card`), registered or
+rejected; a new version also gets it on its registration run (artifacts ``model_card/``) and
+the version tag ``xct.model_card`` = ``runs:/<run id>/model_card``, which
+:func:`show_card` (``xct models show VERSION``) reads. The card's intervals come from each
+stage's ``per_patient.csv``.
+
 Aliases and idempotency
 -----------------------
 * ``xct.content_hash`` = sha256 of the stage model files + the params sections the model's
@@ -43,13 +52,24 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from xct_core.config import Params
-from xct_core.errors import ConfigError, InputError
+from xct_core.errors import ConfigError, InputError, XctError
 from xct_core.jsondoc import read_json_doc
-from xct_core.layout import METRICS_JSON, ReportLayout, RunLayout, stage_model_files
+from xct_core.layout import (
+    METRICS_JSON,
+    MODEL_CARD_JSON,
+    MODEL_CARD_MD,
+    PER_PATIENT_CSV,
+    ReportLayout,
+    RunLayout,
+    stage_model_files,
+)
+
+if TYPE_CHECKING:
+    from xct_core.model_card import StageInputs
 
 REPO = Path(__file__).resolve().parents[1]
 PYFUNC_FILE = Path(__file__).resolve().with_name("xct_pyfunc.py")
@@ -57,6 +77,9 @@ PYFUNC_FILE = Path(__file__).resolve().with_name("xct_pyfunc.py")
 _REQUIREMENTS = ("torch", "numpy", "scipy", "nibabel", "pydantic", "pyyaml", "mlflow")
 #: params sections a registered model's predictions depend on (content hash)
 _CONTENT_SECTIONS = ("seed", "hu", "diffusion", "eval", "drr", "model", "stages")
+#: the registration run's artifact folder of the model card; the version tag that points at it
+CARD_ARTIFACT_DIR = "model_card"
+CARD_TAG = "xct.model_card"
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,7 @@ class Registration:
     created: bool
     run_id: str
     reason: str
+    card: dict[str, Any] | None = None  #: the model card (built for a new or an existing version)
 
     @property
     def model_uri(self) -> str:
@@ -177,13 +201,18 @@ def register_cascade(
     *,
     processed_dir: str | Path | None = None,
     eval_files: dict[int, Path] | None = None,
+    card_stages: "Sequence[StageInputs] | None" = None,
     tracking_uri: str | None = None,
     log: Any = None,
 ) -> Registration:
     """Log the cascade (every stage in params) as a pyfunc and register it (module docstring).
 
     ``stage_metrics``: stage → its evaluation summary (metrics.json); the last stage's
-    ``psnr_window_db`` and ``test_ids_hash`` decide the alias.
+    ``psnr_window_db`` and ``test_ids_hash`` decide the alias. ``card_stages``: what the model
+    card reports per stage (:func:`read_stage_inputs`; default: ``stage_metrics`` and the gate
+    reports, without per-patient rows, so without intervals). The card is logged on the
+    registration run (``model_card/model_card.{json,md}``) and the version's tag
+    ``xct.model_card`` points at it (``runs:/<run id>/model_card``).
     """
     import mlflow
 
@@ -200,14 +229,24 @@ def register_cascade(
     psnr = _float(last.get("psnr_window_db"))
     test_hash = last.get("test_ids_hash")
     client = _client(uri)
+    from xct_core.model_card import StageInputs
+
+    stages_in = list(card_stages) if card_stages is not None else [
+        StageInputs(k, stage_metrics.get(k), None, _read_json(gate_reports[k]) if k in gate_reports else None)
+        for k in range(1, n + 1)]
 
     existing = find_version(client, reg.model_name, "xct.content_hash", chash)
     if existing is not None:
         aliases = _aliases(client, reg.model_name, existing.version)
         say(f"register: this cascade is already {reg.model_name} v{existing.version} "
             f"(aliases: {', '.join(aliases) or 'none'}); nothing new registered")
+        et = existing.tags or {}
+        card = model_card(params, stages_in, {**card_lineage(et), "run_id": et.get("xct.run_id")}, {
+            "status": "promoted" if reg.champion_alias in aliases else "registered", "name": reg.model_name,
+            "version": str(existing.version), "model_uri": f"models:/{reg.model_name}/{existing.version}",
+            "alias": None, "alias_reason": et.get("xct.alias_reason")}, processed_dir)
         return Registration(reg.model_name, str(existing.version), None, aliases, False,
-                            str(existing.run_id or ""), "already registered (same content hash)")
+                            str(existing.run_id or ""), "already registered (same content hash)", card)
 
     lineage = lineage_tags(params.digest(), processed_dir)
     commit = lineage.get("mlflow.source.git.commit")
@@ -257,9 +296,77 @@ def register_cascade(
     alias, reason = decide_alias(_champion(client, reg.model_name, reg.champion_alias), psnr, test_hash, params)
     client.set_registered_model_alias(reg.model_name, alias, mv.version)
     client.set_model_version_tag(reg.model_name, mv.version, "xct.alias_reason", reason)
-    say(f"register: {reg.model_name} v{mv.version} → @{alias} ({reason})")
     aliases = _aliases(client, reg.model_name, mv.version) or (alias,)
-    return Registration(reg.model_name, str(mv.version), alias, aliases, True, run_id, reason)
+    card = model_card(params, stages_in, {**card_lineage(tags), "run_id": run_id}, {
+        "status": "promoted" if reg.champion_alias in aliases else "registered", "name": reg.model_name,
+        "version": str(mv.version), "model_uri": f"models:/{reg.model_name}/{mv.version}", "alias": alias,
+        "alias_reason": reason}, processed_dir)
+    with tempfile.TemporaryDirectory(prefix="xct-card-") as tmp:
+        write_card(card, Path(tmp))
+        client.log_artifacts(run_id, tmp, CARD_ARTIFACT_DIR)
+    client.set_model_version_tag(reg.model_name, mv.version, CARD_TAG, f"runs:/{run_id}/{CARD_ARTIFACT_DIR}")
+    say(f"register: {reg.model_name} v{mv.version} → @{alias} ({reason}); model card: `xct models show {mv.version}`")
+    return Registration(reg.model_name, str(mv.version), alias, aliases, True, run_id, reason, card)
+
+
+# --------------------------------------------------------------------------- the model card
+
+
+def read_stage_inputs(gates_dir: str | Path, eval_dir: str | Path, params: Params) -> "list[StageInputs]":
+    """Every stage's ``metrics.json``, per-patient rows and gate report (None where missing;
+    no rows for a skipped stage)."""
+    from xct_core.model_card import StageInputs, read_rows_csv
+
+    out = []
+    for k in range(1, params.n_stages + 1):
+        ed = Path(eval_dir) / f"stage{k}"
+        m = _read_json(ed / METRICS_JSON)
+        rows = read_rows_csv(ed / PER_PATIENT_CSV) if m is not None and not m.get("skipped") and (
+            ed / PER_PATIENT_CSV).is_file() else None
+        out.append(StageInputs(k, m, rows, _read_json(Path(gates_dir) / ReportLayout.gate_file(k))))
+    return out
+
+
+def card_lineage(tags: Mapping[str, str]) -> dict[str, Any]:
+    """The card's lineage values from lineage / version tags (:func:`components.tracking.lineage_tags`)."""
+    return {
+        "git_commit": tags.get("xct.git_commit") or tags.get("mlflow.source.git.commit"),
+        "git_dirty": tags.get("xct.git_dirty"),
+        "params_digest": tags.get("xct.params_digest"),
+        "content_hash": tags.get("xct.content_hash"),
+        "data_hash": tags.get("xct.data_hash"),
+        "data_hash_source": tags.get("xct.data_hash_source"),
+        "data_dir": tags.get("xct.data_dir"),
+    }
+
+
+def model_card(params: Params, stages: "Sequence[StageInputs]", lineage: Mapping[str, Any], status: Mapping[str, Any],
+               processed_dir: str | Path | None) -> dict[str, Any]:
+    """The card (:func:`xct_core.model_card.build_card`) with the protocol built from params
+    and the preprocess manifest of ``processed_dir`` when there is one."""
+    from xct_core.evaluation import EvalProtocol
+    from xct_core.model_card import build_card
+
+    manifest = None
+    if processed_dir is not None and Path(processed_dir).is_dir():
+        from xct_core.preprocess import read_manifest
+
+        try:
+            manifest = read_manifest(processed_dir)
+        except XctError:
+            manifest = None
+    return build_card(params=params, protocol=EvalProtocol.from_params(params), stages=stages, lineage=lineage,
+                      status=status, manifest=manifest)
+
+
+def write_card(card: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """``model_card.json`` + ``model_card.md`` in ``out_dir``, atomically."""
+    from xct_core.atomic import write_json_atomic, write_text_atomic
+    from xct_core.model_card import render_markdown
+
+    out = Path(out_dir)
+    return (write_json_atomic(out / MODEL_CARD_JSON, dict(card)),
+            write_text_atomic(out / MODEL_CARD_MD, render_markdown(card)))
 
 
 # --------------------------------------------------------------------------- registry queries
@@ -298,8 +405,9 @@ def list_versions(params: Params, tracking_uri: str | None = None) -> list[dict[
     return out
 
 
-def promote(version: str, alias: str, params: Params, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Point ``alias`` at ``version`` (idempotent); :class:`InputError` for an unknown version."""
+def _existing_version(version: str, params: Params, tracking_uri: str | None) -> tuple[Any, str, Any]:
+    """``(client, model name, model version)`` of an existing ``version``; :class:`InputError`
+    (one line) when there is no registry yet (which is not created) or no such version."""
     from mlflow.exceptions import MlflowException
 
     from components.tracking import store_exists
@@ -309,16 +417,46 @@ def promote(version: str, alias: str, params: Params, tracking_uri: str | None =
     uri = tracking_uri or default_uri()
     if not store_exists(uri):
         raise InputError(None, f"no model registry at {uri} yet: nothing is registered (see `xct models list`)")
-    client = _client(tracking_uri)
+    client = _client(uri)
     try:
-        client.get_model_version(name, str(version))
+        mv = client.get_model_version(name, str(version))
     except MlflowException:
         raise InputError(None, f"{name} has no version {version!r} (see `xct models list`)") from None
+    return client, name, mv
+
+
+def promote(version: str, alias: str, params: Params, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Point ``alias`` at ``version`` (idempotent); :class:`InputError` for an unknown version."""
+    client, name, _mv = _existing_version(version, params, tracking_uri)
     if not alias or not alias.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"alias must be letters, digits, '-' or '_', got {alias!r}")
     client.set_registered_model_alias(name, alias, str(version))
     client.set_model_version_tag(name, str(version), f"xct.promoted_{alias}", "manual")
     return {"name": name, "version": str(version), "alias": alias, "model_uri": f"models:/{name}@{alias}"}
+
+
+def show_card(version: str, params: Params, *, as_json: bool = False, tracking_uri: str | None = None) -> str:
+    """The model card of ``version`` as logged at registration: its Markdown, or (``as_json``)
+    its JSON. :class:`InputError` for no registry, an unknown version, or a version
+    registered without a card."""
+    from components.model_uri import _download  # the one quiet download (no progress bars, one-line errors)
+    from components.tracking import tracking_uri as default_uri
+
+    _client_, name, mv = _existing_version(version, params, tracking_uri)
+    ref = (mv.tags or {}).get(CARD_TAG)
+    if not ref:
+        raise InputError(None, f"{name} v{mv.version} has no model card (it was registered before cards were logged)")
+    fname = MODEL_CARD_JSON if as_json else MODEL_CARD_MD
+    with tempfile.TemporaryDirectory(prefix="xct-card-") as tmp:
+        try:
+            local = _download(f"{ref}/{fname}", Path(tmp), tracking_uri or default_uri())
+        except InputError as e:
+            raise InputError(None, f"{name} v{mv.version}: cannot fetch its model card ({e})") from None
+        if as_json:
+            from xct_core.jsondoc import json_text
+
+            return json_text(read_json_doc(local, "model card"))
+        return local.read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- the step
@@ -379,21 +517,32 @@ def run_register(
         if m is not None and not m.get("skipped"):
             metrics[k] = m
             eval_paths[k] = ep
+    card_dir = Path(out_path).parent
     reports = {
         "summary": str(out_path), "gates_dir": str(gates_dir), "eval_dir": str(eval_dir),
         "gates": [s["gate_report"] for s in stages], "eval": [s["eval_metrics"] for s in stages],
+        "model_card": str(card_dir / MODEL_CARD_MD), "model_card_json": str(card_dir / MODEL_CARD_JSON),
     }
+    card_stages = read_stage_inputs(gates_dir, eval_dir, params)
     if all(s["passed"] for s in stages):
         r = register_cascade(train_dir, metrics, gate_paths, params, processed_dir=processed_dir,
-                             eval_files=eval_paths, tracking_uri=uri, log=say)
+                             eval_files=eval_paths, card_stages=card_stages, tracking_uri=uri, log=say)
         status = "promoted" if params.registry.champion_alias in r.aliases else "registered"
         alias = r.alias or (params.registry.champion_alias if status == "promoted"
                             else (r.aliases[0] if r.aliases else None))
         summary = build_summary(status=status, stages=stages, model_uri=r.model_uri, tracking_uri=uri,
                                 reports=reports, model_name=r.name, model_version=r.version, alias=alias)
+        card = r.card
     else:
+        from components.tracking import lineage_tags
+
         summary = build_summary(status="rejected", stages=stages, model_uri=_fallback_model_uri(train_dir, params),
                                 tracking_uri=uri, reports=reports)
+        card = model_card(params, card_stages, card_lineage(lineage_tags(params.digest(), processed_dir)), {
+            "status": "rejected", "rejected_at_stage": summary["rejected_at_stage"],
+            "model_uri": summary["model_uri"]}, processed_dir)
+    if card is not None:  # the card of this run, registered or not, beside its summary
+        write_card(card, card_dir)
     write_summary(out_path, summary)
     return summary
 

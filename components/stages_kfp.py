@@ -15,7 +15,8 @@ onto the DVC layout (:mod:`xct_core.layout`):
   ``per_patient.csv``) + a KFP ``Metrics`` artifact with the numeric metrics.
 - ``gate_report_component`` (evaluation folder in) → ``gate`` (``stageK.json``, :meth:`xct_core.gates.GateReport.to_dict`)
   and the output parameter ``passed`` that the pipeline's ``dsl.If`` conditions read.
-- ``register_component`` → ``summary`` (``summary.json``), run after the last gate passed.
+- ``register_component`` → ``summary`` (``summary.json`` + the model card ``model_card.{json,md}``),
+  run after the last gate passed.
 - ``rejected_component``: the ``dsl.Else`` branch of a gate; records why the run stopped.
 
 ``params_yaml`` is the text of a params.yaml (empty: the built-in demo defaults);

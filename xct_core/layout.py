@@ -17,6 +17,7 @@ Reports folder (``reports/``, what dvc.yaml declares; :class:`ReportLayout`)::
     eval/stage{K}/metrics.json, per_patient.csv, montage.png   the evaluate step
     gates/stage{K}.json                                        the gate step
     summary.json                                               the register step
+    model_card.json, model_card.md                             the register step (every run)
 
 Exported stage models are the files :func:`xct_core.checkpoint.export_stage_model` writes;
 :func:`stage_model_files` lists a cascade's files for stages 1 … K.
@@ -28,13 +29,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["METRICS_JSON", "MODEL_KINDS", "MONTAGE_PNG", "PER_PATIENT_CSV", "ReportLayout", "RunLayout",
-           "stage_model_files"]
+__all__ = ["METRICS_JSON", "MODEL_CARD_JSON", "MODEL_CARD_MD", "MODEL_KINDS", "MONTAGE_PNG", "PER_PATIENT_CSV",
+           "ReportLayout", "RunLayout", "stage_model_files"]
 
 #: the files of an evaluate step's folder (``reports/eval/stage{K}``)
 METRICS_JSON = "metrics.json"
 PER_PATIENT_CSV = "per_patient.csv"
 MONTAGE_PNG = "montage.png"
+#: the register step's model card (beside ``summary.json``; the same names in MLflow)
+MODEL_CARD_JSON = "model_card.json"
+MODEL_CARD_MD = "model_card.md"
 
 #: exported stage-model files of a training folder: the last step, the best validation, the twin
 MODEL_KINDS = ("final", "best", "direct")
@@ -129,3 +133,11 @@ class ReportLayout:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def model_card_json(self) -> Path:
+        return self.root / MODEL_CARD_JSON
+
+    @property
+    def model_card_md(self) -> Path:
+        return self.root / MODEL_CARD_MD

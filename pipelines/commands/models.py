@@ -1,13 +1,18 @@
 """`xct models`: the MLflow model registry of the cascade (``registry.model_name``).
 
 ``xct models list`` prints every version with its aliases and key metrics;
+``xct models show VERSION [--json]`` prints the version's model card (logged at registration:
+intended use, data, protocol, metrics with intervals, gates, X-ray geometry, lineage);
+``xct models show [--reports DIR]`` without a version prints the card the last pipeline run
+wrote beside its summary (``reports/model_card.md``; also for a rejected, unregistered run);
 ``xct models promote VERSION [--alias champion]`` points an alias at a version (a manual
 override of the pipeline's automatic champion/candidate decision). Tracking:
 ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<repo>/mlflow.db``.
 
-``list`` is read-only: when the tracking store does not exist yet (no ``mlflow.db``, no
-``file:`` folder) it says so in one line and exits 0, without creating it; ``promote`` then
-fails with one line (exit 2).
+``list`` and ``show`` are read-only: when the tracking store does not exist yet (no
+``mlflow.db``, no ``file:`` folder) ``list`` says so in one line and exits 0, without
+creating it; ``show VERSION`` and ``promote`` then fail with one line (exit 2), as they do
+for an unknown version.
 """
 
 from __future__ import annotations
@@ -53,6 +58,34 @@ def list_cmd(params: ParamsOpt = None) -> None:
                    f"{r['test_ids_hash'] or '-':<16}  {(r['git_commit'] or '-')[:10]}")
 
 
+@app.command("show")
+def show_cmd(
+    version: Annotated[Optional[str], typer.Argument(help="model version number (omit: the last run's local card)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the card's JSON instead of its Markdown")] = False,
+    reports: Annotated[Path, typer.Option("--reports", help="reports folder of the local card (no VERSION)")] = Path("reports"),
+    params: ParamsOpt = None,
+) -> None:
+    """Print the model card of VERSION (or, without VERSION, of the last pipeline run)."""
+    if version is None:
+        from xct_core.jsondoc import json_text, read_json_doc
+        from xct_core.layout import ReportLayout
+
+        lay = ReportLayout(reports)
+        hint = "run the pipeline's register step first (make demo / dvc repro)"
+        if as_json:
+            typer.echo(json_text(read_json_doc(lay.model_card_json, "model card", missing_hint=hint)), nl=False)
+            return
+        if not lay.model_card_md.is_file():
+            from xct_core.errors import InputError
+
+            raise InputError(lay.model_card_md, f"model card not found ({hint})")
+        typer.echo(lay.model_card_md.read_text(encoding="utf-8"), nl=False)
+        return
+    from components.register import show_card
+
+    typer.echo(show_card(version, resolve_params(params), as_json=as_json), nl=False)
+
+
 @app.command("promote")
 def promote_cmd(
     version: Annotated[str, typer.Argument(help="model version number")],
@@ -68,4 +101,4 @@ def promote_cmd(
 
 def register(app_root: typer.Typer) -> None:
     """Add the `models` group to the root app."""
-    app_root.add_typer(app, name="models", help="Registered cascade models (MLflow): list, promote.")
+    app_root.add_typer(app, name="models", help="Registered cascade models (MLflow): list, show, promote.")
