@@ -27,16 +27,18 @@ from xct_core.gates import Champion, GateReport, evaluate_gate
 def read_champion(stage: int, params: Params, tracking_uri: str | None = None) -> Champion | None:
     """The champion's stage-``stage`` metrics from the registry, or ``None`` (no store, no
     registered model, no champion alias). Never creates a store."""
-    from components.register import _champion, _client
-    from components.tracking import store_exists
+    from mlflow.exceptions import MlflowException
+
+    from components.tracking import get_client, store_exists
     from components.tracking import tracking_uri as default_uri
 
     uri = tracking_uri or default_uri()
     if not store_exists(uri):
         return None
-    client = _client(uri)
-    mv = _champion(client, params.registry.model_name, params.registry.champion_alias)
-    if mv is None:
+    client = get_client(uri)
+    try:
+        mv = client.get_model_version_by_alias(params.registry.model_name, params.registry.champion_alias)
+    except MlflowException:  # no registered model / no champion alias yet
         return None
     prefix = f"stage{stage}/"
     run_metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
