@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from scipy import stats
 
 from cli_run import xct
-from test_evaluate import build_tiny_processed, export_tiny_stages, make_tiny_params
+from test_evaluate import export_tiny_stages
 from xct_core.config import Params
 from xct_core.evaluation import EvalProtocol, aggregate, rows_csv
 from xct_core.metrics import ssim_taps
@@ -154,17 +153,9 @@ def test_rows_csv_round_trip(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def card_env(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("card")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    params = make_tiny_params()
-    processed = build_tiny_processed(root, params, n_train=1, n_test=1)
-    pfile = root / "params.yaml"
-    pfile.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    yield {"root": root, "uri": uri, "params": params, "processed": processed, "params_file": pfile}
-    mp.undo()
+    from test_register import registry_env
+
+    yield from registry_env(tmp_path_factory.mktemp("card"))
 
 
 def _pipeline_run(env: dict[str, Any], name: str, n_patients: int, passing2: bool) -> tuple[dict[str, Any], Path]:

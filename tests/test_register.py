@@ -44,19 +44,26 @@ def _write_reports(root: Path, params: Params, psnr: dict[int, float], passing: 
     return gates, ev
 
 
-@pytest.fixture(scope="module")
-def reg_env(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("register")
+def registry_env(root: Path) -> Any:
+    """A sqlite MLflow store in ``root`` ($MLFLOW_TRACKING_URI), tiny params and processed data
+    (a generator: the fixtures of this module and tests/test_model_card.py yield from it)."""
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    params = make_tiny_params()
-    processed = build_tiny_processed(root, params, n_train=1, n_test=1)
-    pfile = root / "params.yaml"
-    pfile.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    yield {"root": root, "uri": uri, "params": params, "processed": processed, "params_file": pfile}
-    mp.undo()
+    try:
+        params = make_tiny_params()
+        processed = build_tiny_processed(root, params, n_train=1, n_test=1)
+        pfile = root / "params.yaml"
+        pfile.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+        yield {"root": root, "uri": uri, "params": params, "processed": processed, "params_file": pfile}
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def reg_env(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    yield from registry_env(tmp_path_factory.mktemp("register"))
 
 
 def _run(env: dict[str, Any], name: str, seed: int, psnr2: float, passing2: bool = True) -> dict[str, Any]:
