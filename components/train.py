@@ -12,8 +12,9 @@ The loop is :func:`xct_core.training.train_stage` (engine-agnostic); this module
   the latest one. A re-run of the same command after the driver was killed resumes too
   (Ray restores the run from its storage path; the loop also looks at its own checkpoints).
 * **Where it ran**: at the start of every worker-group attempt the ranks gather their Ray
-  node id, node IP and pid; rank 0 appends the attempt (and the checkpoint it resumed from)
-  to ``checkpoints/stage{K}/ray_workers.json``. The driver copies it to the MLflow run
+  node id, node IP and pid; rank 0 appends the attempt (and the checkpoint Ray handed it,
+  ``ray_checkpoint``; the loop resumes from the newer of that and its own) to
+  ``checkpoints/stage{K}/ray_workers.json``. The driver copies it to the MLflow run
   (artifact ``ray/ray_workers.json``; tags ``xct.ray_nodes`` = the distinct node ids,
   ``xct.ray_attempts``) and to :attr:`TrainSummary.attempts`.
 * **MLflow** (:mod:`components.tracking`): one run per stage nested under a pipeline run;
@@ -73,7 +74,7 @@ class TrainSummary:
     ray_startup_s: float = 0.0  #: ray.init wall time (0 when Ray was already up)
     fit_s: float = 0.0  #: TorchTrainer.fit wall time (worker start-up included)
     #: the worker-group attempts of this stage run (``ray_workers.json``): each
-    #: ``{attempt, resumed_from, workers: [{rank, node_id, node_ip, pid}]}``
+    #: ``{attempt, ray_checkpoint, workers: [{rank, node_id, node_ip, pid}]}``
     attempts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -261,7 +262,7 @@ def _read_placement(layout: RunLayout) -> list[dict[str, Any]]:
     return list(read_json_doc(path, "Ray worker placement")["attempts"]) if path.is_file() else []
 
 
-def _record_placement(layout: RunLayout, rank: int, world: int, resumed_from: str | None) -> None:
+def _record_placement(layout: RunLayout, rank: int, world: int, ray_checkpoint: str | None) -> None:
     """Every rank (a collective): gather each worker's Ray node; rank 0 appends the attempt."""
     import ray
     import torch.distributed as dist
@@ -274,7 +275,7 @@ def _record_placement(layout: RunLayout, rank: int, world: int, resumed_from: st
         dist.all_gather_object(workers, me)
     if rank == 0:
         attempts = _read_placement(layout)
-        attempts.append({"attempt": len(attempts) + 1, "resumed_from": resumed_from, "workers": workers})
+        attempts.append({"attempt": len(attempts) + 1, "ray_checkpoint": ray_checkpoint, "workers": workers})
         write_json_atomic(_placement_file(layout), {"attempts": attempts})
 
 

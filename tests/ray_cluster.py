@@ -18,15 +18,17 @@ How it is built, and why (Ray 2.60 on a shared 2-core box):
   raylets, object stores and worker pools, joined through the head's GCS over TCP.
 * Loopback addresses ``127.0.0.2`` (head) and ``127.0.0.3`` (worker), passed with
   ``--node-ip-address``: Ray rewrites ``127.0.0.1`` to the machine's address, and two nodes
-  with one IP would make "which node did the work" ambiguous. Nothing listens beyond
-  127.0.0.0/8.
+  with one IP would make "which node did the work" ambiguous. Every address a node
+  advertises and every connection is on 127.0.0.x. (Ray 2.60 still *binds* its GCS,
+  raylet and agent servers on all interfaces, whatever ``--node-ip-address`` says; there
+  is no option to narrow that.)
 * Every port is named (GCS, node manager, object manager, agents, metrics, client server)
   and taken from the kernel's ephemeral range (a free port of the node's own address), so
   none falls into Ray's worker-port range (10002-19999) and two test sessions on one box
   do not collide. No dashboard (nothing here needs it; it costs start-up time and memory).
 * ``--temp-dir`` (and ``RAY_TMPDIR``) is a short ``mkdtemp`` dir under /tmp (unix socket
-  paths are limited to ~107 bytes); the GCS health check runs every 0.5 s with a threshold
-  of 3 misses, so a killed node is declared dead in seconds instead of ~30 s.
+  paths are limited to ~107 bytes), one sub-dir per node; the GCS health check runs every
+  0.5 s with a threshold of 3 misses, so a killed node is declared dead in seconds, not ~30 s.
 * Every wait is bounded (``timeout_s``) and raises ``RuntimeError`` with the tail of the
   node's log. :meth:`stop` sends SIGTERM to each ``ray start --block`` (it then stops its
   node's processes), SIGKILLs each process group that is still there after a grace period,
@@ -118,10 +120,10 @@ class RayCluster:
         """What a driver (``xct train`` …) needs to join this cluster and nothing else."""
         return {"RAY_ADDRESS": self.address, "RAY_TMPDIR": str(self.temp_dir), "RAY_AUTH_MODE": "disabled"}
 
-    def _node_env(self) -> dict[str, str]:
+    def _node_env(self, temp_dir: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(HEALTH_ENV)
-        env.update(RAY_TMPDIR=str(self.temp_dir), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+        env.update(RAY_TMPDIR=str(temp_dir), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                    OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         return env
 
@@ -133,9 +135,12 @@ class RayCluster:
         if head:
             names += ["port", "ray-client-server-port"]
         ports = {n: free_port(ip) for n in names}
+        # each node its own temp dir, as on separate machines (one shared session dir would
+        # have every node's log monitor forward every node's worker logs)
+        temp_dir = self.temp_dir if head else self.root / f"node{len(self.nodes)}"
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
                f"--node-ip-address={ip}", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
-               f"--temp-dir={self.temp_dir}", f"--object-store-memory={OBJECT_STORE_BYTES}",
+               f"--temp-dir={temp_dir}", f"--object-store-memory={OBJECT_STORE_BYTES}",
                *(f"--{n}={p}" for n, p in ports.items())]
         if head:
             self.gcs_port = ports["port"]
@@ -144,18 +149,19 @@ class RayCluster:
             cmd += [f"--address={self.address}"]
         log = self.root / f"node-{ip}-{len(self.nodes)}.log"
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self._node_env(),
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self._node_env(temp_dir),
                                     start_new_session=True)
         node = RayNode(ip, head, log, proc, ports)
         self.nodes.append(node)
         return node
 
-    def start(self) -> RayCluster:
-        """Start the head and wait until the GCS lists it ALIVE."""
+    def start(self, wait: bool = True) -> RayCluster:
+        """Start the head; ``wait``: until the GCS lists it ALIVE (else call :meth:`wait_alive`)."""
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._start(self.head_ip, head=True)
-            self.wait_alive(1)
+            if wait:
+                self.wait_alive(1)
         except BaseException:
             self.stop()
             raise
@@ -244,7 +250,7 @@ class RayCluster:
                 continue
         return found
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self, grace_s: float = 5.0) -> None:
         """Stop every node (module docstring) and remove the temp dir; idempotent."""
         for node in reversed(self.nodes):
             if node.proc.poll() is None:

@@ -9,8 +9,7 @@ to it through ``RAY_ADDRESS`` alone, each as its own process, as a user runs the
 * `xct train --stage 1` (NOT ``--local``: Ray Train, 2 workers of 1 CPU, so they must land
   on different nodes), then the worker node's raylet is SIGKILLed mid-run. The platform's
   answer to a dead node is a replacement node (what KubeRay does for a dead worker pod),
-  so the test starts a new worker node (127.0.0.4) once the GCS has declared the old one
-  dead; Ray Train (``FailureConfig``) restarts the worker group on it from the last
+  so the test starts a new worker node (127.0.0.4) right after the kill; Ray Train (``FailureConfig``) restarts the worker group on it from the last
   checkpoint, with the same world size. Proof: ``ray_workers.json`` / the MLflow tags name
   the nodes of each attempt, and the loss history and train.csv have every logged step once.
 
@@ -31,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -68,10 +68,11 @@ def env(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("cluster")
     params = tiny_params(train={"ray": {"num_workers": 2, "cpus_per_worker": 1.0, "max_failures": 1},
                                 "val_reprojection": False})
-    processed = build_processed(root, params)  # the process pool's folder (the reference)
     cluster = RayCluster(num_cpus=1)
     try:
-        cluster.start()
+        cluster.start(wait=False)  # the head starts while the data is made
+        processed = build_processed(root, params)  # the process pool's folder (the reference)
+        cluster.wait_alive(1)
         worker = cluster.add_worker()
         nodes = cluster.wait_alive(2)
         child = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "XCT_"))}
@@ -142,6 +143,32 @@ def test_hpo_two_trials_run_one_per_node(env: dict) -> None:
     assert {t.data.tags.get("xct.ray_node_id") for t in trials} == {env["head_id"], env["worker_id"]}
 
 
+def _timestamped_copy(proc: subprocess.Popen[bytes], log: Path) -> threading.Thread:
+    """Copy ``proc``'s output to ``log``, each line prefixed with the seconds since its start
+    (what happened when, around the kill, is the first question when this test fails)."""
+    t0 = time.monotonic()
+
+    def run() -> None:
+        assert proc.stdout is not None
+        with open(log, "w") as fh:
+            for line in iter(proc.stdout.readline, b""):
+                fh.write(f"[{time.monotonic() - t0:7.2f}s] {line.decode(errors='replace')}")
+                fh.flush()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _ray_latest_step(snapshot: Path) -> int:
+    """The step of the latest checkpoint Ray Train has registered (0: none yet)."""
+    try:
+        doc = json.loads(snapshot.read_text())
+        return int(doc["latest_checkpoint_result"]["checkpoint_dir_name"].removeprefix("step_"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
+
+
 def _steps_csv(path: Path) -> list[int]:
     with open(path, newline="") as f:
         return [int(float(r["step"])) for r in csv.DictReader(f)]
@@ -156,37 +183,38 @@ def test_train_on_both_nodes_survives_a_killed_raylet(env: dict) -> None:
     log = env["root"] / "train_driver.log"
     faults = {"XCT_TRAIN_FAULTS": json.dumps({"slow_step_s": 1.0})}  # time to kill the node mid-run
     layout = RunLayout(out, 1)
-    ray_ckpt = out / "ray" / "stage1" / "step_00000004"  # what Ray Train restores from
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**env["child"], **faults}, stdout=fh, stderr=subprocess.STDOUT)
+    snapshot = out / "ray" / "stage1" / "checkpoint_manager_snapshot.json"  # what Ray Train restores from
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**env["child"], **faults}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    copier = _timestamped_copy(proc, log)
     try:
         deadline = time.monotonic() + 120
-        while not (ray_ckpt / "state.pt").is_file():
+        while _ray_latest_step(snapshot) < 4:  # registered by Ray (not only written)
             assert proc.poll() is None, f"driver exited early:\n{log.read_text()[-4000:]}"
             assert time.monotonic() < deadline, f"no checkpoint 4 in time:\n{log.read_text()[-4000:]}"
             time.sleep(0.2)
         cluster.kill_raylet(env["worker"])
-        cluster.wait_for(lambda nodes: env["worker_id"] not in nodes, "the killed node declared dead")
-        replacement = cluster.add_worker(REPLACEMENT_IP)
+        replacement = cluster.add_worker(REPLACEMENT_IP)  # what KubeRay does for a dead worker pod
         new_id = cluster.node_id(replacement)
+        cluster.wait_for(lambda nodes: env["worker_id"] not in nodes, "the killed node declared dead")
         code = proc.wait(timeout=150)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+    copier.join(timeout=30)
     text = log.read_text()
     assert code == 0, text[-4000:]
-    assert proc.poll() == 0
 
     attempts = json.loads((layout.checkpoints / "ray_workers.json").read_text())["attempts"]
     first, last = attempts[0], attempts[-1]
     # attempt 1: two workers, one per node (each node has 1 CPU, each worker needs 1)
-    assert first["resumed_from"] is None
+    assert first["ray_checkpoint"] is None
     assert sorted(w["node_id"] for w in first["workers"]) == sorted([env["head_id"], env["worker_id"]]), first
     assert sorted(w["node_ip"] for w in first["workers"]) == ["127.0.0.2", "127.0.0.3"]
     # the retried group (after the node died): resumed from a checkpoint, on the head + the new node
     assert len(attempts) >= 2, attempts
-    assert last["resumed_from"] is not None and int(last["resumed_from"].removeprefix("step_")) >= 4, last
+    assert last["ray_checkpoint"] is not None and int(last["ray_checkpoint"].removeprefix("step_")) >= 4, last
     assert sorted(w["node_id"] for w in last["workers"]) == sorted([env["head_id"], new_id]), last
 
     summary = json.loads(layout.metrics_file.read_text())
