@@ -25,7 +25,8 @@ How it is built, and why (Ray 2.60 on a shared 2-core box):
 * Every port is named (GCS, node manager, object manager, agents, metrics, client server)
   and taken from the kernel's ephemeral range (a free port of the node's own address), so
   none falls into Ray's worker-port range (10002-19999) and two test sessions on one box
-  do not collide. No dashboard (nothing here needs it; it costs start-up time and memory).
+  do not collide. The head runs the dashboard (on its own address): it serves the state
+  API, which Ray Train's placement-group cleaner polls, as on a KubeRay head.
 * ``--temp-dir`` (and ``RAY_TMPDIR``) is a short ``mkdtemp`` dir under /tmp (unix socket
   paths are limited to ~107 bytes), one sub-dir per node; the GCS health check runs every
   0.5 s with a threshold of 3 misses, so a killed node is declared dead in seconds, not ~30 s.
@@ -133,7 +134,7 @@ class RayCluster:
         names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
                  "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]
         if head:
-            names += ["port", "ray-client-server-port"]
+            names += ["port", "ray-client-server-port", "dashboard-port"]
         ports = {n: free_port(ip) for n in names}
         # each node its own temp dir, as on separate machines (one shared session dir would
         # have every node's log monitor forward every node's worker logs)
@@ -144,7 +145,9 @@ class RayCluster:
                *(f"--{n}={p}" for n, p in ports.items())]
         if head:
             self.gcs_port = ports["port"]
-            cmd += ["--head", "--include-dashboard=false"]
+            # the dashboard serves the state API, which Ray Train's placement-group cleaner
+            # polls (without it every run logs "State API may be temporarily unavailable")
+            cmd += ["--head", "--include-dashboard=true", f"--dashboard-host={ip}"]
         else:
             cmd += [f"--address={self.address}"]
         log = self.root / f"node-{ip}-{len(self.nodes)}.log"
