@@ -118,8 +118,9 @@ class RayCluster:
         return f"{self.head_ip}:{self.gcs_port}"
 
     def client_env(self) -> dict[str, str]:
-        """What a driver (``xct train`` …) needs to join this cluster and nothing else."""
-        return {"RAY_ADDRESS": self.address, "RAY_TMPDIR": str(self.temp_dir), "RAY_AUTH_MODE": "disabled"}
+        """What a driver (``xct train`` …) needs to join this cluster: ``RAY_ADDRESS`` (and the
+        auth mode the nodes run with, which only silences the token notice)."""
+        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled"}
 
     def _node_env(self, temp_dir: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -92,10 +92,10 @@ def _dump(env: dict, name: str, params: Params) -> Path:
     return path
 
 
-def _xct(env: dict, args: list[str], timeout_s: float = 150, extra: dict[str, str] | None = None) -> str:
+def _xct(env: dict, args: list[str], timeout_s: float = 150) -> str:
     """``xct ARGS`` as its own process joined to the cluster through RAY_ADDRESS; its output."""
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], cwd=REPO,
-                          env={**env["child"], **(extra or {})}, capture_output=True, text=True, timeout=timeout_s)
+                          env=env["child"], capture_output=True, text=True, timeout=timeout_s)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"xct {' '.join(map(str, args))} exited {proc.returncode}:\n{out[-4000:]}"
     return out
