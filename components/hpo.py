@@ -34,8 +34,9 @@
   attributes, so a resumed study reuses it) with lineage tags, the search settings, the
   plots, the trials table and the fragment; one child run per trial (tag
   ``mlflow.parentRunId``) with the sampled values as params, the validation curve and the
-  training losses as metrics, and at the end ``xct.trial_state`` = COMPLETE (status
-  FINISHED) | PRUNED (KILLED, ``xct.pruned_at_step``) | FAIL (FAILED, ``xct.failure``).
+  training losses as metrics, the Ray node it ran on (``xct.ray_node_id``), and at the end
+  ``xct.trial_state`` = COMPLETE (status FINISHED) | PRUNED (KILLED, ``xct.pruned_at_step``)
+  | FAIL (FAILED, ``xct.failure``).
 * **Outputs** in ``hpo.out_dir`` (atomic writes): ``best_stage{K}.yaml`` (params overlay with
   the best trial's searched keys + derived keys, see :mod:`xct_core.hpo`; params.yaml lists it
   under ``overlays`` so every command and ``dvc repro`` use it), ``stage{K}_history.png``,
@@ -306,6 +307,7 @@ def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
     validation forwarded to ``tune.report`` (the last one after ``train_stage`` returned, so a
     scheduler stopping the trial on it cannot cut the model export short) and everything
     logged to the trial's MLflow run."""
+    import ray
     import torch
     from ray import tune
 
@@ -335,6 +337,8 @@ def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
         params, _ = trial_params(base, stage, sampled, str(trial_dir))
         if logger is not None:
             logger.client.set_tag(book["run_id"], "xct.params_digest", params.digest())
+            # where the trial ran (a multi-node cluster: which node's CPUs/GPUs it got)
+            logger.client.set_tag(book["run_id"], "xct.ray_node_id", ray.get_runtime_context().get_node_id())
         _copy_earlier_stages(Path(setup["train_dir"]), trial_dir, stage, params.train.prev_stage_model)
         res = train_stage(params, stage, setup["processed"], trial_dir, hooks=TrainHooks(report=report, progress=_Quiet),
                           steps=total, fresh=True)

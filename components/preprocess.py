@@ -27,7 +27,10 @@ written last, so its presence means the folder is complete.
 
 Parallelism: a ``concurrent.futures`` process pool (``preprocess.workers``, forkserver start
 method, one torch thread per worker) with a progress bar, or a Ray Data map when
-``preprocess.use_ray`` is true (Ray is imported only then).
+``preprocess.use_ray`` is true (Ray is imported only then; ``RAY_ADDRESS`` set: that
+cluster). The Ray path reports which node made each item (:attr:`PreprocessResult.ray_nodes`,
+a log line ``Ray Data ran N item(s) on K node(s): <node id> (count), …``); the processed
+folder itself stays the same bytes wherever it was made.
 
 Three ways to run it, one function (:func:`run_preprocess`): ``xct step preprocess
 --volumes DIR --splits splits.json [--quarantine q.json] --out data/processed [--params
@@ -88,18 +91,23 @@ class PreprocessResult:
     files_written: int = 0
     removed: list[str] = field(default_factory=list)  #: stale files deleted (relative paths)
     temp_swept: int = 0  #: temp files of an interrupted run deleted
+    ray_nodes: dict[str, str] = field(default_factory=dict)  #: id → Ray node id that (re)made it (``use_ray``)
 
 
 # --------------------------------------------------------------------------- workers
 
 
 def _ray_map(row: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
     init_worker()
     vid, written, err = run_job(job_from_dict(json.loads(row["job"])))
-    return {"vid": vid, "written": json.dumps(written), "error": err or ""}
+    return {"vid": vid, "written": json.dumps(written), "error": err or "",
+            "node": ray.get_runtime_context().get_node_id()}
 
 
-def _run_ray(jobs: Sequence[ItemJob], workers: int) -> list[tuple[str, list[str], str | None]]:
+def _run_ray(jobs: Sequence[ItemJob], workers: int) -> tuple[list[tuple[str, list[str], str | None]], dict[str, str]]:
+    """The jobs as one Ray Data map (one task per item); (results, ``{id: Ray node id}``)."""
     import ray
 
     started = not ray.is_initialized()  # an existing cluster/session (ray.init elsewhere) is used as is
@@ -108,7 +116,8 @@ def _run_ray(jobs: Sequence[ItemJob], workers: int) -> list[tuple[str, list[str]
     try:
         items = [{"job": json.dumps(job_dict(j))} for j in jobs]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map(_ray_map, num_cpus=1)
-        return [(r["vid"], json.loads(r["written"]), r["error"] or None) for r in ds.take_all()]
+        rows = ds.take_all()
+        return [(r["vid"], json.loads(r["written"]), r["error"] or None) for r in rows], {r["vid"]: r["node"] for r in rows}
     finally:
         if started:
             ray.shutdown()
@@ -228,8 +237,9 @@ def run_preprocess(
         manifest_path.unlink(missing_ok=True)  # incomplete until the end of this run
 
     n_workers = int(workers if workers is not None else params.preprocess.workers)
+    ray_nodes: dict[str, str] = {}
     if stale and params.preprocess.use_ray:
-        results = _run_ray(stale, n_workers)
+        results, ray_nodes = _run_ray(stale, n_workers)
     else:
         results = _run_pool(stale, n_workers, progress) if stale else []
     errors = sorted((vid, err) for vid, _, err in results if err)
@@ -253,7 +263,11 @@ def run_preprocess(
         f"preprocessed {len(ids)} volumes → {out} ({len(processed)} processed, {len(skipped)} skipped as up to date, "
         f"{n_files} files written, {len(removed)} stale files removed, {len(quarantined)} quarantined); split: {sizes}"
     )
-    return PreprocessResult(out, manifest, processed, skipped, n_files, removed, swept)
+    if ray_nodes:
+        per_node = {n: sum(1 for v in ray_nodes.values() if v == n) for n in sorted(set(ray_nodes.values()))}
+        say(f"Ray Data ran {len(ray_nodes)} item(s) on {len(per_node)} node(s): "
+            + ", ".join(f"{n} ({c})" for n, c in per_node.items()))
+    return PreprocessResult(out, manifest, processed, skipped, n_files, removed, swept, ray_nodes)
 
 
 # --------------------------------------------------------------------------- CLI (dvc.yaml)
@@ -292,6 +306,8 @@ def preprocess_component(
     processed.metadata["n_volumes"] = n
     processed.metadata["params_digest"] = res.manifest["params_digest"]
     processed.metadata["splits"] = {s: len(v) for s, v in res.manifest["splits"].items()}
+    if res.ray_nodes:
+        processed.metadata["ray_nodes"] = sorted(set(res.ray_nodes.values()))
     return namedtuple("PreprocessOutputs", ["n_volumes", "params_digest"])(n, res.manifest["params_digest"])
 
 

@@ -11,6 +11,12 @@ The loop is :func:`xct_core.training.train_stage` (engine-agnostic); this module
   storage_path=<out>/ray)``); ``FailureConfig(max_failures)`` restarts crashed workers from
   the latest one. A re-run of the same command after the driver was killed resumes too
   (Ray restores the run from its storage path; the loop also looks at its own checkpoints).
+* **Where it ran**: at the start of every worker-group attempt the ranks gather their Ray
+  node id, node IP and pid; rank 0 appends the attempt (and the checkpoint Ray handed it,
+  ``ray_checkpoint``; the loop resumes from the newer of that and its own) to
+  ``checkpoints/stage{K}/ray_workers.json``. The driver copies it to the MLflow run
+  (artifact ``ray/ray_workers.json``; tags ``xct.ray_nodes`` = the distinct node ids,
+  ``xct.ray_attempts``) and to :attr:`TrainSummary.attempts`.
 * **MLflow** (:mod:`components.tracking`): one run per stage nested under a pipeline run;
   params, lineage tags (git commit, DVC data hash, params digest), per-step losses, LR,
   throughput, peak memory, validation metrics, montage PNGs and the final/best models.
@@ -67,6 +73,14 @@ class TrainSummary:
     metrics: dict[str, Any] = field(default_factory=dict)  #: metrics/stage{K}.json
     ray_startup_s: float = 0.0  #: ray.init wall time (0 when Ray was already up)
     fit_s: float = 0.0  #: TorchTrainer.fit wall time (worker start-up included)
+    #: the worker-group attempts of this stage run (``ray_workers.json``): each
+    #: ``{attempt, ray_checkpoint, workers: [{rank, node_id, node_ip, pid}]}``
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def nodes(self) -> list[str]:
+        """The distinct Ray node ids any worker of this stage run ran on."""
+        return _distinct_nodes(self.attempts)
 
 
 def faults_from_env() -> FaultPlan:
@@ -220,6 +234,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
         faults=FaultPlan(**config["faults"]), steps=config["steps"],
     )
     ckpt = ray.train.get_checkpoint()
+    _record_placement(RunLayout(Path(config["out_dir"]), config["stage"]), rank, world,
+                      Path(ckpt.path).name if ckpt is not None else None)
     try:
         if ckpt is not None:
             with ckpt.as_directory() as d:
@@ -232,6 +248,44 @@ def _worker_loop(config: dict[str, Any]) -> None:
         # for the driver (Result.metrics only holds checkpointed reports).
         if rank == 0:
             _write_failure(RunLayout(Path(config["out_dir"]), config["stage"]), {"step": e.step, "message": str(e)})
+
+
+def _placement_file(layout: RunLayout) -> Path:
+    return layout.checkpoints / "ray_workers.json"
+
+
+def _read_placement(layout: RunLayout) -> list[dict[str, Any]]:
+    """The recorded worker-group attempts (``[]`` when there are none yet)."""
+    from xct_core.jsondoc import read_json_doc
+
+    path = _placement_file(layout)
+    return list(read_json_doc(path, "Ray worker placement")["attempts"]) if path.is_file() else []
+
+
+def _record_placement(layout: RunLayout, rank: int, world: int, ray_checkpoint: str | None) -> None:
+    """Every rank (a collective): gather each worker's Ray node; rank 0 appends the attempt."""
+    import ray
+    import torch.distributed as dist
+
+    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+          "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+    workers: list[Any] = [me]
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        workers = [None] * world
+        dist.all_gather_object(workers, me)
+    if rank == 0:
+        attempts = _read_placement(layout)
+        attempts.append({"attempt": len(attempts) + 1, "ray_checkpoint": ray_checkpoint, "workers": workers})
+        write_json_atomic(_placement_file(layout), {"attempts": attempts})
+
+
+def _distinct_nodes(attempts: list[dict[str, Any]]) -> list[str]:
+    return sorted({w["node_id"] for a in attempts for w in a["workers"]})
+
+
+def _placement_tags(attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    nodes = _distinct_nodes(attempts)
+    return {"xct.ray_nodes": ",".join(nodes), "xct.ray_attempts": len(attempts)} if attempts else {}
 
 
 def _has_checkpoint(layout: RunLayout, ray_run_dir: Path) -> bool:
@@ -330,6 +384,9 @@ def run_train(
         layout.clear()
         shutil.rmtree(storage / name, ignore_errors=True)
     _failure_file(layout).unlink(missing_ok=True)
+    resuming = _has_checkpoint(layout, storage / name)
+    if not resuming:  # attempts of an earlier try that saved nothing are not part of this run
+        _placement_file(layout).unlink(missing_ok=True)
 
     mlrun = None
     if tracking:
@@ -344,7 +401,7 @@ def run_train(
             experiment=params.train.experiment, stage=k, run_name=name,
             state_file=layout.mlflow_state, pipeline_file=out / "mlflow_pipeline.json",
             params=logged, tags={**lineage_tags(params.digest(), processed), "xct.out_dir": str(out)},
-            new_run=fresh or not _has_checkpoint(layout, storage / name), new_pipeline=fresh and k == 1,
+            new_run=fresh or not resuming, new_pipeline=fresh and k == 1,
             parent_run_id=parent_run_id,
         )
         log(f"{name}: MLflow run {mlrun.run_id} ({'resumed' if mlrun.resumed else 'new'}) at {mlrun.uri}")
@@ -382,6 +439,7 @@ def run_train(
     except ray.train.TrainingFailedError as e:
         msg = f"{name}: training failed after {params.train.ray.max_failures} retries ({_root_cause(e)})"
         if mlrun:
+            mlrun.set_tags(_placement_tags(_read_placement(layout)))
             mlrun.end("FAILED", msg)
         raise TrainingFailed(msg) from None
     except XctError as e:
@@ -405,13 +463,21 @@ def run_train(
         raise NonFiniteError(doc["message"], int(doc["step"]), None)
 
     summary = json.loads(layout.metrics_file.read_text()) if layout.metrics_file.is_file() else {}
+    attempts = _read_placement(layout)
+    if attempts:
+        nodes = _distinct_nodes(attempts)
+        log(f"{name}: Ray workers ran on {len(nodes)} node(s) in {len(attempts)} attempt(s) "
+            f"({', '.join(n[:12] for n in nodes)})")
     if mlrun:
         names = {"step": "xct.final_step", "start_step": "xct.start_step", "best_step": "xct.best_step"}
-        mlrun.set_tags({tag: summary[key] for key, tag in names.items() if summary.get(key) is not None})
+        mlrun.set_tags({tag: summary[key] for key, tag in names.items() if summary.get(key) is not None}
+                       | _placement_tags(attempts))
+        if attempts:
+            mlrun.client.log_artifact(mlrun.run_id, str(_placement_file(layout)), "ray")
         mlrun.end("FINISHED")
     return TrainSummary(
         stage=k, name=name, final_step=int(summary.get("step", final.get("step", 0))), start_step=summary.get("start_step"),
         final_model=layout.model("final"), best_model=layout.model("best"),
         run_id=mlrun.run_id if mlrun else None, parent_run_id=mlrun.parent_run_id if mlrun else None,
-        metrics=summary, ray_startup_s=t_init, fit_s=t_fit,
+        metrics=summary, ray_startup_s=t_init, fit_s=t_fit, attempts=attempts,
     )

@@ -5,6 +5,7 @@ Training folder (``params.train.out_dir``, default ``outputs/train``; K = stage 
     checkpoints/stage{K}/step_{N:08d}/state.pt   full training state (resume), the last
                                                  ``keep_last`` + the best one kept
     checkpoints/stage{K}/mlflow.json             the stage's MLflow run (components/train.py)
+    checkpoints/stage{K}/ray_workers.json        the Ray nodes of each worker-group attempt (idem)
     models/stage{K}/final.pt                     EMA weights at the last step  ┐ read by
     models/stage{K}/best.pt                      EMA weights at the best val   ┘ evaluation /
     models/stage{K}/direct.pt                    direct-regression twin (when trained)

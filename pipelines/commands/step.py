@@ -23,12 +23,13 @@ from xct_core.config import Params, load_params
 app = typer.Typer(no_args_is_help=True, help="Pipeline steps (what dvc.yaml runs; components/*.py).")
 
 ParamsOpt = Annotated[Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")]
+OverlayOpt = Annotated[Optional[list[Path]], typer.Option("--overlay", help="YAML fragment merged over the params (repeatable)")]
 GatesOpt = Annotated[Optional[Path], typer.Option("--gates", help="run only if the previous stage's gate in this folder "
                                                   "passed (else write skip markers)")]
 
 
-def _params(path: Path | None) -> Params:
-    return load_params(path)
+def _params(path: Path | None, overlay: list[Path] | None = None) -> Params:
+    return load_params(path, overlay)
 
 
 @app.command("ingest")
@@ -74,11 +75,12 @@ def preprocess(
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="override preprocess.workers")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bar")] = True,
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
 ) -> None:
     """Stage grids (int16 HU) and DRR pairs of every volume → the processed folder."""
     from components.preprocess import run_preprocess
 
-    run_preprocess(volumes, splits, out, _params(params), quarantine, workers=workers, progress=progress,
+    run_preprocess(volumes, splits, out, _params(params, overlay), quarantine, workers=workers, progress=progress,
                    log=typer.echo)
 
 
