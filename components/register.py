@@ -241,10 +241,9 @@ def register_cascade(
         say(f"register: this cascade is already {reg.model_name} v{existing.version} "
             f"(aliases: {', '.join(aliases) or 'none'}); nothing new registered")
         et = existing.tags or {}
-        card = model_card(params, stages_in, {**card_lineage(et), "run_id": et.get("xct.run_id")}, {
-            "status": "promoted" if reg.champion_alias in aliases else "registered", "name": reg.model_name,
-            "version": str(existing.version), "model_uri": f"models:/{reg.model_name}/{existing.version}",
-            "alias": None, "alias_reason": et.get("xct.alias_reason")}, processed_dir)
+        card = model_card(params, stages_in, {**card_lineage(et), "run_id": et.get("xct.run_id")},
+                          _version_status(params, existing.version, aliases, None, et.get("xct.alias_reason")),
+                          processed_dir)
         return Registration(reg.model_name, str(existing.version), None, aliases, False,
                             str(existing.run_id or ""), "already registered (same content hash)", card)
 
@@ -297,10 +296,8 @@ def register_cascade(
     client.set_registered_model_alias(reg.model_name, alias, mv.version)
     client.set_model_version_tag(reg.model_name, mv.version, "xct.alias_reason", reason)
     aliases = _aliases(client, reg.model_name, mv.version) or (alias,)
-    card = model_card(params, stages_in, {**card_lineage(tags), "run_id": run_id}, {
-        "status": "promoted" if reg.champion_alias in aliases else "registered", "name": reg.model_name,
-        "version": str(mv.version), "model_uri": f"models:/{reg.model_name}/{mv.version}", "alias": alias,
-        "alias_reason": reason}, processed_dir)
+    card = model_card(params, stages_in, {**card_lineage(tags), "run_id": run_id},
+                      _version_status(params, mv.version, aliases, alias, reason), processed_dir)
     with tempfile.TemporaryDirectory(prefix="xct-card-") as tmp:
         write_card(card, Path(tmp))
         client.log_artifacts(run_id, tmp, CARD_ARTIFACT_DIR)
@@ -325,6 +322,15 @@ def read_stage_inputs(gates_dir: str | Path, eval_dir: str | Path, params: Param
             ed / PER_PATIENT_CSV).is_file() else None
         out.append(StageInputs(k, m, rows, _read_json(Path(gates_dir) / ReportLayout.gate_file(k))))
     return out
+
+
+def _version_status(params: Params, version: Any, aliases: Sequence[str], alias: str | None,
+                    reason: str | None) -> dict[str, Any]:
+    """The card's status block of a registered version."""
+    reg = params.registry
+    return {"status": "promoted" if reg.champion_alias in aliases else "registered", "name": reg.model_name,
+            "version": str(version), "model_uri": f"models:/{reg.model_name}/{version}", "alias": alias,
+            "alias_reason": reason}
 
 
 def card_lineage(tags: Mapping[str, str]) -> dict[str, Any]:

@@ -134,8 +134,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             rows.append((f"stage{s['stage']}", "(gate)", "—", "skipped" if s["skipped"] else "missing", "FAIL"))
         for c in s["checks"]:
             vs = f" (vs {c['baseline']})" if c.get("baseline") else ""  # relative checks name their baseline
-            verdict = "skip" if c["passed"] and str(c.get("note", "")).endswith("skipped") else (
-                "pass" if c["passed"] else "FAIL")
+            verdict = "skip" if c.get("skipped") else ("pass" if c["passed"] else "FAIL")
             rows.append((f"stage{s['stage']}", f"{c['metric']} {c['op']}{vs}", _v(c["threshold"]), _v(c["value"]),
                          verdict))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]

@@ -250,15 +250,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
             _write_failure(RunLayout(Path(config["out_dir"]), config["stage"]), {"step": e.step, "message": str(e)})
 
 
-def _placement_file(layout: RunLayout) -> Path:
-    return layout.checkpoints / "ray_workers.json"
-
-
 def _read_placement(layout: RunLayout) -> list[dict[str, Any]]:
     """The recorded worker-group attempts (``[]`` when there are none yet)."""
     from xct_core.jsondoc import read_json_doc
 
-    path = _placement_file(layout)
+    path = layout.ray_workers
     return list(read_json_doc(path, "Ray worker placement")["attempts"]) if path.is_file() else []
 
 
@@ -276,7 +272,7 @@ def _record_placement(layout: RunLayout, rank: int, world: int, ray_checkpoint: 
     if rank == 0:
         attempts = _read_placement(layout)
         attempts.append({"attempt": len(attempts) + 1, "ray_checkpoint": ray_checkpoint, "workers": workers})
-        write_json_atomic(_placement_file(layout), {"attempts": attempts})
+        write_json_atomic(layout.ray_workers, {"attempts": attempts})
 
 
 def _distinct_nodes(attempts: list[dict[str, Any]]) -> list[str]:
@@ -386,7 +382,7 @@ def run_train(
     _failure_file(layout).unlink(missing_ok=True)
     resuming = _has_checkpoint(layout, storage / name)
     if not resuming:  # attempts of an earlier try that saved nothing are not part of this run
-        _placement_file(layout).unlink(missing_ok=True)
+        layout.ray_workers.unlink(missing_ok=True)
 
     mlrun = None
     if tracking:
@@ -473,7 +469,7 @@ def run_train(
         mlrun.set_tags({tag: summary[key] for key, tag in names.items() if summary.get(key) is not None}
                        | _placement_tags(attempts))
         if attempts:
-            mlrun.client.log_artifact(mlrun.run_id, str(_placement_file(layout)), "ray")
+            mlrun.client.log_artifact(mlrun.run_id, str(layout.ray_workers), "ray")
         mlrun.end("FINISHED")
     return TrainSummary(
         stage=k, name=name, final_step=int(summary.get("step", final.get("step", 0))), start_step=summary.get("start_step"),

@@ -102,11 +102,17 @@ def _cascade_stage(k: int, processed: Any, previous: Any, params_yaml: Any, ray_
     return train, evaluate, gate
 
 
+def _caching(params: Params, caching: bool | None) -> bool:
+    """Step caching: ``caching`` when given (``--no-cache``), else ``pipeline.kfp.caching``."""
+    return params.pipeline.kfp.caching if caching is None else bool(caching)
+
+
 def build_pipeline(params: Params | None = None, *, caching: bool | None = None) -> Any:
     """The ``@dsl.pipeline`` function with ``params.pipeline.kfp``'s controls applied
     (default params when ``None``); ``caching`` overrides ``pipeline.kfp.caching``."""
-    kp = (params if params is not None else params_from_dict({})).pipeline.kfp
-    ctl = _Controls(kp, kp.caching if caching is None else bool(caching))
+    params = params if params is not None else params_from_dict({})
+    kp = params.pipeline.kfp
+    ctl = _Controls(kp, _caching(params, caching))
 
     def rejected(k: int, gate: Any) -> None:
         ctl(rejected_component(stage=k, gate_summary=gate.outputs["summary"]).set_display_name(f"rejected at gate {k}"))
@@ -224,7 +230,7 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
     from components._kfp import params_from_text
 
     params = params_from_text(params_yaml)
-    use_cache = params.pipeline.kfp.caching if caching is None else bool(caching)
+    use_cache = _caching(params, caching)
     root = Path(pipeline_root).absolute()
     tmp = root / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -270,7 +276,7 @@ def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", ml
     from components._kfp import params_from_text
 
     params = params_from_text(params_yaml)
-    use_cache = params.pipeline.kfp.caching if caching is None else bool(caching)
+    use_cache = _caching(params, caching)
     try:
         with warnings.catch_warnings():  # the client's "only works with KFP >= 2.0.0-beta.2" notice
             warnings.simplefilter("ignore", FutureWarning)

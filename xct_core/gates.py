@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from xct_core.config import RelativeGate, StageGate
 from xct_core.errors import InputError
@@ -49,6 +48,8 @@ class GateCheck:
     min_absolute_change: float | None = None
     min_relative_change: float | None = None
     note: str = ""
+    #: a relative check that could not be compared (no champion / another test split): passes, says why
+    skipped: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,12 +129,13 @@ def _relative(rel: RelativeGate, metrics: dict[str, Any], champion: Champion | N
     note = ""
     if rel.baseline == "champion":
         if champion is None:
-            return GateCheck(name, rel.metric, op, math.nan, value, True, math.nan, **kw, note="no champion yet: skipped")
+            return GateCheck(name, rel.metric, op, math.nan, value, True, math.nan, **kw, note="no champion yet: skipped",
+                             skipped=True)
         here = metrics.get("test_ids_hash")
         if champion.test_ids_hash != here:
             return GateCheck(name, rel.metric, op, math.nan, value, True, math.nan, **kw,
                              note=f"champion v{champion.version} was measured on another test split "
-                                  f"({champion.test_ids_hash} vs {here}): not comparable, skipped")
+                                  f"({champion.test_ids_hash} vs {here}): not comparable, skipped", skipped=True)
         base = _num(champion.metrics, rel.metric)
         note = f"champion v{champion.version}"
     else:

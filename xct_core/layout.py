@@ -64,6 +64,11 @@ class RunLayout:
         """The stage's MLflow run id (written by the Ray Train binding)."""
         return self.checkpoints / "mlflow.json"
 
+    @property
+    def ray_workers(self) -> Path:
+        """The Ray nodes of each worker-group attempt (written by the Ray Train binding)."""
+        return self.checkpoints / "ray_workers.json"
+
     def model(self, which: str = "final", stage: int | None = None) -> Path:
         """``models/stage{k}/{which}.pt`` (``final`` | ``best`` | ``direct``)."""
         if which not in MODEL_KINDS:

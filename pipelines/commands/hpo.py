@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipelines.commands.params import OverlayOpt
 from xct_core.config import load_params
 
 
@@ -24,7 +25,7 @@ def hpo(
     study: Annotated[Optional[str], typer.Option("--study", help="study name (default: hpo.study_prefix-stageK)")] = None,
     processed: Annotated[Path, typer.Option("--processed", help="preprocessed data folder")] = Path("data/processed"),
     params: Annotated[Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")] = None,
-    overlay: Annotated[Optional[list[Path]], typer.Option("--overlay", help="YAML fragment merged over the params (repeatable)")] = None,
+    overlay: OverlayOpt = None,
     storage: Annotated[Optional[str], typer.Option("--storage", envvar="XCT_HPO_STORAGE", show_envvar=True,
                                                    help="Optuna storage URL (default: hpo.storage)")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default: hpo.out_dir)")] = None,

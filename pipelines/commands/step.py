@@ -18,12 +18,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipelines.commands.params import OverlayOpt
 from xct_core.config import Params, load_params
 
 app = typer.Typer(no_args_is_help=True, help="Pipeline steps (what dvc.yaml runs; components/*.py).")
 
 ParamsOpt = Annotated[Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")]
-OverlayOpt = Annotated[Optional[list[Path]], typer.Option("--overlay", help="YAML fragment merged over the params (repeatable)")]
 GatesOpt = Annotated[Optional[Path], typer.Option("--gates", help="run only if the previous stage's gate in this folder "
                                                   "passed (else write skip markers)")]
 

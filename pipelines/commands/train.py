@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipelines.commands.params import OverlayOpt
 from xct_core.config import Params, load_params, params_from_dict
 
 
@@ -34,7 +35,7 @@ def train(
     processed: Annotated[Path, typer.Option("--processed", help="preprocessed data folder")] = Path("data/processed"),
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default: params train.out_dir)")] = None,
     params: Annotated[Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")] = None,
-    overlay: Annotated[Optional[list[Path]], typer.Option("--overlay", help="YAML fragment merged over the params (repeatable)")] = None,
+    overlay: OverlayOpt = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="override train.steps for this stage")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="override train.ray.num_workers")] = None,
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="override train.ray.use_gpu")] = None,
