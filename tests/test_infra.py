@@ -564,6 +564,43 @@ def test_images_script_builds_every_image_with_its_tag(images: dict) -> None:
     assert {cmd[2] for cmd in lines if cmd[1] == "push"} == set(want)
 
 
+def test_local_image_build_plan(images: dict) -> None:
+    """``build --local --dry-run``: the plan tests/test_images.py relies on, without podman.
+    Every image from the repo root on the local Python base, xct-train on xct-light's
+    ``deps`` stage with REQUIRE_CUDA=0, this machine's pip configuration mounted read-only
+    (a local ``…/simple`` index mounted with the folder its pages link into)."""
+    out = subprocess.run([sys.executable, str(INFRA / "images.py"), "build", "--local", "--dry-run"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    cmds = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    builds = [c for c in cmds if c[:2] == ["podman", "build"]]
+
+    def opt(cmd: list[str], name: str) -> list[str]:
+        return [cmd[i + 1] for i, a in enumerate(cmd) if a == name]
+
+    by_tag = {opt(c, "-t")[0]: c for c in builds}
+    for key, spec in images["built"].items():
+        cmd = by_tag[f"localhost/{spec['name']}:{spec['tag']}"]
+        assert opt(cmd, "-f") == [spec["dockerfile"]] and cmd[-1] == "."
+        assert "--network" in cmd and opt(cmd, "--network") == ["host"]
+        args = dict(a.split("=", 1) for a in opt(cmd, "--build-arg"))
+        if key == "train":
+            assert args["BASE_IMAGE"] == f"localhost/{images['built']['light']['name']}-deps:{spec['tag']}"
+            assert args["REQUIRE_CUDA"] == "0"
+        else:
+            assert args["BASE_IMAGE"] == "localhost/xct-base-python:3.11-bookworm"
+        vols = opt(cmd, "--volume")
+        assert vols and all(v.endswith(":ro") for v in vols), vols
+        assert any(v.split(":")[1] == "/etc/pip.conf" for v in vols)
+        for v in vols:
+            assert not v.split(":")[0].endswith("/simple"), f"{v}: mount the index's parent (its files)"
+    deps = [c for c in builds if opt(c, "--target") == ["deps"]]
+    assert len(deps) == 1 and opt(deps[0], "-f") == [images["built"]["light"]["dockerfile"]]
+    order = [opt(c, "-t")[0] for c in builds]
+    assert order.index(opt(deps[0], "-t")[0]) < order.index(f"localhost/{images['built']['train']['name']}:"
+                                                             f"{images['built']['train']['tag']}")
+
+
 # --------------------------------------------------------------------------- Dockerfiles
 
 
@@ -596,7 +633,11 @@ def test_dockerfile_base_user_workdir_and_no_secrets(key: str, images: dict) -> 
     base = _from_image(instrs)
     assert base == images["bases"][key], f"{path.name}: FROM {base} ≠ images.yaml bases.{key}"
     assert _pinned(base)
-    assert sum(1 for i, _ in instrs if i == "FROM") == 1
+    # one base: any later FROM names an earlier stage of the same file (multi-stage cache)
+    froms = [rest.split() for i, rest in instrs if i == "FROM"]
+    stages = [f[2] for f in froms if len(f) == 3 and f[1].upper() == "AS"]
+    for later in froms[1:]:
+        assert later[0] in stages, f"{path.name}: FROM {later[0]} is neither the base nor an earlier stage"
     users = [rest for i, rest in instrs if i == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), f"{path.name}: must end as a non-root USER"
     assert any(i == "WORKDIR" for i, _ in instrs)
