@@ -16,7 +16,7 @@ export GX_ANALYTICS_ENABLED=false
 export RAY_AUTH_MODE=disabled
 export DO_NOT_TRACK=1
 
-.PHONY: install test demo clean-venv bench
+.PHONY: install test demo clean-venv bench images
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ test: install
 
 demo: install
 	$(PY) -m pipelines.demo
+
+# Every image of infra/images.yaml into podman's local store, offline (root, Debian's podman,
+# runc and debootstrap; see infra/images.py). tests/test_images.py runs what it built.
+images: install
+	$(PY) infra/images.py build --local
 
 bench: install
 	$(PY) benchmarks/bench_drr.py

@@ -2,6 +2,7 @@
 
     python infra/images.py list                               name:tag  dockerfile
     python infra/images.py build [--registry R/] [--push] [--only light,train] [--dry-run]
+    python infra/images.py build --local [--only ...] [--dry-run]     (podman, no registry)
 
 Every image is built from the repository root as its context (``.dockerignore`` keeps
 data/, outputs/, .venv/, mlruns/ out). ``--registry`` prefixes the tag, e.g.
@@ -9,20 +10,48 @@ data/, outputs/, .venv/, mlruns/ out). ``--registry`` prefixes the tag, e.g.
 then point the cluster at it (kustomize ``images:`` in infra/k8s/kustomization.yaml and
 ``XCT_IMAGE_LIGHT`` / ``XCT_IMAGE_TRAIN`` when compiling the KFP pipeline).
 ``--dry-run`` prints the docker commands without running them. Needs PyYAML only.
+
+``--local`` builds every image on a machine that reaches the package registries but no
+container registry (this project's CI): podman as root with ``infra/podman/containers.conf``;
+a Debian bookworm base made with ``debootstrap`` and ``podman import``, with a Python 3.11
+venv on top (``infra/podman/Containerfile.python``) standing in for python:3.11-slim; this
+machine's pip configuration (indexes, find-links, constraints, CA file) mounted read-only
+into the RUN steps only, and torch from a one-file local index over the CPU wheel on disk.
+xct-train is built on xct-light's ``deps`` stage (same torch, CPU) with ``REQUIRE_CUDA=0``:
+every step of its Dockerfile runs, but its CUDA base is not what is tested. Images are
+tagged ``localhost/<name>:<tag>``; timings and sizes go to ``outputs/images/build.json``,
+podman's full output to ``outputs/images/<key>.log``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES_FILE = REPO / "infra" / "images.yaml"
+PODMAN_DIR = REPO / "infra" / "podman"
+CONTAINERS_CONF = PODMAN_DIR / "containers.conf"
+LOCAL_OUT = REPO / "outputs" / "images"
+LOCAL_REGISTRY = "localhost/"
+DEBIAN_BASE = "localhost/xct-base-debian:bookworm"
+PYTHON_BASE = "localhost/xct-base-python:3.11-bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+# bookworm's python3 is 3.11 (the version every image is built for); python3-venv brings pip.
+DEBOOTSTRAP_PACKAGES = "python3,python3-venv,ca-certificates"
+#: the lines of podman/debootstrap output shown as progress (the rest goes to the log only)
+PROGRESS = re.compile(r"^(\[\d+/\d+\] )?(STEP \d|COMMIT |Successfully tagged|I: Base system)")
 
 
 def load_images(path: Path = IMAGES_FILE) -> dict:
@@ -64,6 +93,210 @@ def build_commands(registry: str = "", push: bool = False, only: list[str] | Non
     return cmds
 
 
+# --------------------------------------------------------------------------- --local (podman)
+
+
+def podman_env() -> dict[str, str]:
+    """The environment for every podman call of the project (build, tests, the API service)."""
+    return {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
+
+
+def podman_image_exists(ref: str) -> bool:
+    """True when podman's local store holds ``ref``."""
+    if shutil.which("podman") is None:
+        return False
+    return subprocess.run(["podman", "image", "exists", ref], env=podman_env()).returncode == 0
+
+
+def local_ref(key: str, images: dict | None = None) -> str:
+    """``localhost/<name>:<tag>``: where ``build --local`` puts built image ``key``."""
+    return image_ref(key, LOCAL_REGISTRY, images)
+
+
+def deps_ref(images: dict | None = None) -> str:
+    """The ``deps`` stage of Dockerfile.light, tagged: the CPU stand-in base of xct-train."""
+    spec = (images or load_images())["built"]["light"]
+    return f"{LOCAL_REGISTRY}{spec['name']}-deps:{spec['tag']}"
+
+
+def pip_config() -> dict[str, str]:
+    """This machine's effective pip settings (``pip config list``: files, then PIP_* env)."""
+    out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60)
+    files: dict[str, str] = {}
+    env: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        m = re.match(r"^([^.=]*)\.([\w-]+)='(.*)'$", line.strip())
+        if not m:
+            continue
+        scope, key, value = m.groups()
+        if key in ("disable-pip-version-check", "no-cache-dir"):
+            continue
+        (env if scope == ":env:" else files)[key] = value
+    return {**files, **env}
+
+
+def pip_config_paths(cfg: dict[str, str]) -> list[Path]:
+    """Every existing local file or folder a pip setting names (``/x`` or ``file:///x``); for
+    a local index ``…/simple`` its parent, where the files its pages link to lie."""
+    paths: list[Path] = []
+    for value in cfg.values():
+        for token in value.split():
+            token = token[len("file://"):] if token.startswith("file://") else token
+            p = Path(token)
+            if p.name == "simple":  # a local PEP 503 index: its pages link into sibling folders
+                p = p.parent
+            if p.is_absolute() and p.exists() and p not in paths:
+                paths.append(p)
+    return paths
+
+
+def find_cpu_torch_wheel(cfg: dict[str, str], version: str) -> Path | None:
+    """The CPU torch wheel of ``version`` for CPython 3.11 in a find-links folder, if any."""
+    for folder in cfg.get("find-links", "").split():
+        folder = folder[len("file://"):] if folder.startswith("file://") else folder
+        hits = sorted(Path(folder).glob(f"torch-{version}+cpu-cp311-cp311-*.whl")) if Path(folder).is_dir() else []
+        if hits:
+            return hits[0]
+    return None
+
+
+def torch_version() -> str:
+    for line in (REPO / "requirements" / "base.txt").read_text().splitlines():
+        if line.startswith("torch=="):
+            return line.split("==", 1)[1].strip()
+    raise SystemExit("images.py: requirements/base.txt pins no torch==")
+
+
+class LocalBuild:
+    """State of one ``build --local``: the mounts and build arguments every build shares."""
+
+    def __init__(self, workdir: Path, dry_run: bool = False, log=print):
+        self.workdir = workdir
+        self.dry_run = dry_run
+        self.log = log
+        cfg = pip_config()
+        conf = workdir / "pip.conf"
+        conf.write_text("[global]\n" + "".join(f"{k} = {v}\n" for k, v in sorted(cfg.items())))
+        self.volumes = [f"{conf}:/etc/pip.conf:ro"] + [f"{p}:{p}:ro" for p in pip_config_paths(cfg)]
+        self.build_args: dict[str, str] = {}
+        wheel = find_cpu_torch_wheel(cfg, torch_version())
+        if wheel is not None:  # a one-file PEP 503 index: pip can take nothing else for torch
+            index = workdir / "torch-index"
+            (index / "torch").mkdir(parents=True)
+            (index / "torch" / "index.html").write_text(
+                f'<!DOCTYPE html><html><body><a href="file://{wheel}">{wheel.name}</a></body></html>\n')
+            self.volumes.append(f"{index}:{index}:ro")
+            if f"{wheel.parent}:{wheel.parent}:ro" not in self.volumes:
+                self.volumes.append(f"{wheel.parent}:{wheel.parent}:ro")
+            self.build_args["TORCH_INDEX_URL"] = f"file://{index}"
+        self.timings: dict[str, dict] = {}
+
+    def run(self, cmd: list[str], key: str, stdin: bytes | None = None) -> None:
+        """Run one podman/debootstrap command; progress = its STEP lines, the rest to a log."""
+        self.log("+ " + shlex.join(cmd))
+        if self.dry_run:
+            return
+        LOCAL_OUT.mkdir(parents=True, exist_ok=True)
+        log_path = LOCAL_OUT / f"{key}.log"
+        t0 = time.monotonic()
+        with open(log_path, "ab") as logf:
+            logf.write(("+ " + shlex.join(cmd) + "\n").encode())
+            proc = subprocess.Popen(cmd, cwd=REPO, env=podman_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
+            if stdin is not None:
+                proc.stdin.write(stdin)
+                proc.stdin.close()
+            for raw in proc.stdout:
+                logf.write(raw)
+                line = raw.decode(errors="replace").rstrip()
+                if PROGRESS.match(line):
+                    self.log(f"  [{key} {time.monotonic() - t0:5.0f}s] {line[:150]}")
+            rc = proc.wait()
+        if rc != 0:
+            tail = log_path.read_text(errors="replace").splitlines()[-25:]
+            raise SystemExit(f"images.py: {cmd[0]} {cmd[1]} for {key} failed (exit {rc}); last lines of "
+                             f"{log_path}:\n" + "\n".join(tail))
+        rec = self.timings.setdefault(key, {"seconds": 0.0})
+        rec["seconds"] = round(rec["seconds"] + time.monotonic() - t0, 1)
+
+    def build(self, key: str, dockerfile: str, tag: str, context: str = ".", target: str | None = None,
+              args: dict[str, str] | None = None) -> None:
+        cmd = ["podman", "build", "--network", "host", "-f", dockerfile, "-t", tag]
+        if target:
+            cmd += ["--target", target]
+        for v in self.volumes:
+            cmd += ["--volume", v]
+        for k, v in {**self.build_args, **(args or {})}.items():
+            cmd += ["--build-arg", f"{k}={v}"]
+        self.run(cmd + [context], key)
+        if not self.dry_run:
+            self.timings[key]["image"] = tag
+            size = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", tag], env=podman_env(),
+                                  capture_output=True, text=True)
+            if size.returncode == 0 and size.stdout.strip().isdigit():
+                self.timings[key]["size_mb"] = round(int(size.stdout.strip()) / 1e6)
+
+    def bases(self, mirror: str) -> None:
+        """The debootstrap Debian image and the Python 3.11 image on it (each built once)."""
+        if self.dry_run or not podman_image_exists(DEBIAN_BASE):
+            if os.geteuid() != 0 and not self.dry_run:
+                raise SystemExit("images.py: --local makes its base with debootstrap, which needs root")
+            if shutil.which("debootstrap") is None and not self.dry_run:
+                raise SystemExit("images.py: debootstrap not found (Debian: apt-get install debootstrap podman runc)")
+            rootfs = self.workdir / "rootfs"
+            self.run(["debootstrap", "--variant=minbase", f"--include={DEBOOTSTRAP_PACKAGES}", "bookworm",
+                      str(rootfs), mirror], "base")
+            tar = self.workdir / "rootfs.tar"
+            self.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], "base")
+            self.run(["podman", "import", "--change", 'CMD ["/bin/bash"]', str(tar), DEBIAN_BASE], "base")
+            if not self.dry_run:
+                shutil.rmtree(rootfs, ignore_errors=True)
+                tar.unlink(missing_ok=True)
+        self.build("base", str(PODMAN_DIR / "Containerfile.python"), PYTHON_BASE, context=str(PODMAN_DIR),
+                   args={"DEBIAN_BASE": DEBIAN_BASE})
+
+
+def build_local(only: list[str] | None = None, dry_run: bool = False, mirror: str = DEBIAN_MIRROR,
+                log=print) -> dict:
+    """``build --local``: every image (or ``only``) into podman's store; returns the timings."""
+    images = load_images()
+    keys = only or list(images["built"])
+    unknown = sorted(set(keys) - set(images["built"]))
+    if unknown:
+        raise SystemExit(f"images.py: unknown image(s) {', '.join(unknown)}; known: {', '.join(images['built'])}")
+    if shutil.which("podman") is None and not dry_run:
+        raise SystemExit("images.py: podman not found (Debian: apt-get install podman runc debootstrap)")
+    commit = git_commit()
+    t0 = time.monotonic()
+    if not dry_run:
+        for old_log in LOCAL_OUT.glob("*.log"):
+            old_log.unlink()
+    with tempfile.TemporaryDirectory(prefix="xct-images-") as tmp:
+        b = LocalBuild(Path(tmp), dry_run=dry_run, log=log)
+        b.bases(mirror)
+        light = images["built"]["light"]["dockerfile"]
+        py = {"BASE_IMAGE": PYTHON_BASE}
+        if "light" in keys or "train" in keys:
+            b.build("light-deps", light, deps_ref(images), target="deps", args=py)
+        for key in keys:
+            spec = images["built"][key]
+            args = {"GIT_COMMIT": commit}
+            if key == "train":
+                args |= {"BASE_IMAGE": deps_ref(images), "REQUIRE_CUDA": "0"}
+            else:
+                args |= py
+            b.build(key, spec["dockerfile"], local_ref(key, images), args=args)
+    report = {"commit": commit, "total_seconds": round(time.monotonic() - t0, 1), "steps": b.timings,
+              "machine": f"{os.cpu_count()} CPUs, {os.uname().sysname} {os.uname().machine}"}
+    if not dry_run:
+        LOCAL_OUT.mkdir(parents=True, exist_ok=True)
+        tmp_json = LOCAL_OUT / "build.json.tmp"
+        tmp_json.write_text(json.dumps(report, indent=2) + "\n")
+        tmp_json.replace(LOCAL_OUT / "build.json")
+    return report
+
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -73,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--push", action="store_true", help="docker push after building")
     b.add_argument("--only", default="", help="comma-separated subset: light,train,mlflow")
     b.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    b.add_argument("--local", action="store_true",
+                   help="podman, offline: debootstrap base, this machine's pip config (see the module doc)")
+    b.add_argument("--mirror", default=DEBIAN_MIRROR, help="Debian mirror for the --local base (debootstrap)")
     args = ap.parse_args(argv)
     if args.cmd == "list":
         images = load_images()
@@ -82,6 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.registry and not args.registry.endswith("/"):
         ap.error("--registry must end with '/' (e.g. registry.example.com/xct/)")
     only = [k.strip() for k in args.only.split(",") if k.strip()] or None
+    if args.local:
+        if args.registry or args.push:
+            ap.error("--local builds into podman's local store: no --registry/--push")
+        report = build_local(only, dry_run=args.dry_run, mirror=args.mirror)
+        if not args.dry_run:
+            print(f"built {', '.join(only or load_images()['built'])} in {report['total_seconds']:.0f} s "
+                  f"(details: {LOCAL_OUT / 'build.json'})")
+        return 0
     for cmd in build_commands(args.registry, args.push, only):
         print("+", shlex.join(cmd), flush=True)
         if not args.dry_run:
