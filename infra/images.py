@@ -50,6 +50,8 @@ PYTHON_BASE = "localhost/xct-base-python:3.11-bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 # bookworm's python3 is 3.11 (the version every image is built for); python3-venv brings pip.
 DEBOOTSTRAP_PACKAGES = "python3,python3-venv,ca-certificates"
+#: where the one-file torch index is mounted in the RUN steps (fixed, so the deps layer caches)
+TORCH_INDEX_MOUNT = "/opt/xct-torch-index"
 #: the lines of podman/debootstrap output shown as progress (the rest goes to the log only)
 PROGRESS = re.compile(r"^(\[\d+/\d+\] )?(STEP \d|COMMIT |Successfully tagged|I: Base system)")
 
@@ -135,14 +137,18 @@ def pip_config() -> dict[str, str]:
     return {**files, **env}
 
 
+def _local_path(token: str) -> Path:
+    """``file:///x`` or ``/x`` → ``Path('/x')`` (anything else comes back relative)."""
+    return Path(token.removeprefix("file://"))
+
+
 def pip_config_paths(cfg: dict[str, str]) -> list[Path]:
     """Every existing local file or folder a pip setting names (``/x`` or ``file:///x``); for
     a local index ``…/simple`` its parent, where the files its pages link to lie."""
     paths: list[Path] = []
     for value in cfg.values():
         for token in value.split():
-            token = token[len("file://"):] if token.startswith("file://") else token
-            p = Path(token)
+            p = _local_path(token)
             if p.name == "simple":  # a local PEP 503 index: its pages link into sibling folders
                 p = p.parent
             if p.is_absolute() and p.exists() and p not in paths:
@@ -152,15 +158,16 @@ def pip_config_paths(cfg: dict[str, str]) -> list[Path]:
 
 def find_cpu_torch_wheel(cfg: dict[str, str], version: str) -> Path | None:
     """The CPU torch wheel of ``version`` for CPython 3.11 in a find-links folder, if any."""
-    for folder in cfg.get("find-links", "").split():
-        folder = folder[len("file://"):] if folder.startswith("file://") else folder
-        hits = sorted(Path(folder).glob(f"torch-{version}+cpu-cp311-cp311-*.whl")) if Path(folder).is_dir() else []
+    for token in cfg.get("find-links", "").split():
+        folder = _local_path(token)
+        hits = sorted(folder.glob(f"torch-{version}+cpu-cp311-cp311-*.whl")) if folder.is_dir() else []
         if hits:
             return hits[0]
     return None
 
 
 def torch_version() -> str:
+    """The torch version requirements/base.txt pins."""
     for line in (REPO / "requirements" / "base.txt").read_text().splitlines():
         if line.startswith("torch=="):
             return line.split("==", 1)[1].strip()
@@ -185,13 +192,14 @@ class LocalBuild:
             (index / "torch").mkdir(parents=True)
             (index / "torch" / "index.html").write_text(
                 f'<!DOCTYPE html><html><body><a href="file://{wheel}">{wheel.name}</a></body></html>\n')
-            self.volumes.append(f"{index}:{index}:ro")
+            # a fixed path inside the build: the argument is part of the layer cache key
+            self.volumes.append(f"{index}:{TORCH_INDEX_MOUNT}:ro")
             if f"{wheel.parent}:{wheel.parent}:ro" not in self.volumes:
                 self.volumes.append(f"{wheel.parent}:{wheel.parent}:ro")
-            self.build_args["TORCH_INDEX_URL"] = f"file://{index}"
+            self.build_args["TORCH_INDEX_URL"] = f"file://{TORCH_INDEX_MOUNT}"
         self.timings: dict[str, dict] = {}
 
-    def run(self, cmd: list[str], key: str, stdin: bytes | None = None) -> None:
+    def run(self, cmd: list[str], key: str) -> None:
         """Run one podman/debootstrap command; progress = its STEP lines, the rest to a log."""
         self.log("+ " + shlex.join(cmd))
         if self.dry_run:
@@ -202,10 +210,7 @@ class LocalBuild:
         with open(log_path, "ab") as logf:
             logf.write(("+ " + shlex.join(cmd) + "\n").encode())
             proc = subprocess.Popen(cmd, cwd=REPO, env=podman_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
-            if stdin is not None:
-                proc.stdin.write(stdin)
-                proc.stdin.close()
+                                    stdin=subprocess.DEVNULL)
             for raw in proc.stdout:
                 logf.write(raw)
                 line = raw.decode(errors="replace").rstrip()
@@ -294,7 +299,6 @@ def build_local(only: list[str] | None = None, dry_run: bool = False, mirror: st
         tmp_json.write_text(json.dumps(report, indent=2) + "\n")
         tmp_json.replace(LOCAL_OUT / "build.json")
     return report
-
 
 
 def main(argv: list[str] | None = None) -> int:

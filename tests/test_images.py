@@ -45,8 +45,7 @@ _spec = importlib.util.spec_from_file_location("xct_infra_images", REPO / "infra
 images = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(images)
 
-BASE_TORCH = next(l.split("==", 1)[1].strip() for l in (REPO / "requirements" / "base.txt").read_text().splitlines()
-                  if l.startswith("torch=="))
+BASE_TORCH = images.torch_version()
 
 
 def podman(*args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -100,10 +99,9 @@ def test_project_image_runs_as_uid_1000_with_a_consistent_install(built: dict[st
     if key == "light":
         assert cuda == "None", f"xct-light must carry the CPU torch: {torch_line}"
     # the source in the image is this checkout's (the build context), not something else
-    here = (REPO / "xct_core" / "drr.py").read_text() if (REPO / "xct_core" / "drr.py").exists() else None
-    if here is not None:
-        there = podman("run", "--rm", ref, "cat", "/app/xct_core/drr.py").stdout
-        assert there == here, f"{ref}: /app/xct_core/drr.py differs from the checkout (rebuild: make images)"
+    there = podman("run", "--rm", ref, "cat", "/app/xct_core/drr.py").stdout
+    assert there == (REPO / "xct_core" / "drr.py").read_text(), \
+        f"{ref}: /app/xct_core/drr.py differs from the checkout (rebuild: make images)"
 
 
 def _wait_http(url: str, container: str, deadline_s: float) -> str:
