@@ -8,7 +8,7 @@ A completed run exits 0 whether the gate passes or fails (the decision is in the
 the register step and the KFP ``dsl.If`` read it); unusable input exits non-zero. One
 function, :func:`run_gate`, called by ``xct step gate`` (dvc.yaml) and the KFP component.
 
-Relative checks against the champion (``gates.stageK.relative`` with ``baseline:
+Relative checks against the champion (``gates[stageK].relative`` with ``baseline:
 champion``) read the registry's champion (``registry.champion_alias``): its registration
 run's ``stage{K}/<metric>`` metrics and its ``xct.test_ids_hash`` tag (:func:`read_champion`).
 The registry is only read: a tracking store that does not exist yet means "no champion".
@@ -48,7 +48,7 @@ def read_champion(stage: int, params: Params, tracking_uri: str | None = None) -
 
 def gate_metrics(stage: int, metrics: dict[str, Any], params: Params, champion: Champion | None = None) -> GateReport:
     """The gate decision for ``stage`` from an evaluation summary (thresholds from params)."""
-    return evaluate_gate(stage, metrics, params.gates.for_stage(stage), champion)
+    return evaluate_gate(stage, metrics, params.stage(stage).gate, champion)
 
 
 def run_gate(
@@ -69,7 +69,7 @@ def run_gate(
     got = metrics.get("stage")
     if got is not None and int(got) != int(stage):
         raise InputError(metrics_path, f"holds stage {got} metrics, gate asked for stage {stage}")
-    gate = params.gates.for_stage(stage)
+    gate = params.stage(stage).gate
     champion = read_champion(stage, params, tracking_uri) if any(r.baseline == "champion" for r in gate.relative) else None
     report = gate_metrics(stage, metrics, params, champion)
     doc = {**report.to_dict(), "metrics_file": str(metrics_path), "params_digest": params.digest(),

@@ -14,7 +14,7 @@ GOOD = {"psnr_window_db": 30.0, "ssim_window": 0.7, "nan_count": 0, "std": 0.4, 
 
 def test_default_thresholds_are_the_product_gates(repo_root) -> None:
     g = load_params(repo_root / "params.yaml").gates
-    assert [(g.for_stage(k).psnr_window_db, g.for_stage(k).ssim_window) for k in (1, 2, 3)] == [
+    assert [(g[f"stage{k}"].psnr_window_db, g[f"stage{k}"].ssim_window) for k in (1, 2, 3)] == [
         (28.0, 0.65), (32.0, 0.75), (35.0, 0.80)
     ]
 
@@ -136,7 +136,65 @@ def test_relative_gate_needs_a_margin_and_a_known_baseline() -> None:
 
 
 def test_default_gates_require_the_mean_volume_margin_and_the_champion(repo_root) -> None:
-    g = load_params(repo_root / "params.yaml").gates
-    for k in (1, 2, 3):
-        kinds = {(r.baseline, r.metric) for r in g.for_stage(k).relative}
+    p = load_params(repo_root / "params.yaml")
+    for st in p.stage_list():
+        kinds = {(r.baseline, r.metric) for r in st.gate.relative}
         assert kinds == {("mean_volume", "psnr_window_db"), ("champion", "psnr_window_db")}
+
+
+# --------------------------------------------------------------------------- gates mirror the stages
+
+
+def _stages(n: int) -> dict:
+    """``n`` stages grown from the default three (16³ → 32³ → 64³ → 128³ …)."""
+    from xct_core.config import Params
+
+    base = Params().model_dump(mode="json")["stages"]
+    out = {}
+    for k in range(1, n + 1):
+        s = dict(base[f"stage{min(k, 3)}"])
+        if k > 3:
+            s.update(size=16 * 2 ** (k - 1), conv_channels=[8] * (k - 1) + [32])
+        out[f"stage{k}"] = s
+    return out
+
+
+def _gate(psnr: float) -> dict:
+    return {"psnr_window_db": psnr, "ssim_window": 0.5}
+
+
+def test_gates_are_a_mapping_keyed_like_the_stages() -> None:
+    from xct_core.config import params_from_dict
+
+    p = params_from_dict({"stages": _stages(4), "gates": {f"stage{k}": _gate(20.0 + k) for k in range(1, 5)}})
+    assert p.n_stages == 4 and [st.gate.psnr_window_db for st in p.stage_list()] == [21.0, 22.0, 23.0, 24.0]
+    two = params_from_dict({"stages": _stages(2), "gates": {"stage1": _gate(1.0), "stage2": _gate(2.0)}})
+    assert [st.gate.psnr_window_db for st in two.stage_list()] == [1.0, 2.0]
+
+
+def test_a_stage_without_a_gate_is_a_load_time_error(tmp_path) -> None:
+    import yaml
+
+    from xct_core.config import params_from_dict
+
+    # the default gates cover three stages: a fourth stage alone has none
+    with pytest.raises(ConfigError, match=r"invalid parameter gates: .*no gate for stage4"):
+        params_from_dict({"stages": _stages(4)})
+    with pytest.raises(ConfigError, match="no gate for stage2"):
+        params_from_dict({"stages": _stages(2), "gates": {"stage1": _gate(1.0)}})
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump({"stages": _stages(4)}))
+    with pytest.raises(ConfigError, match=str(f)):
+        load_params(f)
+
+
+def test_a_gate_key_must_name_a_stage_and_surplus_gates_gate_nothing() -> None:
+    from xct_core.config import params_from_dict
+
+    with pytest.raises(ConfigError, match=r"keyed by stage name.*'stage_2'"):
+        params_from_dict({"gates": {"stage1": _gate(1), "stage_2": _gate(2), "stage2": _gate(2), "stage3": _gate(3)}})
+    # a gate beyond the cascade (a trimmed profile keeping the base gates) is kept and gates nothing
+    p = params_from_dict({"stages": _stages(1)})
+    assert p.n_stages == 1 and p.stage(1).gate.psnr_window_db == 28.0 and "stage3" in p.gates
+    with pytest.raises(ConfigError, match="stage 2 does not exist"):
+        p.stage(2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated as _Annotated
@@ -618,18 +619,38 @@ class StageGate(_Section):
     relative: list[RelativeGate] = []
 
 
-class GateParams(_Section):
-    """Evaluation gates per stage (stage1/stage2/stage3). Read from params, never hard-coded."""
+#: a gate's key: the name of the stage it gates (``stage1``, ``stage2``, …: the keys of ``stages``)
+_GATE_KEY = re.compile(r"stage[1-9][0-9]*")
 
-    stage1: StageGate = StageGate(psnr_window_db=28.0, ssim_window=0.65)
-    stage2: StageGate = StageGate(psnr_window_db=32.0, ssim_window=0.75)
-    stage3: StageGate = StageGate(psnr_window_db=35.0, ssim_window=0.80)
 
-    def for_stage(self, k: int) -> StageGate:
-        try:
-            return getattr(self, f"stage{k}")
-        except AttributeError:
-            raise ConfigError(f"no gate thresholds for stage {k}") from None
+def _check_gate_names(gates: dict[str, StageGate]) -> dict[str, StageGate]:
+    bad = [k for k in gates if not _GATE_KEY.fullmatch(k)]
+    if bad:
+        raise ValueError(f"gates are keyed by stage name (stage1, stage2, …, as in `stages`), got {bad}")
+    return gates
+
+
+#: Evaluation gates: one :class:`StageGate` per cascade stage, keyed like ``stages`` (``stage1``,
+#: ``stage2``, …), read from params, never hard-coded. Every stage in ``stages`` needs its gate
+#: (a stage without one is a load-time error, :meth:`Params._gates_mirror_stages`); a gate
+#: ``stageK`` beyond the cascade gates nothing and is ignored (a profile that trims the
+#: cascade may keep the base file's gates).
+GateParams = _Annotated[dict[str, StageGate], _AfterValidator(_check_gate_names)]
+
+
+def _demo_gate(psnr_window_db: float, ssim_window: float) -> StageGate:
+    """The demo profile's gate (params.yaml): absolute bars + mean volume +3 dB + not below the champion."""
+    return StageGate(psnr_window_db=psnr_window_db, ssim_window=ssim_window, max_nan=0, min_std_ratio=0.25,
+                     relative=[RelativeGate(metric="psnr_window_db", baseline="mean_volume", min_absolute_change=3.0),
+                               RelativeGate(metric="psnr_window_db", baseline="champion", min_absolute_change=0.0)])
+
+
+#: defaults = the demo profile in params.yaml
+_DEMO_GATES: dict[str, StageGate] = {
+    "stage1": _demo_gate(28.0, 0.65),
+    "stage2": _demo_gate(32.0, 0.75),
+    "stage3": _demo_gate(35.0, 0.80),
+}
 
 
 class RegisterParams(_Section):
@@ -975,7 +996,7 @@ class Stage:
         cfg: the stage's :class:`StageParams`.
         prev: stage ``k-1`` resolved (``None`` for stage 1).
         steps: ``train.steps[name]`` (``None`` when absent; :attr:`train_steps` raises then).
-        gate: ``gates.stage{k}`` (``None`` when the gates define no such stage).
+        gate: ``gates[name]`` (every stage has one: :meth:`Params._gates_mirror_stages`).
     """
 
     k: int
@@ -983,7 +1004,7 @@ class Stage:
     cfg: StageParams
     prev: Stage | None
     steps: int | None
-    gate: StageGate | None
+    gate: StageGate
 
     @property
     def grid(self) -> StageGrid:
@@ -1035,13 +1056,24 @@ class Params(_Section):
     validation: ValidateParams = ValidateParams()
     preprocess: PreprocessParams = PreprocessParams()
     train: TrainParams = TrainParams()
-    gates: GateParams = GateParams()
+    gates: GateParams = Field(_DEMO_GATES, validate_default=True)  # checked against `stages` even when not given
     registry: RegisterParams = RegisterParams()
     pipeline: PipelineParams = PipelineParams()
     s3: S3Params = S3Params()
     reconstruct: ReconstructParams = ReconstructParams()
     limits: LimitsParams = LimitsParams()
     hpo: HPOParams = HPOParams()
+
+    @field_validator("gates")
+    @classmethod
+    def _gates_mirror_stages(cls, gates: dict[str, StageGate], info: Any) -> dict[str, StageGate]:
+        """Every stage has its gate (a stage without one is an error, not an ungated promotion)."""
+        stages = info.data.get("stages")
+        missing = [name for name in (stages or {}) if name not in gates]
+        if missing:
+            raise ValueError(f"no gate for {', '.join(missing)}: every stage in `stages` needs its gates.<stage> "
+                             f"thresholds (have {', '.join(gates) or 'none'})")
+        return gates
 
     @_model_validator(mode="after")
     def _cross_checks(self) -> Params:
@@ -1070,7 +1102,7 @@ class Params(_Section):
         name = names[k - 1]
         steps = self.train.steps.get(name)
         return Stage(k=k, name=name, cfg=self.stages[name], prev=prev,
-                     steps=None if steps is None else int(steps), gate=getattr(self.gates, name, None))
+                     steps=None if steps is None else int(steps), gate=self.gates[name])
 
     def stage_list(self) -> list[Stage]:
         """Every stage resolved, in cascade order."""
