@@ -13,7 +13,7 @@ Output folder (``reports/eval/stageK``, :class:`xct_core.layout.ReportLayout`)::
 Science in :mod:`xct_core.evaluation` (THE evaluator; stage K fed by stage K−1's samples, as in
 production). This adapter builds the evaluation protocol (the window) once from params and
 writes the reports. One function, :func:`run_evaluate`, called by ``xct step evaluate``
-(dvc.yaml) and by the KFP component (components/stages_kfp.py).
+(dvc.yaml) and by the KFP component (components/kfp_components.py).
 """
 
 from __future__ import annotations

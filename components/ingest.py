@@ -16,7 +16,7 @@ volume whose source checksum, output file and relevant params are unchanged is n
 
 Three ways to run it, one function (:func:`run_ingest`):
 ``xct step ingest --raw data/raw --out data/interim`` (dvc.yaml), the KFP
-component :data:`ingest_component`, or a direct call.
+component :data:`components.kfp_components.ingest_component`, or a direct call.
 """
 
 import hashlib
@@ -24,11 +24,8 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from kfp.dsl import Dataset, Input, Output
-
-from components._kfp import light_component
 from xct_core.config import Params
 from xct_core.errors import InputError
 from xct_core.io import save_ct
@@ -174,33 +171,3 @@ def run_ingest(
         f"{reused} unchanged; {len(ignored)} other files ignored) → {out}; split: {sizes}"
     )
     return IngestResult(out_dir=out, rows=rows, splits=splits, ignored_files=ignored, reused=reused)
-
-
-# --------------------------------------------------------------------------- CLI (dvc.yaml)
-
-
-# --------------------------------------------------------------------------- KFP component
-
-
-@light_component
-def ingest_component(
-    raw: Input[Dataset],
-    interim: Output[Dataset],
-    params_yaml: str = "",
-) -> NamedTuple("IngestOutputs", [("n_ok", int), ("n_failed", int)]):  # noqa: UP014
-    """KFP step: ``raw`` (a folder of CTs) → ``interim`` (volumes, stats table, splits).
-
-    ``params_yaml``: the text of params.yaml (empty: defaults). Returns the number of volumes
-    that loaded and that failed (the failures are judged by the validate step).
-    """
-    from collections import namedtuple
-
-    from components._kfp import params_from_text
-    from components.ingest import run_ingest
-
-    res = run_ingest(raw.path, interim.path, params_from_text(params_yaml), log=print)
-    interim.metadata["n_volumes"] = len(res.rows)
-    interim.metadata["n_failed"] = res.n_failed
-    return namedtuple("IngestOutputs", ["n_ok", "n_failed"])(res.n_ok, res.n_failed)
-
-

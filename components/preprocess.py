@@ -34,7 +34,7 @@ folder itself stays the same bytes wherever it was made.
 
 Three ways to run it, one function (:func:`run_preprocess`): ``xct step preprocess
 --volumes DIR --splits splits.json [--quarantine q.json] --out data/processed [--params
-params.yaml]`` (dvc.yaml), the KFP component :data:`preprocess_component`, or a direct call.
+params.yaml]`` (dvc.yaml), the KFP component :data:`components.kfp_components.preprocess_component`, or a direct call.
 """
 
 import json
@@ -46,11 +46,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from kfp.dsl import Dataset, Input, Output
-
-from components._kfp import light_component
 from xct_core.augment import plan_copies
 from xct_core.config import Params
 from xct_core.errors import InputError
@@ -268,46 +265,3 @@ def run_preprocess(
         say(f"Ray Data ran {len(ray_nodes)} item(s) on {len(per_node)} node(s): "
             + ", ".join(f"{n} ({c})" for n, c in per_node.items()))
     return PreprocessResult(out, manifest, processed, skipped, n_files, removed, swept, ray_nodes)
-
-
-# --------------------------------------------------------------------------- CLI (dvc.yaml)
-
-
-# --------------------------------------------------------------------------- KFP component
-
-
-@light_component
-def preprocess_component(
-    interim: Input[Dataset],
-    validated: Input[Dataset],
-    processed: Output[Dataset],
-    params_yaml: str = "",
-) -> NamedTuple("PreprocessOutputs", [("n_volumes", int), ("params_digest", str)]):  # noqa: UP014
-    """KFP step: ``interim`` (ingest output: ``volumes/``) + ``validated`` (validate output:
-    ``splits.json`` after quarantine) → ``processed`` (stage grids, X-rays, manifest).
-
-    ``params_yaml``: the text of params.yaml (empty: defaults).
-    """
-    from collections import namedtuple
-    from pathlib import Path
-
-    from components._kfp import params_from_text
-    from components.preprocess import run_preprocess
-
-    res = run_preprocess(
-        Path(interim.path) / "volumes",
-        Path(validated.path) / "splits.json",
-        processed.path,
-        params_from_text(params_yaml),
-        progress=False,
-        log=print,
-    )
-    n = len(res.manifest["items"])
-    processed.metadata["n_volumes"] = n
-    processed.metadata["params_digest"] = res.manifest["params_digest"]
-    processed.metadata["splits"] = {s: len(v) for s, v in res.manifest["splits"].items()}
-    if res.ray_nodes:
-        processed.metadata["ray_nodes"] = sorted(set(res.ray_nodes.values()))
-    return namedtuple("PreprocessOutputs", ["n_volumes", "params_digest"])(n, res.manifest["params_digest"])
-
-

@@ -42,7 +42,7 @@ Tracking: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<repo>/mlflow.db``
 register → ``reports/summary.json``, see :mod:`components.summary`),
 ``xct step register --gates reports/gates --eval reports/eval --train-dir
 outputs/train --out reports/summary.json [--processed data/processed] [--params params.yaml]``,
-and its KFP component in :mod:`components.stages_kfp` (which calls :func:`run_register`).
+and its KFP component in :mod:`components.kfp_components` (which calls :func:`run_register`).
 """
 
 import hashlib

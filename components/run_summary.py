@@ -1,7 +1,7 @@
 """The KFP pipeline's exit handler: a run summary written however the run ended.
 
-``run_summary_component`` is the exit task of ``dsl.ExitHandler`` in pipelines/training.py:
-KFP runs it after every other task has finished — succeeded, failed or skipped — and hands
+``run_summary_component`` (components/kfp_components.py) is the exit task of
+``dsl.ExitHandler`` in pipelines/kfp_dag.py: KFP runs it after every other task has finished — succeeded, failed or skipped — and hands
 it the run's final status (``dsl.PipelineTaskFinalStatus``). It writes ``run_summary.json``
 (:func:`run_summary`: state, the KFP job and task names, the error code and message of a
 failure, the data URI, the time) as its ``summary`` artifact and prints it, so a failed run
@@ -14,10 +14,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kfp import dsl
-from kfp.dsl import Artifact, Output
-
-from components._kfp import light_component
 from xct_core.atomic import write_json_atomic
 
 #: the file inside the exit task's ``summary`` artifact
@@ -45,17 +41,3 @@ def write_run_summary(doc: dict[str, Any], out_dir: str | Path) -> Path:
     path = Path(out_dir) / SUMMARY_FILE
     write_json_atomic(path, doc)
     return path
-
-
-@light_component
-def run_summary_component(status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact], data_uri: str = "") -> str:
-    """Exit task: write the run summary (``summary/run_summary.json``); returns the final state."""
-    import json
-
-    from components.run_summary import run_summary, write_run_summary
-
-    doc = run_summary(status.state, job=status.pipeline_job_resource_name, task=status.pipeline_task_name,
-                      error_code=status.error_code, error_message=status.error_message or "", data_uri=data_uri)
-    write_run_summary(doc, summary.path)
-    print(f"xct run summary: {json.dumps(doc, sort_keys=True)}")
-    return str(status.state)

@@ -23,7 +23,7 @@ The loop is :func:`xct_core.training.train_stage` (engine-agnostic); this module
   Rank 0 logs directly from the worker. A non-finite loss marks the run FAILED.
 
 Entry points: ``xct train --stage K`` (pipelines/commands/train.py; dvc.yaml runs it), the
-KFP train component (components/stages_kfp.py) and :func:`run_train` / :func:`run_local`
+KFP train component (components/kfp_components.py) and :func:`run_train` / :func:`run_local`
 (in-process, no Ray, no MLflow: ``xct train --local``).
 """
 

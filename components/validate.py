@@ -22,7 +22,7 @@ Policy (``validation.policy``): ``fail`` → non-zero exit when any volume fails
 reasons) and the step succeeds, unless no training volume is left.
 
 Entry points, one implementation: ``xct step validate --interim data/interim
---out data/validated`` (dvc.yaml), the KFP component :data:`validate_component`, and
+--out data/validated`` (dvc.yaml), the KFP component :data:`components.kfp_components.validate_component`, and
 ``xct data validate DIR`` (:func:`validate_dir`, pipelines/commands/data_validate.py).
 """
 
@@ -31,11 +31,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from kfp.dsl import HTML, Dataset, Input, Output
-
-from components._kfp import light_component
 from xct_core.config import Params, ValidateParams
 from xct_core.errors import InputError
 from xct_core.stats import (
@@ -490,40 +487,3 @@ def _read_splits(path: Path) -> dict[str, Any]:
     if not isinstance(doc.get("volumes"), dict):
         raise InputError(path, "not an xct splits file (no 'volumes' mapping)")
     return doc
-
-
-# --------------------------------------------------------------------------- CLI (dvc.yaml)
-
-
-# --------------------------------------------------------------------------- KFP component
-
-
-@light_component
-def validate_component(
-    interim: Input[Dataset],
-    validated: Output[Dataset],
-    report_html: Output[HTML],
-    params_yaml: str = "",
-) -> NamedTuple("ValidateOutputs", [("passed", bool), ("n_failed", int)]):  # noqa: UP014
-    """KFP step: validate ``interim`` (ingest output) → ``validated`` (report.json, splits.json)
-    and ``report_html``. Policy fail with failures raises (the run stops, the task is red)."""
-    import shutil
-    from collections import namedtuple
-    from pathlib import Path
-
-    from components._kfp import params_from_text
-    from components.validate import REPORT_HTML, run_validate
-
-    params = params_from_text(params_yaml)
-    report = run_validate(interim.path, validated.path, params, log=print)
-    Path(report_html.path).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(validated.path) / REPORT_HTML, report_html.path)
-    validated.metadata["n_failed"] = len(report.failed)
-    validated.metadata["quarantined"] = report.quarantined
-    if not report.success and report.policy == "fail":
-        raise RuntimeError(
-            f"data validation failed for {len(report.failed)} volume(s):\n" + "\n".join(report.failure_lines())
-        )
-    return namedtuple("ValidateOutputs", ["passed", "n_failed"])(report.success, len(report.failed))
-
-

@@ -5,7 +5,9 @@ What it does, from a fresh clone (``make demo`` installs first):
 1. makes sure the repo is a DVC project (``dvc init`` when ``.dvc/`` is missing);
 2. ``dvc repro`` with the demo profile in params.yaml — the ``synth`` stage writes the
    deterministic procedural phantoms to ``data/raw`` (``data.synth``), then ingest →
-   validate → preprocess → three gated cascade stages → register (see dvc.yaml);
+   validate → preprocess → the gated cascade stages (params ``stages``) → register (see
+   dvc.yaml; a dvc.yaml whose per-stage blocks disagree with params.yaml stops the demo
+   before anything runs: `xct pipeline dvc-sync` writes them);
 3. prints the end-of-run summary (``reports/summary.json``: per-stage gate checks, the
    verdict, where the model and the MLflow UI are) and the wall time.
 
@@ -63,6 +65,24 @@ def ensure_dvc_project(repo: Path, env: dict[str, str]) -> None:
     subprocess.run(args, cwd=repo, env=env, check=True)
 
 
+def dvc_yaml_out_of_date(repo: Path) -> str | None:
+    """Why dvc.yaml's per-stage blocks disagree with ``repo``'s params.yaml, or ``None``."""
+    from pipelines.dvc_dag import sync_dvc_yaml
+    from xct_core.config import load_params
+
+    from xct_core.errors import XctError
+
+    try:
+        params = load_params(repo / "params.yaml")
+        res = sync_dvc_yaml(repo / "dvc.yaml", params, check=True)
+    except XctError as e:  # a broken params.yaml / dvc.yaml: one line, as the CLI says it
+        return str(e)
+    if not (res.changed or res.overlays):
+        return None
+    return (f"{repo / 'dvc.yaml'} does not match the {params.n_stages} stages of params.yaml: "
+            "run `xct pipeline dvc-sync` first")
+
+
 def run_demo(repo: Path = REPO, force: bool = False) -> int:
     """Run the demo in ``repo``; returns the exit code."""
     from components.summary import format_summary, read_summary
@@ -70,6 +90,10 @@ def run_demo(repo: Path = REPO, force: bool = False) -> int:
     env = step_env()
     t0 = time.perf_counter()
     ensure_dvc_project(repo, env)
+    stale = dvc_yaml_out_of_date(repo)
+    if stale:
+        print(f"demo: {stale}", file=sys.stderr)
+        return 2
     cmd = [*_dvc(env), "repro", *(["--force"] if force else [])]
     print("+ dvc " + " ".join(cmd[1:]), flush=True)
     rc = subprocess.run(cmd, cwd=repo, env=env).returncode

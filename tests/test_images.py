@@ -188,7 +188,7 @@ DOCKER_RUNNER_SCRIPT = r"""
 import json, sys
 from kfp import dsl, local
 from kfp.dsl import Dataset
-from components.ingest import ingest_component
+from components.kfp_components import ingest_component
 
 root, raw = sys.argv[1], sys.argv[2]
 local.init(runner=local.DockerRunner(), pipeline_root=root, raise_on_error=True)

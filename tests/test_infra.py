@@ -45,8 +45,8 @@ ENV_READ_BY = {
     "RAY_ADDRESS": "components/train.py",
     "XCT_S3_ENDPOINT_URL": "components/s3sync.py",
     "AWS_ENDPOINT_URL": "components/s3sync.py",
-    "XCT_IMAGE_LIGHT": "components/_kfp.py",
-    "XCT_IMAGE_TRAIN": "components/_kfp.py",
+    "XCT_IMAGE_LIGHT": "components/kfp_components.py",
+    "XCT_IMAGE_TRAIN": "components/kfp_components.py",
 }
 #: env vars read by libraries (boto3, the MLflow server), not by xct code
 ENV_LIBRARY = ["MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
@@ -511,13 +511,13 @@ def test_cluster_overlay_validates_and_fits_a_worker_group(objects: list[tuple[P
 
 
 def _kfp_default(var: str) -> str:
-    """The default of ``os.environ.get(var, DEFAULT)`` in components/_kfp.py (no import, no env)."""
-    tree = ast.parse((REPO / "components" / "_kfp.py").read_text())
+    """The default of ``os.environ.get(var, DEFAULT)`` in components/kfp_components.py (no import, no env)."""
+    tree = ast.parse((REPO / "components" / "kfp_components.py").read_text())
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "get" and len(node.args) == 2
                 and isinstance(node.args[0], ast.Constant) and node.args[0].value == var):
             return node.args[1].value
-    raise AssertionError(f"components/_kfp.py reads no {var}")
+    raise AssertionError(f"components/kfp_components.py reads no {var}")
 
 
 def test_kfp_component_images_are_the_built_images(images: dict) -> None:

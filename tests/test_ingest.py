@@ -15,7 +15,8 @@ import pytest
 from dicom_synth import write_nifti, write_series
 
 import components.ingest as ingest_mod
-from components.ingest import ingest_component, run_ingest
+from components.ingest import run_ingest
+from components.kfp_components import ingest_component
 from xct_core.config import IngestParams, Params, params_from_dict
 from xct_core.errors import ConfigError, InputError
 from xct_core.io import CTVolume

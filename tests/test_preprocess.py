@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from cli_run import xct
-from components.preprocess import preprocess_component, run_preprocess
+from components.kfp_components import preprocess_component
+from components.preprocess import run_preprocess
 from xct_core.config import Params, params_from_dict
 from xct_core.drr import render
 from xct_core.errors import InputError

@@ -16,7 +16,8 @@ from dicom_synth import write_nifti
 
 from components.ingest import run_ingest
 from cli_run import xct
-from components.validate import render_html, run_validate, validate_dir, validate_component
+from components.kfp_components import validate_component
+from components.validate import render_html, run_validate, validate_dir
 from xct_core.config import Params, params_from_dict
 
 N, SP = 20, 6.0  # 120 mm per axis: above the default min_extent_mm (100) and min_shape (16)

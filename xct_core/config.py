@@ -669,7 +669,7 @@ class RegisterParams(_Section):
     experiment: str = "xct-register"
 
 
-# --- the DAG itself (owner: dvc.yaml, pipelines/training.py, components/guard.py) --------
+# --- the DAG itself (owner: dvc.yaml, pipelines/kfp_dag.py, components/guard.py) ---------
 
 
 class PipelineTrainParams(_Section):
@@ -715,7 +715,7 @@ class KfpAccelerator(_Section):
 
 
 class KfpParams(_Section):
-    """Compile-time controls of the KFP pipeline (pipelines/training.py); dvc.yaml ignores them."""
+    """Compile-time controls of the KFP pipeline (pipelines/kfp_dag.py); dvc.yaml ignores them."""
 
     #: KFP step caching of every task (``xct pipeline compile|run|submit --no-cache`` turns it off)
     caching: bool = True

@@ -1,13 +1,14 @@
-"""`xct pipeline` command group: the Kubeflow Pipelines v2 DAG (pipelines/training.py).
+"""`xct pipeline` command group: the Kubeflow Pipelines v2 DAG (pipelines/kfp_dag.py).
 
 ::
 
     xct pipeline compile [--out pipeline.yaml] [--params P] [--no-cache]   IR YAML for a KFP cluster
     xct pipeline run --local [--params P] [--data DIR] [--no-cache]        the whole DAG here with kfp.local
     xct pipeline submit --host URL [--data-uri URI] [--ray-address A] [--mlflow-uri U] [--no-cache]
+    xct pipeline dvc-sync [--params P] [--check]                            dvc.yaml's per-stage lines from params
 
 Caching, retries and the train task's accelerator come from ``pipeline.kfp`` in the params
-(pipelines/training.py :func:`build_pipeline`); ``--no-cache`` turns step caching off.
+(pipelines/kfp_dag.py :func:`build_pipeline`); ``--no-cache`` turns step caching off.
 
 The DVC twin of the same DAG is ``dvc repro`` (dvc.yaml); ``make demo`` runs that one.
 Heavy imports (kfp, torch) happen inside the commands so ``xct --help`` stays fast.
@@ -66,7 +67,7 @@ def compile_cmd(
     no_cache: NoCacheOpt = False,
 ) -> None:
     """Compile the KFP v2 pipeline (dsl.If gates, exit handler, retries, caching) to an IR YAML file."""
-    from pipelines.training import compile_pipeline
+    from pipelines.kfp_dag import compile_pipeline
 
     if out.is_dir():
         raise InputError(out, "is a folder; give a file name such as pipeline.yaml")
@@ -85,7 +86,8 @@ def local_report(root: Path, started: float) -> str:
     gates = [p for p in _find_outputs(root, "stage*.json") if "gate" in p.as_posix()
              and p.stat().st_mtime >= started]
     lines = []
-    for g in sorted(gates, key=lambda p: p.name):
+    # each gate task hands on the reports so far: one report per stage (the copies are the same file)
+    for g in sorted({p.name: p for p in gates}.values(), key=lambda p: int(p.stem.removeprefix("stage"))):
         doc = json.loads(g.read_text())
         lines.append(str(doc.get("summary", f"{g}: passed={doc.get('passed')}")))
     summaries = [p for p in _find_outputs(root, "summary.json") if p.stat().st_mtime >= started]
@@ -114,7 +116,7 @@ def run_cmd(
             "only local runs are supported here: pass --local (cluster: `xct pipeline submit --host URL`; "
             "DVC: `dvc repro`)"
         )
-    from pipelines.training import run_local
+    from pipelines.kfp_dag import run_local
 
     text = params_text(params)
     p = _params_or_none(params)
@@ -140,11 +142,31 @@ def submit_cmd(
     no_cache: NoCacheOpt = False,
 ) -> None:
     """Submit the pipeline to a Kubeflow Pipelines cluster (data location, Ray and MLflow as parameters)."""
-    from pipelines.training import submit
+    from pipelines.kfp_dag import submit
 
     run_id = submit(host, data_uri, params_text(params), ray_address, mlflow_uri, experiment, run_name, namespace,
                     caching=_caching(no_cache))
     typer.echo(f"submitted run {run_id} to {host}")
+
+
+@app.command("dvc-sync")
+def dvc_sync_cmd(
+    params: ParamsOpt = None,
+    dvc_yaml: Annotated[Path, typer.Option("--dvc-yaml", help="the DVC pipeline file to update")] = Path("dvc.yaml"),
+    check: Annotated[bool, typer.Option("--check", help="write nothing; exit 2 when dvc.yaml is out of date")] = False,
+) -> None:
+    """Write dvc.yaml's per-stage lines (the cascade and preprocess's grid keys) from the params' stages."""
+    from pipelines.dvc_dag import sync_dvc_yaml
+
+    p = load_params(params) if params is not None else load_params(default_params_path())
+    res = sync_dvc_yaml(dvc_yaml, p, check=check)
+    if check and (res.changed or res.overlays):
+        missing = f"; missing {', '.join(map(str, res.overlays))}" if res.overlays else ""
+        raise InputError(dvc_yaml, f"out of date with the params' {p.n_stages} stages{missing} "
+                                   "(run `xct pipeline dvc-sync`)")
+    done = "updated" if res.changed and not check else "up to date"
+    made = f"; wrote {', '.join(map(str, res.overlays))}" if res.overlays and not check else ""
+    typer.echo(f"{dvc_yaml}: {done} for {p.n_stages} stages ({', '.join(p.stages)}){made}")
 
 
 def register(root: typer.Typer) -> None:

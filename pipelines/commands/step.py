@@ -1,7 +1,7 @@
 """`xct step …`: the pipeline steps, as dvc.yaml runs them (one CLI for every step).
 
 Each command is a thin shell around the step's plain function in ``components/`` — the same
-function the KFP components (components/*.py, components/stages_kfp.py) call — so DVC,
+function the KFP components (components/kfp_components.py) call — so DVC,
 ``kfp.local`` and a Kubeflow cluster run one implementation. Errors are the CLI's usual
 one line (``xct: error: <file>: <problem>``, non-zero exit).
 

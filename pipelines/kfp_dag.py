@@ -4,10 +4,16 @@
 
     importer(data_uri) → ingest → validate → preprocess → train1 → evaluate1 → gate1
       dsl.If(gate1.passed): train2 → evaluate2 → gate2
-        dsl.If(gate2.passed): train3 → evaluate3 → gate3
-          dsl.If(gate3.passed): register          dsl.Else: rejected(3)
+        dsl.If(gate2.passed): …
+          dsl.If(gateN.passed): register          dsl.Else: rejected(N)
         dsl.Else: rejected(2)
       dsl.Else: rejected(1)
+
+The stages come from params alone: :func:`build_pipeline` walks ``params.stages`` (N of
+them), nesting each stage under the previous gate's ``dsl.If``. Two artifacts grow along the
+cascade: train K hands on the model folder (stages 1 … K), gate K the reports folder
+(``eval/stage1..K``, ``gates/stage1..K.json``), so register takes the last of each. The
+components are in :mod:`components.kfp_components`.
 
 A failing gate stops the work after it: the tasks nested under its ``dsl.If`` never run and
 the ``dsl.Else`` branch records the gate summary; the run itself completes (rejected is a
@@ -42,18 +48,19 @@ from typing import Any
 from kfp import compiler, dsl
 from kfp.dsl import Dataset
 
-from components.ingest import ingest_component
-from components.preprocess import preprocess_component
-from components.run_summary import run_summary_component
-from components.stages_kfp import (
+from components.kfp_components import (
     GATE_PASSED,
     evaluate_step_component,
     gate_report_component,
+    ingest_component,
+    params_from_text,
+    preprocess_component,
     register_component,
     rejected_component,
+    run_summary_component,
     train_stage_component,
+    validate_component,
 )
-from components.validate import validate_component
 from xct_core.atomic import atomic_path, writable
 from xct_core.config import KfpParams, Params, params_from_dict
 from xct_core.errors import InputError, XctError
@@ -85,21 +92,36 @@ class _Controls:
         return task
 
 
-def _cascade_stage(k: int, processed: Any, previous: Any, params_yaml: Any, ray_address: Any,
-                   mlflow_tracking_uri: Any, ctl: _Controls) -> tuple[Any, Any, Any]:
-    """train → evaluate → gate of stage ``k``; returns the three tasks."""
-    kw = {"previous": previous.outputs["model"]} if previous is not None else {}
+def _cascade(k: int, n: int, processed: Any, previous: tuple[Any, Any] | None, params_yaml: Any,
+             ray_address: Any, mlflow_tracking_uri: Any, ctl: _Controls) -> None:
+    """Stage ``k`` of ``n`` (train → evaluate → gate) and, under ``dsl.If(gate k passed)``, the
+    stages after it — register after the last — with ``dsl.Else``: rejected(k).
+    ``previous``: stage k-1's (train, gate) tasks, whose model and reports folders grow here."""
+    common = {"params_yaml": params_yaml, "ray_address": ray_address, "mlflow_tracking_uri": mlflow_tracking_uri,
+              "ctl": ctl}
+    after_model = {"previous": previous[0].outputs["model"]} if previous is not None else {}
+    after_reports = {"earlier": previous[1].outputs["reports"]} if previous is not None else {}
     train = ctl(train_stage_component(
         stage=k, processed=processed, params_yaml=params_yaml, ray_address=ray_address,
-        mlflow_tracking_uri=mlflow_tracking_uri, **kw,
+        mlflow_tracking_uri=mlflow_tracking_uri, **after_model,
     ).set_display_name(f"train stage {k}"), "train")
     evaluate = ctl(evaluate_step_component(
         stage=k, processed=processed, train_dir=train.outputs["model"], params_yaml=params_yaml,
     ).set_display_name(f"evaluate stage {k}"))
     gate = ctl(gate_report_component(
-        stage=k, evaluation=evaluate.outputs["report"], params_yaml=params_yaml, mlflow_tracking_uri=mlflow_tracking_uri,
+        stage=k, evaluation=evaluate.outputs["report"], params_yaml=params_yaml,
+        mlflow_tracking_uri=mlflow_tracking_uri, **after_reports,
     ).set_display_name(f"gate {k}"))
-    return train, evaluate, gate
+    with dsl.If(gate.outputs[GATE_PASSED] == True, name=f"gate-{k}-passed"):  # noqa: E712 (KFP condition)
+        if k < n:
+            _cascade(k + 1, n, processed, (train, gate), **common)
+        else:
+            ctl(register_component(
+                model=train.outputs["model"], reports=gate.outputs["reports"],
+                params_yaml=params_yaml, mlflow_tracking_uri=mlflow_tracking_uri,
+            ).set_display_name("register"))
+    with dsl.Else():
+        ctl(rejected_component(stage=k, gate_summary=gate.outputs["summary"]).set_display_name(f"rejected at gate {k}"))
 
 
 def _caching(params: Params, caching: bool | None) -> bool:
@@ -108,16 +130,16 @@ def _caching(params: Params, caching: bool | None) -> bool:
 
 
 def build_pipeline(params: Params | None = None, *, caching: bool | None = None) -> Any:
-    """The ``@dsl.pipeline`` function with ``params.pipeline.kfp``'s controls applied
-    (default params when ``None``); ``caching`` overrides ``pipeline.kfp.caching``."""
+    """The ``@dsl.pipeline`` function for ``params`` (default params when ``None``): one
+    train → evaluate → gate per stage in ``params.stages`` (:func:`_cascade`), with
+    ``params.pipeline.kfp``'s controls applied; ``caching`` overrides ``pipeline.kfp.caching``.
+    Compile with the params the run will get: the stage count is fixed at compile time."""
     params = params if params is not None else params_from_dict({})
     kp = params.pipeline.kfp
     ctl = _Controls(kp, _caching(params, caching))
+    n = params.n_stages
 
-    def rejected(k: int, gate: Any) -> None:
-        ctl(rejected_component(stage=k, gate_summary=gate.outputs["summary"]).set_display_name(f"rejected at gate {k}"))
-
-    @dsl.pipeline(name=PIPELINE_NAME, description="Biplanar X-ray → 3D CT cascade: data → 3 gated stages → register")
+    @dsl.pipeline(name=PIPELINE_NAME, description=f"Biplanar X-ray → 3D CT cascade: data → {n} gated stages → register")
     def xct_pipeline(
         data_uri: str,
         params_yaml: str = "",
@@ -134,28 +156,7 @@ def build_pipeline(params: Params | None = None, *, caching: bool | None = None)
             preprocess = ctl(preprocess_component(
                 interim=ingest.outputs["interim"], validated=validate.outputs["validated"], params_yaml=params_yaml,
             ), "preprocess")
-            processed = preprocess.outputs["processed"]
-            common = {"params_yaml": params_yaml, "ray_address": ray_address,
-                      "mlflow_tracking_uri": mlflow_tracking_uri, "ctl": ctl}
-
-            t1, e1, g1 = _cascade_stage(1, processed, None, **common)
-            with dsl.If(g1.outputs[GATE_PASSED] == True, name="gate-1-passed"):  # noqa: E712 (KFP condition)
-                t2, e2, g2 = _cascade_stage(2, processed, t1, **common)
-                with dsl.If(g2.outputs[GATE_PASSED] == True, name="gate-2-passed"):  # noqa: E712
-                    t3, e3, g3 = _cascade_stage(3, processed, t2, **common)
-                    with dsl.If(g3.outputs[GATE_PASSED] == True, name="gate-3-passed"):  # noqa: E712
-                        ctl(register_component(
-                            model=t3.outputs["model"],
-                            eval1=e1.outputs["report"], eval2=e2.outputs["report"], eval3=e3.outputs["report"],
-                            gate1=g1.outputs["gate"], gate2=g2.outputs["gate"], gate3=g3.outputs["gate"],
-                            params_yaml=params_yaml, mlflow_tracking_uri=mlflow_tracking_uri,
-                        ).set_display_name("register"))
-                    with dsl.Else():
-                        rejected(3, g3)
-                with dsl.Else():
-                    rejected(2, g2)
-            with dsl.Else():
-                rejected(1, g1)
+            _cascade(1, n, preprocess.outputs["processed"], None, params_yaml, ray_address, mlflow_tracking_uri, ctl)
 
     return xct_pipeline
 
@@ -227,8 +228,6 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
     data = Path(data_dir).absolute()
     if not data.is_dir():
         raise InputError(data, "raw data folder not found (run `xct data synth` or `dvc pull` first)")
-    from components._kfp import params_from_text
-
     params = params_from_text(params_yaml)
     use_cache = _caching(params, caching)
     root = Path(pipeline_root).absolute()
@@ -272,8 +271,6 @@ def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", ml
     import warnings
 
     import kfp
-
-    from components._kfp import params_from_text
 
     params = params_from_text(params_yaml)
     use_cache = _caching(params, caching)
