@@ -1,10 +1,11 @@
-"""A TINY end-to-end profile shared by tests/test_dvc_pipeline.py and tests/test_kfp_pipeline.py.
+"""A TINY end-to-end profile shared by tests/test_dvc_pipeline.py, tests/test_kfp_pipeline.py
+and tests/test_stage_count.py.
 
-6 phantoms at 32³ (12.8 mm voxels, the stages' 409.6 mm FOV), a three-stage 8³/16³/32³
-cascade with ~10k-parameter networks, 16-pixel DRRs, 2 optimiser steps per stage, 2 DDIM
-steps, Ray Train with one worker. TEST-ONLY gate thresholds: ``PASSING_GATES`` accept any
-finite, non-collapsed output (the plumbing is under test, not the model quality);
-``FAILING_GATES`` no model can pass (PSNR > 1000 dB).
+6 phantoms at 32³ (12.8 mm voxels, the stages' 409.6 mm FOV), an N-stage cascade (default
+three: 8³/16³/32³; four adds 64³) with ~10k-parameter networks, 16-pixel DRRs, 2 optimiser
+steps per stage, 2 DDIM steps, Ray Train with one worker. TEST-ONLY gate thresholds:
+``passing_gates`` accept any finite, non-collapsed output (the plumbing is under test, not
+the model quality); ``failing_gates`` no model can pass (PSNR > 1000 dB).
 """
 
 from __future__ import annotations
@@ -25,27 +26,39 @@ REPO = Path(__file__).resolve().parents[1]
 _STAGE = dict(fov_mm=409.6, token_grid=4, dim=16, depth=1, heads=2, lift_channels=4, enc_channels=[8, 16],
               lr=2e-3, cond_aug_max=0.25, cond_aug_sample=0.05)
 
-#: TEST-ONLY thresholds: pass anything finite (plumbing under test, not quality)
-PASSING_GATES = {f"stage{k}": {"psnr_window_db": -1000.0, "ssim_window": -1.0, "max_nan": 0, "min_std_ratio": 0.0}
-                 for k in (1, 2, 3)}
-#: TEST-ONLY thresholds: nothing passes
-FAILING_GATES = {f"stage{k}": {"psnr_window_db": 1000.0, "ssim_window": 0.99, "max_nan": 0, "min_std_ratio": 0.0}
-                 for k in (1, 2, 3)}
+#: the tiny stages: grids 8³ → 16³ → 32³ → 64³ (the first ``n`` of them), conv channels per level
+_GRIDS = [(8, [8], 2), (16, [4, 8], 2), (32, [4, 4, 8], 1), (64, [4, 4, 4, 8], 1)]
 
 
-def tiny_profile(gates: dict[str, Any] | None = None, local_training: bool = True) -> dict[str, Any]:
-    """The repo's params.yaml shrunk to the tiny profile (a plain dict, YAML-ready).
+def passing_gates(n: int = 3) -> dict[str, Any]:
+    """TEST-ONLY thresholds for ``n`` stages: pass anything finite (plumbing under test, not quality)."""
+    return {f"stage{k}": {"psnr_window_db": -1000.0, "ssim_window": -1.0, "max_nan": 0, "min_std_ratio": 0.0}
+            for k in range(1, n + 1)}
+
+
+def failing_gates(n: int = 3) -> dict[str, Any]:
+    """TEST-ONLY thresholds for ``n`` stages: nothing passes."""
+    return {f"stage{k}": {"psnr_window_db": 1000.0, "ssim_window": 0.99, "max_nan": 0, "min_std_ratio": 0.0}
+            for k in range(1, n + 1)}
+
+
+PASSING_GATES = passing_gates()
+FAILING_GATES = failing_gates()
+
+
+def tiny_profile(gates: dict[str, Any] | None = None, local_training: bool = True, n_stages: int = 3) -> dict[str, Any]:
+    """The repo's params.yaml shrunk to the tiny profile (a plain dict, YAML-ready), ``n_stages``
+    stages (1 … 4) with passing test gates unless ``gates`` says otherwise.
 
     ``local_training``: train in-process (``xct train --local``: no Ray start-up per stage).
     """
     data = yaml.safe_load((REPO / "params.yaml").read_text())
     data.pop("overlays", None)  # self-contained: the tuned demo values (hpo/) do not apply here
     data["data"]["synth"].update(n=6, size=32, spacing_mm=12.8, seed=0)
-    data["stages"] = {
-        "stage1": {**_STAGE, "size": 8, "conv_channels": [8], "physics_weight": 0.0, "batch_size": 2},
-        "stage2": {**_STAGE, "size": 16, "conv_channels": [4, 8], "physics_weight": 0.0, "batch_size": 2},
-        "stage3": {**_STAGE, "size": 32, "conv_channels": [4, 4, 8], "physics_weight": 0.0, "batch_size": 1},
-    }
+    assert 1 <= n_stages <= len(_GRIDS), n_stages
+    data["stages"] = {f"stage{k}": {**_STAGE, "size": size, "conv_channels": conv, "physics_weight": 0.0,
+                                    "batch_size": batch}
+                      for k, (size, conv, batch) in enumerate(_GRIDS[:n_stages], start=1)}
     data["drr"].update(pixels=16, pixel_mm=40.0)
     data["ingest"].update(min_eval_patients=1)
     data["validation"].update(max_spacing_mm=20.0)  # 12.8 mm voxels (coarse on purpose)
@@ -53,11 +66,11 @@ def tiny_profile(gates: dict[str, Any] | None = None, local_training: bool = Tru
     data["diffusion"].update(sample_steps=2)
     data["eval"].update(ssim_win=3, ssim_sigma=0.5, sample_steps=2, max_volumes=1)
     data["train"].update(
-        steps={"stage1": 2, "stage2": 2, "stage3": 2}, warmup_steps=0, log_every=1, ckpt_every=2,
+        steps={name: 2 for name in data["stages"]}, warmup_steps=0, log_every=1, ckpt_every=2,
         val_every=0, val_sample_steps=2, val_max_volumes=1, val_reprojection=False, ema_decay=0.5,
     )
     data["train"]["ray"].update(num_workers=1, max_failures=0, cpus_per_worker=1.0)
-    data["gates"] = copy.deepcopy(gates if gates is not None else PASSING_GATES)
+    data["gates"] = copy.deepcopy(gates if gates is not None else passing_gates(n_stages))
     data["pipeline"] = {"train": {"local": local_training}}
     return data
 

@@ -28,14 +28,18 @@ from pipeline_profile import FAILING_GATES, REPO, copy_repo, short_tmpdir, step_
 from xct_core.config import Params, TrainParams
 
 DVC = str(Path(sys.executable).parent / "dvc")
-CHAIN = [
-    "synth", "ingest", "validate", "preprocess",
-    "train@stage1", "evaluate@stage1", "gate@stage1",
-    "train@stage2", "evaluate@stage2", "gate@stage2",
-    "train@stage3", "evaluate@stage3", "gate@stage3",
-    "register",
-]
-STAGE_OF = {s: int(m.group(1)) for s in CHAIN if (m := re.search(r"stage(\d)$", s))}
+
+
+def chain(names: list[str]) -> list[str]:
+    """The DVC steps in topological order for the cascade stages ``names``."""
+    return ["synth", "ingest", "validate", "preprocess",
+            *[f"{step}@{n}" for n in names for step in ("train", "evaluate", "gate")], "register"]
+
+
+#: the repo's chain (params.yaml's stages)
+REPO_STAGES = list(yaml.safe_load((REPO / "params.yaml").read_text())["stages"])
+CHAIN = chain(REPO_STAGES)
+STAGE_OF = {s: int(m.group(1)) for s in CHAIN if (m := re.search(r"stage(\d+)$", s))}
 
 #: what each DVC stage runs: the command it must start with, the shell module of that command
 #: (listed, not followed) and the entry modules whose import closure it must depend on
@@ -87,20 +91,62 @@ def test_dvc_dag_is_the_gated_chain() -> None:
     for a, b in zip(CHAIN, CHAIN[1:]):
         assert (a, b) in edges, f"missing edge {a} -> {b}"
     # every later step waits for the previous stage's gate
-    for k in (2, 3):
+    for k in range(2, len(REPO_STAGES) + 1):
         for step in (f"train@stage{k}", f"evaluate@stage{k}", f"gate@stage{k}"):
             assert (f"gate@stage{k - 1}", step) in edges, step
 
 
 def test_cascade_vars_match_the_params_stages() -> None:
+    """dvc.yaml's per-stage blocks are what `xct pipeline dvc-sync` writes from params.yaml."""
+    from pipelines.dvc_dag import sync_dvc_yaml
+    from xct_core.config import load_params
+
+    res = sync_dvc_yaml(REPO / "dvc.yaml", load_params(REPO / "params.yaml"), check=True)
+    assert not res.changed and not res.overlays, "dvc.yaml is out of date with params.yaml: run `xct pipeline dvc-sync`"
     cascade = _dvc_yaml()["vars"][0]["cascade"]
-    assert list(cascade) == list(Params().stages) == list(yaml.safe_load((REPO / "params.yaml").read_text())["stages"])
+    assert list(cascade) == list(Params().stages) == REPO_STAGES
     for name, item in cascade.items():
         k = item["k"]
         assert name == f"stage{k}"
         if k > 1:
             assert item["after_models"] == f"outputs/train/models/stage{k - 1}"
             assert item["after_gate"] == f"reports/gates/stage{k - 1}.json"
+    grids = [k for p in _dvc_yaml()["stages"]["preprocess"]["params"] if isinstance(p, str)
+             for k in [p] if k.startswith("stages.")]
+    assert grids == [f"stages.{n}.{key}" for n in REPO_STAGES for key in ("size", "fov_mm")]
+
+
+def test_dvc_sync_writes_the_blocks_for_any_stage_count(tmp_path: Path) -> None:
+    """Two and four stages: the cascade chain, the grid keys and the missing hpo overlays;
+    a second sync changes nothing; --check on a stale file is one line, exit 2."""
+    from cli_run import xct
+    from pipeline_profile import tiny_profile
+    from pipelines.dvc_dag import sync_dvc_yaml
+    from xct_core.config import params_from_dict
+
+    (tmp_path / "hpo").mkdir()
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "hpo" / "best_stage1.yaml").write_text("stages: {stage1: {lr: 0.002}}\n")
+    made = {}
+    for n in (4, 2):
+        res = sync_dvc_yaml(tmp_path / "dvc.yaml", params_from_dict(tiny_profile(n_stages=n)))
+        assert res.changed
+        made[n] = sorted(p.name for p in res.overlays)
+        doc = yaml.safe_load((tmp_path / "dvc.yaml").read_text())
+        names = [f"stage{k}" for k in range(1, n + 1)]
+        assert list(doc["vars"][0]["cascade"]) == names
+        assert doc["vars"][0]["cascade"][names[-1]] == {
+            "k": n, "after_models": f"outputs/train/models/stage{n - 1}", "after_gate": f"reports/gates/stage{n - 1}.json"}
+        assert [p for p in doc["stages"]["preprocess"]["params"] if str(p).startswith("stages.")] == [
+            f"stages.{s}.{key}" for s in names for key in ("size", "fov_mm")]
+        assert not sync_dvc_yaml(tmp_path / "dvc.yaml", params_from_dict(tiny_profile(n_stages=n))).changed
+    assert made == {4: ["best_stage2.yaml", "best_stage3.yaml", "best_stage4.yaml"], 2: []}
+    assert (tmp_path / "hpo" / "best_stage1.yaml").read_text() == "stages: {stage1: {lr: 0.002}}\n"  # never overwritten
+    assert yaml.safe_load((tmp_path / "hpo" / "best_stage4.yaml").read_text()) == {}
+    # the file still holds the two-stage blocks: --check against the repo's three stages fails
+    rc = xct(["pipeline", "dvc-sync", "--check", "--dvc-yaml", str(tmp_path / "dvc.yaml"),
+              "--params", str(REPO / "params.yaml")])
+    assert rc == 2
 
 
 def _dvc_yaml() -> dict:
@@ -138,10 +184,10 @@ def test_stage_params_exist_and_are_scoped(dvc_stages: dict[str, Any]) -> None:
                 node = node[part]
             k = STAGE_OF.get(name)
             if k is not None:
-                other = re.findall(r"stage(\d)", key)
+                other = re.findall(r"stage(\d+)", key)
                 assert all(int(j) == k for j in other), f"{name} depends on {key}"
     train_keys = set(TrainParams.model_fields) - {"steps", "out_dir"}
-    for k in (1, 2, 3):
+    for k in range(1, len(REPO_STAGES) + 1):
         listed = {p.split(".", 1)[1] for p in _params_of(dvc_stages[f"train@stage{k}"]) if p.startswith("train.")}
         assert train_keys <= listed, f"train@stage{k} misses {sorted(train_keys - listed)}"
         assert f"steps.stage{k}" in listed
@@ -155,7 +201,7 @@ def test_stage_params_exist_and_are_scoped(dvc_stages: dict[str, Any]) -> None:
         for f in _param_files_of(st):
             assert STAGE_OF.get(name) is not None and f == f"hpo/best_stage{STAGE_OF[name]}.yaml", f"{name}: {f}"
             assert f in overlays and (REPO / f).is_file(), f
-    for k in (1, 2, 3):
+    for k in range(1, len(REPO_STAGES) + 1):
         for name in (f"train@stage{k}", f"evaluate@stage{k}"):
             assert _param_files_of(dvc_stages[name]) == [f"hpo/best_stage{k}.yaml"], name
 

@@ -1,4 +1,4 @@
-"""The KFP v2 pipeline (pipelines/training.py) and `xct pipeline compile|run|submit`.
+"""The KFP v2 pipeline (pipelines/kfp_dag.py) and `xct pipeline compile|run|submit`.
 
 Fast: the compiled IR holds the three gate conditions (``dsl.If`` and its ``dsl.Else``);
 `submit` to an unreachable host and `run` without ``--local`` fail with one line.
@@ -43,7 +43,7 @@ def test_compile_writes_ir_with_the_gate_conditions(tmp_path: Path, capsys: pyte
     negated = [c for c in conditions if "passed" in c and c.lstrip("'").startswith("!")]
     assert len(passed) == 3 and len(negated) == 3, conditions  # dsl.If + dsl.Else per gate
     assert all("== true" in c for c in passed)
-    # every executor has an image (base images from components/_kfp.py)
+    # every executor has an image (base images from components/kfp_components.py)
     images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values() if "container" in e}
     assert images and all(images)
 
@@ -136,7 +136,7 @@ def test_kfp_local_failing_gate_stops_later_tasks(scratch: Path) -> None:
     assert len(rejected) == 1
     report = (run / rejected[0] / "report").read_text()
     assert "gate 1" in report and "psnr_window" in report
-    gate = json.loads((run / "gate-report-component" / "gate" / "stage1.json").read_text())
+    gate = json.loads((run / "gate-report-component" / "reports" / "gates" / "stage1.json").read_text())
     assert gate["passed"] is False
     assert "REJECTED" in proc.stdout
     run_summary = json.loads((run / "run-summary-component" / "summary" / "run_summary.json").read_text())
@@ -258,7 +258,7 @@ def test_exit_handler_writes_the_run_summary_when_a_step_fails(scratch: Path) ->
 
 def test_compiled_yaml_parses_strictly_as_pipeline_and_platform_specs(tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from pipelines.training import load_pipeline_spec
+    from pipelines.kfp_dag import load_pipeline_spec
     from xct_core.errors import InputError
 
     tol = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -279,23 +279,23 @@ def test_compiled_yaml_parses_strictly_as_pipeline_and_platform_specs(tmp_path: 
 def test_a_local_run_executes_the_compiled_yaml(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`run_local` runs <root>/pipeline.yaml loaded back from the file, not the Python function:
     a YAML whose ingest task is renamed on disk runs under the new name."""
-    import pipelines.training as training
+    import pipelines.kfp_dag as kfp_dag
     from xct_core.errors import XctError
 
-    real = training.compile_pipeline
+    real = kfp_dag.compile_pipeline
 
     def renamed(out, params=None, *, caching=None):  # noqa: ANN001, ANN202
         path = real(out, params, caching=caching)
         path.write_text(path.read_text().replace("ingest-component", "ingestfromyaml-component"))
         return path
 
-    monkeypatch.setattr(training, "compile_pipeline", renamed)
+    monkeypatch.setattr(kfp_dag, "compile_pipeline", renamed)
     monkeypatch.chdir(scratch)
     raw = scratch / "raw"
     raw.mkdir()
     root = scratch / "kfp"
     with pytest.raises(XctError, match="ingestfromyaml-component"):  # empty data: ingest fails (fast)
-        training.run_local(raw, "", root)
+        kfp_dag.run_local(raw, "", root)
     (run,) = root.glob("xct-cascade-*")
     assert "ingestfromyaml-component" in _tasks(run) and "ingest-component" not in _tasks(run)
     assert "ingestfromyaml-component" in (root / "pipeline.yaml").read_text()
