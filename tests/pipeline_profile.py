@@ -75,6 +75,12 @@ def tiny_profile(gates: dict[str, Any] | None = None, local_training: bool = Tru
     return data
 
 
+def dvc_chain(names: list[str]) -> list[str]:
+    """dvc.yaml's steps in the order `dvc repro` runs them, for the cascade stages ``names``."""
+    return ["synth", "ingest", "validate", "preprocess",
+            *[f"{step}@{n}" for n in names for step in ("train", "evaluate", "gate")], "register"]
+
+
 def write_params(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -24,21 +24,24 @@ import pytest
 import yaml
 
 from components import guard
-from pipeline_profile import FAILING_GATES, REPO, copy_repo, short_tmpdir, step_env, tiny_profile, write_params
+from pipeline_profile import (
+    FAILING_GATES,
+    REPO,
+    copy_repo,
+    dvc_chain,
+    short_tmpdir,
+    step_env,
+    tiny_profile,
+    write_params,
+)
 from xct_core.config import Params, TrainParams
 
 DVC = str(Path(sys.executable).parent / "dvc")
 
 
-def chain(names: list[str]) -> list[str]:
-    """The DVC steps in topological order for the cascade stages ``names``."""
-    return ["synth", "ingest", "validate", "preprocess",
-            *[f"{step}@{n}" for n in names for step in ("train", "evaluate", "gate")], "register"]
-
-
 #: the repo's chain (params.yaml's stages)
 REPO_STAGES = list(yaml.safe_load((REPO / "params.yaml").read_text())["stages"])
-CHAIN = chain(REPO_STAGES)
+CHAIN = dvc_chain(REPO_STAGES)
 STAGE_OF = {s: int(m.group(1)) for s in CHAIN if (m := re.search(r"stage(\d+)$", s))}
 
 #: what each DVC stage runs: the command it must start with, the shell module of that command

@@ -1,0 +1,200 @@
+"""The stage count comes from params alone (issue 20 item 3).
+
+A two-stage (8³ → 16³) and a four-stage (8³ → 16³ → 32³ → 64³) tiny profile
+(tests/pipeline_profile.py) with no code or DAG file edited by hand:
+
+- fast: each compiles to a KFP DAG with one train → evaluate → gate per stage, nested under
+  the previous gate's ``dsl.If`` (a ``dsl.Else`` per gate), every gate after the first
+  growing the previous gate's ``reports`` artifact, and register taking the last stage's
+  model and the last gate's reports — one input each, whatever the count;
+- slow, per profile: the DAG runs under ``kfp.local`` and under ``dvc repro`` (dvc.yaml's
+  per-stage blocks written by ``xct pipeline dvc-sync``), every gate passes (test-only
+  thresholds) and register registers a cascade of exactly that many stages; in the
+  four-stage DVC run a failing gate 4 (test-only threshold) then re-runs only gate 4 and
+  register, and the run is rejected at stage 4.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline_profile import (
+    REPO,
+    copy_repo,
+    dvc_chain,
+    failing_gates,
+    short_tmpdir,
+    step_env,
+    tiny_profile,
+    write_params,
+)
+
+XCT = [sys.executable, "-m", "pipelines.cli"]
+DVC = str(Path(sys.executable).parent / "dvc")
+COUNTS = (2, 4)
+
+
+def _names(n: int) -> list[str]:
+    return [f"stage{k}" for k in range(1, n + 1)]
+
+
+def _source(art: dict) -> str:
+    """Where a task's input artifact comes from, as ``<producer task>-<output>`` (a task in the
+    same group names it directly; inside a ``dsl.If`` group it arrives as a pipeline channel)."""
+    if "taskOutputArtifact" in art:
+        return f"{art['taskOutputArtifact']['producerTask']}-{art['taskOutputArtifact']['outputArtifactKey']}"
+    return art["componentInputArtifact"].removeprefix("pipelinechannel--")
+
+
+def _suffix(k: int) -> str:
+    """KFP's task/component name suffix of the k-th instance of a component."""
+    return "" if k == 1 else f"-{k}"
+
+
+# --------------------------------------------------------------------------- compile (fast)
+
+
+@pytest.mark.parametrize("n", COUNTS)
+def test_the_kfp_dag_walks_the_stages_of_the_params(n: int, tmp_path: Path) -> None:
+    from pipelines.kfp_dag import compile_pipeline, load_pipeline_spec
+    from xct_core.config import params_from_dict
+
+    out = compile_pipeline(tmp_path / "p.yaml", params_from_dict(tiny_profile(n_stages=n)))
+    load_pipeline_spec(out)  # strict protobuf parse
+    text = out.read_text()
+    ir = yaml.safe_load(text)
+    comps = ir["components"]
+    for base in ("train-stage-component", "evaluate-step-component", "gate-report-component", "rejected-component"):
+        have = sorted(c for c in comps if re.fullmatch(rf"comp-{base}(-\d+)?", c))
+        assert have == sorted(f"comp-{base}{_suffix(k)}" for k in range(1, n + 1)), have
+    assert [c for c in comps if "register" in c] == ["comp-register-component"]
+    conditions = re.findall(r"condition: (.+)", text.replace("\n              ", " "))
+    assert len([c for c in conditions if "passed" in c and "!" not in c]) == n
+    assert len([c for c in conditions if "passed" in c and "!" in c]) == n
+    # the If groups nest: gate k's condition group holds stage k+1 … and register in the last one
+    groups = {c: spec["dag"]["tasks"] for c, spec in comps.items() if re.fullmatch(r"comp-condition-\d+", c)}
+    inner = [g for g, tasks in groups.items() if "register-component" in tasks]
+    assert len(inner) == 1
+    tasks = {}
+    for spec in comps.values():
+        tasks.update(spec.get("dag", {}).get("tasks", {}))
+    for k in range(2, n + 1):
+        gate = tasks[f"gate-report-component{_suffix(k)}"]["inputs"]["artifacts"]
+        assert _source(gate["earlier"]) == f"gate-report-component{_suffix(k - 1)}-reports"
+        train = tasks[f"train-stage-component{_suffix(k)}"]["inputs"]["artifacts"]
+        assert _source(train["previous"]) == f"train-stage-component{_suffix(k - 1)}-model"
+    assert "earlier" not in tasks["gate-report-component"]["inputs"].get("artifacts", {})
+    register = tasks["register-component"]["inputs"]["artifacts"]
+    assert set(register) == {"model", "reports"}
+    assert _source(register["reports"]) == f"gate-report-component{_suffix(n)}-reports"
+    assert _source(register["model"]) == f"train-stage-component{_suffix(n)}-model"
+
+
+# --------------------------------------------------------------------------- helpers of the slow runs
+
+
+@pytest.fixture(scope="module")
+def scratch() -> Iterator[Path]:
+    d = short_tmpdir("xstg")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def raw(scratch: Path) -> Path:
+    """The tiny phantoms, made once for both kfp.local runs."""
+    out = scratch / "raw"
+    subprocess.run([*XCT, "data", "synth", "--n", "6", "--size", "32", "--seed", "0", "--spacing-mm", "12.8",
+                    "--out", str(out), "--no-preview"], cwd=REPO, env=step_env(scratch), check=True,
+                   capture_output=True)
+    return out
+
+
+def _registered(tracking_db: Path, version: str) -> dict[str, str]:
+    """The tags of ``xct-cascade`` version ``version`` in the sqlite registry."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tracking_db}")
+    return dict(client.get_model_version("xct-cascade", version).tags)
+
+
+def _check_registered(summary: dict, n: int, tracking_db: Path) -> None:
+    assert summary["status"] in ("promoted", "registered"), summary
+    assert [s["stage"] for s in summary["stages"]] == list(range(1, n + 1))
+    assert all(s["passed"] for s in summary["stages"])
+    tags = _registered(tracking_db, summary["model_version"])
+    assert tags["xct.stages"] == str(n)
+    assert tags["xct.gates"] == ",".join(f"{s}=pass" for s in _names(n))
+
+
+# --------------------------------------------------------------------------- kfp.local (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("n", COUNTS)
+def test_kfp_local_runs_and_registers_n_stages(n: int, scratch: Path, raw: Path) -> None:
+    tmp = scratch / f"kfp{n}"
+    tmp.mkdir()
+    env = step_env(tmp)
+    params = write_params(tmp / "params.yaml", tiny_profile(n_stages=n))
+    root = tmp / "kfp"
+    proc = subprocess.run([*XCT, "pipeline", "run", "--local", "--params", str(params), "--data", str(raw),
+                           "--root", str(root)], cwd=REPO, env=env, capture_output=True, text=True, timeout=840)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = [p for p in root.iterdir() if p.name.startswith("xct-cascade-")]
+    tasks = {p.name for p in run.iterdir() if p.is_dir()}
+    for base in ("train-stage-component", "evaluate-step-component", "gate-report-component"):
+        assert sorted(t for t in tasks if t.startswith(base)) == sorted(f"{base}{_suffix(k)}" for k in range(1, n + 1))
+    assert "register-component" in tasks and not [t for t in tasks if t.startswith("rejected")]
+    # the last gate's reports hold every stage's evaluation and gate report: what register read
+    last = run / f"gate-report-component{_suffix(n)}" / "reports"
+    assert sorted(p.name for p in (last / "gates").iterdir()) == [f"{s}.json" for s in _names(n)]
+    assert all((last / "eval" / s / "metrics.json").is_file() for s in _names(n))
+    assert re.findall(r"^stage (\d+): gate passed", proc.stdout, re.M) == [str(k) for k in range(1, n + 1)]
+    summary = json.loads((run / "register-component" / "summary" / "summary.json").read_text())
+    _check_registered(summary, n, tmp / "mlflow.db")
+
+
+# --------------------------------------------------------------------------- dvc repro (slow)
+
+
+def _repro(repo: Path, env: dict[str, str]) -> list[str]:
+    proc = subprocess.run([DVC, "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("n", COUNTS)
+def test_dvc_repro_runs_and_registers_n_stages(n: int, scratch: Path) -> None:
+    root = scratch / f"dvc{n}"
+    root.mkdir()
+    repo = copy_repo(root / "repo")
+    env = step_env(root, repo)
+    params = tiny_profile(n_stages=n)
+    write_params(repo / "params.yaml", params)
+    sync = subprocess.run([*XCT, "pipeline", "dvc-sync"], cwd=repo, env=env, capture_output=True, text=True)
+    assert sync.returncode == 0 and f"for {n} stages" in sync.stdout, sync.stdout + sync.stderr
+    ran = _repro(repo, env)
+    assert ran == dvc_chain(_names(n))
+    _check_registered(json.loads((repo / "reports/summary.json").read_text()), n, root / "mlflow.db")
+    if n < 4:
+        return
+    # a failing last gate (test-only threshold): only that gate and register re-run; rejected at stage n
+    params["gates"][f"stage{n}"] = failing_gates(n)[f"stage{n}"]
+    write_params(repo / "params.yaml", params)
+    assert _repro(repo, env) == [f"gate@stage{n}", "register"]
+    summary = json.loads((repo / "reports/summary.json").read_text())
+    assert summary["status"] == "rejected" and summary["rejected_at_stage"] == n
+    assert [s["passed"] for s in summary["stages"]] == [True] * (n - 1) + [False]
