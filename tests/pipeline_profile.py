@@ -133,3 +133,21 @@ def copy_repo(dst: Path) -> Path:
     if not (dst / ".dvc" / "config").is_file():
         subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q", "-f"], cwd=dst, check=True, env=env)
     return dst
+
+
+def _registered(tracking_db: Path, version: str) -> dict[str, str]:
+    """The tags of ``xct-cascade`` version ``version`` in the sqlite registry."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tracking_db}")
+    return dict(client.get_model_version("xct-cascade", version).tags)
+
+
+def check_registered(summary: dict, n: int, tracking_db: Path) -> None:
+    """``summary`` (reports/summary.json) registered a cascade of ``n`` stages, every gate passed."""
+    assert summary["status"] in ("promoted", "registered"), summary
+    assert [s["stage"] for s in summary["stages"]] == list(range(1, n + 1))
+    assert all(s["passed"] for s in summary["stages"])
+    tags = _registered(tracking_db, summary["model_version"])
+    assert tags["xct.stages"] == str(n)
+    assert tags["xct.gates"] == ",".join(f"{s}=pass" for s in [f"stage{k}" for k in range(1, n + 1)])

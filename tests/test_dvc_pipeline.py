@@ -3,10 +3,13 @@
 Fast checks: the DAG chain (`dvc dag`), the `foreach` cascade against params.yaml, that every
 step depends on the code it runs (its import closure) and lists only params keys that exist
 and only its own stage's keys, and the guard's pass / skip / error behaviour.
-Slow check (real engines, tiny profile from tests/pipeline_profile.py, in a temporary copy
-of the repo): `dvc repro` runs the whole chain; a second repro is a no-op; changing a
-stage-2 parameter re-runs stage 2 onward only; a failing gate 1 (test-only thresholds)
-skips every later training/evaluation with markers and the run still exits 0 (rejected).
+Slow check (real engines, a FOUR-stage tiny profile from tests/pipeline_profile.py — one
+stage more than the repo's, dvc.yaml's per-stage blocks from `xct pipeline dvc-sync` — in a
+temporary copy of the repo): `dvc repro` runs the whole chain and registers four stages; a
+second repro is a no-op; changing a stage-2 parameter re-runs stage 2 onward only; a failing
+last gate re-runs that gate and register only (rejected at stage 4); a failing gate 1
+(test-only thresholds) skips every later training/evaluation with markers and the run still
+exits 0 (rejected).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from components import guard
 from pipeline_profile import (
     FAILING_GATES,
     REPO,
+    check_registered,
     copy_repo,
     dvc_chain,
     short_tmpdir,
@@ -281,19 +285,27 @@ def scratch() -> Iterator[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_dvc_repro_noop_partial_rerun_and_failed_gate(scratch: Path) -> None:
+    """Four stages (one more than the repo's: the stage count comes from params, dvc.yaml's
+    per-stage blocks from `xct pipeline dvc-sync`)."""
     root = scratch
     repo = copy_repo(root / "repo")
     env = step_env(root, repo)
-    params = tiny_profile()
+    n = 4
+    names = [f"stage{k}" for k in range(1, n + 1)]
+    chain = dvc_chain(names)
+    params = tiny_profile(n_stages=n)
     write_params(repo / "params.yaml", params)
+    sync = subprocess.run([sys.executable, "-m", "pipelines.cli", "pipeline", "dvc-sync"],
+                          cwd=repo, env=env, capture_output=True, text=True)
+    assert sync.returncode == 0, sync.stdout + sync.stderr
 
     ran, _ = _repro(repo, env)
-    assert ran == CHAIN  # topological order of the whole chain
+    assert ran == chain  # topological order of the whole chain
     summary = json.loads((repo / "reports/summary.json").read_text())
-    assert summary["status"] in ("promoted", "registered") and [s["passed"] for s in summary["stages"]] == [True] * 3
-    for k in (1, 2, 3):
+    check_registered(summary, n, root / "mlflow.db")
+    for k in range(1, n + 1):
         assert (repo / f"outputs/train/models/stage{k}/final.pt").is_file()
         assert (repo / f"reports/eval/stage{k}/per_patient.csv").is_file()
     stage1_model = (repo / "outputs/train/models/stage1/final.pt").read_bytes()
@@ -306,10 +318,18 @@ def test_dvc_repro_noop_partial_rerun_and_failed_gate(scratch: Path) -> None:
     params["stages"]["stage2"]["lr"] = params["stages"]["stage2"]["lr"] * 2  # a stage-2 parameter
     write_params(repo / "params.yaml", params)
     ran, _ = _repro(repo, env)
-    stage2_on = CHAIN[CHAIN.index("train@stage2"):]
+    stage2_on = chain[chain.index("train@stage2"):]
     assert ran[:2] == ["train@stage2", "evaluate@stage2"] and set(ran) <= set(stage2_on), ran
-    assert "train@stage3" in ran  # it depends on the new stage-2 model
+    assert "train@stage3" in ran and "train@stage4" in ran  # they depend on the new stage-2 model
     assert (repo / "outputs/train/models/stage1/final.pt").read_bytes() == stage1_model
+
+    params["gates"]["stage4"] = FAILING_GATES["stage1"]  # TEST-ONLY threshold: the last gate must fail
+    write_params(repo / "params.yaml", params)
+    ran, _ = _repro(repo, env)
+    assert ran == ["gate@stage4", "register"], ran  # only that gate and register re-run
+    summary = json.loads((repo / "reports/summary.json").read_text())
+    assert summary["status"] == "rejected" and summary["rejected_at_stage"] == 4
+    assert [s["passed"] for s in summary["stages"]] == [True, True, True, False]
 
     params["gates"]["stage1"] = FAILING_GATES["stage1"]  # TEST-ONLY threshold: gate 1 must fail
     write_params(repo / "params.yaml", params)
@@ -318,8 +338,8 @@ def test_dvc_repro_noop_partial_rerun_and_failed_gate(scratch: Path) -> None:
     assert "skipped" in log
     summary = json.loads((repo / "reports/summary.json").read_text())
     assert summary["status"] == "rejected" and summary["rejected_at_stage"] == 1
-    assert [s["skipped"] for s in summary["stages"]] == [False, True, True]
-    for k in (2, 3):
+    assert [s["skipped"] for s in summary["stages"]] == [False] + [True] * (n - 1)
+    for k in range(2, n + 1):
         models = repo / f"outputs/train/models/stage{k}"
         assert sorted(p.name for p in models.iterdir()) == [guard.MARKER_NAME]  # no training happened
         for f in (f"outputs/train/metrics/stage{k}.json", f"reports/eval/stage{k}/metrics.json",
