@@ -335,7 +335,8 @@ def evaluate_cmd(
                              summary=summary["mean"], notes=notes, gates=gate_docs, curves=curves,
                              info={"model": model, "CTs": str(ct), "patients": summary["n_patients"],
                                    "stages run": n, "DDIM steps": summary["sample_steps"], "samples": k,
-                                   "direct baseline": "yes" if direct is not None else "no (no direct.pt)"})
+                                   "direct baseline": "yes" if direct is not None else "no (no direct.pt)"},
+                             label_context=protocol.label_context(mp.stage(n).size))
     write_text_atomic(out / "metrics.json", json_text(doc))
     write_text_atomic(out / "per_patient.csv", rows_csv(doc["patients"]))
     log_report_to_mlflow(html_path, images)
