@@ -11,10 +11,9 @@ Keys (stable):
   registered);
 * ``rejected_at_stage``: the first stage whose gate did not pass (int) or ``null``;
 * ``stages``: one entry per stage, in order: ``{"stage", "passed", "skipped", "summary",
-  "metrics": {the metric table's ``summary`` metrics (:mod:`xct_core.metric_table`: today
-  psnr_window_db, ssim_window, psnr_hu_db, mae_hu, nan_count, std, target_std) with the
-  baselines it shows beside them (baseline_psnr_window_db, direct_psnr_window_db), and
-  n_patients} (those present),
+  "metrics": {the metric table's ``summary`` metrics (:mod:`xct_core.metric_table`), each
+  with the baselines the table shows beside it (e.g. ``baseline_psnr_window_db``), and
+  n_patients} (those present; :data:`STAGE_METRIC_KEYS`),
   "checks": [gate checks: name, metric, op, threshold, value, passed, margin],
   "gate_report", "eval_metrics"}``;
 * ``model_uri``: ``models:/<name>/<version>`` when registered; else the last trained stage's
