@@ -53,7 +53,8 @@ from typing import Any
 import yaml
 
 from xct_core.errors import InputError, XctError
-from xct_core.metric_table import PREDICTIONS, entry, names_for
+from xct_core.metric_table import PREDICTIONS, names_for
+from xct_core.metric_table import entry as metric_entry
 from xct_core.metric_table import label as metric_label
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,7 +310,7 @@ def build_summary(out: Path, params: Any, split: dict[str, list[str]], manifest:
 def _fmt(v: Any, key: str) -> str:
     if not isinstance(v, (int, float)):
         return "–"
-    return f"{v:.{entry(key).digits}f}"
+    return f"{v:.{metric_entry(key).digits}f}"
 
 
 def format_table(summary: dict[str, Any]) -> str:

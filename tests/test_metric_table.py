@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from train_fixtures import tiny_params
+
 from xct_core import metric_table as T
 from xct_core.config import load_params
-from xct_core.errors import ConfigError
 from xct_core.diffusion import Sampler
+from xct_core.errors import ConfigError
 from xct_core.evaluation import EvalProtocol, ct_case, evaluate_case
 from xct_core.gates import evaluate_gate
 from xct_core.geometry import VIEWS

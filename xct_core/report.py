@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from xct_core.hu import HUWindow
 from xct_core.atomic import write_text_atomic
 from xct_core.errors import XctError
+from xct_core.hu import HUWindow
 from xct_core.metric_table import PREDICTIONS, entry, label, names_for
 from xct_core.viz import PLANES, Panel, orthogonal_slice, save_image_grid, slice_aspect
 
