@@ -355,12 +355,12 @@ def _check_nifti_forms(path: Path, img: nib.Nifti1Image) -> None:
 def _check_nifti_scaling(path: Path, img: nib.Nifti1Image, dtype: np.dtype) -> None:
     """Refuse voxel scalings that cannot be HU: a negative ``scl_slope`` (inverts the scale), and
     1-byte voxels whose (scaled) range cannot reach both air (-1000 HU) and bone (+1000 HU)."""
-    raw_slope = float(np.asarray(img.header["scl_slope"]))
-    if np.isfinite(raw_slope) and raw_slope < 0:
-        raise InputError(path, f"negative scl_slope {raw_slope:g}: the scaling inverts the voxel values (HU)")
+    # nibabel moves scl_slope/scl_inter from the header into the array proxy on load
+    slope = float(getattr(img.dataobj, "slope", 1.0))
+    inter = float(getattr(img.dataobj, "inter", 0.0))
+    if np.isfinite(slope) and slope < 0:
+        raise InputError(path, f"negative scl_slope {slope:g}: the scaling inverts the voxel values (HU)")
     if dtype.kind in "biu" and dtype.itemsize == 1:
-        slope = getattr(img.dataobj, "slope", 1.0)
-        inter = getattr(img.dataobj, "inter", 0.0)
         info = np.iinfo(np.uint8 if dtype.kind == "b" else dtype)
         lo, hi = sorted((float(slope) * info.min + float(inter), float(slope) * info.max + float(inter)))
         if lo > -1000.0 or hi < 1000.0:
