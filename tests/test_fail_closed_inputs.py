@@ -124,7 +124,7 @@ def test_nifti_int8_and_negative_slope_are_refused(tmp_path: Path) -> None:
     hu = _hu_block()
     # int8 holds -128 .. 127: no air, no bone
     write_nifti(tmp_path / "int8.nii.gz", (hu // 16).astype(np.int8), aff)
-    _refused(tmp_path / "int8.nii.gz", "int8 voxels (range -128 .. 127", "cannot hold Hounsfield units")
+    _refused(tmp_path / "int8.nii.gz", "not Hounsfield units: int8 voxels (range -128 .. 127", "cannot hold air")
     # scl_slope -1 on the negated data would give plausible HU: refused, the scale is inverted
     write_nifti(tmp_path / "neg.nii.gz", (-hu).astype(np.int16), aff, slope_inter=(-1.0, 0.0))
     _refused(tmp_path / "neg.nii.gz", "negative scl_slope -1")

@@ -29,7 +29,10 @@ Rejected, each with an InputError: 2D data / a single slice / an axis of length 
 5D data (trailing axes of length 1 are dropped first); NaN/Inf voxels (with the count);
 non-finite, singular or zero affine; voxel spacing outside
 ``[min_spacing_mm, max_spacing_mm]``; NIfTI without orientation (qform_code = sform_code
-= 0); and data that is evidently not HU:
+= 0), with a qform and an sform of opposite handedness (one of them mirrored: a corrupted
+header), with a negative ``scl_slope``, or int8 voxels that (scaled) cannot reach -1000 and
++1000 HU; and data that is evidently not HU. NIfTI xyz units are honoured (micron and meter
+are converted to mm; "unknown" is read as mm):
 
 1. *Out of range*: more than ``max_implausible_fraction`` of the voxels lie outside
    ``[hu_min, hu_max]`` (default [-2000, 4000] HU). The volume's minimum value itself is
@@ -41,12 +44,16 @@ non-finite, singular or zero affine; voxel spacing outside
    fat). Raw stored values without RescaleIntercept (0..4095, air ≈ 0) fail this.
 
 DICOM series: only CT Image Storage slices are used (SOP Class UID, or the file meta's
-Media Storage SOP Class when the dataset's is blank; localizers are skipped); one
-SeriesInstanceUID, one ImageOrientationPatient, one Rows×Columns and one PixelSpacing;
+Media Storage SOP Class when the dataset's is blank; localizers are skipped, and so is a
+series whose files all lack pixel data, but a slice without pixel data inside an image series
+is refused, naming it); one SeriesInstanceUID, one ImageOrientationPatient, one Rows×Columns
+and one positive PixelSpacing (DICOM has no negative spacing; it would mirror the volume);
 slices are sorted by ``ImagePositionPatient · n`` with ``n = row_cosine × col_cosine``;
 duplicate positions and gaps that differ from the median gap by more than
 ``slice_gap_tol_mm`` are rejected. RescaleSlope/Intercept (or a Modality LUT) is applied
 per slice. Files without the 128-byte preamble + "DICM" are not recognised as DICOM.
+Compressed transfer syntaxes decode through pydicom's plugins (:func:`decode_pixels`: a missing
+one is named with the pip packages to install).
 """
 
 from __future__ import annotations
@@ -354,19 +361,20 @@ def _check_nifti_forms(path: Path, img: nib.Nifti1Image) -> None:
 
 def _check_nifti_scaling(path: Path, img: nib.Nifti1Image, dtype: np.dtype) -> None:
     """Refuse voxel scalings that cannot be HU: a negative ``scl_slope`` (inverts the scale), and
-    1-byte voxels whose (scaled) range cannot reach both air (-1000 HU) and bone (+1000 HU)."""
+    int8 voxels whose (scaled) range cannot reach both air (-1000 HU) and bone (+1000 HU) — their
+    minimum -128 passes the no-air rule, so the type itself is judged."""
     # nibabel moves scl_slope/scl_inter from the header into the array proxy on load
     slope = float(getattr(img.dataobj, "slope", 1.0))
     inter = float(getattr(img.dataobj, "inter", 0.0))
     if np.isfinite(slope) and slope < 0:
         raise InputError(path, f"negative scl_slope {slope:g}: the scaling inverts the voxel values (HU)")
-    if dtype.kind in "biu" and dtype.itemsize == 1:
-        info = np.iinfo(np.uint8 if dtype.kind == "b" else dtype)
-        lo, hi = sorted((float(slope) * info.min + float(inter), float(slope) * info.max + float(inter)))
+    if dtype.kind == "i" and dtype.itemsize == 1:  # (uint8 data has no air: the no-air rule names it)
+        info = np.iinfo(dtype)
+        lo, hi = sorted((slope * info.min + inter, slope * info.max + inter))
         if lo > -1000.0 or hi < 1000.0:
             raise InputError(
-                path, f"{dtype} voxels (range {lo:g} .. {hi:g} after scl_slope/scl_inter) cannot hold Hounsfield "
-                      "units (air -1000 HU .. bone +1000 HU)"
+                path, f"not Hounsfield units: {dtype} voxels (range {lo:g} .. {hi:g} after scl_slope/scl_inter) "
+                      "cannot hold air (-1000 HU) and bone (+1000 HU)"
             )
 
 

@@ -10,14 +10,31 @@ shows the patient's right on the left columns, lateral shows anterior on the lef
   training geometry (``params.drr``, ``params.hu.mu_water``; relative tolerance 1e-3).
 * ``.png`` — an 8- or 16-bit grayscale **intensity** image: ``I/I0 = value / full scale``
   (255 or 65535), clamped below at ``reconstruct.min_intensity_fraction``, then
-  ``p = −ln(I/I0)``. The geometry is the model's training geometry (``params.drr``).
-* DICOM radiograph (any other file with the DICM preamble) — the same mapping with full
-  scale ``2**BitsStored − 1`` (MONOCHROME1 is inverted first); the pixel pitch is
+  ``p = −ln(I/I0)``. An ``sBIT`` chunk with ``b`` significant bits sets the full scale to
+  ``2**b − 1`` when every value fits in ``b`` bits (data stored unscaled, e.g. 12-bit values
+  0..4095 in a 16-bit PNG); values above that were scaled to the sample depth as the PNG
+  standard asks, and the full scale stays. The geometry is the model's training geometry
+  (``params.drr``).
+* DICOM radiograph (any other file with the DICM preamble) — as DICOM PS3.3 C.8.11.3.1.2
+  defines it: the Modality LUT (RescaleSlope/Intercept; identity in a conformant DX) is
+  applied, the result must lie in ``0 .. F`` with ``F = 2**BitsStored − 1``;
+  ``PixelIntensityRelationshipSign −1`` (higher values = less X-ray intensity) flips it to
+  ``F − value``; then ``PixelIntensityRelationship`` LIN gives ``I/I0 = value / F`` and LOG
+  ``I/I0 = F**(value/F − 1)`` (the log image of a linear detector of the same bit depth:
+  DICOM leaves the log scale open, so a LOG file also gets a warning line that says so), and
+  ``p = −ln(I/I0)`` with the PNG clamp. PhotometricInterpretation is a presentation attribute:
+  it decides the direction (MONOCHROME1 = Sign −1) only when the Sign is absent, with a
+  warning line; any other relationship (DISP, …) is refused. The pixel pitch is
   ``ImagerPixelSpacing`` (detector plane), else ``PixelSpacing``, and must equal
-  ``drr.pixel_mm`` (1 % tolerance). Rows × columns must equal ``drr.pixels``. Stored
-  values are used as they are (RescaleSlope/Intercept and PixelIntensityRelationship are
-  not applied: a linear raw intensity is assumed). A cross-sectional modality (CT, MR, PT,
-  NM, US — e.g. a CT slice) is rejected.
+  ``drr.pixel_mm`` (1 % tolerance). Rows × columns must equal ``drr.pixels``. A
+  cross-sectional modality (CT, MR, PT, NM, US — e.g. a CT slice) is rejected; a ViewPosition
+  of the other slot (LL/RL given as ``--frontal``, AP/PA as ``--lateral``) or an oblique one
+  is refused. Compressed pixel data needs its pydicom plugin (JPEG, JPEG Lossless, JPEG-LS:
+  pylibjpeg-libjpeg; JPEG 2000: pylibjpeg-openjpeg, both pinned); a missing one is named.
+* Every view: a constant image (all black, all white) is refused. :func:`check_pair`
+  refuses the same file or the same image in both slots, two DICOM PatientIDs, and ``.npy``
+  views whose JSONs record different CTs (sha256, or shape + affine for a DICOM series); where
+  the metadata cannot tell (PNG, no PatientID / ViewPosition) it returns one warning line.
 
 Hostile and broken inputs (``params.yaml → limits``, :class:`~xct_core.config.LimitsParams`)
 * Sizes are judged from the header BEFORE any pixel is read (:class:`~xct_core.config.LimitsParams`): the
