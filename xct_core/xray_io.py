@@ -551,8 +551,8 @@ def check_pair(frontal: XrayInput, lateral: XrayInput) -> list[str]:
             unknown.append(f"that {Path(x.source).name} is a {x.view} view (a PNG has no view metadata)")
     if not unknown:
         return []
-    return [f"could not check {'; '.join(unknown)}: make sure --frontal is the frontal (AP/PA) and --lateral the "
-            "lateral X-ray of the same patient"]
+    return [(f"could not check {'; '.join(unknown)}: make sure --frontal is the frontal (AP/PA) and --lateral the "
+             "lateral X-ray of the same patient")]
 
 
 def input_geometries(
