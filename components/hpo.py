@@ -1,4 +1,5 @@
 """Hyperparameter search of one cascade stage: an Optuna study whose trials run on Ray Tune.
+(The user's guide, with a measured study: docs/hpo.md; the pure part: :mod:`xct_core.hpo`.)
 
 ``xct hpo --stage K --trials N [--study NAME]`` (pipelines/commands/hpo.py) → :func:`run_hpo`:
 
