@@ -1,6 +1,6 @@
 """The real-data experiment: train the real-CT profile on ../shared/data, evaluate on two held-out chests.
 
-One reproducible command (the numbers in README "Real-data result (small sample)")::
+One reproducible command (the numbers in docs/real-data.md, "Real-data result (small sample)")::
 
     python -m pipelines.realct [--data ../shared/data] [--out outputs/realct]
                                [--stages 2] [--ray] [--results benchmarks/results/realct_cpu]
