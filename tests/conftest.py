@@ -37,6 +37,8 @@ INTEGRATION: dict[str, str] = {
 }
 #: test modules that need no server but train or sample for long (marked ``slow``)
 SLOW: dict[str, str] = {
+    "test_bench_reconstruct.py": "the benchmark in a fresh interpreter on a tiny cascade (≈ 54 s set-up under load)",
+    "test_ddp.py": "two gloo processes taking a DDP step (≈ 34 s under load)",
     "test_learns.py": "600 training steps to prove the network learns",
 }
 
