@@ -1,6 +1,6 @@
 """The real-data experiment: train the real-CT profile on ../shared/data, evaluate on two held-out chests.
 
-One reproducible command (the numbers in README "Real-data result (small sample)")::
+One reproducible command (the numbers in docs/real-data.md, "Real-data result (small sample)")::
 
     python -m pipelines.realct [--data ../shared/data] [--out outputs/realct]
                                [--stages 2] [--ray] [--results benchmarks/results/realct_cpu]
@@ -250,10 +250,12 @@ def run_experiment(
 
 
 def _train_summary(train_dir: Path, stages: int) -> dict[str, Any]:
+    from xct_core.jsondoc import read_json_doc
+
     out = {}
     for k in range(1, stages + 1):
         p = train_dir / "metrics" / f"stage{k}.json"
-        doc = json.loads(p.read_text()) if p.is_file() else {}
+        doc = read_json_doc(p, "training metrics") if p.is_file() else {}
         out[f"stage{k}"] = {key: doc.get(key) for key in ("step", "train_loss", "samples_per_s", "workers")}
     return out
 
@@ -264,7 +266,9 @@ def build_summary(out: Path, params: Any, split: dict[str, list[str]], manifest:
     """The compact, commit-ready record of one run."""
     import torch
 
-    ev = json.loads((out / "eval" / "metrics.json").read_text())
+    from xct_core.jsondoc import read_json_doc
+
+    ev = read_json_doc(out / "eval" / "metrics.json", "evaluation metrics", required=("patients", "mean"))
     per_patient = {}
     for row in ev["patients"]:
         per_patient[row["id"]] = {
