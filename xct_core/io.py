@@ -556,8 +556,10 @@ def _series_uid(ds: pydicom.Dataset) -> str:
     return str(ds.get("SeriesInstanceUID", "") or "").strip()
 
 
-def _load_dicom(path: Path, checks: CTCheckParams, limits: LimitsParams) -> CTVolume:
-    """Load a DICOM series from a directory, or the series of one file in its directory."""
+def _series_members(path: Path) -> tuple[str, list[tuple[Path, pydicom.Dataset]], Path, dict[str, int]]:
+    """The one CT series that ``path`` names (a directory, or one file of it): its UID, its member
+    files with their headers, the path that messages about the whole series name, and the count of
+    files skipped per reason."""
     if path.is_dir():
         directory, wanted_series = path, None
     else:
@@ -607,6 +609,12 @@ def _load_dicom(path: Path, checks: CTCheckParams, limits: LimitsParams) -> CTVo
                       f"{len(members)} slices have none): the series is incomplete"
         )
     where = path if path.is_dir() else directory
+    return series_uid, members, where, skipped
+
+
+def _load_dicom(path: Path, checks: CTCheckParams, limits: LimitsParams) -> CTVolume:
+    """Load a DICOM series from a directory, or the series of one file in its directory."""
+    series_uid, members, where, skipped = _series_members(path)
     slices = [_read_slice(p, ds, limits) for p, ds in members]
     if len(slices) < 2:
         raise InputError(where, "a single slice: 2D data, expected a series of ≥ 2 CT slices")
