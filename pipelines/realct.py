@@ -53,6 +53,7 @@ from typing import Any
 import yaml
 
 from xct_core.errors import InputError, XctError
+from xct_core.yamlsafe import read_yaml_doc
 
 REPO = Path(__file__).resolve().parents[1]
 #: where the shared real CTs live in this workplace (``$XCT_SHARED_DATA`` overrides)
@@ -392,7 +393,7 @@ def save_montage(out: Path, path: Path, max_bytes: int = 300_000) -> Path | None
     from xct_core.preprocess import PreprocessSettings, stage_hu
     from xct_core.viz import Panel, orthogonal_slice, save_image_grid
 
-    params_doc = yaml.safe_load((out / "params.yaml").read_text())
+    params_doc = read_yaml_doc(out / "params.yaml", "params file")
     from xct_core.config import params_from_dict
 
     params = params_from_dict(params_doc, str(out / "params.yaml"))
