@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from xct_core.errors import XctError
+from xct_core.errors import XctError, error_line
 
 app = typer.Typer(
     name="xct",
@@ -38,7 +38,7 @@ _register()
 
 
 def _fail(msg: str, code: int) -> None:
-    print(f"xct: error: {msg}", file=sys.stderr)
+    print(error_line(msg), file=sys.stderr)  # control characters escaped: always ONE line
     sys.exit(code)
 
 

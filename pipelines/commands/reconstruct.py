@@ -35,7 +35,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from xct_core.config import Params, resolve_params
-from xct_core.errors import ConfigError, InputError
+from xct_core.errors import ConfigError, InputError, error_line
 
 ParamsOpt = Annotated[
     Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")
@@ -279,8 +279,8 @@ def evaluate_cmd(
     cts, bad = _load_cts(ct, local)
     if not cts:
         for _p, line in bad:
-            print(f"xct: error: {line}", file=sys.stderr)
-        print(f"xct: error: {ct}: none of the {len(bad)} CT(s) could be loaded; nothing evaluated", file=sys.stderr)
+            print(error_line(line), file=sys.stderr)
+        print(error_line(f"{ct}: none of the {len(bad)} CT(s) could be loaded; nothing evaluated"), file=sys.stderr)
         raise typer.Exit(2)
     with tempfile.TemporaryDirectory(prefix="xct-model-") as tmp:
         resolved, mp = _model(model, local, tmp)
@@ -345,7 +345,7 @@ def evaluate_cmd(
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'per_patient.csv'}, {html_path}")
     if bad:
         for _p, line in bad:
-            print(f"xct: error: {line}", file=sys.stderr)
+            print(error_line(line), file=sys.stderr)
         print(f"xct: error: {len(bad)} of {len(bad) + len(cts)} CT(s) could not be loaded and were not evaluated "
               "(listed above; the others are in the report)", file=sys.stderr)
         raise typer.Exit(1)
