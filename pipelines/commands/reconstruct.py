@@ -145,8 +145,10 @@ def reconstruct_cmd(
     from xct_core.io import save_nifti
     from xct_core.jsondoc import json_text
     from xct_core.qa import reprojection_qa
+    from xct_core.devices import parse_device
     from xct_core.xray_io import input_geometries, load_xray
 
+    device = parse_device(device)  # before anything is loaded or written
     paths = output_paths(out)
     if report is not None and report.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"--report must name an .html file, got {str(report)!r}")
@@ -271,8 +273,10 @@ def evaluate_cmd(
     from xct_core.inference import load_stage, load_stages
     from xct_core.io import save_nifti
     from xct_core.jsondoc import json_text
+    from xct_core.devices import parse_device
     from xct_core.report import IMAGES, ReportCase, build_report, read_gate_reports, save_case_images, save_training_curves
 
+    device = parse_device(device)  # before anything is loaded or written
     local = resolve_params(params)
     k = int(samples if samples is not None else local.reconstruct.samples)
     check_writable(out / "metrics.json")  # before any CT is loaded or reconstructed
