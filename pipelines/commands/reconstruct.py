@@ -116,6 +116,17 @@ def _hu_note(p: Params) -> str:
     return f"HU span the model's output range [{net.lo:g}, {net.hi:g}]; the {w.name} window is a display view"
 
 
+def _check_utf8_names(paths: dict[str, Path]) -> None:
+    """A one-line :class:`InputError` for a path that is not valid UTF-8 (raw bytes of a
+    non-UTF-8 file system name), before anything is written: a report cannot show it."""
+    for opt, p in paths.items():
+        try:
+            str(p).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(p, f"{opt}: this file name is not valid UTF-8, so the --report cannot show it; "
+                                "rename the file or leave out --report") from None
+
+
 def _warn(line: str) -> None:
     print(f"xct: warning: {line}", file=sys.stderr)
 
@@ -152,6 +163,8 @@ def reconstruct_cmd(
     paths = output_paths(out)
     if report is not None and report.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"--report must name an .html file, got {str(report)!r}")
+    if report is not None:  # the report shows these names (HTML, image titles): UTF-8 only
+        _check_utf8_names({"--out": out, "--report": report, "--frontal": frontal, "--lateral": lateral})
     local = resolve_params(params)
     k = int(samples if samples is not None else local.reconstruct.samples)
     for target in (paths["mean"], paths["qa"], *([paths["std"]] if k > 1 else []), *([report] if report else [])):
