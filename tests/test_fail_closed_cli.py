@@ -316,6 +316,14 @@ def test_path_beyond_path_max_is_one_line(env: dict[str, Any], tmp_path: Path, c
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("which", ["frontal", "model"])
+def test_input_path_beyond_path_max_is_one_line(env: dict[str, Any], tmp_path: Path, capsys, which: str) -> None:
+    long = Path("/".join(["q" * 200] * 22)) / "f.npy"
+    code, err = cli(_args(env, tmp_path / "o.nii.gz", **{which: str(long) if which == "model" else long}), capsys)
+    one_line(code, err, "File name too long")
+    assert os.listdir(tmp_path) == []
+
+
 def test_non_utf8_output_name_with_report_writes_nothing(env: dict[str, Any], tmp_path: Path, capsys) -> None:
     out = tmp_path / (os.fsdecode(b"r\xe9sum\xe9") + ".nii.gz")
     code, err = cli([*_args(env, out), "--report", tmp_path / "r.html"], capsys)
