@@ -152,8 +152,11 @@ def test_every_yaml_file_of_the_repo_reads_the_same_through_the_bounded_loader()
     yaml.safe_load gives."""
     from xct_core.yamlsafe import load_yaml_all_text
 
-    files = [p for p in REPO.rglob("*.y*ml") if ".venv" not in p.parts and ".git" not in p.parts
-             and "node_modules" not in p.parts and p.is_file()]
+    tracked = subprocess.run(["git", "ls-files", "*.yaml", "*.yml"], cwd=REPO, capture_output=True, text=True,
+                             timeout=30, check=False)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout: the shipped YAML files cannot be listed")
+    files = [REPO / f for f in tracked.stdout.split() if (REPO / f).is_file()]
     assert len(files) >= 5
     for f in files:
         text = f.read_text(encoding="utf-8")
@@ -355,6 +358,7 @@ def test_deep_registered_params_json_is_one_line(env: dict[str, Any], tmp_path: 
 # --------------------------------------------------------------------------- a black-holed KFP host
 
 
+@pytest.mark.timeout(180)  # a regression would hang here: fail instead
 def test_pipeline_submit_to_a_silent_host_is_bounded(tmp_path: Path, capsys, monkeypatch) -> None:
     """127.0.0.1 server that accepts TCP and never answers: `--timeout 2` → one line in
     bounded time (the kfp import and the pipeline compile count too, hence the 60 s)."""
