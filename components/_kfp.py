@@ -18,7 +18,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import yaml
 from kfp import dsl
 
 from xct_core.config import Params, params_from_dict
@@ -56,10 +55,13 @@ def params_from_text(params_yaml: str) -> Params:
 
     An empty string gives the defaults; invalid YAML or values raise :class:`ConfigError`.
     """
-    try:
-        data = yaml.safe_load(params_yaml) if params_yaml.strip() else {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"params_yaml: not valid YAML ({str(e).splitlines()[0]})") from None
+    from xct_core.errors import InputError
+    from xct_core.yamlsafe import load_yaml_text
+
+    try:  # the one bounded YAML reader (aliases, depth, duplicate keys)
+        data = load_yaml_text(params_yaml, "params_yaml") if params_yaml.strip() else {}
+    except InputError as e:
+        raise ConfigError(str(e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"params_yaml: top level must be a mapping, got {type(data).__name__}")
     return params_from_dict(data, "params_yaml")

@@ -721,11 +721,12 @@ def write_outputs(params: Params, stage: int, study: Any, space: SearchSpace, ou
 
 
 def _read_fragment(path: Path) -> dict[str, Any]:
-    import yaml
+    from xct_core.errors import InputError
+    from xct_core.yamlsafe import read_yaml_doc
 
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        doc = read_yaml_doc(path, "HPO fragment")
+    except InputError:
         return {}
     return doc if isinstance(doc, dict) else {}
 

@@ -56,6 +56,7 @@ from xct_core.errors import InputError, XctError
 from xct_core.metric_table import PREDICTIONS, names_for
 from xct_core.metric_table import entry as metric_entry
 from xct_core.metric_table import label as metric_label
+from xct_core.yamlsafe import read_yaml_doc
 
 REPO = Path(__file__).resolve().parents[1]
 #: where the shared real CTs live in this workplace (``$XCT_SHARED_DATA`` overrides)
@@ -390,7 +391,7 @@ def save_montage(out: Path, path: Path, max_bytes: int = 300_000) -> Path | None
     from xct_core.preprocess import PreprocessSettings, stage_hu
     from xct_core.viz import Panel, orthogonal_slice, save_image_grid
 
-    params_doc = yaml.safe_load((out / "params.yaml").read_text())
+    params_doc = read_yaml_doc(out / "params.yaml", "params file")
     from xct_core.config import params_from_dict
 
     params = params_from_dict(params_doc, str(out / "params.yaml"))

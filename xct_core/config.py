@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Annotated as _Annotated
 from typing import Any, Literal
 
-import yaml
 from pydantic import AfterValidator as _AfterValidator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic import model_validator as _model_validator
@@ -41,7 +40,7 @@ PARAMS_ENV = "XCT_PARAMS"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float finite
 
 
 class HUMapParams(_Section):
@@ -1103,16 +1102,13 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read params file ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    from xct_core.errors import InputError
+    from xct_core.yamlsafe import read_yaml_doc
+
+    try:  # bounded read and parse (size, regular file, UTF-8, depth, aliases, duplicate keys)
+        data = read_yaml_doc(path, "params file")
+    except InputError as e:
+        raise ConfigError(str(e)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -57,7 +57,6 @@ both views must agree within 1 mm — or the world origin for PNG/DICOM inputs).
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -202,12 +201,9 @@ def _load_npy(path: Path, view: str, params: Params) -> XrayInput:
     jpath = path.with_suffix(".json")
     if not jpath.is_file():
         raise InputError(path, f"missing geometry JSON {jpath.name} beside it (`xct drr` writes OUT.npy + OUT.json)")
-    try:
-        meta = json.loads(jpath.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(jpath, f"unreadable geometry JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise InputError(jpath, "geometry JSON must hold an object")
+    from xct_core.jsondoc import read_json_doc
+
+    meta = read_json_doc(jpath, "geometry JSON")  # bounded: size, depth, UTF-8, an object
     pg = _check_geometry(jpath, meta, view, params)
     quantity = meta.get("quantity", "line_integral")
     if quantity not in ("line_integral", "intensity"):
