@@ -16,7 +16,7 @@ export GX_ANALYTICS_ENABLED=false
 export RAY_AUTH_MODE=disabled
 export DO_NOT_TRACK=1
 
-.PHONY: install test demo clean-venv bench images
+.PHONY: install test test-fast lint demo clean-venv bench images
 
 install: $(STAMP)
 
@@ -31,6 +31,15 @@ $(STAMP): $(REQS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: the suite minus the tests marked slow or integration (tests/conftest.py
+# lists the modules that start real engines; docs/testing.md). CI runs the full `make test`.
+test-fast: install
+	$(PY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+
+# ruff, pinned in requirements/test.txt; the rule set is in pyproject.toml ([tool.ruff]).
+lint: install
+	$(VENV)/bin/ruff check .
 
 demo: install
 	$(PY) -m pipelines.demo

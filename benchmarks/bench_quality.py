@@ -232,7 +232,7 @@ def run_realct_rows(rows: Sequence[Row], work: Path, say: Callable[[str], None])
                          params=merged, device="cpu")
             doc = json.loads((ev_out / "metrics.json").read_text())
         else:
-            # the shipped profile's row also refreshes the committed real-data result (README)
+            # the shipped profile's row also refreshes the committed real-data result (docs/real-data.md)
             res = REPO / "benchmarks" / "results" / "realct_cpu" if not row.overlay else None
             run_experiment(DEFAULT_DATA, out, overlays=[ov], log=say, results=res,
                            command=f"python benchmarks/bench_quality.py --only realct (row {row.name!r})")

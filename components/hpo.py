@@ -1,4 +1,5 @@
 """Hyperparameter search of one cascade stage: an Optuna study whose trials run on Ray Tune.
+(The user's guide, with a measured study: docs/hpo.md; the pure part: :mod:`xct_core.hpo`.)
 
 ``xct hpo --stage K --trials N [--study NAME]`` (pipelines/commands/hpo.py) → :func:`run_hpo`:
 
@@ -39,15 +40,14 @@
   | FAIL (FAILED, ``xct.failure``).
 * **Outputs** in ``hpo.out_dir`` (atomic writes): ``best_stage{K}.yaml`` (params overlay with
   the best trial's searched keys + derived keys, see :mod:`xct_core.hpo`; params.yaml lists it
-  under ``overlays`` so every command and ``dvc repro`` use it), ``stage{K}_history.png``,
-  ``stage{K}_importance.png`` (fANOVA; a note when fewer than 2 trials completed) and
-  ``stage{K}_trials.csv``.
+  under ``overlays`` so every command and ``dvc repro`` use it), Optuna's own plots
+  (``optuna.visualization.matplotlib``): ``stage{K}_history.png`` (optimisation history),
+  ``stage{K}_intermediate.png`` (validation curves), ``stage{K}_importance.png`` (fANOVA; a
+  note when fewer than 2 trials completed), and ``stage{K}_trials.csv`` (``trials_dataframe()``).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -104,6 +104,7 @@ class HPOSummary:
     best_params: dict[str, Any] = field(default_factory=dict)
     fragment: Path | None = None  #: written only when a trial completed
     history_png: Path | None = None
+    intermediate_png: Path | None = None
     importance_png: Path | None = None
     trials_csv: Path | None = None
     run_id: str | None = None  #: the study's MLflow run
@@ -689,9 +690,10 @@ def write_outputs(params: Params, stage: int, study: Any, space: SearchSpace, ou
     out.mkdir(parents=True, exist_ok=True)
     summary = HPOSummary(stage=stage, study=study.study_name, storage=shown_url, ran=0, complete=len(complete),
                          pruned=len(pruned), failed=len(failed), best_number=None, best_value=None, metric=hp.metric)
-    summary.trials_csv = write_trials_csv(all_trials, space, out / f"{name}_trials.csv")
-    summary.history_png = plot_history(study, out / f"{name}_history.png", hp.metric, name)
-    summary.importance_png = plot_importance(study, space, out / f"{name}_importance.png", hp.seed, name)
+    summary.trials_csv = write_trials_csv(study, space, out / f"{name}_trials.csv")
+    summary.history_png = plot_history(study, out / f"{name}_history.png", hp.metric)
+    summary.intermediate_png = plot_intermediate(study, out / f"{name}_intermediate.png", hp.metric, name)
+    summary.importance_png = plot_importance(study, out / f"{name}_importance.png", hp.seed)
     if not complete:
         log(f"no completed trial yet: {out / f'best_{name}.yaml'} left unchanged")
         return summary
@@ -719,118 +721,123 @@ def write_outputs(params: Params, stage: int, study: Any, space: SearchSpace, ou
 
 
 def _read_fragment(path: Path) -> dict[str, Any]:
-    import yaml
+    from xct_core.errors import InputError
+    from xct_core.yamlsafe import read_yaml_doc
 
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        doc = read_yaml_doc(path, "HPO fragment")
+    except InputError:
         return {}
     return doc if isinstance(doc, dict) else {}
 
 
-def write_trials_csv(trials: list[Any], space: SearchSpace, path: Path) -> Path:
-    """``number, state, value, last_step, duration_s`` and one column per searched parameter."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["number", "state", "value", "last_step", "duration_s", *space.names])
-    for t in trials:
-        dur = t.duration.total_seconds() if t.duration is not None else ""
-        val = "" if t.value is None else f"{t.value:.6g}"
-        w.writerow([t.number, t.state.name, val, "" if t.last_step is None else t.last_step,
-                    f"{dur:.1f}" if dur != "" else "",
-                    *[json.dumps(t.params[n]) if n in t.params else "" for n in space.names]])
-    return write_text_atomic(path, buf.getvalue())
+def write_trials_csv(study: Any, space: SearchSpace, path: Path) -> Path:
+    """Optuna's ``study.trials_dataframe()`` as ``number, state, value, last_step, duration_s``
+    and one column per searched parameter (its value as JSON; empty where a trial has none)."""
+    import pandas as pd
+
+    df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params"))
+    last = {t.number: t.last_step for t in study.get_trials(deepcopy=False)}
+    table = df.reindex(columns=["number", "state", "value"])
+    table["last_step"] = table["number"].map(last).astype("Int64")
+    table["duration_s"] = pd.to_timedelta(df["duration"]).dt.total_seconds().round(1) if "duration" in df else None
+    for name in space.names:
+        col = df.get(f"params_{name}")
+        table[name] = "" if col is None else col.map(lambda v: "" if _missing(v) else json.dumps(_plain(v)))
+    return write_text_atomic(path, table.to_csv(index=False, lineterminator="\n", float_format="%.6g"))
 
 
-def _save_png(fig: Any, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
-    FigureCanvasAgg(fig)
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+
+def _plain(v: Any) -> Any:
+    """A dataframe cell as a JSON-able value (tuples → lists, numpy scalars → Python)."""
+    if isinstance(v, tuple | list):
+        return [_plain(x) for x in v]
+    return v.item() if hasattr(v, "item") else v
+
+
+def _save_axes(ax: Any, path: Path) -> Path:
+    """Save the figure of an Optuna matplotlib plot atomically and close it (pyplot keeps it)."""
+    import matplotlib.pyplot as plt
+
+    fig = ax.figure
+    try:
+        fig.tight_layout()
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")  # Optuna's legends sit outside
+    finally:
+        plt.close(fig)
     return path
 
 
-def plot_history(study: Any, path: Path, metric: str, name: str) -> Path:
-    """Left: each finished trial's value (pruned: its last intermediate value) and the best so
-    far; right: the intermediate validation curves (pruned trials dashed)."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+def _note_png(path: Path, title: str, note: str) -> Path:
+    """A picture that says why a plot could not be drawn."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.text(0.5, 0.5, note, ha="center", va="center", fontsize=12, transform=ax.transAxes, wrap=True)
+    ax.set_axis_off()
+    ax.set_title(title)
+    return _save_axes(ax, path)
+
+
+def _optuna_plot(fn: Callable[..., Any], study: Any, **kw: Any) -> Any:
+    """Call an ``optuna.visualization.matplotlib`` plot; Optuna marks them experimental, a
+    warning that is noise in a CLI run."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return fn(study, **kw)
+
+
+def plot_history(study: Any, path: Path, metric: str) -> Path:
+    """Optuna's optimisation history (each complete trial's value and the best so far)."""
     from optuna.trial import TrialState
+    from optuna.visualization.matplotlib import plot_optimization_history
 
-    fig = Figure(figsize=(11, 4.2))
-    ax, ax2 = fig.subplots(1, 2)
-    maximize = study.direction.name == "MAXIMIZE"
-    xs_c, ys_c, xs_p, ys_p, best_x, best_y = [], [], [], [], [], []
-    best: float | None = None
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.COMPLETE and t.value is not None:
-            xs_c.append(t.number)
-            ys_c.append(t.value)
-            if best is None or (t.value > best if maximize else t.value < best):
-                best = t.value
-        elif t.state == TrialState.PRUNED and t.intermediate_values:
-            xs_p.append(t.number)
-            ys_p.append(t.intermediate_values[t.last_step])
-        if best is not None:
-            best_x.append(t.number)
-            best_y.append(best)
-        if t.intermediate_values:
-            steps = sorted(t.intermediate_values)
-            ax2.plot(steps, [t.intermediate_values[s] for s in steps], "--" if t.state == TrialState.PRUNED else "-",
-                     marker="o", ms=3, lw=1, label=f"{t.number} {t.state.name.lower()}")
-    ax.scatter(xs_c, ys_c, c="tab:blue", label="complete", zorder=3)
-    ax.scatter(xs_p, ys_p, c="tab:orange", marker="x", label="pruned (last validation)", zorder=3)
-    if best_x:
-        ax.step(best_x, best_y, where="post", c="tab:red", label="best so far")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("trial")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{study.study_name}: optimisation history")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax2.set_xlabel(f"{name} training step")
-    ax2.set_ylabel(f"validation {metric}")
-    ax2.set_title("intermediate values")
-    if ax2.lines:
-        ax2.legend(fontsize=7, ncol=2)
-    else:
-        ax2.text(0.5, 0.5, "no validation reported yet", ha="center", va="center", transform=ax2.transAxes)
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    return _save_png(fig, path)
+    title = f"{study.study_name}: optimisation history"
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return _note_png(path, title, "no completed trial yet")
+    ax = _optuna_plot(plot_optimization_history, study, target_name=metric)
+    ax.set_title(title)
+    return _save_axes(ax, path)
 
 
-def plot_importance(study: Any, space: SearchSpace, path: Path, seed: int, name: str) -> Path:
-    """fANOVA parameter importances over the complete trials; with fewer than 2 (or when
-    they cannot be computed, e.g. identical results) a picture that says why."""
-    from matplotlib.figure import Figure
-    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+def plot_intermediate(study: Any, path: Path, metric: str, name: str) -> Path:
+    """Optuna's intermediate values: each trial's validation curve over its training steps."""
+    from optuna.visualization.matplotlib import plot_intermediate_values
+
+    if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        return _note_png(path, f"{study.study_name}: intermediate values", "no validation reported yet")
+    ax = _optuna_plot(plot_intermediate_values, study)
+    ax.set_xlabel(f"{name} training step")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"{study.study_name}: intermediate values")
+    return _save_axes(ax, path)
+
+
+def plot_importance(study: Any, path: Path, seed: int) -> Path:
+    """Optuna's fANOVA parameter importances over the complete trials; with fewer than 2 (or
+    when they cannot be computed, e.g. identical results) a picture that says why."""
+    from optuna.importance import FanovaImportanceEvaluator
     from optuna.trial import TrialState
+    from optuna.visualization.matplotlib import plot_param_importances
 
-    fig = Figure(figsize=(7, 0.5 * len(space.names) + 1.8))
-    ax = fig.subplots()
     n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    reason = None
-    imp: dict[str, float] = {}
+    title = f"{study.study_name}: parameter importances ({n} complete trials)"
     if n < 2:
-        reason = f"parameter importances need ≥ 2 completed trials\n(this study has {n})"
-    else:
-        try:
-            imp = {k: float(v) for k, v in get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=seed)).items()}
-        except (RuntimeError, ValueError) as e:
-            reason = f"parameter importances unavailable over {n} completed trials:\n{str(e)[:120]}"
-    if reason is not None:
-        ax.text(0.5, 0.5, reason, ha="center", va="center", fontsize=12, transform=ax.transAxes, wrap=True)
-        ax.set_axis_off()
-    else:
-        keys = list(imp)[::-1]
-        ax.barh([k.removeprefix(f"stages.{name}.") for k in keys], [imp[k] for k in keys], color="tab:blue")
-        ax.set_xlabel("importance (fANOVA, fraction of variance)")
-        ax.set_xlim(0, 1)
-    ax.set_title(f"{study.study_name}: parameter importances ({n} complete trials)")
-    fig.tight_layout()
-    return _save_png(fig, path)
+        return _note_png(path, title, f"parameter importances need ≥ 2 completed trials\n(this study has {n})")
+    try:
+        ax = _optuna_plot(plot_param_importances, study, evaluator=FanovaImportanceEvaluator(seed=seed))
+    except (RuntimeError, ValueError) as e:
+        return _note_png(path, title, f"parameter importances unavailable over {n} completed trials:\n{str(e)[:120]}")
+    ax.set_title(title, loc="left")  # where Optuna puts it
+    return _save_axes(ax, path)
 
 
 def _log_study_results(client: Any, run_id: str, s: HPOSummary) -> None:
@@ -844,6 +851,6 @@ def _log_study_results(client: Any, run_id: str, s: HPOSummary) -> None:
         metrics.append(Metric(f"best_{s.metric}", s.best_value, now, n))
         client.set_tag(run_id, "xct.best_trial", str(s.best_number))
     client.log_batch(run_id, metrics=metrics, synchronous=True)
-    for p in (s.history_png, s.importance_png, s.trials_csv, s.fragment):
+    for p in (s.history_png, s.intermediate_png, s.importance_png, s.trials_csv, s.fragment):
         if p is not None and p.is_file():
             client.log_artifact(run_id, str(p))

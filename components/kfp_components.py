@@ -25,7 +25,7 @@ Artifacts map onto the DVC layout (:mod:`xct_core.layout`):
 - ``register_component`` (the last stage's model and reports in) → ``summary``
   (``summary.json`` + the model card ``model_card.{json,md}``), run after the last gate passed.
 - ``rejected_component``: the ``dsl.Else`` branch of a gate; records why the run stopped.
-- ``run_summary_component``: the exit task (:mod:`components.run_summary`).
+- ``run_summary_component``: the exit task (:mod:`components.kfp_exit_handler`).
 
 ``params_yaml`` is the text of a params.yaml (empty: the built-in defaults);
 ``ray_address`` / ``mlflow_tracking_uri`` (empty: the step's own default — local Ray, the
@@ -45,7 +45,6 @@ import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import yaml
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
@@ -84,10 +83,13 @@ def params_from_text(params_yaml: str) -> Params:
 
     An empty string gives the defaults; invalid YAML or values raise :class:`ConfigError`.
     """
-    try:
-        data = yaml.safe_load(params_yaml) if params_yaml.strip() else {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"params_yaml: not valid YAML ({str(e).splitlines()[0]})") from None
+    from xct_core.errors import InputError
+    from xct_core.yamlsafe import load_yaml_text
+
+    try:  # the one bounded YAML reader (aliases, depth, duplicate keys)
+        data = load_yaml_text(params_yaml, "params_yaml") if params_yaml.strip() else {}
+    except InputError as e:
+        raise ConfigError(str(e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"params_yaml: top level must be a mapping, got {type(data).__name__}")
     return params_from_dict(data, "params_yaml")
@@ -342,7 +344,7 @@ def run_summary_component(status: dsl.PipelineTaskFinalStatus, summary: Output[A
     """Exit task: write the run summary (``summary/run_summary.json``); returns the final state."""
     import json
 
-    from components.run_summary import run_summary, write_run_summary
+    from components.kfp_exit_handler import run_summary, write_run_summary
 
     doc = run_summary(status.state, job=status.pipeline_job_resource_name, task=status.pipeline_task_name,
                       error_code=status.error_code, error_message=status.error_message or "", data_uri=data_uri)

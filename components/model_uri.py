@@ -32,6 +32,7 @@ from pathlib import Path
 
 from xct_core.config import Params, params_from_dict
 from xct_core.errors import ConfigError, InputError
+from xct_core.jsondoc import read_json_doc
 
 __all__ = ["ResolvedModel", "resolve_model"]
 
@@ -76,9 +77,7 @@ def _registered(d: Path, uri: str) -> ResolvedModel | None:
         if not pj.is_file():
             raise InputError(c, "stage1.pt without params.json: not a registered xct cascade")
         try:
-            params = params_from_dict(json.loads(pj.read_text()), str(pj))
-        except ValueError as e:
-            raise InputError(pj, f"unreadable params ({e})") from None
+            params = params_from_dict(read_json_doc(pj, "registered params"), str(pj))
         except ConfigError as e:
             raise InputError(pj, str(e)) from None
         files = []

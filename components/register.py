@@ -39,7 +39,7 @@ Aliases and idempotency
 
 Tracking: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<repo>/mlflow.db``
 (:func:`components.tracking.tracking_uri`). Entry points: :func:`run_register` (all gates →
-register → ``reports/summary.json``, see :mod:`components.summary`),
+register → ``reports/summary.json``, see :mod:`components.pipeline_verdict`),
 ``xct step register --gates reports/gates --eval reports/eval --train-dir
 outputs/train --out reports/summary.json [--processed data/processed] [--params params.yaml]``,
 and its KFP component in :mod:`components.kfp_components` (which calls :func:`run_register`).
@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 from xct_core.config import Params
 from xct_core.errors import ConfigError, InputError, XctError
 from xct_core.jsondoc import read_json_doc
+from xct_core.stats import file_sha256
 from xct_core.layout import (
     METRICS_JSON,
     MODEL_CARD_JSON,
@@ -100,14 +101,6 @@ class Registration:
         return f"models:/{self.name}/{self.version}"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def pip_requirements() -> list[str]:
     """Explicit requirements of the registered pyfunc (installed versions; local build
     tags such as ``+cpu`` dropped)."""
@@ -135,7 +128,7 @@ def stage_files(train_dir: str | Path, params: Params, n: int | None = None) -> 
 def content_hash(files: list[Path], params: Params) -> str:
     """Identity of a cascade: the stage files' sha256 and the prediction-relevant params."""
     dump = params.model_dump(mode="json")
-    blob = {"files": [_file_sha256(p) for p in files], "params": {k: dump[k] for k in _CONTENT_SECTIONS}}
+    blob = {"files": [file_sha256(p) for p in files], "params": {k: dump[k] for k in _CONTENT_SECTIONS}}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -505,8 +498,8 @@ def run_register(
     log: Any = None,
 ) -> dict[str, Any]:
     """Read every stage's gate report and evaluation; register when all passed; write and
-    return the summary (:mod:`components.summary`)."""
-    from components.summary import build_summary, stage_entry, write_summary
+    return the summary (:mod:`components.pipeline_verdict`)."""
+    from components.pipeline_verdict import build_summary, stage_entry, write_summary
     from components.tracking import tracking_uri as default_uri
 
     params = params or Params()

@@ -28,15 +28,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from xct_core.atomic import write_json_atomic
-from xct_core.errors import XctError
+from xct_core.errors import InputError, XctError
 from xct_core.jsondoc import read_json_doc
+from xct_core.yamlsafe import read_yaml_doc
 
 REPO = Path(__file__).resolve().parents[1]
 #: the embedded default (no server): a sqlite file in the repo
@@ -128,8 +128,8 @@ def dvc_data_hash(data_dir: str | Path, repo: Path = REPO) -> tuple[str | None, 
     lock = repo / "dvc.lock"
     if rel is not None and lock.is_file():
         try:
-            doc = yaml.safe_load(lock.read_text()) or {}
-        except yaml.YAMLError:
+            doc = read_yaml_doc(lock, "dvc.lock") or {}
+        except InputError:
             doc = {}
         for stage in (doc.get("stages") or {}).values():
             for out in stage.get("outs") or []:
@@ -138,8 +138,8 @@ def dvc_data_hash(data_dir: str | Path, repo: Path = REPO) -> tuple[str | None, 
     dvc_file = d.with_name(d.name + ".dvc")
     if dvc_file.is_file():
         try:
-            outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
-        except yaml.YAMLError:
+            outs = (read_yaml_doc(dvc_file, ".dvc file") or {}).get("outs") or []
+        except InputError:
             outs = []
         if outs and outs[0].get("md5"):
             return str(outs[0]["md5"]), ".dvc"

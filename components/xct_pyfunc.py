@@ -21,7 +21,6 @@ volume in HU (the last stage's grid, RAS+ axes), the mean of the samples.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import mlflow
@@ -66,10 +65,10 @@ class XctCascadeModel(PythonModel):
 
         from xct_core.config import params_from_dict
         from xct_core.inference import load_stages
+        from xct_core.jsondoc import read_json_doc
 
         arts = context.artifacts
-        with open(arts["params"], encoding="utf-8") as f:
-            self.params = params_from_dict(json.load(f), "registered params")
+        self.params = params_from_dict(read_json_doc(arts["params"], "registered params"), "registered params")
         n = sum(1 for k in arts if k.startswith("stage"))
         if n < 1:
             raise ValueError("the registered model holds no stage artifacts")

@@ -9,11 +9,12 @@ interrupted command leaves no partial file.
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
 
-from xct_core.errors import XctError
+from xct_core.errors import XctError, error_line
 
 app = typer.Typer(
     name="xct",
@@ -38,7 +39,7 @@ _register()
 
 
 def _fail(msg: str, code: int) -> None:
-    print(f"xct: error: {msg}", file=sys.stderr)
+    print(error_line(msg), file=sys.stderr)  # control characters escaped: always ONE line
     sys.exit(code)
 
 
@@ -70,6 +71,13 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, prog_name="xct")
     except XctError as e:
         _fail(str(e), e.exit_code)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        # a path the user typed beyond NAME_MAX/PATH_MAX, met wherever it is first stat'ed (outputs
+        # are checked before anything is written: xct_core.atomic.check_path_limits)
+        name = str(e.filename or "")
+        _fail(f"{name[:60]}{'…' if len(name) > 60 else ''}: {e.strerror} (a name beyond NAME_MAX or a path beyond PATH_MAX)", 2)
     except KeyboardInterrupt:
         _interrupt()
     except SystemExit as e:

@@ -18,7 +18,7 @@ components are in :mod:`components.kfp_components`.
 A failing gate stops the work after it: the tasks nested under its ``dsl.If`` never run and
 the ``dsl.Else`` branch records the gate summary; the run itself completes (rejected is a
 result, not an error). Step failures (bad data, a crashed trainer) fail the run. The whole
-DAG sits inside a ``dsl.ExitHandler`` whose exit task (components/run_summary.py) writes
+DAG sits inside a ``dsl.ExitHandler`` whose exit task (components/kfp_exit_handler.py) writes
 ``run_summary.json`` however the run ended, a failed step included.
 
 Everyday controls, from ``params.pipeline.kfp`` at compile time (:func:`build_pipeline`):
@@ -179,15 +179,18 @@ def load_pipeline_spec(path: str | Path) -> tuple[Any, Any | None]:
     """The compiled YAML parsed STRICTLY as KFP protobufs: ``(PipelineSpec, PlatformSpec or
     None)``; an unknown field or a wrong type is an :class:`InputError` naming the file (what
     a KFP backend does on upload, here before any run)."""
-    import yaml
     from google.protobuf import json_format
     from kfp.pipeline_spec import pipeline_spec_pb2
 
+    from xct_core.jsondoc import read_doc_text
+    from xct_core.yamlsafe import load_yaml_all_text
+
     path = Path(path)
+
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(path, f"not a readable pipeline YAML ({str(e).splitlines()[0]})") from None
+        docs = [d for d in load_yaml_all_text(read_doc_text(path, "pipeline YAML"), path) if d is not None]
+    except InputError as e:
+        raise InputError(path, f"not a readable pipeline YAML ({e.problem})") from None
     if not docs or len(docs) > 2:
         raise InputError(path, f"a compiled pipeline is one PipelineSpec (+ one PlatformSpec), found {len(docs)} documents")
     try:

@@ -1,6 +1,6 @@
 """The real-data experiment: train the real-CT profile on ../shared/data, evaluate on two held-out chests.
 
-One reproducible command (the numbers in README "Real-data result (small sample)")::
+One reproducible command (the numbers in docs/real-data.md, "Real-data result (small sample)")::
 
     python -m pipelines.realct [--data ../shared/data] [--out outputs/realct]
                                [--stages 2] [--ray] [--results benchmarks/results/realct_cpu]
@@ -53,6 +53,10 @@ from typing import Any
 import yaml
 
 from xct_core.errors import InputError, XctError
+from xct_core.metric_table import PREDICTIONS, names_for
+from xct_core.metric_table import entry as metric_entry
+from xct_core.metric_table import label as metric_label
+from xct_core.yamlsafe import read_yaml_doc
 
 REPO = Path(__file__).resolve().parents[1]
 #: where the shared real CTs live in this workplace (``$XCT_SHARED_DATA`` overrides)
@@ -68,20 +72,11 @@ TRAIN_FILES: tuple[str, ...] = (
 TEST_FILES: tuple[str, ...] = ("chest_LungPETCTDx-A0001.nii.gz", "chest_LungPETCTDx-A0002.nii.gz")
 MACHINE = "2-core AMD EPYC CPU dev machine"
 
-#: metrics reported per method (metric key in `xct evaluate`'s metrics.json → label)
-REPORTED: tuple[tuple[str, str], ...] = (
-    ("psnr_hu_db", "PSNR [-1024,1024] HU (dB)"),
-    ("psnr_window_db", "PSNR window (dB)"),
-    ("ssim_window", "SSIM (3D)"),
-    ("mae_hu", "MAE (HU)"),
-    ("reproj_psnr_frontal_db", "reproj. PSNR frontal (dB)"),
-    ("reproj_psnr_lateral_db", "reproj. PSNR lateral (dB)"),
-    ("psnr_slice_avg_db", "slice-avg PSNR (dB, X2CT-style)"),
-    ("ssim_slice_avg", "slice-avg SSIM (X2CT-style)"),
-)
-METHODS: tuple[tuple[str, str], ...] = (("", "diffusion cascade"), ("single_", "diffusion cascade, one sample"),
-                                        ("direct_", "direct regression"),
-                                        ("baseline_", "mean volume (train split)"))
+#: metrics reported per method (metric key in `xct evaluate`'s metrics.json → label): the metric
+#: table's ``realct`` metrics (xct_core/metric_table.py), in table order
+REPORTED: tuple[tuple[str, str], ...] = tuple((k, metric_label(k, short=True)) for k in names_for("realct"))
+#: the predictions (key prefix → row label): the metric table's
+METHODS: tuple[tuple[str, str], ...] = tuple((p.prefix, p.table) for p in PREDICTIONS)
 
 
 def _stem(name: str) -> str:
@@ -256,10 +251,12 @@ def run_experiment(
 
 
 def _train_summary(train_dir: Path, stages: int) -> dict[str, Any]:
+    from xct_core.jsondoc import read_json_doc
+
     out = {}
     for k in range(1, stages + 1):
         p = train_dir / "metrics" / f"stage{k}.json"
-        doc = json.loads(p.read_text()) if p.is_file() else {}
+        doc = read_json_doc(p, "training metrics") if p.is_file() else {}
         out[f"stage{k}"] = {key: doc.get(key) for key in ("step", "train_loss", "samples_per_s", "workers")}
     return out
 
@@ -270,7 +267,9 @@ def build_summary(out: Path, params: Any, split: dict[str, list[str]], manifest:
     """The compact, commit-ready record of one run."""
     import torch
 
-    ev = json.loads((out / "eval" / "metrics.json").read_text())
+    from xct_core.jsondoc import read_json_doc
+
+    ev = read_json_doc(out / "eval" / "metrics.json", "evaluation metrics", required=("patients", "mean"))
     per_patient = {}
     for row in ev["patients"]:
         per_patient[row["id"]] = {
@@ -316,7 +315,7 @@ def build_summary(out: Path, params: Any, split: dict[str, list[str]], manifest:
 def _fmt(v: Any, key: str) -> str:
     if not isinstance(v, (int, float)):
         return "–"
-    return f"{v:.3f}" if "ssim" in key else f"{v:.1f}" if key == "mae_hu" else f"{v:.2f}"
+    return f"{v:.{metric_entry(key).digits}f}"
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -392,7 +391,7 @@ def save_montage(out: Path, path: Path, max_bytes: int = 300_000) -> Path | None
     from xct_core.preprocess import PreprocessSettings, stage_hu
     from xct_core.viz import Panel, orthogonal_slice, save_image_grid
 
-    params_doc = yaml.safe_load((out / "params.yaml").read_text())
+    params_doc = read_yaml_doc(out / "params.yaml", "params file")
     from xct_core.config import params_from_dict
 
     params = params_from_dict(params_doc, str(out / "params.yaml"))

@@ -1,5 +1,10 @@
 """Shared fixtures. Real CT data from ../shared/data is optional: tests that need it use
-the ``shared_data`` fixture and skip with a reason when it is absent."""
+the ``shared_data`` fixture and skip with a reason when it is absent.
+
+Test tiers (docs/testing.md): ``make test`` runs everything; ``make test-fast`` runs
+``-m "not slow and not integration"``. The modules that start a real engine or server, or
+train for long, are listed ONCE here (``INTEGRATION`` / ``SLOW``) and marked at collection
+time, so no test file carries its tier; a single test can still carry ``@pytest.mark.slow``."""
 
 from __future__ import annotations
 
@@ -14,6 +19,38 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: test modules that start a real engine or server (marked ``integration``), with what they start
+INTEGRATION: dict[str, str] = {
+    "test_dvc_pipeline.py": "dvc repro of the whole DAG on tiny profiles",
+    "test_dvc_remote.py": "dvc push/pull against an S3 server on 127.0.0.1",
+    "test_hpo.py": "Optuna studies on Ray Tune with MLflow child runs",
+    "test_images.py": "podman: the built images, kfp.local DockerRunner",
+    "test_kfp_pipeline.py": "kfp.local runs of the compiled pipeline",
+    "test_mlflow_postgres.py": "PostgreSQL, moto and an mlflow server; Ray Train",
+    "test_mlflow_server.py": "an mlflow server over moto / rclone S3",
+    "test_ray_cluster.py": "a two-node Ray cluster (ray start), node kill and replacement",
+    "test_realct.py": "the real-CT experiment end to end (../shared/data)",
+    "test_s3.py": "moto and rclone S3 servers",
+    "test_serving.py": "an mlflow models serve process",
+    "test_train_ray.py": "Ray Train with MLflow",
+}
+#: test modules that need no server but train or sample for long (marked ``slow``)
+SLOW: dict[str, str] = {
+    "test_bench_reconstruct.py": "the benchmark in a fresh interpreter on a tiny cascade (≈ 54 s set-up under load)",
+    "test_ddp.py": "two gloo processes taking a DDP step (≈ 34 s under load)",
+    "test_learns.py": "600 training steps to prove the network learns",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test of an INTEGRATION / SLOW module (the one place tiers are decided)."""
+    for item in items:
+        name = item.path.name
+        if name in INTEGRATION:
+            item.add_marker(pytest.mark.integration)
+        if name in SLOW:
+            item.add_marker(pytest.mark.slow)
 SHARED_DATA = Path(os.environ.get("XCT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

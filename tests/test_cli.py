@@ -12,7 +12,7 @@ import pytest
 XCT = [sys.executable, "-m", "pipelines.cli"]
 
 
-#: every command and group of the root app (README "The CLI")
+#: every command and group of the root app (docs/cli.md)
 COMMANDS = {"data", "ct", "params", "drr", "train", "hpo", "pipeline", "models", "reconstruct", "evaluate", "step"}
 
 

@@ -1037,7 +1037,7 @@ def test_schema_validation_catches_a_broken_manifest() -> None:
 
 
 def test_ray_custom_resources_have_the_fields_kuberay_requires() -> None:
-    """KubeRay's CRD schemas are not vendored (see README): the Ray objects are checked for the
+    """KubeRay's CRD schemas are not vendored (see docs/testing.md): the Ray objects are checked for the
     fields the operator rejects without, and their pod templates as core PodTemplateSpecs."""
     for _, d in _objects():
         if d.get("kind") not in CUSTOM_KINDS:

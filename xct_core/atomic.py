@@ -133,11 +133,61 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _fs_limits(path: Path) -> tuple[int, int]:
+    """(NAME_MAX, PATH_MAX) of the file system holding the nearest existing ancestor of
+    ``path`` (walked from the root down, so an over-long path never reaches ``stat``)."""
+    probe = Path(path.anchor or "/")
+    for part in path.parts[1:]:
+        nxt = probe / part
+        try:
+            if not nxt.is_dir():
+                break
+        except OSError:
+            break
+        probe = nxt
+    try:
+        return os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 255, 4096
+
+
+def _temp_name_bytes(name: str) -> int:
+    """Bytes of the longest temporary sibling a write of ``name`` creates (:func:`temp_sibling`:
+    ``.{name}.<8 random>{suffix}``, the suffix being ``.tmp`` or the name's own suffixes)."""
+    suffix = "".join(Path(name).suffixes)
+    return len(os.fsencode(f".{name}.")) + 8 + max(len(os.fsencode(suffix)), len(".tmp"))
+
+
+def check_path_limits(path: str | Path) -> None:
+    """A one-line :class:`InputError` when ``path`` cannot be created on its file system: a
+    name longer than NAME_MAX (the file's, with the temporary sibling every write goes
+    through, and every folder to be made), or the whole path longer than PATH_MAX. Checked
+    lexically before anything is written, so a too-long sibling (``_std``, ``.qa.json``)
+    never leaves the first file of a set written alone."""
+    path = Path(path).absolute()
+    name_max, path_max = _fs_limits(path)
+    for part in path.parts[1:-1]:
+        if len(os.fsencode(part)) > name_max:
+            raise InputError(f"{part[:40]}…", f"cannot create this folder: its name is {len(os.fsencode(part))} "
+                                              f"bytes, the file system allows {name_max}")
+    n, tmp = len(os.fsencode(path.name)), _temp_name_bytes(path.name)
+    if tmp > name_max:
+        raise InputError(f"{path.name[:40]}…" if len(path.name) > 40 else path.name,
+                         f"cannot write: this file name is {n} bytes; with the temporary file each write goes "
+                         f"through it needs {tmp}, the file system allows {name_max}")
+    total = len(os.fsencode(str(path.parent))) + 1 + tmp
+    if total >= path_max:
+        raise InputError(f"{str(path)[:60]}…", f"cannot write: the path is {len(os.fsencode(str(path)))} bytes "
+                                               f"({total} with its temporary file); PATH_MAX is {path_max}")
+
+
 def check_writable(path: str | Path) -> None:
-    """The :func:`writable` errors of ``path``, found before anything is written: ``path`` is
-    a folder, its nearest existing parent is a file, or that parent is not writable. Creates
-    nothing (missing parents are made by the write itself)."""
+    """The :func:`writable` errors of ``path``, found before anything is written: a name or
+    the path too long (:func:`check_path_limits`), ``path`` is a folder, its nearest existing
+    parent is a file, or that parent is not writable. Creates nothing (missing parents are
+    made by the write itself)."""
     path = Path(path)
+    check_path_limits(path)
     if path.is_dir():
         raise InputError(path, "cannot write: it is a folder")
     for parent in path.absolute().parents:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Annotated as _Annotated
 from typing import Any, Literal
 
-import yaml
 from pydantic import AfterValidator as _AfterValidator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic import model_validator as _model_validator
@@ -29,13 +28,20 @@ from pydantic import model_validator as _model_validator
 from xct_core.errors import ConfigError
 from xct_core.grid import StageGrid, token_levels
 from xct_core.hu import OUTPUT_MAPS, HUMap, HUWindow, get_window
+from xct_core.metric_table import check_param_metric as _check_metric
+from xct_core.metric_table import entry as _metric_entry
+
+#: a params value naming a metric: looked up in xct_core.metric_table when params load
+#: (``single_`` allowed where the training loop reports one-sample metrics)
+MetricName = _Annotated[str, _AfterValidator(lambda v: _check_metric(v))]
+SelectMetric = _Annotated[str, _AfterValidator(lambda v: _check_metric(v, ("", "single_")))]
 
 #: environment variable naming the params file (default: ./params.yaml)
 PARAMS_ENV = "XCT_PARAMS"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float finite
 
 
 class HUMapParams(_Section):
@@ -555,7 +561,7 @@ class TrainParams(_Section):
     #: also render the reconstruction's DRRs and report reprojection PSNR/SSIM
     val_reprojection: bool = True
     #: validation metric that selects best.pt (a key of xct_core.metrics.volume_metrics)
-    best_metric: str = "psnr_window_db"
+    best_metric: SelectMetric = "psnr_window_db"
     best_mode: Literal["max", "min"] = "max"
     #: also train a direct-regression twin (same network, mode="direct") on the same batches
     #: and report its validation metrics as the baseline (val/direct_*)
@@ -591,7 +597,7 @@ class RelativeGate(_Section):
     measured on the same test split; no champion yet, or another split: the check is skipped
     and says so)."""
 
-    metric: str = "psnr_window_db"
+    metric: MetricName = "psnr_window_db"
     baseline: Literal["mean_volume", "direct_twin", "champion"]
     min_absolute_change: float | None = None
     min_relative_change: float | None = None
@@ -601,6 +607,9 @@ class RelativeGate(_Section):
     def _needs_a_margin(self) -> RelativeGate:
         if self.min_absolute_change is None and self.min_relative_change is None:
             raise ValueError(f"relative gate against {self.baseline}: set min_absolute_change and/or min_relative_change")
+        if self.greater_is_better != (_metric_entry(self.metric).better == "higher"):
+            raise ValueError(f"relative gate on {self.metric}: the metric table says {_metric_entry(self.metric).better} "
+                             f"is better, greater_is_better is {self.greater_is_better}")
         return self
 
 
@@ -945,7 +954,7 @@ class HPOParams(_Section):
     #: default study name: "{study_prefix}-stage{K}" (`xct hpo --study NAME` overrides)
     study_prefix: str = "xct"
     #: validation metric optimised (a key of xct_core.metrics.volume_metrics) and its direction
-    metric: str = "psnr_window_db"
+    metric: MetricName = "psnr_window_db"
     mode: Literal["max", "min"] = "max"
     #: optimiser steps of one trial, per stage
     steps: dict[str, int] = Field(default_factory=lambda: {"stage1": 200, "stage2": 60, "stage3": 30})
@@ -1125,16 +1134,13 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read params file ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    from xct_core.errors import InputError
+    from xct_core.yamlsafe import read_yaml_doc
+
+    try:  # bounded read and parse (size, regular file, UTF-8, depth, aliases, duplicate keys)
+        data = read_yaml_doc(path, "params file")
+    except InputError as e:
+        raise ConfigError(str(e)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

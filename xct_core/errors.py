@@ -28,3 +28,35 @@ class InputError(XctError):
 
 class ConfigError(XctError):
     """params.yaml (or an override) is invalid."""
+
+
+#: bidirectional overrides/isolates: they reorder what a terminal shows (Trojan-source style)
+_BIDI = frozenset(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print as ONE terminal line: control characters (newline, carriage
+    return, ESC/OSC sequences, DEL, C1), Unicode line/paragraph separators and bidi overrides
+    are shown escaped (``\\n``, ``\\x1b``, ``\\u2028``), and the undecodable bytes of a
+    non-UTF-8 file name (surrogate escapes) as ``\\xNN`` — so a file name holding a newline
+    cannot forge a second ``xct: error:`` line, nor an escape sequence retitle the terminal.
+    Tabs are kept."""
+    import unicodedata
+
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if ch == "\t":
+            out.append(ch)
+        elif 0xDC80 <= o <= 0xDCFF:  # os.fsdecode's surrogateescape of a raw byte
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif ch in _BIDI or unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
+            out.append(ch.encode("unicode_escape").decode("ascii") if o < 0xD800 or o > 0xDFFF else f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def error_line(msg: str, prog: str = "xct") -> str:
+    """The one line a CLI prints for a user error: ``<prog>: error: <msg>``, made printable."""
+    return f"{prog}: error: {printable(msg)}"

@@ -2,6 +2,7 @@
 
 No optuna / Ray / MLflow here (``components/hpo.py`` binds these to an Optuna study run on
 Ray Tune); everything below works on :class:`xct_core.config.Params` and plain dicts.
+How to run a search, its outputs and a measured study: docs/hpo.md.
 
 Conventions
 -----------

@@ -73,6 +73,7 @@ from xct_core.geometry import VIEWS, ProjectionGeometry
 from xct_core.grid import StageGrid
 from xct_core.io import CTVolume, load_ct, resample_to_grid
 from xct_core.jsondoc import read_json_doc
+from xct_core.stats import file_sha256  # re-exported (``__all__``): one implementation
 
 #: bump when the meaning of any output changes (invalidates every recorded key)
 FORMAT_VERSION = 1
@@ -81,7 +82,6 @@ XRAYS_DIR = "xrays"
 RECORDS_DIR = "records"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 _ID_OK = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
-_CHUNK = 1 << 20
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST", "RECORDS_DIR", "SPLITS", "XRAYS_DIR",
@@ -263,14 +263,6 @@ def render_xrays(
 
 
 # --------------------------------------------------------------------------- file helpers
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 from xct_core.atomic import write_bytes_atomic  # noqa: E402,F401  (re-exported: one implementation)

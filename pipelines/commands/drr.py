@@ -8,7 +8,6 @@ from ``params.yaml → drr`` / ``hu.mu_water``; every write is atomic.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from xct_core.atomic import atomic_path, check_writable, writable
 from xct_core.errors import ConfigError
 from xct_core.geometry import KINDS, VIEWS, ProjectionGeometry
 from xct_core.io import load_ct, orientation_codes
+from xct_core.stats import file_sha256
 
 QUANTITY_NAMES = {"line-integral": "line_integral", "intensity": "intensity"}
 _OPTION_OF = {"geometry": "--geometry", "pixels": "--pixels", "pixel_mm": "--pixel-mm", "sdd": "--sdd", "sod": "--sod"}
@@ -59,11 +59,7 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 def _sha256(path: Path) -> str | None:
     if not path.is_file():
         return None  # a DICOM directory: identified by shape + affine
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def save_png(path: Path, img8: np.ndarray) -> None:

@@ -25,7 +25,7 @@ import typer
 import yaml
 
 from xct_core.config import default_params_path, load_params
-from xct_core.errors import ConfigError, InputError
+from xct_core.errors import ConfigError, InputError, XctError
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -81,7 +81,7 @@ def _find_outputs(run_root: Path, name: str) -> list[Path]:
 
 def local_report(root: Path, started: float) -> str:
     """A short account of a kfp.local run under ``root``: gate verdicts and the summary."""
-    from components.summary import format_summary, read_summary
+    from components.pipeline_verdict import format_summary, read_summary
 
     gates = [p for p in _find_outputs(root, "stage*.json") if "gate" in p.as_posix()
              and p.stat().st_mtime >= started]
@@ -127,6 +127,42 @@ def run_cmd(
     typer.echo(f"kfp.local run finished in {time.time() - started:.0f} s; task outputs under {root}")
 
 
+#: default --timeout of `xct pipeline submit` (seconds)
+SUBMIT_TIMEOUT_S = 30.0
+
+
+def bounded_call(fn, timeout_s: float, message: str):  # noqa: ANN001, ANN201 - any callable, its result
+    """``fn()`` with a deadline: every socket it opens times out after ``timeout_s`` (the
+    default socket timeout, which urllib3 and so the KFP client use) and the whole call is
+    abandoned after ``timeout_s`` — an :class:`XctError` with ``message`` (one line) instead of
+    a hang on a host that accepts TCP and never answers. ``fn`` runs in a daemon thread, so
+    an abandoned call never keeps the process alive."""
+    import socket
+    import threading
+
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    try:
+        worker = threading.Thread(target=run, name="xct-bounded-call", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+    finally:
+        socket.setdefaulttimeout(old)
+    if worker.is_alive():
+        raise XctError(message)
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]
+
+
 @app.command("submit")
 def submit_cmd(
     host: Annotated[str, typer.Option("--host", help="Kubeflow Pipelines API endpoint, e.g. http://localhost:8080")],
@@ -140,12 +176,17 @@ def submit_cmd(
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="KFP run name")] = None,
     namespace: Annotated[Optional[str], typer.Option("--namespace", help="Kubernetes namespace (multi-user KFP)")] = None,
     no_cache: NoCacheOpt = False,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="seconds to wait for the Kubeflow Pipelines API "
+                                           "(the whole submission; every socket operation too)")] = SUBMIT_TIMEOUT_S,
 ) -> None:
     """Submit the pipeline to a Kubeflow Pipelines cluster (data location, Ray and MLflow as parameters)."""
     from pipelines.kfp_dag import submit
 
-    run_id = submit(host, data_uri, params_text(params), ray_address, mlflow_uri, experiment, run_name, namespace,
-                    caching=_caching(no_cache))
+    text = params_text(params)  # a bad params file is its own one-line error, before the clock starts
+    run_id = bounded_call(lambda: submit(host, data_uri, text, ray_address, mlflow_uri, experiment, run_name, namespace,
+                                         caching=_caching(no_cache)),
+                          timeout, f"Kubeflow Pipelines at {host} did not answer within {timeout:g} s (--timeout); "
+                                   "nothing was submitted unless the server received it before then")
     typer.echo(f"submitted run {run_id} to {host}")
 
 

@@ -35,7 +35,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from xct_core.config import Params, resolve_params
-from xct_core.errors import ConfigError, InputError
+from xct_core.errors import ConfigError, InputError, error_line
 
 ParamsOpt = Annotated[
     Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")
@@ -116,6 +116,17 @@ def _hu_note(p: Params) -> str:
     return f"HU span the model's output range [{net.lo:g}, {net.hi:g}]; the {w.name} window is a display view"
 
 
+def _check_utf8_names(paths: dict[str, Path]) -> None:
+    """A one-line :class:`InputError` for a path that is not valid UTF-8 (raw bytes of a
+    non-UTF-8 file system name), before anything is written: a report cannot show it."""
+    for opt, p in paths.items():
+        try:
+            str(p).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(p, f"{opt}: this file name is not valid UTF-8, so the --report cannot show it; "
+                                "rename the file or leave out --report") from None
+
+
 def _warn(line: str) -> None:
     print(f"xct: warning: {line}", file=sys.stderr)
 
@@ -145,11 +156,15 @@ def reconstruct_cmd(
     from xct_core.io import save_nifti
     from xct_core.jsondoc import json_text
     from xct_core.qa import reprojection_qa
-    from xct_core.xray_io import input_geometries, load_xray
+    from xct_core.devices import parse_device
+    from xct_core.xray_io import check_pair, input_geometries, load_xray
 
+    device = parse_device(device)  # before anything is loaded or written
     paths = output_paths(out)
     if report is not None and report.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"--report must name an .html file, got {str(report)!r}")
+    if report is not None:  # the report shows these names (HTML, image titles): UTF-8 only
+        _check_utf8_names({"--out": out, "--report": report, "--frontal": frontal, "--lateral": lateral})
     local = resolve_params(params)
     k = int(samples if samples is not None else local.reconstruct.samples)
     for target in (paths["mean"], paths["qa"], *([paths["std"]] if k > 1 else []), *([report] if report else [])):
@@ -159,7 +174,10 @@ def reconstruct_cmd(
         _check_options(k, steps, stages, resolved.n_stages)
         xf = load_xray(frontal, "frontal", mp)
         xl = load_xray(lateral, "lateral", mp)
+        input_warnings = xf.warnings + xl.warnings + check_pair(xf, xl)
         iso, geoms = input_geometries(xf, xl, mp)
+        for w in input_warnings:  # what the inputs' metadata could not pin down, before sampling
+            _warn(w)
         nets = load_stages(resolved.stage_files, mp, device)
     rec = reconstruct(nets, mp, xf.image, xl.image, isocenter=iso, steps=steps, samples=k, seed=seed,
                       upto=stages, device=device, log=lambda m: typer.echo(m, err=True))
@@ -171,6 +189,7 @@ def reconstruct_cmd(
                   "stage_files": [p.name for p in resolved.stage_files]},
         "inputs": {x.view: {"path": str(Path(x.source).resolve()), "format": x.fmt, "notes": x.notes}
                    for x in (xf, xl)},
+        "input_warnings": input_warnings,
         "outputs": {"mean": str(paths["mean"]), "std": str(paths["std"]) if rec.std_hu is not None else None},
         "grid": {"shape": list(rec.mean_hu.shape), "affine": rec.affine.tolist(), "isocenter": [float(v) for v in iso]},
         "sampling": {"steps": rec.steps, "samples": rec.samples, "seeds": rec.seeds, "eta": mp.diffusion.eta},
@@ -271,16 +290,18 @@ def evaluate_cmd(
     from xct_core.inference import load_stage, load_stages
     from xct_core.io import save_nifti
     from xct_core.jsondoc import json_text
+    from xct_core.devices import parse_device
     from xct_core.report import IMAGES, ReportCase, build_report, read_gate_reports, save_case_images, save_training_curves
 
+    device = parse_device(device)  # before anything is loaded or written
     local = resolve_params(params)
     k = int(samples if samples is not None else local.reconstruct.samples)
     check_writable(out / "metrics.json")  # before any CT is loaded or reconstructed
     cts, bad = _load_cts(ct, local)
     if not cts:
         for _p, line in bad:
-            print(f"xct: error: {line}", file=sys.stderr)
-        print(f"xct: error: {ct}: none of the {len(bad)} CT(s) could be loaded; nothing evaluated", file=sys.stderr)
+            print(error_line(line), file=sys.stderr)
+        print(error_line(f"{ct}: none of the {len(bad)} CT(s) could be loaded; nothing evaluated"), file=sys.stderr)
         raise typer.Exit(2)
     with tempfile.TemporaryDirectory(prefix="xct-model-") as tmp:
         resolved, mp = _model(model, local, tmp)
@@ -335,7 +356,8 @@ def evaluate_cmd(
                              summary=summary["mean"], notes=notes, gates=gate_docs, curves=curves,
                              info={"model": model, "CTs": str(ct), "patients": summary["n_patients"],
                                    "stages run": n, "DDIM steps": summary["sample_steps"], "samples": k,
-                                   "direct baseline": "yes" if direct is not None else "no (no direct.pt)"})
+                                   "direct baseline": "yes" if direct is not None else "no (no direct.pt)"},
+                             label_context=protocol.label_context(mp.stage(n).size))
     write_text_atomic(out / "metrics.json", json_text(doc))
     write_text_atomic(out / "per_patient.csv", rows_csv(doc["patients"]))
     log_report_to_mlflow(html_path, images)
@@ -345,7 +367,7 @@ def evaluate_cmd(
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'per_patient.csv'}, {html_path}")
     if bad:
         for _p, line in bad:
-            print(f"xct: error: {line}", file=sys.stderr)
+            print(error_line(line), file=sys.stderr)
         print(f"xct: error: {len(bad)} of {len(bad) + len(cts)} CT(s) could not be loaded and were not evaluated "
               "(listed above; the others are in the report)", file=sys.stderr)
         raise typer.Exit(1)

@@ -98,9 +98,11 @@ def evaluate(
     """Run the cascade 1 … K on the test split: metrics.json, per_patient.csv, montage.png."""
     from components.evaluate import run_evaluate, step_outputs
     from components.guard import proceed
+    from xct_core.devices import parse_device
     from xct_core.errors import ConfigError
     from xct_core.layout import ReportLayout
 
+    device = parse_device(device)
     if split not in ("test", "val", "train"):
         raise ConfigError(f"--split must be test, val or train, got {split!r}")
     p = _params(params)

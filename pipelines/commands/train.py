@@ -47,8 +47,10 @@ def train(
 ) -> None:
     """Train cascade stage K from the preprocessed shards; resumes an interrupted run."""
     from components.guard import proceed
+    from xct_core.devices import parse_device
     from xct_core.layout import RunLayout
 
+    device = parse_device(device)  # a one-line error before anything is loaded
     p = _with_overrides(load_params(params, overlay), workers, gpu)
     p.stage(stage)  # an unknown stage is a one-line error before anything else
     layout = RunLayout((out or Path(p.train.out_dir)), stage)

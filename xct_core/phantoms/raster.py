@@ -168,12 +168,38 @@ def _smooth_field(values: np.ndarray, h: float, grid: _Grid) -> np.ndarray:
 
 
 def _rasterise(an: Anatomy, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
-    """Label map and vessel-fraction field for an anatomy on a grid."""
+    """Label map and vessel-fraction field for an anatomy on a grid.
+
+    Painted in this order (later tissues overwrite earlier ones where allowed): trunk
+    (body, fat, muscle, cavity, lungs), abdominal organs, heart, mediastinal tubes
+    (oesophagus, aorta and branches, airways), spine, chest wall; then the pulmonary vessels
+    as a separate fractional field.
+    """
     S = grid.size
     lab = np.zeros((S, S, S), dtype=np.uint8)
-    sl, X, Y, Z = grid.full()
+    _, X, Y, Z = grid.full()
+    muscle, q_c = _paint_trunk(an, grid, lab, X, Y, Z)
+    _paint_abdomen(an, grid, lab)
+    _paint_heart(an, grid, lab)
+    _paint_mediastinal_tubes(an, grid, lab)
+    _paint_spine(an, grid, lab, X, Y, Z, muscle)
+    _paint_chest_wall(an, grid, lab, X, Y, Z, muscle, q_c)
+    del q_c, muscle
+    return lab, _pulmonary_vessels(an, grid)
 
-    # -- body outline, fat, muscle, cavity ------------------------------------------
+
+def _cavity_radii(an: Anatomy) -> tuple[float, float, float]:
+    """(lateral half-width, anterior, posterior semi-axis) of the abdominal cavity (mm)."""
+    a_c = an.body_a - an.fat - an.wall_lat
+    _, b_ca, b_cp = (float(v) for v in an.cavity_axes(np.float64(an.z_dome_r - 60.0)))
+    return a_c, b_ca, b_cp
+
+
+def _paint_trunk(an: Anatomy, grid: _Grid, lab: np.ndarray, X, Y, Z) -> tuple[np.ndarray, np.ndarray]:
+    """Body outline, fat, muscle, the chest and abdominal cavities and the lungs.
+
+    Returns the muscle mask (inside the fat layer) and the cavity's ``q_c`` field, which the
+    spine and chest wall read."""
     # The outlines are superellipses with norm rho = (|u|^p + |v|^p)^(1/p); we work with
     # q = rho^p and compare it with 2D thresholds (cheaper than a 3D power).
     # Depth below the skin along the ray from the body axis: r (1/rho - 1).
@@ -204,11 +230,13 @@ def _rasterise(an: Anatomy, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
     lung = an.in_lung(grid.c[ci], grid.c[cj], grid.c[ck])
     lab[ci[lung], cj[lung], ck[lung]] = Label.LUNG
     del ci, cj, ck, lung
+    return muscle, q_c
 
-    # -- abdominal organs (painted inside the abdominal cavity only) -------------------
+
+def _paint_abdomen(an: Anatomy, grid: _Grid, lab: np.ndarray) -> None:
+    """Liver, spleen, stomach (with its gas cap) and kidneys, inside the abdominal cavity only."""
     belly = _lut([Label.BOWEL, Label.FAT])
-    a_c = an.body_a - an.fat - an.wall_lat
-    _, b_ca, b_cp = (float(v) for v in an.cavity_axes(np.float64(an.z_dome_r - 60.0)))
+    a_c, b_ca, b_cp = _cavity_radii(an)
     ls = an.liver_scale
     liver = [  # (centre, semi-axes): right lobe, left lobe reaching across the midline
         (
@@ -256,7 +284,9 @@ def _rasterise(an: Anatomy, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
             _paint(lab, bs, _ellipsoid_q(x, y, z, c, rf, k_rot) <= 1.0, Label.FAT, _lut([Label.BOWEL]))
             _paint(lab, bs, q <= 1.0, Label.KIDNEY, _lut([Label.BOWEL, Label.FAT, Label.SOFT_TISSUE]))
 
-    # -- heart --------------------------------------------------------------------------
+
+def _paint_heart(an: Anatomy, grid: _Grid, lab: np.ndarray) -> None:
+    """Pericardial fat, myocardium and the four blood-pool chambers."""
     hc, hrot = np.asarray(an.heart_center), np.asarray(an.heart_rot)
     b = grid.box(*_ellipsoid_box(hc, np.asarray(an.heart_radii) + 5.0, hrot))
     if b:
@@ -265,7 +295,6 @@ def _rasterise(an: Anatomy, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
         _paint(lab, bs, above & (an.heart_q(x, y, z, grow=4.0) <= 1.0), Label.FAT, _lut([Label.FAT, Label.LUNG]))
         myo = above & (an.heart_q(x, y, z) <= 1.0)
         _paint(lab, bs, myo, Label.MYOCARDIUM)
-        r1, r2, r3 = an.heart_radii
         chambers = [  # (offset along heart axes in units of radii, radii fractions)
             ((0.15, -0.32, 0.0), (0.58, 0.38, 0.5)),  # left ventricle
             ((0.05, 0.47, 0.0), (0.52, 0.28, 0.55)),  # right ventricle
@@ -277,7 +306,11 @@ def _rasterise(an: Anatomy, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
             rr = np.asarray(fr) * an.heart_radii
             _paint(lab, bs, myo & (_ellipsoid_q(x, y, z, cc, rr, hrot) <= 1.0), Label.BLOOD_POOL)
 
-    # -- oesophagus, aorta, airways -----------------------------------------------------
+
+def _paint_mediastinal_tubes(an: Anatomy, grid: _Grid, lab: np.ndarray) -> None:
+    """Oesophagus, aorta with the arch branches and the superior vena cava, trachea and bronchi."""
+    a_c, b_ca, _ = _cavity_radii(an)
+    hc, hrot = np.asarray(an.heart_center), np.asarray(an.heart_rot)
     top = an.z_apex + 400.0  # tubes run out of any field of view (anatomy, not grid, based)
     zc = an.z_carina
     ys_car = float(an.spine_y(np.float64(zc)))
@@ -346,14 +379,10 @@ def _rasterise(an: Anatomy, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
     for pts, rr in airways:
         _paint_tube(grid, lab, pts, rr, Label.AIRWAY, _lut([Label.SOFT_TISSUE]))
 
-    # -- spine ------------------------------------------------------------------------
-    _paint_spine(an, grid, lab, X, Y, Z, muscle)
 
-    # -- rib cage, sternum, scapulae, clavicles --------------------------------------
-    _paint_chest_wall(an, grid, lab, X, Y, Z, muscle, q_c)
-    del q_c, muscle
-
-    # -- pulmonary vessels (fractional occupancy; blended into lung/fat at HU time) --------
+def _pulmonary_vessels(an: Anatomy, grid: _Grid) -> np.ndarray:
+    """Fractional occupancy of the pulmonary vessels (blended into lung/fat at HU time)."""
+    S = grid.size
     ves = np.zeros((S, S, S), dtype=np.float32)
     vflat = ves.reshape(-1)
     r_eff_min = 0.6 * grid.spacing
@@ -362,7 +391,7 @@ def _rasterise(an: Anatomy, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
         r_eff = np.maximum(rloc, r_eff_min)
         inside = d <= r_eff
         np.maximum.at(vflat, idx[inside], ((rloc[inside] / r_eff[inside]) ** 2).astype(np.float32))
-    return lab, ves
+    return ves
 
 
 def _paint_spine(an: Anatomy, grid: _Grid, lab: np.ndarray, X, Y, Z, muscle) -> None:

@@ -1,11 +1,13 @@
-"""The KFP pipeline's exit handler: a run summary written however the run ended.
+"""The KFP pipeline's exit handler: a run summary written however the run ended (not the
+pipeline's verdict ``reports/summary.json``: that is :mod:`components.pipeline_verdict`).
 
 ``run_summary_component`` (components/kfp_components.py) is the exit task of
-``dsl.ExitHandler`` in pipelines/kfp_dag.py: KFP runs it after every other task has finished — succeeded, failed or skipped — and hands
-it the run's final status (``dsl.PipelineTaskFinalStatus``). It writes ``run_summary.json``
-(:func:`run_summary`: state, the KFP job and task names, the error code and message of a
-failure, the data URI, the time) as its ``summary`` artifact and prints it, so a failed run
-still leaves one document that says what happened. The gate verdicts of a completed run
+``dsl.ExitHandler`` in pipelines/kfp_dag.py: KFP runs it after every other task has finished
+— succeeded, failed or skipped — and hands it the run's final status
+(``dsl.PipelineTaskFinalStatus``). It writes ``run_summary.json`` (:func:`run_summary`: state,
+the KFP job and task names, the error code and message of a failure, the data URI, the time)
+as its ``summary`` artifact and prints it, so a failed run still leaves one document that
+says what happened. The gate verdicts of a completed run
 stay in ``summary.json`` (register / rejected tasks); an exit task cannot read the outputs
 of the tasks it guards (a KFP rule), so this summary holds the run's status, not its metrics.
 """
