@@ -71,18 +71,17 @@ _BOUNDS_SET: dict[str, str] = {}  # what bound_requests wrote (anything else in 
 def bound_requests(registry: Any = None) -> dict[str, str]:
     """Bound every MLflow HTTP request of this process (and of the processes it starts):
     ``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` from ``registry``
-    (:class:`xct_core.config.RegisterParams`) — without it, the params defaults, unless
-    bounds were set already — except where the user's environment sets them. Returns the
+    (:class:`xct_core.config.RegisterParams`; without it the params defaults, and only
+    where nothing is set yet), except where the user's environment sets them. Returns the
     values in force."""
+    given = registry is not None
     if registry is None:
-        if _BOUNDS_SET:
-            return {k: os.environ.get(k, "") for k in HTTP_BOUNDS}
         from xct_core.config import RegisterParams
 
         registry = RegisterParams()
     for var, key in HTTP_BOUNDS.items():
         cur = os.environ.get(var)
-        if cur is None or cur == _BOUNDS_SET.get(var):
+        if cur is None or (given and cur == _BOUNDS_SET.get(var)):
             os.environ[var] = _BOUNDS_SET[var] = str(int(getattr(registry, key)))
     return {k: os.environ.get(k, "") for k in HTTP_BOUNDS}
 
