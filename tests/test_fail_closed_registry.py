@@ -278,17 +278,16 @@ def test_a_training_stage_run_against_a_failing_server_is_one_line(env: dict[str
 def test_models_list_and_promote_against_a_dead_or_hanging_server_fail_in_one_line_in_bounded_time(
         env: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """`xct models list` / `xct models promote 1` against a dead port (connection refused)
-    and a black hole (accepts, never answers): one line, exit 1, within the bounds of the
-    params file (2 s, 1 retry; the environment sets none) — never "no versions" nor "has no
-    version '1'"."""
+    and a black hole (accepts, never answers): one line, exit 1, within the bounds — never
+    "no versions" nor "has no version '1'". In-process with the bounds from the environment
+    (2 s, 1 retry: the user's MLFLOW_HTTP_REQUEST_* win), then as a real process with the
+    bounds from the params file (3 s, 1 retry; the environment sets none)."""
     from cli_run import xct
 
-    data = env["params"].model_dump(mode="json")
-    data["registry"].update(request_timeout_s=2, request_max_retries=1)
-    pfile = tmp_path / "params.yaml"
-    pfile.write_text(yaml.safe_dump(data))
-    for var in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
-        monkeypatch.delenv(var, raising=False)  # restored afterwards; the params give the bounds
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(env["params"].model_dump(mode="json")))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     bounds = "MLFLOW_HTTP_REQUEST_TIMEOUT=2 s, MLFLOW_HTTP_REQUEST_MAX_RETRIES=1"
     with FaultProxy(free_port(), mode="hang") as hole:
         dead = f"http://127.0.0.1:{free_port()}"
@@ -297,16 +296,20 @@ def test_models_list_and_promote_against_a_dead_or_hanging_server_fail_in_one_li
             for cmd in (["models", "list"], ["models", "promote", "1"]):
                 capsys.readouterr()
                 t0 = time.monotonic()
-                code = xct([*cmd, "-p", pfile])
+                code = xct([*cmd, "-p", plain])
                 took = time.monotonic() - t0
                 out, err = capsys.readouterr()
                 lines = err.strip().splitlines()
+                assert "no versions" not in out and "has no version" not in err, (where, cmd, out, err)
                 assert code == 1, (where, cmd, code, out, err)
                 assert len(lines) == 1 and lines[0].startswith(f"xct: error: MLflow at {uri} {CANNOT}"), (where, err)
                 assert why in lines[0] and bounds in lines[0], lines[0]
-                assert "no versions" not in out and "has no version" not in err, (out, err)
                 assert took < 20, (where, cmd, took)  # 2 tries × 2 s + backoff/jitter ≤ 1 s
-        # the same as a real process (what a user runs), black hole: stderr is that one line
+        # a real process (what a user runs), black hole, bounds from the params file
+        data = env["params"].model_dump(mode="json")
+        data["registry"].update(request_timeout_s=3, request_max_retries=1)  # a retry: no "Retrying" lines either
+        pfile = tmp_path / "params.yaml"
+        pfile.write_text(yaml.safe_dump(data))
         env_vars = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
         env_vars.update(MLFLOW_TRACKING_URI=hole.url,
                         PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env_vars.get("PYTHONPATH", "")) if p))
@@ -317,5 +320,6 @@ def test_models_list_and_promote_against_a_dead_or_hanging_server_fail_in_one_li
             pytest.fail("`xct models list` against a black-holed MLflow still running after 120 s")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, (r.returncode, r.stdout, r.stderr)
-    assert lines[0].startswith(f"xct: error: MLflow at {hole.url} {CANNOT}") and bounds in lines[0], lines[0]
+    assert lines[0].startswith(f"xct: error: MLflow at {hole.url} {CANNOT}") and "no answer within 3 s" in lines[0]
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT=3 s, MLFLOW_HTTP_REQUEST_MAX_RETRIES=1" in lines[0], lines[0]
     assert "no versions" not in r.stdout
