@@ -165,8 +165,10 @@ def _client(uri: str | None):  # noqa: ANN202 - MlflowClient (imported lazily)
 
 
 def find_version(client: Any, name: str, key: str, value: str) -> Any | None:
-    """The registered version of ``name`` whose tag ``key`` equals ``value`` (oldest), or None.
-    A registry that cannot answer raises (never "not registered")."""
+    """The registered version of ``name`` whose tag ``key`` equals ``value``, or None: the
+    oldest whose registration completed (tag ``xct.alias_reason``), else the oldest (a
+    client's retry of a request whose answer was lost can create a second version of the
+    same content). A registry that cannot answer raises (never "not registered")."""
     from mlflow.exceptions import MlflowException
 
     from components.tracking import not_found
@@ -177,8 +179,8 @@ def find_version(client: Any, name: str, key: str, value: str) -> Any | None:
         if not_found(e):
             return None
         raise
-    hits = [v for v in versions if (v.tags or {}).get(key) == value]
-    return min(hits, key=lambda v: int(v.version)) if hits else None
+    hits = sorted((v for v in versions if (v.tags or {}).get(key) == value), key=lambda v: int(v.version))
+    return next((v for v in hits if "xct.alias_reason" in (v.tags or {})), hits[0] if hits else None)
 
 
 def _aliases(client: Any, name: str, version: Any) -> tuple[str, ...]:
