@@ -327,6 +327,25 @@ def register_cascade(
     registration run (``model_card/model_card.{json,md}``) and the version's tag
     ``xct.model_card`` points at it (``runs:/<run id>/model_card``).
     """
+    from components.tracking import no_progress_bars
+
+    with no_progress_bars():
+        return _register_cascade(train_dir, stage_metrics, gate_reports, params, processed_dir=processed_dir,
+                                 eval_files=eval_files, card_stages=card_stages, tracking_uri=tracking_uri, log=log)
+
+
+def _register_cascade(
+    train_dir: str | Path,
+    stage_metrics: dict[int, dict[str, Any]],
+    gate_reports: dict[int, Path],
+    params: Params,
+    *,
+    processed_dir: str | Path | None,
+    eval_files: dict[int, Path] | None,
+    card_stages: "Sequence[StageInputs] | None",
+    tracking_uri: str | None,
+    log: Any,
+) -> Registration:
     import mlflow
 
     from components.tracking import _transport_errors, bound_requests, ensure_experiment, lineage_tags, registry_errors

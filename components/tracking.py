@@ -142,6 +142,21 @@ def registry_errors(uri: str, what: str) -> Iterator[None]:
         raise registry_error(e, uri, what) from None
 
 
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """MLflow's tqdm "Downloading/Uploading artifacts" bars off inside the block (unless the
+    user's ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` asks for them): a step's stderr stays its
+    messages."""
+    var = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(var)
+    os.environ[var] = before or "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(var, None)
+
+
 def tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` or :data:`DEFAULT_TRACKING_URI`."""
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI

@@ -13,6 +13,8 @@ Rules for single requests (:meth:`fail_request`): the Nth request whose ``METHOD
 contains a given text is refused (never reaches the server) or *dropped* (forwarded, the
 server's answer read and thrown away: it reached the server, the client never hears back),
 optionally switching the proxy to another mode right after (the server "died").
+:meth:`on_request` runs a function just before the Nth matching request is forwarded
+(another client acting on the server at that very moment: a race, made deterministic).
 
 Every request is sent upstream with ``Connection: close`` (one request per connection, so
 each one passes the rules) and the ``Host`` header of the upstream (servers that check
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 HOST = "127.0.0.1"
@@ -36,8 +39,9 @@ _IO_TIMEOUT = 30.0
 class _Rule:
     match: str
     nth: int
-    action: str  # "refuse" | "drop"
+    action: str  # "refuse" | "drop" | "call"
     then: str | None
+    fn: Callable[[], object] | None = None
     seen: int = 0
     fired: bool = False
 
@@ -91,6 +95,11 @@ class FaultProxy:
         with self._lock:
             self.rules.append(_Rule(match, nth, action, then))
 
+    def on_request(self, match: str, fn: Callable[[], object], *, nth: int = 1) -> None:
+        """Call ``fn()`` right before the ``nth`` request matching ``match`` is forwarded."""
+        with self._lock:
+            self.rules.append(_Rule(match, nth, "call", None, fn))
+
     def fired(self) -> bool:
         """Whether every rule has fired."""
         with self._lock:
@@ -137,6 +146,7 @@ class FaultProxy:
             t.start()
 
     def _decide(self, method: str, path: str) -> str:
+        fn = None
         with self._lock:
             key = f"{method} {path}"
             for r in self.rules:
@@ -144,8 +154,15 @@ class FaultProxy:
                     r.seen += 1
                     if r.seen == r.nth:
                         r.fired = True
-                        return f"{r.action}:{r.then or ''}"
-            return self.mode
+                        if r.action != "call":
+                            return f"{r.action}:{r.then or ''}"
+                        fn = r.fn
+                        break
+            mode = self.mode
+        if fn is not None:
+            fn()  # outside the lock: it may talk to the server through this proxy too
+            return "forward"
+        return mode
 
     def _switch(self, then: str) -> None:
         if then:

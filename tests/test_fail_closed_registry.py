@@ -98,14 +98,21 @@ def _direct(env: dict[str, Any]) -> Any:
     return MlflowClient(env["srv"].url)
 
 
-def _register(env: dict[str, Any], params: Params, name: str, seed: int, psnr2: float) -> dict[str, Any]:
-    """The project's register step over TEST-chosen evaluation values (gates pass)."""
-    from components.register import run_register
-
+def _prepare(env: dict[str, Any], params: Params, name: str, seed: int, psnr2: float) -> tuple[Path, Path, Path]:
+    """Stage models + TEST-chosen evaluation values judged by the real gates (all pass):
+    ``(run folder, gates folder, eval folder)``."""
     run = env["root"] / params.registry.model_name / name
     if not (run / "train").is_dir():
         export_tiny_stages(run / "train", params, seed=seed)
     gates, ev = _write_reports(run, params, {1: 20.0, 2: psnr2}, {1: True, 2: True})
+    return run, gates, ev
+
+
+def _register(env: dict[str, Any], params: Params, name: str, seed: int, psnr2: float) -> dict[str, Any]:
+    """The project's register step (in-process)."""
+    from components.register import run_register
+
+    run, gates, ev = _prepare(env, params, name, seed, psnr2)
     return run_register(gates, ev, run / "train", run / "summary.json", params, processed_dir=env["processed"])
 
 
@@ -192,6 +199,27 @@ def test_register_during_a_registry_outage_never_promotes_and_its_run_is_failed(
     assert c.get_run(v2.tags["xct.run_id"]).info.status == "FINISHED"
 
 
+def test_promotion_compares_against_the_champion_read_right_before_the_alias_is_written(
+        env: dict[str, Any], proxy: FaultProxy) -> None:
+    """v1 (25 dB) is @champion, v2 (30 dB) exists. While v3 (27 dB) is being registered,
+    another client moves @champion to v2 between register's champion read and its alias write
+    (at the re-read). v3 must be judged against v2 — candidate — not displace it."""
+    model = "fc-race"
+    params = _params(env, model)
+    c = _direct(env)
+    _register(env, params, "a", seed=4, psnr2=25.0)
+    _register(env, params, "b", seed=5, psnr2=30.0)
+    assert _champion_version(env, model) == "2"
+    c.set_registered_model_alias(model, "champion", "1")  # a manual rollback to v1
+    proxy.on_request("GET /api/2.0/mlflow/registered-models/alias",
+                     lambda: c.set_registered_model_alias(model, "champion", "2"), nth=2)
+    s3 = _register(env, params, "c", seed=6, psnr2=27.0)
+    assert proxy.fired()  # the champion WAS read again right before the write
+    assert s3["model_version"] == "3" and s3["alias"] == "candidate" and s3["status"] == "registered"
+    assert _champion_version(env, model) == "2"
+    assert "does not beat champion v2" in c.get_model_version(model, "3").tags["xct.alias_reason"]
+
+
 def test_an_interrupted_registration_is_completed_on_rerun(env: dict[str, Any], proxy: FaultProxy) -> None:
     """The server records the new version, then 'dies' before answering: no alias, no card,
     run RUNNING (it could not be told). The re-run makes the alias decision and logs the card."""
@@ -222,14 +250,28 @@ def test_an_interrupted_registration_is_completed_on_rerun(env: dict[str, Any], 
     assert s3["model_version"] == "1" and list(c.get_model_version(model, "1").aliases) == ["champion"]
 
 
-def test_a_register_step_that_fails_after_logging_marks_its_run_failed(env: dict[str, Any], proxy: FaultProxy) -> None:
-    """model-versions/create refused (it never reaches the server): no version, the run FAILED;
-    the next run registers normally and the failed run stays FAILED."""
+def test_a_register_step_that_fails_after_logging_marks_its_run_failed(env: dict[str, Any], proxy: FaultProxy,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`xct step register` with model-versions/create refused (it never reaches the server):
+    one line, exit 1, no summary, no version, the run FAILED; the next run registers normally
+    and the failed run stays FAILED."""
+    from cli_run import xct
+
     model = "fc-failed-run"
     params = _params(env, model)
+    run, gates, ev = _prepare(env, params, "run", seed=3, psnr2=24.0)
+    pfile = run / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     proxy.fail_request("POST /api/2.0/mlflow/model-versions/create", action="refuse")
-    with pytest.raises(XctError):
-        _register(env, params, "run", seed=3, psnr2=24.0)
+    capsys.readouterr()
+    code = xct(["step", "register", "--gates", gates, "--eval", ev, "--train-dir", run / "train",
+                "--processed", env["processed"], "--out", run / "summary.json", "-p", pfile])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert proxy.fired() and code == 1, (code, err)
+    assert err[-1].startswith(f"xct: error: MLflow at {proxy.url} {CANNOT}"), err
+    # before it, MLflow's own "Successfully registered model '…'." (the registered model, not a version)
+    assert all(line.startswith("Successfully registered model") for line in err[:-1]), err
+    assert not (run / "summary.json").exists()  # nothing half-written
     c = _direct(env)
     assert c.search_model_versions(f"name='{model}'") == []
     exp = c.get_experiment_by_name(f"register-{model}")
