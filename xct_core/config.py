@@ -655,6 +655,11 @@ class RegisterParams(_Section):
     candidate_alias: str = "candidate"
     #: MLflow experiment of the registration runs
     experiment: str = "xct-register"
+    #: every MLflow HTTP request waits at most this long for the server (MLFLOW_HTTP_REQUEST_TIMEOUT
+    #: unless the environment sets it) and is retried at most ``request_max_retries`` times
+    #: (MLFLOW_HTTP_REQUEST_MAX_RETRIES): a dead or black-holed server is an error in bounded time
+    request_timeout_s: int = Field(15, ge=1, le=3600)
+    request_max_retries: int = Field(3, ge=0, le=10)
 
 
 # --- the DAG itself (owner: dvc.yaml, pipelines/training.py, components/guard.py) --------

@@ -12,7 +12,10 @@ override of the pipeline's automatic champion/candidate decision). Tracking:
 ``list`` and ``show`` are read-only: when the tracking store does not exist yet (no
 ``mlflow.db``, no ``file:`` folder) ``list`` says so in one line and exits 0, without
 creating it; ``show VERSION`` and ``promote`` then fail with one line (exit 2), as they do
-for an unknown version.
+for an unknown version. A registry that cannot answer (server down, black-holed, failing) is
+never "no versions" nor "no such version": one line naming the server and why, exit 1, within
+``registry.request_timeout_s`` × (1 + ``registry.request_max_retries``) per request
+(:class:`components.tracking.RegistryError`).
 """
 
 from __future__ import annotations
