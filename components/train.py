@@ -41,6 +41,7 @@ from typing import Any
 
 from xct_core.atomic import write_json_atomic
 from xct_core.checkpoint import latest_checkpoint
+from components.ray_params import RayParams
 from xct_core.config import Params, params_from_dict
 from xct_core.errors import XctError
 from xct_core.training import (
@@ -206,7 +207,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         logging.getLogger(_ray_ctx.__file__).setLevel(logging.WARNING)
     except ImportError:  # a Ray without Train V2: nothing to quiet
         pass
-    params = params_from_dict(config["params"], "params")
+    params = params_from_dict(config["params"], "params", RayParams)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logger = MetricLogger(config["run_id"], config["tracking_uri"]) if rank == 0 and config.get("run_id") else None

@@ -15,7 +15,7 @@ import numpy as np
 import typer
 
 from xct_core.atomic import check_writable
-from xct_core.config import Params, default_params_path, load_params
+from xct_core.config import Params, resolve_params
 from xct_core.errors import InputError
 from xct_core.io import CTVolume, load_ct, orientation_codes, save_ct
 
@@ -35,12 +35,9 @@ PERCENTILES = (1, 5, 50, 95, 99)
 
 
 def _params(params: Path | None) -> Params:
-    """The params of the data.ct checks and the limits: from --params, else the default params
-    file when it exists, else defaults."""
-    if params is not None:
-        return load_params(params)
-    default = default_params_path()
-    return load_params(default) if default.exists() else Params()
+    """The params of the data.ct checks and the limits: from --params, else ``$XCT_PARAMS`` /
+    ./params.yaml, else the built-in defaults (= params.yaml)."""
+    return resolve_params(params)
 
 
 def _load(path: Path, params: Path | None) -> CTVolume:
