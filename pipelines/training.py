@@ -33,6 +33,7 @@ laptop: ``xct pipeline run --local`` (:func:`run_local`); submit: ``xct pipeline
 No ``from __future__ import annotations`` (KFP reads real annotations).
 """
 
+import json
 import os
 import re
 import tempfile
@@ -113,7 +114,9 @@ def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = No
     ``pipeline.kfp.caching``. The ``params_yaml`` parameter defaults to these params' text, so
     a run submitted without it (e.g. from the KFP UI) uses what the pipeline was compiled with."""
     params = params if params is not None else OpsParams()
-    compiled_params = params_text(params)
+    # JSON (a YAML subset) on ONE line: kfp writes each input's default into a comment header
+    # of the IR YAML, and a multi-line default would break that file
+    compiled_params = json.dumps(params.model_dump(mode="json"), separators=(",", ":"))
     kp = params.pipeline.kfp
     ctl = _Controls(kp, _caching(params, caching))
 

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from xct_core.config import Params, params_from_dict
+from components.ops_params import OpsParams as Params  # the whole file's model: train.ray, hpo included
+from components.ops_params import params_from_dict
 from xct_core.io import save_nifti
 from xct_core.phantoms import make_phantom
 
