@@ -315,7 +315,7 @@ def _ray_init() -> tuple[bool, float]:
     return True, time.perf_counter() - t0
 
 
-def scaling_config(params: Params) -> Any:
+def scaling_config(params: RayParams) -> Any:
     """``ray.train.ScalingConfig`` from ``params.train.ray``."""
     from ray.train import ScalingConfig
 
@@ -340,7 +340,7 @@ def _root_cause(e: BaseException) -> str:
 
 
 def run_train(
-    params: Params,
+    params: RayParams,
     stage: int,
     processed_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -360,6 +360,9 @@ def run_train(
     interrupted run is resumed. ``faults``: injected failures for tests (default from
     ``$XCT_TRAIN_FAULTS``). Raises :class:`XctError` subclasses with one-line messages.
     """
+    if not isinstance(params, RayParams):  # the science's Params carry no train.ray: never guess it
+        raise TypeError("run_train needs params with train.ray: load them with components.ray_params.RayParams "
+                        "(or components.ops_params.OpsParams)")
     k = int(stage)
     out = Path(out_dir if out_dir is not None else params.train.out_dir).absolute()
     processed = Path(processed_dir).absolute()
