@@ -39,7 +39,7 @@ Aliases and idempotency
 
 Tracking: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<repo>/mlflow.db``
 (:func:`components.tracking.tracking_uri`). Entry points: :func:`run_register` (all gates →
-register → ``reports/summary.json``, see :mod:`components.summary`),
+register → ``reports/summary.json``, see :mod:`components.pipeline_verdict`),
 ``xct step register --gates reports/gates --eval reports/eval --train-dir
 outputs/train --out reports/summary.json [--processed data/processed] [--params params.yaml]``,
 and its KFP component in :mod:`components.stages_kfp` (which calls :func:`run_register`).
@@ -505,8 +505,8 @@ def run_register(
     log: Any = None,
 ) -> dict[str, Any]:
     """Read every stage's gate report and evaluation; register when all passed; write and
-    return the summary (:mod:`components.summary`)."""
-    from components.summary import build_summary, stage_entry, write_summary
+    return the summary (:mod:`components.pipeline_verdict`)."""
+    from components.pipeline_verdict import build_summary, stage_entry, write_summary
     from components.tracking import tracking_uri as default_uri
 
     say = log or (lambda _m: None)

@@ -65,7 +65,7 @@ def ensure_dvc_project(repo: Path, env: dict[str, str]) -> None:
 
 def run_demo(repo: Path = REPO, force: bool = False) -> int:
     """Run the demo in ``repo``; returns the exit code."""
-    from components.summary import format_summary, read_summary
+    from components.pipeline_verdict import format_summary, read_summary
 
     env = step_env()
     t0 = time.perf_counter()

@@ -53,6 +53,9 @@ from typing import Any
 import yaml
 
 from xct_core.errors import InputError, XctError
+from xct_core.metric_table import PREDICTIONS, names_for
+from xct_core.metric_table import entry as metric_entry
+from xct_core.metric_table import label as metric_label
 
 REPO = Path(__file__).resolve().parents[1]
 #: where the shared real CTs live in this workplace (``$XCT_SHARED_DATA`` overrides)
@@ -68,20 +71,11 @@ TRAIN_FILES: tuple[str, ...] = (
 TEST_FILES: tuple[str, ...] = ("chest_LungPETCTDx-A0001.nii.gz", "chest_LungPETCTDx-A0002.nii.gz")
 MACHINE = "2-core AMD EPYC CPU dev machine"
 
-#: metrics reported per method (metric key in `xct evaluate`'s metrics.json → label)
-REPORTED: tuple[tuple[str, str], ...] = (
-    ("psnr_hu_db", "PSNR [-1024,1024] HU (dB)"),
-    ("psnr_window_db", "PSNR window (dB)"),
-    ("ssim_window", "SSIM (3D)"),
-    ("mae_hu", "MAE (HU)"),
-    ("reproj_psnr_frontal_db", "reproj. PSNR frontal (dB)"),
-    ("reproj_psnr_lateral_db", "reproj. PSNR lateral (dB)"),
-    ("psnr_slice_avg_db", "slice-avg PSNR (dB, X2CT-style)"),
-    ("ssim_slice_avg", "slice-avg SSIM (X2CT-style)"),
-)
-METHODS: tuple[tuple[str, str], ...] = (("", "diffusion cascade"), ("single_", "diffusion cascade, one sample"),
-                                        ("direct_", "direct regression"),
-                                        ("baseline_", "mean volume (train split)"))
+#: metrics reported per method (metric key in `xct evaluate`'s metrics.json → label): the metric
+#: table's ``realct`` metrics (xct_core/metric_table.py), in table order
+REPORTED: tuple[tuple[str, str], ...] = tuple((k, metric_label(k, short=True)) for k in names_for("realct"))
+#: the predictions (key prefix → row label): the metric table's
+METHODS: tuple[tuple[str, str], ...] = tuple((p.prefix, p.table) for p in PREDICTIONS)
 
 
 def _stem(name: str) -> str:
@@ -316,7 +310,7 @@ def build_summary(out: Path, params: Any, split: dict[str, list[str]], manifest:
 def _fmt(v: Any, key: str) -> str:
     if not isinstance(v, (int, float)):
         return "–"
-    return f"{v:.3f}" if "ssim" in key else f"{v:.1f}" if key == "mae_hu" else f"{v:.2f}"
+    return f"{v:.{metric_entry(key).digits}f}"
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@
 A failing gate stops the work after it: the tasks nested under its ``dsl.If`` never run and
 the ``dsl.Else`` branch records the gate summary; the run itself completes (rejected is a
 result, not an error). Step failures (bad data, a crashed trainer) fail the run. The whole
-DAG sits inside a ``dsl.ExitHandler`` whose exit task (components/run_summary.py) writes
+DAG sits inside a ``dsl.ExitHandler`` whose exit task (components/kfp_exit_handler.py) writes
 ``run_summary.json`` however the run ended, a failed step included.
 
 Everyday controls, from ``params.pipeline.kfp`` at compile time (:func:`build_pipeline`):
@@ -45,7 +45,7 @@ from kfp.dsl import Dataset
 
 from components.ingest import ingest_component
 from components.preprocess import preprocess_component
-from components.run_summary import run_summary_component
+from components.kfp_exit_handler import run_summary_component
 from components.stages_kfp import (
     GATE_PASSED,
     evaluate_step_component,

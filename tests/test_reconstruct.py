@@ -241,6 +241,10 @@ def test_evaluate_two_cts_metrics_baselines_and_report(env: dict[str, Any], tmp_
     srcs = [s.split('"')[0] for s in html.split('<img src="')[1:]]
     assert len(srcs) >= 4 and all((out / s).is_file() for s in srcs)
     assert "mean volume" in html and "direct regression" in html and "pat1" in html
+    from xct_core.metrics import ssim_taps  # the SSIM label names the taps used on the evaluated grid
+
+    p = env["params"]
+    assert f"σ {p.eval.ssim_sigma:g}, {ssim_taps(p.stage(2).size, p.eval.ssim_win)}³, range 2" in html
     assert (out / "recon" / "pat0.nii.gz").is_file() and (out / "per_patient.csv").read_text().count("\n") == 3
 
 

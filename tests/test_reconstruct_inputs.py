@@ -66,7 +66,10 @@ def write_radiograph(
     ds.PhotometricInterpretation = photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
     ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = "1", "0", "US"  # identity (DX Image module)
-    ds.PixelIntensityRelationship, ds.PixelIntensityRelationshipSign = "LIN", 1
+    # DICOM PS3.3 C.8.11.3.1.2: the Sign, not the PhotometricInterpretation, says which way the values
+    # run; the MONOCHROME1 file here stores full - I (higher values = less intensity): Sign -1
+    ds.PixelIntensityRelationship = "LIN"
+    ds.PixelIntensityRelationshipSign = -1 if photometric == "MONOCHROME1" else 1
     ds.PixelData = stored.tobytes()
     ds.save_as(path, enforce_file_format=True)
     return stored

@@ -216,7 +216,7 @@ def test_models_cli_list_and_promote(reg_env: dict[str, Any], capsys) -> None:
 
 
 def test_summary_table_lists_checks_and_commands(reg_env: dict[str, Any]) -> None:
-    from components.summary import format_summary
+    from components.pipeline_verdict import format_summary
 
     s = _run(reg_env, "run3", seed=2, psnr2=30.0, passing2=False)
     text = format_summary(s)

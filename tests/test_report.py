@@ -8,9 +8,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from xct_core.config import Params
+from xct_core.evaluation import EvalProtocol
 from xct_core.hu import get_window
+from xct_core.metrics import ssim_taps
 from xct_core.report import ReportCase, build_report, read_gate_reports, save_case_images, save_training_curves
 
 
@@ -51,9 +55,11 @@ def test_report_with_pictures_tables_gates_and_curves(tmp_path: Path, artifacts_
     assert set(curves) == {"stage1"} and curves["stage1"].is_file()
     m = {"psnr_hu_db": 18.5, "psnr_window_db": 22.0, "ssim_window": 0.5, "mae_hu": 80.0, "psnr_slice_avg_db": 23.0,
          "baseline_psnr_hu_db": 15.0, "baseline_psnr_window_db": 17.25, "direct_psnr_window_db": 20.125}
+    ctx = EvalProtocol.from_params(Params()).label_context(gt.shape[0])
     html_path = build_report(out / "report.html", title="t", cases=[ReportCase("p<1>", m, imgs)], summary=m,
                              notes=["mean-volume baseline: leave-one-out"], warnings=["low <PSNR>"],
-                             gates=read_gate_reports(gates), curves=curves, info={"model": "models:/x@champion"})
+                             gates=read_gate_reports(gates), curves=curves, info={"model": "models:/x@champion"},
+                             label_context=ctx)
     html = html_path.read_text()
     srcs = _img_srcs(html)
     assert len(srcs) == 3 and all((out / s).is_file() for s in srcs) and not any(s.startswith("/") for s in srcs)
@@ -68,9 +74,32 @@ def test_report_without_optional_parts(tmp_path: Path) -> None:
     """One case, no ground truth/gates/curves: still a valid page; no empty sections."""
     _, rec, _ = _volumes()
     imgs = save_case_images(tmp_path / "images", "only", volumes={"reconstruction": rec}, window=get_window("wide"))
-    html = build_report(tmp_path / "r.html", title="solo", cases=[ReportCase("only", {"psnr_hu_db": 1.0}, imgs)]
-                        ).read_text()
+    html = build_report(tmp_path / "r.html", title="solo", cases=[ReportCase("only", {"psnr_hu_db": 1.0}, imgs)],
+                        label_context=EvalProtocol.from_params(Params()).label_context()).read_text()
+    assert "3D PSNR [-1024,1024] HU, range 2048 (dB)" in html  # the HU range of params, in the label
     assert "Promotion gates" not in html and "Training curves" not in html and "mean volume" not in html
     assert [s for s in _img_srcs(html)] == ["images/only_slices.png"]
     assert save_training_curves(tmp_path / "missing", tmp_path / "images") == {}
     assert read_gate_reports(tmp_path / "missing") == []
+
+
+def test_ssim_label_states_the_taps_actually_used(tmp_path: Path) -> None:
+    """The SSIM row's label comes from the taps the evaluator used on that grid
+    (:func:`xct_core.metrics.ssim_taps`: 7 at 16³, 11 at 64³), never a fixed "11³"; without
+    the grid's context the report refuses to guess."""
+    protocol = EvalProtocol.from_params(Params())
+    m = {"ssim_window": 0.5, "psnr_window_db": 20.0}
+    labels = {}
+    for size in (16, 64):
+        html = build_report(tmp_path / f"r{size}.html", title="t", cases=[ReportCase("a", m)], summary=m,
+                            label_context=protocol.label_context(size)).read_text()
+        row = re.search(r"<td>(3D SSIM in the window[^<]*)</td>", html)
+        assert row, html
+        labels[size] = row.group(1)
+    taps16, taps64 = ssim_taps(16, protocol.ssim_win), ssim_taps(64, protocol.ssim_win)
+    assert (taps16, taps64) == (7, 11)
+    assert f"{taps16}³" in labels[16] and "11³" not in labels[16]
+    assert f"{taps64}³" in labels[64] and f"σ {protocol.ssim_sigma:g}" in labels[64]
+    with pytest.raises(ValueError, match="ssim_window"):
+        build_report(tmp_path / "none.html", title="t", cases=[ReportCase("a", m)], summary=m)
+    assert not (tmp_path / "none.html").exists()

@@ -40,6 +40,13 @@ from pydantic import model_validator as _model_validator
 from xct_core.errors import ConfigError
 from xct_core.grid import StageGrid, token_levels
 from xct_core.hu import OUTPUT_MAPS, HUMap, HUWindow, get_window
+from xct_core.metric_table import check_param_metric as _check_metric
+from xct_core.metric_table import entry as _metric_entry
+
+#: a params value naming a metric: looked up in xct_core.metric_table when params load
+#: (``single_`` allowed where the training loop reports one-sample metrics)
+MetricName = _Annotated[str, _AfterValidator(lambda v: _check_metric(v))]
+SelectMetric = _Annotated[str, _AfterValidator(lambda v: _check_metric(v, ("", "single_")))]
 
 #: environment variable naming the params file (default: ./params.yaml)
 PARAMS_ENV = "XCT_PARAMS"
@@ -562,7 +569,7 @@ class TrainParams(_OpsAware):
     #: also render the reconstruction's DRRs and report reprojection PSNR/SSIM
     val_reprojection: bool = True
     #: validation metric that selects best.pt (a key of xct_core.metrics.volume_metrics)
-    best_metric: str = "psnr_window_db"
+    best_metric: SelectMetric = "psnr_window_db"
     best_mode: Literal["max", "min"] = "max"
     #: also train a direct-regression twin (same network, mode="direct") on the same batches
     #: and report its validation metrics as the baseline (val/direct_*)
@@ -599,7 +606,7 @@ class RelativeGate(_Section):
     measured on the same test split; no champion yet, or another split: the check is skipped
     and says so)."""
 
-    metric: str = "psnr_window_db"
+    metric: MetricName = "psnr_window_db"
     baseline: Literal["mean_volume", "direct_twin", "champion"]
     min_absolute_change: float | None = None
     min_relative_change: float | None = None
@@ -609,6 +616,9 @@ class RelativeGate(_Section):
     def _needs_a_margin(self) -> RelativeGate:
         if self.min_absolute_change is None and self.min_relative_change is None:
             raise ValueError(f"relative gate against {self.baseline}: set min_absolute_change and/or min_relative_change")
+        if self.greater_is_better != (_metric_entry(self.metric).better == "higher"):
+            raise ValueError(f"relative gate on {self.metric}: the metric table says {_metric_entry(self.metric).better} "
+                             f"is better, greater_is_better is {self.greater_is_better}")
         return self
 
 

@@ -57,6 +57,7 @@ from xct_core.inference import Reconstruction, load_stage, load_stages, reconstr
 from xct_core.io import CTVolume
 from xct_core.jsondoc import json_text
 from xct_core.layout import METRICS_JSON, MONTAGE_PNG, PER_PATIENT_CSV, RunLayout, stage_model_files
+from xct_core.metric_table import definitions as metric_definitions
 from xct_core.metrics import dynamic_range, hu_metrics_per_sample, mean_rows, ssim_taps
 from xct_core.seeding import case_seed, sample_seed
 
@@ -130,23 +131,25 @@ class EvalProtocol:
                                      hu_range=self.hu_range, ssim_sigma=self.ssim_sigma, ssim_win=self.ssim_taps(size),
                                      views=v, body_hu=self.body_hu)[0]
 
+    def label_context(self, size: int | None = None) -> dict[str, Any]:
+        """The values the metric table's labels and definitions are formatted with
+        (:mod:`xct_core.metric_table`); ``size``: the grid, for the SSIM taps actually used
+        (without it, no ``taps``: a label that needs them refuses to guess)."""
+        w, (lo, hi) = self.window, self.hu_range
+        ctx: dict[str, Any] = {
+            "window": w.name, "wlo": w.lo, "whi": w.hi, "sigma": self.ssim_sigma, "body_hu": self.body_hu,
+            "hu_lo": lo, "hu_hi": hi, "hu_span": hi - lo,
+            "taps_text": (f"{self.ssim_taps(size)}^3 taps on the {size}^3 grid" if size else
+                          f"min({self.ssim_win}, largest odd <= S/2-1)^3 taps on an S^3 grid"),
+        }
+        if size:
+            ctx["taps"] = self.ssim_taps(size)
+        return ctx
+
     def describe(self, size: int | None = None) -> dict[str, str]:
         """The protocol, in words, for metrics.json and the reports (``size``: the grid, for
-        the SSIM taps actually used)."""
-        w, (lo, hi) = self.window, self.hu_range
-        taps = (f"{self.ssim_taps(size)}^3 taps on the {size}^3 grid" if size else
-                f"min({self.ssim_win}, largest odd <= S/2-1)^3 taps on an S^3 grid")
-        return {
-            "psnr_window_db": f"3D PSNR in the evaluation window {w.name} [{w.lo:g}, {w.hi:g}] HU (both clipped), data_range 2",
-            "ssim_window": f"3D SSIM in the window, Gaussian sigma {self.ssim_sigma:g}, {taps}, data_range 2, "
-                           "mean over the valid region",
-            "psnr_window_body_db / psnr_hu_body_db": f"the same PSNRs with the MSE inside the body only: per axial slice "
-                                                     f"the hole-filled target > {self.body_hu:g} HU",
-            "psnr_hu_db": f"3D PSNR, both volumes clipped to [{lo:g}, {hi:g}] HU, data_range {hi - lo:g}",
-            "mae_hu": f"mean absolute error, clipped to [{lo:g}, {hi:g}] HU",
-            "reproj_psnr_<view>_db": "2D PSNR of the reconstruction's DRR vs the input view, data_range = input max-min",
-            "psnr_slice_avg_db / ssim_slice_avg": "X2CT-style axial SLICE AVERAGES over the HU range (papers only)",
-        }
+        the SSIM taps actually used): the metric table's definitions."""
+        return metric_definitions(self.label_context(size))
 
 
 # --------------------------------------------------------------------------- one case

@@ -31,6 +31,7 @@ from typing import Any
 from xct_core.config import RelativeGate, StageGate
 from xct_core.errors import InputError
 from xct_core.jsondoc import read_json_doc
+from xct_core.metric_table import baseline_prefix
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def _relative(rel: RelativeGate, metrics: dict[str, Any], champion: Champion | N
         base = _num(champion.metrics, rel.metric)
         note = f"champion v{champion.version}"
     else:
-        prefix = "baseline_" if rel.baseline == "mean_volume" else "direct_"
+        prefix = baseline_prefix(rel.baseline)  # the metric table's prediction prefixes
         base = _num(metrics, prefix + rel.metric)
         if not math.isfinite(base):
             note = f"no {prefix}{rel.metric} in the metrics (the evaluation did not measure this baseline)"

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic import model_validator as _model_validator
 
+from xct_core.config import MetricName
 from xct_core.config import Section as _Section
 
 
@@ -92,7 +93,7 @@ class HPOParams(_Section):
     #: default study name: "{study_prefix}-stage{K}" (`xct hpo --study NAME` overrides)
     study_prefix: str = "xct"
     #: validation metric optimised (a key of xct_core.metrics.volume_metrics) and its direction
-    metric: str = "psnr_window_db"
+    metric: MetricName = "psnr_window_db"
     mode: Literal["max", "min"] = "max"
     #: optimiser steps of one trial, per stage
     steps: dict[str, int] = Field(default_factory=lambda: {"stage1": 200, "stage2": 60, "stage3": 30})

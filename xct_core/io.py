@@ -29,7 +29,10 @@ Rejected, each with an InputError: 2D data / a single slice / an axis of length 
 5D data (trailing axes of length 1 are dropped first); NaN/Inf voxels (with the count);
 non-finite, singular or zero affine; voxel spacing outside
 ``[min_spacing_mm, max_spacing_mm]``; NIfTI without orientation (qform_code = sform_code
-= 0); and data that is evidently not HU:
+= 0), with a qform and an sform of opposite handedness (one of them mirrored: a corrupted
+header), with a negative ``scl_slope``, or int8 voxels that (scaled) cannot reach -1000 and
++1000 HU; and data that is evidently not HU. NIfTI xyz units are honoured (micron and meter
+are converted to mm; "unknown" is read as mm):
 
 1. *Out of range*: more than ``max_implausible_fraction`` of the voxels lie outside
    ``[hu_min, hu_max]`` (default [-2000, 4000] HU). The volume's minimum value itself is
@@ -41,12 +44,16 @@ non-finite, singular or zero affine; voxel spacing outside
    fat). Raw stored values without RescaleIntercept (0..4095, air ≈ 0) fail this.
 
 DICOM series: only CT Image Storage slices are used (SOP Class UID, or the file meta's
-Media Storage SOP Class when the dataset's is blank; localizers are skipped); one
-SeriesInstanceUID, one ImageOrientationPatient, one Rows×Columns and one PixelSpacing;
+Media Storage SOP Class when the dataset's is blank; localizers are skipped, and so is a
+series whose files all lack pixel data, but a slice without pixel data inside an image series
+is refused, naming it); one SeriesInstanceUID, one ImageOrientationPatient, one Rows×Columns
+and one positive PixelSpacing (DICOM has no negative spacing; it would mirror the volume);
 slices are sorted by ``ImagePositionPatient · n`` with ``n = row_cosine × col_cosine``;
 duplicate positions and gaps that differ from the median gap by more than
 ``slice_gap_tol_mm`` are rejected. RescaleSlope/Intercept (or a Modality LUT) is applied
 per slice. Files without the 128-byte preamble + "DICM" are not recognised as DICOM.
+Compressed transfer syntaxes decode through pydicom's plugins (:func:`decode_pixels`: a missing
+one is named with the pip packages to install).
 """
 
 from __future__ import annotations
@@ -291,7 +298,9 @@ def _load_nifti(path: Path, checks: CTCheckParams, limits: LimitsParams) -> CTVo
     if dtype.kind not in "biuf":
         raise InputError(path, f"unsupported voxel data type {dtype} (expected a scalar integer or float type)")
     shape = _check_shape(path, tuple(int(s) for s in img.shape))
-    affine = np.asarray(img.affine, dtype=np.float64)
+    _check_nifti_forms(path, img)
+    _check_nifti_scaling(path, img, dtype)
+    affine, units = _nifti_affine_mm(path, img)
     _check_affine(path, affine, checks)  # before reading the (possibly large) data
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged")).reshape(shape)
@@ -305,8 +314,68 @@ def _load_nifti(path: Path, checks: CTCheckParams, limits: LimitsParams) -> CTVo
         "source_dtype": str(dtype),
         "scl_slope": None if slope is None else float(slope),
         "scl_inter": None if inter is None else float(inter),
+        "xyz_units": units,
     }
     return _finish(path, data, affine, checks, meta)
+
+
+#: NIfTI xyz units (nifti1.h NIFTI_UNITS_*) → millimetres; "unknown" is read as mm (as nibabel and
+#: every viewer do)
+_NIFTI_MM_PER_UNIT = {"unknown": 1.0, "mm": 1.0, "meter": 1000.0, "micron": 1e-3}
+
+
+def _nifti_affine_mm(path: Path, img: nib.Nifti1Image) -> tuple[np.ndarray, str]:
+    """The image affine (sform when sform_code > 0, else qform: nibabel's choice) in mm:
+    NIfTI's xyz units (metres, microns) are converted, as the standard defines them."""
+    affine = np.asarray(img.affine, dtype=np.float64).copy()
+    try:
+        units = str(img.header.get_xyzt_units()[0])
+    except Exception as e:  # noqa: BLE001  a garbage xyzt_units byte
+        raise InputError(path, f"unreadable xyzt_units ({_why(e)})") from None
+    scale = _NIFTI_MM_PER_UNIT.get(units)
+    if scale is None:
+        raise InputError(path, f"unknown spatial unit {units!r} in xyzt_units")
+    affine[:3, :] *= scale
+    return affine, units
+
+
+def _check_nifti_forms(path: Path, img: nib.Nifti1Image) -> None:
+    """Both orientations present (qform_code, sform_code > 0) must agree in handedness: NIfTI
+    readers use the sform (nibabel) or the qform (some viewers), and a mirrored one of the two
+    is a corrupted header — which one is right cannot be told, so the file is refused."""
+    hdr = img.header
+    if int(hdr["qform_code"]) <= 0 or int(hdr["sform_code"]) <= 0:
+        return
+    try:
+        dq = float(np.linalg.det(np.asarray(img.get_qform(), dtype=np.float64)[:3, :3]))
+        ds = float(np.linalg.det(np.asarray(img.get_sform(), dtype=np.float64)[:3, :3]))
+    except Exception as e:  # noqa: BLE001  garbage quaternion fields
+        raise InputError(path, f"unreadable qform/sform ({_why(e)})") from None
+    if np.isfinite(dq) and np.isfinite(ds) and dq * ds < 0:
+        q, s_ = (orientation_codes(img.get_qform()), orientation_codes(img.get_sform()))
+        raise InputError(
+            path, f"qform ({''.join(q)}) and sform ({''.join(s_)}) disagree in handedness (one is mirrored): "
+                  "corrupted header, left and right cannot be told apart"
+        )
+
+
+def _check_nifti_scaling(path: Path, img: nib.Nifti1Image, dtype: np.dtype) -> None:
+    """Refuse voxel scalings that cannot be HU: a negative ``scl_slope`` (inverts the scale), and
+    int8 voxels whose (scaled) range cannot reach both air (-1000 HU) and bone (+1000 HU) — their
+    minimum -128 passes the no-air rule, so the type itself is judged."""
+    # nibabel moves scl_slope/scl_inter from the header into the array proxy on load
+    slope = float(getattr(img.dataobj, "slope", 1.0))
+    inter = float(getattr(img.dataobj, "inter", 0.0))
+    if np.isfinite(slope) and slope < 0:
+        raise InputError(path, f"negative scl_slope {slope:g}: the scaling inverts the voxel values (HU)")
+    if dtype.kind == "i" and dtype.itemsize == 1:  # (uint8 data has no air: the no-air rule names it)
+        info = np.iinfo(dtype)
+        lo, hi = sorted((slope * info.min + inter, slope * info.max + inter))
+        if lo > -1000.0 or hi < 1000.0:
+            raise InputError(
+                path, f"not Hounsfield units: {dtype} voxels (range {lo:g} .. {hi:g} after scl_slope/scl_inter) "
+                      "cannot hold air (-1000 HU) and bone (+1000 HU)"
+            )
 
 
 def _why(e: BaseException) -> str:
@@ -330,6 +399,55 @@ class _Slice:
     cols: int
 
 
+#: the pip packages that give pydicom a decoder for each compressed transfer syntax (the ones
+#: shipped are pinned in requirements/base.txt); RLE and the native syntaxes need none
+_DECODER_PACKAGES = {
+    **dict.fromkeys(
+        ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+         "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"),
+        "pylibjpeg pylibjpeg-libjpeg",
+    ),
+    **dict.fromkeys(
+        ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+         "1.2.840.10008.1.2.4.203"),
+        "pylibjpeg pylibjpeg-openjpeg",
+    ),
+}
+
+
+def _missing_decoder(ds: pydicom.Dataset) -> str | None:
+    """Why no installed plugin can decode ``ds``'s transfer syntax (naming the package to
+    install first, so no truncation can cut it), or None when one can."""
+    from pydicom.pixels import get_decoder
+
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if uid is None:
+        return None
+    name = f"{uid.name} ({uid})" if uid.name != str(uid) else str(uid)
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return f"cannot decode pixel data: pydicom {pydicom.__version__} has no decoder for transfer syntax {name}"
+    if decoder.is_available:
+        return None
+    pkgs = _DECODER_PACKAGES.get(str(uid))
+    hint = f"pip install {pkgs}" if pkgs else "; ".join(decoder.missing_dependencies) or "no plugin"
+    return f"cannot decode pixel data: no decoder for transfer syntax {name} is installed ({hint})"
+
+
+def decode_pixels(path: Path, ds: pydicom.Dataset) -> np.ndarray:
+    """``ds.pixel_array``, or :class:`InputError` naming ``path``: a missing decoder plugin
+    names the package to install; truncated data or a corrupt codestream is one line."""
+    missing = _missing_decoder(ds)
+    if missing is not None:
+        raise InputError(path, missing)
+    try:
+        return ds.pixel_array
+    except Exception as e:  # noqa: BLE001  truncated pixel data, corrupt codestream
+        raise InputError(path, f"cannot decode pixel data ({_why(e)})") from None
+
+
 def _sop_class(ds: pydicom.Dataset) -> str:
     sop = str(ds.get("SOPClassUID", "") or "").strip()
     if not sop and getattr(ds, "file_meta", None) is not None:
@@ -347,11 +465,11 @@ def _ct_skip_reason(ds: pydicom.Dataset, need_pixels: bool = True) -> str | None
         return _SOP_NAMES.get(sop, f"SOP class {sop}")
     if not sop and str(ds.get("Modality", "")).upper() != "CT":
         return f"modality {ds.get('Modality', '?')}"
-    if need_pixels and "PixelData" not in ds:
-        return "no pixel data"
     image_type = [str(t).upper() for t in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
         return "localizer"
+    if need_pixels and "PixelData" not in ds:
+        return "no pixel data"
     return None
 
 
@@ -369,6 +487,17 @@ def _floats(where: Path, ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarra
     return arr
 
 
+def _positive_spacing(where: Path, spacing: np.ndarray) -> np.ndarray:
+    """PixelSpacing is a physical distance between pixel centres: DICOM (PS3.3 10.7.1.3) has no
+    negative or zero value for it; a negative one would silently mirror the volume."""
+    if np.any(spacing <= 0):
+        raise InputError(
+            where, f"PixelSpacing {spacing.tolist()} must be positive (a distance between pixel centres in mm; "
+                   "DICOM forbids negative or zero values, which would mirror or collapse the image)"
+        )
+    return spacing
+
+
 def _read_slice(path: Path, ds: pydicom.Dataset, limits: LimitsParams) -> _Slice:
     frames = ds.get("NumberOfFrames")
     if frames is not None and int(frames or 1) > 1:
@@ -384,7 +513,7 @@ def _read_slice(path: Path, ds: pydicom.Dataset, limits: LimitsParams) -> _Slice
         ds=ds,
         ipp=_floats(path, ds, "ImagePositionPatient", 3),
         iop=_floats(path, ds, "ImageOrientationPatient", 6),
-        spacing=_floats(path, ds, "PixelSpacing", 2),
+        spacing=_positive_spacing(path, _floats(path, ds, "PixelSpacing", 2)),
         rows=int(rows),
         cols=int(cols),
     )
@@ -413,7 +542,9 @@ def _scan_dicom_dir(directory: Path) -> tuple[list[tuple[Path, pydicom.Dataset]]
         except Exception as e:  # truncated/corrupt header
             raise InputError(p, f"corrupt DICOM file ({_why(e)})") from e
         n_dicom += 1
-        reason = _ct_skip_reason(ds)
+        # a CT slice without pixel data is kept: within an image series it is a hole (refused
+        # by _load_dicom), a series made only of such files is skipped there
+        reason = _ct_skip_reason(ds, need_pixels=False)
         if reason is None:
             slices.append((p, ds))
         else:
@@ -442,6 +573,13 @@ def _load_dicom(path: Path, checks: CTCheckParams, limits: LimitsParams) -> CTVo
         directory, wanted_series = path.parent, _series_uid(head)
 
     found, n_dicom, skipped = _scan_dicom_dir(directory)
+    by_series: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    for p, ds in found:
+        by_series.setdefault(_series_uid(ds), []).append((p, ds))
+    for uid in list(by_series):  # a series without any pixel data holds no image (e.g. a header-only object)
+        if all("PixelData" not in ds for _p, ds in by_series[uid]) and uid != wanted_series:
+            skipped["no pixel data"] += len(by_series.pop(uid))
+    found = [m for members in by_series.values() for m in members]
     skipped_txt = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
     if not found:
         if n_dicom == 0:
@@ -450,9 +588,6 @@ def _load_dicom(path: Path, checks: CTCheckParams, limits: LimitsParams) -> CTVo
             directory, f"no CT Image Storage slices among {n_dicom} DICOM files (skipped: {skipped_txt})"
         )
 
-    by_series: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
-    for p, ds in found:
-        by_series.setdefault(_series_uid(ds), []).append((p, ds))
     if wanted_series is not None:
         by_series = {wanted_series: by_series.get(wanted_series, [])}
     if len(by_series) > 1:
@@ -463,8 +598,14 @@ def _load_dicom(path: Path, checks: CTCheckParams, limits: LimitsParams) -> CTVo
             "or give each series its own directory",
         )
     series_uid, members = next(iter(by_series.items()))
-    if not members:  # the given file was skipped on the full read (e.g. it has no pixel data)
+    empty = sorted(p for p, ds in members if "PixelData" not in ds)
+    if not members or len(empty) == len(members):  # the given file's series holds no pixel data at all
         raise InputError(path, "no CT slice with pixel data in this file's series")
+    if empty:  # dropping it would silently double one slice gap (or shorten the volume)
+        raise InputError(
+            empty[0], f"CT slice without pixel data in series {series_uid or '<blank>'} ({len(empty)} of "
+                      f"{len(members)} slices have none): the series is incomplete"
+        )
     where = path if path.is_dir() else directory
     slices = [_read_slice(p, ds, limits) for p, ds in members]
     if len(slices) < 2:
@@ -545,10 +686,7 @@ def _load_dicom(path: Path, checks: CTCheckParams, limits: LimitsParams) -> CTVo
     vol = np.empty((ref.cols, ref.rows, n), dtype=np.float32)
     rescale: set[tuple[float, float]] = set()
     for k, s in enumerate(slices):
-        try:
-            raw = s.ds.pixel_array
-        except Exception as e:  # truncated pixel data, missing decoder, corrupt codestream
-            raise InputError(s.path, f"cannot decode pixel data ({_why(e)})") from e
+        raw = decode_pixels(s.path, s.ds)
         if raw.shape != (ref.rows, ref.cols):
             raise InputError(
                 s.path,

@@ -10,7 +10,8 @@ NumPy ``float64`` array ``[B]`` with the metric of each sample ("batched = per-s
 Axes follow docs/CONVENTIONS.md (RAS+, so axis Z = the last spatial axis is the axial,
 inferior→superior axis).
 
-Definitions (the protocol in /work/shared/REFERENCE.md):
+Definitions (each metric's unit, better direction, labels and protocol sentence are declared
+once, in :mod:`xct_core.metric_table`):
 
 * PSNR = ``10·log10(data_range² / MSE)``, MSE over all voxels of a sample (3D PSNR).
   ``inf`` when the inputs are identical. :func:`psnr_window`: both inputs clipped to the
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from xct_core.hu import HUWindow
+from xct_core.metric_table import summed
 
 ArrayLike = torch.Tensor | np.ndarray
 Scalar = float | np.ndarray  # float for one sample, float64 array [B] for a batch
@@ -507,14 +509,15 @@ def volume_metrics_per_sample(
 
 
 def mean_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Mean of each numeric key over rows (``*nan_count``: the sum); the one aggregation of
-    per-sample / per-patient metrics. Non-numeric values (an ``id``) are skipped."""
+    """Mean of each numeric key over rows (the metric table's counts, ``*nan_count``: the
+    sum, :func:`xct_core.metric_table.summed`); the one aggregation of per-sample /
+    per-patient metrics. Non-numeric values (an ``id``) are skipped."""
     out: dict[str, float] = {}
     keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float, np.floating, np.integer))
             and not isinstance(rows[0][k], bool)] if rows else []
     for k in keys:
         vals = np.array([float(r.get(k, math.nan)) for r in rows], dtype=np.float64)
-        out[k] = float(vals.sum()) if k.endswith("nan_count") else float(vals.mean())
+        out[k] = float(vals.sum()) if summed(k) else float(vals.mean())
     return out
 
 

@@ -38,6 +38,8 @@ import numpy as np
 
 from xct_core.errors import InputError
 from xct_core.hu import HUWindow
+from xct_core.metric_table import METRICS, entry
+from xct_core.metric_table import PREDICTIONS as _PREDICTIONS
 
 if TYPE_CHECKING:
     from xct_core.config import Params
@@ -76,20 +78,14 @@ class BootstrapSpec:
 
 BOOTSTRAP = BootstrapSpec()
 
-#: metrics of the card, each for every prediction present (keys as the evaluator writes them;
-#: + ``reproj_psnr_<view>_db`` for each view, :func:`card_metrics`)
-CARD_METRICS: tuple[str, ...] = (
-    "psnr_window_db", "ssim_window", "psnr_window_body_db", "psnr_hu_db", "psnr_hu_body_db", "mae_hu",
-)
-#: the slice-averaged metrics: reported in their own table, under the protocol's own label
-SLICE_AVG_KEYS: tuple[str, ...] = ("psnr_slice_avg_db", "ssim_slice_avg")
-#: the predictions the evaluator measures (key prefix → what it is; :mod:`xct_core.evaluation`)
-PREDICTIONS: tuple[tuple[str, str], ...] = (
-    ("", "cascade (posterior mean of the samples)"),
-    ("single_", "cascade, one sample"),
-    ("direct_", "direct-regression twin"),
-    ("baseline_", "mean volume (train split)"),
-)
+#: the card's metrics (:mod:`xct_core.metric_table`, use ``card``; keys as the evaluator writes
+#: them, each for every prediction present), ``reproj_psnr_<view>_db`` expanded per view
+#: (:func:`card_metrics`): the main table, then the slice averages in their own table, under the
+#: protocol's own label
+CARD_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if "card" in m.uses and not m.papers_only)
+SLICE_AVG_KEYS: tuple[str, ...] = tuple(m.name for m in METRICS if "card" in m.uses and m.papers_only)
+#: the predictions the evaluator measures (key prefix → what it is; :data:`xct_core.metric_table.PREDICTIONS`)
+PREDICTIONS: tuple[tuple[str, str], ...] = tuple((p.prefix, p.card) for p in _PREDICTIONS)
 
 INTENDED_USE: dict[str, Any] = {
     "primary": ("Research and engineering of biplanar X-ray to 3D CT reconstruction: reconstruct a CT volume "
@@ -113,10 +109,8 @@ INTENDED_USE: dict[str, Any] = {
 
 
 def card_metrics() -> tuple[str, ...]:
-    """:data:`CARD_METRICS` + the reprojection PSNR of each view (:data:`xct_core.geometry.VIEWS`)."""
-    from xct_core.geometry import VIEWS
-
-    return (*CARD_METRICS, *(f"reproj_psnr_{v}_db" for v in VIEWS))
+    """:data:`CARD_METRICS` with each per-view metric once per view (:data:`xct_core.geometry.VIEWS`)."""
+    return tuple(n for k in CARD_METRICS for n in entry(k).names())
 
 
 def _views() -> tuple[str, ...]:

@@ -13,7 +13,8 @@ paths, so the folder can be zipped or logged as an artifact as a whole). Picture
   when a training folder is given.
 
 Tables: the cascade beside the baselines (mean volume, direct regression), one row per
-patient, and the promotion gate checks (``reports/gates/stage*.json``) when present.
+patient, and the promotion gate checks (``reports/gates/stage*.json``) when present. Which
+metrics, in which order and under which label: :mod:`xct_core.metric_table` (use ``report``).
 Everything is written atomically (temp file + rename).
 """
 
@@ -30,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from xct_core.hu import HUWindow
 from xct_core.atomic import write_text_atomic
 from xct_core.errors import XctError
+from xct_core.hu import HUWindow
+from xct_core.metric_table import PREDICTIONS, entry, label, names_for
 from xct_core.viz import PLANES, Panel, orthogonal_slice, save_image_grid, slice_aspect
 
 __all__ = [
@@ -44,17 +46,8 @@ __all__ = [
     "read_gate_reports",
 ]
 
-#: (key, label) of the metrics shown beside each other: cascade | direct_ | baseline_
-COMPARE_METRICS: tuple[tuple[str, str], ...] = (
-    ("psnr_hu_db", "3D PSNR [-1024,1024] HU, range 2048 (dB)"),
-    ("psnr_window_db", "3D PSNR in the training window, range 2 (dB)"),
-    ("ssim_window", "3D SSIM in the window (Gaussian σ 1.5, 11³, range 2)"),
-    ("mae_hu", "MAE [-1024,1024] HU"),
-    ("reproj_psnr_frontal_db", "reprojection PSNR frontal (dB, range = input max−min)"),
-    ("reproj_psnr_lateral_db", "reprojection PSNR lateral (dB)"),
-    ("psnr_slice_avg_db", "X2CT-style axial slice-average PSNR (dB; papers only)"),
-    ("ssim_slice_avg", "X2CT-style axial slice-average SSIM (papers only)"),
-)
+#: the metrics of the report's tables (:mod:`xct_core.metric_table`, use ``report``), in table order
+COMPARE_METRICS: tuple[str, ...] = names_for("report")
 IMAGES = "images"
 
 
@@ -221,13 +214,17 @@ def build_report(
     gates: Sequence[Mapping[str, Any]] = (),
     curves: Mapping[str, Path] | None = None,
     info: Mapping[str, Any] | None = None,
+    label_context: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the HTML report at ``path`` (pictures are referenced relative to its folder).
 
     ``summary``: patient means (same keys as a case's metrics); ``notes``: protocol/baseline
     remarks shown verbatim; ``warnings``: QA warnings (highlighted); ``gates``: gate report
     dicts (:func:`read_gate_reports`); ``curves``: stage → curve PNG; ``info``: key → value
-    shown at the top (model URI, steps, seeds …).
+    shown at the top (model URI, steps, seeds …); ``label_context``: the values the metric
+    labels are formatted with (:meth:`xct_core.evaluation.EvalProtocol.label_context` of the
+    evaluated grid: the SSIM label states the taps actually used). A table row whose label
+    needs a value the context lacks is a ``ValueError``, never a guessed label.
     """
     out = Path(path)
     base = out.parent
@@ -241,20 +238,19 @@ def build_report(
     for n in notes:
         parts.append(f"<p class='note'>{html.escape(n)}</p>")
     ref = summary if summary is not None else (cases[0].metrics if len(cases) == 1 else None)
+    compared = [k for k in COMPARE_METRICS if entry(k).per_prediction]
     if ref:
-        cols = [("cascade", "")]
-        if any(k.startswith("direct_") for k in ref):
-            cols.append(("direct regression", "direct_"))
-        if any(k.startswith("baseline_") for k in ref):
-            cols.append(("mean volume", "baseline_"))
-        rows = [[label] + [ref.get(prefix + key) for _, prefix in cols] for key, label in COMPARE_METRICS
+        cols = [(p.report, p.prefix) for p in PREDICTIONS
+                if p.report is not None and (p.prefix == "" or any(k.startswith(p.prefix) for k in ref))]
+        rows = [[label(key, label_context)] + [ref.get(prefix + key) for _, prefix in cols] for key in compared
                 if key in ref]
         parts.append("<h2>Cascade and baselines" + (" (patient means)" if summary is not None else "") + "</h2>")
         parts.append(_table(["metric"] + [c for c, _ in cols], rows))
     if len(cases) > 1 or (cases and summary is not None):
-        keys = [k for k, _ in COMPARE_METRICS if any(k in c.metrics for c in cases)]
-        extra = [k for k in ("baseline_psnr_window_db", "direct_psnr_window_db", "uncertainty_mean_std_hu")
-                 if any(k in c.metrics for c in cases)]
+        keys = [k for k in compared if any(k in c.metrics for c in cases)]
+        beside = [p + k for k in compared for p in entry(k).shown_with]
+        beside += [k for k in COMPARE_METRICS if k not in compared]
+        extra = [k for k in beside if any(k in c.metrics for c in cases)]
         parts.append("<h2>Per patient</h2>")
         parts.append(_table(["id", *keys, *extra], [[c.case_id, *(c.metrics.get(k) for k in keys + extra)]
                                                      for c in cases]))

@@ -10,14 +10,31 @@ shows the patient's right on the left columns, lateral shows anterior on the lef
   training geometry (``params.drr``, ``params.hu.mu_water``; relative tolerance 1e-3).
 * ``.png`` — an 8- or 16-bit grayscale **intensity** image: ``I/I0 = value / full scale``
   (255 or 65535), clamped below at ``reconstruct.min_intensity_fraction``, then
-  ``p = −ln(I/I0)``. The geometry is the model's training geometry (``params.drr``).
-* DICOM radiograph (any other file with the DICM preamble) — the same mapping with full
-  scale ``2**BitsStored − 1`` (MONOCHROME1 is inverted first); the pixel pitch is
+  ``p = −ln(I/I0)``. An ``sBIT`` chunk with ``b`` significant bits sets the full scale to
+  ``2**b − 1`` when every value fits in ``b`` bits (data stored unscaled, e.g. 12-bit values
+  0..4095 in a 16-bit PNG); values above that were scaled to the sample depth as the PNG
+  standard asks, and the full scale stays. The geometry is the model's training geometry
+  (``params.drr``).
+* DICOM radiograph (any other file with the DICM preamble) — as DICOM PS3.3 C.8.11.3.1.2
+  defines it: the Modality LUT (RescaleSlope/Intercept; identity in a conformant DX) is
+  applied, the result must lie in ``0 .. F`` with ``F = 2**BitsStored − 1``;
+  ``PixelIntensityRelationshipSign −1`` (higher values = less X-ray intensity) flips it to
+  ``F − value``; then ``PixelIntensityRelationship`` LIN gives ``I/I0 = value / F`` and LOG
+  ``I/I0 = F**(value/F − 1)`` (the log image of a linear detector of the same bit depth:
+  DICOM leaves the log scale open, so a LOG file also gets a warning line that says so), and
+  ``p = −ln(I/I0)`` with the PNG clamp. PhotometricInterpretation is a presentation attribute:
+  it decides the direction (MONOCHROME1 = Sign −1) only when the Sign is absent, with a
+  warning line; any other relationship (DISP, …) is refused. The pixel pitch is
   ``ImagerPixelSpacing`` (detector plane), else ``PixelSpacing``, and must equal
-  ``drr.pixel_mm`` (1 % tolerance). Rows × columns must equal ``drr.pixels``. Stored
-  values are used as they are (RescaleSlope/Intercept and PixelIntensityRelationship are
-  not applied: a linear raw intensity is assumed). A cross-sectional modality (CT, MR, PT,
-  NM, US — e.g. a CT slice) is rejected.
+  ``drr.pixel_mm`` (1 % tolerance). Rows × columns must equal ``drr.pixels``. A
+  cross-sectional modality (CT, MR, PT, NM, US — e.g. a CT slice) is rejected; a ViewPosition
+  of the other slot (LL/RL given as ``--frontal``, AP/PA as ``--lateral``) or an oblique one
+  is refused. Compressed pixel data needs its pydicom plugin (JPEG, JPEG Lossless, JPEG-LS:
+  pylibjpeg-libjpeg; JPEG 2000: pylibjpeg-openjpeg, both pinned); a missing one is named.
+* Every view: a constant image (all black, all white) is refused. :func:`check_pair`
+  refuses the same file or the same image in both slots, two DICOM PatientIDs, and ``.npy``
+  views whose JSONs record different CTs (sha256, or shape + affine for a DICOM series); where
+  the metadata cannot tell (PNG, no PatientID / ViewPosition) it returns one warning line.
 
 Hostile and broken inputs (``params.yaml → limits``, :class:`~xct_core.config.LimitsParams`)
 * Sizes are judged from the header BEFORE any pixel is read (:class:`~xct_core.config.LimitsParams`): the
@@ -54,7 +71,7 @@ from xct_core.errors import ConfigError, InputError
 from xct_core.geometry import VIEW_AXES, VIEWS, PlacedGeometry, ProjectionGeometry
 from xct_core.grid import grid_affine
 
-__all__ = ["LINE_INTEGRAL_ATOL", "XrayInput", "check_line_integrals", "input_geometries", "load_xray"]
+__all__ = ["LINE_INTEGRAL_ATOL", "XrayInput", "check_line_integrals", "check_pair", "input_geometries", "load_xray"]
 
 #: relative tolerance when comparing an input's geometry with the model's
 GEOMETRY_RTOL = 1e-3
@@ -83,6 +100,12 @@ class XrayInput:
     source: str
     fmt: str
     notes: list[str] = field(default_factory=list)
+    #: what the file says about where it comes from, for :func:`check_pair`: ``view_position``
+    #: (DICOM ViewPosition), ``patient_id`` (DICOM PatientID), ``ct`` (the CT a ``.npy``'s JSON
+    #: was rendered from: its sha256, or shape + affine for a DICOM series); absent = unknown
+    ident: dict[str, Any] = field(default_factory=dict)
+    #: conversions the file's metadata could not pin down (printed as warning lines)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _close(a: float, b: float, rtol: float = GEOMETRY_RTOL) -> bool:
@@ -209,7 +232,14 @@ def _load_npy(path: Path, view: str, params: Params) -> XrayInput:
             img = -np.log(img.astype(np.float64) / i0)
         notes.append(f"intensity converted to line integrals: p = -ln(I / {i0:g})")
     img = check_line_integrals(path, img, params)
-    return XrayInput(view, img, pg, str(path), "npy", notes)
+    ct = meta.get("ct")
+    ident: dict[str, Any] = {}
+    if isinstance(ct, dict):
+        if ct.get("sha256"):
+            ident["ct"] = {"sha256": str(ct["sha256"])}
+        elif ct.get("shape") is not None and ct.get("affine") is not None:
+            ident["ct"] = {"shape": ct.get("shape"), "affine": ct.get("affine")}
+    return XrayInput(view, img, pg, str(path), "npy", notes, ident)
 
 
 def _first_line(e: BaseException) -> str:
@@ -271,21 +301,116 @@ def _load_png(path: Path, params: Params) -> tuple[np.ndarray, list[str]]:
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as e:
         raise InputError(path, f"unreadable PNG ({_first_line(e)})") from None
     if mode == "L":
-        full = 255.0
+        depth = 8
     elif mode in ("I;16", "I;16B", "I;16L", "I"):
-        full = 65535.0
+        depth = 16
     else:
         raise InputError(path, f"PNG mode {mode!r}: expected an 8- or 16-bit grayscale image (L, I;16)")
+    full = float(2**depth - 1)
     img = _check_image(path, np.asarray(arr, dtype=np.float64), params)
     if img.max() > full:
         raise InputError(path, f"pixel values up to {img.max():g} exceed the {int(full)} full scale")
+    sbit = _png_sbit(path)
+    how = ""
+    if sbit is not None and sbit != depth:
+        if not 1 <= sbit < depth:
+            raise InputError(path, f"invalid sBIT chunk: {sbit} significant bits in a {depth}-bit image")
+        if img.max() <= 2**sbit - 1:  # the samples were stored as they are: full scale is 2**sBIT - 1
+            full = float(2**sbit - 1)
+            how = f" (sBIT {sbit}: {sbit}-bit values stored unscaled)"
+        else:  # scaled up to the sample depth as the PNG standard asks: the full scale stays
+            how = f" (sBIT {sbit}: values scaled to {depth} bits)"
     p = _intensity_to_line_integral(img, full, params)
-    return p, [f"PNG intensity I/I0 = value/{int(full)} -> p = -ln(I/I0); geometry = model's params.drr"]
+    return p, [f"PNG intensity I/I0 = value/{int(full)}{how} -> p = -ln(I/I0); geometry = model's params.drr"]
 
 
-def _load_dicom(path: Path, params: Params) -> tuple[np.ndarray, list[str]]:
+def _png_sbit(path: Path) -> int | None:
+    """The first byte of a PNG's sBIT chunk (significant bits of a grayscale sample), or None.
+
+    Pillow does not report sBIT, so the chunks before the first IDAT are walked here (the file
+    has already been read by Pillow, so its structure is sound)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                length, ctype = int.from_bytes(head[:4], "big"), head[4:]
+                if ctype in (b"IDAT", b"IEND"):
+                    return None
+                if ctype == b"sBIT":
+                    data = f.read(min(length, 4))
+                    return int(data[0]) if data else None
+                f.seek(length + 4, 1)  # data + CRC
+    except OSError as e:
+        raise InputError(path, f"unreadable PNG ({e.strerror or e})") from None
+
+
+#: DICOM ViewPosition (0018,5101) values of each slot's view; obliques are neither
+VIEW_POSITIONS = {"frontal": frozenset({"AP", "PA"}), "lateral": frozenset({"LL", "RL"})}
+OBLIQUE_POSITIONS = frozenset({"RLO", "LLO", "RAO", "LAO", "RPO", "LPO"})
+
+
+def _dicom_ident(path: Path, ds: Any, view: str) -> dict[str, Any]:
+    """PatientID and ViewPosition; a view position of the other slot (or an oblique) is refused."""
+    ident: dict[str, Any] = {}
+    pid = str(ds.get("PatientID", "") or "").strip()
+    if pid:
+        ident["patient_id"] = pid
+    vp = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if vp:
+        ident["view_position"] = vp
+    other = "lateral" if view == "frontal" else "frontal"
+    if vp in VIEW_POSITIONS[other]:
+        raise InputError(path, f"ViewPosition {vp} is a {other} view but it was given as --{view} (swapped inputs?)")
+    if vp in OBLIQUE_POSITIONS:
+        raise InputError(path, f"ViewPosition {vp} is an oblique view; the model needs a frontal (AP/PA) and a "
+                               "lateral (LL/RL) view")
+    return ident
+
+
+def _intensity_relationship(path: Path, ds: Any) -> tuple[str, int, list[str], list[str]]:
+    """``(LIN|LOG, sign, notes, warnings)`` from PixelIntensityRelationship(Sign) (DICOM PS3.3
+    C.8.11.3.1.2); PhotometricInterpretation is a presentation attribute and only decides the
+    direction when the Sign is absent (then a warning says so)."""
+    rel = str(ds.get("PixelIntensityRelationship", "") or "").strip().upper()
+    raw_sign = ds.get("PixelIntensityRelationshipSign")
+    notes: list[str] = []
+    warn: list[str] = []
+    guessed = []
+    if not rel:
+        rel = "LIN"
+        guessed.append("PixelIntensityRelationship absent: assumed LIN (values proportional to X-ray intensity)")
+    elif rel not in ("LIN", "LOG"):
+        raise InputError(path, f"PixelIntensityRelationship {rel!r} is neither LIN nor LOG: the pixel values are not "
+                               "related to the X-ray intensity in a known way, no line integrals can be computed")
+    if raw_sign is None or str(raw_sign).strip() == "":
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+        sign = -1 if photometric == "MONOCHROME1" else 1
+        guessed.append(f"PixelIntensityRelationshipSign absent: taken as {sign:+d} from PhotometricInterpretation "
+                       f"{photometric}")
+    else:
+        try:
+            sign = int(raw_sign)
+        except (TypeError, ValueError):
+            raise InputError(path, f"unreadable PixelIntensityRelationshipSign {raw_sign!r}") from None
+        if sign not in (1, -1):
+            raise InputError(path, f"PixelIntensityRelationshipSign {sign} must be +1 or -1")
+    if guessed:
+        warn.append(f"{path}: " + "; ".join(guessed))
+    notes.append(f"PixelIntensityRelationship {rel}, Sign {sign:+d}"
+                 + (" (higher values = less X-ray intensity: inverted)" if sign < 0 else ""))
+    return rel, sign, notes, warn
+
+
+def _load_dicom(path: Path, params: Params, view: str) -> tuple[np.ndarray, list[str], dict[str, Any], list[str]]:
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut
+
+    from xct_core.io import decode_pixels
 
     try:
         ds = pydicom.dcmread(path)
@@ -297,6 +422,7 @@ def _load_dicom(path: Path, params: Params) -> tuple[np.ndarray, list[str]]:
     if modality in NON_RADIOGRAPH_MODALITIES:
         raise InputError(path, f"DICOM modality {modality} is a cross-sectional image, not a projection radiograph "
                                "(expected an X-ray: DX, CR, ...)")
+    ident = _dicom_ident(path, ds, view)
     spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
     if not spacing or len(spacing) != 2:
         raise InputError(path, "DICOM radiograph without ImagerPixelSpacing/PixelSpacing: pixel pitch unknown")
@@ -316,23 +442,54 @@ def _load_dicom(path: Path, params: Params) -> tuple[np.ndarray, list[str]]:
         raise InputError(path, f"expected one grayscale frame, the header claims {claim[0]} frame(s) of "
                                f"{claim[3]} sample(s) per pixel")
     _check_shape(path, claim[1:3], params)
+    rel, sign, notes, warn = _intensity_relationship(path, ds)
     bits = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 16) or 16)
     full = float(2**bits - 1)
-    try:
-        raw = ds.pixel_array
-    except Exception as e:  # noqa: BLE001 - truncated/corrupt data, missing decoder
-        raise InputError(path, f"unreadable DICOM pixel data ({type(e).__name__}: {_first_line(e)})") from None
+    raw = decode_pixels(path, ds)
     if np.asarray(raw).dtype.kind not in "iu":
         raise InputError(path, f"DICOM radiograph pixels must be stored integers, got {np.asarray(raw).dtype}")
-    img = _check_image(path, np.asarray(raw, dtype=np.float64), params)
+    try:  # RescaleSlope/Intercept (identity in a conformant DX; CR may carry one)
+        values = np.asarray(apply_modality_lut(np.asarray(raw), ds), dtype=np.float64)
+    except Exception as e:  # noqa: BLE001 - broken Modality LUT
+        raise InputError(path, f"cannot apply the modality LUT / rescale ({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        slope = float(ds.get("RescaleSlope") if ds.get("RescaleSlope") not in (None, "") else 1.0)
+        inter = float(ds.get("RescaleIntercept") if ds.get("RescaleIntercept") not in (None, "") else 0.0)
+    except (TypeError, ValueError):
+        raise InputError(path, "unreadable RescaleSlope/RescaleIntercept") from None
+    rescaled = slope != 1.0 or inter != 0.0
+    what = "values after RescaleSlope/Intercept" if rescaled else "pixel values"
+    img = _check_image(path, values, params)
     if img.max() > full or img.min() < 0:
-        raise InputError(path, f"pixel values {img.min():g} .. {img.max():g} lie outside the stored range "
+        raise InputError(path, f"{what} {img.min():g} .. {img.max():g} lie outside the stored range "
                                f"0 .. {int(full)} (BitsStored {bits})")
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
-        img = full - img  # MONOCHROME1: high values are dark → intensity
-    return _intensity_to_line_integral(img, full, params), [
-        f"DICOM intensity I/I0 = value/{int(full)} (BitsStored {bits}) -> p = -ln(I/I0); geometry = model's params.drr"
-    ]
+    if rescaled:
+        notes.append(f"RescaleSlope {slope:g}, RescaleIntercept {inter:g} applied")
+    if sign < 0:
+        img = full - img  # higher values = less intensity → values that grow with intensity
+    if rel == "LOG":
+        # DICOM fixes only the monotonic relationship, not the log scale: the values are taken as the
+        # log image of a linear detector of the same bit depth, value = full * ln(v_lin) / ln(full)
+        frac = np.exp((img / full - 1.0) * np.log(full))
+        warn.append(f"{path}: PixelIntensityRelationship LOG: the log scale is not in the file; assumed "
+                    f"I/I0 = {int(full)}^(value/{int(full)} - 1) (the log image of a linear {bits}-bit detector)")
+        p = _intensity_to_line_integral(frac, 1.0, params)
+        notes.append(f"DICOM log intensity: I/I0 = {int(full)}^(value/{int(full)} - 1) -> p = -ln(I/I0); "
+                     "geometry = model's params.drr")
+    else:
+        p = _intensity_to_line_integral(img, full, params)
+        notes.insert(0, f"DICOM intensity I/I0 = value/{int(full)} (BitsStored {bits}) -> p = -ln(I/I0); "
+                        "geometry = model's params.drr")
+    return p, notes, ident, warn
+
+
+def _refuse_constant(path: Path, img: np.ndarray) -> None:
+    """A patient's radiograph is never uniform: a constant image (all black, all white) is refused
+    before it could be reconstructed (and reprojection QA would divide by a zero range)."""
+    lo, hi = float(np.min(img)), float(np.max(img))
+    if lo == hi:
+        raise InputError(path, f"constant image: every pixel is the same line integral {lo:.4g} (a blank, all-black "
+                               "or all-white X-ray carries nothing to reconstruct)")
 
 
 def load_xray(path: str | Path, view: str, params: Params) -> XrayInput:
@@ -346,12 +503,56 @@ def load_xray(path: str | Path, view: str, params: Params) -> XrayInput:
         raise InputError(p, "not a regular file")
     suffix = p.suffix.lower()
     if suffix == ".npy":
-        return _load_npy(p, view, params)
-    if suffix == ".png":
+        x = _load_npy(p, view, params)
+    elif suffix == ".png":
         img, notes = _load_png(p, params)
-        return XrayInput(view, check_line_integrals(p, img, params), None, str(p), "png", notes)
-    img, notes = _load_dicom(p, params)
-    return XrayInput(view, check_line_integrals(p, img, params), None, str(p), "dicom", notes)
+        x = XrayInput(view, check_line_integrals(p, img, params), None, str(p), "png", notes)
+    else:
+        img, notes, ident, warn = _load_dicom(p, params, view)
+        x = XrayInput(view, check_line_integrals(p, img, params), None, str(p), "dicom", notes, ident, warn)
+    _refuse_constant(p, x.image)
+    return x
+
+
+def check_pair(frontal: XrayInput, lateral: XrayInput) -> list[str]:
+    """Refuse a pair that cannot be one patient's frontal + lateral: the same file or the same
+    image twice, different DICOM PatientIDs, ``.npy`` inputs rendered from different CTs (their
+    JSONs' ``ct`` checksums). Returns one warning line when the metadata cannot tell (PNG, no
+    PatientID / ViewPosition, a ``.npy`` JSON without its CT's identity, mixed formats)."""
+    f, lat = Path(frontal.source), Path(lateral.source)
+    try:
+        same = f.samefile(lat)
+    except OSError:
+        same = False
+    if same:
+        raise InputError(lateral.source, f"--frontal and --lateral are the same file ({frontal.source})")
+    if frontal.image.shape == lateral.image.shape and np.array_equal(frontal.image, lateral.image):
+        raise InputError(lateral.source, f"the lateral image is identical to the frontal one ({frontal.source}): "
+                                         "the same X-ray given twice?")
+    unknown: list[str] = []
+    pf, pl = frontal.ident.get("patient_id"), lateral.ident.get("patient_id")
+    cf, cl = frontal.ident.get("ct"), lateral.ident.get("ct")
+    if pf and pl:
+        if pf != pl:
+            raise InputError(lateral.source, f"different patients: PatientID {pl!r} here, {pf!r} in the frontal "
+                                             f"({frontal.source})")
+    elif cf and cl:
+        if cf != cl:
+            what = (f"sha256 {cl['sha256'][:12]}… here, {cf['sha256'][:12]}…" if "sha256" in cf and "sha256" in cl
+                    else "CT identity (checksum or shape/affine) differs from the one")
+            raise InputError(lateral.source, f"rendered from a different CT than the frontal: {what} in "
+                                             f"{Path(frontal.source).with_suffix('.json')}")
+    else:
+        unknown.append("that both views are of the same patient")
+    for x in (frontal, lateral):
+        if x.fmt == "dicom" and "view_position" not in x.ident:
+            unknown.append(f"that {Path(x.source).name} is a {x.view} view (no ViewPosition)")
+        elif x.fmt == "png":
+            unknown.append(f"that {Path(x.source).name} is a {x.view} view (a PNG has no view metadata)")
+    if not unknown:
+        return []
+    return [(f"could not check {'; '.join(unknown)}: make sure --frontal is the frontal (AP/PA) and --lateral the "
+             "lateral X-ray of the same patient")]
 
 
 def input_geometries(

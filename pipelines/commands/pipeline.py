@@ -79,7 +79,7 @@ def _find_outputs(run_root: Path, name: str) -> list[Path]:
 
 def local_report(root: Path, started: float) -> str:
     """A short account of a kfp.local run under ``root``: gate verdicts and the summary."""
-    from components.summary import format_summary, read_summary
+    from components.pipeline_verdict import format_summary, read_summary
 
     gates = [p for p in _find_outputs(root, "stage*.json") if "gate" in p.as_posix()
              and p.stat().st_mtime >= started]

@@ -145,7 +145,7 @@ def reconstruct_cmd(
     from xct_core.io import save_nifti
     from xct_core.jsondoc import json_text
     from xct_core.qa import reprojection_qa
-    from xct_core.xray_io import input_geometries, load_xray
+    from xct_core.xray_io import check_pair, input_geometries, load_xray
 
     paths = output_paths(out)
     if report is not None and report.suffix.lower() not in (".html", ".htm"):
@@ -159,7 +159,10 @@ def reconstruct_cmd(
         _check_options(k, steps, stages, resolved.n_stages)
         xf = load_xray(frontal, "frontal", mp)
         xl = load_xray(lateral, "lateral", mp)
+        input_warnings = xf.warnings + xl.warnings + check_pair(xf, xl)
         iso, geoms = input_geometries(xf, xl, mp)
+        for w in input_warnings:  # what the inputs' metadata could not pin down, before sampling
+            _warn(w)
         nets = load_stages(resolved.stage_files, mp, device)
     rec = reconstruct(nets, mp, xf.image, xl.image, isocenter=iso, steps=steps, samples=k, seed=seed,
                       upto=stages, device=device, log=lambda m: typer.echo(m, err=True))
@@ -171,6 +174,7 @@ def reconstruct_cmd(
                   "stage_files": [p.name for p in resolved.stage_files]},
         "inputs": {x.view: {"path": str(Path(x.source).resolve()), "format": x.fmt, "notes": x.notes}
                    for x in (xf, xl)},
+        "input_warnings": input_warnings,
         "outputs": {"mean": str(paths["mean"]), "std": str(paths["std"]) if rec.std_hu is not None else None},
         "grid": {"shape": list(rec.mean_hu.shape), "affine": rec.affine.tolist(), "isocenter": [float(v) for v in iso]},
         "sampling": {"steps": rec.steps, "samples": rec.samples, "seeds": rec.seeds, "eta": mp.diffusion.eta},
@@ -337,7 +341,8 @@ def evaluate_cmd(
                              summary=summary["mean"], notes=notes, gates=gate_docs, curves=curves,
                              info={"model": model, "CTs": str(ct), "patients": summary["n_patients"],
                                    "stages run": n, "DDIM steps": summary["sample_steps"], "samples": k,
-                                   "direct baseline": "yes" if direct is not None else "no (no direct.pt)"})
+                                   "direct baseline": "yes" if direct is not None else "no (no direct.pt)"},
+                             label_context=protocol.label_context(mp.stage(n).size))
     write_text_atomic(out / "metrics.json", json_text(doc))
     write_text_atomic(out / "per_patient.csv", rows_csv(doc["patients"]))
     log_report_to_mlflow(html_path, images)

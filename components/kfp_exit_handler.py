@@ -1,4 +1,5 @@
-"""The KFP pipeline's exit handler: a run summary written however the run ended.
+"""The KFP pipeline's exit handler: a run summary written however the run ended (not the
+pipeline's verdict ``reports/summary.json``: that is :mod:`components.pipeline_verdict`).
 
 ``run_summary_component`` is the exit task of ``dsl.ExitHandler`` in pipelines/training.py:
 KFP runs it after every other task has finished — succeeded, failed or skipped — and hands
@@ -52,7 +53,7 @@ def run_summary_component(status: dsl.PipelineTaskFinalStatus, summary: Output[A
     """Exit task: write the run summary (``summary/run_summary.json``); returns the final state."""
     import json
 
-    from components.run_summary import run_summary, write_run_summary
+    from components.kfp_exit_handler import run_summary, write_run_summary
 
     doc = run_summary(status.state, job=status.pipeline_job_resource_name, task=status.pipeline_task_name,
                       error_code=status.error_code, error_message=status.error_message or "", data_uri=data_uri)

@@ -1,4 +1,8 @@
-"""``reports/summary.json``: the end-of-run verdict of the pipeline (scripts rely on its keys).
+"""The pipeline's verdict, ``reports/summary.json``: per-stage gate results, the registered
+model and where the reports are — written by the register step, printed at the end of
+``make demo`` / ``xct pipeline run`` (scripts rely on its keys). Not to be confused with
+:mod:`components.kfp_exit_handler` (the KFP exit task's ``run_summary.json``: how a KFP run
+ended, written even when a step failed).
 
 Keys (stable):
 
@@ -7,8 +11,9 @@ Keys (stable):
   registered);
 * ``rejected_at_stage``: the first stage whose gate did not pass (int) or ``null``;
 * ``stages``: one entry per stage, in order: ``{"stage", "passed", "skipped", "summary",
-  "metrics": {psnr_window_db, ssim_window, mae_hu, psnr_hu_db, nan_count, std, target_std,
-  baseline_psnr_window_db, direct_psnr_window_db, n_patients} (those present),
+  "metrics": {the metric table's ``summary`` metrics (:mod:`xct_core.metric_table`), each
+  with the baselines the table shows beside it (e.g. ``baseline_psnr_window_db``), and
+  n_patients} (those present; :data:`STAGE_METRIC_KEYS`),
   "checks": [gate checks: name, metric, op, threshold, value, passed, margin],
   "gate_report", "eval_metrics"}``;
 * ``model_uri``: ``models:/<name>/<version>`` when registered; else the last trained stage's
@@ -31,16 +36,18 @@ from typing import Any
 
 from xct_core.atomic import write_text_atomic
 from xct_core.jsondoc import json_text, read_json_doc
+from xct_core.metric_table import METRICS
 
 STATUSES = ("promoted", "registered", "rejected")
 SUMMARY_KEYS = (
     "status", "rejected_at_stage", "stages", "model_uri", "model_name", "model_version", "alias",
     "mlflow_tracking_uri", "reports",
 )
-#: metrics copied from each stage's metrics.json into the summary
-STAGE_METRIC_KEYS = (
-    "psnr_window_db", "ssim_window", "psnr_hu_db", "mae_hu", "nan_count", "std", "target_std",
-    "baseline_psnr_window_db", "direct_psnr_window_db", "n_patients",
+#: metrics copied from each stage's metrics.json into the summary: the metric table's
+#: ``summary`` metrics, each with the baselines shown beside it, + the number of patients
+STAGE_METRIC_KEYS: tuple[str, ...] = (
+    *(p + n for m in METRICS if "summary" in m.uses for n in m.names() for p in ("", *m.shown_with)),
+    "n_patients",
 )
 
 
