@@ -50,10 +50,14 @@ def train_component(func: Callable[..., Any]) -> Any:
     return dsl.component(func, base_image=IMAGE_TRAIN, install_kfp_package=False)
 
 
-def params_from_text(params_yaml: str) -> Params:
-    """Typed params from the text of a params.yaml (how pipelines hand params to components).
+def params_from_text(params_yaml: str, schema: type[Params] | None = None) -> Params:
+    """Typed params from the text of a params.yaml (how pipelines hand params to components),
+    validated by ``schema`` (default: the science's :class:`Params`; the train task reads
+    ``pipeline`` and ``train.ray`` too: ``components.ops_params.OpsParams``).
 
-    An empty string gives the defaults; invalid YAML or values raise :class:`ConfigError`.
+    The pipelines always hand the whole effective params (``xct pipeline compile|run|submit``);
+    an empty text is a :class:`ConfigError`, never a silent fall-back to built-in defaults.
+    Invalid YAML or values raise :class:`ConfigError`.
     """
     from xct_core.errors import InputError
     from xct_core.yamlsafe import load_yaml_text
@@ -64,4 +68,7 @@ def params_from_text(params_yaml: str) -> Params:
         raise ConfigError(str(e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"params_yaml: top level must be a mapping, got {type(data).__name__}")
-    return params_from_dict(data, "params_yaml")
+    if not data:
+        raise ConfigError("params_yaml is empty: a task needs the whole params text "
+                          "(`xct pipeline compile|run|submit` hand it on; the compiled default is the compile-time params)")
+    return params_from_dict(data, "params_yaml", schema)

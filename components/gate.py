@@ -64,7 +64,7 @@ def run_gate(
     stage: int,
     metrics_path: str | Path,
     out_path: str | Path,
-    params: Params | None = None,
+    params: Params,
     *,
     tracking_uri: str | None = None,
 ) -> GateReport:
@@ -73,7 +73,6 @@ def run_gate(
     from xct_core.atomic import write_json_atomic
     from xct_core.gates import read_eval_metrics
 
-    params = params or Params()
     metrics = read_eval_metrics(metrics_path)
     got = metrics.get("stage")
     if got is not None and int(got) != int(stage):

@@ -646,7 +646,7 @@ def run_register(
     eval_dir: str | Path,
     train_dir: str | Path,
     out_path: str | Path,
-    params: Params | None = None,
+    params: Params,
     *,
     processed_dir: str | Path | None = "data/processed",
     tracking_uri: str | None = None,
@@ -657,7 +657,6 @@ def run_register(
     from components.pipeline_verdict import build_summary, stage_entry, write_summary
     from components.tracking import tracking_uri as default_uri
 
-    params = params or Params()
     say = log or (lambda _m: None)
     uri = tracking_uri or default_uri()
     gates_dir, eval_dir, train_dir = Path(gates_dir), Path(eval_dir), Path(train_dir)

@@ -66,6 +66,7 @@ def train_stage_component(
     from pathlib import Path
 
     from components._kfp import params_from_text
+    from components.ops_params import OpsParams
     from components.stages_kfp import _environment
     from components.train import run_local, run_train
 
@@ -75,7 +76,7 @@ def train_stage_component(
             raise ValueError(f"stage {stage} needs the previous stage's model folder")
         shutil.copytree(previous.path, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints", "ray"))
     out.mkdir(parents=True, exist_ok=True)
-    params = params_from_text(params_yaml)
+    params = params_from_text(params_yaml, OpsParams)
     _environment({"RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_tracking_uri})
     if params.pipeline.train.local:
         final_step = run_local(params, stage, processed.path, out, fresh=True).final_step

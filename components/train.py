@@ -41,6 +41,7 @@ from typing import Any
 
 from xct_core.atomic import write_json_atomic
 from xct_core.checkpoint import latest_checkpoint
+from components.ray_params import RayParams
 from xct_core.config import Params, params_from_dict
 from xct_core.errors import XctError
 from xct_core.training import (
@@ -206,7 +207,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         logging.getLogger(_ray_ctx.__file__).setLevel(logging.WARNING)
     except ImportError:  # a Ray without Train V2: nothing to quiet
         pass
-    params = params_from_dict(config["params"], "params")
+    params = params_from_dict(config["params"], "params", RayParams)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logger = MetricLogger(config["run_id"], config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
@@ -314,7 +315,7 @@ def _ray_init() -> tuple[bool, float]:
     return True, time.perf_counter() - t0
 
 
-def scaling_config(params: Params) -> Any:
+def scaling_config(params: RayParams) -> Any:
     """``ray.train.ScalingConfig`` from ``params.train.ray``."""
     from ray.train import ScalingConfig
 
@@ -339,7 +340,7 @@ def _root_cause(e: BaseException) -> str:
 
 
 def run_train(
-    params: Params,
+    params: RayParams,
     stage: int,
     processed_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -359,6 +360,9 @@ def run_train(
     interrupted run is resumed. ``faults``: injected failures for tests (default from
     ``$XCT_TRAIN_FAULTS``). Raises :class:`XctError` subclasses with one-line messages.
     """
+    if not isinstance(params, RayParams):  # the science's Params carry no train.ray: never guess it
+        raise TypeError("run_train needs params with train.ray: load them with components.ray_params.RayParams "
+                        "(or components.ops_params.OpsParams)")
     k = int(stage)
     out = Path(out_dir if out_dir is not None else params.train.out_dir).absolute()
     processed = Path(processed_dir).absolute()
