@@ -50,10 +50,11 @@ from __future__ import annotations
 
 from xct_core.layout import RunLayout
 from xct_core.training.batches import ShardSampler
+from xct_core.training.guards import SigtermGuard, folder_lock
 from xct_core.training.hooks import FaultPlan, TrainHooks
 from xct_core.training.loop import train_stage
 from xct_core.training.preflight import preflight
-from xct_core.training.result import NonFiniteError, TrainingFailed, TrainResult, summary_line
+from xct_core.training.result import NonFiniteError, Terminated, TrainingFailed, TrainResult, summary_line
 from xct_core.training.state import Checkpointer, compat_key
 from xct_core.training.step import EMA, StepStats, lr_factor, sync_stats, train_step
 
@@ -64,11 +65,14 @@ __all__ = [
     "NonFiniteError",
     "RunLayout",
     "ShardSampler",
+    "SigtermGuard",
     "StepStats",
+    "Terminated",
     "TrainHooks",
     "TrainResult",
     "TrainingFailed",
     "compat_key",
+    "folder_lock",
     "lr_factor",
     "preflight",
     "summary_line",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 from xct_core.errors import ConfigError
 from xct_core.layout import RunLayout
 
-__all__ = ["FaultPlan", "ReportFn", "TrainHooks", "call_report", "default_progress"]
+__all__ = ["FaultPlan", "ReportFn", "TrainHooks", "call_report", "default_progress", "default_warn"]
 
 ReportFn = Callable[[dict[str, float], "str | None"], None]
 
@@ -43,6 +44,8 @@ class TrainHooks:
         before_step: ``before_step(step, rank)`` before step ``step`` (1-based) runs.
         after_step: ``after_step(step, rank)`` after step ``step``'s update.
         perturb_loss: ``perturb_loss(step, rank, learner, loss) -> loss`` before backward.
+        warn: ``warn(line)`` — one line the user must see (e.g. a damaged checkpoint that was
+            skipped on resume); rank 0 only. Default: ``xct: warning: <line>`` on stderr.
     """
 
     report: ReportFn | None = None
@@ -53,6 +56,7 @@ class TrainHooks:
     before_step: Callable[[int, int], None] | None = None
     after_step: Callable[[int, int], None] | None = None
     perturb_loss: Callable[[int, int, int, torch.Tensor], torch.Tensor] | None = None
+    warn: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,11 @@ def default_progress(total: int, initial: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def default_warn(line: str) -> None:
+    """A warning line on stderr, in the CLI's ``xct: warning:`` form."""
+    print(f"xct: warning: {line}", file=sys.stderr, flush=True)
 
 
 def call_report(hooks: TrainHooks, metrics: dict[str, float], ckpt: str | None) -> None:

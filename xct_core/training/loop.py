@@ -32,7 +32,7 @@ from xct_core.losses import PhysicsLoss
 from xct_core.models import build_stage, unwrap
 from xct_core.seeding import derive_seed
 from xct_core.training.batches import ShardSampler, batch_stream
-from xct_core.training.hooks import FaultPlan, TrainHooks, call_report, default_progress
+from xct_core.training.hooks import FaultPlan, TrainHooks, call_report, default_progress, default_warn
 from xct_core.training.preflight import preflight
 from xct_core.training.result import NonFiniteError, TrainingFailed, TrainResult
 from xct_core.training.state import Checkpointer, compat_key
@@ -158,7 +158,7 @@ class _StageRun:
         if tp.direct_baseline:
             self.learners.append(Learner("direct", build_stage(params, st, mode="direct"), tp.ema_decay))
         self.ckpt = Checkpointer(self.layout, tp.keep_last, compat_key(params, st, [lrn.kind for lrn in self.learners]),
-                                 self.is_main)
+                                 self.is_main, on_corrupt=tp.on_corrupt_checkpoint, warn=self.hooks.warn or default_warn)
         state, self.resumed_from = self.ckpt.pick(resume_from, fresh)
         self.start_step = int(state["step"]) if state is not None else 0
         if self.distributed:  # every rank must resume from the same step (shared storage)

@@ -1,5 +1,6 @@
 """What :func:`~xct_core.training.train_stage` returns (:class:`TrainResult`, its one-line
-:func:`summary_line`) or raises (:class:`TrainingFailed`, :class:`NonFiniteError`)."""
+:func:`summary_line`) or raises (:class:`TrainingFailed`, :class:`NonFiniteError`,
+:class:`Terminated`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from xct_core.errors import XctError
 
-__all__ = ["NonFiniteError", "TrainResult", "TrainingFailed", "summary_line"]
+__all__ = ["NonFiniteError", "Terminated", "TrainResult", "TrainingFailed", "summary_line"]
 
 
 class TrainingFailed(XctError):
@@ -24,6 +25,13 @@ class NonFiniteError(TrainingFailed):
         super().__init__(message)
         self.step = step
         self.last_good = last_good
+
+
+class Terminated(TrainingFailed):
+    """The run was stopped by SIGTERM (a Kubernetes eviction, ``kill``): exit 143 (128 + 15),
+    the shell's code for it. Raised by :class:`xct_core.training.guards.SigtermGuard`."""
+
+    exit_code = 143
 
 
 @dataclass
