@@ -22,6 +22,13 @@ The loop is :func:`xct_core.training.train_stage` (engine-agnostic); this module
   throughput, peak memory, validation metrics, montage PNGs and the final/best models.
   Rank 0 logs directly from the worker. A non-finite loss marks the run FAILED.
 
+* **Fail closed**: the output folder is locked for the run (a second ``xct train`` on it
+  exits 1 naming the holder's pid); SIGTERM (a Kubernetes eviction) marks the MLflow run
+  KILLED, shuts Ray down and exits 143 naming the intact newest checkpoint — ``ray.init``'s
+  own SIGTERM handler (``sys.exit`` under a C++ stack dump) is replaced after start-up
+  (:mod:`xct_core.training.guards`). A damaged checkpoint is skipped or refused by the loop
+  (``train.on_corrupt_checkpoint``), with a warning line forwarded from rank 0.
+
 Entry points: ``xct train --stage K`` (pipelines/commands/train.py; dvc.yaml runs it), the
 KFP train component (components/stages_kfp.py) and :func:`run_train` / :func:`run_local`
 (in-process, no Ray, no MLflow: ``xct train --local``).
@@ -106,12 +113,9 @@ def run_local(
     layout = RunLayout(Path(out_dir if out_dir is not None else params.train.out_dir).absolute(), int(stage))
     name = params.stage(stage).name
     preflight(params, stage, processed_dir, layout.out_dir, steps=steps)  # bad input: no folder, no lock file
-    with folder_lock(layout.train_lock), SigtermGuard(f"{name}: stopped by SIGTERM"):
-        try:
-            return train_stage(params, stage, processed_dir, out_dir, device=device, steps=steps, fresh=fresh,
-                               faults=faults_from_env())
-        except Terminated:
-            raise Terminated(_stopped(name, layout)) from None
+    with folder_lock(layout.train_lock), SigtermGuard(lambda: _stopped(name, layout)):
+        return train_stage(params, stage, processed_dir, out_dir, device=device, steps=steps, fresh=fresh,
+                           faults=faults_from_env())
 
 
 def _stopped(name: str, layout: RunLayout, tracked: str = "") -> str:
@@ -387,7 +391,7 @@ def run_train(
     processed = Path(processed_dir).absolute()
     preflight(params, k, processed, out, world_size=params.train.ray.num_workers, steps=steps)
     layout = RunLayout(out, k)
-    with folder_lock(layout.train_lock), SigtermGuard(f"{params.stage(k).name}: stopped by SIGTERM") as guard:
+    with folder_lock(layout.train_lock), SigtermGuard(lambda: _stopped(params.stage(k).name, layout)) as guard:
         return _run_locked(params, k, processed, out, steps=steps, fresh=fresh, faults=faults,
                            parent_run_id=parent_run_id, tracking=tracking, progress=progress, log=log, guard=guard)
 
@@ -492,7 +496,7 @@ def _end_failed(e: BaseException, mlrun: Any, guard: SigtermGuard, name: str, la
     one-line error to show, if it is not ``e`` itself."""
     import ray.train
 
-    if guard.fired or isinstance(e, Terminated):  # SIGTERM, however Ray wrapped it
+    if guard.fired:  # SIGTERM, however the engine passed it on
         msg = _stopped(name, layout, f" (MLflow run {mlrun.run_id} marked KILLED)" if mlrun else "")
         if mlrun:
             mlrun.end("KILLED", msg)

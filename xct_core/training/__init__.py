@@ -39,7 +39,24 @@ data position (epoch + offset), curves and best-so-far continue. Per-step random
 function of ``(seed, rank, step)``, so a resumed run reproduces the uninterrupted one (to
 float rounding; tests/test_training.py checks it on CPU). Raising ``train.steps`` later
 continues from the last step (the LR schedule is recomputed for the new total); a checkpoint
-of a different network (stage/model/diffusion/DRR/HU params) is refused.
+of a different network (stage/model/diffusion/DRR/HU params) is refused. Each checkpoint
+carries a sha256 of its ``state.pt``; a damaged one (changed bytes, truncated, unreadable) is
+never resumed silently: one warning line names it, it is moved aside and the newest intact
+older one is used, or, with ``train.on_corrupt_checkpoint: fail``, the run is refused
+(:class:`Checkpointer`). A failed checkpoint write (disk full, ``ulimit -f``) is one line
+naming it and the last good one.
+
+One run per output folder and SIGTERM as a clean stop (:mod:`xct_core.training.guards`,
+used by the engine bindings): a second ``xct train`` on a folder is refused in one line
+naming the holder's pid; SIGTERM ends a run with :class:`Terminated` (exit 143) and the
+newest checkpoint intact.
+
+Modules: :mod:`~xct_core.training.loop` (:func:`train_stage`), :mod:`~xct_core.training.step`
+(one optimiser step, EMA, LR), :mod:`~xct_core.training.batches` (data sharding and resume
+position), :mod:`~xct_core.training.state` (resume and save), :mod:`~xct_core.training.validation`,
+:mod:`~xct_core.training.preflight`, :mod:`~xct_core.training.hooks` (engine binding, fault
+injection), :mod:`~xct_core.training.guards`, :mod:`~xct_core.training.result`. Every public
+name is importable from ``xct_core.training``.
 
 Non-finite loss or gradient: the run stops before the optimizer step with
 :class:`NonFiniteError` naming the step; no checkpoint is written for it, so the last good

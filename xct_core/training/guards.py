@@ -9,9 +9,9 @@
   the holder exits, however it dies (``kill -9`` included), so there is no stale lock to
   clean up; the file itself stays.
 * **SIGTERM** (a Kubernetes eviction, ``kill PID``): while :class:`SigtermGuard` is active
-  in the main thread, SIGTERM raises :class:`~xct_core.training.Terminated` (exit 143)
-  where the main thread is, so the ``finally`` / ``except`` blocks of the run close it
-  (the engine's MLflow run is marked KILLED; Ray is shut down). Checkpoints are written
+  in the main thread, SIGTERM interrupts the main thread where it is, so the ``finally`` /
+  ``except`` blocks of the run close it (the engine's MLflow run is marked KILLED; Ray is
+  shut down), and the block ends with :class:`~xct_core.training.Terminated` (exit 143). Checkpoints are written
   atomically, so whichever one was newest stays intact. Further SIGTERMs during that
   clean-up are ignored (the orchestrator's SIGKILL after its grace period still ends it).
 """
@@ -24,7 +24,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -32,7 +32,7 @@ from typing import Any
 from xct_core.atomic import file_mode, writable
 from xct_core.training.result import Terminated, TrainingFailed
 
-__all__ = ["SigtermGuard", "folder_lock"]
+__all__ = ["SigtermGuard", "SigtermInterrupt", "folder_lock"]
 
 
 def _holder(fd: int) -> str:
@@ -71,14 +71,22 @@ def folder_lock(lock_file: str | Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-class SigtermGuard:
-    """While active (``with``; main thread only, elsewhere a no-op), SIGTERM raises
-    :class:`Terminated` with ``message`` in the main thread, once; later SIGTERMs are
-    ignored so the clean-up runs. :meth:`reassert` re-installs the handler after a library
-    replaced it (``ray.init`` installs its own ``sys.exit`` handler, under which Ray's C++
-    core dumps a stack trace)."""
+class SigtermInterrupt(KeyboardInterrupt):
+    """What SIGTERM raises inside a :class:`SigtermGuard` block. A ``KeyboardInterrupt``
+    because blocking engine calls only let that through (``ray.get`` turns a signal
+    handler's other exceptions into "exception ignored" and keeps waiting); the guard turns
+    it into :class:`Terminated` when the block ends."""
 
-    def __init__(self, message: str) -> None:
+
+class SigtermGuard:
+    """While active (``with``; main thread only, elsewhere a no-op), SIGTERM interrupts the
+    main thread once (:class:`SigtermInterrupt`); later SIGTERMs are ignored so the clean-up
+    runs. Leaving the block with that interrupt (or with anything else after SIGTERM came,
+    e.g. an engine's own interrupt error) raises :class:`Terminated` with ``message()``.
+    :meth:`reassert` re-installs the handler after a library replaced it (``ray.init``
+    installs a ``sys.exit`` handler, under which Ray's C++ core dumps a stack trace)."""
+
+    def __init__(self, message: Callable[[], str]) -> None:
         self.message = message
         self.active = threading.current_thread() is threading.main_thread()
         self._prev: Any = None
@@ -88,7 +96,7 @@ class SigtermGuard:
         if self.fired:
             return
         self.fired = True
-        raise Terminated(self.message)
+        raise SigtermInterrupt()
 
     def reassert(self) -> None:
         if self.active:
@@ -99,6 +107,8 @@ class SigtermGuard:
             self._prev = signal.signal(signal.SIGTERM, self._handler)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if self.active:
             signal.signal(signal.SIGTERM, self._prev if self._prev is not None else signal.SIG_DFL)
+        if self.fired and exc is not None and not isinstance(exc, Terminated):
+            raise Terminated(self.message()) from None
