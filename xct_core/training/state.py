@@ -85,7 +85,7 @@ class Checkpointer:
         ``None`` when there is none at all); see the class docstring for damaged ones."""
         if fresh:
             return None, None
-        bad: list[tuple[str, str]] = []  # (checkpoint, problem) of each damaged one tried
+        bad: list[tuple[str, str]] = []  # (where it was moved, problem) of each damaged one tried
         best: tuple[int, dict[str, Any], str] | None = None
         if resume_from is not None:
             state = self._load(resume_from, bad, local=False)
