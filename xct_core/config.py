@@ -558,6 +558,9 @@ class TrainParams(_OpsAware):
     ckpt_every: int = Field(25, ge=1)
     #: full checkpoints kept besides the best one
     keep_last: int = Field(2, ge=1)
+    #: resume meets a checkpoint that fails its sha256 or does not load: warn and use the newest
+    #: intact older one (fallback) or refuse (fail); never resumed silently (xct_core.training.state)
+    on_corrupt_checkpoint: Literal["fallback", "fail"] = "fallback"
     #: validation every N steps (0: only at the end); DDIM steps of the validation sampler
     val_every: int = Field(300, ge=0)
     val_sample_steps: int = Field(10, ge=1)
