@@ -403,8 +403,9 @@ def run_train(
 def _start_tracking(params: Params, k: int, n_steps: int, processed: Path, out: Path, *, fresh: bool,
                     resuming: bool, parent_run_id: str | None) -> Any:
     """The stage's MLflow run (:class:`components.tracking.StageRun`), new or resumed."""
-    from components.tracking import StageRun, lineage_tags
+    from components.tracking import StageRun, bound_requests, lineage_tags
 
+    bound_requests(params.registry)  # the params' MLflow time bounds for this process and those it starts
     name = params.stage(k).name
     cfg = params.stages[name].model_dump(mode="json")
     logged = {
