@@ -36,7 +36,7 @@ def run_evaluate(
     processed_dir: str | Path,
     train_dir: str | Path,
     out_dir: str | Path,
-    params: Params | None = None,
+    params: Params,
     *,
     split: str = "test",
     device: str = "cpu",
@@ -46,7 +46,6 @@ def run_evaluate(
     metrics (the content of ``metrics.json``)."""
     from xct_core.evaluation import EvalProtocol, evaluate_stage, write_eval_reports
 
-    params = params or Params()
     say = log or (lambda _m: None)
     protocol = EvalProtocol.from_params(params)
     res = evaluate_stage(params, processed_dir, train_dir, stage, protocol=protocol, split=split, device=device, log=say)

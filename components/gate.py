@@ -11,7 +11,8 @@ function, :func:`run_gate`, called by ``xct step gate`` (dvc.yaml) and the KFP c
 Relative checks against the champion (``gates[stageK].relative`` with ``baseline:
 champion``) read the registry's champion (``registry.champion_alias``): its registration
 run's ``stage{K}/<metric>`` metrics and its ``xct.test_ids_hash`` tag (:func:`read_champion`).
-The registry is only read: a tracking store that does not exist yet means "no champion".
+The registry is only read: a tracking store that does not exist yet means "no champion"; a
+registry that cannot answer stops the gate (one line, exit 1), never "no champion".
 """
 
 from __future__ import annotations
@@ -25,23 +26,31 @@ from xct_core.gates import Champion, GateReport, evaluate_gate
 
 
 def read_champion(stage: int, params: Params, tracking_uri: str | None = None) -> Champion | None:
-    """The champion's stage-``stage`` metrics from the registry, or ``None`` (no store, no
-    registered model, no champion alias). Never creates a store."""
+    """The champion's stage-``stage`` metrics from the registry, or ``None`` — only when the
+    registry answers that there is none (no store, no registered model, no champion alias).
+    A registry that cannot answer (down, no answer within ``registry.request_timeout_s``, a
+    server error) raises :class:`components.tracking.RegistryError`: "cannot tell" never
+    passes a gate as "no champion yet". Never creates a store."""
     from mlflow.exceptions import MlflowException
 
-    from components.tracking import get_client, store_exists
+    from components.tracking import bound_requests, get_client, not_found, registry_errors, store_exists
     from components.tracking import tracking_uri as default_uri
 
     uri = tracking_uri or default_uri()
     if not store_exists(uri):
         return None
+    bound_requests(params.registry)
     client = get_client(uri)
-    try:
-        mv = client.get_model_version_by_alias(params.registry.model_name, params.registry.champion_alias)
-    except MlflowException:  # no registered model / no champion alias yet
-        return None
-    prefix = f"stage{stage}/"
-    run_metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    reg = params.registry
+    with registry_errors(uri, f"reading {reg.model_name}@{reg.champion_alias} for the stage {stage} gate"):
+        try:
+            mv = client.get_model_version_by_alias(reg.model_name, reg.champion_alias)
+        except MlflowException as e:
+            if not_found(e):  # no registered model / no champion alias yet
+                return None
+            raise
+        prefix = f"stage{stage}/"
+        run_metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
     return Champion(version=str(mv.version), test_ids_hash=(mv.tags or {}).get("xct.test_ids_hash"),
                     metrics={k.removeprefix(prefix): float(v) for k, v in run_metrics.items() if k.startswith(prefix)})
 
@@ -55,7 +64,7 @@ def run_gate(
     stage: int,
     metrics_path: str | Path,
     out_path: str | Path,
-    params: Params | None = None,
+    params: Params,
     *,
     tracking_uri: str | None = None,
 ) -> GateReport:
@@ -64,7 +73,6 @@ def run_gate(
     from xct_core.atomic import write_json_atomic
     from xct_core.gates import read_eval_metrics
 
-    params = params or Params()
     metrics = read_eval_metrics(metrics_path)
     got = metrics.get("stage")
     if got is not None and int(got) != int(stage):

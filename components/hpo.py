@@ -63,6 +63,7 @@ from ray.tune.schedulers import MedianStoppingRule
 from ray.tune.search.optuna import OptunaSearch
 
 from xct_core.atomic import atomic_path, write_text_atomic
+from components.ops_params import OpsParams
 from xct_core.config import Params, params_from_dict
 from xct_core.errors import ConfigError, InputError
 from xct_core.hpo import (
@@ -334,7 +335,7 @@ def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
             tune.report(to_tune(metrics, int(metrics["step"])))
 
     try:
-        base = params_from_dict(setup["params"], "params")
+        base = params_from_dict(setup["params"], "params", OpsParams)
         params, _ = trial_params(base, stage, sampled, str(trial_dir))
         if logger is not None:
             logger.client.set_tag(book["run_id"], "xct.params_digest", params.digest())

@@ -104,7 +104,7 @@ def _reusable(prev: dict[str, Any] | None, rel: str, sha: str, out: Path) -> boo
 def run_ingest(
     raw_dir: str | Path,
     out_dir: str | Path,
-    params: Params | None = None,
+    params: Params,
     log: Callable[[str], None] | None = None,
 ) -> IngestResult:
     """Ingest every CT under ``raw_dir`` into ``out_dir`` (layout in the module docstring).
@@ -113,7 +113,6 @@ def run_ingest(
     ``params.ingest``. ``log`` receives one line per volume that failed to load and a summary.
     Raises :class:`InputError` when ``raw_dir`` is missing or holds no CT at all.
     """
-    params = params or Params()
     say = log or (lambda _msg: None)
     raw = Path(raw_dir)
     out = Path(out_dir)

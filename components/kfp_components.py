@@ -78,10 +78,14 @@ def train_component(func: Callable[..., Any]) -> Any:
     return dsl.component(func, base_image=IMAGE_TRAIN, install_kfp_package=False)
 
 
-def params_from_text(params_yaml: str) -> Params:
-    """Typed params from the text of a params.yaml (how pipelines hand params to components).
+def params_from_text(params_yaml: str, schema: type[Params] | None = None) -> Params:
+    """Typed params from the text of a params.yaml (how pipelines hand params to components),
+    validated by ``schema`` (default: the science's :class:`Params`; the train task reads
+    ``pipeline`` and ``train.ray`` too: ``components.ops_params.OpsParams``).
 
-    An empty string gives the defaults; invalid YAML or values raise :class:`ConfigError`.
+    The pipelines always hand the whole effective params (``xct pipeline compile|run|submit``);
+    an empty text is a :class:`ConfigError`, never a silent fall-back to built-in defaults.
+    Invalid YAML or values raise :class:`ConfigError`.
     """
     from xct_core.errors import InputError
     from xct_core.yamlsafe import load_yaml_text
@@ -92,7 +96,10 @@ def params_from_text(params_yaml: str) -> Params:
         raise ConfigError(str(e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"params_yaml: top level must be a mapping, got {type(data).__name__}")
-    return params_from_dict(data, "params_yaml")
+    if not data:
+        raise ConfigError("params_yaml is empty: a task needs the whole params text "
+                          "(`xct pipeline compile|run|submit` hand it on; the compiled default is the compile-time params)")
+    return params_from_dict(data, "params_yaml", schema)
 
 
 # --------------------------------------------------------------------------- data steps
@@ -221,6 +228,7 @@ def train_stage_component(
     from pathlib import Path
 
     from components.kfp_components import _environment, params_from_text
+    from components.ops_params import OpsParams
     from components.train import run_local, run_train
 
     out = Path(model.path)
@@ -229,7 +237,7 @@ def train_stage_component(
             raise ValueError(f"stage {stage} needs the previous stage's model folder")
         shutil.copytree(previous.path, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints", "ray"))
     out.mkdir(parents=True, exist_ok=True)
-    params = params_from_text(params_yaml)
+    params = params_from_text(params_yaml, OpsParams)
     _environment({"RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_tracking_uri})
     if params.pipeline.train.local:
         final_step = run_local(params, stage, processed.path, out, fresh=True).final_step

@@ -178,7 +178,7 @@ def run_preprocess(
     volumes_dir: str | Path,
     splits_path: str | Path,
     out_dir: str | Path,
-    params: Params | None = None,
+    params: Params,
     quarantine_path: str | Path | None = None,
     *,
     workers: int | None = None,
@@ -191,7 +191,6 @@ def run_preprocess(
     input is missing or unreadable (naming it), when no volume is left, or when any volume
     fails (all failures listed; the successful items are kept for the re-run, no manifest).
     """
-    params = params or Params()
     say = log or (lambda _msg: None)
     settings = PreprocessSettings.from_params(params)
     vol_dir = Path(volumes_dir)

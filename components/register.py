@@ -31,11 +31,23 @@ Aliases and idempotency
 -----------------------
 * ``xct.content_hash`` = sha256 of the stage model files + the params sections the model's
   predictions depend on (seed, hu, diffusion, eval). Registering content that is already a
-  version returns that version (no new version, aliases untouched).
+  version returns that version (no new version, aliases untouched) — unless its registration
+  was interrupted (the server died after the version was created): the version then lacks the
+  tag ``xct.alias_reason`` (written last, after the alias) and/or its card, and the re-run
+  completes what is missing (alias decision, card; its run ends FINISHED).
 * A new version gets ``champion`` when there is no champion yet, or when the champion's
   ``xct.test_ids_hash`` equals this one's (the same test split) and this version's
   ``xct.psnr_window_db`` is strictly higher. Otherwise (worse, equal, or not comparable —
   a different test split) it gets ``candidate``; the champion is left unchanged.
+  The decision uses the champion read immediately before the alias is written (read, decide,
+  read again: decided again when it moved; :func:`set_decided_alias`).
+* "Cannot tell" is never "none": only a definite "not found" from the registry means no
+  version / no champion; a registry that is down, black-holed or failing stops the step with
+  one line (:class:`components.tracking.RegistryError`, exit 1), within
+  ``registry.request_timeout_s`` × (1 + ``registry.request_max_retries``) per request.
+* The registration run stays RUNNING until version, alias and card exist, then FINISHED; a
+  failure marks it FAILED (KILLED on Ctrl-C) — or, when MLflow cannot be told, the next
+  register run of the same content does.
 
 Tracking: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<repo>/mlflow.db``
 (:func:`components.tracking.tracking_uri`). Entry points: :func:`run_register` (all gates →
@@ -146,15 +158,22 @@ def _client(uri: str | None):  # noqa: ANN202 - MlflowClient (imported lazily)
 
 
 def find_version(client: Any, name: str, key: str, value: str) -> Any | None:
-    """The registered version of ``name`` whose tag ``key`` equals ``value`` (oldest), or None."""
+    """The registered version of ``name`` whose tag ``key`` equals ``value``, or None: the
+    oldest whose registration completed (tag ``xct.alias_reason``), else the oldest (a
+    client's retry of a request whose answer was lost can create a second version of the
+    same content). A registry that cannot answer raises (never "not registered")."""
     from mlflow.exceptions import MlflowException
+
+    from components.tracking import not_found
 
     try:
         versions = client.search_model_versions(f"name='{name}'")
-    except MlflowException:
-        return None
-    hits = [v for v in versions if (v.tags or {}).get(key) == value]
-    return min(hits, key=lambda v: int(v.version)) if hits else None
+    except MlflowException as e:
+        if not_found(e):
+            return None
+        raise
+    hits = sorted((v for v in versions if (v.tags or {}).get(key) == value), key=lambda v: int(v.version))
+    return next((v for v in hits if "xct.alias_reason" in (v.tags or {})), hits[0] if hits else None)
 
 
 def _aliases(client: Any, name: str, version: Any) -> tuple[str, ...]:
@@ -163,12 +182,106 @@ def _aliases(client: Any, name: str, version: Any) -> tuple[str, ...]:
 
 
 def _champion(client: Any, name: str, alias: str) -> Any | None:
+    """The version holding ``alias``; None only when the registry says there is none."""
     from mlflow.exceptions import MlflowException
+
+    from components.tracking import not_found
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if not_found(e):
+            return None
+        raise
+
+
+def _same_version(a: Any | None, b: Any | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and str(a.version) == str(b.version))
+
+
+#: how often :func:`set_decided_alias` re-decides when the champion moves under it
+_ALIAS_TRIES = 5
+
+
+def set_decided_alias(client: Any, params: Params, version: Any, psnr: float, test_hash: str | None) -> tuple[str, str]:
+    """Decide ``version``'s alias (:func:`decide_alias`) against the champion read right
+    before the alias is written, write it and record the reason (tag ``xct.alias_reason``,
+    written last: a version without it never had its decision made). The champion is read
+    again immediately before the write; when it changed the decision is made again."""
+    from components.tracking import RegistryError
+
+    reg = params.registry
+    champ = _champion(client, reg.model_name, reg.champion_alias)
+    for _ in range(_ALIAS_TRIES):
+        alias, reason = decide_alias(champ, psnr, test_hash, params)
+        now = _champion(client, reg.model_name, reg.champion_alias)  # re-read right before the write
+        if _same_version(now, champ):
+            break
+        champ = now
+    else:
+        raise RegistryError(f"{reg.model_name}@{reg.champion_alias} changed {_ALIAS_TRIES} times while v{version}'s "
+                            "alias was decided; run the register step again")
+    client.set_registered_model_alias(reg.model_name, alias, str(version))
+    client.set_model_version_tag(reg.model_name, str(version), "xct.alias_reason", reason)
+    return alias, reason
+
+
+def _log_card(client: Any, name: str, version: Any, run_id: str, card: Mapping[str, Any]) -> None:
+    """The card on the registration run (``model_card/``) and the version tag pointing at it."""
+    with tempfile.TemporaryDirectory(prefix="xct-card-") as tmp:
+        write_card(card, Path(tmp))
+        client.log_artifacts(run_id, tmp, CARD_ARTIFACT_DIR)
+    client.set_model_version_tag(name, str(version), CARD_TAG, f"runs:/{run_id}/{CARD_ARTIFACT_DIR}")
+
+
+def _fail_stale_runs(client: Any, experiment_id: str, chash: str, note: str) -> None:
+    """Registration runs of this content left RUNNING by an earlier attempt that could not
+    tell MLflow it failed (the server was down) are marked FAILED."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`xct.content_hash` = '{chash}' and attributes.status = 'RUNNING'")
+    for r in runs:
+        client.set_tag(r.info.run_id, "xct.failure", note)
+        client.set_terminated(r.info.run_id, status="FAILED")
+
+
+def _complete_existing(client: Any, existing: Any, params: Params, stages_in: "Sequence[StageInputs]",
+                       psnr: float, test_hash: str | None, processed_dir: str | Path | None, say: Any) -> Registration:
+    """An already registered version of this content: complete what an interrupted
+    registration left undone (the alias decision, the model card; its run then ends
+    FINISHED), else report it unchanged."""
+    reg = params.registry
+    name, v = reg.model_name, str(existing.version)
+    mv = client.get_model_version(name, v)
+    et = dict(mv.tags or {})
+    aliases = tuple(mv.aliases or [])
+    run_id = et.get("xct.run_id") or str(mv.run_id or "")
+    reason = et.get("xct.alias_reason")
+    alias, done = None, []
+    if reason is None:  # the registration stopped before its alias decision was recorded
+        held = next((a for a in (reg.champion_alias, reg.candidate_alias) if a in aliases), None)
+        if held is not None:  # the alias was written, its reason was not
+            alias, reason = held, f"@{held} was set before the registration was interrupted"
+            client.set_model_version_tag(name, v, "xct.alias_reason", reason)
+        else:
+            vpsnr = _float(et.get("xct.psnr_window_db", psnr))
+            alias, reason = set_decided_alias(client, params, v, vpsnr, et.get("xct.test_ids_hash") or test_hash)
+        aliases = _aliases(client, name, v) or (alias,)
+        done.append(f"alias decision @{alias}")
+    card = model_card(params, stages_in, {**card_lineage(et), "run_id": run_id or None},
+                      _version_status(params, v, aliases, alias, reason), processed_dir)
+    if CARD_TAG not in et and run_id:
+        _log_card(client, name, v, run_id, card)
+        done.append("model card")
+    if not done:
+        say(f"register: this cascade is already {name} v{v} "
+            f"(aliases: {', '.join(aliases) or 'none'}); nothing new registered")
+        return Registration(name, v, None, aliases, False, str(existing.run_id or ""),
+                            "already registered (same content hash)", card)
+    if run_id and client.get_run(run_id).info.status != "FINISHED":
+        client.set_tag(run_id, "xct.completed_on_rerun", "true")
+        client.set_terminated(run_id, status="FINISHED")
+    say(f"register: completed the interrupted registration of {name} v{v} ({', '.join(done)}): "
+        f"@{alias or ','.join(aliases) or 'none'} ({reason}); model card: `xct models show {v}`")
+    return Registration(name, v, alias, aliases, False, run_id, reason, card)
 
 
 def decide_alias(champion: Any | None, psnr: float, test_hash: str | None, params: Params) -> tuple[str, str]:
@@ -207,14 +320,34 @@ def register_cascade(
     registration run (``model_card/model_card.{json,md}``) and the version's tag
     ``xct.model_card`` points at it (``runs:/<run id>/model_card``).
     """
+    from components.tracking import no_progress_bars
+
+    with no_progress_bars():
+        return _register_cascade(train_dir, stage_metrics, gate_reports, params, processed_dir=processed_dir,
+                                 eval_files=eval_files, card_stages=card_stages, tracking_uri=tracking_uri, log=log)
+
+
+def _register_cascade(
+    train_dir: str | Path,
+    stage_metrics: dict[int, dict[str, Any]],
+    gate_reports: dict[int, Path],
+    params: Params,
+    *,
+    processed_dir: str | Path | None,
+    eval_files: dict[int, Path] | None,
+    card_stages: "Sequence[StageInputs] | None",
+    tracking_uri: str | None,
+    log: Any,
+) -> Registration:
     import mlflow
 
-    from components.tracking import ensure_experiment, lineage_tags
+    from components.tracking import _transport_errors, bound_requests, ensure_experiment, lineage_tags, registry_errors
     from components.tracking import tracking_uri as default_uri
 
     say = log or (lambda _m: None)
     uri = tracking_uri or default_uri()
     reg = params.registry
+    bound_requests(reg)
     n = len(params.stages)
     files = stage_files(train_dir, params, n)
     chash = content_hash(files, params)
@@ -228,17 +361,11 @@ def register_cascade(
         StageInputs(k, stage_metrics.get(k), None, _read_json(gate_reports[k]) if k in gate_reports else None)
         for k in range(1, n + 1)]
 
-    existing = find_version(client, reg.model_name, "xct.content_hash", chash)
-    if existing is not None:
-        aliases = _aliases(client, reg.model_name, existing.version)
-        say(f"register: this cascade is already {reg.model_name} v{existing.version} "
-            f"(aliases: {', '.join(aliases) or 'none'}); nothing new registered")
-        et = existing.tags or {}
-        card = model_card(params, stages_in, {**card_lineage(et), "run_id": et.get("xct.run_id")},
-                          _version_status(params, existing.version, aliases, None, et.get("xct.alias_reason")),
-                          processed_dir)
-        return Registration(reg.model_name, str(existing.version), None, aliases, False,
-                            str(existing.run_id or ""), "already registered (same content hash)", card)
+    what = f"registering {reg.model_name}"
+    with registry_errors(uri, what):
+        existing = find_version(client, reg.model_name, "xct.content_hash", chash)
+        if existing is not None:
+            return _complete_existing(client, existing, params, stages_in, psnr, test_hash, processed_dir, say)
 
     lineage = lineage_tags(params.digest(), processed_dir)
     commit = lineage.get("mlflow.source.git.commit")
@@ -254,7 +381,9 @@ def register_cascade(
         **{k: v for k, v in lineage.items() if k.startswith("xct.")},
     }
     mlflow.set_tracking_uri(uri)
-    exp_id = ensure_experiment(client, reg.experiment)
+    with registry_errors(uri, what):
+        exp_id = ensure_experiment(client, reg.experiment)
+        _fail_stale_runs(client, exp_id, chash, "registration interrupted (MLflow could not be told); registered again")
     with tempfile.TemporaryDirectory(prefix="xct-register-") as tmp:
         arts: dict[str, str] = {}
         for k, src in enumerate(files, start=1):
@@ -264,37 +393,47 @@ def register_cascade(
         pj = Path(tmp) / "params.json"
         pj.write_text(params.model_dump_json(indent=2))
         arts["params"] = str(pj)
-        with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{chash[:8]}", tags={**lineage, **tags}) as run:
-            for k, m in sorted(stage_metrics.items()):
-                vals = {f"stage{k}/{key}": float(v) for key, v in m.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
-                if vals:
-                    mlflow.log_metrics(vals)
-            mlflow.log_params({"model_name": reg.model_name, "stages": n, "model_file": params.eval.model_file})
-            for k, p in sorted(gate_reports.items()):
-                mlflow.log_artifact(str(p), "gates")
-            for k, p in sorted((eval_files or {}).items()):
-                mlflow.log_artifact(str(p), f"eval/stage{k}")
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(PYFUNC_FILE),
-                artifacts=arts,
-                code_paths=[str(REPO / "xct_core")],
-                pip_requirements=pip_requirements(),
-            )
-            run_id = run.info.run_id
-    tags["xct.run_id"] = run_id
-    mv = mlflow.register_model(info.model_uri, reg.model_name, tags=tags)
-    alias, reason = decide_alias(_champion(client, reg.model_name, reg.champion_alias), psnr, test_hash, params)
-    client.set_registered_model_alias(reg.model_name, alias, mv.version)
-    client.set_model_version_tag(reg.model_name, mv.version, "xct.alias_reason", reason)
-    aliases = _aliases(client, reg.model_name, mv.version) or (alias,)
-    card = model_card(params, stages_in, {**card_lineage(tags), "run_id": run_id},
-                      _version_status(params, mv.version, aliases, alias, reason), processed_dir)
-    with tempfile.TemporaryDirectory(prefix="xct-card-") as tmp:
-        write_card(card, Path(tmp))
-        client.log_artifacts(run_id, tmp, CARD_ARTIFACT_DIR)
-    client.set_model_version_tag(reg.model_name, mv.version, CARD_TAG, f"runs:/{run_id}/{CARD_ARTIFACT_DIR}")
+        with registry_errors(uri, what):
+            run_id = mlflow.start_run(experiment_id=exp_id, run_name=f"register-{chash[:8]}",
+                                      tags={**lineage, **tags}).info.run_id
+        # the run stays RUNNING until the version, its alias decision and its card exist:
+        # FINISHED then, FAILED (KILLED on Ctrl-C) when any of it fails
+        try:
+            with registry_errors(uri, what):
+                for k, m in sorted(stage_metrics.items()):
+                    vals = {f"stage{k}/{key}": float(v) for key, v in m.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+                    if vals:
+                        mlflow.log_metrics(vals)
+                mlflow.log_params({"model_name": reg.model_name, "stages": n, "model_file": params.eval.model_file})
+                for k, p in sorted(gate_reports.items()):
+                    mlflow.log_artifact(str(p), "gates")
+                for k, p in sorted((eval_files or {}).items()):
+                    mlflow.log_artifact(str(p), f"eval/stage{k}")
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(PYFUNC_FILE),
+                    artifacts=arts,
+                    code_paths=[str(REPO / "xct_core")],
+                    pip_requirements=pip_requirements(),
+                )
+                tags["xct.run_id"] = run_id
+                mv = mlflow.register_model(info.model_uri, reg.model_name, tags=tags)
+                alias, reason = set_decided_alias(client, params, mv.version, psnr, test_hash)
+                aliases = _aliases(client, reg.model_name, mv.version) or (alias,)
+                card = model_card(params, stages_in, {**card_lineage(tags), "run_id": run_id},
+                                  _version_status(params, mv.version, aliases, alias, reason), processed_dir)
+                _log_card(client, reg.model_name, mv.version, run_id, card)
+        except BaseException as e:
+            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            try:
+                mlflow.end_run(status)
+            except _transport_errors():
+                say(f"register: run {run_id} could not be marked {status} (MLflow cannot answer); "
+                    "the next register run of this cascade marks it")
+            raise
+        with registry_errors(uri, what):
+            mlflow.end_run("FINISHED")
     say(f"register: {reg.model_name} v{mv.version} → @{alias} ({reason}); model card: `xct models show {mv.version}`")
     return Registration(reg.model_name, str(mv.version), alias, aliases, True, run_id, reason, card)
 
@@ -374,25 +513,28 @@ def write_card(card: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path
 def list_versions(params: Params, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Every version of ``registry.model_name``, newest first: version, aliases, key metrics.
 
-    A tracking store that does not exist yet has no versions, and is not created (read-only)."""
+    A tracking store that does not exist yet has no versions, and is not created (read-only);
+    a registry that cannot answer raises :class:`components.tracking.RegistryError`."""
     from components.tracking import store_exists
     from components.tracking import tracking_uri as default_uri
 
-    if not store_exists(tracking_uri or default_uri()):
-        return []
-    client = _client(tracking_uri)
-    from mlflow.exceptions import MlflowException
+    from components.tracking import bound_requests, registry_errors
 
-    try:
-        versions = client.search_model_versions(f"name='{params.registry.model_name}'")
-    except MlflowException:
+    uri = tracking_uri or default_uri()
+    if not store_exists(uri):
         return []
+    bound_requests(params.registry)
+    client = _client(uri)
+    name = params.registry.model_name
+    with registry_errors(uri, f"listing the versions of {name}"):
+        versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), reverse=True)
+        aliases = {str(v.version): list(_aliases(client, name, v.version)) for v in versions}
     out = []
-    for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
+    for v in versions:
         t = v.tags or {}
         out.append({
             "version": str(v.version),
-            "aliases": list(_aliases(client, params.registry.model_name, v.version)),
+            "aliases": aliases[str(v.version)],
             "psnr_window_db": _float(t.get("xct.psnr_window_db")),
             "stages": t.get("xct.stages"),
             "test_ids_hash": t.get("xct.test_ids_hash"),
@@ -406,21 +548,29 @@ def list_versions(params: Params, tracking_uri: str | None = None) -> list[dict[
 
 def _existing_version(version: str, params: Params, tracking_uri: str | None) -> tuple[Any, str, Any]:
     """``(client, model name, model version)`` of an existing ``version``; :class:`InputError`
-    (one line) when there is no registry yet (which is not created) or no such version."""
+    (one line) when there is no registry yet (which is not created) or the registry answers
+    that there is no such version; :class:`components.tracking.RegistryError` when it cannot
+    answer."""
     from mlflow.exceptions import MlflowException
 
-    from components.tracking import store_exists
+    from components.tracking import bound_requests, not_found, registry_errors, store_exists
     from components.tracking import tracking_uri as default_uri
 
     name = params.registry.model_name
     uri = tracking_uri or default_uri()
     if not store_exists(uri):
         raise InputError(None, f"no model registry at {uri} yet: nothing is registered (see `xct models list`)")
+    if not str(version).isdigit():
+        raise InputError(None, f"{name} has no version {version!r}: a version is a number (see `xct models list`)")
+    bound_requests(params.registry)
     client = _client(uri)
-    try:
-        mv = client.get_model_version(name, str(version))
-    except MlflowException:
-        raise InputError(None, f"{name} has no version {version!r} (see `xct models list`)") from None
+    with registry_errors(uri, f"reading {name} v{version}"):
+        try:
+            mv = client.get_model_version(name, str(version))
+        except MlflowException as e:
+            if not not_found(e):
+                raise
+            raise InputError(None, f"{name} has no version {version!r} (see `xct models list`)") from None
     return client, name, mv
 
 
@@ -429,8 +579,12 @@ def promote(version: str, alias: str, params: Params, tracking_uri: str | None =
     client, name, _mv = _existing_version(version, params, tracking_uri)
     if not alias or not alias.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"alias must be letters, digits, '-' or '_', got {alias!r}")
-    client.set_registered_model_alias(name, alias, str(version))
-    client.set_model_version_tag(name, str(version), f"xct.promoted_{alias}", "manual")
+    from components.tracking import registry_errors
+    from components.tracking import tracking_uri as default_uri
+
+    with registry_errors(tracking_uri or default_uri(), f"pointing @{alias} at {name} v{version}"):
+        client.set_registered_model_alias(name, alias, str(version))
+        client.set_model_version_tag(name, str(version), f"xct.promoted_{alias}", "manual")
     return {"name": name, "version": str(version), "alias": alias, "model_uri": f"models:/{name}@{alias}"}
 
 
@@ -444,7 +598,8 @@ def show_card(version: str, params: Params, *, as_json: bool = False, tracking_u
     _client_, name, mv = _existing_version(version, params, tracking_uri)
     ref = (mv.tags or {}).get(CARD_TAG)
     if not ref:
-        raise InputError(None, f"{name} v{mv.version} has no model card (it was registered before cards were logged)")
+        raise InputError(None, f"{name} v{mv.version} has no model card (registered before cards were logged, or its "
+                         "registration was interrupted: run the register step again)")
     fname = MODEL_CARD_JSON if as_json else MODEL_CARD_MD
     with tempfile.TemporaryDirectory(prefix="xct-card-") as tmp:
         try:
@@ -491,7 +646,7 @@ def run_register(
     eval_dir: str | Path,
     train_dir: str | Path,
     out_path: str | Path,
-    params: Params | None = None,
+    params: Params,
     *,
     processed_dir: str | Path | None = "data/processed",
     tracking_uri: str | None = None,
@@ -502,7 +657,6 @@ def run_register(
     from components.pipeline_verdict import build_summary, stage_entry, write_summary
     from components.tracking import tracking_uri as default_uri
 
-    params = params or Params()
     say = log or (lambda _m: None)
     uri = tracking_uri or default_uri()
     gates_dir, eval_dir, train_dir = Path(gates_dir), Path(eval_dir), Path(train_dir)

@@ -60,7 +60,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from xct_core.atomic import atomic_path, file_mode
-from xct_core.config import S3Params
+from components.ops_params import S3Params
 from xct_core.errors import InputError, XctError
 
 #: environment variable with the endpoint of an S3-compatible store (wins over AWS_ENDPOINT_URL)

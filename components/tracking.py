@@ -14,6 +14,14 @@ Runs: one parent *pipeline* run per output folder (or ``$XCT_PIPELINE_RUN_ID``, 
 the KFP pipeline) and one nested run per stage (tag ``mlflow.parentRunId``). The ids are
 kept next to the outputs so a re-run after a crash continues the same runs
 (:class:`MetricLogger` never logs a (metric, step) pair twice).
+
+"Cannot tell" is not "none": MLflow raises the same :class:`MlflowException` for "no such
+model / alias / run" and for a server that is down, black-holed or failing. Only a definite
+"not found" answer (:func:`not_found`) means none; anything else becomes
+:class:`RegistryError`, one line (the CLI prints it, exit 1). Every HTTP request is bounded:
+:func:`bound_requests` sets MLflow's ``MLFLOW_HTTP_REQUEST_TIMEOUT`` and
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` from ``params.registry`` (``request_timeout_s``,
+``request_max_retries``) unless the user's environment sets them.
 """
 
 from __future__ import annotations
@@ -24,13 +32,15 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from xct_core.atomic import write_json_atomic
@@ -44,6 +54,107 @@ DEFAULT_TRACKING_URI = f"sqlite:///{REPO / 'mlflow.db'}"
 #: environment variable naming an existing pipeline (parent) run to nest stage runs under
 PIPELINE_RUN_ENV = "XCT_PIPELINE_RUN_ID"
 _PARAM_MAX = 6000
+
+
+class RegistryError(XctError):
+    """MLflow (tracking server, registry, store) could not give an answer: unreachable, no
+    answer in time, a server error, or a request it refused. Never means "nothing there"."""
+
+    exit_code = 1
+
+
+#: MLflow's own environment variables that bound one HTTP request → the ``registry`` params key
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "request_timeout_s", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "request_max_retries"}
+_BOUNDS_SET: dict[str, str] = {}  # what bound_requests wrote (anything else in the env is the user's)
+
+
+def bound_requests(registry: Any = None) -> dict[str, str]:
+    """Bound every MLflow HTTP request of this process (and of the processes it starts):
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` from ``registry``
+    (:class:`xct_core.config.RegisterParams`; without it the params defaults, and only
+    where nothing is set yet), except where the user's environment sets them. Returns the
+    values in force."""
+    given = registry is not None
+    if registry is None:
+        from xct_core.config import RegisterParams
+
+        registry = RegisterParams()
+    for var, key in HTTP_BOUNDS.items():
+        cur = os.environ.get(var)
+        if cur is None or (given and cur == _BOUNDS_SET.get(var)):
+            os.environ[var] = _BOUNDS_SET[var] = str(int(getattr(registry, key)))
+    return {k: os.environ.get(k, "") for k in HTTP_BOUNDS}
+
+
+def not_found(e: MlflowException) -> bool:
+    """Whether ``e`` is a definite "does not exist" answer (no such registered model,
+    version, run or alias) rather than a failure to answer."""
+    code = getattr(e, "error_code", None)
+    if code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+        return True
+    msg = str(e).lower()  # an unknown alias is INVALID_PARAMETER_VALUE "Registered model alias X not found."
+    return code == ErrorCode.Name(INVALID_PARAMETER_VALUE) and "alias" in msg and "not found" in msg
+
+
+def _why(e: BaseException) -> str:
+    """The short reason of a failed MLflow call (no URL dumps, no chained tracebacks)."""
+    text = str(e)
+    low = text.lower()
+    if "connection refused" in low or "newconnectionerror" in low:
+        return "connection refused"
+    if "timed out" in low or "timeout" in low:
+        return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '120')} s"
+    if "remotedisconnected" in low or "connection aborted" in low or "connection reset" in low:
+        return "connection closed without an answer"
+    if "too many" in low and "error responses" in low:
+        return "server error (HTTP 5xx) on every retry"
+    code = getattr(e, "error_code", None)
+    first = (text.strip().splitlines() or [type(e).__name__])[0]
+    return f"{code + ': ' if code and code != 'INTERNAL_ERROR' else ''}{first[:300]}"
+
+
+def registry_error(e: BaseException, uri: str, what: str) -> RegistryError:
+    """One line: which MLflow, what was being done, why it failed, what bounds applied."""
+    b = {k: os.environ.get(k) for k in HTTP_BOUNDS}
+    bounds = "" if "://" not in uri or uri.startswith(("sqlite", "file")) else (
+        f" (requests bounded by MLFLOW_HTTP_REQUEST_TIMEOUT={b['MLFLOW_HTTP_REQUEST_TIMEOUT'] or '120'} s, "
+        f"MLFLOW_HTTP_REQUEST_MAX_RETRIES={b['MLFLOW_HTTP_REQUEST_MAX_RETRIES'] or '7'}; params registry.request_*)")
+    return RegistryError(f"MLflow at {uri} cannot answer while {what}: {_why(e)}{bounds}")
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    import requests
+    import urllib3
+
+    return (MlflowException, requests.exceptions.RequestException, urllib3.exceptions.HTTPError)
+
+
+@contextmanager
+def registry_errors(uri: str, what: str) -> Iterator[None]:
+    """Turn any MLflow / HTTP failure inside the block into one :class:`RegistryError` line
+    (the chained tracebacks are dropped). Use :func:`not_found` first where "none" is a
+    legitimate answer."""
+    try:
+        yield
+    except RegistryError:
+        raise
+    except _transport_errors() as e:
+        raise registry_error(e, uri, what) from None
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """MLflow's tqdm "Downloading/Uploading artifacts" bars off inside the block (unless the
+    user's ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` asks for them): a step's stderr stays its
+    messages."""
+    var = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(var)
+    os.environ[var] = before or "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(var, None)
 
 
 def tracking_uri() -> str:
@@ -80,6 +191,9 @@ def artifact_root(uri: str) -> str | None:
 
 
 def get_client(uri: str | None = None) -> MlflowClient:
+    """A client of ``uri`` (default :func:`tracking_uri`) whose requests are bounded
+    (:func:`bound_requests`; the params defaults unless set already)."""
+    bound_requests()
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
 
@@ -189,14 +303,16 @@ class MetricLogger:
     are not logged again). Non-numeric values and the ``step`` key itself are skipped."""
 
     def __init__(self, run_id: str, uri: str | None = None) -> None:
-        self.client = get_client(uri)
+        self.uri = uri or tracking_uri()
+        self.client = get_client(self.uri)
         self.run_id = run_id
-        run = self.client.get_run(run_id)
         self.last: dict[str, int] = {}
-        for key in run.data.metrics:
-            hist = self.client.get_metric_history(run_id, key)
-            if hist:
-                self.last[key] = max(m.step for m in hist)
+        with registry_errors(self.uri, f"reading run {run_id}"):
+            run = self.client.get_run(run_id)
+            for key in run.data.metrics:
+                hist = self.client.get_metric_history(run_id, key)
+                if hist:
+                    self.last[key] = max(m.step for m in hist)
 
     def log(self, metrics: Mapping[str, Any], step: int) -> int:
         """Log ``metrics`` at ``step``; returns how many points were written."""
@@ -210,12 +326,14 @@ class MetricLogger:
             val = float(v)
             batch.append(Metric(key, val if math.isfinite(val) else float("nan"), now, int(step)))
             self.last[key] = int(step)
-        for i in range(0, len(batch), 900):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 900], synchronous=True)
+        with registry_errors(self.uri, f"logging metrics of run {self.run_id}"):
+            for i in range(0, len(batch), 900):
+                self.client.log_batch(self.run_id, metrics=batch[i : i + 900], synchronous=True)
         return len(batch)
 
     def artifact(self, path: str, subdir: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, path, subdir)
+        with registry_errors(self.uri, f"logging {Path(path).name} to run {self.run_id}"):
+            self.client.log_artifact(self.run_id, path, subdir)
 
 
 # --------------------------------------------------------------------------- runs
@@ -238,8 +356,10 @@ def _usable_run(client: MlflowClient, run_id: str | None, experiment_id: str) ->
         return False
     try:
         run = client.get_run(run_id)
-    except MlflowException:
-        return False
+    except MlflowException as e:
+        if not_found(e):  # a deleted / unknown run: start a new one; a failing server is an error
+            return False
+        raise
     return run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
 
 
@@ -251,7 +371,17 @@ class StageRun:
     folder) remember the run ids. ``new_run`` creates a new stage run (nothing to resume);
     ``new_pipeline`` also a new pipeline run (a fresh start of the cascade)."""
 
-    def __init__(
+    def __init__(self, **kw: Any) -> None:
+        """Keyword arguments: ``experiment``, ``stage``, ``run_name``, ``state_file``,
+        ``pipeline_file``, ``params``, ``tags``, ``new_run``, ``new_pipeline``,
+        ``parent_run_id`` (see :meth:`_open`). An MLflow that cannot answer is one
+        :class:`RegistryError` line."""
+        self.uri = tracking_uri()
+        self.client = get_client(self.uri)
+        with registry_errors(self.uri, f"opening the MLflow run of stage {kw.get('stage')}"):
+            self._open(**kw)
+
+    def _open(
         self,
         *,
         experiment: str,
@@ -265,8 +395,6 @@ class StageRun:
         new_pipeline: bool = False,
         parent_run_id: str | None = None,
     ) -> None:
-        self.uri = tracking_uri()
-        self.client = get_client(self.uri)
         self.experiment_id = ensure_experiment(self.client, experiment)
         parent = parent_run_id or os.environ.get(PIPELINE_RUN_ENV)
         #: we keep the parent's status in step with the stages only when the parent is ours
@@ -318,15 +446,21 @@ class StageRun:
             self.client.set_tag(self.run_id, "xct.params_changed_on_resume", ",".join(changed)[:5000])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+        with registry_errors(self.uri, f"tagging run {self.run_id}"):
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
 
     def end(self, status: str, message: str | None = None) -> None:
         """Terminate the stage run with ``status`` (FINISHED | FAILED | KILLED); a parent
         run of ours follows (it is set RUNNING again when the next stage starts)."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"not a terminal run status: {status!r}")
-        if message:
-            self.client.set_tag(self.run_id, "xct.failure", message[:5000])
-        self.client.set_terminated(self.run_id, status=status)
-        if self.owns_parent:
-            self.client.set_terminated(self.parent_run_id, status=status)
+        try:
+            if message:
+                self.client.set_tag(self.run_id, "xct.failure", message[:5000])
+            self.client.set_terminated(self.run_id, status=status)
+            if self.owns_parent:
+                self.client.set_terminated(self.parent_run_id, status=status)
+        except _transport_errors() as e:
+            # one line that keeps the failure being reported (``message``) in front
+            err = registry_error(e, self.uri, f"marking run {self.run_id} {status}")
+            raise RegistryError(f"{message}; {err}" if message else str(err)) from None

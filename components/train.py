@@ -22,6 +22,13 @@ The loop is :func:`xct_core.training.train_stage` (engine-agnostic); this module
   throughput, peak memory, validation metrics, montage PNGs and the final/best models.
   Rank 0 logs directly from the worker. A non-finite loss marks the run FAILED.
 
+* **Fail closed**: the output folder is locked for the run (a second ``xct train`` on it
+  exits 1 naming the holder's pid); SIGTERM (a Kubernetes eviction) marks the MLflow run
+  KILLED, shuts Ray down and exits 143 naming the intact newest checkpoint — ``ray.init``'s
+  own SIGTERM handler (``sys.exit`` under a C++ stack dump) is replaced after start-up
+  (:mod:`xct_core.training.guards`). A damaged checkpoint is skipped or refused by the loop
+  (``train.on_corrupt_checkpoint``), with a warning line forwarded from rank 0.
+
 Entry points: ``xct train --stage K`` (pipelines/commands/train.py; dvc.yaml runs it), the
 KFP train component (components/kfp_components.py) and :func:`run_train` / :func:`run_local`
 (in-process, no Ray, no MLflow: ``xct train --local``).
@@ -41,15 +48,19 @@ from typing import Any
 
 from xct_core.atomic import write_json_atomic
 from xct_core.checkpoint import latest_checkpoint
+from components.ray_params import RayParams
 from xct_core.config import Params, params_from_dict
 from xct_core.errors import XctError
 from xct_core.training import (
     FaultPlan,
     NonFiniteError,
     RunLayout,
+    SigtermGuard,
+    Terminated,
     TrainHooks,
     TrainingFailed,
     TrainResult,
+    folder_lock,
     preflight,
     train_stage,
 )
@@ -98,9 +109,21 @@ def run_local(
     fresh: bool = False,
     device: str | None = None,
 ) -> TrainResult:
-    """Train in this process (no Ray, no MLflow): ``xct train --local`` and a bare GPU box."""
-    return train_stage(params, stage, processed_dir, out_dir, device=device, steps=steps, fresh=fresh,
-                       faults=faults_from_env())
+    """Train in this process (no Ray, no MLflow): ``xct train --local`` and a bare GPU box.
+    Holds the output folder's lock; SIGTERM stops it as :class:`Terminated` (exit 143)."""
+    layout = RunLayout(Path(out_dir if out_dir is not None else params.train.out_dir).absolute(), int(stage))
+    name = params.stage(stage).name
+    preflight(params, stage, processed_dir, layout.out_dir, steps=steps)  # bad input: no folder, no lock file
+    with folder_lock(layout.train_lock), SigtermGuard(lambda: _stopped(name, layout)):
+        return train_stage(params, stage, processed_dir, out_dir, device=device, steps=steps, fresh=fresh,
+                           faults=faults_from_env())
+
+
+def _stopped(name: str, layout: RunLayout, tracked: str = "") -> str:
+    """The one line of a run stopped by SIGTERM: where it can resume from."""
+    last = latest_checkpoint(layout.checkpoints)
+    where = f"newest checkpoint {last[1]} (step {last[0]}) is intact" if last else "no checkpoint was written yet"
+    return f"{name}: stopped by SIGTERM{tracked}; {where}: re-run the same command to resume"
 
 
 # --------------------------------------------------------------------------- progress
@@ -206,7 +229,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         logging.getLogger(_ray_ctx.__file__).setLevel(logging.WARNING)
     except ImportError:  # a Ray without Train V2: nothing to quiet
         pass
-    params = params_from_dict(config["params"], "params")
+    params = params_from_dict(config["params"], "params", RayParams)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logger = MetricLogger(config["run_id"], config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
@@ -314,7 +337,7 @@ def _ray_init() -> tuple[bool, float]:
     return True, time.perf_counter() - t0
 
 
-def scaling_config(params: Params) -> Any:
+def scaling_config(params: RayParams) -> Any:
     """``ray.train.ScalingConfig`` from ``params.train.ray``."""
     from ray.train import ScalingConfig
 
@@ -339,7 +362,7 @@ def _root_cause(e: BaseException) -> str:
 
 
 def run_train(
-    params: Params,
+    params: RayParams,
     stage: int,
     processed_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -358,20 +381,77 @@ def run_train(
     and starts a new MLflow stage run (for stage 1 a new pipeline run); otherwise an
     interrupted run is resumed. ``faults``: injected failures for tests (default from
     ``$XCT_TRAIN_FAULTS``). Raises :class:`XctError` subclasses with one-line messages.
+
+    The output folder is locked for the run (a second run on it is refused in one line,
+    :func:`xct_core.training.folder_lock`). SIGTERM (an eviction) stops it cleanly: the
+    MLflow run is marked KILLED, Ray is shut down, :class:`Terminated` (exit 143) names the
+    intact newest checkpoint to resume from.
     """
+    if not isinstance(params, RayParams):  # the science's Params carry no train.ray: never guess it
+        raise TypeError("run_train needs params with train.ray: load them with components.ray_params.RayParams "
+                        "(or components.ops_params.OpsParams)")
     k = int(stage)
     out = Path(out_dir if out_dir is not None else params.train.out_dir).absolute()
     processed = Path(processed_dir).absolute()
     preflight(params, k, processed, out, world_size=params.train.ray.num_workers, steps=steps)
+    layout = RunLayout(out, k)
+    with folder_lock(layout.train_lock), SigtermGuard(lambda: _stopped(params.stage(k).name, layout)) as guard:
+        return _run_locked(params, k, processed, out, steps=steps, fresh=fresh, faults=faults,
+                           parent_run_id=parent_run_id, tracking=tracking, progress=progress, log=log, guard=guard)
+
+
+def _start_tracking(params: Params, k: int, n_steps: int, processed: Path, out: Path, *, fresh: bool,
+                    resuming: bool, parent_run_id: str | None) -> Any:
+    """The stage's MLflow run (:class:`components.tracking.StageRun`), new or resumed."""
+    from components.tracking import StageRun, bound_requests, lineage_tags
+
+    bound_requests(params.registry)  # the params' MLflow time bounds for this process and those it starts
+    name = params.stage(k).name
+    cfg = params.stages[name].model_dump(mode="json")
+    logged = {
+        "stage": k, "steps": n_steps, "seed": params.seed, name: cfg,
+        "train": {kk: v for kk, v in params.train.model_dump(mode="json").items() if kk != "steps"},
+        "diffusion": params.diffusion.model_dump(mode="json"), "hu": params.hu.model_dump(mode="json"),
+        "model": params.model.model_dump(mode="json"), "drr": params.drr.model_dump(mode="json"),
+    }
+    layout = RunLayout(out, k)
+    return StageRun(
+        experiment=params.train.experiment, stage=k, run_name=name,
+        state_file=layout.mlflow_state, pipeline_file=out / "mlflow_pipeline.json",
+        params=logged, tags={**lineage_tags(params.digest(), processed), "xct.out_dir": str(out)},
+        new_run=fresh or not resuming, new_pipeline=fresh and k == 1,
+        parent_run_id=parent_run_id,
+    )
+
+
+def _trainer(params: Params, name: str, storage: Path, config: dict[str, Any]) -> Any:
+    """The ``TorchTrainer`` of one stage run (scaling, storage, retries, checkpoints kept)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config=config,
+        scaling_config=scaling_config(params),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=params.train.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=params.train.keep_last),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def _run_locked(params: Params, k: int, processed: Path, out: Path, *, steps: int | None, fresh: bool,
+                faults: FaultPlan | None, parent_run_id: str | None, tracking: bool, progress: bool, log: Any,
+                guard: SigtermGuard) -> TrainSummary:
+    """:func:`run_train` once the folder is locked and SIGTERM is guarded."""
     st = params.stage(k)
     name = st.name
     n_steps = int(steps) if steps is not None else st.train_steps
 
     import ray  # after the checks: a bad input fails fast, without importing Ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
-    from components.tracking import StageRun, lineage_tags
 
     layout = RunLayout(out, k)
     storage = out / "ray"
@@ -386,70 +466,63 @@ def run_train(
 
     mlrun = None
     if tracking:
-        cfg = params.stages[name].model_dump(mode="json")
-        logged = {
-            "stage": k, "steps": n_steps, "seed": params.seed, name: cfg,
-            "train": {kk: v for kk, v in params.train.model_dump(mode="json").items() if kk != "steps"},
-            "diffusion": params.diffusion.model_dump(mode="json"), "hu": params.hu.model_dump(mode="json"),
-            "model": params.model.model_dump(mode="json"), "drr": params.drr.model_dump(mode="json"),
-        }
-        mlrun = StageRun(
-            experiment=params.train.experiment, stage=k, run_name=name,
-            state_file=layout.mlflow_state, pipeline_file=out / "mlflow_pipeline.json",
-            params=logged, tags={**lineage_tags(params.digest(), processed), "xct.out_dir": str(out)},
-            new_run=fresh or not resuming, new_pipeline=fresh and k == 1,
-            parent_run_id=parent_run_id,
-        )
+        mlrun = _start_tracking(params, k, n_steps, processed, out, fresh=fresh, resuming=resuming,
+                                parent_run_id=parent_run_id)
         log(f"{name}: MLflow run {mlrun.run_id} ({'resumed' if mlrun.resumed else 'new'}) at {mlrun.uri}")
 
-    started, t_init = False, 0.0
-    t_fit = 0.0
+    was_up = ray.is_initialized()
+    t_init = t_fit = 0.0
     try:
-        started, t_init = _ray_init()
+        _, t_init = _ray_init()
+        guard.reassert()  # ray.init installed its own SIGTERM handler (sys.exit + a C++ stack dump)
         progress_file = layout.checkpoints / "progress.json"
         config = {
             "params": params.model_dump(mode="json"), "stage": k, "processed": str(processed), "out_dir": str(out),
             "steps": n_steps, "faults": asdict(faults), "progress_file": str(progress_file),
             "run_id": mlrun.run_id if mlrun else None, "tracking_uri": mlrun.uri if mlrun else None,
         }
-        trainer = TorchTrainer(
-            _worker_loop,
-            train_loop_config=config,
-            scaling_config=scaling_config(params),
-            run_config=RunConfig(
-                name=name,
-                storage_path=str(storage),
-                failure_config=FailureConfig(max_failures=params.train.ray.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=params.train.keep_last),
-                logging_config=LoggingConfig(log_level="WARNING"),
-            ),
-        )
+        trainer = _trainer(params, name, storage, config)
         t0 = time.perf_counter()
         with DriverBar(progress_file, name) if progress else contextlib.nullcontext():
             result = trainer.fit()
         t_fit = time.perf_counter() - t0
-    except KeyboardInterrupt:
+    except BaseException as e:
+        _end_failed(e, mlrun, guard, name, layout, params.train.ray.max_failures)
+        raise
+    finally:
+        if not was_up and ray.is_initialized():
+            ray.shutdown()
+    return _summarise(name, k, layout, mlrun, result, log, t_init, t_fit)
+
+
+def _end_failed(e: BaseException, mlrun: Any, guard: SigtermGuard, name: str, layout: RunLayout,
+                max_failures: int) -> None:
+    """Close the MLflow run of a run that raised ``e`` (never leave it RUNNING) and raise the
+    one-line error to show, if it is not ``e`` itself."""
+    import ray.train
+
+    if guard.fired:  # SIGTERM, however the engine passed it on
+        msg = _stopped(name, layout, f" (MLflow run {mlrun.run_id} marked KILLED)" if mlrun else "")
+        if mlrun:
+            mlrun.end("KILLED", msg)
+        raise Terminated(msg) from None
+    if isinstance(e, KeyboardInterrupt):
         if mlrun:
             mlrun.end("KILLED", "interrupted")
-        raise
-    except ray.train.TrainingFailedError as e:
-        msg = f"{name}: training failed after {params.train.ray.max_failures} retries ({_root_cause(e)})"
+        return
+    if isinstance(e, ray.train.TrainingFailedError):
+        msg = f"{name}: training failed after {max_failures} retries ({_root_cause(e)})"
         if mlrun:
             mlrun.set_tags(_placement_tags(_read_placement(layout)))
             mlrun.end("FAILED", msg)
         raise TrainingFailed(msg) from None
-    except XctError as e:
-        if mlrun:
-            mlrun.end("FAILED", str(e))
-        raise
-    except Exception as e:  # a bug or an infrastructure error: never leave the run RUNNING
-        if mlrun:
-            mlrun.end("FAILED", f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        if started:
-            ray.shutdown()
+    if mlrun:  # XctError: its message; a bug or an infrastructure error: its type too
+        mlrun.end("FAILED", str(e) if isinstance(e, XctError) else f"{type(e).__name__}: {e}")
 
+
+def _summarise(name: str, k: int, layout: RunLayout, mlrun: Any, result: Any, log: Any, t_init: float,
+               t_fit: float) -> TrainSummary:
+    """After ``fit``: the non-finite verdict, tags, the placement record, the summary."""
     final = dict(result.metrics or {})
     if _failure_file(layout).is_file():
         doc = json.loads(_failure_file(layout).read_text())

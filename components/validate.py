@@ -251,7 +251,7 @@ class ValidationReport:
 
 
 def validate_rows(
-    rows: Sequence[Mapping[str, Any]], params: Params | None = None, raw_dir: str | Path | None = None
+    rows: Sequence[Mapping[str, Any]], params: Params, raw_dir: str | Path | None = None
 ) -> ValidationReport:
     """Run the GX suite (:func:`build_checks`) over stats-table rows and collect the verdicts.
 
@@ -259,7 +259,6 @@ def validate_rows(
     """
     import great_expectations as gx
 
-    params = params or Params()
     if not rows:
         raise InputError(raw_dir, "the stats table is empty: no CT volumes to validate")
     checks = build_checks(params)
@@ -338,12 +337,11 @@ def check_volume_files(rows: Sequence[dict[str, Any]], interim_dir: str | Path) 
 
 
 def scan_raw(
-    raw_dir: str | Path, params: Params | None = None, ignored: list[str] | None = None
+    raw_dir: str | Path, params: Params, ignored: list[str] | None = None
 ) -> list[dict[str, Any]]:
     """Stats rows for a raw folder, in memory (nothing written): what ingest would record.
 
     ``ignored`` (when given) receives the relative paths of the files that are not CTs."""
-    params = params or Params()
     sources, other = discover(raw_dir)
     if ignored is not None:
         ignored.extend(other)
@@ -355,10 +353,9 @@ def scan_raw(
     return rows
 
 
-def validate_dir(path: str | Path, params: Params | None = None) -> ValidationReport:
+def validate_dir(path: str | Path, params: Params) -> ValidationReport:
     """Validate a folder: an ingest output (it has ``stats.json``: table + file checks) or a
     raw folder of CTs (scanned in memory). What ``xct data validate DIR`` runs."""
-    params = params or Params()
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such directory")
@@ -441,7 +438,7 @@ def html_path_for(json_path: str | Path) -> Path:
 def run_validate(
     interim_dir: str | Path,
     out_dir: str | Path,
-    params: Params | None = None,
+    params: Params,
     log: Callable[[str], None] | None = None,
 ) -> ValidationReport:
     """Validate an ingest output folder and apply the policy (module docstring).
@@ -451,7 +448,6 @@ def run_validate(
     decides the exit status: failure = ``not report.success and report.policy == "fail"``.
     Raises :class:`InputError` when quarantine leaves no training volume.
     """
-    params = params or Params()
     say = log or (lambda _msg: None)
     interim = Path(interim_dir)
     out = Path(out_dir)

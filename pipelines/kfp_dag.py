@@ -28,8 +28,8 @@ the train task's accelerator request and tolerations (``train_accelerator``:
 ``set_accelerator_type`` / ``set_accelerator_limit``, kfp-kubernetes ``add_toleration``).
 
 Pipeline parameters: ``data_uri`` (a folder of raw CTs: a local path under ``kfp.local``,
-``s3://…``/``gs://…`` on a cluster), ``params_yaml`` (the text of params.yaml; empty: the
-built-in demo defaults), ``ray_address`` and ``mlflow_tracking_uri`` (empty: local Ray and
+``s3://…``/``gs://…`` on a cluster), ``params_yaml`` (the whole effective params as YAML;
+its compiled default is the params the pipeline was compiled with), ``ray_address`` and ``mlflow_tracking_uri`` (empty: local Ray and
 the embedded sqlite MLflow of the step's container).
 
 Compile: ``xct pipeline compile --out pipeline.yaml`` (:func:`compile_pipeline`); run on a
@@ -39,6 +39,7 @@ laptop: ``xct pipeline run --local`` (:func:`run_local`); submit: ``xct pipeline
 No ``from __future__ import annotations`` (KFP reads real annotations).
 """
 
+import json
 import os
 import re
 import tempfile
@@ -61,8 +62,8 @@ from components.kfp_components import (
     train_stage_component,
     validate_component,
 )
+from components.ops_params import KfpParams, OpsParams, params_text
 from xct_core.atomic import atomic_path, writable
-from xct_core.config import KfpParams, Params, params_from_dict
 from xct_core.errors import InputError, XctError
 
 PIPELINE_NAME = "xct-cascade"
@@ -124,17 +125,22 @@ def _cascade(k: int, n: int, processed: Any, previous: tuple[Any, Any] | None, p
         ctl(rejected_component(stage=k, gate_summary=gate.outputs["summary"]).set_display_name(f"rejected at gate {k}"))
 
 
-def _caching(params: Params, caching: bool | None) -> bool:
+def _caching(params: OpsParams, caching: bool | None) -> bool:
     """Step caching: ``caching`` when given (``--no-cache``), else ``pipeline.kfp.caching``."""
     return params.pipeline.kfp.caching if caching is None else bool(caching)
 
 
-def build_pipeline(params: Params | None = None, *, caching: bool | None = None) -> Any:
-    """The ``@dsl.pipeline`` function for ``params`` (default params when ``None``): one
-    train → evaluate → gate per stage in ``params.stages`` (:func:`_cascade`), with
-    ``params.pipeline.kfp``'s controls applied; ``caching`` overrides ``pipeline.kfp.caching``.
-    Compile with the params the run will get: the stage count is fixed at compile time."""
-    params = params if params is not None else params_from_dict({})
+def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = None) -> Any:
+    """The ``@dsl.pipeline`` function for ``params`` (the built-in defaults = params.yaml when
+    ``None``): one train → evaluate → gate per stage in ``params.stages`` (:func:`_cascade`),
+    with ``params.pipeline.kfp``'s controls applied; ``caching`` overrides
+    ``pipeline.kfp.caching``. The ``params_yaml`` parameter defaults to these params' text, so
+    a run submitted without it (e.g. from the KFP UI) uses what the pipeline was compiled with
+    — and the stage count is fixed at compile time: compile with the params the run will get."""
+    params = params if params is not None else OpsParams()
+    # JSON (a YAML subset) on ONE line: kfp writes each input's default into a comment header
+    # of the IR YAML, and a multi-line default would break that file
+    compiled_params = json.dumps(params.model_dump(mode="json"), separators=(",", ":"))
     kp = params.pipeline.kfp
     ctl = _Controls(kp, _caching(params, caching))
     n = params.n_stages
@@ -142,7 +148,7 @@ def build_pipeline(params: Params | None = None, *, caching: bool | None = None)
     @dsl.pipeline(name=PIPELINE_NAME, description=f"Biplanar X-ray → 3D CT cascade: data → {n} gated stages → register")
     def xct_pipeline(
         data_uri: str,
-        params_yaml: str = "",
+        params_yaml: str = compiled_params,
         ray_address: str = "",
         mlflow_tracking_uri: str = "",
     ) -> None:
@@ -165,7 +171,7 @@ def build_pipeline(params: Params | None = None, *, caching: bool | None = None)
 xct_pipeline = build_pipeline()
 
 
-def compile_pipeline(out: str | Path, params: Params | None = None, *, caching: bool | None = None) -> Path:
+def compile_pipeline(out: str | Path, params: OpsParams | None = None, *, caching: bool | None = None) -> Path:
     """Write the pipeline's IR YAML to ``out`` atomically (controls from ``params``, see
     :func:`build_pipeline`); returns the path."""
     out = Path(out)
@@ -202,6 +208,18 @@ def load_pipeline_spec(path: str | Path) -> tuple[Any, Any | None]:
     return spec, platform
 
 
+def _params_and_text(params_yaml: str) -> tuple[OpsParams, str]:
+    """The typed params of ``params_yaml`` and the text every task gets; an empty text means
+    the params a command finds (``$XCT_PARAMS``, ./params.yaml, else the built-in defaults =
+    params.yaml: :func:`xct_core.config.resolve_params`), handed on in full."""
+    from components.ops_params import resolve_params
+
+    if not params_yaml.strip():
+        params = resolve_params()
+        return params, params_text(params)
+    return params_from_text(params_yaml, OpsParams), params_yaml
+
+
 def pipeline_arguments(data_uri: str, params_yaml: str = "", ray_address: str = "",
                        mlflow_tracking_uri: str = "") -> dict[str, str]:
     """The pipeline parameters as a dict (what ``kfp.Client`` and ``kfp.local`` receive)."""
@@ -231,7 +249,7 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
     data = Path(data_dir).absolute()
     if not data.is_dir():
         raise InputError(data, "raw data folder not found (run `xct data synth` or `dvc pull` first)")
-    params = params_from_text(params_yaml)
+    params, params_yaml = _params_and_text(params_yaml)
     use_cache = _caching(params, caching)
     root = Path(pipeline_root).absolute()
     tmp = root / "tmp"
@@ -275,7 +293,7 @@ def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", ml
 
     import kfp
 
-    params = params_from_text(params_yaml)
+    params, params_yaml = _params_and_text(params_yaml)
     use_cache = _caching(params, caching)
     try:
         with warnings.catch_warnings():  # the client's "only works with KFP >= 2.0.0-beta.2" notice

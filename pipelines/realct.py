@@ -116,8 +116,8 @@ def _link_folder(folder: Path, files: Sequence[Path]) -> Path:
 def effective_params(params_file: Path, overlays: Sequence[Path], out: Path) -> tuple[Any, Path]:
     """``load_params(params_file, overlays)`` with raw_dir/out_dir inside ``out``, written
     (validated) to ``out/params.yaml``. Returns ``(params, path)``."""
+    from components.ops_params import load_params, params_from_dict  # the whole file (train.ray included)
     from xct_core.atomic import write_bytes_atomic
-    from xct_core.config import load_params, params_from_dict
 
     base = load_params(params_file, list(overlays))
     data = base.model_dump(mode="json")

@@ -182,12 +182,14 @@ def test_stage_params_exist_and_are_scoped(dvc_stages: dict[str, Any]) -> None:
     """Each params key exists in the typed config, a stage-K step names no other stage's
     keys (so a stage-2 change re-runs stage 2 onward only), and training tracks every
     training knob it reads."""
-    tree = Params().model_dump(mode="json")
+    from components.ops_params import OpsParams
+
+    tree = OpsParams().model_dump(mode="json")  # the whole file: train.ray and pipeline.train too
     for name, st in dvc_stages.items():
         for key in _params_of(st):
             node = tree
             for part in key.split("."):
-                assert isinstance(node, dict) and part in node, f"{name}: params key {key} not in xct_core.config"
+                assert isinstance(node, dict) and part in node, f"{name}: params key {key} not in the params schema"
                 node = node[part]
             k = STAGE_OF.get(name)
             if k is not None:

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from train_fixtures import build_processed, tiny_params
-from xct_core.config import Params, load_params, params_from_dict, resolve_params
+from components.ops_params import OpsParams as Params  # hpo is an operational section (xct_core/hpo_params.py)
+from components.ops_params import load_params, params_from_dict, resolve_params
 from xct_core.errors import ConfigError
 from xct_core.hpo import (
     apply_config,

@@ -487,7 +487,7 @@ def test_rayjob_entrypoint_parses_with_the_xct_cli_and_paths_exist(objects: list
 
 
 def test_cluster_overlay_validates_and_fits_a_worker_group(objects: list[tuple[Path, dict]], tmp_path: Path) -> None:
-    from xct_core.config import load_params
+    from components.ops_params import load_params
 
     cm = _one(objects, "ConfigMap", "xct-cluster-params")
     overlay = tmp_path / "cluster.yaml"

@@ -222,7 +222,7 @@ def test_ingest_is_idempotent_and_reuses_unchanged_volumes(
 def test_ingest_empty_folder_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "raw").mkdir()
     with pytest.raises(InputError, match="no CT volumes found"):
-        run_ingest(tmp_path / "raw", tmp_path / "out")
+        run_ingest(tmp_path / "raw", tmp_path / "out", Params())
     from cli_run import xct
 
     assert xct(["step", "ingest", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "out")]) == 2

@@ -145,7 +145,7 @@ def _container_tasks(ir: dict) -> dict[str, dict]:
 
 
 def _compile(tmp: Path, capsys: pytest.CaptureFixture[str], *extra: str, kfp: dict | None = None) -> list[dict]:
-    from xct_core.config import load_params
+    from components.ops_params import load_params
 
     args = ["pipeline", "compile", "--out", str(tmp / "p.yaml")]
     if kfp is not None:
@@ -159,7 +159,7 @@ def _compile(tmp: Path, capsys: pytest.CaptureFixture[str], *extra: str, kfp: di
 
 def test_compiled_tasks_cache_retry_and_sit_inside_the_exit_handler(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from xct_core.config import load_params
+    from components.ops_params import load_params
 
     kp = load_params(REPO / "params.yaml").pipeline.kfp
     (ir,) = _compile(tmp_path, capsys)  # no tolerations: no platform spec document
@@ -211,7 +211,7 @@ def test_no_cache_and_the_train_accelerator_reach_the_compiled_yaml(tmp_path: Pa
 
 
 def test_kfp_params_are_validated() -> None:
-    from xct_core.config import params_from_dict
+    from components.ops_params import params_from_dict
     from xct_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="retries"):

@@ -18,7 +18,7 @@ import torch
 from train_fixtures import tiny_params
 
 from xct_core import metric_table as T
-from xct_core.config import load_params
+from components.ops_params import load_params  # the whole file: hpo.metric is an operational key
 from xct_core.diffusion import Sampler
 from xct_core.errors import ConfigError
 from xct_core.evaluation import EvalProtocol, ct_case, evaluate_case

@@ -41,7 +41,8 @@ from moto_server import HOST, MotoServer, isolate_aws_env
 from postgres_server import PostgresServer, require_postgres
 from test_evaluate import build_tiny_processed
 from train_fixtures import tiny_params
-from xct_core.config import Params, params_from_dict
+from components.ops_params import OpsParams as Params  # train.ray is read by run_train
+from components.ops_params import params_from_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

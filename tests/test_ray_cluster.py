@@ -39,7 +39,8 @@ import pytest
 import yaml
 
 from train_fixtures import REPO, build_processed, tiny_params
-from xct_core.config import Params, params_from_dict
+from components.ops_params import OpsParams as Params
+from components.ops_params import params_from_dict
 from xct_core.layout import RunLayout
 from xct_core.preprocess import read_manifest
 

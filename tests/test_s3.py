@@ -20,7 +20,7 @@ from moto_server import S3_SERVERS, CutProxy, MotoServer, RcloneS3Server, aws_en
 from components import s3sync
 from components.s3sync import ChecksumMismatchError, TransferError, expected_digest, parse_s3_url
 from pipelines.cli import main
-from xct_core.config import S3Params
+from components.ops_params import S3Params
 from xct_core.errors import InputError
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("aws_env")]

@@ -68,10 +68,11 @@ def _suffix(k: int) -> str:
 
 @pytest.mark.parametrize("n", COUNTS)
 def test_the_kfp_dag_walks_the_stages_of_the_params(n: int, tmp_path: Path) -> None:
+    from components.ops_params import OpsParams
     from pipelines.kfp_dag import compile_pipeline, load_pipeline_spec
     from xct_core.config import params_from_dict
 
-    out = compile_pipeline(tmp_path / "p.yaml", params_from_dict(tiny_profile(n_stages=n)))
+    out = compile_pipeline(tmp_path / "p.yaml", params_from_dict(tiny_profile(n_stages=n), "tiny", OpsParams))
     load_pipeline_spec(out)  # strict protobuf parse
     text = out.read_text()
     ir = yaml.safe_load(text)

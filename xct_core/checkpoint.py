@@ -6,13 +6,23 @@ travel as JSON strings; RNG states as tensors (see :func:`capture_rng` / :func:`
 
 Two kinds of files
 ------------------
-* **Training state** (resume): a directory ``step_{N:08d}/`` holding ``state.pt`` (see
-  :func:`save_state`). The directory is written under a temporary name in the same folder
-  and renamed into place, so a reader sees either no checkpoint or a complete one. It is a
-  directory (not a file) because Ray Train persists checkpoint directories.
+* **Training state** (resume): a directory ``step_{N:08d}/`` holding ``state.pt`` and its
+  digest ``state.pt.sha256`` (``sha256sum`` format; see :func:`save_state`). The directory
+  is written under a temporary name in the same folder and renamed into place, so a reader
+  sees either no checkpoint or a complete one with its digest. It is a directory (not a
+  file) because Ray Train persists checkpoint directories (the digest travels with it).
+  :func:`load_state` verifies the digest before unpickling anything: a flipped byte inside a
+  tensor (which ``torch.load`` does not notice) or a truncated file is a one-line
+  :class:`~xct_core.errors.InputError` naming the file. A state without a digest (written
+  before digests were kept) still loads; :func:`state_digest` returns ``None`` for it so a
+  caller can say that it was not verified.
 * **Stage model** (export, read by evaluation/registration): one ``.pt`` file with the EMA
   weights and the full params as JSON (:data:`MODEL_FORMAT`, :func:`export_stage_model`,
   :func:`load_stage_model`); self-contained: the network is rebuilt from the params inside.
+
+A write that fails for lack of space or a file-size limit (``ulimit -f``) is a one-line
+:class:`~xct_core.errors.InputError` naming the file (torch reports it as a C++ enforce
+failure); the temporary file or folder is removed and the previous checkpoint stays.
 
 Broken files are one-line :class:`~xct_core.errors.InputError` s naming the file: empty,
 truncated or not a PyTorch file; a pickle that needs Python objects to load (refused: only
@@ -23,13 +33,15 @@ fit the network its params build (named, both shapes), or with NaN/Inf weights.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import pickle
 import random
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +53,7 @@ from xct_core.atomic import atomic_dir, atomic_path, writable
 from xct_core.errors import InputError
 
 __all__ = [
+    "DIGEST_FILE",
     "MODEL_FORMAT",
     "STATE_FILE",
     "STATE_FORMAT",
@@ -56,7 +69,9 @@ __all__ = [
     "read_stage_model",
     "restore_rng",
     "save_state",
+    "state_digest",
     "step_dir_name",
+    "verify_state",
 ]
 
 #: format tag of a training-state file
@@ -65,19 +80,53 @@ STATE_FORMAT = "xct-train-state/1"
 MODEL_FORMAT = "xct-stage-model/1"
 #: the file inside a checkpoint directory
 STATE_FILE = "state.pt"
+#: the digest of :data:`STATE_FILE` beside it (``sha256sum -c`` can check it)
+DIGEST_FILE = STATE_FILE + ".sha256"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 # --------------------------------------------------------------------------- atomic writes
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temp file in the target's folder, then ``os.replace``."""
-    path = Path(path)
-    with atomic_path(path) as tmp, writable(path), open(tmp, "wb") as f:
+def _os_error(e: BaseException) -> OSError | None:
+    """The OS error behind ``e`` (itself, or in its cause/context chain), if any."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        if isinstance(x, OSError):
+            return x
+        seen.add(id(x))
+        x = x.__cause__ or x.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """OS errors while ``torch.save`` writes ``path`` as one line naming it. A full disk or a
+    file-size limit reaches torch's C++ writer, which raises ``RuntimeError: [enforce fail at
+    inline_container.cc…]`` with the ``OSError`` only in its context."""
+    try:
+        with writable(path):
+            yield
+    except RuntimeError as e:
+        err = _os_error(e)
+        if err is None:
+            raise
+        raise InputError(path, f"cannot write ({err.strerror or err})") from None
+
+
+def _torch_save(obj: Any, tmp: Path) -> None:
+    with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file in the target's folder, then ``os.replace``."""
+    path = Path(path)
+    with _write_errors(path), atomic_path(path) as tmp:
+        _torch_save(obj, tmp)
     return path
 
 
@@ -86,18 +135,27 @@ def step_dir_name(step: int) -> str:
     return f"step_{int(step):08d}"
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def save_state(root: str | Path, step: int, state: Mapping[str, Any]) -> Path:
-    """Write ``root/step_{step:08d}/state.pt`` atomically and return the directory.
+    """Write ``root/step_{step:08d}/`` (``state.pt`` + ``state.pt.sha256``) atomically and
+    return the directory.
 
     The directory is assembled as ``root/.tmp-step_…-<random>`` and renamed into place
     (:func:`xct_core.atomic.atomic_dir`, normal folder/file modes); an existing checkpoint of
-    the same step is replaced (a re-run that reached the same step).
+    the same step is replaced (a re-run that reached the same step). The digest is of the
+    bytes on disk (read back after ``fsync``).
     """
     final = Path(root) / step_dir_name(step)
-    with atomic_dir(final) as tmp, open(tmp / STATE_FILE, "wb") as f:
-        torch.save(dict(state), f)
-        f.flush()
-        os.fsync(f.fileno())
+    with _write_errors(final / STATE_FILE), atomic_dir(final) as tmp:
+        _torch_save(dict(state), tmp / STATE_FILE)
+        with open(tmp / DIGEST_FILE, "w", encoding="ascii") as f:
+            f.write(f"{_sha256(tmp / STATE_FILE)}  {STATE_FILE}\n")
+            f.flush()
+            os.fsync(f.fileno())
     return final
 
 
@@ -106,12 +164,51 @@ def _state_file(path: str | Path) -> Path:
     return p / STATE_FILE if p.is_dir() else p
 
 
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def state_digest(path: str | Path) -> str | None:
+    """The sha256 recorded beside a checkpoint's ``state.pt`` (``None``: no digest file, i.e.
+    written before digests were kept); :class:`InputError` when the digest file is unreadable."""
+    f = _state_file(path).parent / DIGEST_FILE
+    if not f.is_file():
+        return None
+    try:
+        text = f.read_text(encoding="ascii").split()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f, f"unreadable checkpoint digest ({e})") from None
+    if not text or not _HEX64.match(text[0]):
+        raise InputError(f, "broken checkpoint digest (not a sha256 line)")
+    return text[0]
+
+
+def verify_state(path: str | Path) -> bool:
+    """Check a checkpoint's ``state.pt`` against its recorded sha256 (a changed byte anywhere,
+    a truncated or extended file). Returns ``False`` when no digest was recorded (nothing to
+    check), ``True`` when it matches; raises :class:`InputError` naming the file otherwise."""
+    f = _state_file(path)
+    want = state_digest(f)
+    if want is None:
+        return False
+    try:
+        got = _sha256(f)
+    except OSError as e:
+        raise InputError(f, f"unreadable checkpoint ({e.strerror or e})") from None
+    if got != want:
+        raise InputError(f, f"corrupted checkpoint: its sha256 {got[:12]}… ({f.stat().st_size} bytes) does not "
+                            f"match the {want[:12]}… recorded in {DIGEST_FILE}")
+    return True
+
+
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a training state (a checkpoint directory or its ``state.pt``) with
-    ``weights_only=True``; :class:`InputError` when missing, unreadable or not a state."""
+    ``weights_only=True`` after checking its digest (:func:`verify_state`; a state without
+    one loads unverified); :class:`InputError` when missing, corrupted, unreadable or not a
+    state."""
     f = _state_file(path)
     if not f.is_file():
         raise InputError(f, "checkpoint not found")
+    verify_state(f)
     try:
         state = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling/IO error means a bad file
@@ -342,9 +439,7 @@ def load_stage_model(path: str | Path, device: str | torch.device | None = None)
 
     The network's ``xct_source`` attribute is the file's path (errors about its output name it)."""
     from xct_core.config import params_from_dict
-    from xct_core.models import build_stage
-
-    from xct_core.models import AnchoredStage
+    from xct_core.models import AnchoredStage, build_stage
 
     p = Path(path)
     blob = read_stage_model(p)

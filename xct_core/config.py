@@ -1,8 +1,20 @@
-"""Typed configuration: params.yaml → validated, frozen pydantic models.
+"""Typed configuration: params.yaml → validated, frozen pydantic models (the science's part).
 
-params.yaml is the single source of truth for every parameter; code reads values from
-the objects here and never re-declares defaults elsewhere. Unknown keys are rejected so a
-typo in params.yaml is an error, not a silently ignored setting.
+One source of defaults: params.yaml is the documented default file and spells out every
+key; the field defaults below are the same values, and tests/test_one_source.py fails when
+the two differ anywhere (``Params()`` == ``load_params("params.yaml")`` without overlays).
+Code reads values from the objects here and never re-declares defaults elsewhere; a
+component takes the params it is given (no built-in fallback). Unknown keys are rejected so
+a typo in params.yaml is an error, not a silently ignored setting.
+
+Operational sections live with the layer that uses them, so editing them invalidates no
+science stage of dvc.yaml (whose steps depend on this module): ``s3`` and ``pipeline``
+(KFP) in components/ops_params.py, ``hpo`` in xct_core/hpo_params.py, ``train.ray`` (Ray
+Train scaling) in components/ray_params.py. :class:`Params` knows only their NAMES
+(:data:`OPS_SECTIONS`): a science load drops them unread, the operations layer's models
+(``components.ops_params.OpsParams``, a subclass) validate them — unknown keys inside them
+are errors there. ``xct params show`` and every pipeline, HPO and S3 command load the whole
+file that way.
 
 Profiles: ``load_params(path, overlays=[...])`` deep-merges YAML fragments (a production
 profile, an HPO result such as ``hpo/best_stage1.yaml``) over the base file; a params file
@@ -19,13 +31,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated as _Annotated
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import AfterValidator as _AfterValidator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic import model_validator as _model_validator
 
-from xct_core.errors import ConfigError
+from xct_core.errors import ConfigError, InputError
 from xct_core.grid import StageGrid, token_levels
 from xct_core.hu import OUTPUT_MAPS, HUMap, HUWindow, get_window
 from xct_core.metric_table import check_param_metric as _check_metric
@@ -122,7 +134,8 @@ class DRRParams(_Section):
 class SynthParams(_Section):
     """Procedural phantoms: the embedded default data set."""
 
-    n: int = Field(24, ge=1)
+    #: number of phantoms
+    n: int = Field(96, ge=1)
     #: grid size S (S³ voxels); the field of view is S · spacing_mm
     size: int = Field(128, ge=16, le=512)
     seed: int = Field(0, ge=0)
@@ -329,11 +342,11 @@ class EvalParams(_Section):
     #: DDIM steps of the cascade sampler in evaluation, reconstruction and serving (null:
     #: diffusion.sample_steps); one number, or per stage {stage1: 50, stage2: 20} (stages
     #: left out: diffusion.sample_steps). The noise seed is the top-level ``seed``
-    sample_steps: int | dict[str, int] | None = None
+    sample_steps: int | dict[str, int] | None = Field(default_factory=lambda: {"stage1": 10, "stage2": 20, "stage3": 20})
     #: diffusion samples per evaluated volume: the point estimate is their voxel-wise mean
     #: (posterior mean); with K > 1 the single first sample is reported beside it (single_*).
     #: One number, or per evaluated (last) stage {stage1: 8, stage2: 2} (left out: 1)
-    samples: int | dict[str, int] = 1
+    samples: int | dict[str, int] = Field(default_factory=lambda: {"stage1": 8, "stage2": 2, "stage3": 2})
     #: exported stage models evaluated and registered: best.pt | final.pt
     model_file: Literal["best", "final"] = "best"
     #: evaluate the first N ids of the test split (0: all)
@@ -506,27 +519,22 @@ class PreprocessParams(_Section):
 # --- pipeline step 4: stage training (owner: xct_core/training.py, components/train.py) ---
 
 
-class RayTrainParams(_Section):
-    """Ray Train scaling and fault tolerance of one stage (components/train.py).
+class _OpsAware(_Section):
+    """A section some of whose keys another layer validates (``ops_keys``): a model that
+    does not declare such a key as a field drops it unread; a subclass that does (the
+    operations layer's models) validates it. Any other unknown key is still an error."""
 
-    ``RAY_ADDRESS`` set: join that cluster; otherwise a local Ray runtime is started.
-    """
+    ops_keys: ClassVar[tuple[str, ...]] = ()
 
-    #: data-parallel workers (DDP: gloo on CPU, NCCL on GPU); each gets its data shard
-    num_workers: int = Field(1, ge=1)
-    #: one GPU per worker (bf16 autocast, NCCL)
-    use_gpu: bool = False
-    #: CPUs reserved per worker (also its torch intra-op threads)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    #: extra resources per worker (e.g. {"memory": 3.0e10}, custom pool labels); "CPU"/"GPU" here override the above
-    resources_per_worker: dict[str, float] = Field(default_factory=dict)
-    #: schedule only on nodes with this accelerator, e.g. "A100" or "H100" (null: any)
-    accelerator_type: str | None = None
-    #: worker crashes retried from the last checkpoint (FailureConfig.max_failures)
-    max_failures: int = Field(2, ge=0)
+    @_model_validator(mode="before")
+    @classmethod
+    def _drop_ops_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in data and k not in cls.model_fields for k in cls.ops_keys):
+            data = {k: v for k, v in data.items() if k in cls.model_fields or k not in cls.ops_keys}
+        return data
 
 
-class TrainParams(_Section):
+class TrainParams(_OpsAware):
     """Step 4: train one cascade stage (``xct train --stage K``).
 
     Optimiser AdamW (per-stage ``lr`` and ``batch_size`` in ``stages``); LR: linear warmup
@@ -551,13 +559,16 @@ class TrainParams(_Section):
     ckpt_every: int = Field(25, ge=1)
     #: full checkpoints kept besides the best one
     keep_last: int = Field(2, ge=1)
+    #: resume meets a checkpoint that fails its sha256 or does not load: warn and use the newest
+    #: intact older one (fallback) or refuse (fail); never resumed silently (xct_core.training.state)
+    on_corrupt_checkpoint: Literal["fallback", "fail"] = "fallback"
     #: validation every N steps (0: only at the end); DDIM steps of the validation sampler
-    val_every: int = Field(0, ge=0)
+    val_every: int = Field(300, ge=0)
     val_sample_steps: int = Field(10, ge=1)
     #: diffusion samples per validation volume (their mean is the point estimate, as in evaluation)
     val_samples: int = Field(1, ge=1, le=64)
     #: validation volumes (the first N ids of the val split; 0 = all)
-    val_max_volumes: int = Field(2, ge=0)
+    val_max_volumes: int = Field(6, ge=0)
     #: also render the reconstruction's DRRs and report reprojection PSNR/SSIM
     val_reprojection: bool = True
     #: validation metric that selects best.pt (a key of xct_core.metrics.volume_metrics)
@@ -574,7 +585,8 @@ class TrainParams(_Section):
     out_dir: str = "outputs/train"
     #: MLflow experiment (tracking: MLFLOW_TRACKING_URI, default sqlite:///mlflow.db in the repo)
     experiment: str = "xct"
-    ray: RayTrainParams = RayTrainParams()
+    #: ``train.ray`` (Ray Train scaling, fault tolerance): components/ray_params.py
+    ops_keys: ClassVar[tuple[str, ...]] = ("ray",)
 
     @field_validator("steps")
     @classmethod
@@ -676,102 +688,11 @@ class RegisterParams(_Section):
     candidate_alias: str = "candidate"
     #: MLflow experiment of the registration runs
     experiment: str = "xct-register"
-
-
-# --- the DAG itself (owner: dvc.yaml, pipelines/kfp_dag.py, components/guard.py) ---------
-
-
-class PipelineTrainParams(_Section):
-    """How the DAG runs the training steps. dvc.yaml unpacks this mapping into flags of
-    ``xct train`` (``${pipeline.train}``: ``local: true`` → ``--local``), so the keys are
-    ``xct train`` options."""
-
-    #: train in-process (``xct train --local``: no Ray, no MLflow run) — quick CI checks;
-    #: false (the default, the demo and production): Ray Train + MLflow
-    local: bool = False
-
-
-class KfpRetry(_Section):
-    """``task.set_retry`` of one KFP task kind: a failed task is re-run up to
-    ``num_retries`` times, waiting ``backoff_s · backoff_factor^i`` (at most
-    ``backoff_max_s`` in all). ``num_retries: 0``: no retry policy."""
-
-    num_retries: int = Field(2, ge=0, le=20)
-    backoff_s: float = Field(60.0, ge=0)
-    backoff_factor: float = Field(2.0, ge=1.0)
-    backoff_max_s: float = Field(3600.0, gt=0)
-
-
-class KfpToleration(_Section):
-    """A Kubernetes toleration of the train task's pod (kfp-kubernetes ``add_toleration``)."""
-
-    key: str
-    operator: Literal["Exists", "Equal"] = "Exists"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = Field(None, ge=0)
-
-
-class KfpAccelerator(_Section):
-    """The train task's accelerator request (``set_accelerator_type`` + ``set_accelerator_limit``)
-    and the tolerations that let it schedule on tainted GPU nodes. ``type: ""``: a CPU pod (the
-    demo default). KFP's train task trains with a local Ray runtime inside its own pod, so the
-    production overlay asks for one ``nvidia.com/gpu`` and the GPU nodes' taint toleration."""
-
-    type: str = ""
-    limit: int = Field(1, ge=1)
-    tolerations: list[KfpToleration] = []
-
-
-class KfpParams(_Section):
-    """Compile-time controls of the KFP pipeline (pipelines/kfp_dag.py); dvc.yaml ignores them."""
-
-    #: KFP step caching of every task (``xct pipeline compile|run|submit --no-cache`` turns it off)
-    caching: bool = True
-    #: retries with exponential back-off of the train and preprocess tasks
-    retries: dict[Literal["train", "preprocess"], KfpRetry] = {
-        "train": KfpRetry(), "preprocess": KfpRetry(num_retries=2, backoff_s=30.0, backoff_max_s=1800.0)}
-    train_accelerator: KfpAccelerator = KfpAccelerator()
-
-
-class PipelineParams(_Section):
-    """Settings of the end-to-end DAG (dvc.yaml and the KFP pipeline)."""
-
-    train: PipelineTrainParams = PipelineTrainParams()
-    kfp: KfpParams = KfpParams()
-
-
-# --- S3 transfers (owner: components/s3sync.py, `xct data pull|push`) -------------------
-
-
-class S3Params(_Section):
-    """Retries, timeouts and part sizes of ``xct data pull|push`` (components/s3sync.py).
-
-    Credentials never live here: they come from the standard boto3 chain only (environment,
-    shared config/credentials files, instance/pod role). The endpoint (MinIO, other
-    S3-compatible stores) comes from ``--endpoint-url``, ``$XCT_S3_ENDPOINT_URL`` or
-    ``$AWS_ENDPOINT_URL``.
-    """
-
-    #: region when the boto3 chain gives none (AWS_DEFAULT_REGION / profile win)
-    region: str = "us-east-1"
-    #: bucket addressing: auto | path (MinIO and most S3-compatible stores) | virtual
-    addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    #: botocore attempts per request ("standard" mode, jittered backoff of up to 2, 4, 8 … s)
-    request_attempts: int = Field(3, ge=1, le=20)
-    #: our own attempts per object around the whole transfer (stream errors, resets)
-    object_attempts: int = Field(3, ge=1, le=20)
-    #: backoff between object attempts: base * 2**attempt seconds (jittered), capped
-    backoff_s: float = Field(0.5, ge=0)
-    backoff_max_s: float = Field(10.0, ge=0)
-    #: socket timeouts, seconds
-    connect_timeout_s: float = Field(5.0, gt=0)
-    read_timeout_s: float = Field(30.0, gt=0)
-    #: uploads above this size are multipart, in parts of multipart_chunksize_mb (MiB)
-    multipart_threshold_mb: int = Field(64, ge=5)
-    multipart_chunksize_mb: int = Field(16, ge=5)
-    #: parallel part uploads of one multipart object
-    max_concurrency: int = Field(4, ge=1, le=64)
+    #: every MLflow HTTP request waits at most this long for the server (MLFLOW_HTTP_REQUEST_TIMEOUT
+    #: unless the environment sets it) and is retried at most ``request_max_retries`` times
+    #: (MLFLOW_HTTP_REQUEST_MAX_RETRIES): a dead or black-holed server is an error in bounded time
+    request_timeout_s: int = Field(15, ge=1, le=3600)
+    request_max_retries: int = Field(3, ge=0, le=10)
 
 
 # --- reconstruction for users (owner: xct_core/inference.py, `xct reconstruct|evaluate`) ----
@@ -785,7 +706,7 @@ class ReconstructParams(_Section):
     """
 
     #: diffusion samples per reconstruction (K > 1 also writes the voxel-wise std)
-    samples: int = Field(1, ge=1, le=64)
+    samples: int = Field(8, ge=1, le=64)
     #: samples run together as one batch (each keeps its own seed; memory grows with it:
     #: 1 for the largest grids on a small GPU)
     sample_batch: int = Field(8, ge=1, le=64)
@@ -878,121 +799,6 @@ class LimitsParams(_Section):
                                     f"byte {offset:,}, the file has {file_bytes:,} bytes")
 
 
-# --- hyperparameter search (owner: xct_core/hpo.py, components/hpo.py, `xct hpo`) ---------
-
-
-class HPODistribution(_Section):
-    """One searched parameter of ``hpo.space``.
-
-    ``float`` / ``int``: uniform on [low, high] (``log``: log-uniform, needs low > 0; ``step``:
-    a grid low, low+step, …; not with ``log``). ``categorical``: one of ``choices``
-    (scalars: numbers, strings, booleans, null).
-    """
-
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = Field(None, gt=0)
-    choices: list[Any] | None = None
-
-    @_model_validator(mode="after")
-    def _check(self) -> HPODistribution:
-        if self.type == "categorical":
-            if not self.choices:
-                raise ValueError("a categorical distribution needs a non-empty 'choices' list")
-            bad = [c for c in self.choices if c is not None and not isinstance(c, (bool, int, float, str))]
-            if bad:
-                raise ValueError(f"choices must be scalars (number, string, boolean, null), got {bad!r}")
-            if len({json.dumps(c) for c in self.choices}) != len(self.choices):
-                raise ValueError(f"choices contain duplicates: {self.choices!r}")
-            if self.low is not None or self.high is not None or self.log or self.step is not None:
-                raise ValueError("a categorical distribution takes only 'choices' (no low/high/log/step)")
-            return self
-        if self.choices is not None:
-            raise ValueError(f"a {self.type} distribution takes low/high, not 'choices'")
-        if self.low is None or self.high is None:
-            raise ValueError(f"a {self.type} distribution needs 'low' and 'high'")
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low:g}) must be smaller than high ({self.high:g})")
-        if self.log and self.low <= 0:
-            raise ValueError(f"log: true needs low > 0, got {self.low:g}")
-        if self.log and self.step is not None:
-            raise ValueError("'step' and 'log: true' cannot be combined")
-        if self.type == "int":
-            ints = [v for v in (self.low, self.high, self.step) if v is not None]
-            if any(float(v) != int(v) for v in ints):
-                raise ValueError(f"an int distribution needs integer low/high/step, got {ints}")
-        return self
-
-
-#: default search space of ``xct hpo`` (= params.yaml); ``{stage}`` expands to the tuned stage
-_DEFAULT_HPO_SPACE: dict[str, HPODistribution] = {
-    "stages.{stage}.lr": HPODistribution(type="float", low=1.0e-4, high=3.0e-3, log=True),
-    "stages.{stage}.lift_channels": HPODistribution(type="categorical", choices=[8, 16, 32]),
-    "stages.{stage}.physics_weight": HPODistribution(type="float", low=0.0, high=0.3),
-    "stages.{stage}.token_grid": HPODistribution(type="categorical", choices=[4, 8]),
-}
-
-
-class HPOParams(_Section):
-    """``xct hpo --stage K --trials N``: an Optuna study (TPE) run as Ray Tune trials.
-
-    Each trial is a short stage-K training (``steps`` of the stage, validation every
-    ``val_every`` steps); the scheduler (ASHA or the median stopping rule) stops trials whose
-    intermediate validation ``metric`` lags, and the study records them as PRUNED. The study
-    lives in ``storage`` (an Optuna RDB: any SQLAlchemy URL; relative sqlite paths are
-    relative to the working directory) and resumes when re-run. Outputs in ``out_dir``:
-    ``best_stage{K}.yaml`` (a params overlay holding only the searched keys, picked up by
-    params.yaml ``overlays``), ``stage{K}_history.png``, ``stage{K}_importance.png``,
-    ``stage{K}_trials.csv``; per-trial training outputs in ``trials/<study>/trial_NNNN``.
-    """
-
-    #: Optuna storage; a cluster uses e.g. postgresql+psycopg2://user@host:5432/optuna (the
-    #: password from PGPASSWORD / ~/.pgpass or `xct hpo --storage` / $XCT_HPO_STORAGE, never here)
-    storage: str = "sqlite:///hpo/optuna.db"
-    #: default study name: "{study_prefix}-stage{K}" (`xct hpo --study NAME` overrides)
-    study_prefix: str = "xct"
-    #: validation metric optimised (a key of xct_core.metrics.volume_metrics) and its direction
-    metric: MetricName = "psnr_window_db"
-    mode: Literal["max", "min"] = "max"
-    #: optimiser steps of one trial, per stage
-    steps: dict[str, int] = Field(default_factory=lambda: {"stage1": 200, "stage2": 60, "stage3": 30})
-    #: validation every N steps of a trial (and at its end): the intermediate values the scheduler sees
-    val_every: int = Field(25, ge=1)
-    #: early stopping: asha (async successive halving) | median (median stopping rule)
-    scheduler: Literal["asha", "median"] = "asha"
-    #: no trial is stopped before this many validation rounds
-    grace_rounds: int = Field(3, ge=1)
-    #: asha: keep the top 1/reduction_factor of trials at each rung
-    reduction_factor: float = Field(2.0, gt=1)
-    #: median: compare with at least this many other trials (fewer: continue)
-    min_samples: int = Field(2, ge=1)
-    #: trials run at the same time (Ray schedules them over the cluster)
-    max_concurrent_trials: int = Field(1, ge=1)
-    #: resources of one trial (one process; torch threads = CPUs)
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
-    #: TPE sampler seed
-    seed: int = 0
-    #: MLflow experiment of the study runs (one run per study, one child run per trial)
-    experiment: str = "xct-hpo"
-    #: outputs (fragment, plots, trials table, per-trial training outputs)
-    out_dir: str = "hpo"
-    #: configurations evaluated first when a study is created: [{param path: value}, …]
-    points: list[dict[str, Any]] = Field(default_factory=list)
-    #: searched parameters: dotted params path ({stage} = the tuned stage) → distribution
-    space: dict[str, HPODistribution] = Field(default_factory=lambda: dict(_DEFAULT_HPO_SPACE))
-
-    @field_validator("steps")
-    @classmethod
-    def _positive_trial_steps(cls, v: dict[str, int]) -> dict[str, int]:
-        bad = {k: n for k, n in v.items() if int(n) < 1}
-        if bad:
-            raise ValueError(f"steps must be >= 1, got {bad}")
-        return v
-
-
 @dataclass(frozen=True)
 class Stage:
     """Cascade stage ``k`` resolved from params: the one door through which code learns
@@ -1050,8 +856,24 @@ class Stage:
         return int(self.steps)
 
 
-class Params(_Section):
-    """The whole parameter tree (one section per concern)."""
+#: top-level sections of a params file that the science does not read, and where their
+#: schemas live (validated there; :class:`Params` drops them unread)
+OPS_SECTIONS: dict[str, str] = {
+    "pipeline": "components/ops_params.py",
+    "s3": "components/ops_params.py",
+    "hpo": "xct_core/hpo_params.py",
+}
+
+#: public name of the frozen, extra="forbid" base of every section (the operations layer's
+#: sections derive from it too)
+Section = _Section
+
+
+class Params(_OpsAware):
+    """The science's parameter tree (one section per concern); the operational sections
+    (:data:`OPS_SECTIONS`, ``train.ray``) are validated by ``components.ops_params.OpsParams``."""
+
+    ops_keys: ClassVar[tuple[str, ...]] = tuple(OPS_SECTIONS)
 
     seed: int = 0
     data: DataParams = DataParams()
@@ -1067,11 +889,8 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     gates: GateParams = Field(_DEMO_GATES, validate_default=True)  # checked against `stages` even when not given
     registry: RegisterParams = RegisterParams()
-    pipeline: PipelineParams = PipelineParams()
-    s3: S3Params = S3Params()
     reconstruct: ReconstructParams = ReconstructParams()
     limits: LimitsParams = LimitsParams()
-    hpo: HPOParams = HPOParams()
 
     @field_validator("gates")
     @classmethod
@@ -1118,8 +937,11 @@ class Params(_Section):
         return [self.stage(k) for k in range(1, self.n_stages + 1)]
 
     def digest(self) -> str:
-        """Stable hash of the effective parameters (lineage tag)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """Stable hash of the effective science parameters (lineage tag): the operational
+        sections are left out, so the same file gives the same digest whichever layer's
+        model loaded it, and an S3 or KFP knob does not change a model's lineage."""
+        science = Params.model_validate(self.model_dump(mode="json")) if type(self) is not Params else self
+        blob = json.dumps(science.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -1152,9 +974,15 @@ def default_params_path() -> Path:
     return Path(os.environ.get(PARAMS_ENV, "params.yaml"))
 
 
-def params_from_dict(data: dict, source: str = "<dict>") -> Params:
+#: a Params model: :class:`Params` or an operations-layer subclass (``OpsParams``)
+P = TypeVar("P", bound="Params")
+
+
+def params_from_dict(data: dict, source: str = "<dict>", schema: type[P] | None = None) -> P:
+    """``data`` validated by ``schema`` (default :class:`Params`); a :class:`ConfigError`
+    naming ``source`` and the first invalid key otherwise."""
     try:
-        return Params.model_validate(data)
+        return (schema or Params).model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
@@ -1190,38 +1018,78 @@ def _read_overlay(path: Path, declared_in: Path | None = None) -> dict:
     return data
 
 
-def load_params(path: str | Path | None = None, overlays: list[str | Path] | None = None) -> Params:
+def parse_set(item: str) -> dict:
+    """``KEY=VALUE`` (``--set``) as a nested params fragment: ``KEY`` is a dotted params path
+    (``train.ray.num_workers``), ``VALUE`` is parsed as YAML (``2`` → int, ``[1, 2]`` → list,
+    ``null``, ``true``; quote a string that looks like a number). One-line ConfigError."""
+    key, sep, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted params key, e.g. train.ray.num_workers=2")
+    from xct_core.yamlsafe import load_yaml_text
+
+    try:  # the same bounded loader as every params file
+        value = load_yaml_text(raw, f"--set {key}") if raw.strip() else ""
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+    for part in reversed([p.strip() for p in parts]):
+        value = {part: value}
+    return value
+
+
+def _merged(path: str | Path | None, overlays: list[str | Path] | None, sets: list[str] | None,
+            base: dict | None = None) -> tuple[dict, str]:
+    """The merged mapping (base file or ``base``, its declared overlays, ``overlays``, then the
+    ``--set`` items) and a source label naming what was applied."""
+    applied: list[str] = []
+    if base is None:
+        p = Path(path) if path is not None else default_params_path()
+        data = _read_yaml(p)
+        for ov in _declared_overlays(data, p):
+            frag = _read_overlay(ov, declared_in=p)
+            data = _deep_merge(data, frag)
+            applied += [str(ov)] if frag else []
+        label = str(p)
+    else:
+        data, label = base, "the built-in defaults (= params.yaml)"
+    for ov in overlays or []:
+        frag = _read_overlay(Path(ov))
+        data = _deep_merge(data, frag)
+        applied += [str(ov)] if frag else []
+    for item in sets or []:
+        data = _deep_merge(data, parse_set(item))
+        applied.append(f"--set {item}")
+    return data, (f"{label} (+ {', '.join(applied)})" if applied else label)
+
+
+def load_params(path: str | Path | None = None, overlays: list[str | Path] | None = None,
+                sets: list[str] | None = None, schema: type[P] | None = None) -> P:
     """Load params.yaml (or ``$XCT_PARAMS``) and deep-merge its overlays, in this order:
 
     1. the base file;
     2. the files it lists under the top-level ``overlays:`` key, in order, with paths relative
        to the base file's folder (e.g. the HPO results ``hpo/best_stage{K}.yaml``);
-    3. ``overlays`` given here (e.g. ``params.production.yaml``), in order.
+    3. ``overlays`` given here (e.g. ``params.production.yaml``), in order;
+    4. ``sets``: ``KEY=VALUE`` items (``--set``, :func:`parse_set`), in order.
 
     Mappings merge key by key; any other value replaces. A missing overlay is a
     :class:`ConfigError` naming it; an overlay may not declare ``overlays`` itself. The
     result is self-contained: ``Params.model_dump()`` holds the merged values and no
-    ``overlays`` key, so a dump loads elsewhere without re-applying anything.
+    ``overlays`` key, so a dump loads elsewhere without re-applying anything. ``schema``:
+    the model that validates it (default :class:`Params`, the science's sections; the
+    operations layer passes ``OpsParams``).
     """
-    p = Path(path) if path is not None else default_params_path()
-    data = _read_yaml(p)
-    applied: list[str] = []
-    for ov in _declared_overlays(data, p):
-        frag = _read_overlay(ov, declared_in=p)
-        data = _deep_merge(data, frag)
-        applied += [str(ov)] if frag else []
-    for ov in overlays or []:
-        frag = _read_overlay(Path(ov))
-        data = _deep_merge(data, frag)
-        applied += [str(ov)] if frag else []
-    source = f"{p} (+ {', '.join(applied)})" if applied else str(p)
-    return params_from_dict(data, source)
+    data, source = _merged(path, overlays, sets)
+    return params_from_dict(data, source, schema)
 
 
-def resolve_params(path: str | Path | None = None) -> Params:
-    """The params a command uses: ``path`` if given, else the default params file
-    (``$XCT_PARAMS`` or ./params.yaml) when it exists, else the built-in defaults."""
-    if path is not None:
-        return load_params(path)
-    default = default_params_path()
-    return load_params(default) if default.exists() else Params()
+def resolve_params(path: str | Path | None = None, overlays: list[str | Path] | None = None,
+                   sets: list[str] | None = None, schema: type[P] | None = None) -> P:
+    """The params a command uses: ``path`` if given, else ``$XCT_PARAMS`` (which must exist
+    when set), else ./params.yaml when it exists, else the built-in defaults — the same
+    values as the repo's params.yaml (tests/test_one_source.py), without its overlays.
+    ``overlays`` and ``sets`` apply on top in every case."""
+    if path is not None or os.environ.get(PARAMS_ENV) or default_params_path().exists():
+        return load_params(path, overlays, sets, schema)
+    data, source = _merged(None, overlays, sets, base=(schema or Params)().model_dump(mode="json"))
+    return params_from_dict(data, source, schema)

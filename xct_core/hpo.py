@@ -33,9 +33,10 @@ from typing import Any, Literal
 
 import yaml
 
-from xct_core.config import HPODistribution, Params, params_from_dict
+from xct_core.config import Params, params_from_dict
 from xct_core.errors import ConfigError
 from xct_core.grid import token_levels
+from xct_core.hpo_params import HPODistribution
 
 __all__ = [
     "CONTROLLED",
@@ -285,7 +286,7 @@ def apply_config(params: Params, stage: int, config: Mapping[str, Any]) -> tuple
         st["conv_channels"] = _conv_for_grid(int(st["size"]), int(st["token_grid"]), st["conv_channels"])
         changed[conv_key] = list(st["conv_channels"])
     shown = ", ".join(f"{k}={v!r}" for k, v in config.items())
-    return params_from_dict(tree, f"trial config {{{shown}}}"), changed
+    return params_from_dict(tree, f"trial config {{{shown}}}", type(params)), changed
 
 
 def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -343,7 +344,7 @@ def trial_params(params: Params, stage: int, config: Mapping[str, Any], out_dir:
     tree["train"]["steps"] = {**tree["train"]["steps"], name: trial_steps(params, stage)}
     tree["train"]["val_every"] = params.hpo.val_every
     tree["train"]["out_dir"] = str(out_dir)
-    base = params_from_dict(tree, "trial params")
+    base = params_from_dict(tree, "trial params", type(params))
     return apply_config(base, stage, config)
 
 

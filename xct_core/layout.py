@@ -60,6 +60,11 @@ class RunLayout:
         return self.out_dir / "checkpoints" / f"stage{self.stage}"
 
     @property
+    def train_lock(self) -> Path:
+        """The lock a training run holds on the whole folder (one ``xct train`` at a time)."""
+        return self.out_dir / ".train.lock"
+
+    @property
     def mlflow_state(self) -> Path:
         """The stage's MLflow run id (written by the Ray Train binding)."""
         return self.checkpoints / "mlflow.json"

@@ -15,7 +15,8 @@ import numpy as np
 import typer
 
 from xct_core.atomic import check_writable
-from xct_core.config import Params, default_params_path, load_params
+from pipelines.commands.params import OverlayOpt, SetOpt, command_params
+from xct_core.config import Params
 from xct_core.errors import InputError
 from xct_core.io import CTVolume, load_ct, orientation_codes, save_ct
 
@@ -34,17 +35,10 @@ SrcArg = Annotated[Path, typer.Argument(help="a .nii/.nii.gz file, a DICOM serie
 PERCENTILES = (1, 5, 50, 95, 99)
 
 
-def _params(params: Path | None) -> Params:
-    """The params of the data.ct checks and the limits: from --params, else the default params
-    file when it exists, else defaults."""
-    if params is not None:
-        return load_params(params)
-    default = default_params_path()
-    return load_params(default) if default.exists() else Params()
-
-
-def _load(path: Path, params: Path | None) -> CTVolume:
-    p = _params(params)
+def _load(path: Path, params: Path | None, overlay: list[Path] | None = None, sets: list[str] | None = None) -> CTVolume:
+    """``path`` loaded with the data.ct checks and the limits of the command's params
+    (--params, else ``$XCT_PARAMS`` / ./params.yaml, else the built-in defaults = params.yaml)."""
+    p: Params = command_params(params, overlay, sets)
     return load_ct(path, p.data.ct, limits=p.limits)
 
 
@@ -74,10 +68,12 @@ def describe(vol: CTVolume) -> dict:
 def info(
     path: SrcArg,
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")] = False,
 ) -> None:
     """Print shape, spacing, orientation, HU statistics and affine of a CT (after canonicalisation)."""
-    d = describe(_load(path, params))
+    d = describe(_load(path, params, overlay, set_))
     if as_json:
         typer.echo(json.dumps(d))
         return
@@ -99,12 +95,14 @@ def convert(
     src: SrcArg,
     out: Annotated[Path, typer.Argument(help="output NIfTI (.nii or .nii.gz)")],
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Convert a DICOM series or NIfTI to a canonical RAS+ int16 HU NIfTI (written atomically)."""
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise InputError(out, "output must be a NIfTI file ending in .nii or .nii.gz")
     check_writable(out)
-    vol = _load(src, params)
+    vol = _load(src, params, overlay, set_)
     save_ct(out, vol)
     sp = " x ".join(f"{s:.4g}" for s in vol.spacing)
     typer.echo(f"wrote {out}: {' x '.join(map(str, vol.shape))} voxels, {sp} mm, RAS+ int16 HU")

@@ -21,15 +21,12 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from xct_core.config import SynthParams, resolve_params
+from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
+from xct_core.config import SynthParams
 from xct_core.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True)
 
-ParamsOpt = Annotated[
-    Optional[Path],
-    typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml if present)"),
-]
 
 
 
@@ -66,11 +63,13 @@ def synth(
     noise_hu: Annotated[Optional[float], _opt("--noise-hu", "noise std in HU (default: data.synth.noise_hu)")] = None,
     preview: Annotated[bool, typer.Option("--preview/--no-preview", help="write DIR/preview.png")] = True,
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Write N procedural torso phantoms (NIfTI, HU, RAS+) plus preview.png and phantoms.json."""
     from xct_core.phantoms import stale_phantoms, write_phantoms
 
-    p = resolve_params(params)
+    p = command_params(params, overlay, set_)
     sp = synth_params(
         p.data.synth,
         n=n,

@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xct_core.config import resolve_params
+from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
 
 EndpointOpt = Annotated[
     Optional[str],
@@ -28,13 +28,16 @@ EndpointOpt = Annotated[
         help="S3-compatible endpoint, e.g. http://minio:9000 (default: $XCT_S3_ENDPOINT_URL, $AWS_ENDPOINT_URL, AWS)",
     ),
 ]
-ParamsOpt = Annotated[
-    Optional[Path],
-    typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml if present)"),
-]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
 
 
+
+
+def _s3(params: Path | None, overlay: list[Path] | None, sets: list[str] | None):  # noqa: ANN202 - S3Params
+    """The ``s3`` section of the command's params (components/ops_params.py validates it)."""
+    from components.ops_params import OpsParams
+
+    return command_params(params, overlay, sets, schema=OpsParams).s3
 
 
 def register(app: typer.Typer) -> None:
@@ -47,11 +50,13 @@ def register(app: typer.Typer) -> None:
         endpoint_url: EndpointOpt = None,
         quiet: QuietOpt = False,
         params: ParamsOpt = None,
+        overlay: OverlayOpt = None,
+        set_: SetOpt = None,
     ) -> None:
         """Download every object below S3_URL into DIR (verified; up-to-date files are skipped)."""
         from components import s3sync
 
-        cfg = resolve_params(params).s3
+        cfg = _s3(params, overlay, set_)
         with s3sync.tqdm_progress("pull") as bar:
             report = s3sync.pull(url, directory, cfg, endpoint_url=endpoint_url, progress=None if quiet else bar)
         typer.echo(report.summary())
@@ -63,11 +68,13 @@ def register(app: typer.Typer) -> None:
         endpoint_url: EndpointOpt = None,
         quiet: QuietOpt = False,
         params: ParamsOpt = None,
+        overlay: OverlayOpt = None,
+        set_: SetOpt = None,
     ) -> None:
         """Upload every file below DIR to S3_URL with its SHA-256 (objects already up to date are skipped)."""
         from components import s3sync
 
-        cfg = resolve_params(params).s3
+        cfg = _s3(params, overlay, set_)
         with s3sync.tqdm_progress("push") as bar:
             report = s3sync.push(directory, url, cfg, endpoint_url=endpoint_url, progress=None if quiet else bar)
         for rel in report.symlinks_skipped:

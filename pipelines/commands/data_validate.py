@@ -22,7 +22,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xct_core.config import resolve_params
+from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
 
 
 
@@ -36,10 +36,9 @@ def register(app: typer.Typer) -> None:
         report: Annotated[
             Optional[Path], typer.Option("--report", help="write the JSON report here (and OUT.html beside it)")
         ] = None,
-        params: Annotated[
-            Optional[Path],
-            typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml if present)"),
-        ] = None,
+        params: ParamsOpt = None,
+        overlay: OverlayOpt = None,
+        set_: SetOpt = None,
     ) -> None:
         """Validate every CT in DIR; print each failing file with its reason; exit 1 if any fails."""
         from components.validate import html_path_for, validate_dir, write_report
@@ -48,7 +47,7 @@ def register(app: typer.Typer) -> None:
         if report is not None:  # before the suite runs
             check_writable(report)
             check_writable(html_path_for(report))
-        rep = validate_dir(directory, resolve_params(params))
+        rep = validate_dir(directory, command_params(params, overlay, set_))
         if report is not None:
             write_report(rep, report, html_path_for(report))
         for line in rep.failure_lines():

@@ -18,7 +18,8 @@ import typer
 from pydantic import ValidationError
 
 import xct_core
-from xct_core.config import DRRParams, resolve_params
+from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
+from xct_core.config import DRRParams
 from xct_core.drr import display_image, joseph_applies, render
 from xct_core.atomic import atomic_path, check_writable, writable
 from xct_core.errors import ConfigError
@@ -81,9 +82,9 @@ def drr(
     quantity: Annotated[str, typer.Option("--quantity", help="line-integral | intensity")] = "line-integral",
     png: Annotated[Optional[Path], typer.Option("--png", help="also save a viewable PNG preview")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="auto | joseph | reference (default: params drr.method)")] = None,
-    params: Annotated[
-        Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")
-    ] = None,
+    params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Render a DRR (Beer-Lambert line integral or intensity) of a CT.
 
@@ -104,7 +105,7 @@ def drr(
 
     for target in (out, out.with_suffix(".json"), *([png] if png is not None else [])):
         check_writable(target)  # before the CT is loaded and rendered
-    p = resolve_params(params)
+    p = command_params(params, overlay, set_)
     dp = _drr_params(p.drr, {"geometry": geometry, "pixels": pixels, "pixel_mm": pixel_mm, "sdd": sdd, "sod": sod})
     meth = method or dp.method
     geom = ProjectionGeometry.from_params(dp, view)  # type: ignore[arg-type]

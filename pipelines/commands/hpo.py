@@ -15,8 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.params import OverlayOpt
-from xct_core.config import load_params
+from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
 
 
 def hpo(
@@ -24,15 +23,18 @@ def hpo(
     trials: Annotated[int, typer.Option("--trials", "-n", min=1, help="total finished trials the study should have")],
     study: Annotated[Optional[str], typer.Option("--study", help="study name (default: hpo.study_prefix-stageK)")] = None,
     processed: Annotated[Path, typer.Option("--processed", help="preprocessed data folder")] = Path("data/processed"),
-    params: Annotated[Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")] = None,
+    params: ParamsOpt = None,
     overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     storage: Annotated[Optional[str], typer.Option("--storage", envvar="XCT_HPO_STORAGE", show_envvar=True,
                                                    help="Optuna storage URL (default: hpo.storage)")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default: hpo.out_dir)")] = None,
     train_dir: Annotated[Optional[Path], typer.Option("--train-dir", help="trained earlier stages, for K > 1 (default: train.out_dir)")] = None,
 ) -> None:
     """Search stage K's hyperparameters (Optuna TPE on Ray Tune, pruned on validation)."""
-    p = load_params(params, overlay)
+    from components.ops_params import OpsParams
+
+    p = command_params(params, overlay, set_, schema=OpsParams)
     from components.hpo import run_hpo
     from xct_core.training import TrainingFailed
 

@@ -12,7 +12,10 @@ override of the pipeline's automatic champion/candidate decision). Tracking:
 ``list`` and ``show`` are read-only: when the tracking store does not exist yet (no
 ``mlflow.db``, no ``file:`` folder) ``list`` says so in one line and exits 0, without
 creating it; ``show VERSION`` and ``promote`` then fail with one line (exit 2), as they do
-for an unknown version.
+for an unknown version. A registry that cannot answer (server down, black-holed, failing) is
+never "no versions" nor "no such version": one line naming the server and why, exit 1, within
+``registry.request_timeout_s`` × (1 + ``registry.request_max_retries``) per request
+(:class:`components.tracking.RegistryError`).
 """
 
 from __future__ import annotations
@@ -23,24 +26,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from xct_core.config import resolve_params
+from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
 
 app = typer.Typer(no_args_is_help=True)
-
-ParamsOpt = Annotated[
-    Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")
-]
 
 
 
 
 @app.command("list")
-def list_cmd(params: ParamsOpt = None) -> None:
+def list_cmd(params: ParamsOpt = None, overlay: OverlayOpt = None, set_: SetOpt = None) -> None:
     """List the registered versions: aliases, last-stage test PSNR (window), lineage."""
     from components.register import list_versions
     from components.tracking import store_exists, tracking_uri
 
-    p = resolve_params(params)
+    p = command_params(params, overlay, set_)
     name = p.registry.model_name
     if not store_exists(tracking_uri()):
         typer.echo(f"no model registry at {tracking_uri()} yet: no versions of {name} (nothing registered)")
@@ -64,6 +63,8 @@ def show_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print the card's JSON instead of its Markdown")] = False,
     reports: Annotated[Path, typer.Option("--reports", help="reports folder of the local card (no VERSION)")] = Path("reports"),
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Print the model card of VERSION (or, without VERSION, of the last pipeline run)."""
     if version is None:
@@ -83,7 +84,7 @@ def show_cmd(
         return
     from components.register import show_card
 
-    typer.echo(show_card(version, resolve_params(params), as_json=as_json), nl=False)
+    typer.echo(show_card(version, command_params(params, overlay, set_), as_json=as_json), nl=False)
 
 
 @app.command("promote")
@@ -91,11 +92,13 @@ def promote_cmd(
     version: Annotated[str, typer.Argument(help="model version number")],
     alias: Annotated[str, typer.Option("--alias", help="alias to set")] = "champion",
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Point ALIAS (default: champion) at VERSION."""
     from components.register import promote
 
-    out = promote(version, alias, resolve_params(params))
+    out = promote(version, alias, command_params(params, overlay, set_))
     typer.echo(f"{out['name']} v{out['version']} is now @{out['alias']} ({out['model_uri']})")
 
 

@@ -2,13 +2,15 @@
 
 ::
 
-    xct pipeline compile [--out pipeline.yaml] [--params P] [--no-cache]   IR YAML for a KFP cluster
-    xct pipeline run --local [--params P] [--data DIR] [--no-cache]        the whole DAG here with kfp.local
+    xct pipeline compile [--out pipeline.yaml] [--params P] [--overlay O] [--set K=V] [--no-cache]   IR YAML
+    xct pipeline run --local [--params P] [--overlay O] [--set K=V] [--data DIR] [--no-cache]   kfp.local
     xct pipeline submit --host URL [--data-uri URI] [--ray-address A] [--mlflow-uri U] [--no-cache]
-    xct pipeline dvc-sync [--params P] [--check]                            dvc.yaml's per-stage lines from params
+    xct pipeline dvc-sync [--params P] [--overlay O] [--check]   dvc.yaml's per-stage lines from params
 
 Caching, retries and the train task's accelerator come from ``pipeline.kfp`` in the params
-(pipelines/kfp_dag.py :func:`build_pipeline`); ``--no-cache`` turns step caching off.
+(pipelines/kfp_dag.py :func:`build_pipeline`); ``--no-cache`` turns step caching off. The
+params (``--params``/``--overlay``/``--set``, pipelines/commands/params.py) are resolved here,
+whole, and handed to every task as text; the compiled pipeline's ``params_yaml`` defaults to them.
 
 The DVC twin of the same DAG is ``dvc repro`` (dvc.yaml); ``make demo`` runs that one.
 Heavy imports (kfp, torch) happen inside the commands so ``xct --help`` stays fast.
@@ -22,17 +24,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-import yaml
 
-from xct_core.config import default_params_path, load_params
+from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
 from xct_core.errors import ConfigError, InputError, XctError
 
 app = typer.Typer(no_args_is_help=True)
-
-ParamsOpt = Annotated[
-    Optional[Path],
-    typer.Option("--params", "-p", help="params file handed to every step (default: $XCT_PARAMS or ./params.yaml)"),
-]
 NoCacheOpt = Annotated[
     bool, typer.Option("--no-cache", help="turn KFP step caching off for every task (default: params pipeline.kfp.caching)"),
 ]
@@ -43,27 +39,30 @@ def _caching(no_cache: bool) -> bool | None:
     return False if no_cache else None
 
 
-def _params_or_none(path: Path | None):  # noqa: ANN202 - Params | None
-    """The typed params of ``path`` (or of the default file when it exists), else ``None``."""
-    return load_params(path) if (path is not None or default_params_path().exists()) else None
+def _params(path: Path | None, overlay: list[Path] | None = None, sets: list[str] | None = None):  # noqa: ANN202
+    """The whole params (``OpsParams``: the KFP controls included) the pipeline runs with."""
+    from components.ops_params import OpsParams
+
+    return command_params(path, overlay, sets, schema=OpsParams)
 
 
-def params_text(path: Path | None) -> str:
-    """The effective params as YAML (empty string: none given and none present).
+def params_text(path: Path | None, overlay: list[Path] | None = None, sets: list[str] | None = None) -> str:
+    """The effective params as self-contained YAML (never empty: see :func:`_params`).
 
     Resolved here, with the file's ``overlays:`` (e.g. the hpo/best_stageK.yaml results)
     merged in: the steps run from a temporary copy elsewhere, so the text they get must be
     self-contained. A bad file is a one-line ConfigError before anything is submitted."""
-    p = path if path is not None else default_params_path()
-    if path is None and not p.exists():
-        return ""
-    return yaml.safe_dump(load_params(p).model_dump(mode="json"), sort_keys=False)
+    from components.ops_params import params_text as text_of
+
+    return text_of(_params(path, overlay, sets))
 
 
 @app.command("compile")
 def compile_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="IR YAML to write")] = Path("pipeline.yaml"),
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     no_cache: NoCacheOpt = False,
 ) -> None:
     """Compile the KFP v2 pipeline (dsl.If gates, exit handler, retries, caching) to an IR YAML file."""
@@ -71,7 +70,7 @@ def compile_cmd(
 
     if out.is_dir():
         raise InputError(out, "is a folder; give a file name such as pipeline.yaml")
-    path = compile_pipeline(out, _params_or_none(params), caching=_caching(no_cache))
+    path = compile_pipeline(out, _params(params, overlay, set_), caching=_caching(no_cache))
     typer.echo(f"wrote {path}")
 
 
@@ -102,6 +101,8 @@ def local_report(root: Path, started: float) -> str:
 def run_cmd(
     local: Annotated[bool, typer.Option("--local", help="run every task here with kfp.local (SubprocessRunner)")] = False,
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     data: Annotated[
         Optional[Path], typer.Option("--data", help="raw CT folder (default: params data.raw_dir)")
     ] = None,
@@ -118,9 +119,11 @@ def run_cmd(
         )
     from pipelines.kfp_dag import run_local
 
-    text = params_text(params)
-    p = _params_or_none(params)
-    data_dir = data if data is not None else Path(p.data.raw_dir if p is not None else "data/raw")
+    p = _params(params, overlay, set_)
+    from components.ops_params import params_text as text_of
+
+    text = text_of(p)
+    data_dir = data if data is not None else Path(p.data.raw_dir)
     started = time.time()
     run_local(data_dir, text, root, caching=_caching(no_cache))
     typer.echo(local_report(root.absolute(), started - 1))
@@ -193,13 +196,14 @@ def submit_cmd(
 @app.command("dvc-sync")
 def dvc_sync_cmd(
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
     dvc_yaml: Annotated[Path, typer.Option("--dvc-yaml", help="the DVC pipeline file to update")] = Path("dvc.yaml"),
     check: Annotated[bool, typer.Option("--check", help="write nothing; exit 2 when dvc.yaml is out of date")] = False,
 ) -> None:
     """Write dvc.yaml's per-stage lines (the cascade and preprocess's grid keys) from the params' stages."""
     from pipelines.dvc_dag import sync_dvc_yaml
 
-    p = load_params(params) if params is not None else load_params(default_params_path())
+    p = command_params(params, overlay, None)
     res = sync_dvc_yaml(dvc_yaml, p, check=check)
     if check and (res.changed or res.overlays):
         missing = f"; missing {', '.join(map(str, res.overlays))}" if res.overlays else ""

@@ -34,12 +34,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from xct_core.config import Params, resolve_params
+from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
+from xct_core.config import Params
 from xct_core.errors import ConfigError, InputError, error_line
 
-ParamsOpt = Annotated[
-    Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")
-]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="models:/NAME@ALIAS, models:/NAME/VERSION, "
                                        "runs:/RUN_ID/PATH, or a local model folder / training folder / stage .pt")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="DDIM steps (default: model's eval.sample_steps "
@@ -143,6 +141,8 @@ def reconstruct_cmd(
     stages: StagesOpt = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="also write an HTML report (+ images/)")] = None,
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     device: Annotated[str, typer.Option("--device", help="torch device")] = "cpu",
 ) -> None:
     """Reconstruct a CT (HU NIfTI) from a frontal + lateral X-ray with the diffusion cascade.
@@ -165,7 +165,7 @@ def reconstruct_cmd(
         raise ConfigError(f"--report must name an .html file, got {str(report)!r}")
     if report is not None:  # the report shows these names (HTML, image titles): UTF-8 only
         _check_utf8_names({"--out": out, "--report": report, "--frontal": frontal, "--lateral": lateral})
-    local = resolve_params(params)
+    local = command_params(params, overlay, set_)
     k = int(samples if samples is not None else local.reconstruct.samples)
     for target in (paths["mean"], paths["qa"], *([paths["std"]] if k > 1 else []), *([report] if report else [])):
         check_writable(target)  # before the model is loaded and sampled
@@ -282,6 +282,8 @@ def evaluate_cmd(
     train_dir: Annotated[Optional[Path], typer.Option("--train-dir", help="training folder for the loss curves "
                                                       "(default: the model's, else params train.out_dir)")] = None,
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     device: Annotated[str, typer.Option("--device", help="torch device")] = "cpu",
 ) -> None:
     """Evaluate the model on your CTs: render X-rays as in training, reconstruct, measure."""
@@ -294,7 +296,7 @@ def evaluate_cmd(
     from xct_core.report import IMAGES, ReportCase, build_report, read_gate_reports, save_case_images, save_training_curves
 
     device = parse_device(device)  # before anything is loaded or written
-    local = resolve_params(params)
+    local = command_params(params, overlay, set_)
     k = int(samples if samples is not None else local.reconstruct.samples)
     check_writable(out / "metrics.json")  # before any CT is loaded or reconstructed
     cts, bad = _load_cts(ct, local)

@@ -18,18 +18,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.params import OverlayOpt
-from xct_core.config import Params, load_params
+from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, alias_sets, command_params
+from xct_core.config import Params
 
 app = typer.Typer(no_args_is_help=True, help="Pipeline steps (what dvc.yaml runs; components/*.py).")
 
-ParamsOpt = Annotated[Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")]
 GatesOpt = Annotated[Optional[Path], typer.Option("--gates", help="run only if the previous stage's gate in this folder "
                                                   "passed (else write skip markers)")]
 
 
-def _params(path: Path | None, overlay: list[Path] | None = None) -> Params:
-    return load_params(path, overlay)
+def _params(path: Path | None, overlay: list[Path] | None = None, sets: list[str] | None = None) -> Params:
+    return command_params(path, overlay, sets)
 
 
 @app.command("ingest")
@@ -37,11 +36,13 @@ def ingest(
     raw: Annotated[Optional[Path], typer.Option("--raw", help="raw CT folder (default: params data.raw_dir)")] = None,
     out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("data/interim"),
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Canonical volumes, the stats table and the patient split (volumes that fail to load are recorded)."""
     from components.ingest import run_ingest
 
-    p = _params(params)
+    p = _params(params, overlay, set_)
     run_ingest(raw if raw is not None else Path(p.data.raw_dir), out, p, log=typer.echo)
 
 
@@ -49,18 +50,18 @@ def ingest(
 def validate(
     interim: Annotated[Path, typer.Option("--interim", help="ingest output")] = Path("data/interim"),
     out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("data/validated"),
-    policy: Annotated[Optional[str], typer.Option("--policy", help="override validation.policy: fail | quarantine")] = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="= --set validation.policy=fail|quarantine")] = None,
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """The Great Expectations suite over the stats table; exit 1 when policy fail met failures."""
     from components.validate import run_validate
     from xct_core.errors import ConfigError
 
-    p = _params(params)
-    if policy is not None:
-        if policy not in ("fail", "quarantine"):
-            raise ConfigError(f"--policy must be fail or quarantine, got {policy!r}")
-        p = p.model_copy(update={"validation": p.validation.model_copy(update={"policy": policy})})
+    if policy is not None and policy not in ("fail", "quarantine"):
+        raise ConfigError(f"--policy must be fail or quarantine, got {policy!r}")
+    p = _params(params, overlay, alias_sets(set_, **{"validation.policy": policy}))
     report = run_validate(interim, out, p, log=lambda m: print(m, file=sys.stderr))
     if not report.success and report.policy == "fail":
         raise typer.Exit(1)
@@ -72,16 +73,17 @@ def preprocess(
     splits: Annotated[Path, typer.Option("--splits", help="splits JSON")] = Path("data/validated/splits.json"),
     out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("data/processed"),
     quarantine: Annotated[Optional[Path], typer.Option("--quarantine", help="optional JSON of quarantined ids")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="override preprocess.workers")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="= --set preprocess.workers=N")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bar")] = True,
     params: ParamsOpt = None,
     overlay: OverlayOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Stage grids (int16 HU) and DRR pairs of every volume → the processed folder."""
     from components.preprocess import run_preprocess
 
-    run_preprocess(volumes, splits, out, _params(params, overlay), quarantine, workers=workers, progress=progress,
-                   log=typer.echo)
+    p = _params(params, overlay, alias_sets(set_, **{"preprocess.workers": workers}))
+    run_preprocess(volumes, splits, out, p, quarantine, progress=progress, log=typer.echo)
 
 
 @app.command("evaluate")
@@ -94,6 +96,8 @@ def evaluate(
     device: Annotated[str, typer.Option("--device", help="torch device")] = "cpu",
     gates: GatesOpt = None,
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Run the cascade 1 … K on the test split: metrics.json, per_patient.csv, montage.png."""
     from components.evaluate import run_evaluate, step_outputs
@@ -105,7 +109,7 @@ def evaluate(
     device = parse_device(device)
     if split not in ("test", "val", "train"):
         raise ConfigError(f"--split must be test, val or train, got {split!r}")
-    p = _params(params)
+    p = _params(params, overlay, set_)
     p.stage(stage)
     out = out or ReportLayout().eval_dir(stage)
     if not proceed(gates, stage, step_outputs(out), log=typer.echo):
@@ -121,6 +125,8 @@ def gate(
     out: Annotated[Optional[Path], typer.Option("--out", help="gate report (default: reports/gates/stageK.json)")] = None,
     gates: GatesOpt = None,
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Judge stage K's metrics against gates.stageK; exit 0 whether it passes or not.
 
@@ -129,7 +135,7 @@ def gate(
     from components.guard import proceed
     from xct_core.layout import ReportLayout
 
-    p = _params(params)
+    p = _params(params, overlay, set_)
     p.stage(stage)
     out = out or ReportLayout().gate(stage)
     if not proceed(gates, stage, [out], log=typer.echo):
@@ -146,11 +152,13 @@ def register_step(
     processed: Annotated[Path, typer.Option("--processed", help="processed data (lineage hash)")] = Path("data/processed"),
     out: Annotated[Path, typer.Option("--out", help="summary file")] = Path("reports/summary.json"),
     params: ParamsOpt = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Register the cascade when every gate passed; always write the run summary."""
     from components.register import run_register
 
-    p = _params(params)
+    p = _params(params, overlay, set_)
     summary = run_register(gates, eval_dir, train_dir or Path(p.train.out_dir), out, p, processed_dir=processed,
                            log=typer.echo)
     typer.echo(f"register: {summary.get('status')} → {out}")

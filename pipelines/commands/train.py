@@ -15,30 +15,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.params import OverlayOpt
-from xct_core.config import Params, load_params, params_from_dict
-
-
-def _with_overrides(params: Params, workers: int | None, gpu: bool | None) -> Params:
-    if workers is None and gpu is None:
-        return params
-    data = params.model_dump(mode="json")
-    if workers is not None:
-        data["train"]["ray"]["num_workers"] = workers
-    if gpu is not None:
-        data["train"]["ray"]["use_gpu"] = gpu
-    return params_from_dict(data, "params (command-line overrides)")
+from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, alias_sets, command_params
 
 
 def train(
     stage: Annotated[int, typer.Option("--stage", "-k", help="1-based cascade stage")],
     processed: Annotated[Path, typer.Option("--processed", help="preprocessed data folder")] = Path("data/processed"),
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default: params train.out_dir)")] = None,
-    params: Annotated[Optional[Path], typer.Option("--params", "-p", help="params file (default: $XCT_PARAMS or ./params.yaml)")] = None,
+    params: ParamsOpt = None,
     overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="override train.steps for this stage")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="override train.ray.num_workers")] = None,
-    gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="override train.ray.use_gpu")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="= --set train.ray.num_workers=N")] = None,
+    gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="= --set train.ray.use_gpu=true|false")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="discard this stage's previous outputs instead of resuming")] = False,
     local: Annotated[bool, typer.Option("--local", help="run in this process: no Ray, no MLflow")] = False,
     device: Annotated[Optional[str], typer.Option("--device", help="--local: cuda | cuda:1 | cpu (default: cuda when available)")] = None,
@@ -50,8 +39,11 @@ def train(
     from xct_core.devices import parse_device
     from xct_core.layout import RunLayout
 
+    from components.ray_params import RayParams
+
     device = parse_device(device)  # a one-line error before anything is loaded
-    p = _with_overrides(load_params(params, overlay), workers, gpu)
+    p = command_params(params, overlay, alias_sets(set_, **{"train.ray.num_workers": workers, "train.ray.use_gpu": gpu}),
+                       schema=RayParams)
     p.stage(stage)  # an unknown stage is a one-line error before anything else
     layout = RunLayout((out or Path(p.train.out_dir)), stage)
     if not proceed(gates, stage, list(layout.step_outputs()), log=typer.echo):
