@@ -77,7 +77,7 @@ def test_protocol_sentences_name_table_metrics() -> None:
 
 def test_the_gates_read_exactly_the_gate_metrics() -> None:
     """Removing a ``gate`` metric fails a check; removing any other metric changes nothing."""
-    gate = tiny_params().gates.for_stage(1)
+    gate = tiny_params().stage(1).gate
     good = {n: 1.0 for n in T.emitted_names()}
     good.update(psnr_window_db=gate.psnr_window_db + 5, ssim_window=min(1.0, gate.ssim_window + 0.1), nan_count=0.0,
                 std=0.5, target_std=0.5, baseline_psnr_window_db=0.0, test_ids_hash="x")
@@ -122,13 +122,14 @@ def test_params_naming_table_metrics_load(tmp_path: Path, repo_root: Path) -> No
     p.write_text("train: {best_metric: single_reproj_psnr_lateral_db, best_mode: max}\n"
                  "hpo: {metric: psnr_window_body_db}\n"
                  "gates: {stage1: {psnr_window_db: 1, ssim_window: 0.1, relative: [{metric: mae_hu, baseline: "
-                 "mean_volume, min_absolute_change: 5, greater_is_better: false}]}}\n")
+                 "mean_volume, min_absolute_change: 5, greater_is_better: false}]},\n"
+                 "        stage2: {psnr_window_db: 1, ssim_window: 0.1}, stage3: {psnr_window_db: 1, ssim_window: 0.1}}\n")
     got = load_params(p)
     assert got.train.best_metric == "single_reproj_psnr_lateral_db" and got.hpo.metric == "psnr_window_body_db"
-    assert got.gates.stage1.relative[0].metric == "mae_hu"
+    assert got.gates["stage1"].relative[0].metric == "mae_hu"
     shipped = load_params(repo_root / "params.yaml")
     for name in (shipped.train.best_metric, shipped.hpo.metric,
-                 *(r.metric for k in range(1, shipped.n_stages + 1) for r in shipped.gates.for_stage(k).relative)):
+                 *(r.metric for k in range(1, shipped.n_stages + 1) for r in shipped.stage(k).gate.relative)):
         assert T.lookup(name, ("", "single_")) is not None
 
 
