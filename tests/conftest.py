@@ -34,12 +34,16 @@ INTEGRATION: dict[str, str] = {
     "test_s3.py": "moto and rclone S3 servers",
     "test_serving.py": "an mlflow models serve process",
     "test_train_ray.py": "Ray Train with MLflow",
+    "test_stage_count.py": "kfp.local and dvc repro of two- and four-stage tiny profiles",
+    "test_fail_closed_registry.py": "a real mlflow server behind a fault proxy (refuse, hang, drop the Nth request)",
 }
 #: test modules that need no server but train or sample for long (marked ``slow``)
 SLOW: dict[str, str] = {
     "test_bench_reconstruct.py": "the benchmark in a fresh interpreter on a tiny cascade (≈ 54 s set-up under load)",
     "test_ddp.py": "two gloo processes taking a DDP step (≈ 34 s under load)",
     "test_learns.py": "600 training steps to prove the network learns",
+    "test_fail_closed_training.py": "training subprocesses: folder lock, SIGTERM (also under Ray), a full disk",
+    "test_hostile_inputs.py": "header bombs and Ctrl-C in subprocesses under memory limits (≈ 44 s)",
 }
 
 

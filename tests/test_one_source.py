@@ -271,6 +271,7 @@ def test_no_science_step_imports_an_operational_schema() -> None:
     assert "components/ray_params.py" in closure(ENTRIES["train"][2])  # train reads train.ray
 
 
+@pytest.mark.integration  # real dvc on a copy of the repo (≈ 11 s): not in `make test-fast`
 @pytest.mark.timeout(300)
 def test_dvc_status_after_an_s3_edit_leaves_the_science_stages_up_to_date() -> None:
     """Real DVC: a copy of the repo with every stage committed (placeholder outputs, `dvc
