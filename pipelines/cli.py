@@ -14,7 +14,7 @@ import sys
 
 import typer
 
-from xct_core.errors import XctError, error_line
+from xct_core.errors import XctError, error_line, in_chain
 
 app = typer.Typer(
     name="xct",
@@ -48,18 +48,6 @@ def _interrupt() -> None:
     sys.exit(130)
 
 
-def _interrupted(e: BaseException) -> bool:
-    """Whether ``e`` was caused by a KeyboardInterrupt (anywhere in its cause/context chain)."""
-    seen: set[int] = set()
-    x: BaseException | None = e
-    while x is not None and id(x) not in seen:
-        if isinstance(x, KeyboardInterrupt):
-            return True
-        seen.add(id(x))
-        x = x.__cause__ or x.__context__
-    return False
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``xct``).
 
@@ -81,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _interrupt()
     except SystemExit as e:
-        if e.code == 130 and _interrupted(e):
+        if e.code == 130 and in_chain(e, KeyboardInterrupt) is not None:
             _interrupt()
         raise
 

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from xct_core.atomic import atomic_dir, atomic_path, writable
-from xct_core.errors import InputError
+from xct_core.errors import InputError, in_chain
 
 __all__ = [
     "DIGEST_FILE",
@@ -88,18 +88,6 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # --------------------------------------------------------------------------- atomic writes
 
 
-def _os_error(e: BaseException) -> OSError | None:
-    """The OS error behind ``e`` (itself, or in its cause/context chain), if any."""
-    seen: set[int] = set()
-    x: BaseException | None = e
-    while x is not None and id(x) not in seen:
-        if isinstance(x, OSError):
-            return x
-        seen.add(id(x))
-        x = x.__cause__ or x.__context__
-    return None
-
-
 @contextlib.contextmanager
 def _write_errors(path: Path) -> Iterator[None]:
     """OS errors while ``torch.save`` writes ``path`` as one line naming it. A full disk or a
@@ -109,7 +97,7 @@ def _write_errors(path: Path) -> Iterator[None]:
         with writable(path):
             yield
     except RuntimeError as e:
-        err = _os_error(e)
+        err = in_chain(e, OSError)
         if err is None:
             raise
         raise InputError(path, f"cannot write ({err.strerror or err})") from None

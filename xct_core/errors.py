@@ -8,6 +8,9 @@ traceback. Programming errors stay ordinary exceptions.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class XctError(Exception):
@@ -60,3 +63,16 @@ def printable(text: str) -> str:
 def error_line(msg: str, prog: str = "xct") -> str:
     """The one line a CLI prints for a user error: ``<prog>: error: <msg>``, made printable."""
     return f"{prog}: error: {printable(msg)}"
+
+
+def in_chain(e: BaseException, kind: type[_E]) -> _E | None:
+    """The first exception of type ``kind`` in ``e``'s cause/context chain (``e`` included),
+    or None; cycles in the chain are followed once."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        if isinstance(x, kind):
+            return x
+        seen.add(id(x))
+        x = x.__cause__ or x.__context__
+    return None
