@@ -189,14 +189,16 @@ import json, sys
 from kfp import dsl, local
 from kfp.dsl import Dataset
 from components.kfp_components import ingest_component
+from pipelines.kfp_dag import _params_and_text
 
 root, raw = sys.argv[1], sys.argv[2]
+_, params_text = _params_and_text("")  # the whole params text, as `xct pipeline run` hands it on
 local.init(runner=local.DockerRunner(), pipeline_root=root, raise_on_error=True)
 
 @dsl.pipeline(name="xct-docker-runner-check")
 def check(data_uri: str) -> int:
     imported = dsl.importer(artifact_uri=data_uri, artifact_class=Dataset, reimport=False)
-    return ingest_component(raw=imported.output).outputs["n_ok"]
+    return ingest_component(raw=imported.output, params_yaml=params_text).outputs["n_ok"]
 
 task = check(data_uri=raw)
 print("RESULT " + json.dumps({"n_ok": task.output}))
