@@ -133,7 +133,7 @@ class KfpSecrets(Section):
     mlflow: str = "xct-mlflow-pipeline"
     #: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY of the pipeline's bucket-scoped object-store
     #: user (never the store's admin): artifact uploads when MLflow hands out s3:// locations
-    s3: str = "xct-s3-pipeline"
+    s3: str = "xct-s3"
 
 
 class KfpParams(Section):
