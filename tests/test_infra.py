@@ -350,12 +350,22 @@ def test_references_to_pvcs_configmaps_and_secrets_resolve(objects: list[tuple[P
 
 def test_secret_template_holds_only_placeholders(objects: list[tuple[Path, dict]]) -> None:
     secrets = _by_kind(objects, "Secret")
-    assert {s["metadata"]["name"] for s in secrets} == {"xct-s3", "xct-postgres"}
+    assert {s["metadata"]["name"] for s in secrets} == {"xct-s3-admin", "xct-s3", "xct-postgres", "xct-mlflow-db",
+                                                        "xct-mlflow-pipeline"}
+    secret_line = re.compile(r"^\s*(\w*(?:key|password|user)\w*)\s*=\s*(.*)$", re.I)
     for s in secrets:
         assert "data" not in s, "use stringData placeholders, never base64 data"
         for k, v in s["stringData"].items():
             if re.search(r"KEY|SECRET|PASSWORD|TOKEN|USER", k):
                 assert str(v).startswith(PLACEHOLDER), f"Secret {s['metadata']['name']}.{k} is not a placeholder"
+            for line in str(v).splitlines():  # file-shaped values (boto3/MLflow credentials, pg_service.conf)
+                m = secret_line.match(line)
+                if m:
+                    assert m.group(2).startswith(PLACEHOLDER), f"Secret {s['metadata']['name']}.{k}: {m.group(1)}"
+    # the object-store admin and the pipeline's user are different Secrets with different keys
+    admin = _one(objects, "Secret", "xct-s3-admin")["stringData"]
+    user = _one(objects, "Secret", "xct-s3")["stringData"]
+    assert set(admin.values()).isdisjoint(user.values())
     for f, d in objects:
         if d["kind"] == "Secret":
             assert f.name == "secrets.template.yaml", f"a Secret outside the template: {f.name}"
@@ -542,8 +552,15 @@ def test_every_image_is_pinned_and_listed(objects: list[tuple[Path, dict]], comp
         assert _pinned(ref), f"infra/images.yaml: {ref} is not pinned"
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     by_name = {v["name"]: v["tag"] for v in images["built"].values()}
+    by_name |= {ref.rsplit(":", 1)[0]: ref.rsplit(":", 1)[1] for ref in images["third_party"].values()
+                if ref.rsplit(":", 1)[0] != "quay.io/minio/minio"}  # that one: the compose stack only
     for entry in kust["images"]:
         assert by_name.get(entry["name"]) == entry["newTag"], f"kustomization image {entry} ≠ images.yaml"
+    # every image the kustomized manifests run has an entry (so `images.py pin` can pin it)
+    kust_files = [K8S / r for r in kust["resources"]]
+    names = {img.rsplit(":", 1)[0] for f in kust_files for d in yaml.safe_load_all(f.read_text()) if d
+             for img in _find_images(d)}
+    assert names == {e["name"] for e in kust["images"]}, (names, kust["images"])
     mlflow = compose["services"]["mlflow"]
     assert mlflow["image"] == _built_refs(images)["mlflow"]
     assert mlflow["build"]["dockerfile"] == images["built"]["mlflow"]["dockerfile"]
@@ -808,7 +825,7 @@ def _interpolate(value: str, env: dict[str, str]) -> str:
 
 
 def _bucket_job_buckets(objects: list[tuple[Path, dict]]) -> set[str]:
-    job = _one(objects, "Job", "minio-buckets")
+    job = _one(objects, "Job", "minio-setup")
     script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
     return set(re.search(r"for b in ([\w\- ]+); do", script).group(1).split())
 
@@ -837,14 +854,44 @@ def test_k8s_mlflow_server_postgres_s3_and_tracking_uri_agree(objects: list[tupl
     pg = _one(objects, "Service", "postgres")
     assert backend.scheme == "postgresql"
     assert backend.hostname == f"postgres.{NAMESPACE}.svc.cluster.local" and backend.port == pg["spec"]["ports"][0]["port"]
-    assert "$(POSTGRES_PASSWORD)" in ctx.params["backend_store_uri"]
-    # artifacts: proxied, destination bucket created by the minio-buckets Job
+    # no credential in the URI (so none on a command line): libpq takes user + password from the
+    # service file of Secret xct-mlflow-db, mounted where PGSERVICEFILE points
+    assert backend.username is None and backend.password is None and "$(" not in ctx.params["backend_store_uri"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    pod = dep["spec"]["template"]["spec"]
+    service_file = _mounted_secret_file(pod, c, env["PGSERVICEFILE"])
+    assert service_file == ("xct-mlflow-db", "pg_service.conf")
+    template = _one(objects, "Secret", "xct-mlflow-db")["stringData"]["pg_service.conf"]
+    assert f"[{env['PGSERVICE']}]" in template and "password=" in template
+    # artifacts: proxied, destination bucket created by the minio-setup Job
     assert ctx.params["serve_artifacts"] is True
     dest = urlparse(ctx.params["artifacts_destination"])
     assert dest.scheme == "s3" and dest.netloc in _bucket_job_buckets(objects)
     env_names = {e["name"] for e in c["env"]}
     assert "MLFLOW_S3_ENDPOINT_URL" in env_names
-    assert any(ef.get("secretRef", {}).get("name") == "xct-s3" for ef in c["envFrom"])
+    # the artifact store's keys: the pipeline user's boto3 credentials file, never the admin's
+    assert _mounted_secret_file(pod, c, env["AWS_SHARED_CREDENTIALS_FILE"]) == ("xct-s3", "credentials")
+    assert not c.get("envFrom")
+
+
+def _mounted_secret_file(pod: dict, container: dict, path: str) -> tuple[str, str] | None:
+    """(Secret name, key) of the file ``path`` inside ``container`` (a secret volume, whole or
+    via items / subPath), or None when no secret volume provides it."""
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    for m in container.get("volumeMounts", []):
+        sec = vols.get(m["name"], {}).get("secret")
+        if sec is None:
+            continue
+        mp = m["mountPath"]
+        if m.get("subPath") and path == mp:
+            rel = m["subPath"]
+        elif path.startswith(mp.rstrip("/") + "/"):
+            rel = path[len(mp.rstrip("/")) + 1:]
+        else:
+            continue
+        items = {i["path"]: i["key"] for i in sec.get("items", [])} or None
+        return sec["secretName"], (items.get(rel) if items is not None else rel)
+    return None
 
 
 def test_s3_endpoints_point_at_the_minio_service(objects: list[tuple[Path, dict]]) -> None:
@@ -858,13 +905,13 @@ def test_s3_endpoints_point_at_the_minio_service(objects: list[tuple[Path, dict]
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--address") + 1] == f":{s3_port}"
     secret = _one(objects, "Secret", "xct-s3")["stringData"]
-    assert set(secret) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert set(secret) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "credentials"}
     launcher = _one(objects, "ConfigMap", "kfp-launcher")["data"]
     providers = yaml.safe_load(launcher["providers"])
     d = providers["minio"]["default"]
     assert d["endpoint"] == urlparse(want).netloc
     ref = d["credentials"]["secretRef"]
-    assert ref["secretName"] == "xct-s3" and {ref["accessKeyKey"], ref["secretKeyKey"]} == set(secret)
+    assert ref["secretName"] == "xct-s3" and {ref["accessKeyKey"], ref["secretKeyKey"]} == set(secret) - {"credentials"}
     root = urlparse(launcher["defaultPipelineRoot"])
     assert root.scheme == "minio" and root.netloc in _bucket_job_buckets(objects)
 
