@@ -309,10 +309,12 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
 
 def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", mlflow_tracking_uri: str = "",
            experiment: str = "xct", run_name: str | None = None, namespace: str | None = None,
-           *, caching: bool | None = None) -> str:
+           *, caching: bool | None = None, token: str | None = None, credentials: Any = None) -> str:
     """Submit a run to the Kubeflow Pipelines API at ``host``; returns the run id. ``caching``
     (default ``pipeline.kfp.caching``) is compiled into every task and passed as the run's
-    ``enable_caching``.
+    ``enable_caching``. ``token`` (a bearer token) or ``credentials`` (kfp's token
+    credentials, e.g. a service-account token file) authenticate every request; the token
+    never appears in an error.
 
     Raises :class:`XctError` (one line) when the host cannot be reached or rejects the run.
     """
@@ -325,7 +327,7 @@ def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", ml
     try:
         with warnings.catch_warnings():  # the client's "only works with KFP >= 2.0.0-beta.2" notice
             warnings.simplefilter("ignore", FutureWarning)
-            client = kfp.Client(host=host, namespace=namespace)
+            client = kfp.Client(host=host, namespace=namespace, existing_token=token, credentials=credentials)
         run = client.create_run_from_pipeline_func(
             build_pipeline(params, caching=use_cache),
             arguments=pipeline_arguments(data_uri, params_yaml, ray_address, mlflow_tracking_uri),
@@ -335,6 +337,8 @@ def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", ml
         )
     except Exception as e:  # noqa: BLE001 — kfp/urllib3/kubernetes raise many types; one line to the user
         text = " ".join(str(e).split()) or type(e).__name__
+        if token:
+            text = text.replace(token, "<token>")
         if "NewConnectionError" in text or "Max retries exceeded" in text or isinstance(e, ConnectionError):
             cause = text.rsplit(": ", 1)[-1].rstrip(")\"'") if ": " in text else text
             raise XctError(f"cannot reach Kubeflow Pipelines at {host} ({cause[:200]})") from None
