@@ -413,3 +413,24 @@ def test_check_pinned_fails_until_every_image_is_pinned_by_digest(tmp_path: Path
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "NAME=REF@sha256" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert (work / "kustomization.yaml").read_text() == before
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def test_security_doc_creates_every_secret_with_the_keys_the_manifests_read() -> None:
+    """docs/security.md's `kubectl create secret` lines make each Secret of the template with
+    exactly its keys (a key the pods mount but the doc forgets would fail the pod at start)."""
+    text = (REPO / "docs" / "security.md").read_text()
+    assert "## Kubernetes" in text
+    block = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)).replace("\\\n", " ")
+    made = {}
+    for line in block.splitlines():
+        m = re.search(r"kubectl -n xct create secret generic ([\w-]+)(.*)", line)
+        if m:
+            made[m.group(1)] = set(re.findall(r"--from-(?:literal|file)=([\w.]+)=", m.group(2)))
+    want = {d["metadata"]["name"]: set(d["stringData"]) for _, d in _docs() if d["kind"] == "Secret"}
+    assert made == want, (made, want)
+    for name in ("xct-s3", "xct-mlflow-pipeline"):  # the KFP namespace gets the pipeline's two, not the admin
+        assert re.search(rf"for s in [^;]*\b{name}\b[^;]*; do", block)
+    assert not re.search(r"for s in [^;]*xct-s3-admin", block)
