@@ -852,7 +852,8 @@ def test_k8s_mlflow_server_postgres_s3_and_tracking_uri_agree(objects: list[tupl
     # backend store: the postgres Service; credentials from its Secret
     backend = urlparse(ctx.params["backend_store_uri"])
     pg = _one(objects, "Service", "postgres")
-    assert backend.scheme == "postgresql"
+    # psycopg2 named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which the image lacks
+    assert backend.scheme == "postgresql+psycopg2"
     assert backend.hostname == f"postgres.{NAMESPACE}.svc.cluster.local" and backend.port == pg["spec"]["ports"][0]["port"]
     # no credential in the URI (so none on a command line): libpq takes user + password from the
     # service file of Secret xct-mlflow-db, mounted where PGSERVICEFILE points
