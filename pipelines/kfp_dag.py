@@ -47,6 +47,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -295,7 +296,9 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
             spec_file = compile_pipeline(root / "pipeline.yaml", params, caching=use_cache)
             load_pipeline_spec(spec_file)
             pipeline = components.load_component_from_file(str(spec_file))
-            return pipeline(**pipeline_arguments(str(data), params_yaml, "", mlflow_tracking_uri))
+            with warnings.catch_warnings():  # the pods' resources, deadline, secrets: a cluster's business
+                warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
+                return pipeline(**pipeline_arguments(str(data), params_yaml, "", mlflow_tracking_uri))
         except RuntimeError as e:
             text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # kfp colours its messages
             raise XctError(f"pipeline run failed: {text[-1] if text else type(e).__name__}") from None
