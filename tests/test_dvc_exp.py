@@ -1,0 +1,106 @@
+"""DVC as its users expect (issue 22 item 6): after a committed `dvc repro`, `dvc metrics show`,
+`dvc metrics diff`, `dvc plots diff`, `dvc exp run -S …` and `dvc exp show` work.
+
+That needs dvc.lock and the metrics/plots files dvc.yaml declares (``cache: false``) to be in
+git, not git-ignored (.gitignore un-ignores exactly those). The test: the TWO-stage tiny
+profile (tests/pipeline_profile.py) in a temporary git + DVC copy of the repo — `dvc repro`,
+`git commit` (dvc.lock and the metrics/plots files must be tracked), then `dvc exp run -S
+train.steps.stage1=3` and the comparison commands, asserting on their JSON: the experiment's
+changed param and a metric, the old/new values of the diff, both revisions in the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline_profile import copy_repo, short_tmpdir, step_env, tiny_profile, write_params
+
+DVC = str(Path(sys.executable).parent / "dvc")
+XCT = [sys.executable, "-m", "pipelines.cli"]
+GIT_ID = {"GIT_AUTHOR_NAME": "xct test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+          "GIT_COMMITTER_NAME": "xct test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    d = short_tmpdir("xexp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _run(cmd: list[str], repo: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)}: {(proc.stdout + proc.stderr)[-3000:]}"
+    return proc.stdout
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_metrics_plots_and_experiments_after_a_committed_repro(scratch: Path) -> None:
+    repo = copy_repo(scratch / "repo")
+    env = {**step_env(scratch, repo), **GIT_ID}
+    write_params(repo / "params.yaml", tiny_profile(n_stages=2))
+    _run([*XCT, "pipeline", "dvc-sync"], repo, env)
+    _run([DVC, "repro"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-q", "-m", "baseline run"], repo, env)
+
+    tracked = set(_run(["git", "ls-files"], repo, env).split())
+    declared = ["outputs/train/metrics/stage1.json", "outputs/train/plots/stage1/train.csv",
+                "reports/eval/stage1/metrics.json", "reports/eval/stage1/per_patient.csv",
+                "reports/gates/stage1.json", "reports/summary.json", "dvc.lock"]
+    assert set(declared) <= tracked, sorted(set(declared) - tracked)
+    assert not [f for f in tracked if f.startswith(("outputs/train/models/", "outputs/train/checkpoints/",
+                                                     "data/"))], "DVC-cached outputs must not be in git"
+    assert _run(["git", "status", "--porcelain"], repo, env).strip() == ""
+
+    shown = json.loads(_run([DVC, "metrics", "show", "--json"], repo, env))
+    metrics = _flat(next(iter(shown.values()))["data"])
+    assert metrics["outputs/train/metrics/stage1.json.data.final_step"] == 2, sorted(metrics)[:20]
+
+    # an experiment: stage 1 trains 3 steps instead of 2
+    _run([DVC, "exp", "run", "-S", "train.steps.stage1=3"], repo, env)
+    exps = json.loads(_run([DVC, "exp", "show", "--json"], repo, env))
+    rows = [e for commit in exps for e in (commit.get("experiments") or [])]
+    assert rows, exps
+    exp = rows[0]["revs"][0]["data"]
+    params = _flat(exp["params"]["params.yaml"]["data"])
+    assert params["train.steps.stage1"] == 3
+    exp_metrics = _flat(exp["metrics"]["outputs/train/metrics/stage1.json"]["data"])
+    assert exp_metrics["final_step"] == 3
+    base = exps[0]  # the committed baseline (workspace row first, then HEAD)
+    head = next(c for c in exps if c.get("rev") != "workspace")
+    head_params = _flat(head["data"]["params"]["params.yaml"]["data"])
+    assert head_params["train.steps.stage1"] == 2, base.get("rev")
+
+    # the workspace holds the experiment's results: diff against the committed run
+    diff = json.loads(_run([DVC, "metrics", "diff", "--json"], repo, env))
+    step = diff["outputs/train/metrics/stage1.json"]["final_step"]
+    assert (step["old"], step["new"], step["diff"]) == (2, 3, 1)
+    pdiff = json.loads(_run([DVC, "params", "diff", "--json"], repo, env))
+    assert pdiff["params.yaml"]["train.steps.stage1"] == {"old": 2, "new": 3}
+
+    out = scratch / "plots"
+    plots = json.loads(_run([DVC, "plots", "diff", "--json", "-o", str(out)], repo, env))
+    train_plots = {k: v for k, v in plots.items() if "outputs/train/plots/stage1" in k}
+    assert train_plots, sorted(plots)
+    revs = {str(d.get("rev")) for v in train_plots.values() for p in v for d in (p.get("content", {}).get("data", {})
+                                                                                 .get("values", []))}
+    assert {"workspace", "HEAD"} <= revs or len(revs) >= 2, revs
