@@ -34,8 +34,11 @@ embedded sqlite MLflow) become ``RAY_ADDRESS`` / ``MLFLOW_TRACKING_URI`` for the
 Images: ``xct-light`` (CPU: every step but training) and ``xct-train`` (CUDA: training). Both
 ship xct and the pinned kfp, so components do not pip-install kfp at start-up
 (``install_kfp_package=False``); that also keeps ``kfp.local`` runs from touching the current
-environment. Override the tags with ``XCT_IMAGE_LIGHT`` / ``XCT_IMAGE_TRAIN`` (read when this
-module is imported, i.e. at pipeline compile time).
+environment. The compiled pipeline names each image by its content tag
+(``xct-light:0.1.0-<digest of the code>``, :mod:`components.image_tag`), so a code change
+changes every task's cache key. Override the images with ``XCT_IMAGE_LIGHT`` /
+``XCT_IMAGE_TRAIN`` (used verbatim; read when this module is imported, i.e. at pipeline
+compile time).
 
 No ``from __future__ import annotations``: KFP reads the real annotation objects
 (``Input[Dataset]``), not strings.
@@ -51,10 +54,21 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Ou
 from xct_core.config import Params, params_from_dict
 from xct_core.errors import ConfigError
 
-#: CPU image for data steps
-IMAGE_LIGHT: str = os.environ.get("XCT_IMAGE_LIGHT", "xct-light:0.1.0")
+def _content_tagged(var: str, base: str, key: str) -> str:
+    """``$var`` verbatim when set; else ``base`` with the content tag of this checkout's image
+    ``key`` (:mod:`components.image_tag`: a code change = a new image name = new cache keys).
+    Inside a running task the tag is not needed (the image is already chosen)."""
+    if var in os.environ or os.environ.get("_KFP_RUNTIME", "false") == "true":
+        return base
+    from components.image_tag import content_ref
+
+    return content_ref(base, key)
+
+
+#: CPU image for data steps (release tag from infra/images.yaml; compiled with its content tag)
+IMAGE_LIGHT: str = _content_tagged("XCT_IMAGE_LIGHT", os.environ.get("XCT_IMAGE_LIGHT", "xct-light:0.1.0"), "light")
 #: GPU image for training steps
-IMAGE_TRAIN: str = os.environ.get("XCT_IMAGE_TRAIN", "xct-train:0.1.0")
+IMAGE_TRAIN: str = _content_tagged("XCT_IMAGE_TRAIN", os.environ.get("XCT_IMAGE_TRAIN", "xct-train:0.1.0"), "train")
 
 
 def _in_kfp_task() -> bool:
