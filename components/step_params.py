@@ -180,8 +180,9 @@ def parse_scoped(data: dict, step: str, stage: int | None, source: str = "params
     if needs_stages and not stage_names:
         raise ConfigError(f"{source}: the {step} task reads `stages`, which the text does not carry "
                           "(components/step_params.py lists what each step reads)")
-    try:
-        keys = kfp_keys(step, stage_names or ["stage1"], stage) if stage is not None else kfp_keys(step, stage_names)
+    try:  # a stage-K step reads stages 1 … K (named stage1 … stageK: the schema's rule)
+        keys = (kfp_keys(step, [f"stage{j}" for j in range(1, int(stage) + 1)], stage) if stage is not None
+                else kfp_keys(step, stage_names))
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     for key in keys:
