@@ -117,7 +117,7 @@ def step_env(tmp: Path, code: Path = REPO) -> dict[str, str]:
 
 
 #: generated folders whose small metrics/plots files git tracks (dvc.yaml ``cache: false``)
-GENERATED = ("outputs/", "reports/", "data/")
+GENERATED = ("outputs/", "reports/")
 
 
 def copy_repo(dst: Path) -> Path:

@@ -19,10 +19,8 @@ task's own function on the run's params text, i.e. the value the task would rece
 
 from __future__ import annotations
 
-import copy
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
