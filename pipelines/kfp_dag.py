@@ -32,6 +32,13 @@ Pipeline parameters: ``data_uri`` (a folder of raw CTs: a local path under ``kfp
 its compiled default is the params the pipeline was compiled with), ``ray_address`` and ``mlflow_tracking_uri`` (empty: local Ray and
 the embedded sqlite MLflow of the step's container).
 
+Cache keys: a KFP task's cache key is its component spec (the image included) + its inputs.
+So no task gets the whole ``params_yaml``: a ``params`` task (and a ``params stage K`` task per
+stage) cuts it into one text per task holding only the keys that step reads — the ONE
+declaration in components/step_params.py, which also writes dvc.yaml's ``params:`` lists —
+and editing ``gates.stage3`` re-runs gate 3 alone. The images are named by their content tag
+(components/image_tag.py), so a code change changes every task's key.
+
 Compile: ``xct pipeline compile --out pipeline.yaml`` (:func:`compile_pipeline`); run on a
 laptop: ``xct pipeline run --local`` (:func:`run_local`); submit: ``xct pipeline submit
 --host URL`` (:func:`submit`).
