@@ -51,7 +51,7 @@ GRID_KEYS = ("size", "fov_mm")
 #: step → the params keys it reads (dvc.yaml ``params:`` and the KFP task's ``params_yaml``)
 STEP_PARAMS: dict[str, tuple[str, ...]] = {
     "synth": ("data.synth",),
-    "ingest": ("data.ct", "ingest"),
+    "ingest": ("data.ct", "ingest", "limits.max_ct_voxels", "limits.max_compression_ratio"),
     "validate": ("validation", "ingest.body_hu"),
     "preprocess": (GRIDS, "drr", "hu.mu_water", "data.ct", "preprocess"),
     "train": (
@@ -63,7 +63,7 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
         "train.on_corrupt_checkpoint", "train.val_every", "train.val_sample_steps", "train.val_samples",
         "train.val_max_volumes", "train.val_reprojection", "train.best_metric", "train.best_mode",
         "train.direct_baseline", "train.prev_stage_model", "train.loader_workers", "train.experiment",
-        "train.ray", OVERLAY,
+        "train.ray", "registry.request_timeout_s", "registry.request_max_retries", OVERLAY,
     ),
     "evaluate": ("seed", "model", "eval", "diffusion", "hu", "drr", "stages.{stage}", OVERLAY),
     "gate": ("gates.{stage}", "registry"),
@@ -77,6 +77,8 @@ CASCADE = ("train", "evaluate", "gate")
 #: why a key is listed, where that is not obvious (a comment on its dvc.yaml line)
 NOTES: dict[tuple[str, str], str] = {
     ("train", OVERLAY): "the tuned overlay (xct hpo --stage K), whole file",
+    ("ingest", "limits.max_ct_voxels"): "hostile-input bounds of every CT header (xct_core/io.py)",
+    ("train", "registry.request_timeout_s"): "the MLflow HTTP bounds of the stage's run (components/tracking.py)",
     ("gate", "registry"): "a champion check reads the registry's champion (its state is not a DVC dep)",
     ("register", "drr"): "the model card: X-ray geometry, protocol, output grid",
 }
