@@ -48,6 +48,10 @@ OVERLAY = "hpo/best_{stage}.yaml"
 #: the grid keys of one stage (what :data:`GRIDS` stands for)
 GRID_KEYS = ("size", "fov_mm")
 
+#: what evaluating a case reads besides ``eval``/``hu``/``drr`` (training's validation and the
+#: evaluate step: xct_core.evaluation.EvalProtocol, xct_core.inference.reconstruct, xct_core.qa)
+_EVAL_CASE = ("ingest.body_hu", "reconstruct.sample_batch", "limits.min_dynamic_range_hu")
+
 #: step → the params keys it reads (dvc.yaml ``params:`` and the KFP task's ``params_yaml``)
 STEP_PARAMS: dict[str, tuple[str, ...]] = {
     "synth": ("data.synth",),
@@ -63,9 +67,9 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
         "train.on_corrupt_checkpoint", "train.val_every", "train.val_sample_steps", "train.val_samples",
         "train.val_max_volumes", "train.val_reprojection", "train.best_metric", "train.best_mode",
         "train.direct_baseline", "train.prev_stage_model", "train.loader_workers", "train.experiment",
-        "train.ray", "registry.request_timeout_s", "registry.request_max_retries", OVERLAY,
+        "train.ray", "registry.request_timeout_s", "registry.request_max_retries", *_EVAL_CASE, OVERLAY,
     ),
-    "evaluate": ("seed", "model", "eval", "diffusion", "hu", "drr", "stages.{stage}", OVERLAY),
+    "evaluate": ("seed", "model", "eval", "diffusion", "hu", "drr", "stages.{stage}", *_EVAL_CASE, OVERLAY),
     "gate": ("gates.{stage}", "registry"),
     "register": ("registry", "eval", "seed", "hu", "diffusion", "drr", "ingest.body_hu",
                  "limits.max_line_integral", "stages"),
@@ -79,6 +83,8 @@ NOTES: dict[tuple[str, str], str] = {
     ("train", OVERLAY): "the tuned overlay (xct hpo --stage K), whole file",
     ("ingest", "limits.max_ct_voxels"): "hostile-input bounds of every CT header (xct_core/io.py)",
     ("train", "registry.request_timeout_s"): "the MLflow HTTP bounds of the stage's run (components/tracking.py)",
+    ("train", "ingest.body_hu"): "validation = evaluate_case: body mask, sample batches, degenerate-output check",
+    ("evaluate", "ingest.body_hu"): "the body mask of the body metrics (EvalProtocol); batches; degenerate-output check",
     ("gate", "registry"): "a champion check reads the registry's champion (its state is not a DVC dep)",
     ("register", "drr"): "the model card: X-ray geometry, protocol, output grid",
 }
