@@ -24,7 +24,9 @@ Two kinds of entry beyond plain keys:
 
 - :data:`GRIDS`: every stage's ``size`` and ``fov_mm`` (preprocess renders every stage grid);
 - :data:`OVERLAY`: the stage's tuned overlay ``hpo/best_{stage}.yaml`` as a whole file (a DVC
-  file dependency only: the KFP text is the effective params, overlays merged in).
+  file dependency only: the KFP text is the effective params, overlays merged in);
+- :data:`WHOLE`: the KFP task gets the whole params — register, which logs them with the
+  registered model (``params.json``, what serving reads); dvc.yaml lists its other entries.
 
 :data:`CASCADE` steps (train, evaluate, gate of stage K) also read the earlier stages'
 entries (``stages.stage1 … stage{K-1}``: the frozen cascade they load, the previous grid).
@@ -45,6 +47,9 @@ from xct_core.errors import ConfigError
 GRIDS = "<grids>"
 #: the tuned overlay of the step's stage, a whole-file param (DVC only)
 OVERLAY = "hpo/best_{stage}.yaml"
+#: the KFP task gets the WHOLE params (the step ships them: register logs params.json with the
+#: model, which serving reads); dvc.yaml lists the step's other entries
+WHOLE = "<whole>"
 #: the grid keys of one stage (what :data:`GRIDS` stands for)
 GRID_KEYS = ("size", "fov_mm")
 
@@ -71,7 +76,7 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
     ),
     "evaluate": ("seed", "model", "eval", "diffusion", "hu", "drr", "stages.{stage}", *_EVAL_CASE, OVERLAY),
     "gate": ("gates.{stage}", "registry"),
-    "register": ("registry", "eval", "seed", "hu", "diffusion", "drr", "ingest.body_hu",
+    "register": (WHOLE, "registry", "eval", "seed", "hu", "diffusion", "drr", "ingest.body_hu",
                  "limits.max_line_integral", "stages"),
 }
 
@@ -104,6 +109,8 @@ def dvc_entries(step: str, stage_names: list[str]) -> list[str | tuple[str, str]
     ``foreach`` key), the grid keys of ``stage_names``, and ``(file, "")`` for the overlay."""
     out: list[str | tuple[str, str]] = []
     for entry in _check_step(step):
+        if entry == WHOLE:
+            continue
         if entry == GRIDS:
             out += [f"stages.{name}.{key}" for name in stage_names for key in GRID_KEYS]
         elif entry == OVERLAY:
@@ -124,6 +131,10 @@ def kfp_keys(step: str, stage_names: list[str], stage: int | None = None) -> lis
         if not 1 <= stage <= len(stage_names):
             raise ConfigError(f"step {step}: stage {stage} does not exist (params define {len(stage_names)})")
         name = stage_names[stage - 1]
+    if WHOLE in entries:
+        from components.ops_params import OpsParams
+
+        return list(OpsParams.model_fields)
     keys: list[str] = []
     for entry in entries:
         if entry == GRIDS:

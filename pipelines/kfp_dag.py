@@ -36,8 +36,9 @@ Cache keys: a KFP task's cache key is its component spec (the image included) + 
 So no task gets the whole ``params_yaml``: a ``params`` task (and a ``params stage K`` task per
 stage) cuts it into one text per task holding only the keys that step reads — the ONE
 declaration in components/step_params.py, which also writes dvc.yaml's ``params:`` lists —
-and editing ``gates.stage3`` re-runs gate 3 alone. The images are named by their content tag
-(components/image_tag.py), so a code change changes every task's key.
+and editing ``gates.stage3`` re-runs gate 3 and register (it ships the whole params) alone.
+The images are named by their content tag (components/image_tag.py), so a code change
+changes every task's key.
 
 Compile: ``xct pipeline compile --out pipeline.yaml`` (:func:`compile_pipeline`); run on a
 laptop: ``xct pipeline run --local`` (:func:`run_local`); submit: ``xct pipeline submit

@@ -140,11 +140,12 @@ def test_editing_gate3_changes_gate3s_key_only(base_keys: tuple[dict, dict[str, 
     names = _display(ir)
     assert set(after) == set(before)
     changed = {names[t] for t in before if before[t] != after[t]}
-    # the scope tasks read the whole text (cheap; their outputs are what the others get)
-    assert changed == {"gate 3", "params", "params stage 1", "params stage 2", "params stage 3"}, changed
+    # the scope tasks read the whole text (cheap; their outputs are what the others get), and
+    # register ships the whole params with the model (params.json: serving reads it)
+    assert changed == {"gate 3", "register", "params", "params stage 1", "params stage 2", "params stage 3"}, changed
     same = {names[t] for t in before if before[t] == after[t]}
     assert {"ingest-component", "validate-component", "preprocess-component", "train stage 1", "train stage 2",
-            "train stage 3", "evaluate stage 3", "gate 1", "gate 2", "register"} <= same, same
+            "train stage 3", "evaluate stage 1", "evaluate stage 2", "evaluate stage 3", "gate 1", "gate 2"} <= same
 
 
 def test_a_stage2_parameter_reaches_stage2_onward_only(base_keys: tuple[dict, dict[str, str]], tmp_path: Path) -> None:
@@ -155,7 +156,7 @@ def test_a_stage2_parameter_reaches_stage2_onward_only(base_keys: tuple[dict, di
     after = _key_material(_compile(edited, tmp_path / "p.yaml"), params_text(edited))
     names = _display(ir)
     changed = {names[t] for t in before if before[t] != after[t]} - {"params", "params stage 1", "params stage 2",
-                                                                      "params stage 3"}
+                                                                      "params stage 3", "register"}
     assert changed == {"train stage 2"}, changed  # later stages re-run through the new model artifact
 
 
@@ -269,6 +270,7 @@ def test_each_task_gets_exactly_its_declared_keys() -> None:
     assert "gates" not in train1 and list(train1["stages"]) == ["stage1"]
     assert train1["train"]["steps"] == {"stage1": data["train"]["steps"]["stage1"]}
     assert "pipeline" in train1 and "kfp" not in train1["pipeline"]
+    assert json.loads(scoped_text(params, "register")) == data  # register ships the whole params
     train3 = json.loads(scoped_text(params, "train", 3))
     assert list(train3["stages"]) == names  # the earlier stages it loads
     pre = json.loads(scoped_text(params, "preprocess"))
