@@ -50,11 +50,6 @@ def cascade_lines(params: Params) -> list[str]:
     return lines
 
 
-def grid_lines(params: Params) -> list[str]:
-    """Preprocess's grid params: every stage's ``size`` and ``fov_mm`` (nothing else of a stage)."""
-    return [f"- stages.{name}.{key}" for name in params.stages for key in ("size", "fov_mm")]
-
-
 def params_lines(step: str, params: Params) -> list[str]:
     """dvc.yaml's ``params:`` list of ``step`` (components/step_params.py), one key a line."""
     lines = []
