@@ -82,11 +82,26 @@ class KfpParams(Section):
     train_accelerator: KfpAccelerator = KfpAccelerator()
 
 
+class PipelineRayParams(Section):
+    """Training on an existing Ray cluster through the Jobs API (components/ray_jobs.py):
+    ``xct train`` and the KFP train task submit the stage as a Ray job instead of starting
+    Ray themselves. ``address: ""`` (the default): today's route (a local Ray runtime, or
+    ``RAY_ADDRESS`` as a driver)."""
+
+    #: the Ray head's dashboard URL, e.g. http://xct-ray-head-svc.xct.svc.cluster.local:8265 ("": no Jobs API)
+    address: str = ""
+    #: how the cluster's image starts xct (the job's entrypoint is ``<command> train …``)
+    command: str = "xct"
+    #: the Ray job is stopped and the caller fails after this many seconds (0: no limit)
+    timeout_s: float = Field(259200.0, ge=0)
+
+
 class PipelineParams(Section):
     """Settings of the end-to-end DAG (dvc.yaml and the KFP pipeline)."""
 
     train: PipelineTrainParams = PipelineTrainParams()
     kfp: KfpParams = KfpParams()
+    ray: PipelineRayParams = PipelineRayParams()
 
 
 class S3Params(Section):

@@ -9,13 +9,20 @@ time, so no test file carries its tier; a single test can still carry ``@pytest.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray token authentication on, as in production: the local Ray runtimes this session starts
+# (ray.init() in tests and in the `xct` subprocesses they run) share one random token held in
+# the environment only (never written to ~/.ray nor the repo); the multi-node test clusters
+# (tests/ray_cluster.py) draw their own.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+if os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 REPO = Path(__file__).resolve().parents[1]
