@@ -67,6 +67,8 @@ from xct_core.atomic import atomic_path, writable
 from xct_core.errors import ConfigError, InputError, XctError
 
 PIPELINE_NAME = "xct-cascade"
+#: the Secret holding the Ray cluster's auth token (infra/k8s/secrets.template.yaml, key auth_token)
+RAY_AUTH_SECRET = "xct-ray-auth"
 
 
 class _Controls:
@@ -86,6 +88,10 @@ class _Controls:
         acc = self.kp.train_accelerator
         if kind == "train" and acc.type and not self.ray_job:
             task.set_accelerator_type(acc.type).set_accelerator_limit(acc.limit)
+        if kind == "train" and self.ray_job:  # the Jobs API's token (Ray token auth), from its Secret
+            from kfp import kubernetes
+
+            kubernetes.use_secret_as_env(task, secret_name=RAY_AUTH_SECRET, secret_key_to_env={"auth_token": "RAY_AUTH_TOKEN"})
         if kind == "train" and acc.tolerations and not self.ray_job:
             from kfp import kubernetes
 

@@ -289,7 +289,44 @@ def test_with_a_ray_address_the_train_pod_requests_no_gpu(tmp_path: Path) -> Non
         executors = docs[0]["deploymentSpec"]["executors"]
         accel = [n for n, e in executors.items() if "accelerator" in e.get("container", {}).get("resources", {})]
         assert all("train" in n for n in accel), accel
-        tolerations = "tolerations" in json.dumps(docs[1:])  # the kfp-kubernetes platform spec
-        found[name] = (len(accel), tolerations)
-    assert found["local"] == (OpsParams().n_stages, True)  # each train executor asks for the GPU
-    assert found["job"] == (0, False)  # a Ray job's submitter: no GPU, no GPU-node toleration
+        platform = json.dumps(docs[1:])  # the kfp-kubernetes platform spec
+        found[name] = (len(accel), "tolerations" in platform, '"secretName": "xct-ray-auth"' in platform)
+        if address:
+            execs = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+            envs = {n: e["secretAsEnv"] for n, e in execs.items() if "secretAsEnv" in e}
+            assert envs and all("train" in n for n in envs), envs
+            assert all(e[0]["keyToEnv"] == [{"secretKey": "auth_token", "envVar": "RAY_AUTH_TOKEN"}]
+                       for e in envs.values()), envs
+    assert found["local"] == (OpsParams().n_stages, True, False)  # each train executor asks for the GPU
+    assert found["job"] == (0, False, True)  # a Ray job's submitter: no GPU, no GPU-node toleration; the token
+
+
+def test_manifests_turn_token_auth_on_and_drop_ray_client() -> None:
+    """KubeRay authOptions (mode token, the token from a Secret of the template, key auth_token)
+    on the RayCluster and the RayJob's cluster; no Ray Client port or ray:// address left in
+    the manifests, the docs or the code."""
+    k8s = REPO / "infra" / "k8s"
+    secrets = {d["metadata"]["name"]: d for d in yaml.safe_load_all((k8s / "secrets.template.yaml").read_text())
+               if d and d.get("kind") == "Secret"}
+    clusters = []
+    for f in ("raycluster.yaml", "rayjob-train.yaml"):
+        for d in yaml.safe_load_all((k8s / f).read_text()):
+            if d and d.get("kind") in ("RayCluster", "RayJob"):
+                clusters.append((f, d["spec"] if d["kind"] == "RayCluster" else d["spec"]["rayClusterSpec"]))
+    assert len(clusters) == 2
+    for f, spec in clusters:
+        auth = spec["authOptions"]
+        assert auth["mode"] == "token", f
+        assert secrets[auth["secretName"]]["stringData"]["auth_token"].startswith("CHANGE_ME"), f
+        ports = [p["containerPort"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]]
+        assert 10001 not in ports and 8265 in ports, (f, ports)
+    hits = []
+    for root in ("infra", "docs", "components", "pipelines", "xct_core", "README.md", "params.yaml",
+                 "params.production.yaml"):
+        for p in [REPO / root] if (REPO / root).is_file() else (REPO / root).rglob("*"):
+            if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".yml", "") and p.name != "test_ray_jobs.py":
+                text = p.read_text(errors="replace")
+                hits += [f"{p.relative_to(REPO)}: ray://" for _ in [0] if re.search(r"\bray://[a-z0-9$]", text)]
+                hits += [f"{p.relative_to(REPO)}: RAY_AUTH_MODE disabled" for _ in [0]
+                         if re.search(r"RAY_AUTH_MODE\W{1,3}disabled", text)]
+    assert not hits, hits
