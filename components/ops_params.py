@@ -63,8 +63,9 @@ class KfpToleration(Section):
 class KfpAccelerator(Section):
     """The train task's accelerator request (``set_accelerator_type`` + ``set_accelerator_limit``)
     and the tolerations that let it schedule on tainted GPU nodes. ``type: ""``: a CPU pod (the
-    demo default). KFP's train task trains with a local Ray runtime inside its own pod, so the
-    production overlay asks for one ``nvidia.com/gpu`` and the GPU nodes' taint toleration."""
+    demo default). Used when the train task trains with a local Ray runtime inside its own pod
+    (no ``pipeline.ray.address``); with the address set the pod requests no GPU (the Ray
+    cluster's workers have them) and none of this is applied."""
 
     type: str = ""
     limit: int = Field(1, ge=1)

@@ -223,11 +223,11 @@ def submit_train(address: str, args: Sequence[str], params_text: str, *, command
             # leave the job running behind a caller that is gone
             _stop(client, job_id, state, stop_wait_s, log)
             raise
-        tail.join(timeout=15)
+        how = _stop(client, job_id, state, stop_wait_s, log) if status == "TIMEOUT" else ""
+        tail.join(timeout=15)  # the rest of the log (the stream ends with the job)
         seconds = time.monotonic() - t0
         logs = _logs(client, job_id)
         if status == "TIMEOUT":
-            how = _stop(client, job_id, state, stop_wait_s, log)
             raise RayJobFailed(f"ray job {job_id} exceeded pipeline.ray.timeout_s = {timeout_s:g} s ({how}); "
                                f"last lines: {last_lines(logs) or '(no log)'}")
         if status != "SUCCEEDED":

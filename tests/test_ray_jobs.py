@@ -164,6 +164,23 @@ def test_xct_train_runs_stage1_as_a_ray_job(env: dict) -> None:
     assert env["cluster"].token not in json.dumps(info.runtime_env or {})  # the token never travels as data
 
 
+def test_the_kfp_train_task_route_returns_the_final_step(env: dict, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """components.ray_jobs.submit_stage: what train_stage_component runs with pipeline.ray.address."""
+    from components.ops_params import load_params
+    from components.ray_jobs import submit_stage
+
+    for k, v in env["child"].items():
+        if k.startswith(("RAY_AUTH", "MLFLOW_")):
+            monkeypatch.setenv(k, v)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = env["root"] / "kfp_model"
+    params = load_params(env["params"], sets=["train.steps.stage1=2"])
+    assert submit_stage(params, 1, env["processed"], out, fresh=True) == 2
+    text = capsys.readouterr().out
+    assert "--fresh" in text and "SUCCEEDED" in text and (out / "models" / "stage1" / "final.pt").is_file()
+
+
 def test_a_failing_job_fails_the_caller_with_its_last_lines(env: dict) -> None:
     missing = env["root"] / "no-such-processed"
     proc = subprocess.run(_train_cmd(env, env["root"] / "train_bad", processed=missing), cwd=REPO,
