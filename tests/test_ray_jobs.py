@@ -227,6 +227,17 @@ def test_sigterm_to_the_submitter_stops_the_ray_job(env: dict) -> None:
     assert len(errors) == 1 and "SIGTERM" in errors[0] and "STOPPED" in errors[0], err
 
 
+def test_a_job_past_its_timeout_is_stopped_and_fails_the_caller(env: dict) -> None:
+    child = {**env["child"], "XCT_TRAIN_FAULTS": json.dumps({"slow_step_s": 2.0})}
+    cmd = _train_cmd(env, env["root"] / "train_timeout", "--set", "pipeline.ray.timeout_s=6")
+    cmd[cmd.index("--steps") + 1] = "200"
+    proc = subprocess.run(cmd, cwd=REPO, env=child, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("xct: error:")]
+    assert len(errors) == 1 and "exceeded pipeline.ray.timeout_s = 6 s" in errors[0], proc.stderr
+    assert str(_client(env).get_job_status(_job_id(proc.stdout)).value) == "STOPPED"
+
+
 # --------------------------------------------------------------------------- no cluster needed
 
 
