@@ -31,7 +31,9 @@ Forwarded to the job's environment: :data:`FORWARD_ENV` only (credentials in an
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import shlex
 import tempfile
 import threading
@@ -134,15 +136,22 @@ def entrypoint(command: str, args: Sequence[str]) -> str:
     return shlex.join([*shlex.split(command), "train", *map(str, args), "--params", PARAMS_NAME])
 
 
+#: the job manager's own lines in a job's log (runtime-env set-up, the entrypoint echo)
+_RAY_NOISE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO)\b|Running entrypoint for job )")
+
+
 def last_lines(text: str, n: int = ERROR_LINES) -> str:
-    """The last ``n`` non-empty lines of ``text`` joined with `` | `` (one line)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    """The last ``n`` non-empty lines of a job's log, Ray's own INFO lines left out, joined
+    with `` | `` (one line)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not _RAY_NOISE.match(ln.strip())]
     return " | ".join(lines[-n:])
 
 
 def _client(address: str, token: str | None) -> Any:
     from ray.job_submission import JobSubmissionClient
 
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # "Uploading package …", "WebSocket closed …"
     try:
         return JobSubmissionClient(address, headers=auth_headers(token))
     except Exception as e:  # noqa: BLE001 - connection, auth, version: one line
@@ -239,7 +248,6 @@ def submit_train(address: str, args: Sequence[str], params_text: str, *, command
             raise RayJobFailed(f"ray job {job_id} {status} after {seconds:.0f} s"
                                f"{f' ({message})' if message and status == 'STOPPED' else ''}; "
                                f"last lines: {last_lines(logs) or message or '(no log)'}")
-        log(f"ray job {job_id}: SUCCEEDED in {seconds:.0f} s")
         return JobOutcome(job_id, status, seconds, logs)
 
 

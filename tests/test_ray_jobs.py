@@ -192,6 +192,7 @@ def test_a_failing_job_fails_the_caller_with_its_last_lines(env: dict) -> None:
     job_id = _job_id(proc.stdout)
     assert f"ray job {job_id} FAILED" in line and "last lines:" in line
     assert str(missing) in line  # the job's own one-line error, quoted
+    assert line.split("last lines: ", 1)[1].startswith("xct: error:")  # not Ray's own set-up lines
     assert "Traceback" not in proc.stderr
     assert str(_client(env).get_job_status(job_id).value) == "FAILED"
 
