@@ -281,7 +281,9 @@ def train_stage_component(
 ) -> NamedTuple("TrainOutputs", [("final_step", int)]):  # noqa: UP014
     """Train cascade stage ``stage`` into ``model`` (:func:`components.train.run_train`: Ray
     Train + MLflow; :func:`components.train.run_local` in-process when
-    ``pipeline.train.local`` is true) — the functions ``xct train`` calls.
+    ``pipeline.train.local`` is true) — the functions ``xct train`` calls. With
+    ``pipeline.ray.address`` set the stage runs as a Ray job on that cluster
+    (:func:`components.ray_jobs.submit_stage`: log streamed here, stopped when the task is).
 
     ``previous``: stage K-1's ``model`` folder (required for K > 1; copied in first so the
     frozen earlier stages are found at ``models/stage{1..K-1}``).
@@ -304,6 +306,10 @@ def train_stage_component(
     _environment({"RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_tracking_uri})
     if params.pipeline.train.local:
         final_step = run_local(params, stage, processed.path, out, fresh=True).final_step
+    elif params.pipeline.ray.address:  # a Ray job on that cluster (Jobs API); this pod needs no GPU
+        from components.ray_jobs import submit_stage
+
+        final_step = submit_stage(params, stage, processed.path, out, fresh=True)
     else:
         final_step = run_train(params, stage, processed.path, out, fresh=True).final_step
     model.metadata["stage"] = stage

@@ -63,8 +63,9 @@ class KfpToleration(Section):
 class KfpAccelerator(Section):
     """The train task's accelerator request (``set_accelerator_type`` + ``set_accelerator_limit``)
     and the tolerations that let it schedule on tainted GPU nodes. ``type: ""``: a CPU pod (the
-    demo default). KFP's train task trains with a local Ray runtime inside its own pod, so the
-    production overlay asks for one ``nvidia.com/gpu`` and the GPU nodes' taint toleration."""
+    demo default). Used when the train task trains with a local Ray runtime inside its own pod
+    (no ``pipeline.ray.address``); with the address set the pod requests no GPU (the Ray
+    cluster's workers have them) and none of this is applied."""
 
     type: str = ""
     limit: int = Field(1, ge=1)
@@ -151,11 +152,26 @@ class KfpParams(Section):
     secrets: KfpSecrets = KfpSecrets()
 
 
+class PipelineRayParams(Section):
+    """Training on an existing Ray cluster through the Jobs API (components/ray_jobs.py):
+    ``xct train`` and the KFP train task submit the stage as a Ray job instead of starting
+    Ray themselves. ``address: ""`` (the default): today's route (a local Ray runtime, or
+    ``RAY_ADDRESS`` as a driver)."""
+
+    #: the Ray head's dashboard URL, e.g. http://xct-ray-head-svc.xct.svc.cluster.local:8265 ("": no Jobs API)
+    address: str = ""
+    #: how the cluster's image starts xct (the job's entrypoint is ``<command> train …``)
+    command: str = "xct"
+    #: the Ray job is stopped and the caller fails after this many seconds (0: no limit)
+    timeout_s: float = Field(259200.0, ge=0)
+
+
 class PipelineParams(Section):
     """Settings of the end-to-end DAG (dvc.yaml and the KFP pipeline)."""
 
     train: PipelineTrainParams = PipelineTrainParams()
     kfp: KfpParams = KfpParams()
+    ray: PipelineRayParams = PipelineRayParams()
 
 
 class S3Params(Section):

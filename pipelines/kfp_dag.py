@@ -79,19 +79,23 @@ from components.kfp_components import (
 )
 from components.ops_params import KfpParams, OpsParams, params_text
 from xct_core.atomic import atomic_path, writable
-from xct_core.errors import InputError, XctError
+from xct_core.errors import ConfigError, InputError, XctError
 
 PIPELINE_NAME = "xct-cascade"
 #: the keys of the Secrets ``pipeline.kfp.secrets`` names, each mounted as the env var of its name
 SECRET_KEYS = {"mlflow": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
                "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+#: the Secret holding the Ray cluster's auth token (infra/k8s/secrets.template.yaml, key auth_token)
+RAY_AUTH_SECRET = "xct-ray-auth"
 
 
 class _Controls:
     """Applies ``params.pipeline.kfp`` to each task as the DAG is built."""
 
-    def __init__(self, kp: KfpParams, caching: bool) -> None:
+    def __init__(self, kp: KfpParams, caching: bool, ray_job: bool = False) -> None:
         self.kp, self.caching = kp, caching
+        #: pipeline.ray.address set: the train task submits a Ray job, its pod requests no GPU
+        self.ray_job = ray_job
 
     def __call__(self, task: Any, kind: str = "") -> Any:
         task.set_caching_options(self.caching)
@@ -100,9 +104,13 @@ class _Controls:
             task.set_retry(num_retries=retry.num_retries, backoff_duration=f"{retry.backoff_s:g}s",
                            backoff_factor=retry.backoff_factor, backoff_max_duration=f"{retry.backoff_max_s:g}s")
         acc = self.kp.train_accelerator
-        if kind == "train" and acc.type:
+        if kind == "train" and acc.type and not self.ray_job:
             task.set_accelerator_type(acc.type).set_accelerator_limit(acc.limit)
-        if kind == "train" and acc.tolerations:
+        if kind == "train" and self.ray_job:  # the Jobs API's token (Ray token auth), from its Secret
+            from kfp import kubernetes
+
+            kubernetes.use_secret_as_env(task, secret_name=RAY_AUTH_SECRET, secret_key_to_env={"auth_token": "RAY_AUTH_TOKEN"})
+        if kind == "train" and acc.tolerations and not self.ray_job:
             from kfp import kubernetes
 
             for tol in acc.tolerations:
@@ -170,6 +178,25 @@ def _caching(params: OpsParams, caching: bool | None) -> bool:
     return params.pipeline.kfp.caching if caching is None else bool(caching)
 
 
+def _check_train_gpus(params: OpsParams) -> None:
+    """Without ``pipeline.ray.address`` the train task starts its Ray Train workers inside its
+    own pod: GPU workers (``train.ray.use_gpu``, one GPU each unless ``resources_per_worker``
+    says otherwise) beyond the GPUs that pod requests (``pipeline.kfp.train_accelerator``)
+    would wait forever for GPUs that are not there — a compile error naming both numbers."""
+    ray = params.train.ray
+    if params.pipeline.ray.address or not ray.use_gpu:
+        return
+    acc = params.pipeline.kfp.train_accelerator
+    requested = acc.limit if acc.type else 0
+    needed = ray.num_workers * ray.resources_per_worker.get("GPU", 1.0)
+    if needed > requested:
+        raise ConfigError(
+            f"the KFP train task would start {needed:g} GPU(s) in its own pod (train.ray.num_workers = "
+            f"{ray.num_workers}, use_gpu) but its pod requests {requested} (pipeline.kfp.train_accelerator"
+            f"{'.limit' if acc.type else ': no type'}): set pipeline.ray.address to train on the Ray cluster "
+            "(Jobs API), or match the two")
+
+
 def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = None) -> Any:
     """The ``@dsl.pipeline`` function for ``params`` (the built-in defaults = params.yaml when
     ``None``): one train → evaluate → gate per stage in ``params.stages`` (:func:`_cascade`),
@@ -182,7 +209,8 @@ def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = No
     # of the IR YAML, and a multi-line default would break that file
     compiled_params = json.dumps(params.model_dump(mode="json"), separators=(",", ":"))
     kp = params.pipeline.kfp
-    ctl = _Controls(kp, _caching(params, caching))
+    _check_train_gpus(params)
+    ctl = _Controls(kp, _caching(params, caching), ray_job=bool(params.pipeline.ray.address))
     n = params.n_stages
 
     @dsl.pipeline(name=PIPELINE_NAME, description=f"Biplanar X-ray → 3D CT cascade: data → {n} gated stages → register")

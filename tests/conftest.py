@@ -9,13 +9,20 @@ time, so no test file carries its tier; a single test can still carry ``@pytest.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray token authentication on, as in production: the local Ray runtimes this session starts
+# (ray.init() in tests and in the `xct` subprocesses they run) share one random token held in
+# the environment only (never written to ~/.ray nor the repo); the multi-node test clusters
+# (tests/ray_cluster.py) draw their own.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+if os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +38,7 @@ INTEGRATION: dict[str, str] = {
     "test_mlflow_postgres.py": "PostgreSQL, moto and an mlflow server; Ray Train",
     "test_mlflow_server.py": "an mlflow server over moto / rclone S3",
     "test_ray_cluster.py": "a two-node Ray cluster (ray start), node kill and replacement",
+    "test_ray_jobs.py": "a two-node token-auth Ray cluster: xct train as Ray jobs (Jobs API)",
     "test_realct.py": "the real-CT experiment end to end (../shared/data)",
     "test_s3.py": "moto and rclone S3 servers",
     "test_serving.py": "an mlflow models serve process",

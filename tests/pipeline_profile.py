@@ -101,7 +101,6 @@ def step_env(tmp: Path, code: Path = REPO) -> dict[str, str]:
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
         MLFLOW_DISABLE_TELEMETRY="true",
         GX_ANALYTICS_ENABLED="false",
-        RAY_AUTH_MODE="disabled",
         DO_NOT_TRACK="1",
         DVC_NO_ANALYTICS="1",
         DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),

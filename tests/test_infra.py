@@ -351,7 +351,7 @@ def test_references_to_pvcs_configmaps_and_secrets_resolve(objects: list[tuple[P
 def test_secret_template_holds_only_placeholders(objects: list[tuple[Path, dict]]) -> None:
     secrets = _by_kind(objects, "Secret")
     assert {s["metadata"]["name"] for s in secrets} == {"xct-s3-admin", "xct-s3", "xct-postgres", "xct-mlflow-db",
-                                                        "xct-mlflow-pipeline"}
+                                                        "xct-mlflow-pipeline", "xct-ray-auth"}
     secret_line = re.compile(r"^\s*(\w*(?:key|password|user)\w*)\s*=\s*(.*)$", re.I)
     for s in secrets:
         assert "data" not in s, "use stringData placeholders, never base64 data"

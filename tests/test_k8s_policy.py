@@ -335,7 +335,7 @@ STRANGER = ("default", {"app": "anything"})
 ROGUE = (NS, {"app.kubernetes.io/name": "something-else"})  # a new pod in xct without an allow
 
 NEEDED = [  # (source, destination, port): every flow the pipeline needs
-    (KFP_TASK, MLFLOW, 5000), (KFP_TASK, MINIO, 9000), (KFP_TASK, RAY_HEAD, 8265), (KFP_TASK, RAY_HEAD, 10001),
+    (KFP_TASK, MLFLOW, 5000), (KFP_TASK, MINIO, 9000), (KFP_TASK, RAY_HEAD, 8265),
     (RAY_HEAD, MLFLOW, 5000), (RAY_WORKER, MLFLOW, 5000), (RAY_HEAD, MINIO, 9000), (RAY_WORKER, MINIO, 9000),
     (RAY_WORKER, RAY_HEAD, 6379), (RAY_HEAD, RAY_WORKER, 12345), (RAY_WORKER, RAY_WORKER, 23456),
     (MLFLOW, POSTGRES, 5432), (MLFLOW, MINIO, 9000), (SETUP, MINIO, 9000), (SUBMITTER, RAY_HEAD, 8265),
@@ -343,7 +343,7 @@ NEEDED = [  # (source, destination, port): every flow the pipeline needs
     (MLFLOW, DNS, 53), (RAY_WORKER, DNS, 53), (SETUP, DNS, 53), (POSTGRES, DNS, 53), (ROGUE, DNS, 53),
 ]
 REFUSED = [  # flows nobody needs: each would widen what a compromised pod can reach
-    (STRANGER, MLFLOW, 5000), (STRANGER, MINIO, 9000), (STRANGER, RAY_HEAD, 8265), (STRANGER, RAY_HEAD, 10001),
+    (STRANGER, MLFLOW, 5000), (STRANGER, MINIO, 9000), (STRANGER, RAY_HEAD, 8265), (STRANGER, RAY_HEAD, 10001), (KFP_TASK, RAY_HEAD, 10001),
     (STRANGER, POSTGRES, 5432), (KFP_TASK, POSTGRES, 5432), (RAY_HEAD, POSTGRES, 5432), (RAY_WORKER, POSTGRES, 5432),
     (MINIO, POSTGRES, 5432), (KFP_TASK, MINIO, 9001), (MLFLOW, RAY_HEAD, 8265), (SUBMITTER, MINIO, 9000),
     (SUBMITTER, RAY_WORKER, 8265), (SETUP, MLFLOW, 5000), (ROGUE, MLFLOW, 5000), (ROGUE, MINIO, 9000),
