@@ -29,6 +29,7 @@ INTEGRATION: dict[str, str] = {
     "test_kfp_pipeline.py": "kfp.local runs of the compiled pipeline",
     "test_mlflow_postgres.py": "PostgreSQL, moto and an mlflow server; Ray Train",
     "test_mlflow_server.py": "an mlflow server over moto / rclone S3",
+    "test_mlflow_auth.py": "an mlflow server with the basic-auth app and its users",
     "test_ray_cluster.py": "a two-node Ray cluster (ray start), node kill and replacement",
     "test_realct.py": "the real-CT experiment end to end (../shared/data)",
     "test_s3.py": "moto and rclone S3 servers",
