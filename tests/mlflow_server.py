@@ -32,7 +32,10 @@ users ``xct-pipeline`` (EDIT on every experiment and registered model) and ``xct
 from __future__ import annotations
 
 import configparser
+import contextlib
+import io
 import os
+import runpy
 import secrets
 import signal
 import subprocess
@@ -133,6 +136,9 @@ class MlflowServer:
         assert sec["admin_password"].startswith("CHANGE_ME") and sec["admin_username"] == ADMIN, dict(sec)
         sec["admin_password"] = secrets.token_urlsafe(24)
         sec["database_uri"] = f"sqlite:///{self.root / 'basic_auth.db'}"
+        # test speed only (the template keeps MLflow's 0): each request otherwise pays one scrypt
+        # password check (~0.1 s of CPU), and a registration makes ~150 requests
+        sec["auth_cache_ttl_seconds"] = "300"
         self.users["admin"] = (sec["admin_username"], sec["admin_password"])
         self._flask_key = secrets.token_hex(32)
         fd = os.open(self.auth_config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -145,9 +151,9 @@ class MlflowServer:
         user, pw = self.users[kind]
         return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": pw if password is None else password}
 
-    def provision_users(self, timeout_s: float = 120.0) -> None:
-        """Run the manifest's provisioning script (a fresh process, like the k8s Job) with
-        random passwords for :data:`AUTH_USERS`; RuntimeError with its output on failure."""
+    def provision_users(self) -> None:
+        """Run the manifest's provisioning script (with the k8s Job's environment variables)
+        with random passwords for :data:`AUTH_USERS`; RuntimeError with its output on failure."""
         users_dir = self.root / "mlflow-users"
         for kind, name in AUTH_USERS.items():
             d = users_dir / kind
@@ -161,12 +167,25 @@ class MlflowServer:
         env = {k: v for k, v in os.environ.items() if k not in _CRED_VARS}
         env.update(MLFLOW_TRACKING_URI=self.url, MLFLOW_AUTH_CONFIG_PATH=str(self.auth_config_path),
                    XCT_MLFLOW_USERS_DIR=str(users_dir), XCT_MLFLOW_WAIT_S="30")
-        r = subprocess.run([sys.executable, str(script)], env=env, cwd=self.root, capture_output=True, text=True,
-                           timeout=timeout_s, check=False)
-        if r.returncode != 0:
-            raise RuntimeError(f"mlflow-users script exited with {r.returncode}:\n{r.stdout}{r.stderr[-3000:]}\n"
+        # in this process (mlflow is imported already: a fresh interpreter costs seconds of CPU),
+        # under the Job's environment, restored afterwards (the script sets the admin's variables)
+        saved = dict(os.environ)
+        out, err = io.StringIO(), io.StringIO()
+        code: object = 0
+        try:
+            os.environ.clear()
+            os.environ.update(env)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        if code not in (0, None):
+            raise RuntimeError(f"mlflow-users script exited with {code}:\n{out.getvalue()}{err.getvalue()[-3000:]}\n"
                                f"--- server log ---\n{self.log_tail()}")
-        self.provision_output = r.stdout
+        self.provision_output = out.getvalue()
 
     def log_tail(self, n: int = 4000) -> str:
         try:

@@ -100,16 +100,17 @@ def _register(env: dict[str, Any], name: str, seed: int, psnr2: float) -> dict[s
 
 
 def _ensure_registered(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """v1 @champion of NAME exists (registered by the service user), whatever ran before."""
+    """v1 @champion of NAME exists (registered by the service user), whatever ran before;
+    this process then acts as the service user."""
     from mlflow import MlflowClient
 
-    for k, v in env["srv"].creds("pipeline").items():
-        monkeypatch.setenv(k, v)
+    _as(monkeypatch, env["srv"].creds("pipeline"))
     if not MlflowClient(env["uri"]).search_model_versions(f"name='{NAME}'"):
         assert _register(env, "run1", seed=0, psnr2=25.0)["status"] == "promoted"
 
 
 def _one_line(r: subprocess.CompletedProcess[str]) -> str:
+    """The single stderr line of a refused command (exit 1, no traceback)."""
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, (r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and lines[0].startswith("xct: error: MLflow at "), r.stderr
@@ -134,28 +135,62 @@ def test_without_credentials_every_rest_call_is_401_and_health_stays_open(server
     assert srv.users["admin"][1] not in srv.log_tail(10**6)
 
 
-def test_service_user_logs_registers_and_lists(server: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlflow import MlflowClient
-
-    for k, v in server["srv"].creds("pipeline").items():
+def _as(monkeypatch: pytest.MonkeyPatch, creds: dict[str, str] | None) -> None:
+    """This process acts as ``creds`` (no credentials when None)."""
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in (creds or {}).items():
         monkeypatch.setenv(k, v)
+
+
+def _xct_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``xct ARGS`` through the console entry point in this process (its environment)."""
+    from cli_run import xct
+
+    capsys.readouterr()
+    code = xct(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
+def test_service_user_logs_registers_and_lists(server: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow import MlflowClient
+    from mlflow.server import get_app_client
+
+    srv = server["srv"]
+    _as(monkeypatch, srv.creds("pipeline"))
     s1 = _register(server, "run1", seed=0, psnr2=25.0)
     assert s1["status"] == "promoted" and s1["model_uri"] == f"models:/{NAME}/1", s1
     c = MlflowClient(server["uri"])
     mv = c.get_model_version_by_alias(NAME, "champion")
     assert str(mv.version) == "1"
-    run = c.get_run(mv.run_id)  # the registration run was logged by the service user
-    assert run.info.user_id == "xct-pipeline" or run.data.tags.get("mlflow.user") is not None
     assert sorted(a.path for a in c.list_artifacts(mv.run_id, "gates")) == ["gates/stage1.json", "gates/stage2.json"]
+    exp_id = c.get_run(mv.run_id).info.experiment_id
+
+    # what the grants are, as the server resolves them (asked as the admin): the creator
+    # manages what it created, the reader reads it, a user without a role gets nothing
+    _as(monkeypatch, srv.creds("admin"))
+    admin = get_app_client("basic-auth", tracking_uri=server["uri"])
+    admin.create_user("xct-nobody", "nobody-password-1234")
+    perm = {(u, t, i): admin.get_user_permission(u, t, i).permission
+            for u in ("xct-pipeline", "xct-reader", "xct-nobody") for t, i in (("experiment", exp_id), ("registered_model", NAME))}
+    assert perm == {("xct-pipeline", "experiment", exp_id): "MANAGE", ("xct-pipeline", "registered_model", NAME): "MANAGE",
+                    ("xct-reader", "experiment", exp_id): "READ", ("xct-reader", "registered_model", NAME): "READ",
+                    ("xct-nobody", "experiment", exp_id): "NO_PERMISSIONS",
+                    ("xct-nobody", "registered_model", NAME): "NO_PERMISSIONS"}, perm
 
     for kind in ("pipeline", "reader"):
-        r = _xct(server, "models", "list", creds=server["srv"].creds(kind))
+        _as(monkeypatch, srv.creds(kind))
+        r = _xct_in_process(capsys, "models", "list", "-p", str(server["params_file"]))
         assert r.returncode == 0, (kind, r.stderr[-3000:])
         rows = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.strip()[:1].isdigit()}
         assert set(rows) == {"1"} and "champion" in rows["1"], (kind, r.stdout)
 
 
-def test_reader_cannot_promote_and_a_refusal_is_one_line(server: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reader_cannot_promote_and_a_refusal_is_one_line(server: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """As a user runs it: a fresh `xct` process with only the URL and the reader's variables."""
     from mlflow import MlflowClient
 
     _ensure_registered(server, monkeypatch)
@@ -168,19 +203,24 @@ def test_reader_cannot_promote_and_a_refusal_is_one_line(server: dict[str, Any],
     assert "candidate" not in (c.get_model_version(NAME, "1").aliases or [])
 
     # the service user may move aliases: the same command works for it
-    ok = _xct(server, "models", "promote", "1", "--alias", "candidate", creds=srv.creds("pipeline"))
+    _as(monkeypatch, srv.creds("pipeline"))
+    ok = _xct_in_process(capsys, "models", "promote", "1", "--alias", "candidate", "-p", str(server["params_file"]))
     assert ok.returncode == 0 and "is now @candidate" in ok.stdout, ok.stderr[-3000:]
     assert "candidate" in (c.get_model_version(NAME, "1").aliases or [])
 
 
-def test_wrong_or_missing_credentials_are_one_line(server: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_or_missing_credentials_are_one_line(server: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     _ensure_registered(server, monkeypatch)
     srv = server["srv"]
     wrong = "wrong-password-4242"
-    for args in (("models", "list"), ("models", "promote", "1")):
-        line = _one_line(_xct(server, *args, creds=srv.creds("pipeline", password=wrong)))
-        assert "not authenticated (HTTP 401)" in line and "'xct-pipeline'" in line, line
+    for creds, args, why in (
+        (srv.creds("pipeline", password=wrong), ("models", "list"), "'xct-pipeline' with the given MLFLOW_TRACKING_PASSWORD"),
+        (srv.creds("pipeline", password=wrong), ("models", "promote", "1"), "'xct-pipeline' with the given"),
+        (None, ("models", "list"), "no credentials were sent"),
+    ):
+        _as(monkeypatch, creds)
+        line = _one_line(_xct_in_process(capsys, *args, "-p", str(server["params_file"])))
+        assert "not authenticated (HTTP 401)" in line and why in line, line
+        assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in line, line
         assert wrong not in line and srv.users["pipeline"][1] not in line
-        assert "MLFLOW_TRACKING_PASSWORD" in line, line
-    line = _one_line(_xct(server, "models", "list", creds=None))
-    assert "not authenticated (HTTP 401)" in line and "no credentials were sent" in line, line
