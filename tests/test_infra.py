@@ -350,7 +350,8 @@ def test_references_to_pvcs_configmaps_and_secrets_resolve(objects: list[tuple[P
 
 def test_secret_template_holds_only_placeholders(objects: list[tuple[Path, dict]]) -> None:
     secrets = _by_kind(objects, "Secret")
-    assert {s["metadata"]["name"] for s in secrets} == {"xct-s3", "xct-postgres"}
+    assert {s["metadata"]["name"] for s in secrets} == {"xct-s3", "xct-postgres", "xct-mlflow-auth", "xct-mlflow-pipeline",
+                                                       "xct-mlflow-reader"}
     for s in secrets:
         assert "data" not in s, "use stringData placeholders, never base64 data"
         for k, v in s["stringData"].items():
@@ -832,12 +833,26 @@ def test_k8s_mlflow_server_postgres_s3_and_tracking_uri_agree(objects: list[tupl
     for host in (uri.netloc, f"localhost:{port}", f"mlflow:{port}", f"mlflow.{NAMESPACE}:{port}"):
         assert is_allowed_host_header(allowed, host), f"MLflow would reject Host: {host}"
     assert not is_allowed_host_header(allowed, "evil.example.com"), "allowed hosts must not be '*'"
-    # backend store: the postgres Service; credentials from its Secret
-    backend = urlparse(ctx.params["backend_store_uri"])
+    # backend store: the postgres Service; credentials from its Secret, in the environment the
+    # server reads (MLFLOW_BACKEND_STORE_URI), never in its arguments
+    assert ctx.params["backend_store_uri"] is None
+    env = {e["name"]: e for e in c["env"]}
+    store_uri = env["MLFLOW_BACKEND_STORE_URI"]["value"]
+    backend = urlparse(store_uri)
     pg = _one(objects, "Service", "postgres")
     assert backend.scheme == "postgresql"
     assert backend.hostname == f"postgres.{NAMESPACE}.svc.cluster.local" and backend.port == pg["spec"]["ports"][0]["port"]
-    assert "$(POSTGRES_PASSWORD)" in ctx.params["backend_store_uri"]
+    assert "$(POSTGRES_PASSWORD)" in store_uri
+    assert [e["name"] for e in c["env"]].index("POSTGRES_PASSWORD") < [e["name"] for e in c["env"]].index(
+        "MLFLOW_BACKEND_STORE_URI"), "Kubernetes expands $(VAR) only from variables defined earlier"
+    # authentication: the basic-auth app, its config a file from the Secret xct-mlflow-auth
+    assert ctx.params["app_name"] == "basic-auth"
+    cfg = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    mount = next(m for m in c["volumeMounts"] if cfg.parent == Path(m["mountPath"]))
+    vol = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert vol["secret"]["secretName"] == "xct-mlflow-auth" and mount.get("readOnly") is True
+    assert {i["path"] for i in vol["secret"]["items"]} == {cfg.name}
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "xct-mlflow-auth"
     # artifacts: proxied, destination bucket created by the minio-buckets Job
     assert ctx.params["serve_artifacts"] is True
     dest = urlparse(ctx.params["artifacts_destination"])
@@ -845,6 +860,90 @@ def test_k8s_mlflow_server_postgres_s3_and_tracking_uri_agree(objects: list[tupl
     env_names = {e["name"] for e in c["env"]}
     assert "MLFLOW_S3_ENDPOINT_URL" in env_names
     assert any(ef.get("secretRef", {}).get("name") == "xct-s3" for ef in c["envFrom"])
+
+
+def _secret_env_names(c: dict) -> set[str]:
+    """Names of a container's environment variables that come from a Secret (a key, or envFrom
+    with the keys of the template's Secret), and those whose value expands one of them."""
+    templ = {d["metadata"]["name"]: set(d["stringData"]) for d in _by_kind(_objects(), "Secret")}
+    names: set[str] = set()
+    for ef in c.get("envFrom", []):
+        if "secretRef" in ef:
+            names |= {ef.get("prefix", "") + k for k in templ.get(ef["secretRef"]["name"], set())}
+    for e in c.get("env", []):
+        if "secretKeyRef" in e.get("valueFrom", {}) or any(f"$({n})" in str(e.get("value", "")) for n in names):
+            names.add(e["name"])
+    return names
+
+
+def test_no_container_command_line_expands_a_secret(objects: list[tuple[Path, dict]]) -> None:
+    """A command line is world-readable (/proc/PID/cmdline, `ps`, the kubelet's logs): no
+    container's command or args may expand ($(VAR)) a variable that holds a secret. Secrets
+    reach programs as mounted files or environment variables."""
+    checked = 0
+    for _, d in objects:
+        for where, _pod, c in _containers(d):
+            secret_vars = _secret_env_names(c)
+            line = " ".join(str(a) for a in c.get("command", []) + c.get("args", []))
+            expanded = set(re.findall(r"(?<!\$)\$\((\w+)\)", line)) & secret_vars
+            assert not expanded, f"{d['kind']}/{d['metadata']['name']} {where} {c['name']}: command line expands {expanded}"
+            checked += bool(secret_vars)
+    assert checked >= 3, "the check saw too few containers with secrets"
+    # the check itself: the MLflow server's old command line is caught
+    dep = copy.deepcopy(_one(objects, "Deployment", "mlflow"))
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    c["args"] += ["--backend-store-uri", "postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@postgres:5432/$(POSTGRES_DB)"]
+    line = " ".join(c["args"])
+    assert {"POSTGRES_PASSWORD", "POSTGRES_USER"} <= set(re.findall(r"(?<!\$)\$\((\w+)\)", line)) & _secret_env_names(c)
+
+
+def test_mlflow_auth_template_and_users_job(objects: list[tuple[Path, dict]], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The template's basic_auth.ini is read by MLflow's own config reader: a placeholder admin
+    password, no access by default, the auth store in the MLflow PostgreSQL. The users Job runs
+    the ConfigMap's script with the auth file and both users' Secrets mounted."""
+    from mlflow.server.auth.config import read_auth_config
+    from mlflow.server.auth.permissions import get_permission
+
+    ini = _one(objects, "Secret", "xct-mlflow-auth")["stringData"]["basic_auth.ini"]
+    (tmp_path / "basic_auth.ini").write_text(ini)
+    for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / "basic_auth.ini"))
+    cfg = read_auth_config()
+    assert cfg.admin_username and str(cfg.admin_password).startswith(PLACEHOLDER)
+    assert cfg.default_permission == "NO_PERMISSIONS" and not get_permission(cfg.default_permission).can_read
+    db = urlparse(cfg.database_uri)
+    assert db.scheme == "postgresql" and db.hostname == f"postgres.{NAMESPACE}.svc.cluster.local"
+    assert str(db.password).startswith(PLACEHOLDER)
+    assert cfg.authorization_function == "mlflow.server.auth:authenticate_request_basic_auth"
+
+    job = _one(objects, "Job", "mlflow-users")
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    script = _one(objects, "ConfigMap", "mlflow-users")["data"]["mlflow_users.py"]
+    ast.parse(script)
+    env = {e["name"]: e for e in c["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert c["command"] == ["python", f"{_mount_of(mounts, vols, 'configMap', 'mlflow-users')}/mlflow_users.py"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == f"{_mount_of(mounts, vols, 'secret', 'xct-mlflow-auth')}/basic_auth.ini"
+    users = env["XCT_MLFLOW_USERS_DIR"]["value"]
+    for kind in ("pipeline", "reader"):
+        assert _mount_of(mounts, vols, "secret", f"xct-mlflow-{kind}") == f"{users}/{kind}"
+        keys = set(_one(objects, "Secret", f"xct-mlflow-{kind}")["stringData"])
+        assert keys == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+        assert f'"{kind}"' in script
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"] == {"name": "xct-env", "key": "MLFLOW_TRACKING_URI"}
+    assert job["spec"]["activeDeadlineSeconds"] > 0 and pod.get("automountServiceAccountToken") is False
+
+
+def _mount_of(mounts: dict[str, str], vols: dict[str, dict], kind: str, name: str) -> str:
+    """The mount path of the volume of ``kind`` (secret / configMap) named ``name``."""
+    key = "secretName" if kind == "secret" else "name"
+    paths = [p for p, v in mounts.items() if vols[v].get(kind, {}).get(key) == name]
+    assert len(paths) == 1, (kind, name, mounts)
+    return paths[0]
 
 
 def test_s3_endpoints_point_at_the_minio_service(objects: list[tuple[Path, dict]]) -> None:
