@@ -72,6 +72,32 @@ def provisioning_script() -> str:
     return k8s_doc("mlflow.yaml", "ConfigMap", "mlflow-users")["data"]["mlflow_users.py"]
 
 
+def run_users_script(url: str, auth_config: Path, users_dir: Path) -> tuple[object, str, str]:
+    """Run the mlflow-users Job's script against ``url`` with the Job's environment variables
+    (the auth file, the users folder) in THIS process (mlflow is imported already: a fresh
+    interpreter costs seconds of CPU); the environment is restored afterwards (the script
+    sets the admin's variables). Returns (exit code, stdout, stderr)."""
+    script = Path(users_dir).parent / "mlflow_users.py"
+    script.write_text(provisioning_script(), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in _CRED_VARS}
+    env.update(MLFLOW_TRACKING_URI=url, MLFLOW_AUTH_CONFIG_PATH=str(auth_config), XCT_MLFLOW_USERS_DIR=str(users_dir),
+               XCT_MLFLOW_WAIT_S="30")
+    saved = dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    code: object = 0
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return code, out.getvalue(), err.getvalue()
+
+
 class MlflowServer:
     """``python -m mlflow server`` with proxied S3 artifacts and a sqlite backend in ``root``
     (default) or ``backend_store_uri`` (e.g. ``postgresql+psycopg2://…`` from PostgresServer)."""
@@ -162,30 +188,11 @@ class MlflowServer:
             (d / "MLFLOW_TRACKING_USERNAME").write_text(name + "\n")
             (d / "MLFLOW_TRACKING_PASSWORD").write_text(pw + "\n")
             self.users[kind] = (name, pw)
-        script = self.root / "mlflow_users.py"
-        script.write_text(provisioning_script(), encoding="utf-8")
-        env = {k: v for k, v in os.environ.items() if k not in _CRED_VARS}
-        env.update(MLFLOW_TRACKING_URI=self.url, MLFLOW_AUTH_CONFIG_PATH=str(self.auth_config_path),
-                   XCT_MLFLOW_USERS_DIR=str(users_dir), XCT_MLFLOW_WAIT_S="30")
-        # in this process (mlflow is imported already: a fresh interpreter costs seconds of CPU),
-        # under the Job's environment, restored afterwards (the script sets the admin's variables)
-        saved = dict(os.environ)
-        out, err = io.StringIO(), io.StringIO()
-        code: object = 0
-        try:
-            os.environ.clear()
-            os.environ.update(env)
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                runpy.run_path(str(script), run_name="__main__")
-        except SystemExit as e:
-            code = e.code
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        code, out, err = run_users_script(self.url, self.auth_config_path, users_dir)
         if code not in (0, None):
-            raise RuntimeError(f"mlflow-users script exited with {code}:\n{out.getvalue()}{err.getvalue()[-3000:]}\n"
+            raise RuntimeError(f"mlflow-users script exited with {code}:\n{out}{err[-3000:]}\n"
                                f"--- server log ---\n{self.log_tail()}")
-        self.provision_output = out.getvalue()
+        self.provision_output = out
 
     def log_tail(self, n: int = 4000) -> str:
         try:

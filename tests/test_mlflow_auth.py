@@ -16,6 +16,7 @@ stderr, exit 1, naming the refusal — and the refused promote changed nothing.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mlflow_server import AUTH_USERS, MlflowServer
+from mlflow_server import AUTH_USERS, MlflowServer, k8s_doc, run_users_script
 from test_evaluate import build_tiny_processed, export_tiny_stages, make_tiny_params
 from test_register import NAME, _write_reports
 
@@ -224,3 +225,24 @@ def test_wrong_or_missing_credentials_are_one_line(server: dict[str, Any], monke
         assert "not authenticated (HTTP 401)" in line and why in line, line
         assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in line, line
         assert wrong not in line and srv.users["pipeline"][1] not in line
+
+
+def test_users_script_refuses_the_templates_placeholders(server: dict[str, Any], tmp_path: Path) -> None:
+    """The Job's script fails in one line when a user Secret still holds the template's
+    CHANGE_ME values, before creating anyone."""
+    srv = server["srv"]
+    users = tmp_path / "mlflow-users"
+    for kind in AUTH_USERS:
+        (users / kind).mkdir(parents=True)
+        for key, value in k8s_doc("secrets.template.yaml", "Secret", f"xct-mlflow-{kind}")["stringData"].items():
+            (users / kind / key).write_text(value)
+    code, out, err = run_users_script(server["uri"], srv.auth_config_path, users)
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, (code, out, err)
+    assert "still the template's placeholder" in err and "MLFLOW_TRACKING_USERNAME" in err, err
+    status, _h, body = _get(server["uri"] + "/api/2.0/mlflow/users/list", srv.creds("admin"))
+    # roles by user, less MLflow's synthetic per-user role (``__user_<id>__``: the creator's MANAGE grants)
+    users = {u["username"]: sorted(r["name"] for r in u["roles"] if not r["name"].startswith("__user_"))
+             for u in json.loads(body)["users"]}
+    assert status == 200 and not any(n.startswith("CHANGE_ME") for n in users), users
+    # what the Job's successful run left: each user holds exactly its role
+    assert users["xct-pipeline"] == ["xct-pipeline"] and users["xct-reader"] == ["xct-reader"], users
