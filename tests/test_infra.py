@@ -49,7 +49,8 @@ ENV_READ_BY = {
     "XCT_IMAGE_TRAIN": "components/kfp_components.py",
 }
 #: env vars read by libraries (boto3, the MLflow server), not by xct code
-ENV_LIBRARY = ["MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
+ENV_LIBRARY = ["MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]
 
 
 # --------------------------------------------------------------------------- loading
