@@ -25,7 +25,11 @@ Everyday controls, from ``params.pipeline.kfp`` at compile time (:func:`build_pi
 step caching of every task (``caching``; ``--no-cache`` on the CLI turns it off), retries
 with exponential back-off on the train and preprocess tasks (``retries``: ``set_retry``), and
 the train task's accelerator request and tolerations (``train_accelerator``:
-``set_accelerator_type`` / ``set_accelerator_limit``, kfp-kubernetes ``add_toleration``).
+``set_accelerator_type`` / ``set_accelerator_limit``, kfp-kubernetes ``add_toleration``),
+every task's CPU/memory requests and limits and its deadline by task kind (``resources``:
+``set_cpu_request`` … and kfp-kubernetes ``set_timeout``), a non-root pod, and the MLflow
+and S3 credentials of the tasks that talk to MLflow (``secrets``: kfp-kubernetes
+``use_secret_as_env``; docs/security.md).
 
 Pipeline parameters: ``data_uri`` (a folder of raw CTs: a local path under ``kfp.local``,
 ``s3://…``/``gs://…`` on a cluster), ``params_yaml`` (the whole effective params as YAML;
@@ -43,6 +47,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +72,9 @@ from xct_core.atomic import atomic_path, writable
 from xct_core.errors import InputError, XctError
 
 PIPELINE_NAME = "xct-cascade"
+#: the keys of the Secrets ``pipeline.kfp.secrets`` names, each mounted as the env var of its name
+SECRET_KEYS = {"mlflow": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+               "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
 
 
 class _Controls:
@@ -90,6 +98,26 @@ class _Controls:
             for tol in acc.tolerations:
                 kubernetes.add_toleration(task, key=tol.key, operator=tol.operator, value=tol.value,
                                           effect=tol.effect, toleration_seconds=tol.toleration_seconds)
+        if task.container_spec is not None:  # the importer runs in KFP's own pod: nothing of ours to bound
+            self.pod(task, kind)
+        return task
+
+    def pod(self, task: Any, kind: str = "") -> Any:
+        """The task's pod: requests/limits and deadline of its kind (``pipeline.kfp.resources``),
+        non-root, and — when it talks to MLflow — the pipeline's MLflow and S3 credentials from
+        the Secrets ``pipeline.kfp.secrets`` names, as environment variables (never parameters,
+        which KFP stores and shows in the UI)."""
+        from kfp import kubernetes
+
+        res = self.kp.resources.of(kind)
+        task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
+        task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
+        kubernetes.set_timeout(task, res.timeout_s)
+        kubernetes.set_security_context(task, run_as_non_root=True)
+        if "mlflow_tracking_uri" in (task.component_spec.inputs or {}):
+            for name, keys in ((self.kp.secrets.mlflow, SECRET_KEYS["mlflow"]), (self.kp.secrets.s3, SECRET_KEYS["s3"])):
+                if name:
+                    kubernetes.use_secret_as_env(task, name, {k: k for k in keys})
         return task
 
 
@@ -152,7 +180,7 @@ def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = No
         ray_address: str = "",
         mlflow_tracking_uri: str = "",
     ) -> None:
-        exit_task = run_summary_component(data_uri=data_uri).set_display_name("run summary")
+        exit_task = ctl.pod(run_summary_component(data_uri=data_uri).set_display_name("run summary"))
         exit_task.set_caching_options(False)  # the summary of THIS run, never a cached one
         with dsl.ExitHandler(exit_task, name="xct-run"):
             raw = ctl(dsl.importer(artifact_uri=data_uri, artifact_class=Dataset, reimport=False)
@@ -268,7 +296,9 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
             spec_file = compile_pipeline(root / "pipeline.yaml", params, caching=use_cache)
             load_pipeline_spec(spec_file)
             pipeline = components.load_component_from_file(str(spec_file))
-            return pipeline(**pipeline_arguments(str(data), params_yaml, "", mlflow_tracking_uri))
+            with warnings.catch_warnings():  # the pods' resources, deadline, secrets: a cluster's business
+                warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
+                return pipeline(**pipeline_arguments(str(data), params_yaml, "", mlflow_tracking_uri))
         except RuntimeError as e:
             text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # kfp colours its messages
             raise XctError(f"pipeline run failed: {text[-1] if text else type(e).__name__}") from None
@@ -282,10 +312,12 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
 
 def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", mlflow_tracking_uri: str = "",
            experiment: str = "xct", run_name: str | None = None, namespace: str | None = None,
-           *, caching: bool | None = None) -> str:
+           *, caching: bool | None = None, token: str | None = None, credentials: Any = None) -> str:
     """Submit a run to the Kubeflow Pipelines API at ``host``; returns the run id. ``caching``
     (default ``pipeline.kfp.caching``) is compiled into every task and passed as the run's
-    ``enable_caching``.
+    ``enable_caching``. ``token`` (a bearer token) or ``credentials`` (kfp's token
+    credentials, e.g. a service-account token file) authenticate every request; the token
+    never appears in an error.
 
     Raises :class:`XctError` (one line) when the host cannot be reached or rejects the run.
     """
@@ -298,7 +330,7 @@ def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", ml
     try:
         with warnings.catch_warnings():  # the client's "only works with KFP >= 2.0.0-beta.2" notice
             warnings.simplefilter("ignore", FutureWarning)
-            client = kfp.Client(host=host, namespace=namespace)
+            client = kfp.Client(host=host, namespace=namespace, existing_token=token, credentials=credentials)
         run = client.create_run_from_pipeline_func(
             build_pipeline(params, caching=use_cache),
             arguments=pipeline_arguments(data_uri, params_yaml, ray_address, mlflow_tracking_uri),
@@ -308,6 +340,8 @@ def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", ml
         )
     except Exception as e:  # noqa: BLE001 — kfp/urllib3/kubernetes raise many types; one line to the user
         text = " ".join(str(e).split()) or type(e).__name__
+        if token:
+            text = text.replace(token, "<token>")
         if "NewConnectionError" in text or "Max retries exceeded" in text or isinstance(e, ConnectionError):
             cause = text.rsplit(": ", 1)[-1].rstrip(")\"'") if ": " in text else text
             raise XctError(f"cannot reach Kubeflow Pipelines at {host} ({cause[:200]})") from None

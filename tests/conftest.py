@@ -37,6 +37,7 @@ INTEGRATION: dict[str, str] = {
     "test_train_ray.py": "Ray Train with MLflow",
     "test_stage_count.py": "kfp.local and dvc repro of two- and four-stage tiny profiles",
     "test_fail_closed_registry.py": "a real mlflow server behind a fault proxy (refuse, hang, drop the Nth request)",
+    "test_k8s_pg_service.py": "PostgreSQL: mlflow.yaml's password-free backend URI + the libpq service file",
 }
 #: test modules that need no server but train or sample for long (marked ``slow``)
 SLOW: dict[str, str] = {

@@ -159,7 +159,8 @@ class MlflowServer:
         ini = configparser.ConfigParser()
         ini.read_string(template)
         sec = ini["mlflow"]
-        assert sec["admin_password"].startswith("CHANGE_ME") and sec["admin_username"] == ADMIN, dict(sec)
+        assert sec["admin_password"].startswith("CHANGE_ME") and sec["admin_username"].startswith("CHANGE_ME"), dict(sec)
+        sec["admin_username"] = ADMIN
         sec["admin_password"] = secrets.token_urlsafe(24)
         sec["database_uri"] = f"sqlite:///{self.root / 'basic_auth.db'}"
         # test speed only (the template keeps MLflow's 0): each request otherwise pays one scrypt

@@ -34,7 +34,7 @@ def test_compile_writes_ir_with_the_gate_conditions(tmp_path: Path, capsys: pyte
     out = tmp_path / "pipeline.yaml"
     code, err = _main(["pipeline", "compile", "--out", str(out)], capsys)
     assert code == 0, err
-    ir = yaml.safe_load(out.read_text())
+    ir = next(yaml.safe_load_all(out.read_text()))  # + the platform spec (tests/test_kfp_least_privilege.py)
     assert ir["pipelineInfo"]["name"] == "xct-cascade"
     assert set(ir["root"]["inputDefinitions"]["parameters"]) == {
         "data_uri", "params_yaml", "ray_address", "mlflow_tracking_uri"}
@@ -162,7 +162,7 @@ def test_compiled_tasks_cache_retry_and_sit_inside_the_exit_handler(tmp_path: Pa
     from components.ops_params import load_params
 
     kp = load_params(REPO / "params.yaml").pipeline.kfp
-    (ir,) = _compile(tmp_path, capsys)  # no tolerations: no platform spec document
+    ir, _platform = _compile(tmp_path, capsys)  # the platform spec: resources/secrets (tests/test_kfp_least_privilege.py)
     tasks = _container_tasks(ir)
     assert len(tasks) >= 14, sorted(tasks)  # importer, ingest, validate, preprocess, 3 × (train, eval, gate), register, 3 rejected
     assert all(t.get("cachingOptions", {}).get("enableCache") is True for t in tasks.values()), "caching: true"
@@ -202,7 +202,8 @@ def test_no_cache_and_the_train_accelerator_reach_the_compiled_yaml(tmp_path: Pa
                                 "exec-train-stage-component-3"], sorted(with_acc)
     for acc in with_acc.values():
         assert acc["resourceType"] == "nvidia.com/gpu" and str(acc["resourceCount"]) == "2"
-    tolerations = {k: v["tolerations"] for k, v in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items()}
+    tolerations = {k: v["tolerations"] for k, v in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items()
+                   if "tolerations" in v}  # every task has a pod config (resources, deadline); only train tolerates
     assert sorted(tolerations) == sorted(with_acc) and all(v == [tol] for v in tolerations.values())
     # caching on again without the flag (params decide)
     ir2, _ = _compile(tmp_path, capsys, kfp={"train_accelerator": {"type": "nvidia.com/gpu", "limit": 2,

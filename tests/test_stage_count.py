@@ -75,7 +75,7 @@ def test_the_kfp_dag_walks_the_stages_of_the_params(n: int, tmp_path: Path) -> N
     out = compile_pipeline(tmp_path / "p.yaml", params_from_dict(tiny_profile(n_stages=n), "tiny", OpsParams))
     load_pipeline_spec(out)  # strict protobuf parse
     text = out.read_text()
-    ir = yaml.safe_load(text)
+    ir = next(yaml.safe_load_all(text))  # the PipelineSpec (a PlatformSpec follows: task resources, secrets)
     comps = ir["components"]
     for base in ("train-stage-component", "evaluate-step-component", "gate-report-component", "rejected-component"):
         have = sorted(c for c in comps if re.fullmatch(rf"comp-{base}(-\d+)?", c))
