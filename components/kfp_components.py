@@ -34,8 +34,11 @@ embedded sqlite MLflow) become ``RAY_ADDRESS`` / ``MLFLOW_TRACKING_URI`` for the
 Images: ``xct-light`` (CPU: every step but training) and ``xct-train`` (CUDA: training). Both
 ship xct and the pinned kfp, so components do not pip-install kfp at start-up
 (``install_kfp_package=False``); that also keeps ``kfp.local`` runs from touching the current
-environment. Override the tags with ``XCT_IMAGE_LIGHT`` / ``XCT_IMAGE_TRAIN`` (read when this
-module is imported, i.e. at pipeline compile time).
+environment. The compiled pipeline names each image by its content tag
+(``xct-light:0.1.0-<digest of the code>``, :mod:`components.image_tag`), so a code change
+changes every task's cache key. Override the images with ``XCT_IMAGE_LIGHT`` /
+``XCT_IMAGE_TRAIN`` (used verbatim; read when this module is imported, i.e. at pipeline
+compile time).
 
 No ``from __future__ import annotations``: KFP reads the real annotation objects
 (``Input[Dataset]``), not strings.
@@ -51,10 +54,21 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Ou
 from xct_core.config import Params, params_from_dict
 from xct_core.errors import ConfigError
 
-#: CPU image for data steps
-IMAGE_LIGHT: str = os.environ.get("XCT_IMAGE_LIGHT", "xct-light:0.1.0")
+def _content_tagged(var: str, base: str, key: str) -> str:
+    """``$var`` verbatim when set; else ``base`` with the content tag of this checkout's image
+    ``key`` (:mod:`components.image_tag`: a code change = a new image name = new cache keys).
+    Inside a running task the tag is not needed (the image is already chosen)."""
+    if var in os.environ or os.environ.get("_KFP_RUNTIME", "false") == "true":
+        return base
+    from components.image_tag import content_ref
+
+    return content_ref(base, key)
+
+
+#: CPU image for data steps (release tag from infra/images.yaml; compiled with its content tag)
+IMAGE_LIGHT: str = _content_tagged("XCT_IMAGE_LIGHT", os.environ.get("XCT_IMAGE_LIGHT", "xct-light:0.1.0"), "light")
 #: GPU image for training steps
-IMAGE_TRAIN: str = os.environ.get("XCT_IMAGE_TRAIN", "xct-train:0.1.0")
+IMAGE_TRAIN: str = _content_tagged("XCT_IMAGE_TRAIN", os.environ.get("XCT_IMAGE_TRAIN", "xct-train:0.1.0"), "train")
 
 
 def _in_kfp_task() -> bool:
@@ -78,14 +92,19 @@ def train_component(func: Callable[..., Any]) -> Any:
     return dsl.component(func, base_image=IMAGE_TRAIN, install_kfp_package=False)
 
 
-def params_from_text(params_yaml: str, schema: type[Params] | None = None) -> Params:
+def params_from_text(params_yaml: str, schema: type[Params] | None = None, *, step: str | None = None,
+                     stage: int | None = None) -> Params:
     """Typed params from the text of a params.yaml (how pipelines hand params to components),
     validated by ``schema`` (default: the science's :class:`Params`; the train task reads
     ``pipeline`` and ``train.ray`` too: ``components.ops_params.OpsParams``).
 
-    The pipelines always hand the whole effective params (``xct pipeline compile|run|submit``);
-    an empty text is a :class:`ConfigError`, never a silent fall-back to built-in defaults.
-    Invalid YAML or values raise :class:`ConfigError`.
+    ``step`` (and ``stage`` for train/evaluate/gate): the text is the KFP task's scoped params
+    (:func:`components.step_params.scoped_text`: only the keys that step reads, so its cache
+    key changes only when they do). Every key the step reads must be in it — a missing one is
+    a :class:`ConfigError`, never a silent default (:func:`components.step_params.parse_scoped`);
+    a whole params text passes too. An empty text is a :class:`ConfigError`, never a silent
+    fall-back to built-in defaults. Invalid YAML or values (unknown keys included) raise
+    :class:`ConfigError`.
     """
     from xct_core.errors import InputError
     from xct_core.yamlsafe import load_yaml_text
@@ -97,9 +116,53 @@ def params_from_text(params_yaml: str, schema: type[Params] | None = None) -> Pa
     if not isinstance(data, dict):
         raise ConfigError(f"params_yaml: top level must be a mapping, got {type(data).__name__}")
     if not data:
-        raise ConfigError("params_yaml is empty: a task needs the whole params text "
+        raise ConfigError("params_yaml is empty: a task needs its params text "
                           "(`xct pipeline compile|run|submit` hand it on; the compiled default is the compile-time params)")
+    if step is not None:
+        from components.step_params import parse_scoped
+
+        data = parse_scoped(data, step, stage)
     return params_from_dict(data, "params_yaml", schema)
+
+
+# --------------------------------------------------------------------------- params scoping
+
+
+@light_component
+def data_params_component(
+    params_yaml: str,
+) -> NamedTuple("DataParamsOutputs", [("ingest", str), ("validate", str), ("preprocess", str),  # noqa: UP014
+                                      ("register", str)]):
+    """KFP step: the whole ``params_yaml`` (validated as a whole file) → the params text of each
+    data step and of register: only the keys that step reads
+    (:func:`components.step_params.scoped_text`), so each task's cache key follows its own keys."""
+    from collections import namedtuple
+
+    from components.kfp_components import params_from_text
+    from components.ops_params import OpsParams
+    from components.step_params import scoped_text
+
+    params = params_from_text(params_yaml, OpsParams)
+    steps = ["ingest", "validate", "preprocess", "register"]
+    return namedtuple("DataParamsOutputs", steps)(*(scoped_text(params, s) for s in steps))
+
+
+@light_component
+def stage_params_component(
+    params_yaml: str,
+    stage: int,
+) -> NamedTuple("StageParamsOutputs", [("train", str), ("evaluate", str), ("gate", str)]):  # noqa: UP014
+    """KFP step: the whole ``params_yaml`` → the params text of stage ``stage``'s train,
+    evaluate and gate tasks (:func:`components.step_params.scoped_text`)."""
+    from collections import namedtuple
+
+    from components.kfp_components import params_from_text
+    from components.ops_params import OpsParams
+    from components.step_params import scoped_text
+
+    params = params_from_text(params_yaml, OpsParams)
+    steps = ["train", "evaluate", "gate"]
+    return namedtuple("StageParamsOutputs", steps)(*(scoped_text(params, s, stage) for s in steps))
 
 
 # --------------------------------------------------------------------------- data steps
@@ -121,7 +184,7 @@ def ingest_component(
     from components.kfp_components import params_from_text
     from components.ingest import run_ingest
 
-    res = run_ingest(raw.path, interim.path, params_from_text(params_yaml), log=print)
+    res = run_ingest(raw.path, interim.path, params_from_text(params_yaml, step="ingest"), log=print)
     interim.metadata["n_volumes"] = len(res.rows)
     interim.metadata["n_failed"] = res.n_failed
     return namedtuple("IngestOutputs", ["n_ok", "n_failed"])(res.n_ok, res.n_failed)
@@ -143,7 +206,7 @@ def validate_component(
     from components.kfp_components import params_from_text
     from components.validate import REPORT_HTML, run_validate
 
-    params = params_from_text(params_yaml)
+    params = params_from_text(params_yaml, step="validate")
     report = run_validate(interim.path, validated.path, params, log=print)
     Path(report_html.path).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(validated.path) / REPORT_HTML, report_html.path)
@@ -178,7 +241,7 @@ def preprocess_component(
         Path(interim.path) / "volumes",
         Path(validated.path) / "splits.json",
         processed.path,
-        params_from_text(params_yaml),
+        params_from_text(params_yaml, step="preprocess"),
         progress=False,
         log=print,
     )
@@ -237,7 +300,7 @@ def train_stage_component(
             raise ValueError(f"stage {stage} needs the previous stage's model folder")
         shutil.copytree(previous.path, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints", "ray"))
     out.mkdir(parents=True, exist_ok=True)
-    params = params_from_text(params_yaml, OpsParams)
+    params = params_from_text(params_yaml, OpsParams, step="train", stage=stage)
     _environment({"RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_tracking_uri})
     if params.pipeline.train.local:
         final_step = run_local(params, stage, processed.path, out, fresh=True).final_step
@@ -265,7 +328,8 @@ def evaluate_step_component(
     from components.evaluate import run_evaluate
     from components.kfp_components import params_from_text
 
-    doc = run_evaluate(stage, processed.path, train_dir.path, report.path, params_from_text(params_yaml), log=print)
+    doc = run_evaluate(stage, processed.path, train_dir.path, report.path, params_from_text(params_yaml, step="evaluate", stage=stage),
+                       log=print)
     for key, value in doc.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             metrics.log_metric(key, float(value))
@@ -301,7 +365,7 @@ def gate_report_component(
     elif stage > 1:
         raise ValueError(f"gate {stage} needs the reports of gates 1 … {stage - 1}")
     shutil.copytree(evaluation.path, out.eval_dir(stage), dirs_exist_ok=True)
-    report = run_gate(stage, out.eval_metrics(stage), out.gate(stage), params_from_text(params_yaml),
+    report = run_gate(stage, out.eval_metrics(stage), out.gate(stage), params_from_text(params_yaml, step="gate", stage=stage),
                       tracking_uri=mlflow_tracking_uri or None)
     for line in report_lines(report):
         print(line)
@@ -331,7 +395,8 @@ def register_component(
     _environment({"MLFLOW_TRACKING_URI": mlflow_tracking_uri})
     layout = ReportLayout(Path(reports.path))
     out = Path(summary.path) / "summary.json"
-    run_register(layout.gates_root, layout.eval_root, model.path, out, params_from_text(params_yaml), log=print)
+    run_register(layout.gates_root, layout.eval_root, model.path, out, params_from_text(params_yaml, step="register"),
+                 log=print)
 
 
 @light_component

@@ -4,6 +4,11 @@
     python infra/images.py build [--registry R/] [--push] [--only light,train] [--dry-run]
     python infra/images.py build --local [--only ...] [--dry-run]     (podman, no registry)
 
+Each image is tagged twice: ``name:<tag>`` (the release tag of infra/images.yaml, what
+infra/k8s and compose name) and ``name:<tag>-<digest>`` (its content tag: a SHA-256 over the
+files its ``content:`` lists, components/image_tag.py; what the compiled KFP pipeline names,
+so a code change changes every task's cache key). ``--push`` pushes both.
+
 Every image is built from the repository root as its context (``.dockerignore`` keeps
 data/, outputs/, .venv/, mlruns/ out). ``--registry`` prefixes the tag, e.g.
 ``--registry registry.example.com/xct/`` → ``registry.example.com/xct/xct-train:0.1.0``;
@@ -52,6 +57,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the repo's components/ (the content tag)
+    sys.path.insert(0, str(REPO))
+from components.image_tag import content_tag  # noqa: E402
+
 IMAGES_FILE = REPO / "infra" / "images.yaml"
 PODMAN_DIR = REPO / "infra" / "podman"
 CONTAINERS_CONF = PODMAN_DIR / "containers.conf"
@@ -79,6 +88,13 @@ def image_ref(key: str, registry: str = "", images: dict | None = None) -> str:
     return f"{registry}{spec['name']}:{spec['tag']}"
 
 
+def content_image_ref(key: str, registry: str = "", images: dict | None = None) -> str:
+    """``[registry]name:<tag>-<content digest>``: the same build under its content tag (what the
+    compiled KFP pipeline names; components/image_tag.py)."""
+    images = images or load_images()
+    return f"{registry}{images['built'][key]['name']}:{content_tag(key, images, REPO)}"
+
+
 def git_commit() -> str:
     """HEAD of the checkout (image label + XCT_GIT_COMMIT), or ``unknown``."""
     try:
@@ -100,10 +116,11 @@ def build_commands(registry: str = "", push: bool = False, only: list[str] | Non
     cmds: list[list[str]] = []
     for key in keys:
         ref = image_ref(key, registry, images)
-        cmds.append(["docker", "build", "-f", images["built"][key]["dockerfile"], "-t", ref,
+        cref = content_image_ref(key, registry, images)
+        cmds.append(["docker", "build", "-f", images["built"][key]["dockerfile"], "-t", ref, "-t", cref,
                      "--build-arg", f"GIT_COMMIT={commit}", "."])
         if push:
-            cmds.append(["docker", "push", ref])
+            cmds += [["docker", "push", ref], ["docker", "push", cref]]
     return cmds
 
 
@@ -237,8 +254,10 @@ class LocalBuild:
         rec["seconds"] = round(rec["seconds"] + time.monotonic() - t0, 1)
 
     def build(self, key: str, dockerfile: str, tag: str, context: str = ".", target: str | None = None,
-              args: dict[str, str] | None = None) -> None:
+              args: dict[str, str] | None = None, also: tuple[str, ...] = ()) -> None:
         cmd = ["podman", "build", "--network", "host", "-f", dockerfile, "-t", tag]
+        for extra in also:  # more tags of the same build (the content tag)
+            cmd += ["-t", extra]
         if target:
             cmd += ["--target", target]
         for v in self.volumes:
@@ -302,7 +321,8 @@ def build_local(only: list[str] | None = None, dry_run: bool = False, mirror: st
                 args |= {"BASE_IMAGE": deps_ref(images), "REQUIRE_CUDA": "0"}
             else:
                 args |= py
-            b.build(key, spec["dockerfile"], local_ref(key, images), args=args)
+            b.build(key, spec["dockerfile"], local_ref(key, images), args=args,
+                    also=(content_image_ref(key, LOCAL_REGISTRY, images),))
     report = {"commit": commit, "total_seconds": round(time.monotonic() - t0, 1), "steps": b.timings,
               "machine": f"{os.cpu_count()} CPUs, {os.uname().sysname} {os.uname().machine}"}
     if not dry_run:
@@ -389,7 +409,7 @@ def unpinned_images(kustomize_dir: Path = KUSTOMIZATION.parent) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="print name:tag and Dockerfile of every built image")
+    sub.add_parser("list", help="print name:tag, the content tag and the Dockerfile of every built image")
     b = sub.add_parser("build", help="docker build (and push) the images")
     b.add_argument("--registry", default="", help="prefix such as registry.example.com/xct/ (keep the trailing /)")
     b.add_argument("--push", action="store_true", help="docker push after building")
@@ -419,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "list":
         images = load_images()
         for key, spec in images["built"].items():
-            print(f"{key:7s} {spec['name']}:{spec['tag']:10s} {spec['dockerfile']}")
+            print(f"{key:7s} {spec['name']}:{spec['tag']:10s} {content_image_ref(key, '', images):32s} {spec['dockerfile']}")
         return 0
     if args.registry and not args.registry.endswith("/"):
         ap.error("--registry must end with '/' (e.g. registry.example.com/xct/)")

@@ -36,6 +36,14 @@ Pipeline parameters: ``data_uri`` (a folder of raw CTs: a local path under ``kfp
 its compiled default is the params the pipeline was compiled with), ``ray_address`` and ``mlflow_tracking_uri`` (empty: local Ray and
 the embedded sqlite MLflow of the step's container).
 
+Cache keys: a KFP task's cache key is its component spec (the image included) + its inputs.
+So no task gets the whole ``params_yaml``: a ``params`` task (and a ``params stage K`` task per
+stage) cuts it into one text per task holding only the keys that step reads — the ONE
+declaration in components/step_params.py, which also writes dvc.yaml's ``params:`` lists —
+and editing ``gates.stage3`` re-runs gate 3 and register (it ships the whole params) alone.
+The images are named by their content tag (components/image_tag.py), so a code change
+changes every task's key.
+
 Compile: ``xct pipeline compile --out pipeline.yaml`` (:func:`compile_pipeline`); run on a
 laptop: ``xct pipeline run --local`` (:func:`run_local`); submit: ``xct pipeline submit
 --host URL`` (:func:`submit`).
@@ -56,6 +64,7 @@ from kfp.dsl import Dataset
 
 from components.kfp_components import (
     GATE_PASSED,
+    data_params_component,
     evaluate_step_component,
     gate_report_component,
     ingest_component,
@@ -64,6 +73,7 @@ from components.kfp_components import (
     register_component,
     rejected_component,
     run_summary_component,
+    stage_params_component,
     train_stage_component,
     validate_component,
 )
@@ -122,23 +132,25 @@ class _Controls:
 
 
 def _cascade(k: int, n: int, processed: Any, previous: tuple[Any, Any] | None, params_yaml: Any,
-             ray_address: Any, mlflow_tracking_uri: Any, ctl: _Controls) -> None:
+             ray_address: Any, mlflow_tracking_uri: Any, ctl: _Controls, register_params: Any) -> None:
     """Stage ``k`` of ``n`` (train → evaluate → gate) and, under ``dsl.If(gate k passed)``, the
     stages after it — register after the last — with ``dsl.Else``: rejected(k).
     ``previous``: stage k-1's (train, gate) tasks, whose model and reports folders grow here."""
     common = {"params_yaml": params_yaml, "ray_address": ray_address, "mlflow_tracking_uri": mlflow_tracking_uri,
-              "ctl": ctl}
+              "ctl": ctl, "register_params": register_params}
+    # each task gets only the params keys it reads (components/step_params.py): its cache key follows them
+    scoped = ctl(stage_params_component(params_yaml=params_yaml, stage=k).set_display_name(f"params stage {k}")).outputs
     after_model = {"previous": previous[0].outputs["model"]} if previous is not None else {}
     after_reports = {"earlier": previous[1].outputs["reports"]} if previous is not None else {}
     train = ctl(train_stage_component(
-        stage=k, processed=processed, params_yaml=params_yaml, ray_address=ray_address,
+        stage=k, processed=processed, params_yaml=scoped["train"], ray_address=ray_address,
         mlflow_tracking_uri=mlflow_tracking_uri, **after_model,
     ).set_display_name(f"train stage {k}"), "train")
     evaluate = ctl(evaluate_step_component(
-        stage=k, processed=processed, train_dir=train.outputs["model"], params_yaml=params_yaml,
+        stage=k, processed=processed, train_dir=train.outputs["model"], params_yaml=scoped["evaluate"],
     ).set_display_name(f"evaluate stage {k}"))
     gate = ctl(gate_report_component(
-        stage=k, evaluation=evaluate.outputs["report"], params_yaml=params_yaml,
+        stage=k, evaluation=evaluate.outputs["report"], params_yaml=scoped["gate"],
         mlflow_tracking_uri=mlflow_tracking_uri, **after_reports,
     ).set_display_name(f"gate {k}"))
     with dsl.If(gate.outputs[GATE_PASSED] == True, name=f"gate-{k}-passed"):  # noqa: E712 (KFP condition)
@@ -147,7 +159,7 @@ def _cascade(k: int, n: int, processed: Any, previous: tuple[Any, Any] | None, p
         else:
             ctl(register_component(
                 model=train.outputs["model"], reports=gate.outputs["reports"],
-                params_yaml=params_yaml, mlflow_tracking_uri=mlflow_tracking_uri,
+                params_yaml=register_params, mlflow_tracking_uri=mlflow_tracking_uri,
             ).set_display_name("register"))
     with dsl.Else():
         ctl(rejected_component(stage=k, gate_summary=gate.outputs["summary"]).set_display_name(f"rejected at gate {k}"))
@@ -185,12 +197,16 @@ def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = No
         with dsl.ExitHandler(exit_task, name="xct-run"):
             raw = ctl(dsl.importer(artifact_uri=data_uri, artifact_class=Dataset, reimport=False)
                       .set_display_name("raw CTs"))
-            ingest = ctl(ingest_component(raw=raw.output, params_yaml=params_yaml))
-            validate = ctl(validate_component(interim=ingest.outputs["interim"], params_yaml=params_yaml))
+            # each task gets only the params keys it reads (components/step_params.py): its cache key follows them
+            scoped = ctl(data_params_component(params_yaml=params_yaml).set_display_name("params")).outputs
+            ingest = ctl(ingest_component(raw=raw.output, params_yaml=scoped["ingest"]))
+            validate = ctl(validate_component(interim=ingest.outputs["interim"], params_yaml=scoped["validate"]))
             preprocess = ctl(preprocess_component(
-                interim=ingest.outputs["interim"], validated=validate.outputs["validated"], params_yaml=params_yaml,
+                interim=ingest.outputs["interim"], validated=validate.outputs["validated"],
+                params_yaml=scoped["preprocess"],
             ), "preprocess")
-            _cascade(1, n, preprocess.outputs["processed"], None, params_yaml, ray_address, mlflow_tracking_uri, ctl)
+            _cascade(1, n, preprocess.outputs["processed"], None, params_yaml, ray_address, mlflow_tracking_uri, ctl,
+                     scoped["register"])
 
     return xct_pipeline
 

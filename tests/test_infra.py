@@ -569,6 +569,8 @@ def test_every_image_is_pinned_and_listed(objects: list[tuple[Path, dict]], comp
 
 
 def test_images_script_builds_every_image_with_its_tag(images: dict) -> None:
+    from components.image_tag import content_tag
+
     out = subprocess.run(
         [sys.executable, str(INFRA / "images.py"), "build", "--dry-run", "--registry", "reg.example/xct/", "--push"],
         capture_output=True, text=True, timeout=60, cwd=REPO,
@@ -579,7 +581,10 @@ def test_images_script_builds_every_image_with_its_tag(images: dict) -> None:
     want = {f"reg.example/xct/{v['name']}:{v['tag']}": v["dockerfile"] for v in images["built"].values()}
     assert builds == want
     assert all(cmd[-1] == "." for cmd in lines if cmd[1] == "build"), "context must be the repo root"
-    assert {cmd[2] for cmd in lines if cmd[1] == "push"} == set(want)
+    # each build is also tagged (and pushed) with its content tag (components/image_tag.py)
+    content = {f"reg.example/xct/{v['name']}:{content_tag(k, images, REPO)}" for k, v in images["built"].items()}
+    assert {cmd[cmd.index("-t", cmd.index("-t") + 1) + 1] for cmd in lines if cmd[1] == "build"} == content
+    assert {cmd[2] for cmd in lines if cmd[1] == "push"} == set(want) | content
 
 
 def test_local_image_build_plan(images: dict) -> None:
