@@ -22,6 +22,11 @@ model / alias / run" and for a server that is down, black-holed or failing. Only
 :func:`bound_requests` sets MLflow's ``MLFLOW_HTTP_REQUEST_TIMEOUT`` and
 ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` from ``params.registry`` (``request_timeout_s``,
 ``request_max_retries``) unless the user's environment sets them.
+
+Authentication (a ``mlflow server --app-name basic-auth``, docs/security.md): the client
+sends ``$MLFLOW_TRACKING_USERNAME`` / ``$MLFLOW_TRACKING_PASSWORD``; a refusal (HTTP 401
+not authenticated, 403 permission denied) is one :class:`RegistryError` line too, naming
+the user (never the password) and what was refused (:func:`auth_status`).
 """
 
 from __future__ import annotations
@@ -113,8 +118,39 @@ def _why(e: BaseException) -> str:
     return f"{code + ': ' if code and code != 'INTERNAL_ERROR' else ''}{first[:300]}"
 
 
+def auth_status(e: BaseException) -> int | None:
+    """401 or 403 when ``e`` is the server refusing the caller (basic-auth: credentials
+    missing or wrong, or a user without the permission), else ``None``. MLflow raises
+    :class:`MlflowException` with ``UNAUTHENTICATED`` / ``PERMISSION_DENIED`` for REST calls
+    and ``requests.HTTPError`` for proxied artifact transfers."""
+    code = getattr(e, "error_code", None)
+    if code in ("UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"):
+        return 401
+    if code == "PERMISSION_DENIED":
+        return 403
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    return status if status in (401, 403) else None
+
+
+def _refused(status: int, uri: str, what: str) -> RegistryError:
+    """One line for a request the server refused: who asked (never the password) and what to do."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401:
+        who = (f"user {user!r} with the given MLFLOW_TRACKING_PASSWORD was not accepted" if user
+               else "no credentials were sent")
+        return RegistryError(f"MLflow at {uri} refused a request while {what}: not authenticated (HTTP 401): {who}; set "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an MLflow user's credentials")
+    who = f"user {user!r} (MLFLOW_TRACKING_USERNAME)" if user else "this user"
+    return RegistryError(f"MLflow at {uri} refused a request while {what}: permission denied (HTTP 403): {who} lacks the "
+                         "permission; an MLflow admin grants it (docs/security.md)")
+
+
 def registry_error(e: BaseException, uri: str, what: str) -> RegistryError:
-    """One line: which MLflow, what was being done, why it failed, what bounds applied."""
+    """One line: which MLflow, what was being done, why it failed, what bounds applied
+    (a refusal, HTTP 401/403, says so instead: :func:`auth_status`)."""
+    status = auth_status(e)
+    if status is not None:
+        return _refused(status, uri, what)
     b = {k: os.environ.get(k) for k in HTTP_BOUNDS}
     bounds = "" if "://" not in uri or uri.startswith(("sqlite", "file")) else (
         f" (requests bounded by MLFLOW_HTTP_REQUEST_TIMEOUT={b['MLFLOW_HTTP_REQUEST_TIMEOUT'] or '120'} s, "

@@ -37,6 +37,7 @@ INTEGRATION: dict[str, str] = {
     "test_kfp_pipeline.py": "kfp.local runs of the compiled pipeline",
     "test_mlflow_postgres.py": "PostgreSQL, moto and an mlflow server; Ray Train",
     "test_mlflow_server.py": "an mlflow server over moto / rclone S3",
+    "test_mlflow_auth.py": "an mlflow server with the basic-auth app and its users",
     "test_ray_cluster.py": "a two-node Ray cluster (ray start), node kill and replacement",
     "test_ray_jobs.py": "a two-node token-auth Ray cluster: xct train as Ray jobs (Jobs API)",
     "test_realct.py": "the real-CT experiment end to end (../shared/data)",

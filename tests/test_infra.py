@@ -49,7 +49,8 @@ ENV_READ_BY = {
     "XCT_IMAGE_TRAIN": "components/kfp_components.py",
 }
 #: env vars read by libraries (boto3, the MLflow server), not by xct code
-ENV_LIBRARY = ["MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
+ENV_LIBRARY = ["MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]
 
 
 # --------------------------------------------------------------------------- loading
@@ -351,7 +352,8 @@ def test_references_to_pvcs_configmaps_and_secrets_resolve(objects: list[tuple[P
 def test_secret_template_holds_only_placeholders(objects: list[tuple[Path, dict]]) -> None:
     secrets = _by_kind(objects, "Secret")
     assert {s["metadata"]["name"] for s in secrets} == {"xct-s3-admin", "xct-s3", "xct-postgres", "xct-mlflow-db",
-                                                        "xct-mlflow-pipeline", "xct-ray-auth"}
+                                                        "xct-mlflow-pipeline", "xct-mlflow-auth", "xct-mlflow-reader",
+                                                        "xct-ray-auth"}
     secret_line = re.compile(r"^\s*(\w*(?:key|password|user)\w*)\s*=\s*(.*)$", re.I)
     for s in secrets:
         assert "data" not in s, "use stringData placeholders, never base64 data"
@@ -878,6 +880,11 @@ def test_k8s_mlflow_server_postgres_s3_and_tracking_uri_agree(objects: list[tupl
     # the artifact store's keys: the pipeline user's boto3 credentials file, never the admin's
     assert _mounted_secret_file(pod, c, env["AWS_SHARED_CREDENTIALS_FILE"]) == ("xct-s3", "credentials")
     assert not c.get("envFrom")
+    # authentication: the basic-auth app, its config a file of the Secret xct-mlflow-auth
+    assert ctx.params["app_name"] == "basic-auth"
+    assert _mounted_secret_file(pod, c, env["MLFLOW_AUTH_CONFIG_PATH"]) == ("xct-mlflow-auth", "basic_auth.ini")
+    flask_key = next(e for e in c["env"] if e["name"] == "MLFLOW_FLASK_SERVER_SECRET_KEY")
+    assert flask_key["valueFrom"]["secretKeyRef"] == {"name": "xct-mlflow-auth", "key": "MLFLOW_FLASK_SERVER_SECRET_KEY"}
 
 
 def _mounted_secret_file(pod: dict, container: dict, path: str) -> tuple[str, str] | None:
@@ -898,6 +905,55 @@ def _mounted_secret_file(pod: dict, container: dict, path: str) -> tuple[str, st
         items = {i["path"]: i["key"] for i in sec.get("items", [])} or None
         return sec["secretName"], (items.get(rel) if items is not None else rel)
     return None
+
+
+def test_mlflow_auth_template_and_users_job(objects: list[tuple[Path, dict]], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The template's basic_auth.ini is read by MLflow's own config reader: a placeholder admin
+    password, no access by default, the auth store in the MLflow PostgreSQL. The users Job runs
+    the ConfigMap's script with the auth file and both users' Secrets mounted."""
+    from mlflow.server.auth.config import read_auth_config
+    from mlflow.server.auth.permissions import get_permission
+
+    ini = _one(objects, "Secret", "xct-mlflow-auth")["stringData"]["basic_auth.ini"]
+    (tmp_path / "basic_auth.ini").write_text(ini)
+    for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / "basic_auth.ini"))
+    cfg = read_auth_config()
+    assert str(cfg.admin_username).startswith(PLACEHOLDER) and str(cfg.admin_password).startswith(PLACEHOLDER)
+    assert cfg.default_permission == "NO_PERMISSIONS" and not get_permission(cfg.default_permission).can_read
+    db = urlparse(cfg.database_uri)
+    assert db.scheme == "postgresql+psycopg2" and db.hostname == f"postgres.{NAMESPACE}.svc.cluster.local"
+    assert db.username is None and db.password is None  # the login: the server's libpq service file
+    assert cfg.authorization_function == "mlflow.server.auth:authenticate_request_basic_auth"
+
+    job = _one(objects, "Job", "mlflow-users")
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    script = _one(objects, "ConfigMap", "mlflow-users")["data"]["mlflow_users.py"]
+    ast.parse(script)
+    env = {e["name"]: e for e in c["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert c["command"] == ["python", f"{_mount_of(mounts, vols, 'configMap', 'mlflow-users')}/mlflow_users.py"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == f"{_mount_of(mounts, vols, 'secret', 'xct-mlflow-auth')}/basic_auth.ini"
+    users = env["XCT_MLFLOW_USERS_DIR"]["value"]
+    for kind in ("pipeline", "reader"):
+        assert _mount_of(mounts, vols, "secret", f"xct-mlflow-{kind}") == f"{users}/{kind}"
+        keys = set(_one(objects, "Secret", f"xct-mlflow-{kind}")["stringData"])
+        assert keys >= {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+        assert f'"{kind}"' in script
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"] == {"name": "xct-env", "key": "MLFLOW_TRACKING_URI"}
+    assert job["spec"]["activeDeadlineSeconds"] > 0 and pod.get("automountServiceAccountToken") is False
+
+
+def _mount_of(mounts: dict[str, str], vols: dict[str, dict], kind: str, name: str) -> str:
+    """The mount path of the volume of ``kind`` (secret / configMap) named ``name``."""
+    key = "secretName" if kind == "secret" else "name"
+    paths = [p for p, v in mounts.items() if vols[v].get(kind, {}).get(key) == name]
+    assert len(paths) == 1, (kind, name, mounts)
+    return paths[0]
 
 
 def test_s3_endpoints_point_at_the_minio_service(objects: list[tuple[Path, dict]]) -> None:

@@ -327,6 +327,7 @@ MLFLOW = (NS, {"app.kubernetes.io/name": "mlflow"})
 POSTGRES = (NS, {"app.kubernetes.io/name": "postgres"})
 MINIO = (NS, {"app.kubernetes.io/name": "minio"})
 SETUP = (NS, {"app.kubernetes.io/name": "minio-setup"})
+USERS = (NS, {"app.kubernetes.io/name": "mlflow-users"})  # the MLflow users Job (basic-auth)
 SUBMITTER = (NS, {"app.kubernetes.io/name": "xct-ray-submitter"})
 KFP_TASK = ("kubeflow", {"pipelines.kubeflow.org/v2_component": "true"})
 KUBERAY = ("ray-system", {"app.kubernetes.io/name": "kuberay-operator"})
@@ -339,7 +340,7 @@ NEEDED = [  # (source, destination, port): every flow the pipeline needs
     (RAY_HEAD, MLFLOW, 5000), (RAY_WORKER, MLFLOW, 5000), (RAY_HEAD, MINIO, 9000), (RAY_WORKER, MINIO, 9000),
     (RAY_WORKER, RAY_HEAD, 6379), (RAY_HEAD, RAY_WORKER, 12345), (RAY_WORKER, RAY_WORKER, 23456),
     (MLFLOW, POSTGRES, 5432), (MLFLOW, MINIO, 9000), (SETUP, MINIO, 9000), (SUBMITTER, RAY_HEAD, 8265),
-    (KUBERAY, RAY_HEAD, 8265),
+    (KUBERAY, RAY_HEAD, 8265), (USERS, MLFLOW, 5000), (USERS, DNS, 53),
     (MLFLOW, DNS, 53), (RAY_WORKER, DNS, 53), (SETUP, DNS, 53), (POSTGRES, DNS, 53), (ROGUE, DNS, 53),
 ]
 REFUSED = [  # flows nobody needs: each would widen what a compromised pod can reach
@@ -349,6 +350,7 @@ REFUSED = [  # flows nobody needs: each would widen what a compromised pod can r
     (SUBMITTER, RAY_WORKER, 8265), (SETUP, MLFLOW, 5000), (ROGUE, MLFLOW, 5000), (ROGUE, MINIO, 9000),
     (ROGUE, RAY_HEAD, 8265), (MLFLOW, STRANGER, 443), (MINIO, STRANGER, 443), (POSTGRES, STRANGER, 443),
     (RAY_WORKER, STRANGER, 443), (KUBERAY, RAY_HEAD, 10001), (KUBERAY, MINIO, 9000),
+    (USERS, POSTGRES, 5432), (USERS, MINIO, 9000), (USERS, RAY_HEAD, 8265), (USERS, STRANGER, 443),
 ]
 
 
