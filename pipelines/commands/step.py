@@ -20,6 +20,7 @@ import typer
 
 from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, alias_sets, command_params
 from xct_core.config import Params
+from xct_core.errors import printable
 
 app = typer.Typer(no_args_is_help=True, help="Pipeline steps (what dvc.yaml runs; components/*.py).")
 
@@ -161,7 +162,7 @@ def register_step(
     p = _params(params, overlay, set_)
     summary = run_register(gates, eval_dir, train_dir or Path(p.train.out_dir), out, p, processed_dir=processed,
                            log=typer.echo)
-    typer.echo(f"register: {summary.get('status')} → {out}")
+    typer.echo(printable(f"register: {summary.get('status')} → {out}"))
 
 
 def register(root: typer.Typer) -> None:

@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, alias_sets, command_params
+from xct_core.errors import printable
 
 
 def train(
@@ -61,7 +62,7 @@ def train(
     best = s.metrics.get("best_value")
     metric = s.metrics.get("best_metric", "")
     tail = f", best {metric} {best:.3f} at step {s.metrics.get('best_step')}" if isinstance(best, (int, float)) else ""
-    typer.echo(f"{s.name}: step {s.final_step}{tail} → {s.final_model} (MLflow run {s.run_id})")
+    typer.echo(printable(f"{s.name}: step {s.final_step}{tail} → {s.final_model} (MLflow run {s.run_id})"))
 
 
 def register(app: typer.Typer) -> None:
