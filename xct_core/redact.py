@@ -90,8 +90,10 @@ _QUERY = re.compile(
     r"(?P<value>[^&#\s'\"<>`]*)",
     re.IGNORECASE,
 )
-_AUTH = re.compile(r"(?P<head>\b(?:Authorization|Proxy-Authorization)\b['\"]?\s*[:=]\s*['\"]?"
-                   r"(?:(?:Bearer|Basic|Token|Digest)\s+)?)(?P<value>[^\s'\",;]+)", re.IGNORECASE)
+#: an Authorization header's value, to the end of the line or the closing quote (AWS SigV4:
+#: ``AWS4-HMAC-SHA256 Credential=AKIA…/…, SignedHeaders=…, Signature=…``)
+_AUTH = re.compile(r"(?P<head>\b(?:Authorization|Proxy-Authorization)\b['\"]?\s*[:=]\s*(?:b?['\"])?"
+                   r"(?:(?:Bearer|Basic|Token|Digest)\s+)?)(?P<value>[^'\"\r\n]+)", re.IGNORECASE)
 _BEARER = re.compile(r"(?P<head>\bBearer\s+)(?P<value>[A-Za-z0-9._~+/=\-]{8,})")
 
 
@@ -232,6 +234,20 @@ def redacted_output() -> Iterator[None]:
             yield
     finally:
         sys.stdout, sys.stderr = old_out, old_err
+
+
+def install_redaction() -> None:
+    """:func:`redacted_output` for the rest of the process (no way back): for entry points
+    that are not the ``xct`` CLI — a KFP task's body, ``python -m pipelines.realct`` — so
+    MLflow's own "View run at <tracking URI>" lines and library logs are redacted there too."""
+    global _installed
+    if _installed is None:
+        _installed = redacted_output()
+        _installed.__enter__()
+        sys.excepthook = redacted_excepthook
+
+
+_installed: Any = None
 
 
 def redacted_excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
