@@ -215,6 +215,14 @@ def test_file_names_in_wrote_and_source_lines_are_escaped(tmp_path: Path, capfd:
     assert not any(ln.startswith("xct: error:") for ln in text.splitlines()), text
     assert "wrote " in text and "out\\nxct: error: forged\\x1b[31m.nii.gz" in text
     assert "in\\nxct: error: forged\\x1b]0;pwned\\x07.nii.gz" in text  # the `source:` line of ct info
+    # a step's log line naming a file that failed to load (`xct step ingest`)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "bad\nxct: error: forged\x1b[2J.nii.gz").write_bytes(b"junk")
+    xct(["step", "ingest", "--raw", raw, "--out", tmp_path / "interim"])
+    text = "".join(capfd.readouterr())
+    assert "load error: bad\\nxct: error: forged\\x1b[2J.nii.gz: " in text, text
+    assert "\x1b" not in text and not any(ln.startswith("xct: error: forged") for ln in text.splitlines())
 
 
 # --------------------------------------------------------------------------- end to end

@@ -180,7 +180,7 @@ def reconstruct_cmd(
             _warn(w)
         nets = load_stages(resolved.stage_files, mp, device)
     rec = reconstruct(nets, mp, xf.image, xl.image, isocenter=iso, steps=steps, samples=k, seed=seed,
-                      upto=stages, device=device, log=lambda m: typer.echo(m, err=True))
+                      upto=stages, device=device, log=lambda m: typer.echo(printable(m), err=True))
     qa, reproj = reprojection_qa(rec.mean_hu, rec.affine, geoms, {"frontal": xf.image, "lateral": xl.image}, mp)
     window = mp.hu.get_window()
     doc = {
@@ -321,7 +321,7 @@ def evaluate_cmd(
     protocol = EvalProtocol.from_params(mp)
     cases, summary = evaluate_cts(cts, nets, mp, protocol=protocol, steps=steps, samples=k, seed=seed, upto=n,
                                   direct=direct, train_mean_hu=train_mean, device=device,
-                                  log=lambda m: typer.echo(m, err=True))
+                                  log=lambda m: typer.echo(printable(m), err=True))
     if processed is not None:
         summary["baseline"] += f" ({processed})"
     window = protocol.window

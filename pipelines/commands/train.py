@@ -47,7 +47,7 @@ def train(
                        schema=RayParams)
     p.stage(stage)  # an unknown stage is a one-line error before anything else
     layout = RunLayout((out or Path(p.train.out_dir)), stage)
-    if not proceed(gates, stage, list(layout.step_outputs()), log=typer.echo):
+    if not proceed(gates, stage, list(layout.step_outputs()), log=lambda m: typer.echo(printable(m))):
         return
     if local:
         from components.train import run_local
@@ -58,7 +58,7 @@ def train(
         return
     from components.train import run_train
 
-    s = run_train(p, stage, processed, out, steps=steps, fresh=fresh, log=typer.echo)
+    s = run_train(p, stage, processed, out, steps=steps, fresh=fresh, log=lambda m: typer.echo(printable(m)))
     best = s.metrics.get("best_value")
     metric = s.metrics.get("best_metric", "")
     tail = f", best {metric} {best:.3f} at step {s.metrics.get('best_step')}" if isinstance(best, (int, float)) else ""
