@@ -238,8 +238,9 @@ def redacted_output() -> Iterator[None]:
 
 def install_redaction() -> None:
     """:func:`redacted_output` for the rest of the process (no way back): for entry points
-    that are not the ``xct`` CLI — a KFP task's body, ``python -m pipelines.realct`` — so
-    MLflow's own "View run at <tracking URI>" lines and library logs are redacted there too."""
+    that are not the ``xct`` CLI and have no single place to end (a KFP task's body:
+    :func:`components.kfp_components._environment`), so MLflow's own "View run at <tracking
+    URI>" lines, library logs and a failing task's traceback are redacted there too."""
     global _installed
     if _installed is None:
         _installed = redacted_output()
