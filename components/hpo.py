@@ -423,7 +423,7 @@ def _log_params_once(client: Any, run_id: str, params: Mapping[str, Any]) -> Non
     from components.tracking import flatten
 
     have = client.get_run(run_id).data.params
-    flat = flatten(params)
+    flat = {k: redact(v) for k, v in flatten(params).items()}  # no credential in a logged param
     todo = [Param(k, v) for k, v in flat.items() if k not in have]
     for i in range(0, len(todo), 90):
         client.log_batch(run_id, params=todo[i : i + 90], synchronous=True)
