@@ -155,6 +155,9 @@ def _read_token(path: Path) -> str:
     if len(words) != 1:
         raise InputError(path, "is empty: expected one bearer token" if not words
                          else "holds more than one word: expected one bearer token")
+    from xct_core.redact import register_secret
+
+    register_secret(words[0])  # masked wherever a library would print it (xct_core/redact.py)
     return words[0]
 
 
