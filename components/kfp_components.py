@@ -263,10 +263,14 @@ GATE_PASSED = "passed"
 
 def _environment(values: dict) -> None:
     """Set the non-empty ``values`` as environment variables of this task (RAY_ADDRESS,
-    MLFLOW_TRACKING_URI: the engines read them)."""
+    MLFLOW_TRACKING_URI: the engines read them). From here on the task's output is redacted
+    (:func:`xct_core.redact.install_redaction`: a tracking URI's password never reaches its log)."""
     import os
 
+    from xct_core.redact import install_redaction
+
     os.environ.update({k: v for k, v in values.items() if v})
+    install_redaction()
 
 
 @train_component

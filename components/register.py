@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 from xct_core.config import Params
 from xct_core.errors import ConfigError, InputError, XctError
 from xct_core.jsondoc import read_json_doc
+from xct_core.redact import redact, redact_doc
 from xct_core.stats import file_sha256
 from xct_core.layout import (
     METRICS_JSON,
@@ -239,7 +240,7 @@ def _fail_stale_runs(client: Any, experiment_id: str, chash: str, note: str) -> 
     tell MLflow it failed (the server was down) are marked FAILED."""
     runs = client.search_runs([experiment_id], filter_string=f"tags.`xct.content_hash` = '{chash}' and attributes.status = 'RUNNING'")
     for r in runs:
-        client.set_tag(r.info.run_id, "xct.failure", note)
+        client.set_tag(r.info.run_id, "xct.failure", redact(note))
         client.set_terminated(r.info.run_id, status="FAILED")
 
 
@@ -498,11 +499,13 @@ def model_card(params: Params, stages: "Sequence[StageInputs]", lineage: Mapping
 
 
 def write_card(card: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """``model_card.json`` + ``model_card.md`` in ``out_dir``, atomically."""
+    """``model_card.json`` + ``model_card.md`` in ``out_dir``, atomically (no credential:
+    :func:`xct_core.redact.redact_doc`)."""
     from xct_core.atomic import write_json_atomic, write_text_atomic
     from xct_core.model_card import render_markdown
 
     out = Path(out_dir)
+    card = redact_doc(dict(card))
     return (write_json_atomic(out / MODEL_CARD_JSON, dict(card)),
             write_text_atomic(out / MODEL_CARD_MD, render_markdown(card)))
 

@@ -51,6 +51,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, ML
 from xct_core.atomic import write_json_atomic
 from xct_core.errors import InputError, XctError
 from xct_core.jsondoc import read_json_doc
+from xct_core.redact import redact, redact_doc, redact_url
 from xct_core.yamlsafe import read_yaml_doc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -387,6 +388,13 @@ def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
     write_json_atomic(path, dict(doc))
 
 
+def _same_store(state: Mapping[str, Any], uri: str) -> bool:
+    """Whether a run-state file was written for tracking store ``uri`` (the files keep the
+    URI with its password masked; older ones the raw URI)."""
+    kept = state.get("tracking_uri")
+    return isinstance(kept, str) and redact_url(kept) == redact_url(uri)
+
+
 def _usable_run(client: MlflowClient, run_id: str | None, experiment_id: str) -> bool:
     if not run_id:
         return False
@@ -438,22 +446,22 @@ class StageRun:
         self.owns_parent = not parent
         pstate = _read_json(pipeline_file)
         if not parent:
-            if not new_pipeline and pstate.get("tracking_uri") == self.uri and _usable_run(
+            if not new_pipeline and _same_store(pstate, self.uri) and _usable_run(
                 self.client, pstate.get("run_id"), self.experiment_id
             ):
                 parent = pstate["run_id"]
             else:
                 parent = self.client.create_run(
-                    self.experiment_id, tags={**tags, "xct.kind": "pipeline"}, run_name="pipeline"
+                    self.experiment_id, tags=redact_doc({**tags, "xct.kind": "pipeline"}), run_name="pipeline"
                 ).info.run_id
-                _write_json(pipeline_file, {"run_id": parent, "tracking_uri": self.uri})
+                _write_json(pipeline_file, {"run_id": parent, "tracking_uri": redact_url(self.uri)})
         self.parent_run_id: str = parent
         if self.owns_parent:
             self.client.update_run(parent, status="RUNNING")
 
         sstate = {} if new_run else _read_json(state_file)
         self.resumed = (
-            sstate.get("tracking_uri") == self.uri
+            _same_store(sstate, self.uri)
             and sstate.get("parent_run_id") == parent
             and _usable_run(self.client, sstate.get("run_id"), self.experiment_id)
         )
@@ -464,18 +472,20 @@ class StageRun:
         else:
             run = self.client.create_run(
                 self.experiment_id,
-                tags={**tags, MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: run_name, "xct.kind": "stage", "xct.stage": str(stage)},
+                tags=redact_doc({**tags, MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: run_name, "xct.kind": "stage",
+                                 "xct.stage": str(stage)}),
                 run_name=run_name,
             )
             self.run_id = run.info.run_id
-            _write_json(state_file, {"run_id": self.run_id, "parent_run_id": parent, "tracking_uri": self.uri})
+            _write_json(state_file, {"run_id": self.run_id, "parent_run_id": parent, "tracking_uri": redact_url(self.uri)})
         self._log_params(params)
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()], synchronous=True)
 
     def _log_params(self, params: Mapping[str, Any]) -> None:
         have = self.client.get_run(self.run_id).data.params
-        todo = [Param(k, v) for k, v in flatten(params).items() if k not in have]
-        changed = sorted(k for k, v in flatten(params).items() if k in have and have[k] != v)
+        flat = {k: redact(v) for k, v in flatten(params).items()}  # no credential in a logged param
+        todo = [Param(k, v) for k, v in flat.items() if k not in have]
+        changed = sorted(k for k, v in flat.items() if k in have and have[k] != v)
         for i in range(0, len(todo), 90):
             self.client.log_batch(self.run_id, params=todo[i : i + 90], synchronous=True)
         if changed:  # params are immutable in MLflow; record what a resume changed
@@ -483,7 +493,7 @@ class StageRun:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         with registry_errors(self.uri, f"tagging run {self.run_id}"):
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+            self.client.log_batch(self.run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()], synchronous=True)
 
     def end(self, status: str, message: str | None = None) -> None:
         """Terminate the stage run with ``status`` (FINISHED | FAILED | KILLED); a parent
@@ -492,7 +502,7 @@ class StageRun:
             raise ValueError(f"not a terminal run status: {status!r}")
         try:
             if message:
-                self.client.set_tag(self.run_id, "xct.failure", message[:5000])
+                self.client.set_tag(self.run_id, "xct.failure", redact(message)[:5000])
             self.client.set_terminated(self.run_id, status=status)
             if self.owns_parent:
                 self.client.set_terminated(self.parent_run_id, status=status)

@@ -34,7 +34,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
-from xct_core.errors import ConfigError, InputError, XctError
+from xct_core.errors import ConfigError, InputError, XctError, printable
 
 app = typer.Typer(no_args_is_help=True)
 NoCacheOpt = Annotated[
@@ -79,7 +79,7 @@ def compile_cmd(
     if out.is_dir():
         raise InputError(out, "is a folder; give a file name such as pipeline.yaml")
     path = compile_pipeline(out, _params(params, overlay, set_), caching=_caching(no_cache))
-    typer.echo(f"wrote {path}")
+    typer.echo(printable(f"wrote {path}"))
 
 
 def _find_outputs(run_root: Path, name: str) -> list[Path]:
@@ -135,7 +135,7 @@ def run_cmd(
     started = time.time()
     run_local(data_dir, text, root, caching=_caching(no_cache))
     typer.echo(local_report(root.absolute(), started - 1))
-    typer.echo(f"kfp.local run finished in {time.time() - started:.0f} s; task outputs under {root}")
+    typer.echo(printable(f"kfp.local run finished in {time.time() - started:.0f} s; task outputs under {root}"))
 
 
 #: default --timeout of `xct pipeline submit` (seconds)
@@ -155,6 +155,9 @@ def _read_token(path: Path) -> str:
     if len(words) != 1:
         raise InputError(path, "is empty: expected one bearer token" if not words
                          else "holds more than one word: expected one bearer token")
+    from xct_core.redact import register_secret
+
+    register_secret(words[0])  # masked wherever a library would print it (xct_core/redact.py)
     return words[0]
 
 
@@ -240,7 +243,7 @@ def submit_cmd(
                                          caching=_caching(no_cache), token=token, credentials=credentials),
                           timeout, f"Kubeflow Pipelines at {host} did not answer within {timeout:g} s (--timeout); "
                                    "nothing was submitted unless the server received it before then")
-    typer.echo(f"submitted run {run_id} to {host}")
+    typer.echo(printable(f"submitted run {run_id} to {host}"))
 
 
 @app.command("dvc-sync")
@@ -261,7 +264,7 @@ def dvc_sync_cmd(
                                    "(run `xct pipeline dvc-sync`)")
     done = "updated" if res.changed and not check else "up to date"
     made = f"; wrote {', '.join(map(str, res.overlays))}" if res.overlays and not check else ""
-    typer.echo(f"{dvc_yaml}: {done} for {p.n_stages} stages ({', '.join(p.stages)}){made}")
+    typer.echo(printable(f"{dvc_yaml}: {done} for {p.n_stages} stages ({', '.join(p.stages)}){made}"))
 
 
 def register(root: typer.Typer) -> None:

@@ -21,6 +21,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, alias_sets, command_params
+from xct_core.errors import printable
 
 
 def train(
@@ -52,7 +53,7 @@ def train(
                        schema=RayParams)
     p.stage(stage)  # an unknown stage is a one-line error before anything else
     layout = RunLayout((out or Path(p.train.out_dir)), stage)
-    if not proceed(gates, stage, list(layout.step_outputs()), log=typer.echo):
+    if not proceed(gates, stage, list(layout.step_outputs()), log=lambda m: typer.echo(printable(m))):
         return
     if not local:
         from components.ops_params import OpsParams
@@ -71,11 +72,11 @@ def train(
         return
     from components.train import run_train
 
-    s = run_train(p, stage, processed, out, steps=steps, fresh=fresh, log=typer.echo)
+    s = run_train(p, stage, processed, out, steps=steps, fresh=fresh, log=lambda m: typer.echo(printable(m)))
     best = s.metrics.get("best_value")
     metric = s.metrics.get("best_metric", "")
     tail = f", best {metric} {best:.3f} at step {s.metrics.get('best_step')}" if isinstance(best, (int, float)) else ""
-    typer.echo(f"{s.name}: step {s.final_step}{tail} → {s.final_model} (MLflow run {s.run_id})")
+    typer.echo(printable(f"{s.name}: step {s.final_step}{tail} → {s.final_model} (MLflow run {s.run_id})"))
 
 
 #: options the job does not get as given: the params options and their aliases (the job gets the
