@@ -251,9 +251,9 @@ def test_passthrough_and_entrypoint_quote_every_argument(tmp_path: Path) -> None
     app = typer.Typer()
 
     @app.command()
-    def train(ctx: typer.Context, stage: int = typer.Option(..., "--stage"), processed: Path = typer.Option(Path("data/p"), "--processed"),
+    def train(ctx: typer.Context, stage: int = typer.Option(..., "--stage"), processed: Path = typer.Option(Path("data/p"), "--processed"),  # noqa: B008 (typer signature, as the CLI writes it)
               fresh: bool = typer.Option(False, "--fresh"), gpu: bool = typer.Option(None, "--gpu/--no-gpu"),
-              set_: list[str] = typer.Option(None, "--set"), uri: str = typer.Option("s3://b/run 1", "--uri")) -> None:
+              set_: list[str] = typer.Option(None, "--set"), uri: str = typer.Option("s3://b/run 1", "--uri")) -> None:  # noqa: B008
         seen["args"] = passthrough_args(ctx, drop=("set_", "gpu"))
 
     get_command(app).main(["--stage", "2", "--fresh", "--no-gpu", "--set", "a=b"], standalone_mode=False)
