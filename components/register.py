@@ -87,7 +87,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from xct_core.config import Params
@@ -339,6 +340,22 @@ def input_example(params: Params) -> tuple[dict[str, Any], dict[str, int]]:
     return {"frontal": zero, "lateral": zero.copy()}, {"samples": 1, "steps": 1, "seed": int(params.seed)}
 
 
+@contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """MLflow's INFO lines of ``loggers`` off inside the block (a step's stderr stays its own
+    messages; warnings and errors still show)."""
+    import logging
+
+    saved = [(lg, lg.level) for lg in (logging.getLogger(n) for n in loggers)]
+    for lg, level in saved:
+        lg.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
 def decide_alias(champion: Any | None, psnr: float, test_hash: str | None, params: Params) -> tuple[str, str]:
     """``(alias, reason)`` for a new version (rules in the module docstring)."""
     reg = params.registry
@@ -477,15 +494,16 @@ def _register_cascade(
                 for k, p in sorted((eval_files or {}).items()):
                     mlflow.log_artifact(str(p), f"eval/stage{k}")
                 log_datasets(client, run_id, processed_dir, SPLIT_CONTEXTS)
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=str(PYFUNC_FILE),
-                    artifacts=arts,
-                    code_paths=[str(REPO / "xct_core")],
-                    pip_requirements=pip_requirements(),
-                    signature=model_signature(params),
-                    input_example=input_example(params),
-                )
+                with _quiet("mlflow.pyfunc", "mlflow.models"):  # "Validating input example …" INFO lines
+                    info = mlflow.pyfunc.log_model(
+                        name="model",
+                        python_model=str(PYFUNC_FILE),
+                        artifacts=arts,
+                        code_paths=[str(REPO / "xct_core")],
+                        pip_requirements=pip_requirements(),
+                        signature=model_signature(params),
+                        input_example=input_example(params),
+                    )
                 tags["xct.run_id"] = run_id
                 mv = mlflow.register_model(info.model_uri, reg.model_name, tags=tags)
                 alias, reason = set_decided_alias(client, params, mv.version, psnr, test_hash)
