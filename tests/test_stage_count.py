@@ -98,7 +98,8 @@ def test_the_kfp_dag_walks_the_stages_of_the_params(n: int, tmp_path: Path) -> N
         assert _source(train["previous"]) == f"train-stage-component{_suffix(k - 1)}-model"
     assert "earlier" not in tasks["gate-report-component"]["inputs"].get("artifacts", {})
     register = tasks["register-component"]["inputs"]["artifacts"]
-    assert set(register) == {"model", "reports"}
+    assert set(register) == {"model", "reports", "processed"}  # processed: the data's lineage (hash, datasets)
+    assert _source(register["processed"]) == "preprocess-component-processed"
     assert _source(register["reports"]) == f"gate-report-component{_suffix(n)}-reports"
     assert _source(register["model"]) == f"train-stage-component{_suffix(n)}-model"
 
