@@ -153,6 +153,14 @@ def test_kfp_local_runs_and_registers_n_stages(n: int, scratch: Path, raw: Path)
     check_registered(summary, n, tmp / "mlflow.db")
     run_summary = json.loads((run / "run-summary-component" / "summary" / "run_summary.json").read_text())
     assert run_summary["state"] == "SUCCEEDED" and run_summary["succeeded"] is True
+    # lineage: the version names this kfp.local run and its task, and the processed data's digest
+    from components.tracking import dvc_data_hash
+    from pipeline_profile import _registered
+
+    tags = _registered(tmp / "mlflow.db", summary["model_version"])
+    assert tags["kfp.run_id"] == run_summary["pipeline_job_id"] and tags["kfp.run_name"] == run.name
+    assert tags["kfp.task_name"] == "register-component" and tags["xct.origin"] == "kfp"
+    assert tags["xct.data_hash"] == dvc_data_hash(run / "preprocess-component" / "processed")[0]
 
 
 # --------------------------------------------------------------------------- dvc repro (slow)
