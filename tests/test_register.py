@@ -342,3 +342,30 @@ def test_fallback_model_uri_is_reconstructable(tmp_path: Path) -> None:
     (train / "models" / "stage2" / "best.pt").write_bytes(b"x")
     uri = _fallback_model_uri(train, params)
     assert uri == str((train / "models" / "stage2" / "best.pt").absolute())
+
+
+def test_origin_tags_say_where_a_run_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside KFP: ``xct.origin=local`` and no kfp.* tags; a KFP task's resolved placeholders
+    become kfp.* tags, an unresolved ``{{$.…}}`` (a component called outside a pipeline) never does."""
+    from components.tracking import KFP_ENV, kfp_environment, origin_tags
+
+    for var in KFP_ENV:
+        monkeypatch.delenv(var, raising=False)
+    assert origin_tags() == {"xct.origin": "local"}
+    env = kfp_environment("4f1c-9", "xct-cascade-2026-12-07", "{{$.pipeline_task_name}}")
+    assert env == {"XCT_KFP_RUN_ID": "4f1c-9", "XCT_KFP_RUN_NAME": "xct-cascade-2026-12-07"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert origin_tags() == {"xct.origin": "kfp", "kfp.run_id": "4f1c-9", "kfp.run_name": "xct-cascade-2026-12-07"}
+
+
+def test_gate_metrics_of_the_pipeline_run() -> None:
+    """gate{k}.passed is 1 only for a passed, not skipped gate (a missing report is 0); each
+    check's finite measured value becomes gate{k}.<check>."""
+    from components.tracking import gate_metrics
+
+    checks = [{"name": "psnr_window", "value": 21.5}, {"name": "nan", "value": 0}, {"name": "ssim_window",
+                                                                                    "value": float("nan")}]
+    m = gate_metrics({1: {"passed": True, "checks": checks}, 2: {"passed": True, "skipped": True}, 3: None})
+    assert m == {"gate1.passed": 1.0, "gate1.psnr_window": 21.5, "gate1.nan": 0.0, "gate2.passed": 0.0,
+                 "gate3.passed": 0.0}
