@@ -31,6 +31,15 @@ Artifacts map onto the DVC layout (:mod:`xct_core.layout`):
 ``ray_address`` / ``mlflow_tracking_uri`` (empty: the step's own default — local Ray, the
 embedded sqlite MLflow) become ``RAY_ADDRESS`` / ``MLFLOW_TRACKING_URI`` for the step.
 
+Lineage: the tasks that open MLflow runs (train, register, rejected) and the exit task take
+``kfp_run_id`` / ``kfp_run_name`` / ``kfp_task_name``, which the pipeline fills with
+:data:`KFP_LINEAGE` (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``, ``…JOB_NAME…``, ``…TASK_NAME…``,
+resolved by KFP at run time); the task hands them to the step as ``XCT_KFP_*``
+(:func:`components.tracking.kfp_environment`) and every MLflow run it makes is tagged
+``kfp.run_id`` / ``kfp.run_name`` / ``kfp.task_name`` (:func:`components.tracking.origin_tags`).
+The processed data's artifact URI becomes ``XCT_DATA_URI``: the source of the runs' dataset
+inputs.
+
 Images: ``xct-light`` (CPU: every step but training) and ``xct-train`` (CUDA: training). Both
 ship xct and the pinned kfp, so components do not pip-install kfp at start-up
 (``install_kfp_package=False``); that also keeps ``kfp.local`` runs from touching the current
@@ -259,6 +268,10 @@ def preprocess_component(
 
 #: the output-parameter name of the gate decision (read by ``dsl.If`` in pipelines/kfp_dag.py)
 GATE_PASSED = "passed"
+#: the lineage inputs of the tasks that open MLflow runs: KFP resolves these placeholders at
+#: run time to the run's id and name and the task's name (``**KFP_LINEAGE`` in pipelines/kfp_dag.py)
+KFP_LINEAGE = {"kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "kfp_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+               "kfp_task_name": dsl.PIPELINE_TASK_NAME_PLACEHOLDER}
 
 
 def _environment(values: dict) -> None:
@@ -273,6 +286,15 @@ def _environment(values: dict) -> None:
     install_redaction()
 
 
+def _lineage_environment(kfp_run_id: str, kfp_run_name: str, kfp_task_name: str, data: Any = None) -> None:
+    """``XCT_KFP_*`` from the task's lineage inputs (:data:`KFP_LINEAGE`) and ``XCT_DATA_URI``
+    from the processed data artifact ``data``: the tags and dataset source of its MLflow runs."""
+    from components.tracking import kfp_environment
+
+    _environment({**kfp_environment(kfp_run_id, kfp_run_name, kfp_task_name),
+                  "XCT_DATA_URI": getattr(data, "uri", "") if data is not None else ""})
+
+
 @train_component
 def train_stage_component(
     stage: int,
@@ -282,6 +304,9 @@ def train_stage_component(
     params_yaml: str = "",
     ray_address: str = "",
     mlflow_tracking_uri: str = "",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+    kfp_task_name: str = "",
 ) -> NamedTuple("TrainOutputs", [("final_step", int)]):  # noqa: UP014
     """Train cascade stage ``stage`` into ``model`` (:func:`components.train.run_train`: Ray
     Train + MLflow; :func:`components.train.run_local` in-process when
@@ -296,7 +321,7 @@ def train_stage_component(
     from collections import namedtuple
     from pathlib import Path
 
-    from components.kfp_components import _environment, params_from_text
+    from components.kfp_components import _environment, _lineage_environment, params_from_text
     from components.ops_params import OpsParams
     from components.train import run_local, run_train
 
@@ -308,6 +333,7 @@ def train_stage_component(
     out.mkdir(parents=True, exist_ok=True)
     params = params_from_text(params_yaml, OpsParams, step="train", stage=stage)
     _environment({"RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_tracking_uri})
+    _lineage_environment(kfp_run_id, kfp_run_name, kfp_task_name, processed)  # tags of its MLflow runs
     if params.pipeline.train.local:
         final_step = run_local(params, stage, processed.path, out, fresh=True).final_step
     elif params.pipeline.ray.address:  # a Ray job on that cluster (Jobs API); this pod needs no GPU
@@ -389,33 +415,71 @@ def register_component(
     model: Input[Model],
     reports: Input[Dataset],
     summary: Output[Dataset],
+    processed: Input[Dataset] = None,
     params_yaml: str = "",
     mlflow_tracking_uri: str = "",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+    kfp_task_name: str = "",
 ) -> None:
     """Register the cascade (every gate passed; :func:`components.register.run_register`) →
     ``summary`` (``summary.json`` + the model card). ``model``: the last stage's training
     folder (every stage's model); ``reports``: the last gate's reports (every stage's
-    evaluation and gate report, :class:`xct_core.layout.ReportLayout`)."""
+    evaluation and gate report, :class:`xct_core.layout.ReportLayout`); ``processed``: the
+    data (lineage: its hash, the dataset inputs, the card's protocol)."""
     from pathlib import Path
 
-    from components.kfp_components import _environment, params_from_text
+    from components.kfp_components import _environment, _lineage_environment, params_from_text
     from components.register import run_register
     from xct_core.layout import ReportLayout
 
     _environment({"MLFLOW_TRACKING_URI": mlflow_tracking_uri})
+    _lineage_environment(kfp_run_id, kfp_run_name, kfp_task_name, processed)
     layout = ReportLayout(Path(reports.path))
     out = Path(summary.path) / "summary.json"
     run_register(layout.gates_root, layout.eval_root, model.path, out, params_from_text(params_yaml, step="register"),
-                 log=print)
+                 processed_dir=processed.path if processed is not None else None, log=print)
 
 
 @light_component
-def rejected_component(stage: int, gate_summary: str, report: Output[Markdown]) -> str:
-    """The ``dsl.Else`` branch of gate ``stage``: the run stops here (rejected, not failed)."""
+def rejected_component(
+    stage: int,
+    gate_summary: str,
+    report: Output[Markdown],
+    summary: Output[Dataset],
+    model: Input[Model] = None,
+    reports: Input[Dataset] = None,
+    processed: Input[Dataset] = None,
+    params_yaml: str = "",
+    mlflow_tracking_uri: str = "",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+    kfp_task_name: str = "",
+) -> str:
+    """The ``dsl.Else`` branch of gate ``stage``: the run stops here (rejected, not failed).
+    With the gate's ``reports`` (and ``model``, ``processed``, ``params_yaml``) it runs the
+    register step's rejected path (:func:`components.register.run_register`): ``summary``
+    gets ``summary.json`` + the model card, and MLflow the rejected candidate's audit run
+    (:func:`components.register.log_rejected`) and the pipeline run's gate metrics."""
+    from pathlib import Path
+
+    from components.kfp_components import _environment, _lineage_environment, params_from_text
+    from components.register import run_register
+    from xct_core.layout import ReportLayout
+
     line = f"Rejected at stage {stage}; later stages were not run. {gate_summary}"
     print(line)
     with open(report.path, "w") as f:
         f.write(f"# Pipeline stopped at gate {stage}\n\n{gate_summary}\n")
+    if reports is not None:
+        _environment({"MLFLOW_TRACKING_URI": mlflow_tracking_uri})
+        _lineage_environment(kfp_run_id, kfp_run_name, kfp_task_name, processed)
+        layout = ReportLayout(Path(reports.path))
+        doc = run_register(layout.gates_root, layout.eval_root, model.path if model is not None else summary.path,
+                           Path(summary.path) / "summary.json", params_from_text(params_yaml),
+                           processed_dir=processed.path if processed is not None else None, log=print)
+        if doc["status"] != "rejected":
+            raise RuntimeError(f"gate {stage} failed but the reports say {doc['status']}: {layout.root}")
     return line
 
 
@@ -423,14 +487,18 @@ def rejected_component(stage: int, gate_summary: str, report: Output[Markdown]) 
 
 
 @light_component
-def run_summary_component(status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact], data_uri: str = "") -> str:
-    """Exit task: write the run summary (``summary/run_summary.json``); returns the final state."""
+def run_summary_component(status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact], data_uri: str = "",
+                          kfp_run_id: str = "") -> str:
+    """Exit task: write the run summary (``summary/run_summary.json``); returns the final state.
+    ``kfp_run_id`` (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``): the id the run's MLflow runs carry
+    as ``kfp.run_id``."""
     import json
 
     from components.kfp_exit_handler import run_summary, write_run_summary
 
     doc = run_summary(status.state, job=status.pipeline_job_resource_name, task=status.pipeline_task_name,
-                      error_code=status.error_code, error_message=status.error_message or "", data_uri=data_uri)
+                      error_code=status.error_code, error_message=status.error_message or "", data_uri=data_uri,
+                      job_id=kfp_run_id if not kfp_run_id.startswith("{{") else "")
     write_run_summary(doc, summary.path)
     print(f"xct run summary: {json.dumps(doc, sort_keys=True)}")
     return str(status.state)

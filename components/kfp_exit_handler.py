@@ -26,13 +26,15 @@ SUMMARY_FILE = "run_summary.json"
 
 
 def run_summary(state: str, job: str = "", task: str = "", error_code: float | None = None,
-                error_message: str = "", data_uri: str = "") -> dict[str, Any]:
+                error_message: str = "", data_uri: str = "", job_id: str = "") -> dict[str, Any]:
     """The run summary document (plain dict, JSON-ready). ``task`` is the task the exit handler
-    guards (its ``exit-handler-N`` group); ``error_code`` arrives as a float from KFP."""
+    guards (its ``exit-handler-N`` group); ``error_code`` arrives as a float from KFP;
+    ``job_id``: the run's id, the ``kfp.run_id`` tag of its MLflow runs (lineage)."""
     return redact_doc({
         "state": state,
         "succeeded": state == "SUCCEEDED",
         "pipeline_job": job,
+        "pipeline_job_id": job_id,
         "guarded_task": task,
         "error_code": int(error_code) if error_code is not None else None,
         "error_message": error_message,

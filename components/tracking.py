@@ -8,7 +8,18 @@ a tracking server decides its own artifact store).
 Lineage tags on every run: ``mlflow.source.git.commit`` (+ ``xct.git_dirty``), the DVC
 hash of the data folder (``xct.data_hash`` from ``dvc.lock`` or ``<data>.dvc``; without
 DVC the sha256 of the preprocess manifest, which lists every file's sha256 — the tag
-``xct.data_hash_source`` says which), and ``xct.params_digest``.
+``xct.data_hash_source`` says which), ``xct.params_digest`` and where the run came from
+(:func:`origin_tags`): ``xct.origin`` = ``kfp`` with ``kfp.run_id`` / ``kfp.run_name`` /
+``kfp.task_name`` inside a KFP task (the pipeline hands ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``
+etc. to the task, which sets ``XCT_KFP_*``), ``local`` otherwise (``dvc repro``, ``xct``).
+
+Datasets (:func:`dataset_inputs`): the processed data as an MLflow dataset input (source
+URI, digest = ``xct.data_hash``, context ``train`` / ``val`` / ``test``) — on the stage runs
+(train, val) and on the registration / rejected-candidate run (train, val, test).
+
+Experiments are created (or found) with ``mlflow.experimentKind = custom_model_development``
+(:data:`EXPERIMENT_KIND`), the tag MLflow 3's UI reads to open an experiment on its runs
+rather than its GenAI (traces) view; a kind the user set is left alone.
 
 Runs: one parent *pipeline* run per output folder (or ``$XCT_PIPELINE_RUN_ID``, e.g. set by
 the KFP pipeline) and one nested run per stage (tag ``mlflow.parentRunId``). The ids are
@@ -60,6 +71,15 @@ DEFAULT_TRACKING_URI = f"sqlite:///{REPO / 'mlflow.db'}"
 #: environment variable naming an existing pipeline (parent) run to nest stage runs under
 PIPELINE_RUN_ENV = "XCT_PIPELINE_RUN_ID"
 _PARAM_MAX = 6000
+#: the experiment tag MLflow 3's UI reads (mlflow/server/js: ExperimentKind) and its value
+#: for a model-training experiment (the UI then opens on the runs, not the GenAI traces view)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+#: environment variables a KFP task sets from the pipeline's placeholders → run tags
+KFP_ENV = {"XCT_KFP_RUN_ID": "kfp.run_id", "XCT_KFP_RUN_NAME": "kfp.run_name", "XCT_KFP_TASK_NAME": "kfp.task_name"}
+#: the MLflow dataset name of the processed data (one dataset, a context per split)
+DATASET_NAME = "xct-processed"
+#: the file in a training output folder that names its pipeline (parent) run (:class:`StageRun`)
+PIPELINE_FILE = "mlflow_pipeline.json"
 
 
 class RegistryError(XctError):
@@ -235,17 +255,21 @@ def get_client(uri: str | None = None) -> MlflowClient:
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created (with :func:`artifact_root`) if missing."""
+    """The id of experiment ``name``, created (with :func:`artifact_root`) if missing, and
+    marked a model-training experiment (:data:`EXPERIMENT_KIND`) unless it has a kind."""
+    key, kind = EXPERIMENT_KIND
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
-    except MlflowException:  # created concurrently
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri),
+                                            tags={key: kind})
+        except MlflowException:  # created concurrently
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if key not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, key, kind)
+    return exp.experiment_id
 
 
 # --------------------------------------------------------------------------- lineage
@@ -300,10 +324,25 @@ def dvc_data_hash(data_dir: str | Path, repo: Path = REPO) -> tuple[str | None, 
     return None, "none"
 
 
+def kfp_environment(run_id: str = "", run_name: str = "", task_name: str = "") -> dict[str, str]:
+    """The ``XCT_KFP_*`` variables for a KFP task's resolved placeholders (empty or unresolved
+    ``{{$.…}}`` values left out): what :func:`origin_tags` reads."""
+    vals = dict(zip(KFP_ENV, (run_id, run_name, task_name), strict=True))
+    return {k: v for k, v in vals.items() if v and not v.startswith("{{")}
+
+
+def origin_tags() -> dict[str, str]:
+    """Where a run comes from: inside a KFP task ``xct.origin=kfp`` + ``kfp.run_id``,
+    ``kfp.run_name``, ``kfp.task_name`` (from ``XCT_KFP_*``, :func:`kfp_environment`);
+    elsewhere (``dvc repro``, the ``xct`` CLI) ``xct.origin=local`` and no ``kfp.*`` tags."""
+    tags = {tag: os.environ[var] for var, tag in KFP_ENV.items() if os.environ.get(var)}
+    return {"xct.origin": "kfp" if "kfp.run_id" in tags else "local", **tags}
+
+
 def lineage_tags(params_digest: str, data_dir: str | Path | None) -> dict[str, str]:
-    """Git commit, DVC data hash and params digest as MLflow tags."""
+    """Git commit, DVC data hash, params digest and origin (:func:`origin_tags`) as MLflow tags."""
     commit, dirty = git_commit()
-    tags = {"xct.params_digest": params_digest}
+    tags = {"xct.params_digest": params_digest, **origin_tags()}
     if commit:
         tags[MLFLOW_GIT_COMMIT] = commit
         tags["xct.git_dirty"] = str(dirty).lower()
@@ -314,6 +353,93 @@ def lineage_tags(params_digest: str, data_dir: str | Path | None) -> dict[str, s
         tags["xct.data_hash_source"] = src
         tags["xct.data_dir"] = str(Path(data_dir).absolute())
     return tags
+
+
+def _dataset_source(uri: str) -> Any:
+    """An MLflow dataset source for ``uri`` (s3://, gs://, a local path, … as MLflow resolves
+    them; KFP's ``minio://`` is its S3 store: ``s3://``). A scheme MLflow does not know keeps
+    its URI in a local-artifact source (the URI is what lineage needs)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if uri.startswith("minio://"):
+        uri = "s3://" + uri.removeprefix("minio://")
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways" notices
+        warnings.simplefilter("ignore")
+        try:
+            return resolve_dataset_source(uri)
+        except MlflowException:
+            return type(resolve_dataset_source(str(Path.cwd())))(uri)
+
+
+def dataset_inputs(data_dir: str | Path, contexts: tuple[str, ...], source_uri: str | None = None) -> list[Any]:
+    """The processed data folder as MLflow dataset inputs, one per context (``train``, ``val``,
+    ``test``): name ``xct-processed-<context>`` (:data:`DATASET_NAME`), source ``source_uri``
+    (``$XCT_DATA_URI`` — e.g. the KFP artifact's URI — else the folder's absolute path),
+    digest = the DVC / manifest hash of :func:`dvc_data_hash`, profile = the number of volumes
+    per split (from the preprocess manifest) and where the digest came from. ``[]`` when the folder has no hash."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    digest, origin = dvc_data_hash(data_dir)
+    if digest is None:
+        return []
+    splits: dict[str, int] = {}
+    try:
+        splits = {str(s): len(v) for s, v in (read_json_doc(Path(data_dir) / "manifest.json", "preprocess manifest")
+                                              .get("splits") or {}).items()}
+    except XctError:
+        pass
+    source = source_uri or os.environ.get("XCT_DATA_URI") or str(Path(data_dir).absolute())
+    src = _dataset_source(source)
+    profile = json.dumps({"digest_source": origin, "n_volumes": splits}, sort_keys=True)
+    # one dataset per split: MLflow keeps one input per (dataset, run), whatever its context
+    return [DatasetInput(Dataset(name=f"{DATASET_NAME}-{c}", digest=digest[:36], source_type=src._get_source_type(),
+                                 source=src.to_json(), profile=profile),
+                         tags=[InputTag(MLFLOW_DATASET_CONTEXT, c)]) for c in contexts]
+
+
+def log_datasets(client: MlflowClient, run_id: str, data_dir: str | Path | None, contexts: tuple[str, ...]) -> int:
+    """Log :func:`dataset_inputs` of ``data_dir`` to ``run_id`` (nothing when ``data_dir`` is
+    None or has no hash); returns how many inputs were logged."""
+    inputs = dataset_inputs(data_dir, contexts) if data_dir is not None else []
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+    return len(inputs)
+
+
+def pipeline_run_of(train_dir: str | Path, uri: str) -> str | None:
+    """The parent pipeline run of a training output folder (``mlflow_pipeline.json``, written
+    by :class:`StageRun`) when it is in the store at ``uri``; else ``$XCT_PIPELINE_RUN_ID``;
+    else None."""
+    state = _read_json(Path(train_dir) / PIPELINE_FILE)
+    if state.get("run_id") and state.get("tracking_uri") == uri:
+        return str(state["run_id"])
+    return os.environ.get(PIPELINE_RUN_ENV) or None
+
+
+def gate_metrics(gates: Mapping[int, Mapping[str, Any] | None]) -> dict[str, float]:
+    """Gate reports (stage → ``gates/stageK.json`` content, None when missing) as metrics of
+    the pipeline run: ``gate{k}.passed`` (1/0; a missing report is 0) and each check's
+    measured value ``gate{k}.{check}`` (e.g. ``gate1.psnr_window``)."""
+    out: dict[str, float] = {}
+    for k, doc in sorted(gates.items()):
+        doc = doc or {}
+        out[f"gate{k}.passed"] = 1.0 if doc.get("passed") and not doc.get("skipped") else 0.0
+        for c in doc.get("checks") or []:
+            v = c.get("value")
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+                out[f"gate{k}.{c.get('name') or c.get('metric')}"] = float(v)
+    return out
+
+
+def log_pipeline_verdict(client: MlflowClient, run_id: str, gates: Mapping[int, Mapping[str, Any] | None],
+                         tags: Mapping[str, str]) -> None:
+    """The gate results (:func:`gate_metrics`) and the verdict ``tags`` on the pipeline run."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in gate_metrics(gates).items()]
+    client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -418,8 +544,8 @@ class StageRun:
     def __init__(self, **kw: Any) -> None:
         """Keyword arguments: ``experiment``, ``stage``, ``run_name``, ``state_file``,
         ``pipeline_file``, ``params``, ``tags``, ``new_run``, ``new_pipeline``,
-        ``parent_run_id`` (see :meth:`_open`). An MLflow that cannot answer is one
-        :class:`RegistryError` line."""
+        ``parent_run_id``, ``data_contexts`` (see :meth:`_open`). An MLflow that cannot
+        answer is one :class:`RegistryError` line."""
         self.uri = tracking_uri()
         self.client = get_client(self.uri)
         with registry_errors(self.uri, f"opening the MLflow run of stage {kw.get('stage')}"):
@@ -438,7 +564,10 @@ class StageRun:
         new_run: bool = False,
         new_pipeline: bool = False,
         parent_run_id: str | None = None,
+        data_contexts: tuple[str, ...] = ("train", "val"),
     ) -> None:
+        """``data_contexts``: the splits of the data folder (tag ``xct.data_dir``) a new stage
+        run logs as dataset inputs (:func:`log_datasets`)."""
         self.experiment_id = ensure_experiment(self.client, experiment)
         parent = parent_run_id or os.environ.get(PIPELINE_RUN_ENV)
         #: we keep the parent's status in step with the stages only when the parent is ours
@@ -478,6 +607,8 @@ class StageRun:
             )
             self.run_id = run.info.run_id
             _write_json(state_file, {"run_id": self.run_id, "parent_run_id": parent, "tracking_uri": redact_url(self.uri)})
+            if tags.get("xct.data_dir"):
+                log_datasets(self.client, self.run_id, tags["xct.data_dir"], data_contexts)
         self._log_params(params)
         self.client.log_batch(self.run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()], synchronous=True)
 

@@ -65,6 +65,7 @@ from kfp.dsl import Dataset
 from components.kfp_components import (
     GATE_PASSED,
     data_params_component,
+    KFP_LINEAGE,
     evaluate_step_component,
     gate_report_component,
     ingest_component,
@@ -152,7 +153,7 @@ def _cascade(k: int, n: int, processed: Any, previous: tuple[Any, Any] | None, p
     after_reports = {"earlier": previous[1].outputs["reports"]} if previous is not None else {}
     train = ctl(train_stage_component(
         stage=k, processed=processed, params_yaml=scoped["train"], ray_address=ray_address,
-        mlflow_tracking_uri=mlflow_tracking_uri, **after_model,
+        mlflow_tracking_uri=mlflow_tracking_uri, **after_model, **KFP_LINEAGE,
     ).set_display_name(f"train stage {k}"), "train")
     evaluate = ctl(evaluate_step_component(
         stage=k, processed=processed, train_dir=train.outputs["model"], params_yaml=scoped["evaluate"],
@@ -166,11 +167,15 @@ def _cascade(k: int, n: int, processed: Any, previous: tuple[Any, Any] | None, p
             _cascade(k + 1, n, processed, (train, gate), **common)
         else:
             ctl(register_component(
-                model=train.outputs["model"], reports=gate.outputs["reports"],
-                params_yaml=register_params, mlflow_tracking_uri=mlflow_tracking_uri,
+                model=train.outputs["model"], reports=gate.outputs["reports"], processed=processed,
+                params_yaml=register_params, mlflow_tracking_uri=mlflow_tracking_uri, **KFP_LINEAGE,
             ).set_display_name("register"))
-    with dsl.Else():
-        ctl(rejected_component(stage=k, gate_summary=gate.outputs["summary"]).set_display_name(f"rejected at gate {k}"))
+    with dsl.Else():  # the rejected candidate's audit trail (MLflow) from the gate's reports
+        ctl(rejected_component(
+            stage=k, gate_summary=gate.outputs["summary"], model=train.outputs["model"],
+            reports=gate.outputs["reports"], processed=processed, params_yaml=register_params,
+            mlflow_tracking_uri=mlflow_tracking_uri, **KFP_LINEAGE,
+        ).set_display_name(f"rejected at gate {k}"))
 
 
 def _caching(params: OpsParams, caching: bool | None) -> bool:
@@ -220,7 +225,8 @@ def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = No
         ray_address: str = "",
         mlflow_tracking_uri: str = "",
     ) -> None:
-        exit_task = ctl.pod(run_summary_component(data_uri=data_uri).set_display_name("run summary"))
+        exit_task = ctl.pod(run_summary_component(data_uri=data_uri, kfp_run_id=KFP_LINEAGE["kfp_run_id"]
+                                          ).set_display_name("run summary"))
         exit_task.set_caching_options(False)  # the summary of THIS run, never a cached one
         with dsl.ExitHandler(exit_task, name="xct-run"):
             raw = ctl(dsl.importer(artifact_uri=data_uri, artifact_class=Dataset, reimport=False)
