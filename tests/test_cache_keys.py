@@ -141,8 +141,10 @@ def test_editing_gate3_changes_gate3s_key_only(base_keys: tuple[dict, dict[str, 
     assert set(after) == set(before)
     changed = {names[t] for t in before if before[t] != after[t]}
     # the scope tasks read the whole text (cheap; their outputs are what the others get), and
-    # register ships the whole params with the model (params.json: serving reads it)
-    assert changed == {"gate 3", "register", "params", "params stage 1", "params stage 2", "params stage 3"}, changed
+    # register ships the whole params with the model (params.json: serving reads it); a
+    # "rejected at gate K" task runs register's rejected path (the audit run logs the params)
+    assert changed == {"gate 3", "register", "params", "params stage 1", "params stage 2", "params stage 3",
+                       "rejected at gate 1", "rejected at gate 2", "rejected at gate 3"}, changed
     same = {names[t] for t in before if before[t] == after[t]}
     assert {"ingest-component", "validate-component", "preprocess-component", "train stage 1", "train stage 2",
             "train stage 3", "evaluate stage 1", "evaluate stage 2", "evaluate stage 3", "gate 1", "gate 2"} <= same
@@ -155,8 +157,9 @@ def test_a_stage2_parameter_reaches_stage2_onward_only(base_keys: tuple[dict, di
     edited = OpsParams.model_validate(data)
     after = _key_material(_compile(edited, tmp_path / "p.yaml"), params_text(edited))
     names = _display(ir)
-    changed = {names[t] for t in before if before[t] != after[t]} - {"params", "params stage 1", "params stage 2",
-                                                                      "params stage 3", "register"}
+    changed = {names[t] for t in before if before[t] != after[t]} - {
+        "params", "params stage 1", "params stage 2", "params stage 3", "register",
+        "rejected at gate 1", "rejected at gate 2", "rejected at gate 3"}  # the whole-params tasks
     assert changed == {"train stage 2"}, changed  # later stages re-run through the new model artifact
 
 
