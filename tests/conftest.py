@@ -30,7 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 #: test modules that start a real engine or server (marked ``integration``), with what they start
 INTEGRATION: dict[str, str] = {
     "test_dvc_pipeline.py": "dvc repro of the whole DAG on tiny profiles",
-    "test_dvc_exp.py": "dvc repro, exp run, metrics/plots diff of a two-stage tiny profile in a git copy",
     "test_dvc_remote.py": "dvc push/pull against an S3 server on 127.0.0.1",
     "test_hpo.py": "Optuna studies on Ray Tune with MLflow child runs",
     "test_images.py": "podman: the built images, kfp.local DockerRunner",

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dvc_exp_checks import GIT_ID, _run, check_committed_run, check_experiment
 from pipeline_profile import (
     REPO,
     check_registered,
@@ -185,3 +186,11 @@ def test_dvc_repro_runs_and_registers_two_stages(scratch: Path) -> None:
     assert sync.returncode == 0 and f"for {n} stages" in sync.stdout, sync.stdout + sync.stderr
     assert _repro(repo, env) == dvc_chain(_names(n))
     check_registered(json.loads((repo / "reports/summary.json").read_text()), n, root / "mlflow.db")
+    # DVC as its users expect (issue 22 item 6), on this same run: commit it, then an experiment
+    env = {**env, **GIT_ID}
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-q", "-m", "baseline run"], repo, env)
+    check_committed_run(repo, env)
+    # stage 2 trains 3 steps instead of 2 (stage 2 onward re-runs: the fewest steps)
+    _run([DVC, "exp", "run", "-S", "train.steps.stage2=3"], repo, env)
+    check_experiment(repo, env, root / "plots")
