@@ -30,6 +30,7 @@ INTEGRATION: dict[str, str] = {
     "test_mlflow_postgres.py": "PostgreSQL, moto and an mlflow server; Ray Train",
     "test_mlflow_server.py": "an mlflow server over moto / rclone S3",
     "test_ray_cluster.py": "a two-node Ray cluster (ray start), node kill and replacement",
+    "test_run_storage.py": "Ray Train with run storage on a moto S3 server, a killed `xct train` resumed",
     "test_realct.py": "the real-CT experiment end to end (../shared/data)",
     "test_s3.py": "moto and rclone S3 servers",
     "test_serving.py": "an mlflow models serve process",

@@ -20,7 +20,8 @@ from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, alias_sets,
 
 def train(
     stage: Annotated[int, typer.Option("--stage", "-k", help="1-based cascade stage")],
-    processed: Annotated[Path, typer.Option("--processed", help="preprocessed data folder")] = Path("data/processed"),
+    processed: Annotated[str, typer.Option("--processed", help="preprocessed data folder (with run storage: "
+                                           "published to the run; or an s3:// data URI)")] = "data/processed",
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default: params train.out_dir)")] = None,
     params: ParamsOpt = None,
     overlay: OverlayOpt = None,
@@ -33,17 +34,37 @@ def train(
     device: Annotated[Optional[str], typer.Option("--device", help="--local: cuda | cuda:1 | cpu (default: cuda when available)")] = None,
     gates: Annotated[Optional[Path], typer.Option("--gates", help="run only if the previous stage's gate in this folder "
                                                   "passed (else write skip markers; dvc.yaml)")] = None,
+    storage_uri: Annotated[Optional[str], typer.Option("--storage-uri", help="= --set pipeline.storage.uri=URI: the run "
+                                                       "lives in URI/RUN_ID/ (s3://bucket/prefix or a mounted folder)")] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="the run's folder under the storage URI; the same id "
+                                                  "resumes it (required with run storage)")] = None,
 ) -> None:
     """Train cascade stage K from the preprocessed shards; resumes an interrupted run."""
     from components.guard import proceed
     from xct_core.devices import parse_device
     from xct_core.layout import RunLayout
 
-    from components.ray_params import RayParams
+    from components.ops_params import OpsParams
+    from components.run_storage import RunStorage
 
     device = parse_device(device)  # a one-line error before anything is loaded
-    p = command_params(params, overlay, alias_sets(set_, **{"train.ray.num_workers": workers, "train.ray.use_gpu": gpu}),
-                       schema=RayParams)
+    p = command_params(params, overlay, alias_sets(set_, **{"train.ray.num_workers": workers, "train.ray.use_gpu": gpu,
+                                                            "pipeline.storage.uri": storage_uri}),
+                       schema=OpsParams)
+    storage = None
+    if p.pipeline.storage.uri:
+        from xct_core.errors import ConfigError
+
+        if local:
+            raise ConfigError("--local trains in this process into --out: it does not use pipeline.storage.uri")
+        if not run_id:
+            raise ConfigError(f"pipeline.storage.uri is {p.pipeline.storage.uri!r}: give --run-id (the run's folder "
+                              "there; the same id resumes it)")
+        storage = RunStorage.for_run(p.pipeline.storage.uri, run_id, p.s3)
+    elif run_id:
+        from xct_core.errors import ConfigError
+
+        raise ConfigError("--run-id names a folder under the run storage: set --storage-uri (pipeline.storage.uri) too")
     p.stage(stage)  # an unknown stage is a one-line error before anything else
     layout = RunLayout((out or Path(p.train.out_dir)), stage)
     if not proceed(gates, stage, list(layout.step_outputs()), log=typer.echo):
@@ -57,11 +78,12 @@ def train(
         return
     from components.train import run_train
 
-    s = run_train(p, stage, processed, out, steps=steps, fresh=fresh, log=typer.echo)
+    s = run_train(p, stage, processed, out, steps=steps, fresh=fresh, log=typer.echo, storage=storage)
     best = s.metrics.get("best_value")
     metric = s.metrics.get("best_metric", "")
     tail = f", best {metric} {best:.3f} at step {s.metrics.get('best_step')}" if isinstance(best, (int, float)) else ""
-    typer.echo(f"{s.name}: step {s.final_step}{tail} → {s.final_model} (MLflow run {s.run_id})")
+    where = f"{s.train_uri}/{s.final_model.as_posix()}" if s.train_uri else str(s.final_model)
+    typer.echo(f"{s.name}: step {s.final_step}{tail} → {where} (MLflow run {s.run_id})")
 
 
 def register(app: typer.Typer) -> None:
