@@ -215,6 +215,7 @@ def train_stage_component(
     params_yaml: str = "",
     ray_address: str = "",
     mlflow_tracking_uri: str = "",
+    pipeline_run_id: str = "",
 ) -> NamedTuple("TrainOutputs", [("final_step", int)]):  # noqa: UP014
     """Train cascade stage ``stage`` into ``model`` (:func:`components.train.run_train`: Ray
     Train + MLflow; :func:`components.train.run_local` in-process when
@@ -222,6 +223,12 @@ def train_stage_component(
 
     ``previous``: stage K-1's ``model`` folder (required for K > 1; copied in first so the
     frozen earlier stages are found at ``models/stage{1..K-1}``).
+
+    With run storage (``pipeline.storage.uri``; ``pipeline_run_id`` = the KFP run's id,
+    ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``) the training lives in ``<uri>/<run id>/``: data,
+    checkpoints and models there, never in this pod; a retried task resumes from the newest
+    checkpoint there (no ``fresh`` start). ``model`` then receives the run's exported models,
+    curves and metrics for the downstream tasks.
     """
     import shutil
     from collections import namedtuple
@@ -229,7 +236,10 @@ def train_stage_component(
 
     from components.kfp_components import _environment, params_from_text
     from components.ops_params import OpsParams
+    from components.run_storage import RunStorage
     from components.train import run_local, run_train
+    from xct_core.errors import ConfigError
+    from xct_core.layout import RUN_STORAGE_DIRS, RunLayout
 
     out = Path(model.path)
     if stage > 1:
@@ -239,7 +249,21 @@ def train_stage_component(
     out.mkdir(parents=True, exist_ok=True)
     params = params_from_text(params_yaml, OpsParams)
     _environment({"RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_tracking_uri})
-    if params.pipeline.train.local:
+    if params.pipeline.storage.uri and not params.pipeline.train.local:
+        if not pipeline_run_id:
+            raise ConfigError("pipeline.storage.uri is set but the train task got no pipeline_run_id: compile the "
+                              "pipeline with pipeline.storage.uri set (it passes the KFP run id)")
+        storage = RunStorage.for_run(params.pipeline.storage.uri, pipeline_run_id, params.s3)
+        for j in range(1, stage):  # the frozen earlier stages (a cached upstream task may not have published them)
+            folder = RunLayout(out, j).model().parent
+            storage.put_dir(folder, f"{RUN_STORAGE_DIRS['train']}/{folder.relative_to(out).as_posix()}")
+        final_step = run_train(params, stage, processed.path, None, storage=storage, log=print).final_step
+        lay = RunLayout(out, stage)
+        for p in (lay.model().parent, lay.plots, lay.metrics_file):
+            rel = f"{RUN_STORAGE_DIRS['train']}/{p.relative_to(out).as_posix()}"
+            storage.get_file(rel, p) if p.suffix == ".json" else storage.get_dir(rel, p)
+        model.metadata["run_uri"] = storage.root
+    elif params.pipeline.train.local:
         final_step = run_local(params, stage, processed.path, out, fresh=True).final_step
     else:
         final_step = run_train(params, stage, processed.path, out, fresh=True).final_step

@@ -72,8 +72,10 @@ PIPELINE_NAME = "xct-cascade"
 class _Controls:
     """Applies ``params.pipeline.kfp`` to each task as the DAG is built."""
 
-    def __init__(self, kp: KfpParams, caching: bool) -> None:
+    def __init__(self, kp: KfpParams, caching: bool, run_scoped: bool = False) -> None:
         self.kp, self.caching = kp, caching
+        #: the train tasks' run id (run storage, ``pipeline.storage.uri``): the KFP run's id
+        self.run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER if run_scoped else ""
 
     def __call__(self, task: Any, kind: str = "") -> Any:
         task.set_caching_options(self.caching)
@@ -104,7 +106,7 @@ def _cascade(k: int, n: int, processed: Any, previous: tuple[Any, Any] | None, p
     after_reports = {"earlier": previous[1].outputs["reports"]} if previous is not None else {}
     train = ctl(train_stage_component(
         stage=k, processed=processed, params_yaml=params_yaml, ray_address=ray_address,
-        mlflow_tracking_uri=mlflow_tracking_uri, **after_model,
+        mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=ctl.run_id, **after_model,
     ).set_display_name(f"train stage {k}"), "train")
     evaluate = ctl(evaluate_step_component(
         stage=k, processed=processed, train_dir=train.outputs["model"], params_yaml=params_yaml,
@@ -142,7 +144,7 @@ def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = No
     # of the IR YAML, and a multi-line default would break that file
     compiled_params = json.dumps(params.model_dump(mode="json"), separators=(",", ":"))
     kp = params.pipeline.kfp
-    ctl = _Controls(kp, _caching(params, caching))
+    ctl = _Controls(kp, _caching(params, caching), run_scoped=bool(params.pipeline.storage.uri))
     n = params.n_stages
 
     @dsl.pipeline(name=PIPELINE_NAME, description=f"Biplanar X-ray → 3D CT cascade: data → {n} gated stages → register")

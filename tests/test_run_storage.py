@@ -228,3 +228,32 @@ def test_bad_storage_settings_are_one_line_errors(env: dict) -> None:
     assert xct([*base, "--storage-uri", f"s3://{BUCKET}/{PREFIX}", "--run-id", "../up"]) == 2
     assert xct(["train", "--stage", "2", "--processed", str(env["processed"]), "--params", str(env["pfile"]),
                 "--storage-uri", f"s3://{BUCKET}/{PREFIX}", "--run-id", "no-stage1"]) == 2  # stage 1 model not in the run
+
+
+def test_compiled_train_tasks_get_the_kfp_run_id_only_with_run_storage(tmp_path: Path) -> None:
+    """With ``pipeline.storage.uri`` set, every train task receives the KFP run id
+    (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``: its folder in the run storage, the same on a
+    retry); without it, none does (the tasks' inputs, and KFP's cache keys, stay as before)."""
+    from kfp import dsl
+
+    from components.ops_params import params_from_dict
+    from pipelines.kfp_dag import compile_pipeline
+
+    def train_run_ids(uri: str) -> list[Any]:
+        data = tiny_params().model_dump(mode="json")
+        data["pipeline"] = {"storage": {"uri": uri}}
+        spec = yaml.safe_load(compile_pipeline(tmp_path / f"p{len(uri)}.yaml", params_from_dict(data)).read_text())
+        found: list[Any] = []
+
+        def walk(dag: dict) -> None:
+            for name, task in dag.get("tasks", {}).items():
+                if name.startswith("train-stage-component"):
+                    params = task.get("inputs", {}).get("parameters", {})
+                    found.append(params.get("pipeline_run_id", {}).get("runtimeValue", {}).get("constant"))
+        walk(spec["root"]["dag"])
+        for comp in spec["components"].values():
+            walk(comp.get("dag", {}))
+        return found
+
+    assert train_run_ids(f"s3://{BUCKET}/{PREFIX}") == [dsl.PIPELINE_JOB_ID_PLACEHOLDER] * 2  # stages 1 and 2
+    assert train_run_ids("") == ["", ""]
