@@ -112,6 +112,16 @@ class RunStorage:
 
     # --- addresses ------------------------------------------------------------------------------
 
+    @staticmethod
+    def is_data_uri(value: str | Path) -> bool:
+        """:func:`is_uri` (for callers that hold a storage object, not this module)."""
+        return is_uri(value)
+
+    @staticmethod
+    def node_cache() -> Path:
+        """:func:`node_cache_root` of the node this runs on (resolved there, not pickled)."""
+        return node_cache_root()
+
     @property
     def is_s3(self) -> bool:
         return is_uri(self.root)

@@ -49,7 +49,6 @@ from typing import Any
 from xct_core.atomic import write_json_atomic
 from xct_core.checkpoint import latest_checkpoint
 from components.ray_params import RayParams
-from components.run_storage import RunStorage, is_uri, node_cache_root
 from xct_core.config import Params, params_from_dict
 from xct_core.errors import InputError, XctError
 from xct_core.layout import RUN_STORAGE_DIRS
@@ -66,6 +65,12 @@ from xct_core.training import (
     preflight,
     train_stage,
 )
+
+#: a :class:`components.run_storage.RunStorage` (run storage, ``pipeline.storage.uri``). It is
+#: handed in by the callers (``xct train``, the KFP task) and pickled to the workers, never
+#: imported here: the training step that dvc.yaml runs must not depend on the operational S3
+#: settings (tests/test_one_source.py), and it never uses run storage.
+RunStorageLike = Any
 
 #: environment variable with a JSON :class:`xct_core.training.FaultPlan` (resilience tests)
 FAULTS_ENV = "XCT_TRAIN_FAULTS"
@@ -125,7 +130,7 @@ def run_local(
                            faults=faults_from_env())
 
 
-def _stopped(name: str, layout: RunLayout, tracked: str = "", storage: RunStorage | None = None) -> str:
+def _stopped(name: str, layout: RunLayout, tracked: str = "", storage: RunStorageLike | None = None) -> str:
     """The one line of a run stopped by SIGTERM: where it can resume from."""
     if storage is not None:
         try:
@@ -272,7 +277,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         faults=FaultPlan(**config["faults"]), steps=config["steps"],
     )
     k = config["stage"]
-    storage = RunStorage(**config["storage"]) if config.get("storage") else None
+    storage = config.get("storage")  # a components.run_storage.RunStorage (pickled by Ray)
     if storage is not None:  # shared storage: data through the URI, outputs in a node-local scratch
         processed: str | Path = storage.node_copy(config["processed"])
         out_dir = _worker_scratch(storage, params, k, rank)
@@ -323,7 +328,7 @@ def _publishing(report: Any, publish: Any) -> Any:
     return hook
 
 
-def _publish_outputs(storage: RunStorage, layout: RunLayout) -> None:
+def _publish_outputs(storage: RunStorageLike, layout: RunLayout) -> None:
     """Rank 0: copy this stage's outputs from the scratch training folder to ``<run>/train``
     (unchanged files are skipped): exported models, curves, montages, metrics, placement."""
     for folder in (layout.model().parent, layout.plots, layout.montages):
@@ -332,7 +337,7 @@ def _publish_outputs(storage: RunStorage, layout: RunLayout) -> None:
         storage.put_file(f, _train_rel(layout, f))
 
 
-def _worker_scratch(storage: RunStorage, params: Params, k: int, rank: int) -> Path:
+def _worker_scratch(storage: RunStorageLike, params: Params, k: int, rank: int) -> Path:
     """A node-local training folder for this rank, rebuilt from the run storage at every
     worker-group attempt: the run's training folder (earlier stages' models, this stage's
     outputs and placement record) and this stage's checkpoints (every one Ray kept, so the
@@ -341,7 +346,7 @@ def _worker_scratch(storage: RunStorage, params: Params, k: int, rank: int) -> P
     import hashlib
 
     name = params.stage(k).name
-    scratch = node_cache_root() / "runs" / hashlib.sha256(storage.root.encode()).hexdigest()[:16] / f"{name}-rank{rank}"
+    scratch = storage.node_cache() / "runs" / hashlib.sha256(storage.root.encode()).hexdigest()[:16] / f"{name}-rank{rank}"
     layout = RunLayout(scratch, k)
     markers = {p.name: p.read_bytes() for p in layout.checkpoints.glob(".fault-*")} if layout.checkpoints.is_dir() else {}
     shutil.rmtree(scratch, ignore_errors=True)
@@ -456,7 +461,7 @@ def run_train(
     tracking: bool = True,
     progress: bool = True,
     log: Any = print,
-    storage: RunStorage | None = None,
+    storage: RunStorageLike | None = None,
 ) -> TrainSummary:
     """Train stage ``stage`` on Ray Train with MLflow tracking (see the module docstring).
 
@@ -498,7 +503,7 @@ def run_train(
                            parent_run_id=parent_run_id, tracking=tracking, progress=progress, log=log, guard=guard)
 
 
-def _run_in_storage(params: RayParams, k: int, processed: str, storage: RunStorage, *, steps: int | None,
+def _run_in_storage(params: RayParams, k: int, processed: str, storage: RunStorageLike, *, steps: int | None,
                     fresh: bool, faults: FaultPlan | None, parent_run_id: str | None, tracking: bool,
                     progress: bool, log: Any) -> TrainSummary:
     """:func:`run_train` with run storage: the driver's checks, the data published, then
@@ -506,7 +511,7 @@ def _run_in_storage(params: RayParams, k: int, processed: str, storage: RunStora
     import hashlib
 
     st = params.stage(k)
-    if is_uri(processed):
+    if storage.is_data_uri(processed):
         data_uri, local_data = processed, storage.node_copy(processed)
     else:
         data_uri, local_data = storage.processed, Path(processed).absolute()
@@ -516,10 +521,10 @@ def _run_in_storage(params: RayParams, k: int, processed: str, storage: RunStora
         if not storage.exists(rel):
             raise InputError(storage.url(rel), f"stage {j} model not found in the run storage: train stage {j} "
                                                f"with the same run id first (xct train --stage {j} --run-id …)")
-    driver = node_cache_root() / "driver" / hashlib.sha256(storage.root.encode()).hexdigest()[:16]
+    driver = storage.node_cache() / "driver" / hashlib.sha256(storage.root.encode()).hexdigest()[:16]
     layout = RunLayout(driver, k)
     with folder_lock(layout.train_lock), SigtermGuard(lambda: _stopped(st.name, layout, storage=storage)) as guard:
-        if not is_uri(processed):
+        if not storage.is_data_uri(processed):
             log(f"{st.name}: publishing {local_data} → {data_uri}")
             storage.put_dir(local_data, RUN_STORAGE_DIRS["processed"])
         return _run_locked(params, k, local_data, driver, steps=steps, fresh=fresh, faults=faults,
@@ -578,14 +583,14 @@ def _stage_docs(layout: RunLayout) -> list[Path]:
             layout.metrics_file]
 
 
-def _sync_down(store: RunStorage, layout: RunLayout) -> None:
+def _sync_down(store: RunStorageLike, layout: RunLayout) -> None:
     """The driver folder's state docs := the run storage's (absent there: absent here)."""
     for f in _stage_docs(layout):
         f.unlink(missing_ok=True)
         store.get_file(_train_rel(layout, f), f)
 
 
-def _clear_storage(store: RunStorage, layout: RunLayout, name: str) -> None:
+def _clear_storage(store: RunStorageLike, layout: RunLayout, name: str) -> None:
     """``--fresh`` with run storage: this stage's checkpoints, outputs and state docs go."""
     store.delete(f"{RUN_STORAGE_DIRS['ray']}/{name}")
     for p in (layout.checkpoints, layout.model().parent, layout.plots, layout.montages, layout.metrics_file):
@@ -594,7 +599,7 @@ def _clear_storage(store: RunStorage, layout: RunLayout, name: str) -> None:
 
 def _run_locked(params: Params, k: int, processed: Path, out: Path, *, steps: int | None, fresh: bool,
                 faults: FaultPlan | None, parent_run_id: str | None, tracking: bool, progress: bool, log: Any,
-                guard: SigtermGuard, storage: RunStorage | None = None, data_uri: str | None = None) -> TrainSummary:
+                guard: SigtermGuard, storage: RunStorageLike | None = None, data_uri: str | None = None) -> TrainSummary:
     """:func:`run_train` once the folder is locked and SIGTERM is guarded (``storage``: the
     run storage; ``out`` is then the driver's node-local mirror of its state docs)."""
     st = params.stage(k)
@@ -649,7 +654,7 @@ def _run_locked(params: Params, k: int, processed: Path, out: Path, *, steps: in
             "storage": None,
         }
         if storage is not None:  # workers read and write only through the run storage
-            config.update(processed=str(data_uri), out_dir=None, storage={"root": storage.root, "s3": storage.s3})
+            config.update(processed=str(data_uri), out_dir=None, storage=storage)
         trainer = _trainer(params, name, ray_storage, config, filesystem)
         t0 = time.perf_counter()
         with DriverBar(progress_file, name) if progress else contextlib.nullcontext():
@@ -670,7 +675,7 @@ def _run_locked(params: Params, k: int, processed: Path, out: Path, *, steps: in
 
 
 def _end_failed(e: BaseException, mlrun: Any, guard: SigtermGuard, name: str, layout: RunLayout,
-                max_failures: int, storage: RunStorage | None = None) -> None:
+                max_failures: int, storage: RunStorageLike | None = None) -> None:
     """Close the MLflow run of a run that raised ``e`` (never leave it RUNNING) and raise the
     one-line error to show, if it is not ``e`` itself."""
     import ray.train
@@ -695,7 +700,7 @@ def _end_failed(e: BaseException, mlrun: Any, guard: SigtermGuard, name: str, la
 
 
 def _summarise(name: str, k: int, layout: RunLayout, mlrun: Any, result: Any, log: Any, t_init: float,
-               t_fit: float, storage: RunStorage | None = None) -> TrainSummary:
+               t_fit: float, storage: RunStorageLike | None = None) -> TrainSummary:
     """After ``fit``: the non-finite verdict, tags, the placement record, the summary."""
     final = dict(result.metrics or {})
     if _failure_file(layout).is_file():

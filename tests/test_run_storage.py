@@ -257,3 +257,77 @@ def test_compiled_train_tasks_get_the_kfp_run_id_only_with_run_storage(tmp_path:
 
     assert train_run_ids(f"s3://{BUCKET}/{PREFIX}") == [dsl.PIPELINE_JOB_ID_PLACEHOLDER] * 2  # stages 1 and 2
     assert train_run_ids("") == ["", ""]
+
+
+# --------------------------------------------------------------------------- two nodes, no shared disk
+
+
+@pytest.fixture(scope="module")
+def cluster_env(env: dict, tmp_path_factory: pytest.TempPathFactory):
+    """A two-node cluster (tests/ray_cluster.py) whose worker node runs in its own mount
+    namespace — a private /tmp, the checkout's data/outputs hidden — so it shares no file
+    system with the driver; MLflow is a real ``mlflow server`` (HTTP), S3 the module's moto."""
+    pytest.importorskip("psutil")
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "--", "sh", "-c",
+                            "mount -t tmpfs tmpfs /tmp"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"no unprivileged mount namespaces here: {probe.stderr.strip()[:200]}")
+    from mlflow_server import MlflowServer
+    from ray_cluster import RayCluster
+
+    root = tmp_path_factory.mktemp("cluster")
+    params = tiny_params(train={"ray": {"num_workers": 2, "cpus_per_worker": 1.0, "max_failures": 1},
+                                "val_reprojection": False})
+    pfile = root / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    srv = MlflowServer(root / "mlflow", f"s3://{BUCKET}/mlflow", s3_endpoint=env["server"].url).start()
+    head_cache = root / "head-cache"
+    cluster = RayCluster(num_cpus=1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("XCT_NODE_CACHE", str(head_cache))  # the nodes inherit it (the isolated one: in its own /tmp)
+            mp.setenv("MLFLOW_TRACKING_URI", srv.url)
+            cluster.start()
+            worker = cluster.add_worker(isolated=True)
+            cluster.wait_alive(2)
+        child = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "XCT_"))}
+        child.update(cluster.client_env(), OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=srv.url, PYTHONUNBUFFERED="1",
+                     XCT_S3_ENDPOINT_URL=env["server"].url, XCT_NODE_CACHE=str(root / "driver-cache"))
+        yield {"root": root, "pfile": pfile, "cluster": cluster, "child": child, "uri": srv.url,
+               "head_id": cluster.node_id(cluster.nodes[0]), "worker_id": cluster.node_id(worker),
+               "head_cache": head_cache}
+    finally:
+        cluster.stop()
+        srv.stop()
+
+
+def test_two_nodes_without_a_shared_disk_train_through_the_bucket(env: dict, cluster_env: dict) -> None:
+    """Both nodes train (one worker each), the isolated one seeing neither the driver's data
+    folder nor its /tmp: everything it read and wrote went through the bucket."""
+    ce = cluster_env
+    run = f"{PREFIX}/run-c"
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--stage", "1", "--processed", str(env["processed"]),
+           "--params", str(ce["pfile"]), "--out", str(ce["root"] / "out-c"),
+           "--storage-uri", f"s3://{BUCKET}/{PREFIX}", "--run-id", "run-c"]
+    proc = subprocess.run(cmd, cwd=REPO, env=ce["child"], capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    keys = _keys(env, f"{run}/")
+    print("\n".join(["bucket listing (two nodes):", *keys]))
+    assert {f"{run}/ray/stage1/step_00000006/state.pt", f"{run}/train/models/stage1/final.pt"} <= set(keys)
+    placement = json.loads(_object(env, f"{run}/train/checkpoints/stage1/ray_workers.json",
+                                   ce["root"] / "rw.json").read_text())["attempts"]
+    first = placement[0]["workers"]
+    assert sorted(w["node_id"] for w in first) == sorted([ce["head_id"], ce["worker_id"]]), placement
+    assert sorted(w["node_ip"] for w in first) == ["127.0.0.2", "127.0.0.3"]
+    assert not (ce["root"] / "out-c").exists()
+    # the head node's workers took their copy of the data from the bucket (the isolated node's is in its own /tmp)
+    assert [p.parent.name for p in (ce["head_cache"] / "data").glob("*/manifest.json")]
+    metrics = json.loads(_object(env, f"{run}/train/metrics/stage1.json", ce["root"] / "m.json").read_text())
+    assert metrics["step"] == 6 and metrics["workers"] == 2
+    ml = json.loads(_object(env, f"{run}/train/checkpoints/stage1/mlflow.json", ce["root"] / "ml.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=ce["uri"])
+    assert sorted(m.step for m in client.get_metric_history(ml["run_id"], "train/loss")) == [2, 4, 6]
+    assert set(client.get_run(ml["run_id"]).data.tags["xct.ray_nodes"].split(",")) == {ce["head_id"], ce["worker_id"]}
