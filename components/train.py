@@ -29,6 +29,14 @@ The loop is :func:`xct_core.training.train_stage` (engine-agnostic); this module
   (:mod:`xct_core.training.guards`). A damaged checkpoint is skipped or refused by the loop
   (``train.on_corrupt_checkpoint``), with a warning line forwarded from rank 0.
 
+* **Run storage** (``pipeline.storage.uri`` + a run id; :mod:`components.run_storage`,
+  docs/cluster.md "Storage and resume"): the processed data, Ray Train's ``storage_path``
+  (the checkpoints), the exported models and the stage's state docs live under
+  ``<uri>/<run id>/`` (S3 or a mounted RWX folder); workers read the data through a
+  node-local cache and train in a node-local scratch folder rebuilt from the run storage at
+  each attempt; the driver writes nothing to ``out_dir``. The same run id resumes (a KFP
+  retry, a re-submitted Ray job) from the newest intact checkpoint there.
+
 Entry points: ``xct train --stage K`` (pipelines/commands/train.py; dvc.yaml runs it), the
 KFP train component (components/kfp_components.py) and :func:`run_train` / :func:`run_local`
 (in-process, no Ray, no MLflow: ``xct train --local``).
