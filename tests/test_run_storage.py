@@ -259,6 +259,41 @@ def test_compiled_train_tasks_get_the_kfp_run_id_only_with_run_storage(tmp_path:
     assert train_run_ids("") == ["", ""]
 
 
+def test_kfp_train_task_with_run_storage_trains_there_and_a_retry_resumes(env: dict) -> None:
+    """The KFP train component's function (what its pod runs) with ``pipeline.storage.uri``
+    and a KFP run id: it trains into the bucket and hands the run's models to its ``model``
+    artifact; a retry of the task (a fresh pod: a new, empty artifact folder) resumes from
+    the bucket's checkpoint instead of starting over — no step is trained or logged twice."""
+    from kfp import dsl
+
+    from components.kfp_components import train_stage_component
+
+    data = env["params"].model_dump(mode="json")
+    data["pipeline"] = {"storage": {"uri": f"s3://{BUCKET}/{PREFIX}"}}
+    text = yaml.safe_dump(data)
+    fn = train_stage_component.python_func
+    first = env["root"] / "kfp-try1"
+    r1 = fn(stage=1, processed=dsl.Dataset(uri=str(env["processed"])), model=dsl.Model(uri=str(first)),
+            params_yaml=text, pipeline_run_id="kfp-run-1")
+    assert r1.final_step == 6
+    run = f"{PREFIX}/kfp-run-1"
+    keys = set(_keys(env, f"{run}/"))
+    assert {f"{run}/ray/stage1/step_00000006/state.pt", f"{run}/train/models/stage1/best.pt"} <= keys
+    assert torch.load(first / "models" / "stage1" / "final.pt", weights_only=True)["step"] == 6
+    assert (first / "metrics" / "stage1.json").is_file() and (first / "plots" / "stage1" / "train.csv").is_file()
+    assert not (first / "checkpoints").exists() and not (first / "ray").exists()  # nothing of the run in the pod
+    ml = json.loads(_object(env, f"{run}/train/checkpoints/stage1/mlflow.json", env["root"] / "k.json").read_text())
+
+    retry = env["root"] / "kfp-try2"
+    r2 = fn(stage=1, processed=dsl.Dataset(uri=str(env["processed"])), model=dsl.Model(uri=str(retry)),
+            params_yaml=text, pipeline_run_id="kfp-run-1")
+    assert r2.final_step == 6
+    metrics = json.loads((retry / "metrics" / "stage1.json").read_text())
+    assert metrics["step"] == 6  # the finished checkpoint was found: nothing re-trained
+    ml2 = json.loads(_object(env, f"{run}/train/checkpoints/stage1/mlflow.json", env["root"] / "k2.json").read_text())
+    assert ml2["run_id"] == ml["run_id"] and _history(env, ml["run_id"]) == [2, 4, 6]
+
+
 # --------------------------------------------------------------------------- two nodes, no shared disk
 
 
@@ -308,6 +343,22 @@ def test_two_nodes_without_a_shared_disk_train_through_the_bucket(env: dict, clu
     folder nor its /tmp: everything it read and wrote went through the bucket."""
     ce = cluster_env
     run = f"{PREFIX}/run-c"
+    # the isolated node really sees neither the driver's data folder nor its /tmp (a task pinned there looks)
+    probe = (
+        "import json, os, sys, ray\n"
+        "from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as N\n"
+        "ray.init(log_to_driver=False)\n"
+        "look = ray.remote(num_cpus=0)(lambda paths: {p: os.path.exists(p) for p in paths})\n"
+        "paths = json.loads(sys.argv[1])\n"
+        "print(json.dumps([ray.get(look.options(scheduling_strategy=N(n, soft=False)).remote(paths))\n"
+        "                  for n in sys.argv[2:]]))\n"
+    )
+    seen = subprocess.run([sys.executable, "-c", probe, json.dumps([str(env["processed"]), str(ce["pfile"])]),
+                           ce["head_id"], ce["worker_id"]], cwd=REPO, env=ce["child"], capture_output=True, text=True,
+                          timeout=120)
+    assert seen.returncode == 0, seen.stderr[-3000:]
+    head_sees, worker_sees = json.loads(seen.stdout.strip().splitlines()[-1])
+    assert all(head_sees.values()) and not any(worker_sees.values()), (head_sees, worker_sees)
     cmd = [sys.executable, "-m", "pipelines.cli", "train", "--stage", "1", "--processed", str(env["processed"]),
            "--params", str(ce["pfile"]), "--out", str(ce["root"] / "out-c"),
            "--storage-uri", f"s3://{BUCKET}/{PREFIX}", "--run-id", "run-c"]
