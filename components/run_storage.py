@@ -177,6 +177,24 @@ class RunStorage:
 
         return make_client(self._cfg())
 
+    def _run(self, fn: Any, where: str) -> Any:
+        """``fn(client)`` with :mod:`components.s3sync`'s bounded retries; what survives them
+        is its one-line :class:`~xct_core.errors.XctError` naming ``where``."""
+        from components.s3sync import _Retrier, resolve_endpoint
+
+        client = self._client()
+        return _Retrier(self._cfg(), resolve_endpoint()).run(lambda: fn(client), where)
+
+    def _listing(self, url: Any) -> list[dict[str, Any]]:
+        """The raw ``list_objects_v2`` entries below the folder ``url`` (an ``S3Url``)."""
+        prefix = f"{url.prefix}/" if url.prefix else ""
+
+        def go(client: Any) -> list[dict[str, Any]]:
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=url.bucket, Prefix=prefix)
+            return [o for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+
+        return self._run(go, str(url))
+
     def list(self, rel: str) -> list[tuple[str, int, str]]:
         """``(relative key, size, etag)`` of every object (file) below ``rel``, sorted."""
         if not self.is_s3:
@@ -188,13 +206,8 @@ class RunStorage:
         from components.s3sync import parse_s3_url
 
         url = parse_s3_url(self.url(rel))
-        prefix = f"{url.prefix}/"
-        out = []
-        for page in self._client().get_paginator("list_objects_v2").paginate(Bucket=url.bucket, Prefix=prefix):
-            for o in page.get("Contents", []):
-                if not o["Key"].endswith("/"):
-                    out.append((o["Key"][len(prefix):], int(o["Size"]), str(o.get("ETag", "")).strip('"')))
-        return sorted(out)
+        n = len(url.prefix) + 1
+        return sorted((o["Key"][n:], int(o["Size"]), str(o.get("ETag", "")).strip('"')) for o in self._listing(url))
 
     def exists(self, rel: str) -> bool:
         """Is there an object (file) at ``rel``?"""
@@ -202,15 +215,20 @@ class RunStorage:
             return Path(self.url(rel)).is_file()
         from components.s3sync import parse_s3_url
 
+        import botocore.exceptions as bexc
+
         url = parse_s3_url(self.url(rel))
-        try:
-            self._client().head_object(Bucket=url.bucket, Key=url.prefix)
-        except Exception as e:  # botocore ClientError 404: absent; anything else is a real error
-            code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
-        return True
+
+        def head(client: Any) -> bool:
+            try:
+                client.head_object(Bucket=url.bucket, Key=url.prefix)
+            except bexc.ClientError as e:  # 404: absent; anything else is a real error (retried, mapped)
+                if str(e.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+            return True
+
+        return bool(self._run(head, str(url)))
 
     def put_dir(self, local: str | Path, rel: str) -> None:
         """Copy the folder ``local`` to ``rel`` (unchanged files are skipped)."""
@@ -252,7 +270,8 @@ class RunStorage:
 
         url = parse_s3_url(self.url(rel))
         sha, _ = file_digests(local)
-        self._client().upload_file(str(local), url.bucket, url.prefix, ExtraArgs={"Metadata": {SHA256_META: sha}})
+        self._run(lambda c: c.upload_file(str(local), url.bucket, url.prefix, ExtraArgs={"Metadata": {SHA256_META: sha}}),
+                  str(url))
 
     def get_file(self, rel: str, local: str | Path) -> bool:
         """Download one file to the path ``local``; False when it is absent."""
@@ -282,11 +301,11 @@ class RunStorage:
 
         keys = [k for k, _, _ in self.list(rel)]
         url = parse_s3_url(self.url(rel))
-        client = self._client()
         for i in range(0, len(keys), 1000):
-            client.delete_objects(Bucket=url.bucket, Delete={"Objects": [{"Key": f"{url.prefix}/{k}"} for k in keys[i:i + 1000]]})
+            batch = {"Objects": [{"Key": f"{url.prefix}/{k}"} for k in keys[i:i + 1000]]}
+            self._run(lambda c, b=batch: c.delete_objects(Bucket=url.bucket, Delete=b), str(url))
         if self.exists(rel):  # a single object named rel
-            client.delete_object(Bucket=url.bucket, Key=url.prefix)
+            self._run(lambda c: c.delete_object(Bucket=url.bucket, Key=url.prefix), str(url))
             return len(keys) + 1
         return len(keys)
 
@@ -316,10 +335,7 @@ class RunStorage:
         from components.s3sync import parse_s3_url, pull
 
         url = parse_s3_url(data)
-        prefix = f"{url.prefix}/" if url.prefix else ""
-        listing = []
-        for page in self._client().get_paginator("list_objects_v2").paginate(Bucket=url.bucket, Prefix=prefix):
-            listing += [(o["Key"], int(o["Size"]), str(o.get("ETag", ""))) for o in page.get("Contents", [])]
+        listing = [(o["Key"], int(o["Size"]), str(o.get("ETag", ""))) for o in self._listing(url)]
         if not listing:
             raise InputError(data, "no objects under this prefix (publish the processed data first)")
         digest = hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()[:24]

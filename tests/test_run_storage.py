@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from moto_server import MotoServer, isolate_aws_env
+from moto_server import MotoServer, aws_env, free_port, isolate_aws_env  # noqa: F401 (aws_env: a fixture)
 from train_fixtures import REPO, build_processed, tiny_params
 from xct_core.checkpoint import DIGEST_FILE
 
@@ -292,6 +292,52 @@ def test_kfp_train_task_with_run_storage_trains_there_and_a_retry_resumes(env: d
     assert metrics["step"] == 6  # the finished checkpoint was found: nothing re-trained
     ml2 = json.loads(_object(env, f"{run}/train/checkpoints/stage1/mlflow.json", env["root"] / "k2.json").read_text())
     assert ml2["run_id"] == ml["run_id"] and _history(env, ml["run_id"]) == [2, 4, 6]
+
+
+def test_a_mounted_folder_is_a_run_storage_too(tmp_path: Path) -> None:
+    """``pipeline.storage.uri`` = a folder every node mounts: the same layout and operations,
+    Ray Train's storage a plain path (no S3 filesystem), data read in place."""
+    from components.ops_params import S3Params
+    from components.run_storage import RunStorage
+
+    s3 = S3Params()
+    st = RunStorage.for_run(str(tmp_path / "store"), "r1", s3)
+    assert st.root == str(tmp_path / "store" / "r1") and not st.is_s3
+    assert RunStorage.for_run(f"file://{tmp_path / 'store'}", "r1", s3).root == st.root
+    assert st.ray_storage() == (str(tmp_path / "store" / "r1" / "ray"), None)
+    ck = tmp_path / "ck" / "step_00000004"
+    ck.mkdir(parents=True)
+    (ck / "state.pt").write_bytes(b"x")
+    (ck / DIGEST_FILE).write_text("d")
+    st.put_dir(ck, "ray/stage1/step_00000004")
+    st.put_dir(ck, "ray/stage1/step_00000002")
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "notes.txt").write_text("n")
+    st.put_dir(tmp_path / "stray", "ray/stage1/step_00000009")  # no state.pt: not a checkpoint
+    assert st.checkpoint_dirs("stage1") == ["step_00000002", "step_00000004"]
+    got = st.get_checkpoints("stage1", tmp_path / "local")
+    assert got == ["step_00000002", "step_00000004"] and (tmp_path / "local" / "step_00000004" / "state.pt").is_file()
+    st.put_file(tmp_path / "stray" / "notes.txt", "train/metrics/stage1.json")
+    assert st.exists("train/metrics/stage1.json") and not st.exists("train/metrics/stage2.json")
+    assert st.get_file("train/metrics/stage1.json", tmp_path / "m.json") and (tmp_path / "m.json").read_text() == "n"
+    assert not st.get_file("train/metrics/stage2.json", tmp_path / "m2.json")
+    assert st.delete("ray/stage1") == 5 and st.checkpoint_dirs("stage1") == []
+    assert st.node_copy(str(tmp_path / "data")) == tmp_path / "data"  # a mounted path is read in place
+
+
+def test_an_unreachable_s3_endpoint_is_one_line_not_a_traceback(aws_env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.ops_params import S3Params
+    from components.run_storage import RunStorage
+    from xct_core.errors import XctError
+
+    monkeypatch.setenv("XCT_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    cfg = S3Params(request_attempts=1, object_attempts=1, connect_timeout_s=1.0, read_timeout_s=1.0)
+    st = RunStorage.for_run(f"s3://{BUCKET}/{PREFIX}", "r1", cfg)
+    assert st.root == f"s3://{BUCKET}/{PREFIX}/r1" and st.is_s3
+    for op in (lambda: st.checkpoint_dirs("stage1"), lambda: st.exists("train/metrics/stage1.json")):
+        with pytest.raises(XctError) as ei:
+            op()
+        assert "cannot reach the S3 endpoint" in str(ei.value) and "\n" not in str(ei.value)
 
 
 # --------------------------------------------------------------------------- two nodes, no shared disk
