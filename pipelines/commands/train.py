@@ -5,7 +5,10 @@ Re-running the same command after an interruption resumes from the last checkpoi
 overrides the embedded sqlite tracking store. ``--local`` runs the loop in this process
 without Ray or MLflow (what a bare GPU box with only torch runs). ``--gates DIR`` (dvc.yaml)
 runs stage K only when ``DIR/stage{K-1}.json`` passed; otherwise its outputs become skip
-markers (components/guard.py) and the command exits 0.
+markers (components/guard.py) and the command exits 0. ``--storage-uri URI --run-id ID``
+(``pipeline.storage.uri``) keeps the run in shared storage, ``URI/ID/`` (data, checkpoints,
+models; components/run_storage.py), so the command can run on any node — e.g. as a Ray job
+entrypoint — and the same id resumes; ``--processed`` may then be an ``s3://`` data URI.
 """
 
 from __future__ import annotations
