@@ -325,6 +325,13 @@ class RunStorage:
 
     # --- data on every node ---------------------------------------------------------------------
 
+    def publish_processed(self, local: str | Path) -> str:
+        """Copy a local processed folder to the run's ``processed/`` (unchanged files are
+        skipped: a retry re-uploads nothing); returns its URI — what a driver on another node
+        (a Ray job's entrypoint: ``xct train --processed URI …``) and every worker read."""
+        self.put_dir(local, RUN_STORAGE_DIRS["processed"])
+        return self.processed
+
     def node_copy(self, data: str) -> Path:
         """The data folder ``data`` (an ``s3://`` URI or a mounted path) readable on this node:
         a mounted path as is; a URI downloaded once per node into

@@ -534,7 +534,7 @@ def _run_in_storage(params: RayParams, k: int, processed: str, storage: RunStora
     with folder_lock(layout.train_lock), SigtermGuard(lambda: _stopped(st.name, layout, storage=storage)) as guard:
         if not storage.is_data_uri(processed):
             log(f"{st.name}: publishing {local_data} → {data_uri}")
-            storage.put_dir(local_data, RUN_STORAGE_DIRS["processed"])
+            storage.publish_processed(local_data)
         return _run_locked(params, k, local_data, driver, steps=steps, fresh=fresh, faults=faults,
                            parent_run_id=parent_run_id, tracking=tracking, progress=progress, log=log, guard=guard,
                            storage=storage, data_uri=data_uri)
