@@ -257,6 +257,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
         logging.getLogger(_ray_ctx.__file__).setLevel(logging.WARNING)
     except ImportError:  # a Ray without Train V2: nothing to quiet
         pass
+    # run storage: every boto3 session says where it found credentials, at INFO
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     params = params_from_dict(config["params"], "params", RayParams)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
