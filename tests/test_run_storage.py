@@ -194,7 +194,7 @@ def test_killed_train_rerun_with_the_same_run_id_resumes_from_the_bucket(env: di
     print(out)
     metrics = json.loads(_object(env, f"{run}/train/metrics/stage1.json", env["root"] / "mb.json").read_text())
     assert metrics["start_step"] >= 4 and metrics["step"] == 8
-    assert f"resumed" in out and ml["run_id"] in out  # the same MLflow run, continued
+    assert "(resumed)" in out and ml["run_id"] in out  # the same MLflow run, continued
     r = _client(env).get_run(ml["run_id"])
     assert r.info.status == "FINISHED" and r.data.tags.get("xct.resumed") == "true"
     steps = [(m.step, m.value) for m in _client(env).get_metric_history(ml["run_id"], "train/loss")]
