@@ -81,7 +81,8 @@ def _keys(env: dict, prefix: str) -> list[str]:
 
 
 def _train_cmd(env: dict, run_id: str, processed: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", "train", "--stage", "1", "--processed", processed,
+    data = ["--data-uri", processed] if processed.startswith("s3://") else ["--processed", processed]
+    return [sys.executable, "-m", "pipelines.cli", "train", "--stage", "1", *data,
             "--params", str(env["pfile"]), "--out", str(env["root"] / f"out-{run_id}"),
             "--storage-uri", f"s3://{BUCKET}/{PREFIX}", "--run-id", run_id, *extra]
 
@@ -224,6 +225,8 @@ def test_bad_storage_settings_are_one_line_errors(env: dict) -> None:
     base = ["train", "--stage", "1", "--processed", str(env["processed"]), "--params", str(env["pfile"])]
     assert xct([*base, "--storage-uri", f"s3://{BUCKET}/{PREFIX}"]) == 2  # no --run-id
     assert xct([*base, "--run-id", "r1"]) == 2  # a run id without storage
+    assert xct([*base, "--data-uri", f"s3://{BUCKET}/d"]) == 2  # a data URI without storage
+    assert xct([*base, "--storage-uri", f"s3://{BUCKET}/{PREFIX}", "--run-id", "r1", "--data-uri", "/local"]) == 2
     assert xct([*base, "--storage-uri", "relative/dir", "--run-id", "r1"]) == 2
     assert xct([*base, "--storage-uri", f"s3://{BUCKET}/{PREFIX}", "--run-id", "../up"]) == 2
     assert xct(["train", "--stage", "2", "--processed", str(env["processed"]), "--params", str(env["pfile"]),

@@ -8,7 +8,8 @@ runs stage K only when ``DIR/stage{K-1}.json`` passed; otherwise its outputs bec
 markers (components/guard.py) and the command exits 0. ``--storage-uri URI --run-id ID``
 (``pipeline.storage.uri``) keeps the run in shared storage, ``URI/ID/`` (data, checkpoints,
 models; components/run_storage.py), so the command can run on any node — e.g. as a Ray job
-entrypoint — and the same id resumes; ``--processed`` may then be an ``s3://`` data URI.
+entrypoint — and the same id resumes; ``--data-uri s3://…`` then reads data already published
+(instead of publishing ``--processed``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, alias_sets,
 
 def train(
     stage: Annotated[int, typer.Option("--stage", "-k", help="1-based cascade stage")],
-    processed: Annotated[str, typer.Option("--processed", help="preprocessed data folder (with run storage: "
-                                           "published to the run; or an s3:// data URI)")] = "data/processed",
+    processed: Annotated[Path, typer.Option("--processed", help="preprocessed data folder (with run storage: "
+                                            "published to the run first)")] = Path("data/processed"),
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default: params train.out_dir)")] = None,
     params: ParamsOpt = None,
     overlay: OverlayOpt = None,
@@ -41,6 +42,8 @@ def train(
                                                        "lives in URI/RUN_ID/ (s3://bucket/prefix or a mounted folder)")] = None,
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="the run's folder under the storage URI; the same id "
                                                   "resumes it (required with run storage)")] = None,
+    data_uri: Annotated[Optional[str], typer.Option("--data-uri", help="with run storage: read the processed data from "
+                                                    "this s3:// URI instead of --processed (a Ray job's entrypoint)")] = None,
 ) -> None:
     """Train cascade stage K from the preprocessed shards; resumes an interrupted run."""
     from components.guard import proceed
@@ -64,10 +67,15 @@ def train(
             raise ConfigError(f"pipeline.storage.uri is {p.pipeline.storage.uri!r}: give --run-id (the run's folder "
                               "there; the same id resumes it)")
         storage = RunStorage.for_run(p.pipeline.storage.uri, run_id, p.s3)
-    elif run_id:
+    elif run_id or data_uri:
         from xct_core.errors import ConfigError
 
-        raise ConfigError("--run-id names a folder under the run storage: set --storage-uri (pipeline.storage.uri) too")
+        flag = "--run-id names a folder under" if run_id else "--data-uri is read through"
+        raise ConfigError(f"{flag} the run storage: set --storage-uri (pipeline.storage.uri) too")
+    if data_uri is not None and not RunStorage.is_data_uri(data_uri):
+        from xct_core.errors import ConfigError
+
+        raise ConfigError(f"--data-uri {data_uri!r}: expected s3://bucket/prefix (a local folder is --processed)")
     p.stage(stage)  # an unknown stage is a one-line error before anything else
     layout = RunLayout((out or Path(p.train.out_dir)), stage)
     if not proceed(gates, stage, list(layout.step_outputs()), log=typer.echo):
@@ -81,7 +89,7 @@ def train(
         return
     from components.train import run_train
 
-    s = run_train(p, stage, processed, out, steps=steps, fresh=fresh, log=typer.echo, storage=storage)
+    s = run_train(p, stage, data_uri or processed, out, steps=steps, fresh=fresh, log=typer.echo, storage=storage)
     best = s.metrics.get("best_value")
     metric = s.metrics.get("best_metric", "")
     tail = f", best {metric} {best:.3f} at step {s.metrics.get('best_step')}" if isinstance(best, (int, float)) else ""
