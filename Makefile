@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 export MLFLOW_DISABLE_TELEMETRY=true
 export GX_ANALYTICS_ENABLED=false
-export RAY_AUTH_MODE=disabled
+export RAY_AUTH_MODE=token
 export DO_NOT_TRACK=1
 
 .PHONY: install test test-fast lint demo clean-venv bench images

@@ -66,6 +66,7 @@ from xct_core.atomic import atomic_path, write_text_atomic
 from components.ops_params import OpsParams
 from xct_core.config import Params, params_from_dict
 from xct_core.errors import ConfigError, InputError
+from xct_core.redact import redact, redact_url
 from xct_core.hpo import (
     SearchSpace,
     carried_over,
@@ -115,15 +116,8 @@ class HPOSummary:
 # --------------------------------------------------------------------------- small pieces
 
 
-def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (SQLAlchemy URL syntax)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        return url.split("@")[-1] if "@" in url else url
+#: ``url`` with its password replaced by ``***`` — the program's one redaction (xct_core/redact.py)
+mask_url = redact_url
 
 
 def open_storage(url: str) -> Any:
@@ -136,7 +130,7 @@ def open_storage(url: str) -> Any:
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as e:  # sqlalchemy: bad URL, driver missing, server unreachable, …
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        first = redact(str(e).strip().splitlines()[0])[:300] if str(e).strip() else type(e).__name__
         raise ConfigError(f"hpo storage {mask_url(url)}: cannot open ({first})") from None
 
 
@@ -350,7 +344,7 @@ def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
         tune.report(to_tune(res.val_metrics, res.final_step))
     except Exception as e:
         if logger is not None:
-            logger.client.set_tag(book["run_id"], "xct.failure", f"{type(e).__name__}: {e}"[:5000])
+            logger.client.set_tag(book["run_id"], "xct.failure", redact(f"{type(e).__name__}: {e}")[:5000])
         raise
 
 
@@ -429,7 +423,7 @@ def _log_params_once(client: Any, run_id: str, params: Mapping[str, Any]) -> Non
     from components.tracking import flatten
 
     have = client.get_run(run_id).data.params
-    flat = flatten(params)
+    flat = {k: redact(v) for k, v in flatten(params).items()}  # no credential in a logged param
     todo = [Param(k, v) for k, v in flat.items() if k not in have]
     for i in range(0, len(todo), 90):
         client.log_batch(run_id, params=todo[i : i + 90], synchronous=True)
@@ -591,7 +585,7 @@ def run_hpo(
         client.set_terminated(parent, status="KILLED")
         raise
     except Exception as e:
-        client.set_tag(parent, "xct.failure", f"{type(e).__name__}: {e}"[:5000])
+        client.set_tag(parent, "xct.failure", redact(f"{type(e).__name__}: {e}")[:5000])
         client.set_terminated(parent, status="FAILED")
         raise
     client.set_terminated(parent, status="FINISHED")

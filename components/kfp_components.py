@@ -31,11 +31,23 @@ Artifacts map onto the DVC layout (:mod:`xct_core.layout`):
 ``ray_address`` / ``mlflow_tracking_uri`` (empty: the step's own default — local Ray, the
 embedded sqlite MLflow) become ``RAY_ADDRESS`` / ``MLFLOW_TRACKING_URI`` for the step.
 
+Lineage: the tasks that open MLflow runs (train, register, rejected) and the exit task take
+``kfp_run_id`` / ``kfp_run_name`` / ``kfp_task_name``, which the pipeline fills with
+:data:`KFP_LINEAGE` (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``, ``…JOB_NAME…``, ``…TASK_NAME…``,
+resolved by KFP at run time); the task hands them to the step as ``XCT_KFP_*``
+(:func:`components.tracking.kfp_environment`) and every MLflow run it makes is tagged
+``kfp.run_id`` / ``kfp.run_name`` / ``kfp.task_name`` (:func:`components.tracking.origin_tags`).
+The processed data's artifact URI becomes ``XCT_DATA_URI``: the source of the runs' dataset
+inputs.
+
 Images: ``xct-light`` (CPU: every step but training) and ``xct-train`` (CUDA: training). Both
 ship xct and the pinned kfp, so components do not pip-install kfp at start-up
 (``install_kfp_package=False``); that also keeps ``kfp.local`` runs from touching the current
-environment. Override the tags with ``XCT_IMAGE_LIGHT`` / ``XCT_IMAGE_TRAIN`` (read when this
-module is imported, i.e. at pipeline compile time).
+environment. The compiled pipeline names each image by its content tag
+(``xct-light:0.1.0-<digest of the code>``, :mod:`components.image_tag`), so a code change
+changes every task's cache key. Override the images with ``XCT_IMAGE_LIGHT`` /
+``XCT_IMAGE_TRAIN`` (used verbatim; read when this module is imported, i.e. at pipeline
+compile time).
 
 No ``from __future__ import annotations``: KFP reads the real annotation objects
 (``Input[Dataset]``), not strings.
@@ -51,10 +63,21 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Ou
 from xct_core.config import Params, params_from_dict
 from xct_core.errors import ConfigError
 
-#: CPU image for data steps
-IMAGE_LIGHT: str = os.environ.get("XCT_IMAGE_LIGHT", "xct-light:0.1.0")
+def _content_tagged(var: str, base: str, key: str) -> str:
+    """``$var`` verbatim when set; else ``base`` with the content tag of this checkout's image
+    ``key`` (:mod:`components.image_tag`: a code change = a new image name = new cache keys).
+    Inside a running task the tag is not needed (the image is already chosen)."""
+    if var in os.environ or os.environ.get("_KFP_RUNTIME", "false") == "true":
+        return base
+    from components.image_tag import content_ref
+
+    return content_ref(base, key)
+
+
+#: CPU image for data steps (release tag from infra/images.yaml; compiled with its content tag)
+IMAGE_LIGHT: str = _content_tagged("XCT_IMAGE_LIGHT", os.environ.get("XCT_IMAGE_LIGHT", "xct-light:0.1.0"), "light")
 #: GPU image for training steps
-IMAGE_TRAIN: str = os.environ.get("XCT_IMAGE_TRAIN", "xct-train:0.1.0")
+IMAGE_TRAIN: str = _content_tagged("XCT_IMAGE_TRAIN", os.environ.get("XCT_IMAGE_TRAIN", "xct-train:0.1.0"), "train")
 
 
 def _in_kfp_task() -> bool:
@@ -78,14 +101,19 @@ def train_component(func: Callable[..., Any]) -> Any:
     return dsl.component(func, base_image=IMAGE_TRAIN, install_kfp_package=False)
 
 
-def params_from_text(params_yaml: str, schema: type[Params] | None = None) -> Params:
+def params_from_text(params_yaml: str, schema: type[Params] | None = None, *, step: str | None = None,
+                     stage: int | None = None) -> Params:
     """Typed params from the text of a params.yaml (how pipelines hand params to components),
     validated by ``schema`` (default: the science's :class:`Params`; the train task reads
     ``pipeline`` and ``train.ray`` too: ``components.ops_params.OpsParams``).
 
-    The pipelines always hand the whole effective params (``xct pipeline compile|run|submit``);
-    an empty text is a :class:`ConfigError`, never a silent fall-back to built-in defaults.
-    Invalid YAML or values raise :class:`ConfigError`.
+    ``step`` (and ``stage`` for train/evaluate/gate): the text is the KFP task's scoped params
+    (:func:`components.step_params.scoped_text`: only the keys that step reads, so its cache
+    key changes only when they do). Every key the step reads must be in it — a missing one is
+    a :class:`ConfigError`, never a silent default (:func:`components.step_params.parse_scoped`);
+    a whole params text passes too. An empty text is a :class:`ConfigError`, never a silent
+    fall-back to built-in defaults. Invalid YAML or values (unknown keys included) raise
+    :class:`ConfigError`.
     """
     from xct_core.errors import InputError
     from xct_core.yamlsafe import load_yaml_text
@@ -97,9 +125,53 @@ def params_from_text(params_yaml: str, schema: type[Params] | None = None) -> Pa
     if not isinstance(data, dict):
         raise ConfigError(f"params_yaml: top level must be a mapping, got {type(data).__name__}")
     if not data:
-        raise ConfigError("params_yaml is empty: a task needs the whole params text "
+        raise ConfigError("params_yaml is empty: a task needs its params text "
                           "(`xct pipeline compile|run|submit` hand it on; the compiled default is the compile-time params)")
+    if step is not None:
+        from components.step_params import parse_scoped
+
+        data = parse_scoped(data, step, stage)
     return params_from_dict(data, "params_yaml", schema)
+
+
+# --------------------------------------------------------------------------- params scoping
+
+
+@light_component
+def data_params_component(
+    params_yaml: str,
+) -> NamedTuple("DataParamsOutputs", [("ingest", str), ("validate", str), ("preprocess", str),  # noqa: UP014
+                                      ("register", str)]):
+    """KFP step: the whole ``params_yaml`` (validated as a whole file) → the params text of each
+    data step and of register: only the keys that step reads
+    (:func:`components.step_params.scoped_text`), so each task's cache key follows its own keys."""
+    from collections import namedtuple
+
+    from components.kfp_components import params_from_text
+    from components.ops_params import OpsParams
+    from components.step_params import scoped_text
+
+    params = params_from_text(params_yaml, OpsParams)
+    steps = ["ingest", "validate", "preprocess", "register"]
+    return namedtuple("DataParamsOutputs", steps)(*(scoped_text(params, s) for s in steps))
+
+
+@light_component
+def stage_params_component(
+    params_yaml: str,
+    stage: int,
+) -> NamedTuple("StageParamsOutputs", [("train", str), ("evaluate", str), ("gate", str)]):  # noqa: UP014
+    """KFP step: the whole ``params_yaml`` → the params text of stage ``stage``'s train,
+    evaluate and gate tasks (:func:`components.step_params.scoped_text`)."""
+    from collections import namedtuple
+
+    from components.kfp_components import params_from_text
+    from components.ops_params import OpsParams
+    from components.step_params import scoped_text
+
+    params = params_from_text(params_yaml, OpsParams)
+    steps = ["train", "evaluate", "gate"]
+    return namedtuple("StageParamsOutputs", steps)(*(scoped_text(params, s, stage) for s in steps))
 
 
 # --------------------------------------------------------------------------- data steps
@@ -121,7 +193,7 @@ def ingest_component(
     from components.kfp_components import params_from_text
     from components.ingest import run_ingest
 
-    res = run_ingest(raw.path, interim.path, params_from_text(params_yaml), log=print)
+    res = run_ingest(raw.path, interim.path, params_from_text(params_yaml, step="ingest"), log=print)
     interim.metadata["n_volumes"] = len(res.rows)
     interim.metadata["n_failed"] = res.n_failed
     return namedtuple("IngestOutputs", ["n_ok", "n_failed"])(res.n_ok, res.n_failed)
@@ -143,7 +215,7 @@ def validate_component(
     from components.kfp_components import params_from_text
     from components.validate import REPORT_HTML, run_validate
 
-    params = params_from_text(params_yaml)
+    params = params_from_text(params_yaml, step="validate")
     report = run_validate(interim.path, validated.path, params, log=print)
     Path(report_html.path).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(validated.path) / REPORT_HTML, report_html.path)
@@ -178,7 +250,7 @@ def preprocess_component(
         Path(interim.path) / "volumes",
         Path(validated.path) / "splits.json",
         processed.path,
-        params_from_text(params_yaml),
+        params_from_text(params_yaml, step="preprocess"),
         progress=False,
         log=print,
     )
@@ -196,14 +268,31 @@ def preprocess_component(
 
 #: the output-parameter name of the gate decision (read by ``dsl.If`` in pipelines/kfp_dag.py)
 GATE_PASSED = "passed"
+#: the lineage inputs of the tasks that open MLflow runs: KFP resolves these placeholders at
+#: run time to the run's id and name and the task's name (``**KFP_LINEAGE`` in pipelines/kfp_dag.py)
+KFP_LINEAGE = {"kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "kfp_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+               "kfp_task_name": dsl.PIPELINE_TASK_NAME_PLACEHOLDER}
 
 
 def _environment(values: dict) -> None:
     """Set the non-empty ``values`` as environment variables of this task (RAY_ADDRESS,
-    MLFLOW_TRACKING_URI: the engines read them)."""
+    MLFLOW_TRACKING_URI: the engines read them). From here on the task's output is redacted
+    (:func:`xct_core.redact.install_redaction`: a tracking URI's password never reaches its log)."""
     import os
 
+    from xct_core.redact import install_redaction
+
     os.environ.update({k: v for k, v in values.items() if v})
+    install_redaction()
+
+
+def _lineage_environment(kfp_run_id: str, kfp_run_name: str, kfp_task_name: str, data: Any = None) -> None:
+    """``XCT_KFP_*`` from the task's lineage inputs (:data:`KFP_LINEAGE`) and ``XCT_DATA_URI``
+    from the processed data artifact ``data``: the tags and dataset source of its MLflow runs."""
+    from components.tracking import kfp_environment
+
+    _environment({**kfp_environment(kfp_run_id, kfp_run_name, kfp_task_name),
+                  "XCT_DATA_URI": getattr(data, "uri", "") if data is not None else ""})
 
 
 @train_component
@@ -215,17 +304,21 @@ def train_stage_component(
     params_yaml: str = "",
     ray_address: str = "",
     mlflow_tracking_uri: str = "",
-    pipeline_run_id: str = "",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+    kfp_task_name: str = "",
 ) -> NamedTuple("TrainOutputs", [("final_step", int)]):  # noqa: UP014
     """Train cascade stage ``stage`` into ``model`` (:func:`components.train.run_train`: Ray
     Train + MLflow; :func:`components.train.run_local` in-process when
-    ``pipeline.train.local`` is true) — the functions ``xct train`` calls.
+    ``pipeline.train.local`` is true) — the functions ``xct train`` calls. With
+    ``pipeline.ray.address`` set the stage runs as a Ray job on that cluster
+    (:func:`components.ray_jobs.submit_stage`: log streamed here, stopped when the task is).
 
     ``previous``: stage K-1's ``model`` folder (required for K > 1; copied in first so the
     frozen earlier stages are found at ``models/stage{1..K-1}``).
 
-    With run storage (``pipeline.storage.uri``; ``pipeline_run_id`` = the KFP run's id,
-    ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``) the training lives in ``<uri>/<run id>/``: data,
+    With run storage (``pipeline.storage.uri``; ``kfp_run_id`` = the KFP run's id,
+    ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``, names the run's folder) the training lives in ``<uri>/<run id>/``: data,
     checkpoints and models there, never in this pod; a retried task resumes from the newest
     checkpoint there (no ``fresh`` start). ``model`` then receives the run's exported models,
     curves and metrics for the downstream tasks.
@@ -234,7 +327,7 @@ def train_stage_component(
     from collections import namedtuple
     from pathlib import Path
 
-    from components.kfp_components import _environment, params_from_text
+    from components.kfp_components import _environment, _lineage_environment, params_from_text
     from components.ops_params import OpsParams
     from components.run_storage import RunStorage
     from components.train import run_local, run_train
@@ -247,13 +340,17 @@ def train_stage_component(
             raise ValueError(f"stage {stage} needs the previous stage's model folder")
         shutil.copytree(previous.path, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints", "ray"))
     out.mkdir(parents=True, exist_ok=True)
-    params = params_from_text(params_yaml, OpsParams)
+    params = params_from_text(params_yaml, OpsParams, step="train", stage=stage)
     _environment({"RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_tracking_uri})
+    _lineage_environment(kfp_run_id, kfp_run_name, kfp_task_name, processed)  # tags of its MLflow runs
     if params.pipeline.storage.uri and not params.pipeline.train.local:
-        if not pipeline_run_id:
-            raise ConfigError("pipeline.storage.uri is set but the train task got no pipeline_run_id: compile the "
-                              "pipeline with pipeline.storage.uri set (it passes the KFP run id)")
-        storage = RunStorage.for_run(params.pipeline.storage.uri, pipeline_run_id, params.s3)
+        if not kfp_run_id:
+            raise ConfigError("pipeline.storage.uri is set but the train task got no kfp_run_id (the run's folder "
+                              "in the storage): run it from the compiled pipeline, which passes the KFP run id")
+        if params.pipeline.ray.address:
+            raise ConfigError("pipeline.storage.uri with pipeline.ray.address: the KFP task's Ray-job route does not "
+                              "hand the job the run id yet; run `xct train --storage-uri … --run-id …` as the job")
+        storage = RunStorage.for_run(params.pipeline.storage.uri, kfp_run_id, params.s3)
         for j in range(1, stage):  # the frozen earlier stages (a cached upstream task may not have published them)
             folder = RunLayout(out, j).model().parent
             storage.put_dir(folder, f"{RUN_STORAGE_DIRS['train']}/{folder.relative_to(out).as_posix()}")
@@ -265,6 +362,10 @@ def train_stage_component(
         model.metadata["run_uri"] = storage.root
     elif params.pipeline.train.local:
         final_step = run_local(params, stage, processed.path, out, fresh=True).final_step
+    elif params.pipeline.ray.address:  # a Ray job on that cluster (Jobs API); this pod needs no GPU
+        from components.ray_jobs import submit_stage
+
+        final_step = submit_stage(params, stage, processed.path, out, fresh=True)
     else:
         final_step = run_train(params, stage, processed.path, out, fresh=True).final_step
     model.metadata["stage"] = stage
@@ -289,7 +390,8 @@ def evaluate_step_component(
     from components.evaluate import run_evaluate
     from components.kfp_components import params_from_text
 
-    doc = run_evaluate(stage, processed.path, train_dir.path, report.path, params_from_text(params_yaml), log=print)
+    doc = run_evaluate(stage, processed.path, train_dir.path, report.path, params_from_text(params_yaml, step="evaluate", stage=stage),
+                       log=print)
     for key, value in doc.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             metrics.log_metric(key, float(value))
@@ -325,7 +427,7 @@ def gate_report_component(
     elif stage > 1:
         raise ValueError(f"gate {stage} needs the reports of gates 1 … {stage - 1}")
     shutil.copytree(evaluation.path, out.eval_dir(stage), dirs_exist_ok=True)
-    report = run_gate(stage, out.eval_metrics(stage), out.gate(stage), params_from_text(params_yaml),
+    report = run_gate(stage, out.eval_metrics(stage), out.gate(stage), params_from_text(params_yaml, step="gate", stage=stage),
                       tracking_uri=mlflow_tracking_uri or None)
     for line in report_lines(report):
         print(line)
@@ -339,32 +441,71 @@ def register_component(
     model: Input[Model],
     reports: Input[Dataset],
     summary: Output[Dataset],
+    processed: Input[Dataset] = None,
     params_yaml: str = "",
     mlflow_tracking_uri: str = "",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+    kfp_task_name: str = "",
 ) -> None:
     """Register the cascade (every gate passed; :func:`components.register.run_register`) →
     ``summary`` (``summary.json`` + the model card). ``model``: the last stage's training
     folder (every stage's model); ``reports``: the last gate's reports (every stage's
-    evaluation and gate report, :class:`xct_core.layout.ReportLayout`)."""
+    evaluation and gate report, :class:`xct_core.layout.ReportLayout`); ``processed``: the
+    data (lineage: its hash, the dataset inputs, the card's protocol)."""
     from pathlib import Path
 
-    from components.kfp_components import _environment, params_from_text
+    from components.kfp_components import _environment, _lineage_environment, params_from_text
     from components.register import run_register
     from xct_core.layout import ReportLayout
 
     _environment({"MLFLOW_TRACKING_URI": mlflow_tracking_uri})
+    _lineage_environment(kfp_run_id, kfp_run_name, kfp_task_name, processed)
     layout = ReportLayout(Path(reports.path))
     out = Path(summary.path) / "summary.json"
-    run_register(layout.gates_root, layout.eval_root, model.path, out, params_from_text(params_yaml), log=print)
+    run_register(layout.gates_root, layout.eval_root, model.path, out, params_from_text(params_yaml, step="register"),
+                 processed_dir=processed.path if processed is not None else None, log=print)
 
 
 @light_component
-def rejected_component(stage: int, gate_summary: str, report: Output[Markdown]) -> str:
-    """The ``dsl.Else`` branch of gate ``stage``: the run stops here (rejected, not failed)."""
+def rejected_component(
+    stage: int,
+    gate_summary: str,
+    report: Output[Markdown],
+    summary: Output[Dataset],
+    model: Input[Model] = None,
+    reports: Input[Dataset] = None,
+    processed: Input[Dataset] = None,
+    params_yaml: str = "",
+    mlflow_tracking_uri: str = "",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+    kfp_task_name: str = "",
+) -> str:
+    """The ``dsl.Else`` branch of gate ``stage``: the run stops here (rejected, not failed).
+    With the gate's ``reports`` (and ``model``, ``processed``, ``params_yaml``) it runs the
+    register step's rejected path (:func:`components.register.run_register`): ``summary``
+    gets ``summary.json`` + the model card, and MLflow the rejected candidate's audit run
+    (:func:`components.register.log_rejected`) and the pipeline run's gate metrics."""
+    from pathlib import Path
+
+    from components.kfp_components import _environment, _lineage_environment, params_from_text
+    from components.register import run_register
+    from xct_core.layout import ReportLayout
+
     line = f"Rejected at stage {stage}; later stages were not run. {gate_summary}"
     print(line)
     with open(report.path, "w") as f:
         f.write(f"# Pipeline stopped at gate {stage}\n\n{gate_summary}\n")
+    if reports is not None:
+        _environment({"MLFLOW_TRACKING_URI": mlflow_tracking_uri})
+        _lineage_environment(kfp_run_id, kfp_run_name, kfp_task_name, processed)
+        layout = ReportLayout(Path(reports.path))
+        doc = run_register(layout.gates_root, layout.eval_root, model.path if model is not None else summary.path,
+                           Path(summary.path) / "summary.json", params_from_text(params_yaml),
+                           processed_dir=processed.path if processed is not None else None, log=print)
+        if doc["status"] != "rejected":
+            raise RuntimeError(f"gate {stage} failed but the reports say {doc['status']}: {layout.root}")
     return line
 
 
@@ -372,14 +513,18 @@ def rejected_component(stage: int, gate_summary: str, report: Output[Markdown]) 
 
 
 @light_component
-def run_summary_component(status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact], data_uri: str = "") -> str:
-    """Exit task: write the run summary (``summary/run_summary.json``); returns the final state."""
+def run_summary_component(status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact], data_uri: str = "",
+                          kfp_run_id: str = "") -> str:
+    """Exit task: write the run summary (``summary/run_summary.json``); returns the final state.
+    ``kfp_run_id`` (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``): the id the run's MLflow runs carry
+    as ``kfp.run_id``."""
     import json
 
     from components.kfp_exit_handler import run_summary, write_run_summary
 
     doc = run_summary(status.state, job=status.pipeline_job_resource_name, task=status.pipeline_task_name,
-                      error_code=status.error_code, error_message=status.error_message or "", data_uri=data_uri)
+                      error_code=status.error_code, error_message=status.error_message or "", data_uri=data_uri,
+                      job_id=kfp_run_id if not kfp_run_id.startswith("{{") else "")
     write_run_summary(doc, summary.path)
     print(f"xct run summary: {json.dumps(doc, sort_keys=True)}")
     return str(status.state)

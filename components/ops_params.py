@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from components.ray_params import RayParams
 from xct_core import config as _config
@@ -63,12 +63,78 @@ class KfpToleration(Section):
 class KfpAccelerator(Section):
     """The train task's accelerator request (``set_accelerator_type`` + ``set_accelerator_limit``)
     and the tolerations that let it schedule on tainted GPU nodes. ``type: ""``: a CPU pod (the
-    demo default). KFP's train task trains with a local Ray runtime inside its own pod, so the
-    production overlay asks for one ``nvidia.com/gpu`` and the GPU nodes' taint toleration."""
+    demo default). Used when the train task trains with a local Ray runtime inside its own pod
+    (no ``pipeline.ray.address``); with the address set the pod requests no GPU (the Ray
+    cluster's workers have them) and none of this is applied."""
 
     type: str = ""
     limit: int = Field(1, ge=1)
     tolerations: list[KfpToleration] = []
+
+
+#: Kubernetes quantities KFP accepts (``set_cpu_*``: cores or millicores; ``set_memory_*``: bytes
+#: with a decimal or binary suffix)
+_CPU = r"^[0-9]+(\.[0-9]+)?m?$"
+_MEMORY = r"^[0-9]+(\.[0-9]+)?(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$"
+_SUFFIX = {"m": 1e-3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity(value: str) -> float:
+    """A Kubernetes quantity (``500m``, ``2``, ``4Gi``, ``1.5G``) as a number (cores or bytes)."""
+    for suffix in sorted(_SUFFIX, key=len, reverse=True):
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * _SUFFIX[suffix]
+    return float(value)
+
+
+class KfpTaskResources(Section):
+    """One KFP task kind's pod: CPU/memory requests and limits (``set_cpu_request|limit``,
+    ``set_memory_request|limit``) and its deadline (kfp-kubernetes ``set_timeout``: the pod's
+    ``activeDeadlineSeconds``; a retry is a new pod with a new deadline)."""
+
+    cpu_request: str = Field("500m", pattern=_CPU)
+    cpu_limit: str = Field("2", pattern=_CPU)
+    memory_request: str = Field("1Gi", pattern=_MEMORY)
+    memory_limit: str = Field("4Gi", pattern=_MEMORY)
+    timeout_s: int = Field(3600, ge=1)
+
+    @model_validator(mode="after")
+    def _request_within_limit(self) -> KfpTaskResources:
+        for what in ("cpu", "memory"):
+            req, lim = getattr(self, f"{what}_request"), getattr(self, f"{what}_limit")
+            if quantity(req) > quantity(lim):
+                raise ValueError(f"{what}_request {req} exceeds {what}_limit {lim}")
+        return self
+
+
+class KfpResources(Section):
+    """Requests, limits and deadline of every KFP task, by kind: ``train`` (the train-stage
+    tasks), ``preprocess``, ``default`` (every other task: ingest, validate, evaluate, gate,
+    register, rejected, the run summary)."""
+
+    default: KfpTaskResources = KfpTaskResources()
+    preprocess: KfpTaskResources = KfpTaskResources(cpu_request="2", cpu_limit="4", memory_request="4Gi",
+                                                    memory_limit="16Gi", timeout_s=14400)
+    train: KfpTaskResources = KfpTaskResources(cpu_request="4", cpu_limit="8", memory_request="16Gi",
+                                               memory_limit="64Gi", timeout_s=259200)
+
+    def of(self, kind: str) -> KfpTaskResources:
+        """The resources of task kind ``kind`` (``""``: default)."""
+        return getattr(self, kind) if kind in ("train", "preprocess") else self.default
+
+
+class KfpSecrets(Section):
+    """Kubernetes Secrets (in the namespace the runs execute in) that KFP tasks get as
+    environment variables (kfp-kubernetes ``use_secret_as_env``): every task that talks to
+    MLflow (it has a ``mlflow_tracking_uri`` input: train, gate, register). ``""``: none
+    (e.g. a server without auth, or S3 access through the pod's cloud IAM role)."""
+
+    #: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of the pipeline's MLflow user
+    mlflow: str = "xct-mlflow-pipeline"
+    #: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY of the pipeline's bucket-scoped object-store
+    #: user (never the store's admin): artifact uploads when MLflow hands out s3:// locations
+    s3: str = "xct-s3"
 
 
 class KfpParams(Section):
@@ -80,6 +146,24 @@ class KfpParams(Section):
     retries: dict[Literal["train", "preprocess"], KfpRetry] = {
         "train": KfpRetry(), "preprocess": KfpRetry(num_retries=2, backoff_s=30.0, backoff_max_s=1800.0)}
     train_accelerator: KfpAccelerator = KfpAccelerator()
+    #: CPU/memory requests, limits and the deadline of every task, by kind
+    resources: KfpResources = KfpResources()
+    #: Secrets mounted as environment variables into the tasks that need them
+    secrets: KfpSecrets = KfpSecrets()
+
+
+class PipelineRayParams(Section):
+    """Training on an existing Ray cluster through the Jobs API (components/ray_jobs.py):
+    ``xct train`` and the KFP train task submit the stage as a Ray job instead of starting
+    Ray themselves. ``address: ""`` (the default): today's route (a local Ray runtime, or
+    ``RAY_ADDRESS`` as a driver)."""
+
+    #: the Ray head's dashboard URL, e.g. http://xct-ray-head-svc.xct.svc.cluster.local:8265 ("": no Jobs API)
+    address: str = ""
+    #: how the cluster's image starts xct (the job's entrypoint is ``<command> train …``)
+    command: str = "xct"
+    #: the Ray job is stopped and the caller fails after this many seconds (0: no limit)
+    timeout_s: float = Field(259200.0, ge=0)
 
 
 class PipelineStorageParams(Section):
@@ -100,6 +184,7 @@ class PipelineParams(Section):
     train: PipelineTrainParams = PipelineTrainParams()
     storage: PipelineStorageParams = PipelineStorageParams()
     kfp: KfpParams = KfpParams()
+    ray: PipelineRayParams = PipelineRayParams()
 
 
 class S3Params(Section):

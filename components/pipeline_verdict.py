@@ -20,11 +20,15 @@ Keys (stable):
   training run artifact ``runs:/<run_id>/model/<file>.pt`` when that run is known, else the
   local path of its exported ``.pt``; ``null`` when no stage was trained;
 * ``model_version``, ``alias``, ``model_name`` (null when not registered);
-* ``mlflow_tracking_uri``;
+* ``mlflow_tracking_uri`` (its password masked: ``http://user:***@host``);
 * ``reports``: ``{"summary", "gates_dir", "eval_dir", "gates": [paths], "eval": [paths]}``.
 
 :func:`format_summary` renders the printed end-of-run table (stage, metric, threshold,
 value, pass) and the commands to open the MLflow UI and to reconstruct with the model.
+
+No credential is written or printed: the summary is passed through
+:func:`xct_core.redact.redact_doc` when built and again when written (a DVC metrics output
+is committed), and the printed table through :func:`xct_core.redact.redact`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 from xct_core.atomic import write_text_atomic
 from xct_core.jsondoc import json_text, read_json_doc
 from xct_core.metric_table import METRICS
+from xct_core.redact import redact, redact_doc
 
 STATUSES = ("promoted", "registered", "rejected")
 SUMMARY_KEYS = (
@@ -102,7 +107,7 @@ def build_summary(
     """The summary document (keys in the module docstring)."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-    return {
+    return redact_doc({
         "status": status,
         "rejected_at_stage": rejected_at(stages) if status == "rejected" else None,
         "stages": [dict(s) for s in stages],
@@ -112,12 +117,12 @@ def build_summary(
         "alias": alias,
         "mlflow_tracking_uri": tracking_uri,
         "reports": dict(reports),
-    }
+    })
 
 
 def write_summary(path: str | Path, summary: Mapping[str, Any]) -> Path:
-    """Write the summary atomically (sorted keys; NaN → null)."""
-    return write_text_atomic(path, json_text(dict(summary)))
+    """Write the summary atomically (sorted keys; NaN → null; credentials masked)."""
+    return write_text_atomic(path, json_text(redact_doc(dict(summary))))
 
 
 def read_summary(path: str | Path) -> dict[str, Any]:
@@ -163,4 +168,4 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         tail.append(f"Reconstruct:  xct reconstruct --model {summary['model_uri']} --frontal FRONTAL.npy "
                     f"--lateral LATERAL.npy --out ct.nii.gz")
     tail.append(f"Summary:      {summary['reports'].get('summary')}")
-    return "\n".join(lines + tail)
+    return redact("\n".join(lines + tail))

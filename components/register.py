@@ -8,15 +8,37 @@ file; nothing is pickled): artifacts = the exported stage models
 with ``torch.load(weights_only=True)``) + the effective params as JSON; ``code_paths=[xct_core]``;
 ``pip_requirements`` given explicitly (the installed versions of torch, numpy, scipy, …).
 The registration run (experiment ``registry.experiment``) also holds every stage's
-evaluation metrics (``stage{k}/<metric>``), the gate reports (artifacts ``gates/``) and the
-evaluation summaries (``eval/stage{k}/metrics.json``).
+evaluation metrics (``stage{k}/<metric>``), the gate reports (artifacts ``gates/``), the
+evaluation summaries (``eval/stage{k}/metrics.json``) and the processed data as dataset
+inputs (contexts ``train``, ``val``, ``test``; digest = ``xct.data_hash``:
+:func:`components.tracking.dataset_inputs`).
+
+Signature (:func:`model_signature`): inputs ``frontal`` and ``lateral``, float32 tensors
+``[-1, P, P]`` (``P = drr.pixels``; one pair per request: batch 1), params ``samples``,
+``steps`` (0 = the sampler's default rule) and ``seed`` (long, defaults from params), output
+float32 ``[S, S, S]`` HU. MLflow enforces it on ``pyfunc.predict`` and ``mlflow models
+serve``: a missing view, a wrong shape, a wrong dtype or a non-integer param is refused
+before the model runs. The input example (:func:`input_example`: zero images, one sample of
+one DDIM step) is what MLflow runs once to validate the logged model.
+
+Rejected candidates (a gate failed): :func:`log_rejected` records them in the same
+experiment — a run ``rejected-stage{k}`` tagged ``xct.verdict=rejected``,
+``xct.rejected_at_stage`` and ``xct.reason`` (the failing gate's summary), with the
+evaluations, the gate reports, the model card and the dataset inputs — an audit trail of what
+was rejected and why; nothing is registered. Either way the pipeline's parent run (the
+training folder's ``mlflow_pipeline.json``) gets the gate results as metrics
+(``gate{k}.passed``, ``gate{k}.<check>``) and ``xct.verdict``
+(:func:`components.tracking.log_pipeline_verdict`).
 
 Tags (run and model version): ``xct.git_commit`` (+ ``xct.git_dirty``), ``xct.data_hash``
 and ``xct.data_hash_source`` — the DVC hash of ``data/processed`` from ``dvc.lock`` when
 DVC produced it, else the sha256 of ``data/processed/manifest.json`` (which lists every
 processed file's sha256; :func:`components.tracking.dvc_data_hash`) — ``xct.params_digest``,
 ``xct.content_hash``, ``xct.test_ids_hash``, ``xct.psnr_window_db`` (the LAST stage's test
-PSNR in the window), ``xct.stages``, ``xct.gates`` (``stage1=pass,…``) and ``xct.run_id``.
+PSNR in the window), ``xct.stages``, ``xct.gates`` (``stage1=pass,…``), ``xct.run_id``,
+``xct.pipeline_run_id`` (the parent pipeline run, when known), ``xct.origin`` and, from a
+KFP task, ``kfp.run_id`` / ``kfp.run_name`` / ``kfp.task_name``
+(:func:`components.tracking.origin_tags`).
 
 Model card
 ----------
@@ -62,14 +84,17 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from xct_core.config import Params
 from xct_core.errors import ConfigError, InputError, XctError
 from xct_core.jsondoc import read_json_doc
+from xct_core.redact import redact, redact_doc
 from xct_core.stats import file_sha256
 from xct_core.layout import (
     METRICS_JSON,
@@ -92,6 +117,8 @@ _REQUIREMENTS = ("torch", "numpy", "scipy", "nibabel", "pydantic", "pyyaml", "ml
 _CONTENT_SECTIONS = ("seed", "hu", "diffusion", "eval", "drr", "model", "stages")
 #: the registration run's artifact folder of the model card; the version tag that points at it
 CARD_ARTIFACT_DIR = "model_card"
+#: the dataset contexts of a registration / rejected-candidate run (the stage runs log train, val)
+SPLIT_CONTEXTS = ("train", "val", "test")
 CARD_TAG = "xct.model_card"
 
 
@@ -239,7 +266,7 @@ def _fail_stale_runs(client: Any, experiment_id: str, chash: str, note: str) -> 
     tell MLflow it failed (the server was down) are marked FAILED."""
     runs = client.search_runs([experiment_id], filter_string=f"tags.`xct.content_hash` = '{chash}' and attributes.status = 'RUNNING'")
     for r in runs:
-        client.set_tag(r.info.run_id, "xct.failure", note)
+        client.set_tag(r.info.run_id, "xct.failure", redact(note))
         client.set_terminated(r.info.run_id, status="FAILED")
 
 
@@ -284,6 +311,52 @@ def _complete_existing(client: Any, existing: Any, params: Params, stages_in: "S
     return Registration(name, v, alias, aliases, False, run_id, reason, card)
 
 
+def model_signature(params: Params) -> Any:
+    """The registered pyfunc's :class:`mlflow.models.ModelSignature` (module docstring):
+    float32 ``frontal``/``lateral`` ``[-1, P, P]``, params samples/steps/seed, float32
+    ``[S, S, S]`` out."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    p = int(params.drr.pixels)
+    s = int(list(params.stages.values())[-1].size)
+    f32 = np.dtype(np.float32)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(f32, (-1, p, p), "frontal"), TensorSpec(f32, (-1, p, p), "lateral")]),
+        outputs=Schema([TensorSpec(f32, (s, s, s), "volume_hu")]),
+        params=ParamSchema([ParamSpec("samples", "long", int(params.reconstruct.samples)),
+                            ParamSpec("steps", "long", 0),
+                            ParamSpec("seed", "long", int(params.seed))]),
+    )
+
+
+def input_example(params: Params) -> tuple[dict[str, Any], dict[str, int]]:
+    """A request MLflow can run cheaply when it validates the logged model: zero line
+    integrals (valid: no body in the beam), one sample of one DDIM step."""
+    import numpy as np
+
+    p = int(params.drr.pixels)
+    zero = np.zeros((1, p, p), dtype=np.float32)
+    return {"frontal": zero, "lateral": zero.copy()}, {"samples": 1, "steps": 1, "seed": int(params.seed)}
+
+
+@contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """MLflow's INFO lines of ``loggers`` off inside the block (a step's stderr stays its own
+    messages; warnings and errors still show)."""
+    import logging
+
+    saved = [(lg, lg.level) for lg in (logging.getLogger(n) for n in loggers)]
+    for lg, level in saved:
+        lg.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
 def decide_alias(champion: Any | None, psnr: float, test_hash: str | None, params: Params) -> tuple[str, str]:
     """``(alias, reason)`` for a new version (rules in the module docstring)."""
     reg = params.registry
@@ -309,6 +382,7 @@ def register_cascade(
     eval_files: dict[int, Path] | None = None,
     card_stages: "Sequence[StageInputs] | None" = None,
     tracking_uri: str | None = None,
+    pipeline_run_id: str | None = None,
     log: Any = None,
 ) -> Registration:
     """Log the cascade (every stage in params) as a pyfunc and register it (module docstring).
@@ -324,7 +398,8 @@ def register_cascade(
 
     with no_progress_bars():
         return _register_cascade(train_dir, stage_metrics, gate_reports, params, processed_dir=processed_dir,
-                                 eval_files=eval_files, card_stages=card_stages, tracking_uri=tracking_uri, log=log)
+                                 eval_files=eval_files, card_stages=card_stages, tracking_uri=tracking_uri,
+                                 pipeline_run_id=pipeline_run_id, log=log)
 
 
 def _register_cascade(
@@ -337,11 +412,19 @@ def _register_cascade(
     eval_files: dict[int, Path] | None,
     card_stages: "Sequence[StageInputs] | None",
     tracking_uri: str | None,
+    pipeline_run_id: str | None,
     log: Any,
 ) -> Registration:
     import mlflow
 
-    from components.tracking import _transport_errors, bound_requests, ensure_experiment, lineage_tags, registry_errors
+    from components.tracking import (
+        _transport_errors,
+        bound_requests,
+        ensure_experiment,
+        lineage_tags,
+        log_datasets,
+        registry_errors,
+    )
     from components.tracking import tracking_uri as default_uri
 
     say = log or (lambda _m: None)
@@ -378,7 +461,8 @@ def _register_cascade(
         "xct.model_file": params.eval.model_file,
         "xct.gates": ",".join(f"stage{k}=pass" for k in sorted(gate_reports)),
         "xct.git_commit": commit or "unknown",
-        **{k: v for k, v in lineage.items() if k.startswith("xct.")},
+        **{k: v for k, v in lineage.items() if k.startswith(("xct.", "kfp."))},
+        **({"xct.pipeline_run_id": pipeline_run_id} if pipeline_run_id else {}),
     }
     mlflow.set_tracking_uri(uri)
     with registry_errors(uri, what):
@@ -395,7 +479,7 @@ def _register_cascade(
         arts["params"] = str(pj)
         with registry_errors(uri, what):
             run_id = mlflow.start_run(experiment_id=exp_id, run_name=f"register-{chash[:8]}",
-                                      tags={**lineage, **tags}).info.run_id
+                                      tags={**lineage, **tags, "xct.verdict": "passed"}).info.run_id
         # the run stays RUNNING until the version, its alias decision and its card exist:
         # FINISHED then, FAILED (KILLED on Ctrl-C) when any of it fails
         try:
@@ -410,13 +494,17 @@ def _register_cascade(
                     mlflow.log_artifact(str(p), "gates")
                 for k, p in sorted((eval_files or {}).items()):
                     mlflow.log_artifact(str(p), f"eval/stage{k}")
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=str(PYFUNC_FILE),
-                    artifacts=arts,
-                    code_paths=[str(REPO / "xct_core")],
-                    pip_requirements=pip_requirements(),
-                )
+                log_datasets(client, run_id, processed_dir, SPLIT_CONTEXTS)
+                with _quiet("mlflow.pyfunc", "mlflow.models"):  # "Validating input example …" INFO lines
+                    info = mlflow.pyfunc.log_model(
+                        name="model",
+                        python_model=str(PYFUNC_FILE),
+                        artifacts=arts,
+                        code_paths=[str(REPO / "xct_core")],
+                        pip_requirements=pip_requirements(),
+                        signature=model_signature(params),
+                        input_example=input_example(params),
+                    )
                 tags["xct.run_id"] = run_id
                 mv = mlflow.register_model(info.model_uri, reg.model_name, tags=tags)
                 alias, reason = set_decided_alias(client, params, mv.version, psnr, test_hash)
@@ -498,11 +586,13 @@ def model_card(params: Params, stages: "Sequence[StageInputs]", lineage: Mapping
 
 
 def write_card(card: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """``model_card.json`` + ``model_card.md`` in ``out_dir``, atomically."""
+    """``model_card.json`` + ``model_card.md`` in ``out_dir``, atomically (no credential:
+    :func:`xct_core.redact.redact_doc`)."""
     from xct_core.atomic import write_json_atomic, write_text_atomic
     from xct_core.model_card import render_markdown
 
     out = Path(out_dir)
+    card = redact_doc(dict(card))
     return (write_json_atomic(out / MODEL_CARD_JSON, dict(card)),
             write_text_atomic(out / MODEL_CARD_MD, render_markdown(card)))
 
@@ -655,6 +745,7 @@ def run_register(
     """Read every stage's gate report and evaluation; register when all passed; write and
     return the summary (:mod:`components.pipeline_verdict`)."""
     from components.pipeline_verdict import build_summary, stage_entry, write_summary
+    from components.tracking import pipeline_run_of
     from components.tracking import tracking_uri as default_uri
 
     say = log or (lambda _m: None)
@@ -677,15 +768,18 @@ def run_register(
         "model_card": str(card_dir / MODEL_CARD_MD), "model_card_json": str(card_dir / MODEL_CARD_JSON),
     }
     card_stages = read_stage_inputs(gates_dir, eval_dir, params)
+    pipeline_run = pipeline_run_of(train_dir, uri)
     if all(s["passed"] for s in stages):
         r = register_cascade(train_dir, metrics, gate_paths, params, processed_dir=processed_dir,
-                             eval_files=eval_paths, card_stages=card_stages, tracking_uri=uri, log=say)
+                             eval_files=eval_paths, card_stages=card_stages, tracking_uri=uri,
+                             pipeline_run_id=pipeline_run, log=say)
         status = "promoted" if params.registry.champion_alias in r.aliases else "registered"
         alias = r.alias or (params.registry.champion_alias if status == "promoted"
                             else (r.aliases[0] if r.aliases else None))
         summary = build_summary(status=status, stages=stages, model_uri=r.model_uri, tracking_uri=uri,
                                 reports=reports, model_name=r.name, model_version=r.version, alias=alias)
         card = r.card
+        verdict = {"xct.verdict": status, "xct.model_uri": r.model_uri, "xct.register_run_id": r.run_id}
     else:
         from components.tracking import lineage_tags
 
@@ -694,9 +788,77 @@ def run_register(
         card = model_card(params, card_stages, card_lineage(lineage_tags(params.digest(), processed_dir)), {
             "status": "rejected", "rejected_at_stage": summary["rejected_at_stage"],
             "model_uri": summary["model_uri"]}, processed_dir)
+        k = int(summary["rejected_at_stage"])
+        reason = next(s["summary"] for s in stages if s["stage"] == k)
+        rejected_run = log_rejected(params, k, reason, metrics, {**gate_paths}, eval_dir, card,
+                                    processed_dir=processed_dir, pipeline_run_id=pipeline_run, tracking_uri=uri)
+        say(f"register: rejected at stage {k}; audit trail in MLflow run {rejected_run} "
+            f"(experiment {params.registry.experiment})")
+        verdict = {"xct.verdict": "rejected", "xct.rejected_at_stage": str(k), "xct.reason": reason[:5000],
+                   "xct.rejected_run_id": rejected_run}
+    if pipeline_run:
+        from components.tracking import get_client, log_pipeline_verdict, registry_errors
+
+        with registry_errors(uri, f"logging the gate results on pipeline run {pipeline_run}"):
+            log_pipeline_verdict(get_client(uri), pipeline_run,
+                                 {s["stage"]: _read_json(Path(s["gate_report"])) for s in stages}, verdict)
     if card is not None:  # the card of this run, registered or not, beside its summary
         write_card(card, card_dir)
     write_summary(out_path, summary)
     return summary
+
+
+def log_rejected(params: Params, stage: int, reason: str, stage_metrics: Mapping[int, Mapping[str, Any]],
+                 gate_reports: Mapping[int, Path], eval_dir: str | Path, card: Mapping[str, Any], *,
+                 processed_dir: str | Path | None = None, pipeline_run_id: str | None = None,
+                 tracking_uri: str | None = None) -> str:
+    """The audit trail of a rejected candidate: a FINISHED run ``rejected-stage{stage}`` in
+    ``registry.experiment`` tagged ``xct.verdict=rejected``, ``xct.rejected_at_stage``,
+    ``xct.reason`` (+ the lineage and origin tags, ``xct.pipeline_run_id``), holding every
+    evaluated stage's metrics (``stage{k}/<metric>``), the evaluation reports
+    (``eval/stage{k}/``), the gate reports (``gates/``), the model card (``model_card/``) and
+    the dataset inputs. Returns its run id; an MLflow that cannot answer is one
+    :class:`components.tracking.RegistryError` line."""
+    from mlflow.entities import Metric, RunTag
+
+    from components.tracking import ensure_experiment, lineage_tags, log_datasets, no_progress_bars, registry_errors
+    from components.tracking import tracking_uri as default_uri
+
+    uri = tracking_uri or default_uri()
+    client = _client(uri)
+    reg = params.registry
+    tags = {**lineage_tags(params.digest(), processed_dir), "xct.kind": "rejected-candidate",
+            "xct.verdict": "rejected", "xct.rejected_at_stage": str(stage), "xct.reason": reason[:5000],
+            "xct.stages": str(params.n_stages),
+            "xct.gates": ",".join(f"stage{k}={'pass' if (_read_json(p) or {}).get('passed') else 'fail'}"
+                                  for k, p in sorted(gate_reports.items())),
+            **({"xct.pipeline_run_id": pipeline_run_id} if pipeline_run_id else {})}
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"stage{k}/{key}", float(v), now, 0) for k, m in sorted(stage_metrics.items())
+               for key, v in m.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+    with registry_errors(uri, f"recording the rejected candidate of {reg.model_name}"), no_progress_bars():
+        exp_id = ensure_experiment(client, reg.experiment)
+        run_id = client.create_run(exp_id, run_name=f"rejected-stage{stage}", tags=tags).info.run_id
+        try:
+            for i in range(0, len(metrics), 900):
+                client.log_batch(run_id, metrics=metrics[i : i + 900], synchronous=True)
+            for p in gate_reports.values():
+                client.log_artifact(run_id, str(p), "gates")
+            for k in sorted(stage_metrics):
+                ed = Path(eval_dir) / f"stage{k}"
+                for f in sorted(ed.iterdir()) if ed.is_dir() else []:
+                    if f.is_file():
+                        client.log_artifact(run_id, str(f), f"eval/stage{k}")
+            with tempfile.TemporaryDirectory(prefix="xct-card-") as tmp:
+                write_card(card, Path(tmp))
+                client.log_artifacts(run_id, tmp, CARD_ARTIFACT_DIR)
+            log_datasets(client, run_id, processed_dir, SPLIT_CONTEXTS)
+            client.log_batch(run_id, tags=[RunTag("xct.run_id", run_id)], synchronous=True)
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.set_terminated(run_id, status="FINISHED")
+    return run_id
 
 

@@ -62,6 +62,7 @@ from botocore.config import Config
 from xct_core.atomic import atomic_path, file_mode
 from components.ops_params import S3Params
 from xct_core.errors import InputError, XctError
+from xct_core.redact import redact, redact_url
 
 #: environment variable with the endpoint of an S3-compatible store (wins over AWS_ENDPOINT_URL)
 ENDPOINT_ENV = "XCT_S3_ENDPOINT_URL"
@@ -144,7 +145,7 @@ def resolve_endpoint(endpoint_url: str | None = None) -> str | None:
         if value:
             u = urlparse(value)
             if u.scheme not in ("http", "https") or not u.netloc:
-                raise InputError(None, f"{origin}: invalid endpoint URL {value!r} (expected http(s)://host[:port])")
+                raise InputError(None, f"{origin}: invalid endpoint URL {redact_url(value)!r} (expected http(s)://host[:port])")
             return value.rstrip("/")
     return None
 
@@ -159,7 +160,7 @@ def make_client(cfg: S3Params, endpoint_url: str | None = None) -> Any:
     try:
         creds = session.get_credentials()
     except bexc.BotoCoreError as e:  # a broken profile / config file
-        raise InputError(None, f"cannot load AWS credentials ({e})") from None
+        raise InputError(None, f"cannot load AWS credentials ({redact(e)})") from None
     if creds is None:
         raise InputError(
             None,
@@ -311,7 +312,7 @@ def _retryable(e: BaseException) -> bool:
 def _user_error(e: BaseException, where: str, endpoint: str | None, attempts: int, request_attempts: int = 1) -> XctError:
     """Map a boto/network exception to a one-line XctError naming ``where``."""
     err = _map_error(e, where, endpoint, attempts, request_attempts)
-    err.args = (" ".join(str(err).split()),)  # one line, whatever the server sent
+    err.args = (redact(" ".join(str(err).split())),)  # one line, whatever the server sent; no credential
     return err
 
 

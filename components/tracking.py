@@ -8,7 +8,18 @@ a tracking server decides its own artifact store).
 Lineage tags on every run: ``mlflow.source.git.commit`` (+ ``xct.git_dirty``), the DVC
 hash of the data folder (``xct.data_hash`` from ``dvc.lock`` or ``<data>.dvc``; without
 DVC the sha256 of the preprocess manifest, which lists every file's sha256 — the tag
-``xct.data_hash_source`` says which), and ``xct.params_digest``.
+``xct.data_hash_source`` says which), ``xct.params_digest`` and where the run came from
+(:func:`origin_tags`): ``xct.origin`` = ``kfp`` with ``kfp.run_id`` / ``kfp.run_name`` /
+``kfp.task_name`` inside a KFP task (the pipeline hands ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``
+etc. to the task, which sets ``XCT_KFP_*``), ``local`` otherwise (``dvc repro``, ``xct``).
+
+Datasets (:func:`dataset_inputs`): the processed data as an MLflow dataset input (source
+URI, digest = ``xct.data_hash``, context ``train`` / ``val`` / ``test``) — on the stage runs
+(train, val) and on the registration / rejected-candidate run (train, val, test).
+
+Experiments are created (or found) with ``mlflow.experimentKind = custom_model_development``
+(:data:`EXPERIMENT_KIND`), the tag MLflow 3's UI reads to open an experiment on its runs
+rather than its GenAI (traces) view; a kind the user set is left alone.
 
 Runs: one parent *pipeline* run per output folder (or ``$XCT_PIPELINE_RUN_ID``, e.g. set by
 the KFP pipeline) and one nested run per stage (tag ``mlflow.parentRunId``). The ids are
@@ -22,6 +33,11 @@ model / alias / run" and for a server that is down, black-holed or failing. Only
 :func:`bound_requests` sets MLflow's ``MLFLOW_HTTP_REQUEST_TIMEOUT`` and
 ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` from ``params.registry`` (``request_timeout_s``,
 ``request_max_retries``) unless the user's environment sets them.
+
+Authentication (a ``mlflow server --app-name basic-auth``, docs/security.md): the client
+sends ``$MLFLOW_TRACKING_USERNAME`` / ``$MLFLOW_TRACKING_PASSWORD``; a refusal (HTTP 401
+not authenticated, 403 permission denied) is one :class:`RegistryError` line too, naming
+the user (never the password) and what was refused (:func:`auth_status`).
 """
 
 from __future__ import annotations
@@ -46,6 +62,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, ML
 from xct_core.atomic import write_json_atomic
 from xct_core.errors import InputError, XctError
 from xct_core.jsondoc import read_json_doc
+from xct_core.redact import redact, redact_doc, redact_url
 from xct_core.yamlsafe import read_yaml_doc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +71,15 @@ DEFAULT_TRACKING_URI = f"sqlite:///{REPO / 'mlflow.db'}"
 #: environment variable naming an existing pipeline (parent) run to nest stage runs under
 PIPELINE_RUN_ENV = "XCT_PIPELINE_RUN_ID"
 _PARAM_MAX = 6000
+#: the experiment tag MLflow 3's UI reads (mlflow/server/js: ExperimentKind) and its value
+#: for a model-training experiment (the UI then opens on the runs, not the GenAI traces view)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+#: environment variables a KFP task sets from the pipeline's placeholders → run tags
+KFP_ENV = {"XCT_KFP_RUN_ID": "kfp.run_id", "XCT_KFP_RUN_NAME": "kfp.run_name", "XCT_KFP_TASK_NAME": "kfp.task_name"}
+#: the MLflow dataset name of the processed data (one dataset, a context per split)
+DATASET_NAME = "xct-processed"
+#: the file in a training output folder that names its pipeline (parent) run (:class:`StageRun`)
+PIPELINE_FILE = "mlflow_pipeline.json"
 
 
 class RegistryError(XctError):
@@ -113,8 +139,39 @@ def _why(e: BaseException) -> str:
     return f"{code + ': ' if code and code != 'INTERNAL_ERROR' else ''}{first[:300]}"
 
 
+def auth_status(e: BaseException) -> int | None:
+    """401 or 403 when ``e`` is the server refusing the caller (basic-auth: credentials
+    missing or wrong, or a user without the permission), else ``None``. MLflow raises
+    :class:`MlflowException` with ``UNAUTHENTICATED`` / ``PERMISSION_DENIED`` for REST calls
+    and ``requests.HTTPError`` for proxied artifact transfers."""
+    code = getattr(e, "error_code", None)
+    if code in ("UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"):
+        return 401
+    if code == "PERMISSION_DENIED":
+        return 403
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    return status if status in (401, 403) else None
+
+
+def _refused(status: int, uri: str, what: str) -> RegistryError:
+    """One line for a request the server refused: who asked (never the password) and what to do."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401:
+        who = (f"user {user!r} with the given MLFLOW_TRACKING_PASSWORD was not accepted" if user
+               else "no credentials were sent")
+        return RegistryError(f"MLflow at {uri} refused a request while {what}: not authenticated (HTTP 401): {who}; set "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an MLflow user's credentials")
+    who = f"user {user!r} (MLFLOW_TRACKING_USERNAME)" if user else "this user"
+    return RegistryError(f"MLflow at {uri} refused a request while {what}: permission denied (HTTP 403): {who} lacks the "
+                         "permission; an MLflow admin grants it (docs/security.md)")
+
+
 def registry_error(e: BaseException, uri: str, what: str) -> RegistryError:
-    """One line: which MLflow, what was being done, why it failed, what bounds applied."""
+    """One line: which MLflow, what was being done, why it failed, what bounds applied
+    (a refusal, HTTP 401/403, says so instead: :func:`auth_status`)."""
+    status = auth_status(e)
+    if status is not None:
+        return _refused(status, uri, what)
     b = {k: os.environ.get(k) for k in HTTP_BOUNDS}
     bounds = "" if "://" not in uri or uri.startswith(("sqlite", "file")) else (
         f" (requests bounded by MLFLOW_HTTP_REQUEST_TIMEOUT={b['MLFLOW_HTTP_REQUEST_TIMEOUT'] or '120'} s, "
@@ -198,17 +255,21 @@ def get_client(uri: str | None = None) -> MlflowClient:
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created (with :func:`artifact_root`) if missing."""
+    """The id of experiment ``name``, created (with :func:`artifact_root`) if missing, and
+    marked a model-training experiment (:data:`EXPERIMENT_KIND`) unless it has a kind."""
+    key, kind = EXPERIMENT_KIND
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
-    except MlflowException:  # created concurrently
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri),
+                                            tags={key: kind})
+        except MlflowException:  # created concurrently
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if key not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, key, kind)
+    return exp.experiment_id
 
 
 # --------------------------------------------------------------------------- lineage
@@ -263,10 +324,25 @@ def dvc_data_hash(data_dir: str | Path, repo: Path = REPO) -> tuple[str | None, 
     return None, "none"
 
 
+def kfp_environment(run_id: str = "", run_name: str = "", task_name: str = "") -> dict[str, str]:
+    """The ``XCT_KFP_*`` variables for a KFP task's resolved placeholders (empty or unresolved
+    ``{{$.…}}`` values left out): what :func:`origin_tags` reads."""
+    vals = dict(zip(KFP_ENV, (run_id, run_name, task_name), strict=True))
+    return {k: v for k, v in vals.items() if v and not v.startswith("{{")}
+
+
+def origin_tags() -> dict[str, str]:
+    """Where a run comes from: inside a KFP task ``xct.origin=kfp`` + ``kfp.run_id``,
+    ``kfp.run_name``, ``kfp.task_name`` (from ``XCT_KFP_*``, :func:`kfp_environment`);
+    elsewhere (``dvc repro``, the ``xct`` CLI) ``xct.origin=local`` and no ``kfp.*`` tags."""
+    tags = {tag: os.environ[var] for var, tag in KFP_ENV.items() if os.environ.get(var)}
+    return {"xct.origin": "kfp" if "kfp.run_id" in tags else "local", **tags}
+
+
 def lineage_tags(params_digest: str, data_dir: str | Path | None) -> dict[str, str]:
-    """Git commit, DVC data hash and params digest as MLflow tags."""
+    """Git commit, DVC data hash, params digest and origin (:func:`origin_tags`) as MLflow tags."""
     commit, dirty = git_commit()
-    tags = {"xct.params_digest": params_digest}
+    tags = {"xct.params_digest": params_digest, **origin_tags()}
     if commit:
         tags[MLFLOW_GIT_COMMIT] = commit
         tags["xct.git_dirty"] = str(dirty).lower()
@@ -277,6 +353,93 @@ def lineage_tags(params_digest: str, data_dir: str | Path | None) -> dict[str, s
         tags["xct.data_hash_source"] = src
         tags["xct.data_dir"] = str(Path(data_dir).absolute())
     return tags
+
+
+def _dataset_source(uri: str) -> Any:
+    """An MLflow dataset source for ``uri`` (s3://, gs://, a local path, … as MLflow resolves
+    them; KFP's ``minio://`` is its S3 store: ``s3://``). A scheme MLflow does not know keeps
+    its URI in a local-artifact source (the URI is what lineage needs)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if uri.startswith("minio://"):
+        uri = "s3://" + uri.removeprefix("minio://")
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways" notices
+        warnings.simplefilter("ignore")
+        try:
+            return resolve_dataset_source(uri)
+        except MlflowException:
+            return type(resolve_dataset_source(str(Path.cwd())))(uri)
+
+
+def dataset_inputs(data_dir: str | Path, contexts: tuple[str, ...], source_uri: str | None = None) -> list[Any]:
+    """The processed data folder as MLflow dataset inputs, one per context (``train``, ``val``,
+    ``test``): name ``xct-processed-<context>`` (:data:`DATASET_NAME`), source ``source_uri``
+    (``$XCT_DATA_URI`` — e.g. the KFP artifact's URI — else the folder's absolute path),
+    digest = the DVC / manifest hash of :func:`dvc_data_hash`, profile = the number of volumes
+    per split (from the preprocess manifest) and where the digest came from. ``[]`` when the folder has no hash."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    digest, origin = dvc_data_hash(data_dir)
+    if digest is None:
+        return []
+    splits: dict[str, int] = {}
+    try:
+        splits = {str(s): len(v) for s, v in (read_json_doc(Path(data_dir) / "manifest.json", "preprocess manifest")
+                                              .get("splits") or {}).items()}
+    except XctError:
+        pass
+    source = source_uri or os.environ.get("XCT_DATA_URI") or str(Path(data_dir).absolute())
+    src = _dataset_source(source)
+    profile = json.dumps({"digest_source": origin, "n_volumes": splits}, sort_keys=True)
+    # one dataset per split: MLflow keeps one input per (dataset, run), whatever its context
+    return [DatasetInput(Dataset(name=f"{DATASET_NAME}-{c}", digest=digest[:36], source_type=src._get_source_type(),
+                                 source=src.to_json(), profile=profile),
+                         tags=[InputTag(MLFLOW_DATASET_CONTEXT, c)]) for c in contexts]
+
+
+def log_datasets(client: MlflowClient, run_id: str, data_dir: str | Path | None, contexts: tuple[str, ...]) -> int:
+    """Log :func:`dataset_inputs` of ``data_dir`` to ``run_id`` (nothing when ``data_dir`` is
+    None or has no hash); returns how many inputs were logged."""
+    inputs = dataset_inputs(data_dir, contexts) if data_dir is not None else []
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+    return len(inputs)
+
+
+def pipeline_run_of(train_dir: str | Path, uri: str) -> str | None:
+    """The parent pipeline run of a training output folder (``mlflow_pipeline.json``, written
+    by :class:`StageRun`) when it is in the store at ``uri``; else ``$XCT_PIPELINE_RUN_ID``;
+    else None."""
+    state = _read_json(Path(train_dir) / PIPELINE_FILE)
+    if state.get("run_id") and state.get("tracking_uri") == uri:
+        return str(state["run_id"])
+    return os.environ.get(PIPELINE_RUN_ENV) or None
+
+
+def gate_metrics(gates: Mapping[int, Mapping[str, Any] | None]) -> dict[str, float]:
+    """Gate reports (stage → ``gates/stageK.json`` content, None when missing) as metrics of
+    the pipeline run: ``gate{k}.passed`` (1/0; a missing report is 0) and each check's
+    measured value ``gate{k}.{check}`` (e.g. ``gate1.psnr_window``)."""
+    out: dict[str, float] = {}
+    for k, doc in sorted(gates.items()):
+        doc = doc or {}
+        out[f"gate{k}.passed"] = 1.0 if doc.get("passed") and not doc.get("skipped") else 0.0
+        for c in doc.get("checks") or []:
+            v = c.get("value")
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+                out[f"gate{k}.{c.get('name') or c.get('metric')}"] = float(v)
+    return out
+
+
+def log_pipeline_verdict(client: MlflowClient, run_id: str, gates: Mapping[int, Mapping[str, Any] | None],
+                         tags: Mapping[str, str]) -> None:
+    """The gate results (:func:`gate_metrics`) and the verdict ``tags`` on the pipeline run."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in gate_metrics(gates).items()]
+    client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -351,6 +514,13 @@ def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
     write_json_atomic(path, dict(doc))
 
 
+def _same_store(state: Mapping[str, Any], uri: str) -> bool:
+    """Whether a run-state file was written for tracking store ``uri`` (the files keep the
+    URI with its password masked; older ones the raw URI)."""
+    kept = state.get("tracking_uri")
+    return isinstance(kept, str) and redact_url(kept) == redact_url(uri)
+
+
 def _usable_run(client: MlflowClient, run_id: str | None, experiment_id: str) -> bool:
     if not run_id:
         return False
@@ -374,8 +544,8 @@ class StageRun:
     def __init__(self, **kw: Any) -> None:
         """Keyword arguments: ``experiment``, ``stage``, ``run_name``, ``state_file``,
         ``pipeline_file``, ``params``, ``tags``, ``new_run``, ``new_pipeline``,
-        ``parent_run_id`` (see :meth:`_open`). An MLflow that cannot answer is one
-        :class:`RegistryError` line."""
+        ``parent_run_id``, ``data_contexts`` (see :meth:`_open`). An MLflow that cannot
+        answer is one :class:`RegistryError` line."""
         self.uri = tracking_uri()
         self.client = get_client(self.uri)
         with registry_errors(self.uri, f"opening the MLflow run of stage {kw.get('stage')}"):
@@ -394,7 +564,10 @@ class StageRun:
         new_run: bool = False,
         new_pipeline: bool = False,
         parent_run_id: str | None = None,
+        data_contexts: tuple[str, ...] = ("train", "val"),
     ) -> None:
+        """``data_contexts``: the splits of the data folder (tag ``xct.data_dir``) a new stage
+        run logs as dataset inputs (:func:`log_datasets`)."""
         self.experiment_id = ensure_experiment(self.client, experiment)
         parent = parent_run_id or os.environ.get(PIPELINE_RUN_ENV)
         #: we keep the parent's status in step with the stages only when the parent is ours
@@ -402,22 +575,22 @@ class StageRun:
         self.owns_parent = not parent
         pstate = _read_json(pipeline_file)
         if not parent:
-            if not new_pipeline and pstate.get("tracking_uri") == self.uri and _usable_run(
+            if not new_pipeline and _same_store(pstate, self.uri) and _usable_run(
                 self.client, pstate.get("run_id"), self.experiment_id
             ):
                 parent = pstate["run_id"]
             else:
                 parent = self.client.create_run(
-                    self.experiment_id, tags={**tags, "xct.kind": "pipeline"}, run_name="pipeline"
+                    self.experiment_id, tags=redact_doc({**tags, "xct.kind": "pipeline"}), run_name="pipeline"
                 ).info.run_id
-                _write_json(pipeline_file, {"run_id": parent, "tracking_uri": self.uri})
+                _write_json(pipeline_file, {"run_id": parent, "tracking_uri": redact_url(self.uri)})
         self.parent_run_id: str = parent
         if self.owns_parent:
             self.client.update_run(parent, status="RUNNING")
 
         sstate = {} if new_run else _read_json(state_file)
         self.resumed = (
-            sstate.get("tracking_uri") == self.uri
+            _same_store(sstate, self.uri)
             and sstate.get("parent_run_id") == parent
             and _usable_run(self.client, sstate.get("run_id"), self.experiment_id)
         )
@@ -428,18 +601,22 @@ class StageRun:
         else:
             run = self.client.create_run(
                 self.experiment_id,
-                tags={**tags, MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: run_name, "xct.kind": "stage", "xct.stage": str(stage)},
+                tags=redact_doc({**tags, MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: run_name, "xct.kind": "stage",
+                                 "xct.stage": str(stage)}),
                 run_name=run_name,
             )
             self.run_id = run.info.run_id
-            _write_json(state_file, {"run_id": self.run_id, "parent_run_id": parent, "tracking_uri": self.uri})
+            _write_json(state_file, {"run_id": self.run_id, "parent_run_id": parent, "tracking_uri": redact_url(self.uri)})
+            if tags.get("xct.data_dir"):
+                log_datasets(self.client, self.run_id, tags["xct.data_dir"], data_contexts)
         self._log_params(params)
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()], synchronous=True)
 
     def _log_params(self, params: Mapping[str, Any]) -> None:
         have = self.client.get_run(self.run_id).data.params
-        todo = [Param(k, v) for k, v in flatten(params).items() if k not in have]
-        changed = sorted(k for k, v in flatten(params).items() if k in have and have[k] != v)
+        flat = {k: redact(v) for k, v in flatten(params).items()}  # no credential in a logged param
+        todo = [Param(k, v) for k, v in flat.items() if k not in have]
+        changed = sorted(k for k, v in flat.items() if k in have and have[k] != v)
         for i in range(0, len(todo), 90):
             self.client.log_batch(self.run_id, params=todo[i : i + 90], synchronous=True)
         if changed:  # params are immutable in MLflow; record what a resume changed
@@ -447,7 +624,7 @@ class StageRun:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         with registry_errors(self.uri, f"tagging run {self.run_id}"):
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+            self.client.log_batch(self.run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()], synchronous=True)
 
     def end(self, status: str, message: str | None = None) -> None:
         """Terminate the stage run with ``status`` (FINISHED | FAILED | KILLED); a parent
@@ -456,7 +633,7 @@ class StageRun:
             raise ValueError(f"not a terminal run status: {status!r}")
         try:
             if message:
-                self.client.set_tag(self.run_id, "xct.failure", message[:5000])
+                self.client.set_tag(self.run_id, "xct.failure", redact(message)[:5000])
             self.client.set_terminated(self.run_id, status=status)
             if self.owns_parent:
                 self.client.set_terminated(self.parent_run_id, status=status)

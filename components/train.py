@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from xct_core.atomic import write_json_atomic
+from xct_core.redact import redact, redact_doc, redact_url
 from xct_core.checkpoint import latest_checkpoint
 from components.ray_params import RayParams
 from xct_core.config import Params, params_from_dict
@@ -414,7 +415,7 @@ def _failure_file(layout: RunLayout) -> Path:
 
 
 def _write_failure(layout: RunLayout, doc: dict[str, Any]) -> None:
-    write_json_atomic(_failure_file(layout), doc)
+    write_json_atomic(_failure_file(layout), redact_doc(doc))  # no credential in what the driver reads back
 
 
 # --------------------------------------------------------------------------- driver side
@@ -646,7 +647,7 @@ def _run_locked(params: Params, k: int, processed: Path, out: Path, *, steps: in
         where = {"xct.run_uri": storage.root, "xct.data_uri": str(data_uri)} if storage is not None else None
         mlrun = _start_tracking(params, k, n_steps, processed, out, fresh=fresh, resuming=resuming,
                                 parent_run_id=parent_run_id, where=where)
-        log(f"{name}: MLflow run {mlrun.run_id} ({'resumed' if mlrun.resumed else 'new'}) at {mlrun.uri}")
+        log(f"{name}: MLflow run {mlrun.run_id} ({'resumed' if mlrun.resumed else 'new'}) at {redact_url(mlrun.uri)}")
         if storage is not None:  # a retry on another node continues the same MLflow runs
             for f in _stage_docs(layout)[:2]:
                 storage.put_file(f, _train_rel(layout, f))
@@ -700,7 +701,7 @@ def _end_failed(e: BaseException, mlrun: Any, guard: SigtermGuard, name: str, la
             mlrun.end("KILLED", "interrupted")
         return
     if isinstance(e, ray.train.TrainingFailedError):
-        msg = f"{name}: training failed after {max_failures} retries ({_root_cause(e)})"
+        msg = f"{name}: training failed after {max_failures} retries ({redact(_root_cause(e))})"
         if mlrun:
             mlrun.set_tags(_placement_tags(_read_placement(layout)))
             mlrun.end("FAILED", msg)

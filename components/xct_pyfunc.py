@@ -10,11 +10,15 @@ with these artifacts:
 
 and ``code_paths=[xct_core]``, so the loader needs only torch and the xct science package.
 
-``predict`` input: a mapping ``{"frontal": 2D, "lateral": 2D}`` (line integrals ∫mu dl,
-dimensionless, ``[P, P]`` with ``P = drr.pixels``, image conventions of docs/CONVENTIONS.md),
-or a one-row DataFrame with those columns; optional keys ``steps`` (DDIM steps; default
-the steps rule of :meth:`xct_core.diffusion.Sampler.from_params`), ``seed`` (default
-``params.seed``) and ``samples`` (default ``reconstruct.samples``). The prediction IS
+``predict`` input: a mapping ``{"frontal": …, "lateral": …}`` of line integrals (∫mu dl,
+dimensionless, ``[1, P, P]`` — one pair, ``P = drr.pixels``, image conventions of
+docs/CONVENTIONS.md), or a one-row DataFrame with those columns; params ``steps`` (DDIM
+steps; 0 or absent: the steps rule of :meth:`xct_core.diffusion.Sampler.from_params`),
+``seed`` (default ``params.seed``) and ``samples`` (default ``reconstruct.samples``).
+The registered model carries a signature (:func:`components.register.model_signature`:
+float32 ``[-1, P, P]`` views, long params), so MLflow refuses a missing view, a wrong shape
+or dtype and a non-integer param before ``predict`` runs (``pyfunc.predict`` and ``mlflow
+models serve``); the checks below still guard a model loaded without it. The prediction IS
 :func:`xct_core.inference.reconstruct` (what ``xct reconstruct`` runs): float32 ``[S, S, S]``
 volume in HU (the last stage's grid, RAS+ axes), the mean of the samples.
 """
@@ -40,7 +44,8 @@ def _as_image(x: Any, name: str, params: Any) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2D line-integral image [P, P], got shape {arr.shape}")
+        raise ValueError(f"{name} must be one line-integral image [1, P, P] or [P, P] (one X-ray pair per request), "
+                         f"got shape {arr.shape}")
     try:
         return check_line_integrals(name, arr, params)
     except InputError as e:

@@ -4,12 +4,29 @@
     python infra/images.py build [--registry R/] [--push] [--only light,train] [--dry-run]
     python infra/images.py build --local [--only ...] [--dry-run]     (podman, no registry)
 
+Each image is tagged twice: ``name:<tag>`` (the release tag of infra/images.yaml, what
+infra/k8s and compose name) and ``name:<tag>-<digest>`` (its content tag: a SHA-256 over the
+files its ``content:`` lists, components/image_tag.py; what the compiled KFP pipeline names,
+so a code change changes every task's cache key). ``--push`` pushes both.
+
 Every image is built from the repository root as its context (``.dockerignore`` keeps
 data/, outputs/, .venv/, mlruns/ out). ``--registry`` prefixes the tag, e.g.
 ``--registry registry.example.com/xct/`` → ``registry.example.com/xct/xct-train:0.1.0``;
 then point the cluster at it (kustomize ``images:`` in infra/k8s/kustomization.yaml and
 ``XCT_IMAGE_LIGHT`` / ``XCT_IMAGE_TRAIN`` when compiling the KFP pipeline).
 ``--dry-run`` prints the docker commands without running them. Needs PyYAML only.
+
+Digests (a production deploy; tags are mutable, digests are not)::
+
+    python infra/images.py pin NAME=REF@sha256:<64 hex> [...]   write newName + digest into
+                                                          infra/k8s/kustomization.yaml ``images:``
+    python infra/images.py check-pinned [--kustomize-dir D]  exit 1 listing every image of the
+                                                          rendered manifests without a digest
+
+``NAME`` is the image name the manifests use (``xct-train``, ``xct-mlflow``, ``postgres``,
+``xct-minio``, ``quay.io/minio/mc``); ``REF@sha256:…`` what you pushed or mirrored (``crane
+digest REF`` or ``docker buildx imagetools inspect REF`` prints the digest). Nothing in this
+repository can know those digests: they are a deploy-time step (docs/security.md).
 
 ``--local`` builds every image on a machine that reaches the package registries but no
 container registry (this project's CI): podman as root with ``infra/podman/containers.conf``;
@@ -40,6 +57,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the repo's components/ (the content tag)
+    sys.path.insert(0, str(REPO))
+from components.image_tag import content_tag  # noqa: E402
+
 IMAGES_FILE = REPO / "infra" / "images.yaml"
 PODMAN_DIR = REPO / "infra" / "podman"
 CONTAINERS_CONF = PODMAN_DIR / "containers.conf"
@@ -67,6 +88,13 @@ def image_ref(key: str, registry: str = "", images: dict | None = None) -> str:
     return f"{registry}{spec['name']}:{spec['tag']}"
 
 
+def content_image_ref(key: str, registry: str = "", images: dict | None = None) -> str:
+    """``[registry]name:<tag>-<content digest>``: the same build under its content tag (what the
+    compiled KFP pipeline names; components/image_tag.py)."""
+    images = images or load_images()
+    return f"{registry}{images['built'][key]['name']}:{content_tag(key, images, REPO)}"
+
+
 def git_commit() -> str:
     """HEAD of the checkout (image label + XCT_GIT_COMMIT), or ``unknown``."""
     try:
@@ -88,10 +116,11 @@ def build_commands(registry: str = "", push: bool = False, only: list[str] | Non
     cmds: list[list[str]] = []
     for key in keys:
         ref = image_ref(key, registry, images)
-        cmds.append(["docker", "build", "-f", images["built"][key]["dockerfile"], "-t", ref,
+        cref = content_image_ref(key, registry, images)
+        cmds.append(["docker", "build", "-f", images["built"][key]["dockerfile"], "-t", ref, "-t", cref,
                      "--build-arg", f"GIT_COMMIT={commit}", "."])
         if push:
-            cmds.append(["docker", "push", ref])
+            cmds += [["docker", "push", ref], ["docker", "push", cref]]
     return cmds
 
 
@@ -225,8 +254,10 @@ class LocalBuild:
         rec["seconds"] = round(rec["seconds"] + time.monotonic() - t0, 1)
 
     def build(self, key: str, dockerfile: str, tag: str, context: str = ".", target: str | None = None,
-              args: dict[str, str] | None = None) -> None:
+              args: dict[str, str] | None = None, also: tuple[str, ...] = ()) -> None:
         cmd = ["podman", "build", "--network", "host", "-f", dockerfile, "-t", tag]
+        for extra in also:  # more tags of the same build (the content tag)
+            cmd += ["-t", extra]
         if target:
             cmd += ["--target", target]
         for v in self.volumes:
@@ -290,7 +321,8 @@ def build_local(only: list[str] | None = None, dry_run: bool = False, mirror: st
                 args |= {"BASE_IMAGE": deps_ref(images), "REQUIRE_CUDA": "0"}
             else:
                 args |= py
-            b.build(key, spec["dockerfile"], local_ref(key, images), args=args)
+            b.build(key, spec["dockerfile"], local_ref(key, images), args=args,
+                    also=(content_image_ref(key, LOCAL_REGISTRY, images),))
     report = {"commit": commit, "total_seconds": round(time.monotonic() - t0, 1), "steps": b.timings,
               "machine": f"{os.cpu_count()} CPUs, {os.uname().sysname} {os.uname().machine}"}
     if not dry_run:
@@ -301,10 +333,83 @@ def build_local(only: list[str] | None = None, dry_run: bool = False, mirror: st
     return report
 
 
+# --------------------------------------------------------------------------- digests (deploy time)
+
+KUSTOMIZATION = REPO / "infra" / "k8s" / "kustomization.yaml"
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def _split_pin(arg: str) -> tuple[str, str, str]:
+    """``NAME=REF@sha256:HEX`` → (NAME, REF, sha256:HEX); SystemExit naming the argument otherwise."""
+    name, sep, ref = arg.partition("=")
+    repo, at, digest = ref.partition("@")
+    if not sep or not name or not repo or not at or not DIGEST.match(digest):
+        raise SystemExit(f"images.py pin: {arg!r} is not NAME=REF@sha256:<64 hex digits>")
+    return name, repo, digest
+
+
+def pin_digests(pins: list[str], path: Path = KUSTOMIZATION) -> list[str]:
+    """Write ``newName`` + ``digest`` of each ``NAME=REF@sha256:…`` into the ``images:`` entry of
+    NAME in ``path`` (comments and the other entries kept); returns the names pinned."""
+    parsed = [_split_pin(a) for a in pins]
+    lines = path.read_text().splitlines()
+    done = []
+    for name, repo, digest in parsed:
+        start = next((i for i, line in enumerate(lines) if line.strip() == f"- name: {name}"), None)
+        if start is None:
+            raise SystemExit(f"images.py pin: {path} has no images: entry named {name}")
+        indent = " " * (len(lines[start]) - len(lines[start].lstrip()) + 2)
+        end = start + 1
+        while end < len(lines) and lines[end].startswith(indent) and not lines[end].strip().startswith("- "):
+            end += 1
+        body = [line for line in lines[start + 1:end]
+                if not line.strip().startswith(("newName:", "digest:", "newTag:"))]
+        lines[start + 1:end] = body + [f"{indent}newName: {repo}", f"{indent}digest: {digest}"]
+        done.append(name)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return done
+
+
+def _rendered_images(kustomize_dir: Path) -> list[str]:
+    """Every containers[].image of ``kubectl kustomize DIR`` (or ``kustomize build``), CRDs included."""
+    if shutil.which("kubectl"):
+        cmd = ["kubectl", "kustomize", str(kustomize_dir)]
+    elif shutil.which("kustomize"):
+        cmd = ["kustomize", "build", str(kustomize_dir)]
+    else:
+        raise SystemExit("images.py check-pinned: needs kubectl or kustomize")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise SystemExit(f"images.py check-pinned: {' '.join(cmd)} failed: {out.stderr.strip()[-500:]}")
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("containers", "initContainers") and isinstance(v, list):
+                    found.extend(c["image"] for c in v if isinstance(c, dict) and "image" in c)
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    for doc in yaml.safe_load_all(out.stdout):
+        walk(doc)
+    return sorted(set(found))
+
+
+def unpinned_images(kustomize_dir: Path = KUSTOMIZATION.parent) -> list[str]:
+    """The rendered images that are not ``REF@sha256:<64 hex>``."""
+    return [i for i in _rendered_images(kustomize_dir)
+            if not DIGEST.match(i.rpartition("@")[2]) or "@" not in i]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="print name:tag and Dockerfile of every built image")
+    sub.add_parser("list", help="print name:tag, the content tag and the Dockerfile of every built image")
     b = sub.add_parser("build", help="docker build (and push) the images")
     b.add_argument("--registry", default="", help="prefix such as registry.example.com/xct/ (keep the trailing /)")
     b.add_argument("--push", action="store_true", help="docker push after building")
@@ -313,11 +418,28 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--local", action="store_true",
                    help="podman, offline: debootstrap base, this machine's pip config (see the module doc)")
     b.add_argument("--mirror", default=DEBIAN_MIRROR, help="Debian mirror for the --local base (debootstrap)")
+    pn = sub.add_parser("pin", help="pin images of infra/k8s by digest: NAME=REF@sha256:<digest> ...")
+    pn.add_argument("pins", nargs="+", metavar="NAME=REF@sha256:DIGEST")
+    pn.add_argument("--kustomization", type=Path, default=KUSTOMIZATION, help=argparse.SUPPRESS)
+    ck = sub.add_parser("check-pinned", help="exit 1 when an image of the rendered infra/k8s has no digest")
+    ck.add_argument("--kustomize-dir", type=Path, default=KUSTOMIZATION.parent)
     args = ap.parse_args(argv)
+    if args.cmd == "pin":
+        for name in pin_digests(args.pins, args.kustomization):
+            print(f"pinned {name}")
+        return 0
+    if args.cmd == "check-pinned":
+        missing = unpinned_images(args.kustomize_dir)
+        if missing:
+            print(f"images.py: {len(missing)} image(s) of {args.kustomize_dir} not pinned by digest "
+                  f"(python infra/images.py pin NAME=REF@sha256:...): {', '.join(missing)}", file=sys.stderr)
+            return 1
+        print(f"every image of {args.kustomize_dir} is pinned by digest")
+        return 0
     if args.cmd == "list":
         images = load_images()
         for key, spec in images["built"].items():
-            print(f"{key:7s} {spec['name']}:{spec['tag']:10s} {spec['dockerfile']}")
+            print(f"{key:7s} {spec['name']}:{spec['tag']:10s} {content_image_ref(key, '', images):32s} {spec['dockerfile']}")
         return 0
     if args.registry and not args.registry.endswith("/"):
         ap.error("--registry must end with '/' (e.g. registry.example.com/xct/)")

@@ -15,6 +15,7 @@ import sys
 import typer
 
 from xct_core.errors import XctError, error_line, in_chain
+from xct_core.redact import redacted_excepthook, redacted_output
 
 app = typer.Typer(
     name="xct",
@@ -54,7 +55,18 @@ def main(argv: list[str] | None = None) -> None:
     Typer runs in standalone mode (usage errors print usage and exit 2); errors raised by
     xct for bad input are caught here and shown as one line. Typer turns Ctrl-C into a
     silent ``exit 130``; it is told here: ``xct: interrupted``, exit 130.
+
+    No secret reaches the terminal: for the whole run stdout/stderr and every log record are
+    redacted (:func:`xct_core.redact.redacted_output`: URL passwords, credential query
+    parameters, the values of secret environment variables), and error lines are made
+    printable (a file name cannot forge a second line nor send escape sequences).
     """
+    sys.excepthook = redacted_excepthook  # a bug's traceback (printed after main) is redacted too
+    with redacted_output():
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         app(args=argv, prog_name="xct")
     except XctError as e:

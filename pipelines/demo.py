@@ -34,7 +34,7 @@ SUMMARY = Path("reports/summary.json")
 DEMO_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "GX_ANALYTICS_ENABLED": "false",
-    "RAY_AUTH_MODE": "disabled",
+    "RAY_AUTH_MODE": "token",  # Ray token auth (a local cluster makes ~/.ray/auth_token once)
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",
 }

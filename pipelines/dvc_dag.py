@@ -9,7 +9,9 @@ Those two blocks sit between marker comments and are written here from ``params.
 
 - ``cascade`` (under ``vars:``): ``stageK: {k: K, after_models: …, after_gate: …}`` — what
   stage K waits for besides the data (stage K-1's models and gate; stage 1: the data again);
-- ``grids`` (preprocess ``params:``): ``stages.stageK.size`` and ``stages.stageK.fov_mm``.
+- ``params <step>`` (each step's ``params:`` list): the keys the step reads, from the ONE
+  declaration in components/step_params.py (the KFP DAG hands each task the same keys), with
+  preprocess's grid keys ``stages.stageK.size`` / ``stages.stageK.fov_mm`` per stage.
 
 Each stage's training and evaluation also depend on its tuned overlay ``hpo/best_stageK.yaml``
 as a whole file (it must exist): :func:`sync_dvc_yaml` writes an empty one (``{}``) where a
@@ -23,15 +25,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.step_params import NOTES, OVERLAY, STEP_PARAMS, dvc_entries
 from xct_core.atomic import write_text_atomic
 from xct_core.config import Params
 from xct_core.errors import InputError
 
 #: the generated blocks, each between ``# BEGIN <name> …`` and ``# END <name>`` comment lines
-BLOCKS = ("cascade", "grids")
+BLOCKS = ("cascade", *(f"params {step}" for step in STEP_PARAMS))
 _NOTE = "written by `xct pipeline dvc-sync` from params `stages`; do not edit by hand"
+_PARAMS_NOTE = "written by `xct pipeline dvc-sync` from components/step_params.py; do not edit by hand"
 #: the tuned overlay of each stage (``xct hpo --stage K``), a whole-file param in dvc.yaml
-HPO_OVERLAY = "hpo/best_{name}.yaml"
+HPO_OVERLAY = OVERLAY.replace("{stage}", "{name}")
 
 
 def cascade_lines(params: Params) -> list[str]:
@@ -46,26 +50,34 @@ def cascade_lines(params: Params) -> list[str]:
     return lines
 
 
-def grid_lines(params: Params) -> list[str]:
-    """Preprocess's grid params: every stage's ``size`` and ``fov_mm`` (nothing else of a stage)."""
-    return [f"- stages.{name}.{key}" for name in params.stages for key in ("size", "fov_mm")]
+def params_lines(step: str, params: Params) -> list[str]:
+    """dvc.yaml's ``params:`` list of ``step`` (components/step_params.py), one key a line."""
+    lines = []
+    for entry in dvc_entries(step, list(params.stages)):
+        key = entry[0] if isinstance(entry, tuple) else entry
+        line = f"- {key}:" if isinstance(entry, tuple) else f"- {key}"
+        note = NOTES.get((step, key.replace("${key}", "{stage}")))
+        lines.append(f"{line}  # {note}" if note else line)
+    return lines
 
 
-def _replace_block(text: str, name: str, body: list[str], source: str) -> str:
+def _replace_block(text: str, name: str, body: list[str], source: str, note: str = _NOTE) -> str:
     lines = text.split("\n")
     starts = [i for i, ln in enumerate(lines) if (ln.strip() + " ").startswith(f"# BEGIN {name} ")]
     ends = [i for i, ln in enumerate(lines) if ln.strip() == f"# END {name}"]
     if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
         raise InputError(source, f"needs one '# BEGIN {name} …' … '# END {name}' block (found {len(starts)} / {len(ends)})")
     indent = lines[starts[0]][: len(lines[starts[0]]) - len(lines[starts[0]].lstrip())]
-    new = [f"{indent}# BEGIN {name} ({_NOTE})", *(indent + b for b in body), f"{indent}# END {name}"]
+    new = [f"{indent}# BEGIN {name} ({note})", *(indent + b for b in body), f"{indent}# END {name}"]
     return "\n".join(lines[: starts[0]] + new + lines[ends[0] + 1:])
 
 
 def synced_text(text: str, params: Params, source: str = "dvc.yaml") -> str:
     """``text`` (a dvc.yaml) with its generated blocks written from ``params``."""
     text = _replace_block(text, "cascade", cascade_lines(params), source)
-    return _replace_block(text, "grids", grid_lines(params), source)
+    for step in STEP_PARAMS:
+        text = _replace_block(text, f"params {step}", params_lines(step, params), source, _PARAMS_NOTE)
+    return text
 
 
 @dataclass(frozen=True)

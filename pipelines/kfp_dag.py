@@ -25,12 +25,24 @@ Everyday controls, from ``params.pipeline.kfp`` at compile time (:func:`build_pi
 step caching of every task (``caching``; ``--no-cache`` on the CLI turns it off), retries
 with exponential back-off on the train and preprocess tasks (``retries``: ``set_retry``), and
 the train task's accelerator request and tolerations (``train_accelerator``:
-``set_accelerator_type`` / ``set_accelerator_limit``, kfp-kubernetes ``add_toleration``).
+``set_accelerator_type`` / ``set_accelerator_limit``, kfp-kubernetes ``add_toleration``),
+every task's CPU/memory requests and limits and its deadline by task kind (``resources``:
+``set_cpu_request`` … and kfp-kubernetes ``set_timeout``), a non-root pod, and the MLflow
+and S3 credentials of the tasks that talk to MLflow (``secrets``: kfp-kubernetes
+``use_secret_as_env``; docs/security.md).
 
 Pipeline parameters: ``data_uri`` (a folder of raw CTs: a local path under ``kfp.local``,
 ``s3://…``/``gs://…`` on a cluster), ``params_yaml`` (the whole effective params as YAML;
 its compiled default is the params the pipeline was compiled with), ``ray_address`` and ``mlflow_tracking_uri`` (empty: local Ray and
 the embedded sqlite MLflow of the step's container).
+
+Cache keys: a KFP task's cache key is its component spec (the image included) + its inputs.
+So no task gets the whole ``params_yaml``: a ``params`` task (and a ``params stage K`` task per
+stage) cuts it into one text per task holding only the keys that step reads — the ONE
+declaration in components/step_params.py, which also writes dvc.yaml's ``params:`` lists —
+and editing ``gates.stage3`` re-runs gate 3 and register (it ships the whole params) alone.
+The images are named by their content tag (components/image_tag.py), so a code change
+changes every task's key.
 
 Compile: ``xct pipeline compile --out pipeline.yaml`` (:func:`compile_pipeline`); run on a
 laptop: ``xct pipeline run --local`` (:func:`run_local`); submit: ``xct pipeline submit
@@ -43,6 +55,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +64,8 @@ from kfp.dsl import Dataset
 
 from components.kfp_components import (
     GATE_PASSED,
+    data_params_component,
+    KFP_LINEAGE,
     evaluate_step_component,
     gate_report_component,
     ingest_component,
@@ -59,23 +74,29 @@ from components.kfp_components import (
     register_component,
     rejected_component,
     run_summary_component,
+    stage_params_component,
     train_stage_component,
     validate_component,
 )
 from components.ops_params import KfpParams, OpsParams, params_text
 from xct_core.atomic import atomic_path, writable
-from xct_core.errors import InputError, XctError
+from xct_core.errors import ConfigError, InputError, XctError
 
 PIPELINE_NAME = "xct-cascade"
+#: the keys of the Secrets ``pipeline.kfp.secrets`` names, each mounted as the env var of its name
+SECRET_KEYS = {"mlflow": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+               "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+#: the Secret holding the Ray cluster's auth token (infra/k8s/secrets.template.yaml, key auth_token)
+RAY_AUTH_SECRET = "xct-ray-auth"
 
 
 class _Controls:
     """Applies ``params.pipeline.kfp`` to each task as the DAG is built."""
 
-    def __init__(self, kp: KfpParams, caching: bool, run_scoped: bool = False) -> None:
+    def __init__(self, kp: KfpParams, caching: bool, ray_job: bool = False) -> None:
         self.kp, self.caching = kp, caching
-        #: the train tasks' run id (run storage, ``pipeline.storage.uri``): the KFP run's id
-        self.run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER if run_scoped else ""
+        #: pipeline.ray.address set: the train task submits a Ray job, its pod requests no GPU
+        self.ray_job = ray_job
 
     def __call__(self, task: Any, kind: str = "") -> Any:
         task.set_caching_options(self.caching)
@@ -84,35 +105,61 @@ class _Controls:
             task.set_retry(num_retries=retry.num_retries, backoff_duration=f"{retry.backoff_s:g}s",
                            backoff_factor=retry.backoff_factor, backoff_max_duration=f"{retry.backoff_max_s:g}s")
         acc = self.kp.train_accelerator
-        if kind == "train" and acc.type:
+        if kind == "train" and acc.type and not self.ray_job:
             task.set_accelerator_type(acc.type).set_accelerator_limit(acc.limit)
-        if kind == "train" and acc.tolerations:
+        if kind == "train" and self.ray_job:  # the Jobs API's token (Ray token auth), from its Secret
+            from kfp import kubernetes
+
+            kubernetes.use_secret_as_env(task, secret_name=RAY_AUTH_SECRET, secret_key_to_env={"auth_token": "RAY_AUTH_TOKEN"})
+        if kind == "train" and acc.tolerations and not self.ray_job:
             from kfp import kubernetes
 
             for tol in acc.tolerations:
                 kubernetes.add_toleration(task, key=tol.key, operator=tol.operator, value=tol.value,
                                           effect=tol.effect, toleration_seconds=tol.toleration_seconds)
+        if task.container_spec is not None:  # the importer runs in KFP's own pod: nothing of ours to bound
+            self.pod(task, kind)
+        return task
+
+    def pod(self, task: Any, kind: str = "") -> Any:
+        """The task's pod: requests/limits and deadline of its kind (``pipeline.kfp.resources``),
+        non-root, and — when it talks to MLflow — the pipeline's MLflow and S3 credentials from
+        the Secrets ``pipeline.kfp.secrets`` names, as environment variables (never parameters,
+        which KFP stores and shows in the UI)."""
+        from kfp import kubernetes
+
+        res = self.kp.resources.of(kind)
+        task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
+        task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
+        kubernetes.set_timeout(task, res.timeout_s)
+        kubernetes.set_security_context(task, run_as_non_root=True)
+        if "mlflow_tracking_uri" in (task.component_spec.inputs or {}):
+            for name, keys in ((self.kp.secrets.mlflow, SECRET_KEYS["mlflow"]), (self.kp.secrets.s3, SECRET_KEYS["s3"])):
+                if name:
+                    kubernetes.use_secret_as_env(task, name, {k: k for k in keys})
         return task
 
 
 def _cascade(k: int, n: int, processed: Any, previous: tuple[Any, Any] | None, params_yaml: Any,
-             ray_address: Any, mlflow_tracking_uri: Any, ctl: _Controls) -> None:
+             ray_address: Any, mlflow_tracking_uri: Any, ctl: _Controls, register_params: Any) -> None:
     """Stage ``k`` of ``n`` (train → evaluate → gate) and, under ``dsl.If(gate k passed)``, the
     stages after it — register after the last — with ``dsl.Else``: rejected(k).
     ``previous``: stage k-1's (train, gate) tasks, whose model and reports folders grow here."""
     common = {"params_yaml": params_yaml, "ray_address": ray_address, "mlflow_tracking_uri": mlflow_tracking_uri,
-              "ctl": ctl}
+              "ctl": ctl, "register_params": register_params}
+    # each task gets only the params keys it reads (components/step_params.py): its cache key follows them
+    scoped = ctl(stage_params_component(params_yaml=params_yaml, stage=k).set_display_name(f"params stage {k}")).outputs
     after_model = {"previous": previous[0].outputs["model"]} if previous is not None else {}
     after_reports = {"earlier": previous[1].outputs["reports"]} if previous is not None else {}
     train = ctl(train_stage_component(
-        stage=k, processed=processed, params_yaml=params_yaml, ray_address=ray_address,
-        mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=ctl.run_id, **after_model,
+        stage=k, processed=processed, params_yaml=scoped["train"], ray_address=ray_address,
+        mlflow_tracking_uri=mlflow_tracking_uri, **after_model, **KFP_LINEAGE,
     ).set_display_name(f"train stage {k}"), "train")
     evaluate = ctl(evaluate_step_component(
-        stage=k, processed=processed, train_dir=train.outputs["model"], params_yaml=params_yaml,
+        stage=k, processed=processed, train_dir=train.outputs["model"], params_yaml=scoped["evaluate"],
     ).set_display_name(f"evaluate stage {k}"))
     gate = ctl(gate_report_component(
-        stage=k, evaluation=evaluate.outputs["report"], params_yaml=params_yaml,
+        stage=k, evaluation=evaluate.outputs["report"], params_yaml=scoped["gate"],
         mlflow_tracking_uri=mlflow_tracking_uri, **after_reports,
     ).set_display_name(f"gate {k}"))
     with dsl.If(gate.outputs[GATE_PASSED] == True, name=f"gate-{k}-passed"):  # noqa: E712 (KFP condition)
@@ -120,16 +167,39 @@ def _cascade(k: int, n: int, processed: Any, previous: tuple[Any, Any] | None, p
             _cascade(k + 1, n, processed, (train, gate), **common)
         else:
             ctl(register_component(
-                model=train.outputs["model"], reports=gate.outputs["reports"],
-                params_yaml=params_yaml, mlflow_tracking_uri=mlflow_tracking_uri,
+                model=train.outputs["model"], reports=gate.outputs["reports"], processed=processed,
+                params_yaml=register_params, mlflow_tracking_uri=mlflow_tracking_uri, **KFP_LINEAGE,
             ).set_display_name("register"))
-    with dsl.Else():
-        ctl(rejected_component(stage=k, gate_summary=gate.outputs["summary"]).set_display_name(f"rejected at gate {k}"))
+    with dsl.Else():  # the rejected candidate's audit trail (MLflow) from the gate's reports
+        ctl(rejected_component(
+            stage=k, gate_summary=gate.outputs["summary"], model=train.outputs["model"],
+            reports=gate.outputs["reports"], processed=processed, params_yaml=register_params,
+            mlflow_tracking_uri=mlflow_tracking_uri, **KFP_LINEAGE,
+        ).set_display_name(f"rejected at gate {k}"))
 
 
 def _caching(params: OpsParams, caching: bool | None) -> bool:
     """Step caching: ``caching`` when given (``--no-cache``), else ``pipeline.kfp.caching``."""
     return params.pipeline.kfp.caching if caching is None else bool(caching)
+
+
+def _check_train_gpus(params: OpsParams) -> None:
+    """Without ``pipeline.ray.address`` the train task starts its Ray Train workers inside its
+    own pod: GPU workers (``train.ray.use_gpu``, one GPU each unless ``resources_per_worker``
+    says otherwise) beyond the GPUs that pod requests (``pipeline.kfp.train_accelerator``)
+    would wait forever for GPUs that are not there — a compile error naming both numbers."""
+    ray = params.train.ray
+    if params.pipeline.ray.address or not ray.use_gpu:
+        return
+    acc = params.pipeline.kfp.train_accelerator
+    requested = acc.limit if acc.type else 0
+    needed = ray.num_workers * ray.resources_per_worker.get("GPU", 1.0)
+    if needed > requested:
+        raise ConfigError(
+            f"the KFP train task would start {needed:g} GPU(s) in its own pod (train.ray.num_workers = "
+            f"{ray.num_workers}, use_gpu) but its pod requests {requested} (pipeline.kfp.train_accelerator"
+            f"{'.limit' if acc.type else ': no type'}): set pipeline.ray.address to train on the Ray cluster "
+            "(Jobs API), or match the two")
 
 
 def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = None) -> Any:
@@ -144,7 +214,8 @@ def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = No
     # of the IR YAML, and a multi-line default would break that file
     compiled_params = json.dumps(params.model_dump(mode="json"), separators=(",", ":"))
     kp = params.pipeline.kfp
-    ctl = _Controls(kp, _caching(params, caching), run_scoped=bool(params.pipeline.storage.uri))
+    _check_train_gpus(params)
+    ctl = _Controls(kp, _caching(params, caching), ray_job=bool(params.pipeline.ray.address))
     n = params.n_stages
 
     @dsl.pipeline(name=PIPELINE_NAME, description=f"Biplanar X-ray → 3D CT cascade: data → {n} gated stages → register")
@@ -154,17 +225,22 @@ def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = No
         ray_address: str = "",
         mlflow_tracking_uri: str = "",
     ) -> None:
-        exit_task = run_summary_component(data_uri=data_uri).set_display_name("run summary")
+        exit_task = ctl.pod(run_summary_component(data_uri=data_uri, kfp_run_id=KFP_LINEAGE["kfp_run_id"]
+                                          ).set_display_name("run summary"))
         exit_task.set_caching_options(False)  # the summary of THIS run, never a cached one
         with dsl.ExitHandler(exit_task, name="xct-run"):
             raw = ctl(dsl.importer(artifact_uri=data_uri, artifact_class=Dataset, reimport=False)
                       .set_display_name("raw CTs"))
-            ingest = ctl(ingest_component(raw=raw.output, params_yaml=params_yaml))
-            validate = ctl(validate_component(interim=ingest.outputs["interim"], params_yaml=params_yaml))
+            # each task gets only the params keys it reads (components/step_params.py): its cache key follows them
+            scoped = ctl(data_params_component(params_yaml=params_yaml).set_display_name("params")).outputs
+            ingest = ctl(ingest_component(raw=raw.output, params_yaml=scoped["ingest"]))
+            validate = ctl(validate_component(interim=ingest.outputs["interim"], params_yaml=scoped["validate"]))
             preprocess = ctl(preprocess_component(
-                interim=ingest.outputs["interim"], validated=validate.outputs["validated"], params_yaml=params_yaml,
+                interim=ingest.outputs["interim"], validated=validate.outputs["validated"],
+                params_yaml=scoped["preprocess"],
             ), "preprocess")
-            _cascade(1, n, preprocess.outputs["processed"], None, params_yaml, ray_address, mlflow_tracking_uri, ctl)
+            _cascade(1, n, preprocess.outputs["processed"], None, params_yaml, ray_address, mlflow_tracking_uri, ctl,
+                     scoped["register"])
 
     return xct_pipeline
 
@@ -270,7 +346,9 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
             spec_file = compile_pipeline(root / "pipeline.yaml", params, caching=use_cache)
             load_pipeline_spec(spec_file)
             pipeline = components.load_component_from_file(str(spec_file))
-            return pipeline(**pipeline_arguments(str(data), params_yaml, "", mlflow_tracking_uri))
+            with warnings.catch_warnings():  # the pods' resources, deadline, secrets: a cluster's business
+                warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
+                return pipeline(**pipeline_arguments(str(data), params_yaml, "", mlflow_tracking_uri))
         except RuntimeError as e:
             text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # kfp colours its messages
             raise XctError(f"pipeline run failed: {text[-1] if text else type(e).__name__}") from None
@@ -284,10 +362,12 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
 
 def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", mlflow_tracking_uri: str = "",
            experiment: str = "xct", run_name: str | None = None, namespace: str | None = None,
-           *, caching: bool | None = None) -> str:
+           *, caching: bool | None = None, token: str | None = None, credentials: Any = None) -> str:
     """Submit a run to the Kubeflow Pipelines API at ``host``; returns the run id. ``caching``
     (default ``pipeline.kfp.caching``) is compiled into every task and passed as the run's
-    ``enable_caching``.
+    ``enable_caching``. ``token`` (a bearer token) or ``credentials`` (kfp's token
+    credentials, e.g. a service-account token file) authenticate every request; the token
+    never appears in an error.
 
     Raises :class:`XctError` (one line) when the host cannot be reached or rejects the run.
     """
@@ -300,7 +380,7 @@ def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", ml
     try:
         with warnings.catch_warnings():  # the client's "only works with KFP >= 2.0.0-beta.2" notice
             warnings.simplefilter("ignore", FutureWarning)
-            client = kfp.Client(host=host, namespace=namespace)
+            client = kfp.Client(host=host, namespace=namespace, existing_token=token, credentials=credentials)
         run = client.create_run_from_pipeline_func(
             build_pipeline(params, caching=use_cache),
             arguments=pipeline_arguments(data_uri, params_yaml, ray_address, mlflow_tracking_uri),
@@ -310,6 +390,8 @@ def submit(host: str, data_uri: str, params_yaml: str, ray_address: str = "", ml
         )
     except Exception as e:  # noqa: BLE001 — kfp/urllib3/kubernetes raise many types; one line to the user
         text = " ".join(str(e).split()) or type(e).__name__
+        if token:
+            text = text.replace(token, "<token>")
         if "NewConnectionError" in text or "Max retries exceeded" in text or isinstance(e, ConnectionError):
             cause = text.rsplit(": ", 1)[-1].rstrip(")\"'") if ": " in text else text
             raise XctError(f"cannot reach Kubeflow Pipelines at {host} ({cause[:200]})") from None

@@ -52,10 +52,11 @@ from typing import Any
 
 import yaml
 
-from xct_core.errors import InputError, XctError
+from xct_core.errors import InputError, XctError, error_line
 from xct_core.metric_table import PREDICTIONS, names_for
 from xct_core.metric_table import entry as metric_entry
 from xct_core.metric_table import label as metric_label
+from xct_core.redact import redacted_output
 from xct_core.yamlsafe import read_yaml_doc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -435,10 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     command = "python -m pipelines.realct " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
-        run_experiment(args.data, args.out, params_file=args.params, profile=args.profile, overlays=args.overlay,
-                       stages=args.stages, ray=args.ray, results=args.results, command=command.strip())
+        with redacted_output():  # MLflow's "View run at <URI>" lines, library logs: no credential
+            run_experiment(args.data, args.out, params_file=args.params, profile=args.profile, overlays=args.overlay,
+                           stages=args.stages, ray=args.ray, results=args.results, command=command.strip())
     except XctError as e:
-        print(f"realct: error: {e}", file=sys.stderr)
+        print(error_line(str(e), prog="realct"), file=sys.stderr)
         return e.exit_code
     return 0
 

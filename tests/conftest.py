@@ -9,13 +9,20 @@ time, so no test file carries its tier; a single test can still carry ``@pytest.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray token authentication on, as in production: the local Ray runtimes this session starts
+# (ray.init() in tests and in the `xct` subprocesses they run) share one random token held in
+# the environment only (never written to ~/.ray nor the repo); the multi-node test clusters
+# (tests/ray_cluster.py) draw their own.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+if os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,20 +30,24 @@ REPO = Path(__file__).resolve().parents[1]
 #: test modules that start a real engine or server (marked ``integration``), with what they start
 INTEGRATION: dict[str, str] = {
     "test_dvc_pipeline.py": "dvc repro of the whole DAG on tiny profiles",
+    "test_dvc_exp.py": "dvc repro, exp run, metrics/plots diff of a two-stage tiny profile in a git copy",
     "test_dvc_remote.py": "dvc push/pull against an S3 server on 127.0.0.1",
     "test_hpo.py": "Optuna studies on Ray Tune with MLflow child runs",
     "test_images.py": "podman: the built images, kfp.local DockerRunner",
     "test_kfp_pipeline.py": "kfp.local runs of the compiled pipeline",
     "test_mlflow_postgres.py": "PostgreSQL, moto and an mlflow server; Ray Train",
     "test_mlflow_server.py": "an mlflow server over moto / rclone S3",
+    "test_mlflow_auth.py": "an mlflow server with the basic-auth app and its users",
     "test_ray_cluster.py": "a two-node Ray cluster (ray start), node kill and replacement",
     "test_run_storage.py": "Ray Train with run storage on a moto S3 server, a killed `xct train` resumed",
+    "test_ray_jobs.py": "a two-node token-auth Ray cluster: xct train as Ray jobs (Jobs API)",
     "test_realct.py": "the real-CT experiment end to end (../shared/data)",
     "test_s3.py": "moto and rclone S3 servers",
     "test_serving.py": "an mlflow models serve process",
     "test_train_ray.py": "Ray Train with MLflow",
     "test_stage_count.py": "kfp.local and dvc repro of two- and four-stage tiny profiles",
     "test_fail_closed_registry.py": "a real mlflow server behind a fault proxy (refuse, hang, drop the Nth request)",
+    "test_k8s_pg_service.py": "PostgreSQL: mlflow.yaml's password-free backend URI + the libpq service file",
 }
 #: test modules that need no server but train or sample for long (marked ``slow``)
 SLOW: dict[str, str] = {

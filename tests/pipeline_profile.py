@@ -101,7 +101,6 @@ def step_env(tmp: Path, code: Path = REPO) -> dict[str, str]:
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
         MLFLOW_DISABLE_TELEMETRY="true",
         GX_ANALYTICS_ENABLED="false",
-        RAY_AUTH_MODE="disabled",
         DO_NOT_TRACK="1",
         DVC_NO_ANALYTICS="1",
         DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),
@@ -116,12 +115,18 @@ def step_env(tmp: Path, code: Path = REPO) -> dict[str, str]:
     return env
 
 
+#: generated folders whose small metrics/plots files git tracks (dvc.yaml ``cache: false``)
+GENERATED = ("outputs/", "reports/")
+
+
 def copy_repo(dst: Path) -> Path:
     """Copy the checkout's files (tracked + untracked, not ignored) to ``dst``; make it a git +
     DVC repo of its own. Generated folders (data, outputs, reports) are not copied."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
                            capture_output=True).stdout.decode().split("\0")
     for rel in filter(None, files):
+        if rel == "dvc.lock" or rel.startswith(GENERATED):  # a committed run's results: not the code
+            continue
         src = REPO / rel
         if not src.is_file():
             continue

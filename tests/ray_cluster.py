@@ -8,7 +8,7 @@ Usage::
     with RayCluster() as cluster:            # head on 127.0.0.2 (1 CPU)
         worker = cluster.add_worker("127.0.0.3")
         cluster.wait_alive(2)                # {node_id: ip} of the ALIVE nodes
-        env = {**os.environ, **cluster.client_env()}   # RAY_ADDRESS=127.0.0.2:<port>, …
+        env = {**os.environ, **cluster.client_env()}   # RAY_ADDRESS=127.0.0.2:<port>, the token, …
         cluster.kill_raylet(worker)          # SIGKILL of that node's raylet
 
 How it is built, and why (Ray 2.60 on a shared 2-core box):
@@ -30,6 +30,12 @@ How it is built, and why (Ray 2.60 on a shared 2-core box):
 * ``--temp-dir`` (and ``RAY_TMPDIR``) is a short ``mkdtemp`` dir under /tmp (unix socket
   paths are limited to ~107 bytes), one sub-dir per node; the GCS health check runs every
   0.5 s with a threshold of 3 misses, so a killed node is declared dead in seconds, not ~30 s.
+* Token authentication is on (``RAY_AUTH_MODE=token``), as on the KubeRay cluster
+  (``authOptions: {mode: token}``): each cluster draws its own random token
+  (:func:`secrets.token_hex`, never written to the repo nor to ``~/.ray``) and hands it to its
+  nodes and to its clients through ``RAY_AUTH_TOKEN`` (:meth:`client_env`). A GCS, raylet or
+  dashboard call without it is refused. The dashboard (Jobs API, state API) listens on the
+  head's address only (``--dashboard-host``), the one address the Jobs-API route needs.
 * Every wait is bounded (``timeout_s``) and raises ``RuntimeError`` with the tail of the
   node's log. :meth:`stop` sends SIGTERM to each ``ray start --block`` (it then stops its
   node's processes), SIGKILLs each process group that is still there after a grace period,
@@ -41,6 +47,7 @@ How it is built, and why (Ray 2.60 on a shared 2-core box):
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -60,6 +67,8 @@ WORKER_IP = "127.0.0.3"
 WORKER_PORTS = range(10002, 20000)
 #: object store per node (Ray's default is 30 % of RAM per node; the tests move kilobytes)
 OBJECT_STORE_BYTES = 256 * 1024**2
+#: the variables that configure Ray's token authentication (mode, token, token file)
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 #: GCS health check of the nodes (Ray system config via the environment of the head)
 HEALTH_ENV = {
     "RAY_health_check_initial_delay_ms": "0",
@@ -120,14 +129,19 @@ class RayNode:
 class RayCluster:
     """A head node (and worker nodes added later) on loopback addresses; a context manager."""
 
-    def __init__(self, head_ip: str = HEAD_IP, num_cpus: int = 1, timeout_s: float = 60.0) -> None:
+    def __init__(self, head_ip: str = HEAD_IP, num_cpus: int = 1, timeout_s: float = 60.0,
+                 env: dict[str, str] | None = None) -> None:
         self.head_ip = head_ip
+        #: extra environment of every node (e.g. PYTHONPATH: what the image's installed code is)
+        self.env = dict(env or {})
         self.num_cpus = num_cpus
         self.timeout_s = timeout_s
         self.root = Path(tempfile.mkdtemp(prefix="xrc-", dir="/tmp"))
         self.temp_dir = self.root / "ray"
         self.nodes: list[RayNode] = []
         self.gcs_port = 0
+        #: this cluster's Ray auth token (RAY_AUTH_MODE=token): random per cluster, never on disk
+        self.token = secrets.token_hex(32)
 
     # ------------------------------------------------------------------ environment
 
@@ -136,16 +150,26 @@ class RayCluster:
         """The GCS address a driver joins: ``RAY_ADDRESS``."""
         return f"{self.head_ip}:{self.gcs_port}"
 
+    @property
+    def dashboard_url(self) -> str:
+        """The head's dashboard (Jobs API): what ``pipeline.ray.address`` names."""
+        return f"http://{self.head_ip}:{self.nodes[0].ports['dashboard-port']}"
+
+    def auth_env(self) -> dict[str, str]:
+        """Token authentication as the nodes run it: the mode and this cluster's token."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
     def client_env(self) -> dict[str, str]:
-        """What a driver (``xct train`` …) needs to join this cluster: ``RAY_ADDRESS`` (and the
-        auth mode the nodes run with, which only silences the token notice)."""
-        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled"}
+        """What a driver (``xct train`` …) needs to join this cluster: ``RAY_ADDRESS`` and the
+        cluster's token (:meth:`auth_env`)."""
+        return {"RAY_ADDRESS": self.address, **self.auth_env()}
 
     def _node_env(self, temp_dir: Path) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
         env.update(HEALTH_ENV)
-        env.update(RAY_TMPDIR=str(temp_dir), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env.update(self.env)
+        env.update(self.auth_env())
+        env.update(RAY_TMPDIR=str(temp_dir), RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         return env
 
     # ------------------------------------------------------------------ nodes
@@ -205,10 +229,38 @@ class RayCluster:
 
     # ------------------------------------------------------------------ the GCS view
 
+    def _adopt_token(self) -> None:
+        """This process's own Ray calls (the GcsClient of :meth:`alive`) carry this cluster's
+        token: Ray reads the mode and token once per process (RayConfig, the token loader's
+        cache), so both are refreshed; :meth:`stop` puts the previous ones back."""
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        if not hasattr(self, "_saved_auth"):
+            self._saved_auth = {k: os.environ.get(k) for k in AUTH_ENV}
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        os.environ.update(self.auth_env())
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+    def _restore_token(self) -> None:
+        saved = self.__dict__.pop("_saved_auth", None)
+        if saved is None:
+            return
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
     def _gcs(self) -> Any:
         from ray._raylet import GcsClient  # the client `ray status` uses; no driver needed
 
         if not hasattr(self, "_gcs_client"):
+            self._adopt_token()
             self._gcs_client = GcsClient(address=self.address)
         return self._gcs_client
 
@@ -301,6 +353,8 @@ class RayCluster:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(left, timeout=10)
+        self.__dict__.pop("_gcs_client", None)
+        self._restore_token()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> RayCluster:

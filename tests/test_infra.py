@@ -49,7 +49,8 @@ ENV_READ_BY = {
     "XCT_IMAGE_TRAIN": "components/kfp_components.py",
 }
 #: env vars read by libraries (boto3, the MLflow server), not by xct code
-ENV_LIBRARY = ["MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
+ENV_LIBRARY = ["MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]
 
 
 # --------------------------------------------------------------------------- loading
@@ -350,12 +351,23 @@ def test_references_to_pvcs_configmaps_and_secrets_resolve(objects: list[tuple[P
 
 def test_secret_template_holds_only_placeholders(objects: list[tuple[Path, dict]]) -> None:
     secrets = _by_kind(objects, "Secret")
-    assert {s["metadata"]["name"] for s in secrets} == {"xct-s3", "xct-postgres"}
+    assert {s["metadata"]["name"] for s in secrets} == {"xct-s3-admin", "xct-s3", "xct-postgres", "xct-mlflow-db",
+                                                        "xct-mlflow-pipeline", "xct-mlflow-auth", "xct-mlflow-reader",
+                                                        "xct-ray-auth"}
+    secret_line = re.compile(r"^\s*(\w*(?:key|password|user)\w*)\s*=\s*(.*)$", re.I)
     for s in secrets:
         assert "data" not in s, "use stringData placeholders, never base64 data"
         for k, v in s["stringData"].items():
             if re.search(r"KEY|SECRET|PASSWORD|TOKEN|USER", k):
                 assert str(v).startswith(PLACEHOLDER), f"Secret {s['metadata']['name']}.{k} is not a placeholder"
+            for line in str(v).splitlines():  # file-shaped values (boto3/MLflow credentials, pg_service.conf)
+                m = secret_line.match(line)
+                if m:
+                    assert m.group(2).startswith(PLACEHOLDER), f"Secret {s['metadata']['name']}.{k}: {m.group(1)}"
+    # the object-store admin and the pipeline's user are different Secrets with different keys
+    admin = _one(objects, "Secret", "xct-s3-admin")["stringData"]
+    user = _one(objects, "Secret", "xct-s3")["stringData"]
+    assert set(admin.values()).isdisjoint(user.values())
     for f, d in objects:
         if d["kind"] == "Secret":
             assert f.name == "secrets.template.yaml", f"a Secret outside the template: {f.name}"
@@ -542,8 +554,15 @@ def test_every_image_is_pinned_and_listed(objects: list[tuple[Path, dict]], comp
         assert _pinned(ref), f"infra/images.yaml: {ref} is not pinned"
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     by_name = {v["name"]: v["tag"] for v in images["built"].values()}
+    by_name |= {ref.rsplit(":", 1)[0]: ref.rsplit(":", 1)[1] for ref in images["third_party"].values()
+                if ref.rsplit(":", 1)[0] != "quay.io/minio/minio"}  # that one: the compose stack only
     for entry in kust["images"]:
         assert by_name.get(entry["name"]) == entry["newTag"], f"kustomization image {entry} ≠ images.yaml"
+    # every image the kustomized manifests run has an entry (so `images.py pin` can pin it)
+    kust_files = [K8S / r for r in kust["resources"]]
+    names = {img.rsplit(":", 1)[0] for f in kust_files for d in yaml.safe_load_all(f.read_text()) if d
+             for img in _find_images(d)}
+    assert names == {e["name"] for e in kust["images"]}, (names, kust["images"])
     mlflow = compose["services"]["mlflow"]
     assert mlflow["image"] == _built_refs(images)["mlflow"]
     assert mlflow["build"]["dockerfile"] == images["built"]["mlflow"]["dockerfile"]
@@ -551,6 +570,8 @@ def test_every_image_is_pinned_and_listed(objects: list[tuple[Path, dict]], comp
 
 
 def test_images_script_builds_every_image_with_its_tag(images: dict) -> None:
+    from components.image_tag import content_tag
+
     out = subprocess.run(
         [sys.executable, str(INFRA / "images.py"), "build", "--dry-run", "--registry", "reg.example/xct/", "--push"],
         capture_output=True, text=True, timeout=60, cwd=REPO,
@@ -561,7 +582,10 @@ def test_images_script_builds_every_image_with_its_tag(images: dict) -> None:
     want = {f"reg.example/xct/{v['name']}:{v['tag']}": v["dockerfile"] for v in images["built"].values()}
     assert builds == want
     assert all(cmd[-1] == "." for cmd in lines if cmd[1] == "build"), "context must be the repo root"
-    assert {cmd[2] for cmd in lines if cmd[1] == "push"} == set(want)
+    # each build is also tagged (and pushed) with its content tag (components/image_tag.py)
+    content = {f"reg.example/xct/{v['name']}:{content_tag(k, images, REPO)}" for k, v in images["built"].items()}
+    assert {cmd[cmd.index("-t", cmd.index("-t") + 1) + 1] for cmd in lines if cmd[1] == "build"} == content
+    assert {cmd[2] for cmd in lines if cmd[1] == "push"} == set(want) | content
 
 
 def test_local_image_build_plan(images: dict) -> None:
@@ -808,7 +832,7 @@ def _interpolate(value: str, env: dict[str, str]) -> str:
 
 
 def _bucket_job_buckets(objects: list[tuple[Path, dict]]) -> set[str]:
-    job = _one(objects, "Job", "minio-buckets")
+    job = _one(objects, "Job", "minio-setup")
     script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
     return set(re.search(r"for b in ([\w\- ]+); do", script).group(1).split())
 
@@ -835,16 +859,101 @@ def test_k8s_mlflow_server_postgres_s3_and_tracking_uri_agree(objects: list[tupl
     # backend store: the postgres Service; credentials from its Secret
     backend = urlparse(ctx.params["backend_store_uri"])
     pg = _one(objects, "Service", "postgres")
-    assert backend.scheme == "postgresql"
+    # psycopg2 named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which the image lacks
+    assert backend.scheme == "postgresql+psycopg2"
     assert backend.hostname == f"postgres.{NAMESPACE}.svc.cluster.local" and backend.port == pg["spec"]["ports"][0]["port"]
-    assert "$(POSTGRES_PASSWORD)" in ctx.params["backend_store_uri"]
-    # artifacts: proxied, destination bucket created by the minio-buckets Job
+    # no credential in the URI (so none on a command line): libpq takes user + password from the
+    # service file of Secret xct-mlflow-db, mounted where PGSERVICEFILE points
+    assert backend.username is None and backend.password is None and "$(" not in ctx.params["backend_store_uri"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    pod = dep["spec"]["template"]["spec"]
+    service_file = _mounted_secret_file(pod, c, env["PGSERVICEFILE"])
+    assert service_file == ("xct-mlflow-db", "pg_service.conf")
+    template = _one(objects, "Secret", "xct-mlflow-db")["stringData"]["pg_service.conf"]
+    assert f"[{env['PGSERVICE']}]" in template and "password=" in template
+    # artifacts: proxied, destination bucket created by the minio-setup Job
     assert ctx.params["serve_artifacts"] is True
     dest = urlparse(ctx.params["artifacts_destination"])
     assert dest.scheme == "s3" and dest.netloc in _bucket_job_buckets(objects)
     env_names = {e["name"] for e in c["env"]}
     assert "MLFLOW_S3_ENDPOINT_URL" in env_names
-    assert any(ef.get("secretRef", {}).get("name") == "xct-s3" for ef in c["envFrom"])
+    # the artifact store's keys: the pipeline user's boto3 credentials file, never the admin's
+    assert _mounted_secret_file(pod, c, env["AWS_SHARED_CREDENTIALS_FILE"]) == ("xct-s3", "credentials")
+    assert not c.get("envFrom")
+    # authentication: the basic-auth app, its config a file of the Secret xct-mlflow-auth
+    assert ctx.params["app_name"] == "basic-auth"
+    assert _mounted_secret_file(pod, c, env["MLFLOW_AUTH_CONFIG_PATH"]) == ("xct-mlflow-auth", "basic_auth.ini")
+    flask_key = next(e for e in c["env"] if e["name"] == "MLFLOW_FLASK_SERVER_SECRET_KEY")
+    assert flask_key["valueFrom"]["secretKeyRef"] == {"name": "xct-mlflow-auth", "key": "MLFLOW_FLASK_SERVER_SECRET_KEY"}
+
+
+def _mounted_secret_file(pod: dict, container: dict, path: str) -> tuple[str, str] | None:
+    """(Secret name, key) of the file ``path`` inside ``container`` (a secret volume, whole or
+    via items / subPath), or None when no secret volume provides it."""
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    for m in container.get("volumeMounts", []):
+        sec = vols.get(m["name"], {}).get("secret")
+        if sec is None:
+            continue
+        mp = m["mountPath"]
+        if m.get("subPath") and path == mp:
+            rel = m["subPath"]
+        elif path.startswith(mp.rstrip("/") + "/"):
+            rel = path[len(mp.rstrip("/")) + 1:]
+        else:
+            continue
+        items = {i["path"]: i["key"] for i in sec.get("items", [])} or None
+        return sec["secretName"], (items.get(rel) if items is not None else rel)
+    return None
+
+
+def test_mlflow_auth_template_and_users_job(objects: list[tuple[Path, dict]], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The template's basic_auth.ini is read by MLflow's own config reader: a placeholder admin
+    password, no access by default, the auth store in the MLflow PostgreSQL. The users Job runs
+    the ConfigMap's script with the auth file and both users' Secrets mounted."""
+    from mlflow.server.auth.config import read_auth_config
+    from mlflow.server.auth.permissions import get_permission
+
+    ini = _one(objects, "Secret", "xct-mlflow-auth")["stringData"]["basic_auth.ini"]
+    (tmp_path / "basic_auth.ini").write_text(ini)
+    for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / "basic_auth.ini"))
+    cfg = read_auth_config()
+    assert str(cfg.admin_username).startswith(PLACEHOLDER) and str(cfg.admin_password).startswith(PLACEHOLDER)
+    assert cfg.default_permission == "NO_PERMISSIONS" and not get_permission(cfg.default_permission).can_read
+    db = urlparse(cfg.database_uri)
+    assert db.scheme == "postgresql+psycopg2" and db.hostname == f"postgres.{NAMESPACE}.svc.cluster.local"
+    assert db.username is None and db.password is None  # the login: the server's libpq service file
+    assert cfg.authorization_function == "mlflow.server.auth:authenticate_request_basic_auth"
+
+    job = _one(objects, "Job", "mlflow-users")
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    script = _one(objects, "ConfigMap", "mlflow-users")["data"]["mlflow_users.py"]
+    ast.parse(script)
+    env = {e["name"]: e for e in c["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert c["command"] == ["python", f"{_mount_of(mounts, vols, 'configMap', 'mlflow-users')}/mlflow_users.py"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == f"{_mount_of(mounts, vols, 'secret', 'xct-mlflow-auth')}/basic_auth.ini"
+    users = env["XCT_MLFLOW_USERS_DIR"]["value"]
+    for kind in ("pipeline", "reader"):
+        assert _mount_of(mounts, vols, "secret", f"xct-mlflow-{kind}") == f"{users}/{kind}"
+        keys = set(_one(objects, "Secret", f"xct-mlflow-{kind}")["stringData"])
+        assert keys >= {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+        assert f'"{kind}"' in script
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"] == {"name": "xct-env", "key": "MLFLOW_TRACKING_URI"}
+    assert job["spec"]["activeDeadlineSeconds"] > 0 and pod.get("automountServiceAccountToken") is False
+
+
+def _mount_of(mounts: dict[str, str], vols: dict[str, dict], kind: str, name: str) -> str:
+    """The mount path of the volume of ``kind`` (secret / configMap) named ``name``."""
+    key = "secretName" if kind == "secret" else "name"
+    paths = [p for p, v in mounts.items() if vols[v].get(kind, {}).get(key) == name]
+    assert len(paths) == 1, (kind, name, mounts)
+    return paths[0]
 
 
 def test_s3_endpoints_point_at_the_minio_service(objects: list[tuple[Path, dict]]) -> None:
@@ -858,13 +967,13 @@ def test_s3_endpoints_point_at_the_minio_service(objects: list[tuple[Path, dict]
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--address") + 1] == f":{s3_port}"
     secret = _one(objects, "Secret", "xct-s3")["stringData"]
-    assert set(secret) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert set(secret) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "credentials"}
     launcher = _one(objects, "ConfigMap", "kfp-launcher")["data"]
     providers = yaml.safe_load(launcher["providers"])
     d = providers["minio"]["default"]
     assert d["endpoint"] == urlparse(want).netloc
     ref = d["credentials"]["secretRef"]
-    assert ref["secretName"] == "xct-s3" and {ref["accessKeyKey"], ref["secretKeyKey"]} == set(secret)
+    assert ref["secretName"] == "xct-s3" and {ref["accessKeyKey"], ref["secretKeyKey"]} == set(secret) - {"credentials"}
     root = urlparse(launcher["defaultPipelineRoot"])
     assert root.scheme == "minio" and root.netloc in _bucket_job_buckets(objects)
 

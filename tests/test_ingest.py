@@ -287,7 +287,11 @@ def test_kfp_component_uses_the_image_and_runs_the_same_function(raw_dir: Path, 
     text = spec.read_text()
     assert "image: xct-light:0.1.0" in text and "pip install" not in text
     interim = SimpleNamespace(path=str(tmp_path / "interim"), metadata={})
-    res = ingest_component.python_func(raw=SimpleNamespace(path=str(raw_dir)), interim=interim, params_yaml="seed: 0\n")
+    from components.ops_params import OpsParams
+    from components.step_params import scoped_text
+
+    res = ingest_component.python_func(raw=SimpleNamespace(path=str(raw_dir)), interim=interim,
+                                       params_yaml=scoped_text(OpsParams(), "ingest"))  # the keys ingest reads
     assert (res.n_ok, res.n_failed) == (3, 2) and interim.metadata["n_volumes"] == 5
     assert (tmp_path / "interim" / "splits.json").is_file()
 

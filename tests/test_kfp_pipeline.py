@@ -34,7 +34,7 @@ def test_compile_writes_ir_with_the_gate_conditions(tmp_path: Path, capsys: pyte
     out = tmp_path / "pipeline.yaml"
     code, err = _main(["pipeline", "compile", "--out", str(out)], capsys)
     assert code == 0, err
-    ir = yaml.safe_load(out.read_text())
+    ir = next(yaml.safe_load_all(out.read_text()))  # + the platform spec (tests/test_kfp_least_privilege.py)
     assert ir["pipelineInfo"]["name"] == "xct-cascade"
     assert set(ir["root"]["inputDefinitions"]["parameters"]) == {
         "data_uri", "params_yaml", "ray_address", "mlflow_tracking_uri"}
@@ -75,12 +75,14 @@ def test_run_local_with_missing_data_is_one_line(tmp_path: Path, capsys: pytest.
     assert code == 2 and len(err.strip().splitlines()) == 1 and str(missing) in err
 
 
-def _run_local(tmp: Path, gates: dict | None, n_stages: int = 3) -> tuple[subprocess.CompletedProcess, Path]:
+def _run_local(tmp: Path, gates: dict | None, n_stages: int = 3,
+               local_training: bool = True) -> tuple[subprocess.CompletedProcess, Path]:
     env = step_env(tmp)
     raw = tmp / "raw"
     subprocess.run([*XCT, "data", "synth", "--n", "6", "--size", "32", "--seed", "0", "--spacing-mm", "12.8",
                     "--out", str(raw), "--no-preview"], cwd=REPO, env=env, check=True, capture_output=True)
-    params = write_params(tmp / "params.yaml", tiny_profile(gates=gates, n_stages=n_stages))
+    params = write_params(tmp / "params.yaml", tiny_profile(gates=gates, n_stages=n_stages,
+                                                            local_training=local_training))
     root = tmp / "kfp"
     proc = _xct(["pipeline", "run", "--local", "--params", str(params), "--data", str(raw), "--root", str(root)],
                 env=env, timeout=840)
@@ -107,7 +109,8 @@ def test_kfp_local_failing_gate_stops_later_tasks(scratch: Path) -> None:
     tmp = scratch
     gates = tiny_profile(n_stages=2)["gates"]  # two stages: what runs is the same for any count
     gates["stage1"] = FAILING_GATES["stage1"]  # TEST-ONLY threshold: gate 1 must fail
-    proc, run = _run_local(tmp, gates=gates, n_stages=2)
+    # stage 1 trains with Ray Train (one worker) so that it opens MLflow runs (lineage below)
+    proc, run = _run_local(tmp, gates=gates, n_stages=2, local_training=False)
     assert proc.returncode == 0, proc.stderr[-3000:]  # rejected is a completed run
     tasks = _tasks(run)
     assert {"train-stage-component", "evaluate-step-component", "gate-report-component"} <= tasks
@@ -123,6 +126,48 @@ def test_kfp_local_failing_gate_stops_later_tasks(scratch: Path) -> None:
     assert "REJECTED" in proc.stdout
     run_summary = json.loads((run / "run-summary-component" / "summary" / "run_summary.json").read_text())
     assert run_summary["state"] == "SUCCEEDED", "a rejected run is a completed run"
+    _assert_lineage(tmp, run, run_summary, rejected[0])
+
+
+def _assert_lineage(tmp: Path, run: Path, run_summary: dict, rejected_task: str) -> None:
+    """Every MLflow run the KFP tasks made carries kfp.local's run id (the one the exit task
+    recorded), the run's name and its task's name; the stage run logged the processed data
+    artifact as its train/val datasets; the rejected candidate left its audit run (evaluation,
+    gate report, model card, reason) and the pipeline run the gate results."""
+    from mlflow import MlflowClient
+
+    from components.tracking import dvc_data_hash
+    from test_register import _datasets, assert_rejected_run
+
+    job_id = run_summary["pipeline_job_id"]
+    assert re.fullmatch(r"[0-9a-zA-Z-]+", job_id), run_summary
+    c = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exps = c.search_experiments()
+    assert {e.name for e in exps} >= {"xct", "xct-register"}
+    assert all(e.tags.get("mlflow.experimentKind") == "custom_model_development" for e in exps if e.name != "Default")
+    runs = c.search_runs([e.experiment_id for e in exps])
+    assert runs and all(r.data.tags.get("kfp.run_id") == job_id for r in runs), [r.data.tags for r in runs]
+    assert all(r.data.tags["kfp.run_name"] == run.name and r.data.tags["xct.origin"] == "kfp" for r in runs)
+    by_kind = {r.data.tags["xct.kind"]: r for r in runs}
+    assert sorted(by_kind) == ["pipeline", "rejected-candidate", "stage"] and len(runs) == 3, sorted(by_kind)
+    tasks = {kind: r.data.tags["kfp.task_name"] for kind, r in by_kind.items()}
+    assert tasks == {"pipeline": "train-stage-component", "stage": "train-stage-component",
+                     "rejected-candidate": rejected_task}, tasks  # the task folders of this kfp.local run
+    processed = run / "preprocess-component" / "processed"
+    digest, _ = dvc_data_hash(processed)
+    ds = _datasets(c, by_kind["stage"].info.run_id)
+    assert sorted(ds) == ["train", "val"] and {d.digest for d in ds.values()} == {digest}
+    assert json.loads(ds["train"].source)["uri"] == str(processed)
+    rejected = by_kind["rejected-candidate"]
+    assert_rejected_run(c, rejected, stage=1, n_stages=2)
+    assert {d.digest for d in _datasets(c, rejected.info.run_id).values()} == {digest}
+    parent = by_kind["pipeline"]
+    assert rejected.data.tags["xct.pipeline_run_id"] == parent.info.run_id
+    pm = c.get_run(parent.info.run_id).data
+    assert pm.metrics["gate1.passed"] == 0.0 and "gate1.psnr_window" in pm.metrics and "gate2.passed" in pm.metrics
+    assert pm.tags["xct.verdict"] == "rejected" and pm.tags["xct.rejected_run_id"] == rejected.info.run_id
+    summary = json.loads((run / rejected_task / "summary" / "summary.json").read_text())
+    assert summary["status"] == "rejected" and summary["rejected_at_stage"] == 1
 
 
 # --------------------------------------------------------------------------- everyday controls
@@ -162,7 +207,7 @@ def test_compiled_tasks_cache_retry_and_sit_inside_the_exit_handler(tmp_path: Pa
     from components.ops_params import load_params
 
     kp = load_params(REPO / "params.yaml").pipeline.kfp
-    (ir,) = _compile(tmp_path, capsys)  # no tolerations: no platform spec document
+    ir, _platform = _compile(tmp_path, capsys)  # the platform spec: resources/secrets (tests/test_kfp_least_privilege.py)
     tasks = _container_tasks(ir)
     assert len(tasks) >= 14, sorted(tasks)  # importer, ingest, validate, preprocess, 3 × (train, eval, gate), register, 3 rejected
     assert all(t.get("cachingOptions", {}).get("enableCache") is True for t in tasks.values()), "caching: true"
@@ -202,7 +247,8 @@ def test_no_cache_and_the_train_accelerator_reach_the_compiled_yaml(tmp_path: Pa
                                 "exec-train-stage-component-3"], sorted(with_acc)
     for acc in with_acc.values():
         assert acc["resourceType"] == "nvidia.com/gpu" and str(acc["resourceCount"]) == "2"
-    tolerations = {k: v["tolerations"] for k, v in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items()}
+    tolerations = {k: v["tolerations"] for k, v in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items()
+                   if "tolerations" in v}  # every task has a pod config (resources, deadline); only train tolerates
     assert sorted(tolerations) == sorted(with_acc) and all(v == [tol] for v in tolerations.values())
     # caching on again without the flag (params decide)
     ir2, _ = _compile(tmp_path, capsys, kfp={"train_accelerator": {"type": "nvidia.com/gpu", "limit": 2,

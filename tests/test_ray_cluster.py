@@ -1,6 +1,8 @@
 """The cluster path for real: a two-node Ray cluster (separate `ray start` processes, one CPU
-each, 127.0.0.2 head / 127.0.0.3 worker; tests/ray_cluster.py) and the `xct` commands joined
-to it through ``RAY_ADDRESS`` alone, each as its own process, as a user runs them.
+each, 127.0.0.2 head / 127.0.0.3 worker; tests/ray_cluster.py) with Ray token authentication
+on, and the `xct` commands joined to it through ``RAY_ADDRESS`` and the cluster's token
+(``RAY_AUTH_TOKEN``: ``cluster.client_env()``), each as its own process, as a user runs them.
+(The Jobs-API route and the refusal of calls without the token: tests/test_ray_jobs.py.)
 
 * `xct step preprocess` with ``preprocess.use_ray: true``: Ray Data's tasks ran on both
   nodes, and the folder is the same as the process pool's.

@@ -66,11 +66,17 @@ def reg_env(tmp_path_factory: pytest.TempPathFactory) -> Any:
     yield from registry_env(tmp_path_factory.mktemp("register"))
 
 
-def _run(env: dict[str, Any], name: str, seed: int, psnr2: float, passing2: bool = True) -> dict[str, Any]:
+def _run(env: dict[str, Any], name: str, seed: int, psnr2: float, passing2: bool = True,
+         pipeline_run: str | None = None) -> dict[str, Any]:
+    """The register step on a tiny cascade; ``pipeline_run``: a parent pipeline run the
+    training folder names (``mlflow_pipeline.json``, as a training run leaves it)."""
     from components.register import run_register
 
     run = env["root"] / name
     export_tiny_stages(run / "train", env["params"], seed=seed)
+    if pipeline_run is not None:
+        (run / "train" / "mlflow_pipeline.json").write_text(json.dumps({"run_id": pipeline_run,
+                                                                       "tracking_uri": env["uri"]}))
     gates, ev = _write_reports(run, env["params"], {1: 20.0, 2: psnr2}, {1: True, 2: passing2})
     return run_register(gates, ev, run / "train", run / "summary.json", env["params"],
                         processed_dir=env["processed"], tracking_uri=env["uri"])
@@ -83,12 +89,31 @@ def _versions(env: dict[str, Any]) -> dict[str, Any]:
     return {str(v.version): v for v in c.search_model_versions(f"name='{NAME}'")}
 
 
+def _pipeline_run(uri: str) -> str:
+    """A parent pipeline run as a training run creates it (experiment ``xct``)."""
+    from mlflow import MlflowClient
+
+    from components.tracking import ensure_experiment
+
+    c = MlflowClient(uri)
+    return c.create_run(ensure_experiment(c, "xct"), run_name="pipeline", tags={"xct.kind": "pipeline"}).info.run_id
+
+
+def _datasets(client: Any, run_id: str) -> dict[str, Any]:
+    """context → the dataset of each dataset input of ``run_id``."""
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    return {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in inputs}
+
+
 def test_register_promote_idempotent_candidate_and_rejected(reg_env: dict[str, Any]) -> None:
     from mlflow import MlflowClient
 
+    from components.tracking import dvc_data_hash
+
     c = MlflowClient(reg_env["uri"])
     # 1. every gate passes, no champion yet → version 1 @champion with lineage tags
-    s1 = _run(reg_env, "run1", seed=0, psnr2=25.0)
+    parent = _pipeline_run(reg_env["uri"])
+    s1 = _run(reg_env, "run1", seed=0, psnr2=25.0, pipeline_run=parent)
     assert KEYS <= set(s1) and s1["status"] == "promoted" and s1["rejected_at_stage"] is None
     assert s1["model_uri"] == f"models:/{NAME}/1" and s1["alias"] == "champion"
     assert s1["mlflow_tracking_uri"] == reg_env["uri"]
@@ -105,6 +130,25 @@ def test_register_promote_idempotent_candidate_and_rejected(reg_env: dict[str, A
     assert t["xct.gates"] == "stage1=pass,stage2=pass"
     arts = {a.path for a in c.list_artifacts(t["xct.run_id"], "gates")}
     assert arts == {"gates/stage1.json", "gates/stage2.json"}
+    # lineage: the data the version was trained and evaluated on, as dataset inputs whose
+    # digest is the processed folder's hash; where it came from (no KFP here); its pipeline run
+    digest, source = dvc_data_hash(reg_env["processed"])
+    ds = _datasets(c, t["xct.run_id"])
+    assert sorted(ds) == ["test", "train", "val"]
+    assert {d.digest for d in ds.values()} == {digest} == {t["xct.data_hash"]} and source == "manifest"
+    assert all(json.loads(d.source)["uri"] == str(Path(reg_env["processed"]).absolute()) for d in ds.values())
+    assert json.loads(ds["test"].profile)["n_volumes"] == {"test": 1, "train": 1, "val": 0}
+    reg_tags = c.get_run(t["xct.run_id"]).data.tags
+    assert reg_tags["xct.origin"] == "local" and not [k for k in reg_tags if k.startswith("kfp.")]
+    assert t["xct.pipeline_run_id"] == parent and reg_tags["xct.verdict"] == "passed"
+    # the experiments open on their runs in the MLflow 3 UI (model training, not GenAI)
+    for exp in ("xct-register", "xct"):
+        assert c.get_experiment_by_name(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    # the parent pipeline run carries the gate results and the verdict
+    pr = c.get_run(parent).data
+    assert pr.metrics["gate1.passed"] == 1.0 and pr.metrics["gate2.passed"] == 1.0
+    assert pr.metrics["gate2.psnr_window"] == 25.0 and pr.metrics["gate1.psnr_window"] == 20.0
+    assert pr.tags["xct.verdict"] == "promoted" and pr.tags["xct.model_uri"] == f"models:/{NAME}/1"
 
     # 2. the same run again → no new version, champion unchanged
     s1b = _run(reg_env, "run1", seed=0, psnr2=25.0)
@@ -119,12 +163,42 @@ def test_register_promote_idempotent_candidate_and_rejected(reg_env: dict[str, A
     assert "does not beat champion v1" in c.get_model_version(NAME, "2").tags["xct.alias_reason"]
 
     # 4. a failing stage-2 gate → rejected at stage 2, nothing registered, local model uri
-    s3 = _run(reg_env, "run3", seed=2, psnr2=30.0, passing2=False)
+    parent3 = _pipeline_run(reg_env["uri"])
+    s3 = _run(reg_env, "run3", seed=2, psnr2=30.0, passing2=False, pipeline_run=parent3)
     assert KEYS <= set(s3) and s3["status"] == "rejected" and s3["rejected_at_stage"] == 2
     assert s3["model_version"] is None and s3["model_uri"].endswith("stage2/best.pt")
     assert Path(s3["model_uri"]).is_file()
     assert sorted(_versions(reg_env)) == ["1", "2"]
     assert any(not c_["passed"] for c_ in s3["stages"][1]["checks"])
+    # ... and its audit trail is in MLflow: evaluation, gate reports, model card, data, why
+    pr3 = c.get_run(parent3).data
+    assert pr3.metrics["gate1.passed"] == 1.0 and pr3.metrics["gate2.passed"] == 0.0
+    assert pr3.metrics["gate2.psnr_window"] == 5.0 and pr3.tags["xct.verdict"] == "rejected"
+    rej = c.get_run(pr3.tags["xct.rejected_run_id"])
+    assert_rejected_run(c, rej, stage=2, n_stages=2)
+    assert rej.data.tags["xct.pipeline_run_id"] == parent3 and rej.info.status == "FINISHED"
+    assert rej.data.metrics["stage2/psnr_window_db"] == 5.0 and rej.data.metrics["stage1/psnr_window_db"] == 20.0
+    assert rej.info.experiment_id == c.get_experiment_by_name("xct-register").experiment_id
+    assert {d.digest for d in _datasets(c, rej.info.run_id).values()} == {digest}
+
+
+def assert_rejected_run(client: Any, run: Any, stage: int, n_stages: int) -> None:
+    """A rejected-candidate run (:func:`components.register.log_rejected`): tags saying why,
+    the gate reports and evaluations up to ``stage``, the model card of a rejected model."""
+    t = run.data.tags
+    assert t["xct.verdict"] == "rejected" and t["xct.rejected_at_stage"] == str(stage)
+    assert t["xct.reason"].startswith(f"stage {stage}: gate FAILED") and "psnr_window" in t["xct.reason"]
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "gates")}
+    assert arts == {f"gates/stage{k}.json" for k in range(1, stage + 1)}
+    for k in range(1, stage + 1):
+        assert f"eval/stage{k}/metrics.json" in {a.path for a in client.list_artifacts(run.info.run_id, f"eval/stage{k}")}
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model_card/model_card.json",
+                                                tracking_uri=client.tracking_uri)
+    card = json.loads(Path(local).read_text())
+    assert card["model"]["status"] == "rejected" and card["model"]["rejected_at_stage"] == stage
+    assert len(card["gates"]) == n_stages and card["gates"][stage - 1]["passed"] is False
 
 
 def test_gate_reads_the_champion_from_the_registry(reg_env: dict[str, Any], tmp_path: Path) -> None:
@@ -178,7 +252,7 @@ def test_registered_pyfunc_loads_by_alias_and_matches_the_sampler(reg_env: dict[
     rng = np.random.default_rng(0)
     frontal = rng.uniform(0, 8, (16, 16)).astype(np.float32)
     lateral = rng.uniform(0, 8, (16, 16)).astype(np.float32)
-    vol = np.asarray(model.predict({"frontal": frontal.tolist(), "lateral": lateral, "seed": 3}))
+    vol = np.asarray(model.predict({"frontal": frontal[None], "lateral": lateral[None]}, params={"seed": 3}))
     assert vol.shape == (32, 32, 32) and np.isfinite(vol).all()
     w = p.hu.net_map()  # the networks' HU range (the map inverse of [-1, 1])
     assert vol.min() >= w.lo - 1e-3 and vol.max() <= w.hi + 1e-3  # window inverse of [-1, 1]
@@ -188,8 +262,34 @@ def test_registered_pyfunc_loads_by_alias_and_matches_the_sampler(reg_env: dict[
     outs = sample_cascade(stages, torch.from_numpy(frontal)[None, None], torch.from_numpy(lateral)[None, None],
                           sampler=Sampler.from_params(p, 1), generator=torch.Generator().manual_seed(3))
     np.testing.assert_allclose(vol, w.inverse(outs[-1][0, 0].numpy()), atol=1e-3)
-    with pytest.raises(Exception, match="expects"):
-        model.predict({"frontal": np.zeros((8, 8)), "lateral": np.zeros((8, 8))})
+    assert_schema_enforced(model, p.drr.pixels)
+
+
+def assert_schema_enforced(model: Any, pixels: int) -> None:
+    """The registered signature: MLflow itself refuses a wrong shape, a wrong dtype, a missing
+    view and a non-integer param before the model runs; the input example is a valid request."""
+    from mlflow.exceptions import MlflowException
+
+    sig = model.metadata.get_input_schema()
+    assert sig.input_names() == ["frontal", "lateral"]
+    assert all(s.type == np.dtype(np.float32) and s.shape == (-1, pixels, pixels) for s in sig.inputs)
+    assert {p.name: p.dtype.name for p in model.metadata.get_params_schema().params} == {
+        "samples": "long", "steps": "long", "seed": "long"}
+    ok = np.zeros((1, pixels, pixels), np.float32)
+    bad = {
+        "wrong shape": ({"frontal": np.zeros((1, 8, 8), np.float32), "lateral": np.zeros((1, 8, 8), np.float32)},
+                        None, "does not match expected shape"),
+        "wrong dtype": ({"frontal": ok.astype(np.float64), "lateral": ok}, None, "dtype of input float64"),
+        "missing view": ({"frontal": ok}, None, "missing inputs"),
+        "bad param": ({"frontal": ok, "lateral": ok}, {"seed": "three"}, "seed"),
+    }
+    for name, (inputs, params, msg) in bad.items():
+        with pytest.raises(MlflowException, match=msg):
+            model.predict(inputs, params=params)
+        assert name
+    example = model.input_example  # (inputs, params) as logged; MLflow ran it once at log time
+    vol = np.asarray(model.predict(example[0] if isinstance(example, tuple) else example))
+    assert vol.dtype == np.float32 and vol.ndim == 3 and np.isfinite(vol).all()
 
 
 def test_models_cli_list_and_promote(reg_env: dict[str, Any], capsys) -> None:
@@ -242,3 +342,30 @@ def test_fallback_model_uri_is_reconstructable(tmp_path: Path) -> None:
     (train / "models" / "stage2" / "best.pt").write_bytes(b"x")
     uri = _fallback_model_uri(train, params)
     assert uri == str((train / "models" / "stage2" / "best.pt").absolute())
+
+
+def test_origin_tags_say_where_a_run_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside KFP: ``xct.origin=local`` and no kfp.* tags; a KFP task's resolved placeholders
+    become kfp.* tags, an unresolved ``{{$.…}}`` (a component called outside a pipeline) never does."""
+    from components.tracking import KFP_ENV, kfp_environment, origin_tags
+
+    for var in KFP_ENV:
+        monkeypatch.delenv(var, raising=False)
+    assert origin_tags() == {"xct.origin": "local"}
+    env = kfp_environment("4f1c-9", "xct-cascade-2026-12-07", "{{$.pipeline_task_name}}")
+    assert env == {"XCT_KFP_RUN_ID": "4f1c-9", "XCT_KFP_RUN_NAME": "xct-cascade-2026-12-07"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert origin_tags() == {"xct.origin": "kfp", "kfp.run_id": "4f1c-9", "kfp.run_name": "xct-cascade-2026-12-07"}
+
+
+def test_gate_metrics_of_the_pipeline_run() -> None:
+    """gate{k}.passed is 1 only for a passed, not skipped gate (a missing report is 0); each
+    check's finite measured value becomes gate{k}.<check>."""
+    from components.tracking import gate_metrics
+
+    checks = [{"name": "psnr_window", "value": 21.5}, {"name": "nan", "value": 0}, {"name": "ssim_window",
+                                                                                    "value": float("nan")}]
+    m = gate_metrics({1: {"passed": True, "checks": checks}, 2: {"passed": True, "skipped": True}, 3: None})
+    assert m == {"gate1.passed": 1.0, "gate1.psnr_window": 21.5, "gate1.nan": 0.0, "gate2.passed": 0.0,
+                 "gate3.passed": 0.0}

@@ -233,33 +233,33 @@ def test_bad_storage_settings_are_one_line_errors(env: dict) -> None:
                 "--storage-uri", f"s3://{BUCKET}/{PREFIX}", "--run-id", "no-stage1"]) == 2  # stage 1 model not in the run
 
 
-def test_compiled_train_tasks_get_the_kfp_run_id_only_with_run_storage(tmp_path: Path) -> None:
-    """With ``pipeline.storage.uri`` set, every train task receives the KFP run id
-    (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``: its folder in the run storage, the same on a
-    retry); without it, none does (the tasks' inputs, and KFP's cache keys, stay as before)."""
+def test_compiled_train_tasks_get_the_run_storage_and_the_kfp_run_id(tmp_path: Path) -> None:
+    """Each train task's (scoped) params text carries ``pipeline.storage`` and ``s3`` (what it
+    reads to find the run's folder) and the KFP run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``:
+    the folder's name, the same on a retry); dvc.yaml's training never lists them."""
     from kfp import dsl
 
     from components.ops_params import params_from_dict
+    from components.step_params import dvc_entries, kfp_keys
+
+    assert {"pipeline.storage", "s3"} <= set(kfp_keys("train", ["stage1"], 1))
+    assert not [e for e in dvc_entries("train", ["stage1"]) if isinstance(e, str) and e.startswith(("pipeline.storage", "s3"))]
     from pipelines.kfp_dag import compile_pipeline
 
-    def train_run_ids(uri: str) -> list[Any]:
-        data = tiny_params().model_dump(mode="json")
-        data["pipeline"] = {"storage": {"uri": uri}}
-        spec = yaml.safe_load(compile_pipeline(tmp_path / f"p{len(uri)}.yaml", params_from_dict(data)).read_text())
-        found: list[Any] = []
+    data = tiny_params().model_dump(mode="json")
+    data["pipeline"] = {"storage": {"uri": f"s3://{BUCKET}/{PREFIX}"}}
+    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", params_from_dict(data)).read_text()))
+    found: list[Any] = []
 
-        def walk(dag: dict) -> None:
-            for name, task in dag.get("tasks", {}).items():
-                if name.startswith("train-stage-component"):
-                    params = task.get("inputs", {}).get("parameters", {})
-                    found.append(params.get("pipeline_run_id", {}).get("runtimeValue", {}).get("constant"))
-        walk(spec["root"]["dag"])
-        for comp in spec["components"].values():
-            walk(comp.get("dag", {}))
-        return found
-
-    assert train_run_ids(f"s3://{BUCKET}/{PREFIX}") == [dsl.PIPELINE_JOB_ID_PLACEHOLDER] * 2  # stages 1 and 2
-    assert train_run_ids("") == ["", ""]
+    def walk(dag: dict) -> None:
+        for name, task in dag.get("tasks", {}).items():
+            if name.startswith("train-stage-component"):
+                found.append(task.get("inputs", {}).get("parameters", {}).get("kfp_run_id", {})
+                             .get("runtimeValue", {}).get("constant"))
+    walk(spec["root"]["dag"])
+    for comp in spec["components"].values():
+        walk(comp.get("dag", {}))
+    assert found == [dsl.PIPELINE_JOB_ID_PLACEHOLDER] * 2  # stages 1 and 2
 
 
 def test_kfp_train_task_with_run_storage_trains_there_and_a_retry_resumes(env: dict) -> None:
@@ -271,13 +271,16 @@ def test_kfp_train_task_with_run_storage_trains_there_and_a_retry_resumes(env: d
 
     from components.kfp_components import train_stage_component
 
+    from components.ops_params import params_from_dict
+    from components.step_params import scoped_text
+
     data = env["params"].model_dump(mode="json")
     data["pipeline"] = {"storage": {"uri": f"s3://{BUCKET}/{PREFIX}"}}
-    text = yaml.safe_dump(data)
+    text = scoped_text(params_from_dict(data), "train", 1)  # what the pipeline hands the stage-1 train task
     fn = train_stage_component.python_func
     first = env["root"] / "kfp-try1"
     r1 = fn(stage=1, processed=dsl.Dataset(uri=str(env["processed"])), model=dsl.Model(uri=str(first)),
-            params_yaml=text, pipeline_run_id="kfp-run-1")
+            params_yaml=text, kfp_run_id="kfp-run-1")
     assert r1.final_step == 6
     run = f"{PREFIX}/kfp-run-1"
     keys = set(_keys(env, f"{run}/"))
@@ -289,7 +292,7 @@ def test_kfp_train_task_with_run_storage_trains_there_and_a_retry_resumes(env: d
 
     retry = env["root"] / "kfp-try2"
     r2 = fn(stage=1, processed=dsl.Dataset(uri=str(env["processed"])), model=dsl.Model(uri=str(retry)),
-            params_yaml=text, pipeline_run_id="kfp-run-1")
+            params_yaml=text, kfp_run_id="kfp-run-1")
     assert r2.final_step == 6
     metrics = json.loads((retry / "metrics" / "stage1.json").read_text())
     assert metrics["step"] == 6  # the finished checkpoint was found: nothing re-trained

@@ -6,15 +6,18 @@ tests/test_register.py), then served from ``models:/xct-cascade@champion`` by th
 CLI in a subprocess (``--env-manager local``, one uvicorn worker, cwd outside the repo so
 the served code comes from the model's ``code_paths``). The request carries the frontal and
 lateral line-integral images of a phantom rendered with :func:`xct_core.drr.render` in the
-model's own ``params.drr`` geometry, in MLflow's ``{"inputs": {...}}`` dict-of-tensors
-format. Checks with known answers:
+model's own ``params.drr`` geometry, in MLflow's ``{"inputs": {...}, "params": {...}}``
+dict-of-tensors format (``[1, P, P]`` float32 views, the seed as a param: the registered
+signature). Checks with known answers:
 
 * the response is ``{"predictions": [S][S][S]}`` on the last stage's grid, finite, inside
   the HU window (the sampler's [-1, 1] output mapped back), and equal (to 1e-4 of the
   window width: float32 reduction order depends on the thread count) to the same pyfunc
   loaded in-process with the same seed — the HTTP/JSON path changes nothing;
 * malformed requests — not JSON, unknown payload keys, a missing view, images of the
-  wrong detector size, a wrong content type — are answered with a 4xx, promptly;
+  wrong detector size, a view that is not numbers, a non-integer param, a wrong content
+  type — are answered with a 4xx, promptly; shape, dtype, missing views and params are
+  refused by MLflow's schema enforcement (the registered signature) before the model runs;
 * what is served was not pickled: no ``*.pkl`` in the model, the pyfunc is loaded by
   MLflow's ``code_model`` loader from the copied ``xct_pyfunc.py`` (models from code), the
   stage weights are ``.pt`` state dicts, xct_core ships under ``code/``.
@@ -171,8 +174,8 @@ def test_served_model_reconstructs_a_volume_from_two_xrays(server: dict[str, Any
     assert views["frontal"].shape == (p, p) and views["lateral"].shape == (p, p)
     assert views["frontal"].max() > 0.5 and views["lateral"].max() > 0.5  # a body was in the beam
 
-    status, text = _post(server, {"inputs": {"frontal": views["frontal"].tolist(),
-                                             "lateral": views["lateral"].tolist(), "seed": SEED}})
+    status, text = _post(server, {"inputs": {"frontal": [views["frontal"].tolist()],
+                                             "lateral": [views["lateral"].tolist()]}, "params": {"seed": SEED}})
     assert status == 200, f"{status}: {text[:2000]}\n{_log_tail(server['log'])}"
     vol = np.asarray(json.loads(text)["predictions"], dtype=np.float32)
     assert vol.shape == (size, size, size)
@@ -184,34 +187,41 @@ def test_served_model_reconstructs_a_volume_from_two_xrays(server: dict[str, Any
     # known answer: the same registered pyfunc in-process, same input and seed
     mlflow.set_tracking_uri(server["uri"])
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
-    ref = np.asarray(model.predict({"frontal": views["frontal"], "lateral": views["lateral"], "seed": SEED}))
+    ref = np.asarray(model.predict({"frontal": views["frontal"][None], "lateral": views["lateral"][None]},
+                                   params={"seed": SEED}))
     tol = 1e-4 * (w.hi - w.lo)  # HU; float32 reduction order differs with the server's thread count
     np.testing.assert_allclose(vol, ref, atol=tol)
 
-    # the one-row DataFrame form the pyfunc documents gives the same volume
-    status, text = _post(server, {"dataframe_records": [{"frontal": views["frontal"].tolist(),
-                                                         "lateral": views["lateral"].tolist(), "seed": SEED}]})
+    # the one-row DataFrame form (MLflow's tensor columns: each view flattened) gives the same volume
+    status, text = _post(server, {"dataframe_records": [{"frontal": views["frontal"].ravel().tolist(),
+                                                         "lateral": views["lateral"].ravel().tolist()}],
+                                  "params": {"seed": SEED}})
     assert status == 200, f"{status}: {text[:2000]}"
     np.testing.assert_allclose(np.asarray(json.loads(text)["predictions"], dtype=np.float32), ref, atol=tol)
 
 
 def test_malformed_requests_get_4xx_not_a_hang(server: dict[str, Any]) -> None:
     p = server["params"].drr.pixels
-    img = np.ones((p, p)).tolist()
+    img = [np.ones((p, p)).tolist()]
     url = f"{server['url']}/invocations"
     cases = {
         "not json": _http(url, b"{this is not json"),
         "unknown payload key": _post(server, {"pictures": {"frontal": img, "lateral": img}}),
         "missing lateral view": _post(server, {"inputs": {"frontal": img}}),
-        "wrong detector size": _post(server, {"inputs": {"frontal": np.ones((8, 8)).tolist(),
-                                                         "lateral": np.ones((8, 8)).tolist()}}),
+        "wrong detector size": _post(server, {"inputs": {"frontal": [np.ones((8, 8)).tolist()],
+                                                         "lateral": [np.ones((8, 8)).tolist()]}}),
+        "a 2D view without its batch axis": _post(server, {"inputs": {"frontal": img[0], "lateral": img[0]}}),
+        "a view that is not numbers": _post(server, {"inputs": {"frontal": [[["x"] * p] * p], "lateral": img}}),
+        "a non-integer param": _post(server, {"inputs": {"frontal": img, "lateral": img}, "params": {"seed": "x"}}),
         "wrong content type": _http(url, b"frontal,lateral\n1,2\n", content_type="image/png"),
     }
     for name, (status, text) in cases.items():
         assert 400 <= status < 500, f"{name}: HTTP {status}: {text[:500]}"
-    # the pyfunc's own reason reaches the client (MLflow puts it in the error's stack_trace)
-    assert f"the model expects ({p}, {p})" in cases["wrong detector size"][1]
-    assert "missing input view(s): lateral" in cases["missing lateral view"][1]
+    # MLflow's schema enforcement (the registered signature) names what is wrong
+    assert f"does not match expected shape (-1, {p}, {p})" in cases["wrong detector size"][1]
+    assert f"does not match expected shape (-1, {p}, {p})" in cases["a 2D view without its batch axis"][1]
+    assert "missing inputs" in cases["missing lateral view"][1] and "lateral" in cases["missing lateral view"][1]
+    assert "seed" in cases["a non-integer param"][1]
     # the server survived all of that
     assert _http(f"{server['url']}/ping", timeout=10.0)[0] == 200
     assert server["proc"].poll() is None

@@ -75,7 +75,7 @@ def test_the_kfp_dag_walks_the_stages_of_the_params(n: int, tmp_path: Path) -> N
     out = compile_pipeline(tmp_path / "p.yaml", params_from_dict(tiny_profile(n_stages=n), "tiny", OpsParams))
     load_pipeline_spec(out)  # strict protobuf parse
     text = out.read_text()
-    ir = yaml.safe_load(text)
+    ir = next(yaml.safe_load_all(text))  # the PipelineSpec (a PlatformSpec follows: task resources, secrets)
     comps = ir["components"]
     for base in ("train-stage-component", "evaluate-step-component", "gate-report-component", "rejected-component"):
         have = sorted(c for c in comps if re.fullmatch(rf"comp-{base}(-\d+)?", c))
@@ -98,7 +98,8 @@ def test_the_kfp_dag_walks_the_stages_of_the_params(n: int, tmp_path: Path) -> N
         assert _source(train["previous"]) == f"train-stage-component{_suffix(k - 1)}-model"
     assert "earlier" not in tasks["gate-report-component"]["inputs"].get("artifacts", {})
     register = tasks["register-component"]["inputs"]["artifacts"]
-    assert set(register) == {"model", "reports"}
+    assert set(register) == {"model", "reports", "processed"}  # processed: the data's lineage (hash, datasets)
+    assert _source(register["processed"]) == "preprocess-component-processed"
     assert _source(register["reports"]) == f"gate-report-component{_suffix(n)}-reports"
     assert _source(register["model"]) == f"train-stage-component{_suffix(n)}-model"
 
@@ -152,6 +153,14 @@ def test_kfp_local_runs_and_registers_n_stages(n: int, scratch: Path, raw: Path)
     check_registered(summary, n, tmp / "mlflow.db")
     run_summary = json.loads((run / "run-summary-component" / "summary" / "run_summary.json").read_text())
     assert run_summary["state"] == "SUCCEEDED" and run_summary["succeeded"] is True
+    # lineage: the version names this kfp.local run and its task, and the processed data's digest
+    from components.tracking import dvc_data_hash
+    from pipeline_profile import _registered
+
+    tags = _registered(tmp / "mlflow.db", summary["model_version"])
+    assert tags["kfp.run_id"] == run_summary["pipeline_job_id"] and tags["kfp.run_name"] == run.name
+    assert tags["kfp.task_name"] == "register-component" and tags["xct.origin"] == "kfp"
+    assert tags["xct.data_hash"] == dvc_data_hash(run / "preprocess-component" / "processed")[0]
 
 
 # --------------------------------------------------------------------------- dvc repro (slow)

@@ -179,9 +179,9 @@ def test_kfp_component_raises_under_fail_policy(dataset: tuple[Path, Path], tmp_
     html = SimpleNamespace(path=str(tmp_path / "h" / "report.html"))
     with pytest.raises(RuntimeError, match="data validation failed for 8 volume"):
         validate_component.python_func(interim=SimpleNamespace(path=str(dataset[1])), validated=validated,
-                                       report_html=html, params_yaml="validation: {policy: fail}")  # fmt: skip
+                                       report_html=html, params_yaml="{validation: {policy: fail}, ingest: {body_hu: -500.0}}")  # fmt: skip
     res = validate_component.python_func(interim=SimpleNamespace(path=str(dataset[1])), validated=validated,
-                                         report_html=html, params_yaml="validation: {policy: quarantine}")  # fmt: skip
+                                         report_html=html, params_yaml="{validation: {policy: quarantine}, ingest: {body_hu: -500.0}}")  # fmt: skip
     assert (res.passed, res.n_failed) == (False, 8) and validated.metadata["quarantined"] == sorted(EXPECTED)
     assert Path(html.path).read_text().startswith("<!DOCTYPE html>")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
+from xct_core.redact import redact
+
 _E = TypeVar("_E", bound=BaseException)
 
 
@@ -61,8 +63,20 @@ def printable(text: str) -> str:
 
 
 def error_line(msg: str, prog: str = "xct") -> str:
-    """The one line a CLI prints for a user error: ``<prog>: error: <msg>``, made printable."""
-    return f"{prog}: error: {printable(msg)}"
+    """The one line a CLI prints for a user error: ``<prog>: error: <msg>``, with credentials
+    masked (:func:`xct_core.redact.redact`) and made printable."""
+    return f"{prog}: error: {printable(redact(msg))}"
+
+
+def warning_line(msg: str, prog: str = "xct") -> str:
+    """The one line a CLI prints for a warning: ``<prog>: warning: <msg>``, redacted and
+    printable like :func:`error_line`."""
+    return f"{prog}: warning: {printable(redact(msg))}"
+
+
+def note_line(msg: str, prog: str = "xct") -> str:
+    """``<prog>: note: <msg>``, redacted and printable like :func:`error_line`."""
+    return f"{prog}: note: {printable(redact(msg))}"
 
 
 def in_chain(e: BaseException, kind: type[_E]) -> _E | None:

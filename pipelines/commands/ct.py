@@ -17,7 +17,7 @@ import typer
 from xct_core.atomic import check_writable
 from pipelines.commands.params import OverlayOpt, SetOpt, command_params
 from xct_core.config import Params
-from xct_core.errors import InputError
+from xct_core.errors import InputError, printable
 from xct_core.io import CTVolume, load_ct, orientation_codes, save_ct
 
 app = typer.Typer(no_args_is_help=True)
@@ -78,7 +78,7 @@ def info(
         typer.echo(json.dumps(d))
         return
     src = d["format"] + (f", {d['n_slices']} slices" if "n_slices" in d else "")
-    typer.echo(f"source:       {d['source']} ({src})")
+    typer.echo(printable(f"source:       {d['source']} ({src})"))
     typer.echo(f"shape:        {' x '.join(str(s) for s in d['shape'])} (canonical {d['orientation']}+)")
     typer.echo(f"spacing_mm:   {' x '.join(f'{s:.4g}' for s in d['spacing_mm'])}")
     typer.echo(f"orientation:  source {d['source_orientation']} → {d['orientation']}")
@@ -105,4 +105,4 @@ def convert(
     vol = _load(src, params, overlay, set_)
     save_ct(out, vol)
     sp = " x ".join(f"{s:.4g}" for s in vol.spacing)
-    typer.echo(f"wrote {out}: {' x '.join(map(str, vol.shape))} voxels, {sp} mm, RAS+ int16 HU")
+    typer.echo(printable(f"wrote {out}: {' x '.join(map(str, vol.shape))} voxels, {sp} mm, RAS+ int16 HU"))

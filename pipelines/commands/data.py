@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
 from xct_core.config import SynthParams
-from xct_core.errors import ConfigError
+from xct_core.errors import ConfigError, printable
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -111,12 +111,12 @@ def synth(
     stale = stale_phantoms(out_dir, sp.n)
     if stale:
         names = ", ".join(p.name for p in stale[:3]) + (", …" if len(stale) > 3 else "")
-        typer.echo(f"note: {out_dir} also holds {len(stale)} phantom file(s) not from this run ({names})", err=True)
+        typer.echo(printable(f"note: {out_dir} also holds {len(stale)} phantom file(s) not from this run ({names})"), err=True)
     extra = f", preview: {out_dir / 'preview.png'}" if preview else ""
-    typer.echo(
+    typer.echo(printable(
         f"wrote {len(paths)} phantoms ({sp.size}³ @ {sp.spacing_mm:g} mm, seed {sp.seed}) "
         f"to {out_dir} in {dt:.1f} s{extra}"
-    )
+    ))
 
 
 # sub-commands implemented in their own modules: `xct data validate` (pipeline step 2) and

@@ -20,6 +20,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
+from xct_core.errors import printable, warning_line
 
 EndpointOpt = Annotated[
     Optional[str],
@@ -59,7 +60,7 @@ def register(app: typer.Typer) -> None:
         cfg = _s3(params, overlay, set_)
         with s3sync.tqdm_progress("pull") as bar:
             report = s3sync.pull(url, directory, cfg, endpoint_url=endpoint_url, progress=None if quiet else bar)
-        typer.echo(report.summary())
+        typer.echo(printable(report.summary()))
 
     @app.command("push")
     def push(
@@ -78,5 +79,5 @@ def register(app: typer.Typer) -> None:
         with s3sync.tqdm_progress("push") as bar:
             report = s3sync.push(directory, url, cfg, endpoint_url=endpoint_url, progress=None if quiet else bar)
         for rel in report.symlinks_skipped:
-            typer.echo(f"xct: warning: {directory / rel}: symlink skipped (push does not follow symlinks)", err=True)
-        typer.echo(report.summary())
+            typer.echo(warning_line(f"{directory / rel}: symlink skipped (push does not follow symlinks)"), err=True)
+        typer.echo(printable(report.summary()))

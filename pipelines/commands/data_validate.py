@@ -23,6 +23,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
+from xct_core.errors import note_line, printable
 
 
 
@@ -51,9 +52,9 @@ def register(app: typer.Typer) -> None:
         if report is not None:
             write_report(rep, report, html_path_for(report))
         for line in rep.failure_lines():
-            typer.echo(line)
+            typer.echo(printable(line))
         for line in rep.ignored_lines():
-            print(f"xct: note: {line}", file=sys.stderr)
+            print(note_line(line), file=sys.stderr)
         n, bad = len(rep.volumes), len(rep.failed)
         ign = f"; {len(rep.ignored)} other file(s) ignored" if rep.ignored else ""
         print(f"{n - bad} of {n} volumes passed validation" + (f"; {bad} failed" if bad else "") + ign, file=sys.stderr)

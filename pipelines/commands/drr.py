@@ -22,7 +22,7 @@ from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_par
 from xct_core.config import DRRParams
 from xct_core.drr import display_image, joseph_applies, render
 from xct_core.atomic import atomic_path, check_writable, writable
-from xct_core.errors import ConfigError
+from xct_core.errors import ConfigError, printable
 from xct_core.geometry import KINDS, VIEWS, ProjectionGeometry
 from xct_core.io import load_ct, orientation_codes
 from xct_core.stats import file_sha256
@@ -147,9 +147,9 @@ def drr(
     if png is not None:
         save_png(png, display_image(arr, q))
         extra = f" + {png}"
-    typer.echo(
+    typer.echo(printable(
         f"wrote {out} ({arr.shape[0]}x{arr.shape[1]} float32 {q}, {view} {dp.geometry}, {used}) + {json_path}{extra}"
-    )
+    ))
 
 
 def register(app: typer.Typer) -> None:

@@ -38,17 +38,19 @@ def list_cmd(params: ParamsOpt = None, overlay: OverlayOpt = None, set_: SetOpt 
     """List the registered versions: aliases, last-stage test PSNR (window), lineage."""
     from components.register import list_versions
     from components.tracking import store_exists, tracking_uri
+    from xct_core.redact import redact_url
 
     p = command_params(params, overlay, set_)
     name = p.registry.model_name
+    shown = redact_url(tracking_uri())  # http://user:***@host: the password is never printed
     if not store_exists(tracking_uri()):
-        typer.echo(f"no model registry at {tracking_uri()} yet: no versions of {name} (nothing registered)")
+        typer.echo(f"no model registry at {shown} yet: no versions of {name} (nothing registered)")
         return
     rows = list_versions(p)
     if not rows:
-        typer.echo(f"no versions of {name} at {tracking_uri()}")
+        typer.echo(f"no versions of {name} at {shown}")
         return
-    typer.echo(f"{name} at {tracking_uri()}")
+    typer.echo(f"{name} at {shown}")
     typer.echo(f"{'version':>7}  {'aliases':<20} {'psnr_window_db':>14}  {'stages':>6}  {'test_ids':<16}  git")
     for r in rows:
         psnr = r["psnr_window_db"]

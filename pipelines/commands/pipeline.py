@@ -5,12 +5,19 @@
     xct pipeline compile [--out pipeline.yaml] [--params P] [--overlay O] [--set K=V] [--no-cache]   IR YAML
     xct pipeline run --local [--params P] [--overlay O] [--set K=V] [--data DIR] [--no-cache]   kfp.local
     xct pipeline submit --host URL [--data-uri URI] [--ray-address A] [--mlflow-uri U] [--no-cache]
+                        [--token-file F | --sa-token-file F]   (or $XCT_KFP_TOKEN)   multi-user Kubeflow
     xct pipeline dvc-sync [--params P] [--overlay O] [--check]   dvc.yaml's per-stage lines from params
 
 Caching, retries and the train task's accelerator come from ``pipeline.kfp`` in the params
 (pipelines/kfp_dag.py :func:`build_pipeline`); ``--no-cache`` turns step caching off. The
 params (``--params``/``--overlay``/``--set``, pipelines/commands/params.py) are resolved here,
 whole, and handed to every task as text; the compiled pipeline's ``params_yaml`` defaults to them.
+
+Credentials of ``submit`` (a multi-user Kubeflow refuses anonymous calls): a bearer token
+from ``--token-file`` or ``$XCT_KFP_TOKEN`` (``kfp.Client(existing_token=…)``), or, inside a
+pod, the projected service-account token of ``--sa-token-file`` (re-read on every request:
+``kfp.client.ServiceAccountTokenVolumeCredentials``). The token is sent as
+``Authorization: Bearer …`` and never printed, not even in an error.
 
 The DVC twin of the same DAG is ``dvc repro`` (dvc.yaml); ``make demo`` runs that one.
 Heavy imports (kfp, torch) happen inside the commands so ``xct --help`` stays fast.
@@ -19,6 +26,7 @@ Heavy imports (kfp, torch) happen inside the commands so ``xct --help`` stays fa
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,7 +34,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
-from xct_core.errors import ConfigError, InputError, XctError
+from xct_core.errors import ConfigError, InputError, XctError, printable
 
 app = typer.Typer(no_args_is_help=True)
 NoCacheOpt = Annotated[
@@ -71,7 +79,7 @@ def compile_cmd(
     if out.is_dir():
         raise InputError(out, "is a folder; give a file name such as pipeline.yaml")
     path = compile_pipeline(out, _params(params, overlay, set_), caching=_caching(no_cache))
-    typer.echo(f"wrote {path}")
+    typer.echo(printable(f"wrote {path}"))
 
 
 def _find_outputs(run_root: Path, name: str) -> list[Path]:
@@ -127,11 +135,50 @@ def run_cmd(
     started = time.time()
     run_local(data_dir, text, root, caching=_caching(no_cache))
     typer.echo(local_report(root.absolute(), started - 1))
-    typer.echo(f"kfp.local run finished in {time.time() - started:.0f} s; task outputs under {root}")
+    typer.echo(printable(f"kfp.local run finished in {time.time() - started:.0f} s; task outputs under {root}"))
 
 
 #: default --timeout of `xct pipeline submit` (seconds)
 SUBMIT_TIMEOUT_S = 30.0
+#: environment variable holding a Kubeflow Pipelines bearer token (CI; never printed)
+TOKEN_ENV = "XCT_KFP_TOKEN"
+#: where Kubeflow projects a pod's pipelines token (kfp's own default for in-cluster clients)
+SA_TOKEN_DEFAULT = "/var/run/secrets/kubeflow/pipelines/token"
+
+
+def _read_token(path: Path) -> str:
+    """The one bearer token in ``path``; a one-line InputError naming the file otherwise (the
+    token itself is never part of a message)."""
+    from xct_core.jsondoc import read_doc_text
+
+    words = read_doc_text(path, "token file", max_bytes=64 * 1024).split()
+    if len(words) != 1:
+        raise InputError(path, "is empty: expected one bearer token" if not words
+                         else "holds more than one word: expected one bearer token")
+    from xct_core.redact import register_secret
+
+    register_secret(words[0])  # masked wherever a library would print it (xct_core/redact.py)
+    return words[0]
+
+
+def kfp_credentials(token_file: Path | None, sa_token_file: Path | None):  # noqa: ANN201 - (str | None, credentials | None)
+    """``(existing_token, credentials)`` for ``kfp.Client``: from ``--token-file``,
+    ``--sa-token-file`` or ``$XCT_KFP_TOKEN`` (at most one of them), else ``(None, None)``."""
+    env_token = os.environ.get(TOKEN_ENV, "").strip()
+    given = [n for n, v in (("--token-file", token_file), ("--sa-token-file", sa_token_file), (f"${TOKEN_ENV}", env_token))
+             if v]
+    if len(given) > 1:
+        raise ConfigError(f"give one Kubeflow Pipelines credential, not {' and '.join(given)}")
+    if token_file is not None:
+        return _read_token(token_file), None
+    if sa_token_file is not None:
+        _read_token(sa_token_file)  # missing or empty: one line now, not a failed request later
+        from kfp.client import ServiceAccountTokenVolumeCredentials
+
+        return None, ServiceAccountTokenVolumeCredentials(path=str(sa_token_file))
+    if env_token and len(env_token.split()) != 1:
+        raise ConfigError(f"${TOKEN_ENV} holds more than one word: expected one bearer token")
+    return env_token or None, None
 
 
 def bounded_call(fn, timeout_s: float, message: str):  # noqa: ANN001, ANN201 - any callable, its result
@@ -181,16 +228,22 @@ def submit_cmd(
     no_cache: NoCacheOpt = False,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="seconds to wait for the Kubeflow Pipelines API "
                                            "(the whole submission; every socket operation too)")] = SUBMIT_TIMEOUT_S,
+    token_file: Annotated[Optional[Path], typer.Option(
+        "--token-file", help=f"file holding a bearer token for a multi-user Kubeflow (or set ${TOKEN_ENV})")] = None,
+    sa_token_file: Annotated[Optional[Path], typer.Option(
+        "--sa-token-file", help=f"in a pod: the projected service-account token, re-read per request "
+                                f"(Kubeflow's default path: {SA_TOKEN_DEFAULT})")] = None,
 ) -> None:
     """Submit the pipeline to a Kubeflow Pipelines cluster (data location, Ray and MLflow as parameters)."""
     from pipelines.kfp_dag import submit
 
     text = params_text(params)  # a bad params file is its own one-line error, before the clock starts
+    token, credentials = kfp_credentials(token_file, sa_token_file)
     run_id = bounded_call(lambda: submit(host, data_uri, text, ray_address, mlflow_uri, experiment, run_name, namespace,
-                                         caching=_caching(no_cache)),
+                                         caching=_caching(no_cache), token=token, credentials=credentials),
                           timeout, f"Kubeflow Pipelines at {host} did not answer within {timeout:g} s (--timeout); "
                                    "nothing was submitted unless the server received it before then")
-    typer.echo(f"submitted run {run_id} to {host}")
+    typer.echo(printable(f"submitted run {run_id} to {host}"))
 
 
 @app.command("dvc-sync")
@@ -211,7 +264,7 @@ def dvc_sync_cmd(
                                    "(run `xct pipeline dvc-sync`)")
     done = "updated" if res.changed and not check else "up to date"
     made = f"; wrote {', '.join(map(str, res.overlays))}" if res.overlays and not check else ""
-    typer.echo(f"{dvc_yaml}: {done} for {p.n_stages} stages ({', '.join(p.stages)}){made}")
+    typer.echo(printable(f"{dvc_yaml}: {done} for {p.n_stages} stages ({', '.join(p.stages)}){made}"))
 
 
 def register(root: typer.Typer) -> None:

@@ -36,7 +36,7 @@ import typer
 
 from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
 from xct_core.config import Params
-from xct_core.errors import ConfigError, InputError, error_line
+from xct_core.errors import ConfigError, InputError, error_line, note_line, printable, warning_line
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="models:/NAME@ALIAS, models:/NAME/VERSION, "
                                        "runs:/RUN_ID/PATH, or a local model folder / training folder / stage .pt")]
@@ -126,7 +126,7 @@ def _check_utf8_names(paths: dict[str, Path]) -> None:
 
 
 def _warn(line: str) -> None:
-    print(f"xct: warning: {line}", file=sys.stderr)
+    print(warning_line(line), file=sys.stderr)
 
 
 def reconstruct_cmd(
@@ -180,7 +180,7 @@ def reconstruct_cmd(
             _warn(w)
         nets = load_stages(resolved.stage_files, mp, device)
     rec = reconstruct(nets, mp, xf.image, xl.image, isocenter=iso, steps=steps, samples=k, seed=seed,
-                      upto=stages, device=device, log=lambda m: typer.echo(m, err=True))
+                      upto=stages, device=device, log=lambda m: typer.echo(printable(m), err=True))
     qa, reproj = reprojection_qa(rec.mean_hu, rec.affine, geoms, {"frontal": xf.image, "lateral": xl.image}, mp)
     window = mp.hu.get_window()
     doc = {
@@ -220,7 +220,7 @@ def reconstruct_cmd(
                      notes=[doc["hu_note"], qa["protocol"]])
         written.append(report)
         log_report_to_mlflow(report, list(imgs.values()))
-    typer.echo("wrote " + ", ".join(str(p) for p in written))
+    typer.echo(printable("wrote " + ", ".join(str(p) for p in written)))
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -257,7 +257,7 @@ def _load_cts(root: Path, local: Params) -> tuple[dict[str, Any], list[tuple[Pat
 
     listed, ignored = _list_cts(root)
     for p in ignored:
-        print(f"xct: note: {p}: ignored (neither a .nii/.nii.gz file nor a DICOM series folder)", file=sys.stderr)
+        print(note_line(f"{p}: ignored (neither a .nii/.nii.gz file nor a DICOM series folder)"), file=sys.stderr)
     cts: dict[str, Any] = {}
     bad: list[tuple[Path, str]] = []
     for vid, p in listed.items():
@@ -321,7 +321,7 @@ def evaluate_cmd(
     protocol = EvalProtocol.from_params(mp)
     cases, summary = evaluate_cts(cts, nets, mp, protocol=protocol, steps=steps, samples=k, seed=seed, upto=n,
                                   direct=direct, train_mean_hu=train_mean, device=device,
-                                  log=lambda m: typer.echo(m, err=True))
+                                  log=lambda m: typer.echo(printable(m), err=True))
     if processed is not None:
         summary["baseline"] += f" ({processed})"
     window = protocol.window
@@ -366,12 +366,12 @@ def evaluate_cmd(
     m = summary["mean"]
     typer.echo(f"{summary['n_patients']} CT(s): PSNR[-1024,1024] {m['psnr_hu_db']:.2f} dB, PSNR(window) "
                f"{m['psnr_window_db']:.2f} dB, SSIM {m['ssim_window']:.3f}, MAE {m['mae_hu']:.1f} HU")
-    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'per_patient.csv'}, {html_path}")
+    typer.echo(printable(f"wrote {out / 'metrics.json'}, {out / 'per_patient.csv'}, {html_path}"))
     if bad:
         for _p, line in bad:
             print(error_line(line), file=sys.stderr)
-        print(f"xct: error: {len(bad)} of {len(bad) + len(cts)} CT(s) could not be loaded and were not evaluated "
-              "(listed above; the others are in the report)", file=sys.stderr)
+        print(error_line(f"{len(bad)} of {len(bad) + len(cts)} CT(s) could not be loaded and were not evaluated "
+                         "(listed above; the others are in the report)"), file=sys.stderr)
         raise typer.Exit(1)
 
 

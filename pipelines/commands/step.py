@@ -20,6 +20,13 @@ import typer
 
 from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, alias_sets, command_params
 from xct_core.config import Params
+from xct_core.errors import printable
+
+
+def _say(msg: str) -> None:
+    """A step's one-line log message on stdout, control characters in file names escaped."""
+    typer.echo(printable(msg))
+
 
 app = typer.Typer(no_args_is_help=True, help="Pipeline steps (what dvc.yaml runs; components/*.py).")
 
@@ -43,7 +50,7 @@ def ingest(
     from components.ingest import run_ingest
 
     p = _params(params, overlay, set_)
-    run_ingest(raw if raw is not None else Path(p.data.raw_dir), out, p, log=typer.echo)
+    run_ingest(raw if raw is not None else Path(p.data.raw_dir), out, p, log=_say)
 
 
 @app.command("validate")
@@ -62,7 +69,7 @@ def validate(
     if policy is not None and policy not in ("fail", "quarantine"):
         raise ConfigError(f"--policy must be fail or quarantine, got {policy!r}")
     p = _params(params, overlay, alias_sets(set_, **{"validation.policy": policy}))
-    report = run_validate(interim, out, p, log=lambda m: print(m, file=sys.stderr))
+    report = run_validate(interim, out, p, log=lambda m: print(printable(m), file=sys.stderr))
     if not report.success and report.policy == "fail":
         raise typer.Exit(1)
 
@@ -83,7 +90,7 @@ def preprocess(
     from components.preprocess import run_preprocess
 
     p = _params(params, overlay, alias_sets(set_, **{"preprocess.workers": workers}))
-    run_preprocess(volumes, splits, out, p, quarantine, progress=progress, log=typer.echo)
+    run_preprocess(volumes, splits, out, p, quarantine, progress=progress, log=_say)
 
 
 @app.command("evaluate")
@@ -112,10 +119,10 @@ def evaluate(
     p = _params(params, overlay, set_)
     p.stage(stage)
     out = out or ReportLayout().eval_dir(stage)
-    if not proceed(gates, stage, step_outputs(out), log=typer.echo):
+    if not proceed(gates, stage, step_outputs(out), log=_say):
         return
     run_evaluate(stage, processed, train_dir or Path(p.train.out_dir), out, p, split=split, device=device,
-                 log=typer.echo)
+                 log=_say)
 
 
 @app.command("gate")
@@ -138,7 +145,7 @@ def gate(
     p = _params(params, overlay, set_)
     p.stage(stage)
     out = out or ReportLayout().gate(stage)
-    if not proceed(gates, stage, [out], log=typer.echo):
+    if not proceed(gates, stage, [out], log=_say):
         return
     report = run_gate(stage, metrics or ReportLayout().eval_metrics(stage), out, p)
     typer.echo(report.summary())
@@ -160,8 +167,8 @@ def register_step(
 
     p = _params(params, overlay, set_)
     summary = run_register(gates, eval_dir, train_dir or Path(p.train.out_dir), out, p, processed_dir=processed,
-                           log=typer.echo)
-    typer.echo(f"register: {summary.get('status')} → {out}")
+                           log=_say)
+    typer.echo(printable(f"register: {summary.get('status')} → {out}"))
 
 
 def register(root: typer.Typer) -> None:

@@ -10,6 +10,11 @@ markers (components/guard.py) and the command exits 0. ``--storage-uri URI --run
 models; components/run_storage.py), so the command can run on any node — e.g. as a Ray job
 entrypoint — and the same id resumes; ``--data-uri s3://…`` then reads data already published
 (instead of publishing ``--processed``).
+
+With ``pipeline.ray.address`` set (params, or ``--set pipeline.ray.address=http://HEAD:8265``)
+the stage runs as a Ray job on that cluster (components/ray_jobs.py): the same command and
+options, with the effective params and the address cleared; its log streams here, and
+SIGTERM / Ctrl-C / ``pipeline.ray.timeout_s`` stop the job.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, alias_sets, command_params
+from xct_core.errors import printable
 
 
 def train(
@@ -44,6 +50,7 @@ def train(
                                                   "resumes it (required with run storage)")] = None,
     data_uri: Annotated[Optional[str], typer.Option("--data-uri", help="with run storage: read the processed data from "
                                                     "this s3:// URI instead of --processed (a Ray job's entrypoint)")] = None,
+    ctx: typer.Context = None,  # type: ignore[assignment]  (typer injects it; None: called as a function)
 ) -> None:
     """Train cascade stage K from the preprocessed shards; resumes an interrupted run."""
     from components.guard import proceed
@@ -78,7 +85,12 @@ def train(
         raise ConfigError(f"--data-uri {data_uri!r}: expected s3://bucket/prefix (a local folder is --processed)")
     p.stage(stage)  # an unknown stage is a one-line error before anything else
     layout = RunLayout((out or Path(p.train.out_dir)), stage)
-    if not proceed(gates, stage, list(layout.step_outputs()), log=typer.echo):
+    if not proceed(gates, stage, list(layout.step_outputs()), log=lambda m: typer.echo(printable(m))):
+        return
+    if not local and p.pipeline.ray.address:
+        if storage is not None and data_uri is None and ctx is not None:  # the job's driver reads the run's copy
+            ctx.params["data_uri"] = storage.publish_processed(processed)
+        _submit(ctx, p, stage, out)
         return
     if local:
         from components.train import run_local
@@ -89,12 +101,34 @@ def train(
         return
     from components.train import run_train
 
-    s = run_train(p, stage, data_uri or processed, out, steps=steps, fresh=fresh, log=typer.echo, storage=storage)
+    s = run_train(p, stage, data_uri or processed, out, steps=steps, fresh=fresh,
+                  log=lambda m: typer.echo(printable(m)), storage=storage)
     best = s.metrics.get("best_value")
     metric = s.metrics.get("best_metric", "")
     tail = f", best {metric} {best:.3f} at step {s.metrics.get('best_step')}" if isinstance(best, (int, float)) else ""
     where = f"{s.train_uri}/{s.final_model.as_posix()}" if s.train_uri else str(s.final_model)
-    typer.echo(f"{s.name}: step {s.final_step}{tail} → {where} (MLflow run {s.run_id})")
+    typer.echo(printable(f"{s.name}: step {s.final_step}{tail} → {where} (MLflow run {s.run_id})"))
+
+
+#: options the job does not get as given: the params options and their aliases (the job gets the
+#: effective params file instead) and ``--gates`` (decided here, before submitting)
+_NOT_PASSED = ("params", "overlay", "set_", "workers", "gpu", "gates")
+
+
+def _submit(ctx: typer.Context, ops: object, stage: int, out: Optional[Path]) -> None:
+    """This invocation as a Ray job (components/ray_jobs.py): every option passes through."""
+    from components.ray_jobs import cleared_params_text, passthrough_args, submit_train
+    from xct_core.errors import ConfigError
+
+    if ctx is None:
+        raise ConfigError("pipeline.ray.address is set: submit through the `xct train` command (its options are "
+                          "what the Ray job runs), or clear it (--set pipeline.ray.address=)")
+    args = passthrough_args(ctx, _NOT_PASSED)
+    if out is None:  # the params' out_dir, resolved here (the job's working directory is not ours)
+        args += ["--out", str(Path(ops.train.out_dir).absolute())]  # type: ignore[attr-defined]
+    cfg = ops.pipeline.ray  # type: ignore[attr-defined]
+    submit_train(cfg.address, args, cleared_params_text(ops), command=cfg.command, timeout_s=cfg.timeout_s,
+                 name=f"xct-train-stage{stage}", log=typer.echo)
 
 
 def register(app: typer.Typer) -> None:

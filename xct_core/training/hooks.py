@@ -125,7 +125,9 @@ def default_progress(total: int, initial: int, desc: str) -> Any:
 
 def default_warn(line: str) -> None:
     """A warning line on stderr, in the CLI's ``xct: warning:`` form."""
-    print(f"xct: warning: {line}", file=sys.stderr, flush=True)
+    from xct_core.errors import warning_line
+
+    print(warning_line(line), file=sys.stderr, flush=True)
 
 
 def call_report(hooks: TrainHooks, metrics: dict[str, float], ckpt: str | None) -> None:
