@@ -316,6 +316,12 @@ def train_stage_component(
 
     ``previous``: stage K-1's ``model`` folder (required for K > 1; copied in first so the
     frozen earlier stages are found at ``models/stage{1..K-1}``).
+
+    With run storage (``pipeline.storage.uri``; ``kfp_run_id`` = the KFP run's id,
+    ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``, names the run's folder) the training lives in ``<uri>/<run id>/``: data,
+    checkpoints and models there, never in this pod; a retried task resumes from the newest
+    checkpoint there (no ``fresh`` start). ``model`` then receives the run's exported models,
+    curves and metrics for the downstream tasks.
     """
     import shutil
     from collections import namedtuple
@@ -323,7 +329,10 @@ def train_stage_component(
 
     from components.kfp_components import _environment, _lineage_environment, params_from_text
     from components.ops_params import OpsParams
+    from components.run_storage import RunStorage
     from components.train import run_local, run_train
+    from xct_core.errors import ConfigError
+    from xct_core.layout import RUN_STORAGE_DIRS, RunLayout
 
     out = Path(model.path)
     if stage > 1:
@@ -334,7 +343,24 @@ def train_stage_component(
     params = params_from_text(params_yaml, OpsParams, step="train", stage=stage)
     _environment({"RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_tracking_uri})
     _lineage_environment(kfp_run_id, kfp_run_name, kfp_task_name, processed)  # tags of its MLflow runs
-    if params.pipeline.train.local:
+    if params.pipeline.storage.uri and not params.pipeline.train.local:
+        if not kfp_run_id:
+            raise ConfigError("pipeline.storage.uri is set but the train task got no kfp_run_id (the run's folder "
+                              "in the storage): run it from the compiled pipeline, which passes the KFP run id")
+        if params.pipeline.ray.address:
+            raise ConfigError("pipeline.storage.uri with pipeline.ray.address: the KFP task's Ray-job route does not "
+                              "hand the job the run id yet; run `xct train --storage-uri … --run-id …` as the job")
+        storage = RunStorage.for_run(params.pipeline.storage.uri, kfp_run_id, params.s3)
+        for j in range(1, stage):  # the frozen earlier stages (a cached upstream task may not have published them)
+            folder = RunLayout(out, j).model().parent
+            storage.put_dir(folder, f"{RUN_STORAGE_DIRS['train']}/{folder.relative_to(out).as_posix()}")
+        final_step = run_train(params, stage, processed.path, None, storage=storage, log=print).final_step
+        lay = RunLayout(out, stage)
+        for p in (lay.model().parent, lay.plots, lay.metrics_file):
+            rel = f"{RUN_STORAGE_DIRS['train']}/{p.relative_to(out).as_posix()}"
+            storage.get_file(rel, p) if p.suffix == ".json" else storage.get_dir(rel, p)
+        model.metadata["run_uri"] = storage.root
+    elif params.pipeline.train.local:
         final_step = run_local(params, stage, processed.path, out, fresh=True).final_step
     elif params.pipeline.ray.address:  # a Ray job on that cluster (Jobs API); this pod needs no GPU
         from components.ray_jobs import submit_stage

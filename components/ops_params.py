@@ -166,10 +166,23 @@ class PipelineRayParams(Section):
     timeout_s: float = Field(259200.0, ge=0)
 
 
+class PipelineStorageParams(Section):
+    """The run-scoped shared storage of training (components/run_storage.py): processed
+    data, Ray Train's checkpoints and the exported stage models live under
+    ``<uri>/<run id>/`` (the KFP pipeline run id, or ``xct train --run-id``), which every
+    node reads and writes; a retried or re-submitted run resumes from the newest checkpoint
+    there. ``s3://bucket/prefix`` (credentials and endpoint from the environment, settings
+    from ``s3``) or an absolute path every node mounts (an RWX volume). ``""``: the local
+    output folder (``--out``), as dvc.yaml runs it."""
+
+    uri: str = ""
+
+
 class PipelineParams(Section):
     """Settings of the end-to-end DAG (dvc.yaml and the KFP pipeline)."""
 
     train: PipelineTrainParams = PipelineTrainParams()
+    storage: PipelineStorageParams = PipelineStorageParams()
     kfp: KfpParams = KfpParams()
     ray: PipelineRayParams = PipelineRayParams()
 

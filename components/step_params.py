@@ -83,6 +83,11 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
 #: the per-stage steps (one per cascade stage; ``{stage}`` and the earlier stages apply)
 CASCADE = ("train", "evaluate", "gate")
 
+#: keys a KFP task reads that decide WHERE it runs, not what it computes: in its text (its KFP
+#: cache key), never in dvc.yaml (a DVC run never uses them: the run storage of the train
+#: task, ``pipeline.storage`` + the ``s3`` transfer settings, components/run_storage.py)
+KFP_ONLY: dict[str, tuple[str, ...]] = {"train": ("pipeline.storage", "s3")}
+
 #: why a key is listed, where that is not obvious (a comment on its dvc.yaml line)
 NOTES: dict[tuple[str, str], str] = {
     ("train", OVERLAY): "the tuned overlay (xct hpo --stage K), whole file",
@@ -145,7 +150,7 @@ def kfp_keys(step: str, stage_names: list[str], stage: int | None = None) -> lis
             keys.append(entry.replace("{stage}", name) if name else entry)
     if stage is not None:
         keys += [f"stages.{n}" for n in stage_names[: stage] if f"stages.{n}" not in keys]
-    return keys
+    return keys + list(KFP_ONLY.get(step, ()))
 
 
 def _get(data: Any, key: str) -> tuple[bool, Any]:

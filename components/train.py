@@ -29,6 +29,14 @@ The loop is :func:`xct_core.training.train_stage` (engine-agnostic); this module
   (:mod:`xct_core.training.guards`). A damaged checkpoint is skipped or refused by the loop
   (``train.on_corrupt_checkpoint``), with a warning line forwarded from rank 0.
 
+* **Run storage** (``pipeline.storage.uri`` + a run id; :mod:`components.run_storage`,
+  docs/cluster.md "Storage and resume"): the processed data, Ray Train's ``storage_path``
+  (the checkpoints), the exported models and the stage's state docs live under
+  ``<uri>/<run id>/`` (S3 or a mounted RWX folder); workers read the data through a
+  node-local cache and train in a node-local scratch folder rebuilt from the run storage at
+  each attempt; the driver writes nothing to ``out_dir``. The same run id resumes (a KFP
+  retry, a re-submitted Ray job) from the newest intact checkpoint there.
+
 Entry points: ``xct train --stage K`` (pipelines/commands/train.py; dvc.yaml runs it), the
 KFP train component (components/kfp_components.py) and :func:`run_train` / :func:`run_local`
 (in-process, no Ray, no MLflow: ``xct train --local``).
@@ -51,7 +59,8 @@ from xct_core.redact import redact, redact_doc, redact_url
 from xct_core.checkpoint import latest_checkpoint
 from components.ray_params import RayParams
 from xct_core.config import Params, params_from_dict
-from xct_core.errors import XctError
+from xct_core.errors import InputError, XctError
+from xct_core.layout import RUN_STORAGE_DIRS
 from xct_core.training import (
     FaultPlan,
     NonFiniteError,
@@ -65,6 +74,12 @@ from xct_core.training import (
     preflight,
     train_stage,
 )
+
+#: a :class:`components.run_storage.RunStorage` (run storage, ``pipeline.storage.uri``). It is
+#: handed in by the callers (``xct train``, the KFP task) and pickled to the workers, never
+#: imported here: the training step that dvc.yaml runs must not depend on the operational S3
+#: settings (tests/test_one_source.py), and it never uses run storage.
+RunStorageLike = Any
 
 #: environment variable with a JSON :class:`xct_core.training.FaultPlan` (resilience tests)
 FAULTS_ENV = "XCT_TRAIN_FAULTS"
@@ -88,6 +103,10 @@ class TrainSummary:
     #: the worker-group attempts of this stage run (``ray_workers.json``): each
     #: ``{attempt, ray_checkpoint, workers: [{rank, node_id, node_ip, pid}]}``
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    #: with run storage (``pipeline.storage.uri``): the run's training folder there
+    #: (``<root>/<run id>/train``: ``models/stage{K}/final.pt`` …); ``final_model`` /
+    #: ``best_model`` are then the paths relative to it, nothing is kept locally
+    train_uri: str | None = None
 
     @property
     def nodes(self) -> list[str]:
@@ -120,8 +139,17 @@ def run_local(
                            faults=faults_from_env())
 
 
-def _stopped(name: str, layout: RunLayout, tracked: str = "") -> str:
+def _stopped(name: str, layout: RunLayout, tracked: str = "", storage: RunStorageLike | None = None) -> str:
     """The one line of a run stopped by SIGTERM: where it can resume from."""
+    if storage is not None:
+        try:
+            names = storage.checkpoint_dirs(name)
+        except Exception:  # noqa: BLE001 - the storage is unreachable: say so, do not mask the stop
+            names = None
+        newest = f"{storage.url(RUN_STORAGE_DIRS['ray'], name, names[-1])}" if names else None
+        where = (f"newest checkpoint {newest} is in the run storage" if newest else
+                 "no checkpoint is in the run storage yet" if names is not None else "the run storage is unreachable")
+        return f"{name}: stopped by SIGTERM{tracked}; {where}: re-run the same command (same run id) to resume"
     last = latest_checkpoint(layout.checkpoints)
     where = f"newest checkpoint {last[1]} (step {last[0]}) is intact" if last else "no checkpoint was written yet"
     return f"{name}: stopped by SIGTERM{tracked}; {where}: re-run the same command to resume"
@@ -230,6 +258,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
         logging.getLogger(_ray_ctx.__file__).setLevel(logging.WARNING)
     except ImportError:  # a Ray without Train V2: nothing to quiet
         pass
+    # run storage: every boto3 session says where it found credentials, at INFO
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     params = params_from_dict(config["params"], "params", RayParams)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -257,21 +287,88 @@ def _worker_loop(config: dict[str, Any]) -> None:
         device=rt.get_device(), rank=rank, world_size=world, hooks=hooks,
         faults=FaultPlan(**config["faults"]), steps=config["steps"],
     )
+    k = config["stage"]
+    storage = config.get("storage")  # a components.run_storage.RunStorage (pickled by Ray)
+    if storage is not None:  # shared storage: data through the URI, outputs in a node-local scratch
+        processed: str | Path = storage.node_copy(config["processed"])
+        out_dir = _worker_scratch(storage, params, k, rank)
+        publish = (lambda: _publish_outputs(storage, RunLayout(out_dir, k))) if rank == 0 else (lambda: None)
+    else:
+        processed, out_dir, publish = config["processed"], Path(config["out_dir"]), (lambda: None)
+    layout = RunLayout(out_dir, k)
+    if storage is not None and rank == 0:
+        hooks.report = _publishing(report, publish)
     ckpt = ray.train.get_checkpoint()
-    _record_placement(RunLayout(Path(config["out_dir"]), config["stage"]), rank, world,
-                      Path(ckpt.path).name if ckpt is not None else None)
+    _record_placement(layout, rank, world, Path(ckpt.path).name if ckpt is not None else None)
+    publish()
     try:
         if ckpt is not None:
             with ckpt.as_directory() as d:
-                train_stage(params, config["stage"], config["processed"], config["out_dir"], resume_from=d, **kwargs)
+                train_stage(params, k, processed, out_dir, resume_from=d, **kwargs)
         else:
-            train_stage(params, config["stage"], config["processed"], config["out_dir"], **kwargs)
+            train_stage(params, k, processed, out_dir, **kwargs)
     except NonFiniteError as e:
         # Every rank detects it at the same step (the loop all-reduces the check). End
         # normally so Ray does not retry a deterministic failure; rank 0 leaves the reason
         # for the driver (Result.metrics only holds checkpointed reports).
         if rank == 0:
-            _write_failure(RunLayout(Path(config["out_dir"]), config["stage"]), {"step": e.step, "message": str(e)})
+            _write_failure(layout, {"step": e.step, "message": str(e)})
+            if storage is not None:
+                storage.put_file(_failure_file(layout), _train_rel(layout, _failure_file(layout)))
+        return
+    publish()
+    if storage is not None:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _train_rel(layout: RunLayout, path: Path) -> str:
+    """The storage key of ``path`` (inside the training folder ``layout.out_dir``)."""
+    return f"{RUN_STORAGE_DIRS['train']}/{path.relative_to(layout.out_dir).as_posix()}"
+
+
+def _publishing(report: Any, publish: Any) -> Any:
+    """Rank 0's report hook with run storage: the stage's outputs so far (models, curves,
+    montages) are published before a checkpoint is reported, so the run folder is never
+    older than the newest checkpoint Ray persists."""
+
+    def hook(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is not None:
+            publish()
+        report(metrics, checkpoint_dir)
+
+    return hook
+
+
+def _publish_outputs(storage: RunStorageLike, layout: RunLayout) -> None:
+    """Rank 0: copy this stage's outputs from the scratch training folder to ``<run>/train``
+    (unchanged files are skipped): exported models, curves, montages, metrics, placement."""
+    for folder in (layout.model().parent, layout.plots, layout.montages):
+        storage.put_dir(folder, _train_rel(layout, folder))
+    for f in (layout.metrics_file, layout.ray_workers):
+        storage.put_file(f, _train_rel(layout, f))
+
+
+def _worker_scratch(storage: RunStorageLike, params: Params, k: int, rank: int) -> Path:
+    """A node-local training folder for this rank, rebuilt from the run storage at every
+    worker-group attempt: the run's training folder (earlier stages' models, this stage's
+    outputs and placement record) and this stage's checkpoints (every one Ray kept, so the
+    loop's resume picks the newest intact one, its digest checked, exactly as locally).
+    Fault-injection markers of the resilience tests (``.fault-*``) survive the rebuild."""
+    import hashlib
+
+    name = params.stage(k).name
+    scratch = storage.node_cache() / "runs" / hashlib.sha256(storage.root.encode()).hexdigest()[:16] / f"{name}-rank{rank}"
+    layout = RunLayout(scratch, k)
+    markers = {p.name: p.read_bytes() for p in layout.checkpoints.glob(".fault-*")} if layout.checkpoints.is_dir() else {}
+    shutil.rmtree(scratch, ignore_errors=True)
+    storage.get_dir(RUN_STORAGE_DIRS["train"], scratch)
+    layout.checkpoints.mkdir(parents=True, exist_ok=True)
+    for stale in layout.checkpoints.glob("step_*"):  # a checkpoint that Ray never persisted is not part of the run
+        shutil.rmtree(stale, ignore_errors=True)
+    storage.get_checkpoints(name, layout.checkpoints)
+    for marker, data in markers.items():
+        (layout.checkpoints / marker).write_bytes(data)
+    return scratch
 
 
 def _read_placement(layout: RunLayout) -> list[dict[str, Any]]:
@@ -375,6 +472,7 @@ def run_train(
     tracking: bool = True,
     progress: bool = True,
     log: Any = print,
+    storage: RunStorageLike | None = None,
 ) -> TrainSummary:
     """Train stage ``stage`` on Ray Train with MLflow tracking (see the module docstring).
 
@@ -387,11 +485,26 @@ def run_train(
     :func:`xct_core.training.folder_lock`). SIGTERM (an eviction) stops it cleanly: the
     MLflow run is marked KILLED, Ray is shut down, :class:`Terminated` (exit 143) names the
     intact newest checkpoint to resume from.
+
+    ``storage`` (:class:`components.run_storage.RunStorage`, from ``pipeline.storage.uri``
+    and a run id): the run lives in shared storage instead of ``out_dir``, which is then
+    not written at all. ``processed_dir`` (a local folder) is published to the run's
+    ``processed/`` (or is an ``s3://`` data URI read as is); Ray Train persists the
+    checkpoints to the run's ``ray/``; every worker reads the data through a node-local
+    cache and trains in a node-local scratch folder rebuilt from the run storage at each
+    attempt; rank 0 publishes the stage's models, curves and metrics to the run's
+    ``train/``. The same command with the same run id (a retried KFP task, a re-submitted
+    Ray job, on any node) resumes from the newest intact checkpoint there, in the same
+    MLflow run; the driver's small state (MLflow run ids, the lock) is kept in the node
+    cache and the run storage.
     """
     if not isinstance(params, RayParams):  # the science's Params carry no train.ray: never guess it
         raise TypeError("run_train needs params with train.ray: load them with components.ray_params.RayParams "
                         "(or components.ops_params.OpsParams)")
     k = int(stage)
+    if storage is not None:
+        return _run_in_storage(params, k, str(processed_dir), storage, steps=steps, fresh=fresh, faults=faults,
+                               parent_run_id=parent_run_id, tracking=tracking, progress=progress, log=log)
     out = Path(out_dir if out_dir is not None else params.train.out_dir).absolute()
     processed = Path(processed_dir).absolute()
     preflight(params, k, processed, out, world_size=params.train.ray.num_workers, steps=steps)
@@ -401,8 +514,37 @@ def run_train(
                            parent_run_id=parent_run_id, tracking=tracking, progress=progress, log=log, guard=guard)
 
 
+def _run_in_storage(params: RayParams, k: int, processed: str, storage: RunStorageLike, *, steps: int | None,
+                    fresh: bool, faults: FaultPlan | None, parent_run_id: str | None, tracking: bool,
+                    progress: bool, log: Any) -> TrainSummary:
+    """:func:`run_train` with run storage: the driver's checks, the data published, then
+    :func:`_run_locked` on a node-local driver folder that mirrors the run's state docs."""
+    import hashlib
+
+    st = params.stage(k)
+    if storage.is_data_uri(processed):
+        data_uri, local_data = processed, storage.node_copy(processed)
+    else:
+        data_uri, local_data = storage.processed, Path(processed).absolute()
+    preflight(params, k, local_data, None, world_size=params.train.ray.num_workers, steps=steps, check_models=False)
+    for j in range(1, k):  # the frozen earlier stages must be in the run (trained with the same run id)
+        rel = f"{RUN_STORAGE_DIRS['train']}/{RunLayout(Path('.'), j).model(params.train.prev_stage_model).as_posix()}"
+        if not storage.exists(rel):
+            raise InputError(storage.url(rel), f"stage {j} model not found in the run storage: train stage {j} "
+                                               f"with the same run id first (xct train --stage {j} --run-id …)")
+    driver = storage.node_cache() / "driver" / hashlib.sha256(storage.root.encode()).hexdigest()[:16]
+    layout = RunLayout(driver, k)
+    with folder_lock(layout.train_lock), SigtermGuard(lambda: _stopped(st.name, layout, storage=storage)) as guard:
+        if not storage.is_data_uri(processed):
+            log(f"{st.name}: publishing {local_data} → {data_uri}")
+            storage.publish_processed(local_data)
+        return _run_locked(params, k, local_data, driver, steps=steps, fresh=fresh, faults=faults,
+                           parent_run_id=parent_run_id, tracking=tracking, progress=progress, log=log, guard=guard,
+                           storage=storage, data_uri=data_uri)
+
+
 def _start_tracking(params: Params, k: int, n_steps: int, processed: Path, out: Path, *, fresh: bool,
-                    resuming: bool, parent_run_id: str | None) -> Any:
+                    resuming: bool, parent_run_id: str | None, where: dict[str, str] | None = None) -> Any:
     """The stage's MLflow run (:class:`components.tracking.StageRun`), new or resumed."""
     from components.tracking import StageRun, bound_requests, lineage_tags
 
@@ -419,14 +561,15 @@ def _start_tracking(params: Params, k: int, n_steps: int, processed: Path, out: 
     return StageRun(
         experiment=params.train.experiment, stage=k, run_name=name,
         state_file=layout.mlflow_state, pipeline_file=out / "mlflow_pipeline.json",
-        params=logged, tags={**lineage_tags(params.digest(), processed), "xct.out_dir": str(out)},
+        params=logged, tags={**lineage_tags(params.digest(), processed), **(where or {"xct.out_dir": str(out)})},
         new_run=fresh or not resuming, new_pipeline=fresh and k == 1,
         parent_run_id=parent_run_id,
     )
 
 
-def _trainer(params: Params, name: str, storage: Path, config: dict[str, Any]) -> Any:
-    """The ``TorchTrainer`` of one stage run (scaling, storage, retries, checkpoints kept)."""
+def _trainer(params: Params, name: str, storage: Path | str, config: dict[str, Any], filesystem: Any = None) -> Any:
+    """The ``TorchTrainer`` of one stage run (scaling, storage, retries, checkpoints kept);
+    ``filesystem``: the pyarrow filesystem ``storage`` is a path in (run storage on S3)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -437,6 +580,7 @@ def _trainer(params: Params, name: str, storage: Path, config: dict[str, Any]) -
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=params.train.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=params.train.keep_last),
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -444,10 +588,31 @@ def _trainer(params: Params, name: str, storage: Path, config: dict[str, Any]) -
     )
 
 
+def _stage_docs(layout: RunLayout) -> list[Path]:
+    """The driver's small state docs of a stage (mirrored to the run storage's ``train/``)."""
+    return [layout.mlflow_state, layout.out_dir / "mlflow_pipeline.json", layout.ray_workers, _failure_file(layout),
+            layout.metrics_file]
+
+
+def _sync_down(store: RunStorageLike, layout: RunLayout) -> None:
+    """The driver folder's state docs := the run storage's (absent there: absent here)."""
+    for f in _stage_docs(layout):
+        f.unlink(missing_ok=True)
+        store.get_file(_train_rel(layout, f), f)
+
+
+def _clear_storage(store: RunStorageLike, layout: RunLayout, name: str) -> None:
+    """``--fresh`` with run storage: this stage's checkpoints, outputs and state docs go."""
+    store.delete(f"{RUN_STORAGE_DIRS['ray']}/{name}")
+    for p in (layout.checkpoints, layout.model().parent, layout.plots, layout.montages, layout.metrics_file):
+        store.delete(_train_rel(layout, p))
+
+
 def _run_locked(params: Params, k: int, processed: Path, out: Path, *, steps: int | None, fresh: bool,
                 faults: FaultPlan | None, parent_run_id: str | None, tracking: bool, progress: bool, log: Any,
-                guard: SigtermGuard) -> TrainSummary:
-    """:func:`run_train` once the folder is locked and SIGTERM is guarded."""
+                guard: SigtermGuard, storage: RunStorageLike | None = None, data_uri: str | None = None) -> TrainSummary:
+    """:func:`run_train` once the folder is locked and SIGTERM is guarded (``storage``: the
+    run storage; ``out`` is then the driver's node-local mirror of its state docs)."""
     st = params.stage(k)
     name = st.name
     n_steps = int(steps) if steps is not None else st.train_steps
@@ -455,21 +620,37 @@ def _run_locked(params: Params, k: int, processed: Path, out: Path, *, steps: in
     import ray  # after the checks: a bad input fails fast, without importing Ray
 
     layout = RunLayout(out, k)
-    storage = out / "ray"
+    ray_storage: Path | str = out / "ray"
+    filesystem = None
     faults = faults if faults is not None else faults_from_env()
-    if fresh:
-        layout.clear()
-        shutil.rmtree(storage / name, ignore_errors=True)
-    _failure_file(layout).unlink(missing_ok=True)
-    resuming = _has_checkpoint(layout, storage / name)
-    if not resuming:  # attempts of an earlier try that saved nothing are not part of this run
-        layout.ray_workers.unlink(missing_ok=True)
+    if storage is not None:
+        ray_storage, filesystem = storage.ray_storage()
+        if fresh:
+            _clear_storage(storage, layout, name)
+        storage.delete(_train_rel(layout, _failure_file(layout)))
+        _sync_down(storage, layout)
+        resuming = bool(storage.checkpoint_dirs(name))
+        if not resuming:
+            storage.delete(_train_rel(layout, layout.ray_workers))
+            layout.ray_workers.unlink(missing_ok=True)
+    else:
+        if fresh:
+            layout.clear()
+            shutil.rmtree(Path(ray_storage) / name, ignore_errors=True)
+        _failure_file(layout).unlink(missing_ok=True)
+        resuming = _has_checkpoint(layout, Path(ray_storage) / name)
+        if not resuming:  # attempts of an earlier try that saved nothing are not part of this run
+            layout.ray_workers.unlink(missing_ok=True)
 
     mlrun = None
     if tracking:
+        where = {"xct.run_uri": storage.root, "xct.data_uri": str(data_uri)} if storage is not None else None
         mlrun = _start_tracking(params, k, n_steps, processed, out, fresh=fresh, resuming=resuming,
-                                parent_run_id=parent_run_id)
+                                parent_run_id=parent_run_id, where=where)
         log(f"{name}: MLflow run {mlrun.run_id} ({'resumed' if mlrun.resumed else 'new'}) at {redact_url(mlrun.uri)}")
+        if storage is not None:  # a retry on another node continues the same MLflow runs
+            for f in _stage_docs(layout)[:2]:
+                storage.put_file(f, _train_rel(layout, f))
 
     was_up = ray.is_initialized()
     t_init = t_fit = 0.0
@@ -481,29 +662,37 @@ def _run_locked(params: Params, k: int, processed: Path, out: Path, *, steps: in
             "params": params.model_dump(mode="json"), "stage": k, "processed": str(processed), "out_dir": str(out),
             "steps": n_steps, "faults": asdict(faults), "progress_file": str(progress_file),
             "run_id": mlrun.run_id if mlrun else None, "tracking_uri": mlrun.uri if mlrun else None,
+            "storage": None,
         }
-        trainer = _trainer(params, name, storage, config)
+        if storage is not None:  # workers read and write only through the run storage
+            config.update(processed=str(data_uri), out_dir=None, storage=storage)
+        trainer = _trainer(params, name, ray_storage, config, filesystem)
         t0 = time.perf_counter()
         with DriverBar(progress_file, name) if progress else contextlib.nullcontext():
             result = trainer.fit()
         t_fit = time.perf_counter() - t0
     except BaseException as e:
-        _end_failed(e, mlrun, guard, name, layout, params.train.ray.max_failures)
+        if storage is not None:
+            with contextlib.suppress(Exception):
+                _sync_down(storage, layout)
+        _end_failed(e, mlrun, guard, name, layout, params.train.ray.max_failures, storage)
         raise
     finally:
         if not was_up and ray.is_initialized():
             ray.shutdown()
-    return _summarise(name, k, layout, mlrun, result, log, t_init, t_fit)
+    if storage is not None:
+        _sync_down(storage, layout)
+    return _summarise(name, k, layout, mlrun, result, log, t_init, t_fit, storage)
 
 
 def _end_failed(e: BaseException, mlrun: Any, guard: SigtermGuard, name: str, layout: RunLayout,
-                max_failures: int) -> None:
+                max_failures: int, storage: RunStorageLike | None = None) -> None:
     """Close the MLflow run of a run that raised ``e`` (never leave it RUNNING) and raise the
     one-line error to show, if it is not ``e`` itself."""
     import ray.train
 
     if guard.fired:  # SIGTERM, however the engine passed it on
-        msg = _stopped(name, layout, f" (MLflow run {mlrun.run_id} marked KILLED)" if mlrun else "")
+        msg = _stopped(name, layout, f" (MLflow run {mlrun.run_id} marked KILLED)" if mlrun else "", storage=storage)
         if mlrun:
             mlrun.end("KILLED", msg)
         raise Terminated(msg) from None
@@ -522,7 +711,7 @@ def _end_failed(e: BaseException, mlrun: Any, guard: SigtermGuard, name: str, la
 
 
 def _summarise(name: str, k: int, layout: RunLayout, mlrun: Any, result: Any, log: Any, t_init: float,
-               t_fit: float) -> TrainSummary:
+               t_fit: float, storage: RunStorageLike | None = None) -> TrainSummary:
     """After ``fit``: the non-finite verdict, tags, the placement record, the summary."""
     final = dict(result.metrics or {})
     if _failure_file(layout).is_file():
@@ -545,9 +734,13 @@ def _summarise(name: str, k: int, layout: RunLayout, mlrun: Any, result: Any, lo
         if attempts:
             mlrun.client.log_artifact(mlrun.run_id, str(layout.ray_workers), "ray")
         mlrun.end("FINISHED")
+    models = (layout.model("final"), layout.model("best"))
+    if storage is not None:
+        models = tuple(m.relative_to(layout.out_dir) for m in models)  # type: ignore[assignment]
     return TrainSummary(
         stage=k, name=name, final_step=int(summary.get("step", final.get("step", 0))), start_step=summary.get("start_step"),
-        final_model=layout.model("final"), best_model=layout.model("best"),
+        final_model=models[0], best_model=models[1],
         run_id=mlrun.run_id if mlrun else None, parent_run_id=mlrun.parent_run_id if mlrun else None,
         metrics=summary, ray_startup_s=t_init, fit_s=t_fit, attempts=attempts,
+        train_uri=storage.train if storage is not None else None,
     )

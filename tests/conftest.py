@@ -38,6 +38,7 @@ INTEGRATION: dict[str, str] = {
     "test_mlflow_server.py": "an mlflow server over moto / rclone S3",
     "test_mlflow_auth.py": "an mlflow server with the basic-auth app and its users",
     "test_ray_cluster.py": "a two-node Ray cluster (ray start), node kill and replacement",
+    "test_run_storage.py": "Ray Train with run storage on a moto S3 server, a killed `xct train` resumed",
     "test_ray_jobs.py": "a two-node token-auth Ray cluster: xct train as Ray jobs (Jobs API)",
     "test_realct.py": "the real-CT experiment end to end (../shared/data)",
     "test_s3.py": "moto and rclone S3 servers",

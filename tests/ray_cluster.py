@@ -78,6 +78,25 @@ HEALTH_ENV = {
 }
 
 
+#: the checkout's folders an isolated node must not see (its data and outputs)
+REPO = Path(__file__).resolve().parents[1]
+HIDDEN = ("data", "outputs")
+
+
+def isolated_command(cmd: list[str], temp_dir: Path) -> list[str]:
+    """``cmd`` in its own user + mount namespace (``unshare --user --map-root-user
+    --mount``): a private, empty /tmp (tmpfs), and an empty tmpfs over the checkout's
+    :data:`HIDDEN` folders, so the node shares no scratch file system with the driver or
+    the other nodes — only the code and the venv (read), and the network. Its temp dir is
+    created inside the private /tmp; its log (the inherited stdout) still reaches the test."""
+    import shlex
+
+    mounts = ["/tmp", *(str(REPO / d) for d in HIDDEN if (REPO / d).is_dir())]
+    script = "set -e; " + "".join(f"mount -t tmpfs tmpfs {shlex.quote(m)}; " for m in mounts)
+    script += f"mkdir -p {shlex.quote(str(temp_dir))}; exec {shlex.join(cmd)}"
+    return ["unshare", "--user", "--map-root-user", "--mount", "--", "sh", "-c", script]
+
+
 def free_port(ip: str) -> int:
     """A free TCP port of ``ip`` from the kernel's ephemeral range (never 10002-19999)."""
     for _ in range(50):
@@ -155,7 +174,7 @@ class RayCluster:
 
     # ------------------------------------------------------------------ nodes
 
-    def _start(self, ip: str, head: bool) -> RayNode:
+    def _start(self, ip: str, head: bool, isolated: bool = False) -> RayNode:
         names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
                  "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]
         if head:
@@ -175,6 +194,8 @@ class RayCluster:
             cmd += ["--head", "--include-dashboard=true", f"--dashboard-host={ip}"]
         else:
             cmd += [f"--address={self.address}"]
+        if isolated:
+            cmd = isolated_command(cmd, temp_dir)
         log = self.root / f"node-{ip}-{len(self.nodes)}.log"
         with open(log, "wb") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self._node_env(temp_dir),
@@ -195,10 +216,12 @@ class RayCluster:
             raise
         return self
 
-    def add_worker(self, ip: str = WORKER_IP, wait: bool = True) -> RayNode:
-        """Start a worker node on ``ip`` joined to the head; waits until it is ALIVE."""
+    def add_worker(self, ip: str = WORKER_IP, wait: bool = True, isolated: bool = False) -> RayNode:
+        """Start a worker node on ``ip`` joined to the head; waits until it is ALIVE.
+        ``isolated``: in its own mount namespace (:func:`isolated_command`), sharing no
+        scratch file system with the driver or the head."""
         before = set(self.alive())
-        node = self._start(ip, head=False)
+        node = self._start(ip, head=False, isolated=isolated)
         if wait:
             self.wait_for(lambda nodes: len(set(nodes) - before) >= 1 and ip in nodes.values(),
                           f"worker node {ip} ALIVE", node)

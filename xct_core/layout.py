@@ -20,6 +20,14 @@ Reports folder (``reports/``, what dvc.yaml declares; :class:`ReportLayout`)::
     summary.json                                               the register step
     model_card.json, model_card.md                             the register step (every run)
 
+Run storage (a shared root every node sees, ``<storage uri>/<run id>/``: an ``s3://`` prefix or
+a mounted folder; components/run_storage.py)::
+
+    processed/              the processed data every worker reads (a node-local cache per node)
+    ray/stage{K}/step_N/    Ray Train's storage_path: the checkpoints (state.pt + state.pt.sha256)
+    train/                  a training folder in the layout above (exported models, metrics, curves,
+                            montages, checkpoints/stage{K}/{mlflow,ray_workers}.json)
+
 Exported stage models are the files :func:`xct_core.checkpoint.export_stage_model` writes;
 :func:`stage_model_files` lists a cascade's files for stages 1 … K.
 """
@@ -30,7 +38,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["METRICS_JSON", "MODEL_CARD_JSON", "MODEL_CARD_MD", "MODEL_KINDS", "MONTAGE_PNG", "PER_PATIENT_CSV",
+__all__ = ["RUN_STORAGE_DIRS", "METRICS_JSON", "MODEL_CARD_JSON", "MODEL_CARD_MD", "MODEL_KINDS", "MONTAGE_PNG", "PER_PATIENT_CSV",
            "ReportLayout", "RunLayout", "stage_model_files"]
 
 #: the files of an evaluate step's folder (``reports/eval/stage{K}``)
@@ -40,6 +48,9 @@ MONTAGE_PNG = "montage.png"
 #: the register step's model card (beside ``summary.json``; the same names in MLflow)
 MODEL_CARD_JSON = "model_card.json"
 MODEL_CARD_MD = "model_card.md"
+
+#: the folders of a run's storage root (module docstring), by role
+RUN_STORAGE_DIRS = {"processed": "processed", "ray": "ray", "train": "train"}
 
 #: exported stage-model files of a training folder: the last step, the best validation, the twin
 MODEL_KINDS = ("final", "best", "direct")

@@ -5,7 +5,11 @@ Re-running the same command after an interruption resumes from the last checkpoi
 overrides the embedded sqlite tracking store. ``--local`` runs the loop in this process
 without Ray or MLflow (what a bare GPU box with only torch runs). ``--gates DIR`` (dvc.yaml)
 runs stage K only when ``DIR/stage{K-1}.json`` passed; otherwise its outputs become skip
-markers (components/guard.py) and the command exits 0.
+markers (components/guard.py) and the command exits 0. ``--storage-uri URI --run-id ID``
+(``pipeline.storage.uri``) keeps the run in shared storage, ``URI/ID/`` (data, checkpoints,
+models; components/run_storage.py), so the command can run on any node — e.g. as a Ray job
+entrypoint — and the same id resumes; ``--data-uri s3://…`` then reads data already published
+(instead of publishing ``--processed``).
 
 With ``pipeline.ray.address`` set (params, or ``--set pipeline.ray.address=http://HEAD:8265``)
 the stage runs as a Ray job on that cluster (components/ray_jobs.py): the same command and
@@ -26,7 +30,8 @@ from xct_core.errors import printable
 
 def train(
     stage: Annotated[int, typer.Option("--stage", "-k", help="1-based cascade stage")],
-    processed: Annotated[Path, typer.Option("--processed", help="preprocessed data folder")] = Path("data/processed"),
+    processed: Annotated[Path, typer.Option("--processed", help="preprocessed data folder (with run storage: "
+                                            "published to the run first)")] = Path("data/processed"),
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default: params train.out_dir)")] = None,
     params: ParamsOpt = None,
     overlay: OverlayOpt = None,
@@ -39,6 +44,12 @@ def train(
     device: Annotated[Optional[str], typer.Option("--device", help="--local: cuda | cuda:1 | cpu (default: cuda when available)")] = None,
     gates: Annotated[Optional[Path], typer.Option("--gates", help="run only if the previous stage's gate in this folder "
                                                   "passed (else write skip markers; dvc.yaml)")] = None,
+    storage_uri: Annotated[Optional[str], typer.Option("--storage-uri", help="= --set pipeline.storage.uri=URI: the run "
+                                                       "lives in URI/RUN_ID/ (s3://bucket/prefix or a mounted folder)")] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="the run's folder under the storage URI; the same id "
+                                                  "resumes it (required with run storage)")] = None,
+    data_uri: Annotated[Optional[str], typer.Option("--data-uri", help="with run storage: read the processed data from "
+                                                    "this s3:// URI instead of --processed (a Ray job's entrypoint)")] = None,
     ctx: typer.Context = None,  # type: ignore[assignment]  (typer injects it; None: called as a function)
 ) -> None:
     """Train cascade stage K from the preprocessed shards; resumes an interrupted run."""
@@ -46,23 +57,41 @@ def train(
     from xct_core.devices import parse_device
     from xct_core.layout import RunLayout
 
-    from components.ray_params import RayParams
+    from components.ops_params import OpsParams
+    from components.run_storage import RunStorage
 
     device = parse_device(device)  # a one-line error before anything is loaded
-    p = command_params(params, overlay, alias_sets(set_, **{"train.ray.num_workers": workers, "train.ray.use_gpu": gpu}),
-                       schema=RayParams)
+    p = command_params(params, overlay, alias_sets(set_, **{"train.ray.num_workers": workers, "train.ray.use_gpu": gpu,
+                                                            "pipeline.storage.uri": storage_uri}),
+                       schema=OpsParams)
+    storage = None
+    if p.pipeline.storage.uri:
+        from xct_core.errors import ConfigError
+
+        if local:
+            raise ConfigError("--local trains in this process into --out: it does not use pipeline.storage.uri")
+        if not run_id:
+            raise ConfigError(f"pipeline.storage.uri is {p.pipeline.storage.uri!r}: give --run-id (the run's folder "
+                              "there; the same id resumes it)")
+        storage = RunStorage.for_run(p.pipeline.storage.uri, run_id, p.s3)
+    elif run_id or data_uri:
+        from xct_core.errors import ConfigError
+
+        flag = "--run-id names a folder under" if run_id else "--data-uri is read through"
+        raise ConfigError(f"{flag} the run storage: set --storage-uri (pipeline.storage.uri) too")
+    if data_uri is not None and not RunStorage.is_data_uri(data_uri):
+        from xct_core.errors import ConfigError
+
+        raise ConfigError(f"--data-uri {data_uri!r}: expected s3://bucket/prefix (a local folder is --processed)")
     p.stage(stage)  # an unknown stage is a one-line error before anything else
     layout = RunLayout((out or Path(p.train.out_dir)), stage)
     if not proceed(gates, stage, list(layout.step_outputs()), log=lambda m: typer.echo(printable(m))):
         return
-    if not local:
-        from components.ops_params import OpsParams
-
-        ops = command_params(params, overlay, alias_sets(set_, **{"train.ray.num_workers": workers,
-                                                                  "train.ray.use_gpu": gpu}), schema=OpsParams)
-        if ops.pipeline.ray.address:
-            _submit(ctx, ops, stage, out)
-            return
+    if not local and p.pipeline.ray.address:
+        if storage is not None and data_uri is None and ctx is not None:  # the job's driver reads the run's copy
+            ctx.params["data_uri"] = storage.publish_processed(processed)
+        _submit(ctx, p, stage, out)
+        return
     if local:
         from components.train import run_local
         from xct_core.training import summary_line
@@ -72,11 +101,13 @@ def train(
         return
     from components.train import run_train
 
-    s = run_train(p, stage, processed, out, steps=steps, fresh=fresh, log=lambda m: typer.echo(printable(m)))
+    s = run_train(p, stage, data_uri or processed, out, steps=steps, fresh=fresh,
+                  log=lambda m: typer.echo(printable(m)), storage=storage)
     best = s.metrics.get("best_value")
     metric = s.metrics.get("best_metric", "")
     tail = f", best {metric} {best:.3f} at step {s.metrics.get('best_step')}" if isinstance(best, (int, float)) else ""
-    typer.echo(printable(f"{s.name}: step {s.final_step}{tail} → {s.final_model} (MLflow run {s.run_id})"))
+    where = f"{s.train_uri}/{s.final_model.as_posix()}" if s.train_uri else str(s.final_model)
+    typer.echo(printable(f"{s.name}: step {s.final_step}{tail} → {where} (MLflow run {s.run_id})"))
 
 
 #: options the job does not get as given: the params options and their aliases (the job gets the
