@@ -323,6 +323,7 @@ def train_stage_component(
     checkpoint there (no ``fresh`` start). ``model`` then receives the run's exported models,
     curves and metrics for the downstream tasks.
     """
+    import os
     import shutil
     from collections import namedtuple
     from pathlib import Path
@@ -344,13 +345,14 @@ def train_stage_component(
     _environment({"RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": mlflow_tracking_uri})
     _lineage_environment(kfp_run_id, kfp_run_name, kfp_task_name, processed)  # tags of its MLflow runs
     if params.pipeline.storage.uri and not params.pipeline.train.local:
-        if not kfp_run_id:
+        run_id = os.environ.get("XCT_KFP_RUN_ID", "")  # set by _lineage_environment or the pod's label
+        if not run_id:
             raise ConfigError("pipeline.storage.uri is set but the train task got no kfp_run_id (the run's folder "
                               "in the storage): run it from the compiled pipeline, which passes the KFP run id")
         if params.pipeline.ray.address:
             raise ConfigError("pipeline.storage.uri with pipeline.ray.address: the KFP task's Ray-job route does not "
                               "hand the job the run id yet; run `xct train --storage-uri … --run-id …` as the job")
-        storage = RunStorage.for_run(params.pipeline.storage.uri, kfp_run_id, params.s3)
+        storage = RunStorage.for_run(params.pipeline.storage.uri, run_id, params.s3)
         for j in range(1, stage):  # the frozen earlier stages (a cached upstream task may not have published them)
             folder = RunLayout(out, j).model().parent
             storage.put_dir(folder, f"{RUN_STORAGE_DIRS['train']}/{folder.relative_to(out).as_posix()}")
