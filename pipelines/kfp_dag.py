@@ -86,6 +86,8 @@ PIPELINE_NAME = "xct-cascade"
 #: the keys of the Secrets ``pipeline.kfp.secrets`` names, each mounted as the env var of its name
 SECRET_KEYS = {"mlflow": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
                "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+#: where a task's pod finds its KFP run id on a cluster (KFP labels every pod of a run with it)
+RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 #: the Secret holding the Ray cluster's auth token (infra/k8s/secrets.template.yaml, key auth_token)
 RAY_AUTH_SECRET = "xct-ray-auth"
 
@@ -93,10 +95,27 @@ RAY_AUTH_SECRET = "xct-ray-auth"
 class _Controls:
     """Applies ``params.pipeline.kfp`` to each task as the DAG is built."""
 
-    def __init__(self, kp: KfpParams, caching: bool, ray_job: bool = False) -> None:
+    def __init__(self, kp: KfpParams, caching: bool, ray_job: bool = False, local: bool = False) -> None:
         self.kp, self.caching = kp, caching
         #: pipeline.ray.address set: the train task submits a Ray job, its pod requests no GPU
         self.ray_job = ray_job
+        #: built for kfp.local (:func:`run_local`), which has no pods: see :attr:`lineage`
+        self.local = local
+
+    @property
+    def lineage(self) -> dict[str, str]:
+        """The lineage inputs of the tasks that open MLflow runs (train, register, rejected).
+
+        The task name is the same in every run, so it is an input (part of the cache key, which
+        it does not disturb). The run's id and name are unique per run: as inputs they would make
+        every such task a cache miss on a KFP server (its cache key holds the resolved input
+        values; kubeflow/pipelines#4090, #7241), so on a cluster the task reads the run id from its
+        pod's ``pipeline/runid`` label instead (:meth:`pod`: ``use_field_path_as_env``
+        ``XCT_KFP_RUN_ID``). kfp.local has no pods and keys its cache on the unresolved
+        placeholder text, so a local run passes the run id and name placeholders as inputs."""
+        if self.local:
+            return dict(KFP_LINEAGE)
+        return {"kfp_task_name": KFP_LINEAGE["kfp_task_name"]}
 
     def __call__(self, task: Any, kind: str = "") -> Any:
         task.set_caching_options(self.caching)
@@ -133,6 +152,8 @@ class _Controls:
         task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
         kubernetes.set_timeout(task, res.timeout_s)
         kubernetes.set_security_context(task, run_as_non_root=True)
+        if "kfp_run_id" in (task.component_spec.inputs or {}) and not self.local:
+            kubernetes.use_field_path_as_env(task, env_name="XCT_KFP_RUN_ID", field_path=RUN_ID_FIELD)
         if "mlflow_tracking_uri" in (task.component_spec.inputs or {}):
             for name, keys in ((self.kp.secrets.mlflow, SECRET_KEYS["mlflow"]), (self.kp.secrets.s3, SECRET_KEYS["s3"])):
                 if name:
@@ -153,7 +174,7 @@ def _cascade(k: int, n: int, processed: Any, previous: tuple[Any, Any] | None, p
     after_reports = {"earlier": previous[1].outputs["reports"]} if previous is not None else {}
     train = ctl(train_stage_component(
         stage=k, processed=processed, params_yaml=scoped["train"], ray_address=ray_address,
-        mlflow_tracking_uri=mlflow_tracking_uri, **after_model, **KFP_LINEAGE,
+        mlflow_tracking_uri=mlflow_tracking_uri, **after_model, **ctl.lineage,
     ).set_display_name(f"train stage {k}"), "train")
     evaluate = ctl(evaluate_step_component(
         stage=k, processed=processed, train_dir=train.outputs["model"], params_yaml=scoped["evaluate"],
@@ -168,13 +189,13 @@ def _cascade(k: int, n: int, processed: Any, previous: tuple[Any, Any] | None, p
         else:
             ctl(register_component(
                 model=train.outputs["model"], reports=gate.outputs["reports"], processed=processed,
-                params_yaml=register_params, mlflow_tracking_uri=mlflow_tracking_uri, **KFP_LINEAGE,
+                params_yaml=register_params, mlflow_tracking_uri=mlflow_tracking_uri, **ctl.lineage,
             ).set_display_name("register"))
     with dsl.Else():  # the rejected candidate's audit trail (MLflow) from the gate's reports
         ctl(rejected_component(
             stage=k, gate_summary=gate.outputs["summary"], model=train.outputs["model"],
             reports=gate.outputs["reports"], processed=processed, params_yaml=register_params,
-            mlflow_tracking_uri=mlflow_tracking_uri, **KFP_LINEAGE,
+            mlflow_tracking_uri=mlflow_tracking_uri, **ctl.lineage,
         ).set_display_name(f"rejected at gate {k}"))
 
 
@@ -202,7 +223,7 @@ def _check_train_gpus(params: OpsParams) -> None:
             "(Jobs API), or match the two")
 
 
-def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = None) -> Any:
+def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = None, local: bool = False) -> Any:
     """The ``@dsl.pipeline`` function for ``params`` (the built-in defaults = params.yaml when
     ``None``): one train → evaluate → gate per stage in ``params.stages`` (:func:`_cascade`),
     with ``params.pipeline.kfp``'s controls applied; ``caching`` overrides
@@ -215,7 +236,7 @@ def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = No
     compiled_params = json.dumps(params.model_dump(mode="json"), separators=(",", ":"))
     kp = params.pipeline.kfp
     _check_train_gpus(params)
-    ctl = _Controls(kp, _caching(params, caching), ray_job=bool(params.pipeline.ray.address))
+    ctl = _Controls(kp, _caching(params, caching), ray_job=bool(params.pipeline.ray.address), local=local)
     n = params.n_stages
 
     @dsl.pipeline(name=PIPELINE_NAME, description=f"Biplanar X-ray → 3D CT cascade: data → {n} gated stages → register")
@@ -249,12 +270,13 @@ def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = No
 xct_pipeline = build_pipeline()
 
 
-def compile_pipeline(out: str | Path, params: OpsParams | None = None, *, caching: bool | None = None) -> Path:
+def compile_pipeline(out: str | Path, params: OpsParams | None = None, *, caching: bool | None = None,
+                     local: bool = False) -> Path:
     """Write the pipeline's IR YAML to ``out`` atomically (controls from ``params``, see
     :func:`build_pipeline`); returns the path."""
     out = Path(out)
     with atomic_path(out, ".yaml") as tmp, writable(out):
-        compiler.Compiler().compile(pipeline_func=build_pipeline(params, caching=caching), package_path=str(tmp))
+        compiler.Compiler().compile(pipeline_func=build_pipeline(params, caching=caching, local=local), package_path=str(tmp))
         load_pipeline_spec(tmp)  # strict protobuf parse before the file is renamed into place
     return out
 
@@ -343,7 +365,8 @@ def run_local(data_dir: str | Path, params_yaml: str, pipeline_root: str | Path,
             # run what a cluster would get: the compiled YAML, strictly parsed, loaded back
             from kfp import components
 
-            spec_file = compile_pipeline(root / "pipeline.yaml", params, caching=use_cache)
+            # (built local=True: the run id as an input, kfp.local has no pod labels: _Controls.lineage)
+            spec_file = compile_pipeline(root / "pipeline.yaml", params, caching=use_cache, local=True)
             load_pipeline_spec(spec_file)
             pipeline = components.load_component_from_file(str(spec_file))
             with warnings.catch_warnings():  # the pods' resources, deadline, secrets: a cluster's business

@@ -113,3 +113,44 @@ def test_resources_are_params_and_bad_values_are_config_errors(tmp_path: Path) -
         params_from_dict({"pipeline": {"kfp": {"resources": {"train": {"timeout_s": 0}}}}})
     with pytest.raises(ConfigError, match="evaluate"):
         params_from_dict({"pipeline": {"kfp": {"resources": {"evaluate": {}}}}})
+
+
+def _task_inputs(ir: dict) -> dict[str, dict]:
+    """Every task of the compiled DAG (nested condition groups included): name → its inputs."""
+    found: dict[str, dict] = {}
+
+    def walk(dag: dict) -> None:
+        for name, task in dag.get("tasks", {}).items():
+            found[name] = task.get("inputs", {}).get("parameters", {})
+    walk(ir["root"]["dag"])
+    for comp in ir["components"].values():
+        walk(comp.get("dag", {}))
+    return found
+
+
+def test_the_run_id_reaches_cached_tasks_outside_their_cache_key(tmp_path: Path) -> None:
+    """A KFP server keys a task's cache on its resolved inputs: the run's id or name as an input
+    would make every train task a cache miss. On a cluster the tasks that open MLflow runs read
+    the id from their pod's ``pipeline/runid`` label (``use_field_path_as_env``); only the task
+    name (the same in every run) and the uncached exit task's id stay inputs. kfp.local (no pods,
+    a cache keyed on the placeholder text) gets the placeholders as inputs."""
+    from kfp import dsl
+
+    from pipelines.kfp_dag import RUN_ID_FIELD, compile_pipeline
+
+    ir, execs = _compile(tmp_path)
+    run_unique = (dsl.PIPELINE_JOB_ID_PLACEHOLDER, dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+    leaking = {name: k for name, ins in _task_inputs(ir).items() for k, v in ins.items()
+               if any(p in str(v.get("runtimeValue", {}).get("constant", "")) for p in run_unique)}
+    assert set(leaking) == {"run-summary-component"}, leaking  # the exit task: caching off
+    assert ir["root"]["dag"]["tasks"]["run-summary-component"]["cachingOptions"].get("enableCache") is not True
+    named = {name for name, ins in _task_inputs(ir).items() if "kfp_task_name" in ins}
+    assert any(n.startswith("train-stage") for n in named) and any(n.startswith("register") for n in named)
+    fields = {name: e["fieldPathAsEnv"] for name, e in execs.items() if "fieldPathAsEnv" in e}
+    assert {n for n in fields if "train-stage" in n} and {n for n in fields if "register" in n}, sorted(fields)
+    assert all(f == [{"name": "XCT_KFP_RUN_ID", "fieldPath": RUN_ID_FIELD}] for f in fields.values()), fields
+
+    local = yaml.safe_load_all(compile_pipeline(tmp_path / "local.yaml", local=True).read_text())
+    ins = _task_inputs(next(local))
+    train = next(v for n, v in ins.items() if n.startswith("train-stage"))
+    assert train["kfp_run_id"]["runtimeValue"]["constant"] == dsl.PIPELINE_JOB_ID_PLACEHOLDER

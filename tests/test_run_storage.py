@@ -248,7 +248,7 @@ def test_compiled_train_tasks_get_the_run_storage_and_the_kfp_run_id(tmp_path: P
 
     data = tiny_params().model_dump(mode="json")
     data["pipeline"] = {"storage": {"uri": f"s3://{BUCKET}/{PREFIX}"}}
-    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", params_from_dict(data)).read_text()))
+    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", params_from_dict(data), local=True).read_text()))
     found: list[Any] = []
 
     def walk(dag: dict) -> None:
@@ -259,7 +259,7 @@ def test_compiled_train_tasks_get_the_run_storage_and_the_kfp_run_id(tmp_path: P
     walk(spec["root"]["dag"])
     for comp in spec["components"].values():
         walk(comp.get("dag", {}))
-    assert found == [dsl.PIPELINE_JOB_ID_PLACEHOLDER] * 2  # stages 1 and 2
+    assert found == [dsl.PIPELINE_JOB_ID_PLACEHOLDER] * 2  # stages 1 and 2 (kfp.local; a cluster: the pod label)
 
 
 def test_kfp_train_task_with_run_storage_trains_there_and_a_retry_resumes(env: dict) -> None:
