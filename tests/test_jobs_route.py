@@ -119,7 +119,7 @@ def env(tmp_path_factory: pytest.TempPathFactory):
             cluster = RayCluster(num_cpus=1, env={"PYTHONPATH": pythonpath})
             cluster.start(wait=False)
             params, _ = _train_params_text("", "")
-            processed = build_processed(root, params, n_train=2, n_val=1)
+            processed = build_processed(root, params, n_train=4, n_val=1)  # 2 workers × batch 2
             cluster.wait_alive(1)
             worker = cluster.add_worker(isolated=True)
             cluster.wait_alive(2)
@@ -240,16 +240,14 @@ def test_kfp_train_task_on_the_jobs_route_resumes_from_the_bucket(env: dict, mon
             f"{run}/train/models/stage1/best.pt", f"{run}/train/metrics/stage1.json"} <= set(keys)
     assert any(k.startswith(f"{run}/processed/") for k in keys)  # the data the job read: published by the task
 
-    # the isolated node really has no view of the task's files (its mount namespace, seen via /proc)
-    raylet = cluster.raylet(env["worker"])
-    view = Path(f"/proc/{raylet.pid}/root")
-    try:
-        seen = {str(p): (view / str(p).lstrip("/")).exists() for p in (env["processed"], env["root"])}
-    except PermissionError:
-        seen = None
-    if seen is not None:
-        assert not any(seen.values()), seen
-        assert (view / str(REPO / "pyproject.toml").lstrip("/")).exists()  # the code (the image) is there
+    # the isolated node really has no view of the task's files (its mount namespace, seen through
+    # /proc/<its raylet>/root), and its workers took their data copy from the bucket into its private /tmp
+    view = Path(f"/proc/{cluster.raylet(env['worker']).pid}/root")
+    inside = lambda p: view / str(p).lstrip("/")  # noqa: E731
+    assert inside(REPO / "pyproject.toml").exists()  # the code (the image) is there …
+    assert not inside(env["processed"]).exists() and not inside(retry).exists()  # … the task's files are not
+    node_copies = list(inside(env["root"] / "head-cache" / "data").glob("*/manifest.json"))
+    assert node_copies, "the isolated node holds no copy of the data from the bucket"
     took = time.monotonic() - t0
     print(f"stopped at {stopped_at[-1]}, resumed from step {metrics['start_step']}, finished step 6 in {took:.0f} s")
     if os.environ.get(EVIDENCE_ENV):
