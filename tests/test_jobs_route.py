@@ -32,6 +32,7 @@ import yaml
 
 from moto_server import MotoServer, isolate_aws_env
 from train_fixtures import REPO, build_processed, tiny_params
+from xct_core.checkpoint import DIGEST_FILE
 
 BUCKET = "xct-jobs"
 PREFIX = "runs"  # pipeline.storage.uri = s3://xct-jobs/runs
@@ -160,8 +161,7 @@ def _stop_once_checkpointed(env: dict, run: str, done: threading.Event, found: d
     client = JobSubmissionClient(cluster.dashboard_url, headers={"Authorization": f"Bearer {cluster.token}"})
     deadline = time.monotonic() + 240
     while not done.is_set() and time.monotonic() < deadline:
-        ckpts = [k for k in _keys(env, f"{run}/ray/stage1/step_") if k.endswith("/state.pt.sha256")
-                 or k.endswith(".sha256")]
+        ckpts = [k for k in _keys(env, f"{run}/ray/stage1/step_") if k.endswith(f"/{DIGEST_FILE}")]  # complete ones
         running = [j for j in client.list_jobs() if str(j.status.value) == "RUNNING"
                    and (j.metadata or {}).get("xct.job") == "xct-train-stage1"]
         if ckpts and running:
