@@ -321,7 +321,10 @@ def train_stage_component(
     ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``, names the run's folder) the training lives in ``<uri>/<run id>/``: data,
     checkpoints and models there, never in this pod; a retried task resumes from the newest
     checkpoint there (no ``fresh`` start). ``model`` then receives the run's exported models,
-    curves and metrics for the downstream tasks.
+    curves and metrics for the downstream tasks. With ``pipeline.ray.address`` too, the
+    task publishes the processed data to the run and submits ``xct train --data-uri
+    <run>/processed --storage-uri … --run-id <run id>`` as the Ray job (no ``--fresh``: a
+    retry resumes from the run's checkpoints); nothing the job reads or writes is in this pod.
     """
     import os
     import shutil
@@ -349,14 +352,16 @@ def train_stage_component(
         if not run_id:
             raise ConfigError("pipeline.storage.uri is set but the train task got no kfp_run_id (the run's folder "
                               "in the storage): run it from the compiled pipeline, which passes the KFP run id")
-        if params.pipeline.ray.address:
-            raise ConfigError("pipeline.storage.uri with pipeline.ray.address: the KFP task's Ray-job route does not "
-                              "hand the job the run id yet; run `xct train --storage-uri … --run-id …` as the job")
         storage = RunStorage.for_run(params.pipeline.storage.uri, run_id, params.s3)
         for j in range(1, stage):  # the frozen earlier stages (a cached upstream task may not have published them)
             folder = RunLayout(out, j).model().parent
             storage.put_dir(folder, f"{RUN_STORAGE_DIRS['train']}/{folder.relative_to(out).as_posix()}")
-        final_step = run_train(params, stage, processed.path, None, storage=storage, log=print).final_step
+        if params.pipeline.ray.address:  # a Ray job trains the run in the storage (the same run id: resumes)
+            from components.ray_jobs import submit_stage
+
+            final_step = submit_stage(params, stage, processed.path, out, run_id=run_id)
+        else:
+            final_step = run_train(params, stage, processed.path, None, storage=storage, log=print).final_step
         lay = RunLayout(out, stage)
         for p in (lay.model().parent, lay.plots, lay.metrics_file):
             rel = f"{RUN_STORAGE_DIRS['train']}/{p.relative_to(out).as_posix()}"

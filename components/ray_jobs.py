@@ -50,7 +50,9 @@ from xct_core.training.guards import SigtermGuard
 from xct_core.training.result import TrainingFailed
 
 #: the caller's variables the job's driver gets (its own environment comes from the cluster)
-FORWARD_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "XCT_TRAIN_FAULTS")
+#: (the KFP lineage ``XCT_KFP_*``: the job's MLflow runs carry the KFP run id and task name)
+FORWARD_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "XCT_TRAIN_FAULTS",
+               "XCT_KFP_RUN_ID", "XCT_KFP_RUN_NAME", "XCT_KFP_TASK_NAME")
 #: the params file inside the job's working_dir
 PARAMS_NAME = "params.yaml"
 #: the job's final log lines quoted in a failure message
@@ -336,20 +338,45 @@ def passthrough_args(ctx: Any, drop: Sequence[str]) -> list[str]:
 
 
 def submit_stage(params: Any, stage: int, processed: str | Path, out: str | Path, *, fresh: bool = False,
-                 log: Callable[[str], None] = print) -> int:
-    """The KFP train task's route with ``pipeline.ray.address`` set: ``xct train --stage K
-    --processed P --out O [--fresh]`` as a Ray job (:func:`submit_train`); returns the final
-    step from the stage's metrics summary, which the task must see (shared storage)."""
-    from xct_core.jsondoc import read_json_doc
-    from xct_core.layout import RunLayout
+                 run_id: str | None = None, log: Callable[[str], None] = print) -> int:
+    """The KFP train task's route with ``pipeline.ray.address`` set: ``xct train --stage K``
+    as a Ray job (:func:`submit_train`); returns the final step from the stage's metrics
+    summary, which lands in ``out`` (``RunLayout(out, K).metrics_file``).
 
-    args = ["--stage", str(int(stage)), *absolute_args(["--processed", Path(processed), "--out", Path(out)])]
-    if fresh:
-        args.append("--fresh")
+    Without ``run_id``: ``--processed P --out O [--fresh]`` — the task and the cluster must
+    share that storage. With ``run_id`` (run storage, ``pipeline.storage.uri`` on S3): the
+    processed folder is published to the run (``RunStorage.publish_processed``; unchanged
+    files are skipped on a retry) and the job runs ``--data-uri <run>/processed --storage-uri
+    URI --run-id ID`` — never ``--fresh``, so a retried task resumes from the run's newest
+    checkpoint; the summary is fetched from the run's ``train/``."""
+    from components.run_storage import RunStorage
+    from xct_core.jsondoc import read_json_doc
+    from xct_core.layout import RUN_STORAGE_DIRS, RunLayout
+
+    k = int(stage)
+    metrics = RunLayout(Path(out).absolute(), k).metrics_file
+    if run_id is None:
+        args = ["--stage", str(k), *absolute_args(["--processed", Path(processed), "--out", Path(out)])]
+        if fresh:
+            args.append("--fresh")
+    else:
+        uri = params.pipeline.storage.uri
+        storage = RunStorage.for_run(uri, run_id, params.s3)
+        if not storage.is_s3:
+            raise ConfigError(f"pipeline.storage.uri {uri!r} with pipeline.ray.address: the Ray-job route reads the "
+                              "run's data by URI; use an s3:// storage URI (a mounted folder: run without the address)")
+        if fresh:
+            raise ConfigError("the Ray-job route with run storage resumes the run (the same run id): it never starts "
+                              "fresh")
+        log(f"publishing {processed} → {storage.processed}")
+        data_uri = storage.publish_processed(processed)
+        args = ["--stage", str(k), "--data-uri", data_uri, "--storage-uri", uri, "--run-id", run_id]
     cfg = params.pipeline.ray
     submit_train(cfg.address, args, cleared_params_text(params), command=cfg.command, timeout_s=cfg.timeout_s,
-                 name=f"xct-train-stage{int(stage)}", log=log)
-    metrics = RunLayout(Path(out).absolute(), int(stage)).metrics_file
+                 name=f"xct-train-stage{k}", log=log)
+    if run_id is not None:
+        storage.get_file(f"{RUN_STORAGE_DIRS['train']}/{metrics.relative_to(Path(out).absolute()).as_posix()}",
+                         metrics)
     doc = read_json_doc(metrics, "training summary", required=("step",),
                         missing_hint="the Ray job succeeded, but this task does not see its outputs: the task and "
                                      "the cluster must share the output storage")

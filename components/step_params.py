@@ -84,9 +84,11 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
 CASCADE = ("train", "evaluate", "gate")
 
 #: keys a KFP task reads that decide WHERE it runs, not what it computes: in its text (its KFP
-#: cache key), never in dvc.yaml (a DVC run never uses them: the run storage of the train
-#: task, ``pipeline.storage`` + the ``s3`` transfer settings, components/run_storage.py)
-KFP_ONLY: dict[str, tuple[str, ...]] = {"train": ("pipeline.storage", "s3")}
+#: cache key), never in dvc.yaml (a DVC run never uses them): the train task's Ray-job route
+#: (``pipeline.ray``: the cluster's dashboard address, the job's command and timeout;
+#: components/ray_jobs.py) and its run storage (``pipeline.storage`` + the ``s3`` transfer
+#: settings, components/run_storage.py)
+KFP_ONLY: dict[str, tuple[str, ...]] = {"train": ("pipeline.ray", "pipeline.storage", "s3")}
 
 #: why a key is listed, where that is not obvious (a comment on its dvc.yaml line)
 NOTES: dict[tuple[str, str], str] = {

@@ -40,6 +40,7 @@ INTEGRATION: dict[str, str] = {
     "test_ray_cluster.py": "a two-node Ray cluster (ray start), node kill and replacement",
     "test_run_storage.py": "Ray Train with run storage on a moto S3 server, a killed `xct train` resumed",
     "test_ray_jobs.py": "a two-node token-auth Ray cluster: xct train as Ray jobs (Jobs API)",
+    "test_jobs_route.py": "the KFP train task as a Ray job on a two-node cluster (one node isolated), run storage on moto S3",
     "test_realct.py": "the real-CT experiment end to end (../shared/data)",
     "test_s3.py": "moto and rclone S3 servers",
     "test_serving.py": "an mlflow models serve process",
