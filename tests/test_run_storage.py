@@ -7,7 +7,11 @@ One moto server, one Ray runtime and one MLflow store for the module. ``xct trai
 its own process joined to the Ray runtime (RAY_ADDRESS), with its own node cache
 (``$XCT_NODE_CACHE``), so what the Ray workers read and write (the runtime's node cache,
 set before ``ray.init``) is told apart from what the driver does: the workers' data copy
-must come from the bucket, and the driver's ``--out`` folder stays untouched."""
+must come from the bucket, and the driver's ``--out`` folder stays untouched.
+
+The KFP train task on run storage (a retried task resumes from the bucket) and two nodes that
+share no disk are tested together in tests/test_jobs_route.py (the Jobs-API route, the worker
+node in its own mount namespace), not again here: one two-node cluster less in the suite."""
 
 from __future__ import annotations
 
@@ -262,44 +266,6 @@ def test_compiled_train_tasks_get_the_run_storage_and_the_kfp_run_id(tmp_path: P
     assert found == [dsl.PIPELINE_JOB_ID_PLACEHOLDER] * 2  # stages 1 and 2 (kfp.local; a cluster: the pod label)
 
 
-def test_kfp_train_task_with_run_storage_trains_there_and_a_retry_resumes(env: dict) -> None:
-    """The KFP train component's function (what its pod runs) with ``pipeline.storage.uri``
-    and a KFP run id: it trains into the bucket and hands the run's models to its ``model``
-    artifact; a retry of the task (a fresh pod: a new, empty artifact folder) resumes from
-    the bucket's checkpoint instead of starting over — no step is trained or logged twice."""
-    from kfp import dsl
-
-    from components.kfp_components import train_stage_component
-
-    from components.ops_params import params_from_dict
-    from components.step_params import scoped_text
-
-    data = env["params"].model_dump(mode="json")
-    data["pipeline"] = {"storage": {"uri": f"s3://{BUCKET}/{PREFIX}"}}
-    text = scoped_text(params_from_dict(data), "train", 1)  # what the pipeline hands the stage-1 train task
-    fn = train_stage_component.python_func
-    first = env["root"] / "kfp-try1"
-    r1 = fn(stage=1, processed=dsl.Dataset(uri=str(env["processed"])), model=dsl.Model(uri=str(first)),
-            params_yaml=text, kfp_run_id="kfp-run-1")
-    assert r1.final_step == 6
-    run = f"{PREFIX}/kfp-run-1"
-    keys = set(_keys(env, f"{run}/"))
-    assert {f"{run}/ray/stage1/step_00000006/state.pt", f"{run}/train/models/stage1/best.pt"} <= keys
-    assert torch.load(first / "models" / "stage1" / "final.pt", weights_only=True)["step"] == 6
-    assert (first / "metrics" / "stage1.json").is_file() and (first / "plots" / "stage1" / "train.csv").is_file()
-    assert not (first / "checkpoints").exists() and not (first / "ray").exists()  # nothing of the run in the pod
-    ml = json.loads(_object(env, f"{run}/train/checkpoints/stage1/mlflow.json", env["root"] / "k.json").read_text())
-
-    retry = env["root"] / "kfp-try2"
-    r2 = fn(stage=1, processed=dsl.Dataset(uri=str(env["processed"])), model=dsl.Model(uri=str(retry)),
-            params_yaml=text, kfp_run_id="kfp-run-1")
-    assert r2.final_step == 6
-    metrics = json.loads((retry / "metrics" / "stage1.json").read_text())
-    assert metrics["step"] == 6  # the finished checkpoint was found: nothing re-trained
-    ml2 = json.loads(_object(env, f"{run}/train/checkpoints/stage1/mlflow.json", env["root"] / "k2.json").read_text())
-    assert ml2["run_id"] == ml["run_id"] and _history(env, ml["run_id"]) == [2, 4, 6]
-
-
 def test_a_mounted_folder_is_a_run_storage_too(tmp_path: Path) -> None:
     """``pipeline.storage.uri`` = a folder every node mounts: the same layout and operations,
     Ray Train's storage a plain path (no S3 filesystem), data read in place."""
@@ -347,90 +313,3 @@ def test_an_unreachable_s3_endpoint_is_one_line_not_a_traceback(aws_env: dict, m
 
 
 # --------------------------------------------------------------------------- two nodes, no shared disk
-
-
-@pytest.fixture(scope="module")
-def cluster_env(env: dict, tmp_path_factory: pytest.TempPathFactory):
-    """A two-node cluster (tests/ray_cluster.py) whose worker node runs in its own mount
-    namespace — a private /tmp, the checkout's data/outputs hidden — so it shares no file
-    system with the driver; MLflow is a real ``mlflow server`` (HTTP), S3 the module's moto."""
-    pytest.importorskip("psutil")
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare (util-linux) is not installed")
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "--", "sh", "-c",
-                            "mount -t tmpfs tmpfs /tmp"], capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"no unprivileged mount namespaces here: {probe.stderr.strip()[:200]}")
-    from mlflow_server import MlflowServer
-    from ray_cluster import RayCluster
-
-    root = tmp_path_factory.mktemp("cluster")
-    params = tiny_params(train={"ray": {"num_workers": 2, "cpus_per_worker": 1.0, "max_failures": 1},
-                                "val_reprojection": False})
-    pfile = root / "params.yaml"
-    pfile.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    srv = MlflowServer(root / "mlflow", f"s3://{BUCKET}/mlflow", s3_endpoint=env["server"].url).start()
-    head_cache = root / "head-cache"
-    cluster = RayCluster(num_cpus=1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("XCT_NODE_CACHE", str(head_cache))  # the nodes inherit it (the isolated one: in its own /tmp)
-            mp.setenv("MLFLOW_TRACKING_URI", srv.url)
-            cluster.start()
-            worker = cluster.add_worker(isolated=True)
-            cluster.wait_alive(2)
-        child = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "XCT_"))}
-        child.update(cluster.client_env(), OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=srv.url, PYTHONUNBUFFERED="1",
-                     XCT_S3_ENDPOINT_URL=env["server"].url, XCT_NODE_CACHE=str(root / "driver-cache"))
-        yield {"root": root, "pfile": pfile, "cluster": cluster, "child": child, "uri": srv.url,
-               "head_id": cluster.node_id(cluster.nodes[0]), "worker_id": cluster.node_id(worker),
-               "head_cache": head_cache}
-    finally:
-        cluster.stop()
-        srv.stop()
-
-
-def test_two_nodes_without_a_shared_disk_train_through_the_bucket(env: dict, cluster_env: dict) -> None:
-    """Both nodes train (one worker each), the isolated one seeing neither the driver's data
-    folder nor its /tmp: everything it read and wrote went through the bucket."""
-    ce = cluster_env
-    run = f"{PREFIX}/run-c"
-    # the isolated node really sees neither the driver's data folder nor its /tmp (a task pinned there looks)
-    probe = (
-        "import json, os, sys, ray\n"
-        "from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as N\n"
-        "ray.init(log_to_driver=False)\n"
-        "look = ray.remote(num_cpus=0)(lambda paths: {p: os.path.exists(p) for p in paths})\n"
-        "paths = json.loads(sys.argv[1])\n"
-        "print(json.dumps([ray.get(look.options(scheduling_strategy=N(n, soft=False)).remote(paths))\n"
-        "                  for n in sys.argv[2:]]))\n"
-    )
-    seen = subprocess.run([sys.executable, "-c", probe, json.dumps([str(env["processed"]), str(ce["pfile"])]),
-                           ce["head_id"], ce["worker_id"]], cwd=REPO, env=ce["child"], capture_output=True, text=True,
-                          timeout=120)
-    assert seen.returncode == 0, seen.stderr[-3000:]
-    head_sees, worker_sees = json.loads(seen.stdout.strip().splitlines()[-1])
-    assert all(head_sees.values()) and not any(worker_sees.values()), (head_sees, worker_sees)
-    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--stage", "1", "--processed", str(env["processed"]),
-           "--params", str(ce["pfile"]), "--out", str(ce["root"] / "out-c"),
-           "--storage-uri", f"s3://{BUCKET}/{PREFIX}", "--run-id", "run-c"]
-    proc = subprocess.run(cmd, cwd=REPO, env=ce["child"], capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    keys = _keys(env, f"{run}/")
-    print("\n".join(["bucket listing (two nodes):", *keys]))
-    assert {f"{run}/ray/stage1/step_00000006/state.pt", f"{run}/train/models/stage1/final.pt"} <= set(keys)
-    placement = json.loads(_object(env, f"{run}/train/checkpoints/stage1/ray_workers.json",
-                                   ce["root"] / "rw.json").read_text())["attempts"]
-    first = placement[0]["workers"]
-    assert sorted(w["node_id"] for w in first) == sorted([ce["head_id"], ce["worker_id"]]), placement
-    assert sorted(w["node_ip"] for w in first) == ["127.0.0.2", "127.0.0.3"]
-    assert not (ce["root"] / "out-c").exists()
-    # the head node's workers took their copy of the data from the bucket (the isolated node's is in its own /tmp)
-    assert [p.parent.name for p in (ce["head_cache"] / "data").glob("*/manifest.json")]
-    metrics = json.loads(_object(env, f"{run}/train/metrics/stage1.json", ce["root"] / "m.json").read_text())
-    assert metrics["step"] == 6 and metrics["workers"] == 2
-    ml = json.loads(_object(env, f"{run}/train/checkpoints/stage1/mlflow.json", ce["root"] / "ml.json").read_text())
-    client = mlflow.MlflowClient(tracking_uri=ce["uri"])
-    assert sorted(m.step for m in client.get_metric_history(ml["run_id"], "train/loss")) == [2, 4, 6]
-    assert set(client.get_run(ml["run_id"]).data.tags["xct.ray_nodes"].split(",")) == {ce["head_id"], ce["worker_id"]}
