@@ -312,8 +312,8 @@ def test_a_local_run_executes_the_compiled_yaml(scratch: Path, monkeypatch: pyte
 
     real = kfp_dag.compile_pipeline
 
-    def renamed(out, params=None, *, caching=None):  # noqa: ANN001, ANN202
-        path = real(out, params, caching=caching)
+    def renamed(out, params=None, **kw):  # noqa: ANN001, ANN202
+        path = real(out, params, **kw)
         path.write_text(path.read_text().replace("ingest-component", "ingestfromyaml-component"))
         return path
 

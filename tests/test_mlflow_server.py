@@ -194,7 +194,7 @@ def test_load_by_alias_through_server_and_predict(server: dict[str, Any]) -> Non
     rng = np.random.default_rng(0)
     frontal = rng.uniform(0, 8, (16, 16)).astype(np.float32)
     lateral = rng.uniform(0, 8, (16, 16)).astype(np.float32)
-    vol = np.asarray(model.predict({"frontal": frontal, "lateral": lateral, "seed": 3}))
+    vol = np.asarray(model.predict({"frontal": frontal[None], "lateral": lateral[None]}, params={"seed": 3}))
     assert vol.shape == (32, 32, 32) and vol.dtype == np.float32 and np.isfinite(vol).all()
     w = p.hu.net_map()  # the networks' HU range (the map inverse of [-1, 1])
     assert vol.min() >= w.lo - 1e-3 and vol.max() <= w.hi + 1e-3
