@@ -97,3 +97,22 @@ def artifacts_dir() -> Path:
     d = REPO / "outputs" / "test-artifacts"
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@pytest.fixture(autouse=True)
+def _no_process_wide_redaction_leaks():
+    """A test that runs a KFP task body in-process (``train_stage_component.python_func``, …)
+    makes :func:`xct_core.redact.install_redaction` wrap this process's streams and logging for
+    good, as it should in a task's own process. Undo it after such a test, so later tests see
+    the process as it was (tests/test_no_secrets.py checks that output OUTSIDE the CLI's scope is
+    raw: the scan must be able to fail)."""
+    import sys
+
+    import xct_core.redact as redact
+
+    before, hook = redact._installed, sys.excepthook
+    yield
+    if redact._installed is not None and before is None:
+        redact._installed.__exit__(None, None, None)
+        redact._installed = None
+        sys.excepthook = hook
