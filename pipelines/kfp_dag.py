@@ -223,6 +223,15 @@ def _check_train_gpus(params: OpsParams) -> None:
             "(Jobs API), or match the two")
 
 
+def task_controls(params: OpsParams, *, caching: bool | None = None, local: bool = False) -> _Controls:
+    """What :func:`build_pipeline` applies to each task (``ctl(task, kind)``): ``params.pipeline.kfp``'s
+    caching, retries (``set_retry``), resources, secrets — and the Jobs-route train task when
+    ``pipeline.ray.address`` is set. Public so a test can wrap ONE task in a small pipeline with
+    exactly the controls the DAG gives it (tests/test_jobs_route.py: kfp.local's retry)."""
+    return _Controls(params.pipeline.kfp, _caching(params, caching), ray_job=bool(params.pipeline.ray.address),
+                     local=local)
+
+
 def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = None, local: bool = False) -> Any:
     """The ``@dsl.pipeline`` function for ``params`` (the built-in defaults = params.yaml when
     ``None``): one train → evaluate → gate per stage in ``params.stages`` (:func:`_cascade`),
@@ -234,9 +243,8 @@ def build_pipeline(params: OpsParams | None = None, *, caching: bool | None = No
     # JSON (a YAML subset) on ONE line: kfp writes each input's default into a comment header
     # of the IR YAML, and a multi-line default would break that file
     compiled_params = json.dumps(params.model_dump(mode="json"), separators=(",", ":"))
-    kp = params.pipeline.kfp
     _check_train_gpus(params)
-    ctl = _Controls(kp, _caching(params, caching), ray_job=bool(params.pipeline.ray.address), local=local)
+    ctl = task_controls(params, caching=caching, local=local)
     n = params.n_stages
 
     @dsl.pipeline(name=PIPELINE_NAME, description=f"Biplanar X-ray → 3D CT cascade: data → {n} gated stages → register")
