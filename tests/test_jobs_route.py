@@ -231,6 +231,7 @@ def test_kfp_pipeline_on_the_jobs_route_retries_and_resumes_from_the_bucket(
 
     import mlflow
     from kfp import local
+    from kfp.local import config as local_config
 
     t0 = time.monotonic()
     cluster = env["cluster"]
@@ -245,6 +246,7 @@ def test_kfp_pipeline_on_the_jobs_route_retries_and_resumes_from_the_bucket(
     monkeypatch.setenv("TMPDIR", str(kfp_root / "tmp"))  # kfp.local leaves its per-task temp folders
     monkeypatch.setattr(tempfile, "tempdir", None)
     caplog.set_level(logging.INFO)  # kfp.local logs its retries to the root logger, outside its own log context
+    monkeypatch.setattr(local_config.LocalExecutionConfig, "instance", None)  # this test's kfp.local config, undone after
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root), raise_on_error=True,
                workspace_root=str(kfp_root / "workspace"), enable_caching=False)
 
