@@ -24,7 +24,8 @@ SSIM for reference only (never a bound).
 
 What is averaged: per phantom, the MSEs of its two re-draws on the stage grid, resampled
 exactly as the preprocess step does (:func:`xct_core.preprocess.stage_hu`, then scored with
-the evaluation's own metric set, :meth:`xct_core.evaluation.EvalProtocol.metrics`); the
+the evaluation's own metric set, :func:`xct_core.metrics.hu_metrics_per_sample` with the
+evaluation protocol's window, HU range, SSIM window and body threshold); the
 ceiling is the PSNR of the mean ``½·MSE`` over ``phantoms`` phantoms (and, beside it, the mean of
 the per-phantom ceilings, as the evaluation averages patient PSNRs).
 
@@ -130,12 +131,18 @@ def _redraws(params: Params, index: int, seed: int, grids: list[StageGrid]) -> d
 
 def _summarise(params: Params, k: int, pairs: list[tuple[np.ndarray, np.ndarray]], phantoms: int, seed: int,
                seconds: float) -> dict[str, Any]:
-    from xct_core.evaluation import EvalProtocol
+    import torch
 
-    proto = EvalProtocol.from_params(params)
-    rows = [proto.metrics(a.astype(np.float32), b.astype(np.float32)) for a, b in pairs]
+    from xct_core.metrics import hu_metrics_per_sample, ssim_taps
+
+    ev, w = params.eval, params.hu.get_window()
+    span = float(ev.hu_hi) - float(ev.hu_lo)
+    rows = [hu_metrics_per_sample(torch.from_numpy(a.astype(np.float32)), torch.from_numpy(b.astype(np.float32)), w,
+                                  hu_range=(float(ev.hu_lo), float(ev.hu_hi)), ssim_sigma=float(ev.ssim_sigma),
+                                  ssim_win=ssim_taps(int(a.shape[-1]), int(ev.ssim_win)),
+                                  body_hu=float(params.ingest.body_hu))[0] for a, b in pairs]
     ranges = {"psnr_window_db": 2.0, "psnr_window_body_db": 2.0,  # the window's normalised range
-              "psnr_hu_db": proto.hu_range[1] - proto.hu_range[0], "psnr_hu_body_db": proto.hu_range[1] - proto.hu_range[0]}
+              "psnr_hu_db": span, "psnr_hu_body_db": span}
     metrics: dict[str, Any] = {}
     for key in GATED:
         two = np.array([r.get(key, math.nan) for r in rows], dtype=np.float64)
