@@ -198,20 +198,30 @@ def stage_ceilings(params: Params, ks: list[int], *, phantoms: int = 2, seed: in
 def cached_stage_ceiling(params: Params, k: int, cache_dir: str | Path, *, phantoms: int = 2,
                          seed: int = 1) -> dict[str, Any]:
     """:func:`stage_ceiling`, read from ``cache_dir/stage{k}-{key}.json`` when that exists
-    (the key names every input) and written there otherwise (atomically)."""
+    (the key names every input) and written there otherwise (atomically). A miss computes
+    every stage of the cascade from the same re-draws (the synthesis dominates the cost) and
+    caches each, so the later gates of a run find theirs."""
     from xct_core.atomic import write_json_atomic
 
-    path = Path(cache_dir) / f"stage{k}-{ceiling_key(params, k, phantoms, seed)}.json"
-    if path.is_file():
+    def path_of(j: int) -> Path:
+        return Path(cache_dir) / f"stage{j}-{ceiling_key(params, j, phantoms, seed)}.json"
+
+    def read(j: int) -> dict[str, Any] | None:
+        p = path_of(j)
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(doc, dict) and doc.get("key") == path.stem.split("-", 1)[1]:
-                return {**doc, "cached": str(path)}
+            doc = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            pass  # an unreadable cache entry is recomputed (and overwritten)
-    doc = stage_ceiling(params, k, phantoms=phantoms, seed=seed)
-    write_json_atomic(path, doc)
-    return doc
+            return None  # absent or unreadable: recomputed (and overwritten)
+        return {**doc, "cached": str(p)} if isinstance(doc, dict) and doc.get("key") == p.stem.split("-", 1)[1] else None
+
+    hit = read(k)
+    if hit is not None:
+        return hit
+    todo = sorted({k} | {j for j in range(1, params.n_stages + 1) if read(j) is None})
+    docs = stage_ceilings(params, todo, phantoms=phantoms, seed=seed)
+    for j, doc in docs.items():
+        write_json_atomic(path_of(j), doc)
+    return docs[k]
 
 
 def xray_change(params: Params, *, phantoms: int = 2, seed: int = 1) -> dict[str, Any]:
