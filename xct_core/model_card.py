@@ -273,7 +273,9 @@ def build_card(
             {"stage": st.k, "passed": bool((st.gate or {}).get("passed")) and not st.skipped, "skipped": st.skipped,
              "summary": (st.gate or {}).get("summary") or (st.gate or {}).get("reason")
              or ("no gate report" if st.gate is None else ""),
-             "checks": list((st.gate or {}).get("checks") or [])}
+             "checks": list((st.gate or {}).get("checks") or []),
+             "ceiling": (st.gate or {}).get("ceiling"),
+             "unreachable": list((st.gate or {}).get("unreachable") or [])}
             for st in stages
         ],
         "lineage": {k: lineage.get(k) for k in ("git_commit", "git_dirty", "params_digest", "content_hash", "run_id")},
@@ -424,9 +426,27 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     for gt in card["gates"]:
         verdict = "skipped" if gt["skipped"] else ("PASS" if gt["passed"] else "FAIL")
         out.append(f"- stage {gt['stage']}: {verdict} — {gt['summary']}")
+        ce = gt.get("ceiling") or {}
+        if ce and not ce.get("known"):
+            out.append(f"  - information ceiling: unknown ({ce.get('reason', '')})")
+        elif ce:
+            out.append(f"  - information ceiling: {ce.get('grid', '')}, {ce.get('phantoms')} phantom(s) re-drawn twice "
+                       "(xct_core/ceiling.py)")
         for c in gt["checks"]:
-            out.append(f"  - {'PASS' if c.get('passed') else 'FAIL'} `{c.get('metric')} {c.get('op')} "
-                       f"{_num(c.get('threshold'))}`: {_num(c.get('value'), 4)} (margin {_num(c.get('margin'), 4)})")
+            verdict = ("PASS" if c.get("passed") else "FAIL") if c.get("gating", True) else "info"
+            iv = c.get("interval") or c.get("change_interval")
+            ivs = (f" [{'change ' if c.get('change_interval') else ''}95 % {_num(iv[0], 4)}, {_num(iv[1], 4)}]"
+                   if iv else "")
+            top = ""
+            if c.get("ceiling") is not None:
+                gain = c.get("achievable_fraction")
+                top = (f"; ceiling {_num(c['ceiling'], 2)}, floor {_num(c.get('floor'), 2)}"
+                       + (f", {gain:.0%} of the achievable gain" if isinstance(gain, float) else ""))
+                if c.get("unreachable"):
+                    top += " — **unreachable on this data** (threshold at or above the ceiling)"
+            out.append(f"  - {verdict} `{c.get('metric')} {c.get('op')} "
+                       f"{_num(c.get('threshold'))}`: {_num(c.get('value'), 4)}{ivs} (margin {_num(c.get('margin'), 4)})"
+                       f"{top}")
 
     ln = card["lineage"]
     out += ["", "## Lineage", "", f"- git commit: `{ln.get('git_commit')}`"
