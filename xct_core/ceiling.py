@@ -220,7 +220,10 @@ def cached_stage_ceiling(params: Params, k: int, cache_dir: str | Path, *, phant
     todo = sorted({k} | {j for j in range(1, params.n_stages + 1) if read(j) is None})
     docs = stage_ceilings(params, todo, phantoms=phantoms, seed=seed)
     for j, doc in docs.items():
-        write_json_atomic(path_of(j), doc)
+        try:
+            write_json_atomic(path_of(j), doc)
+        except OSError as e:  # an unwritable cache costs time, never the gate
+            doc["cache_note"] = f"not cached: {path_of(j).parent} is not writable ({e.strerror or e})"
     return docs[k]
 
 
