@@ -4,9 +4,12 @@ Thresholds come from params (``gates.stageK``), never from code. Every check rep
 threshold, the measured value, whether it passed and by how much (``margin``: positive =
 headroom, negative = shortfall), so a gate report says exactly which check failed.
 
-Checks (all must pass):
-- ``psnr_window_db > threshold`` — 3D PSNR in the training window (data_range 2).
+Checks (all gating ones must pass):
+- ``psnr_window_db > threshold`` — 3D PSNR in the training window (data_range 2), whole grid.
+- ``psnr_window_body_db > threshold`` — the same PSNR inside the body only (the air around
+  the patient, ~60 % of a demo grid, inflates the whole-grid number by 4+ dB).
 - ``ssim_window > threshold`` — 3D SSIM in the training window.
+  An absolute threshold of ``None`` (null in params) is reported, not gating (``gating``).
 - ``nan_count <= max_nan`` — no non-finite voxels in the outputs.
 - ``std / target_std >= min_std_ratio`` — the output is not collapsed to a constant
   (a model that outputs the mean volume has a tiny std in the window).
@@ -19,6 +22,25 @@ champion's stage-K metrics are passed in by the gate step (:class:`Champion`; it
 from the registry). Each becomes one :class:`GateCheck` whose ``threshold`` is the effective
 bar (``baseline + max(min_absolute_change, min_relative_change·|baseline|)``), with the
 baseline and its value recorded beside it.
+
+Paired bootstrap (``paired_bootstrap: true``): with per-patient rows on both sides (the
+evaluation's ``per_patient.csv``; the champion's from its registration run), the check is
+decided by the LOWER bound of the 95 % interval of the mean per-patient change
+(:func:`xct_core.intervals.paired_bootstrap`): pass iff it clears the required change — "the
+candidate is at worst ``-min_absolute_change`` dB behind on patients like these". Why not a raw
+``>=`` of two means on a re-used test split: a retrained model is then promoted or refused by
+noise; the paired interval says how sure the difference is. Without rows (or < 5 patients)
+the point estimate decides and the check says so (``decided_by``).
+
+Non-inferiority to the twin (``non_inferiority_slack_db``): the required change is
+``-non_inferiority_margin_db(K, slack)`` (the one formula, below), K = the evaluation's
+``samples``: a perfect sampler's K-mean trails the MSE-trained twin by 10·log10(1 + 1/K) dB.
+
+Ceiling (``ceiling=``, :mod:`xct_core.ceiling`): beside every absolute PSNR check, the
+information ceiling of the data, the floor (the mean volume's value, ``baseline_<metric>``)
+and the fraction of the achievable gain ``(value − floor)/(ceiling − floor)``; a threshold at or
+above its ceiling is flagged :data:`UNREACHABLE` ("unreachable on this data"). The threshold
+itself stays what params say: the flag informs, it never changes the decision.
 """
 
 from __future__ import annotations
