@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from xct_core.ceiling import (
-    achievable_fraction,
     cached_stage_ceiling,
     ceiling_key,
     stage_ceiling,
@@ -19,6 +18,7 @@ from xct_core.ceiling import (
     xray_change,
 )
 from xct_core.config import Params, params_from_dict
+from xct_core.gates import achievable_fraction
 from xct_core.phantoms import Label, synth_phantom
 
 

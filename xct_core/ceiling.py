@@ -29,6 +29,9 @@ evaluation protocol's window, HU range, SSIM window and body threshold); the
 ceiling is the PSNR of the mean ``½·MSE`` over ``phantoms`` phantoms (and, beside it, the mean of
 the per-phantom ceilings, as the evaluation averages patient PSNRs).
 
+How a gate uses it: :func:`xct_core.gates.ceiling_value` / :func:`xct_core.gates.achievable_fraction`
+(in the gates module, so a step that only reads gate reports does not import the generator).
+
 Real data: there is no generator, the ceiling is unknown (:func:`unknown_ceiling` says so).
 
 The result is cached in a JSON file whose name carries a hash of everything that shapes it
@@ -45,7 +48,6 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,7 @@ import numpy as np
 from xct_core.config import Params
 from xct_core.grid import StageGrid
 
-__all__ = ["CEILING_VERSION", "GATED", "achievable_fraction", "cached_stage_ceiling", "ceiling_key", "ceiling_table",
+__all__ = ["CEILING_VERSION", "GATED", "cached_stage_ceiling", "ceiling_key",
            "stage_ceiling", "stage_ceilings", "two_draw_bound_db", "unknown_ceiling", "xray_change"]
 
 #: bump when the meaning of a cached ceiling changes
@@ -68,15 +70,6 @@ def two_draw_bound_db(two_draw_psnr_db: float) -> float:
     """The PSNR ceiling from the PSNR between two exact posterior draws: ``+ 10·log10 2``
     (module docstring: MMSE = half the two-draw MSE)."""
     return float(two_draw_psnr_db) + _TWO
-
-
-def achievable_fraction(value: float, floor: float, ceiling: float) -> float:
-    """``(value − floor) / (ceiling − floor)``: the share of the achievable gain over the floor
-    (the mean volume) that ``value`` reaches; NaN when any is unknown or ceiling <= floor."""
-    v, f, c = float(value), float(floor), float(ceiling)
-    if not all(math.isfinite(x) for x in (v, f, c)) or c <= f:
-        return math.nan
-    return (v - f) / (c - f)
 
 
 def unknown_ceiling(reason: str) -> dict[str, Any]:
@@ -248,11 +241,3 @@ def xray_change(params: Params, *, phantoms: int = 2, seed: int = 1) -> dict[str
             out.setdefault(f"{view}_rms_pct", []).append(100.0 * float(np.sqrt((d**2).mean())) / rng)
             out.setdefault(f"{view}_max_pct", []).append(100.0 * float(d.max()) / rng)
     return {key: float(np.mean(v)) for key, v in out.items()} | {"phantoms": int(phantoms), "grid": fine.size}
-
-
-def ceiling_table(ceiling: Mapping[str, Any] | None, key: str) -> float:
-    """The ceiling (dB) of metric ``key`` in a :func:`stage_ceiling` result (NaN: unknown)."""
-    if not ceiling or not ceiling.get("known"):
-        return math.nan
-    m = (ceiling.get("metrics") or {}).get(key)
-    return float(m["ceiling_db"]) if m else math.nan

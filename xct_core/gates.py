@@ -163,6 +163,24 @@ def non_inferiority_margin_db(k: int, slack: float = 0.3) -> float:
     return 10.0 * math.log10(1.0 + 1.0 / k) + float(slack)
 
 
+def achievable_fraction(value: float, floor: float, ceiling: float) -> float:
+    """``(value − floor) / (ceiling − floor)``: the share of the achievable gain over the floor
+    (the mean volume) that ``value`` reaches; NaN when any is unknown or ceiling <= floor."""
+    v, f, c = float(value), float(floor), float(ceiling)
+    if not all(math.isfinite(x) for x in (v, f, c)) or c <= f:
+        return math.nan
+    return (v - f) / (c - f)
+
+
+def ceiling_value(ceiling: dict[str, Any] | None, key: str) -> float:
+    """The ceiling (dB) of metric ``key`` in a :func:`xct_core.ceiling.stage_ceiling` result
+    (NaN: unknown, or no ceiling for that metric)."""
+    if not ceiling or not ceiling.get("known"):
+        return math.nan
+    m = (ceiling.get("metrics") or {}).get(key)
+    return float(m["ceiling_db"]) if m else math.nan
+
+
 def _fmt(v: float, signed: bool = False) -> str:
     if not math.isfinite(v):
         return str(v)
@@ -266,8 +284,6 @@ def _absolute(name: str, metric: str, threshold: float | None, metrics: dict[str
               rows: list[dict[str, Any]] | None, ceiling: dict[str, Any] | None) -> GateCheck:
     """An absolute ``>`` check with its interval and, for PSNR, its ceiling, floor and the
     fraction of the achievable gain (``threshold`` None: reported, not gating)."""
-    from xct_core.ceiling import achievable_fraction, ceiling_table
-
     value = _num(metrics, metric)
     gating = threshold is not None
     c = _check(name, metric, ">", float(threshold) if gating else math.nan, value)
@@ -276,7 +292,7 @@ def _absolute(name: str, metric: str, threshold: float | None, metrics: dict[str
         extra.update(passed=True, margin=math.nan, note="reported, not gating (null threshold in params)")
     if rows:
         extra["interval"] = bootstrap_interval([r.get(metric, math.nan) for r in rows]).get("interval")
-    top = ceiling_table(ceiling, metric)
+    top = ceiling_value(ceiling, metric)
     if math.isfinite(top):
         floor = _num(metrics, "baseline_" + metric)
         extra.update(ceiling=top, floor=floor if math.isfinite(floor) else None,
