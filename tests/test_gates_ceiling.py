@@ -231,3 +231,21 @@ def test_gate_step_with_real_data_says_the_ceiling_is_unknown_and_summary_has_in
     summary = {"stages": [entry], "status": "rejected", "rejected_at_stage": 1, "model_uri": None, "alias": None,
                "mlflow_tracking_uri": "sqlite:///x.db", "reports": {"summary": "s.json"}}
     assert "unknown" in format_summary(summary)
+
+
+def test_html_report_shows_intervals_and_the_unreachable_flag(tmp_path: Path) -> None:
+    from xct_core.config import Params
+    from xct_core.evaluation import EvalProtocol
+    from xct_core.intervals import bootstrap_interval
+    from xct_core.report import ReportCase, build_report
+
+    vals = [29.0, 29.5, 30.0, 30.5, 31.0, 30.2]
+    cases = [ReportCase(f"p{i}", {"psnr_window_db": v, "baseline_psnr_window_db": 18.0 + 0.1 * i})
+             for i, v in enumerate(vals)]
+    summary = {"psnr_window_db": float(np.mean(vals)), "baseline_psnr_window_db": 18.25}
+    rep = evaluate_gate(3, GOOD, StageGate(psnr_window_db=35.0, ssim_window=0.8), ceiling=_ceiling(33.0, 30.0))
+    text = build_report(tmp_path / "r.html", title="t", cases=cases, summary=summary, gates=[rep.to_dict()],
+                        label_context=EvalProtocol.from_params(Params()).label_context(16)).read_text()
+    lo, hi = bootstrap_interval(vals)["interval"]
+    assert f"[{lo:.4g}, {hi:.4g}]" in text  # the same interval as the card and the summary
+    assert "unreachable on this data" in text and "33 (floor 18" in text
