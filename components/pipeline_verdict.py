@@ -14,7 +14,7 @@ Keys (stable):
   "metrics": {the metric table's ``summary`` metrics (:mod:`xct_core.metric_table`), each
   with the baselines the table shows beside it (e.g. ``baseline_psnr_window_db``), and
   n_patients} (those present; :data:`STAGE_METRIC_KEYS`),
-  "intervals": {the same keys: the patient bootstrap 95 % interval ``[low, high]`` of the mean
+  "intervals": {the same keys but the counts: the patient bootstrap 95 % interval ``[low, high]`` of the mean
   (:func:`xct_core.intervals.bootstrap_interval` over the stage's ``per_patient.csv``; ``null``
   with fewer than 5 patients or without rows)},
   "checks": [gate checks: name, metric, op, threshold, value, passed, margin, and for PSNR
@@ -48,7 +48,7 @@ from typing import Any
 from xct_core.atomic import write_text_atomic
 from xct_core.intervals import bootstrap_interval
 from xct_core.jsondoc import json_text, read_json_doc
-from xct_core.metric_table import METRICS
+from xct_core.metric_table import METRICS, summed
 from xct_core.redact import redact, redact_doc
 
 STATUSES = ("promoted", "registered", "rejected")
@@ -89,7 +89,7 @@ def stage_entry(
         "summary": summary,
         "metrics": {k: m[k] for k in STAGE_METRIC_KEYS if k in m},
         "intervals": {k: (bootstrap_interval([r.get(k, math.nan) for r in rows]).get("interval") if rows else None)
-                      for k in STAGE_METRIC_KEYS if k in m and k != "n_patients"},
+                      for k in STAGE_METRIC_KEYS if k in m and k != "n_patients" and not summed(k)},  # a count: no mean
         "checks": checks,
         "ceiling": (gate or {}).get("ceiling"),
         "unreachable": list((gate or {}).get("unreachable") or []),

@@ -227,6 +227,7 @@ def test_gate_step_with_real_data_says_the_ceiling_is_unknown_and_summary_has_in
                         d / "metrics.json")
     lo, hi = entry["intervals"]["psnr_window_db"]
     assert lo < entry["metrics"]["psnr_window_db"] < hi
+    assert "nan_count" not in entry["intervals"] and "nan_count" in entry["metrics"]  # a count has no mean interval
     assert entry["ceiling"]["known"] is False
     summary = {"stages": [entry], "status": "rejected", "rejected_at_stage": 1, "model_uri": None, "alias": None,
                "mlflow_tracking_uri": "sqlite:///x.db", "reports": {"summary": "s.json"}}
