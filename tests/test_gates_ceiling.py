@@ -250,3 +250,24 @@ def test_html_report_shows_intervals_and_the_unreachable_flag(tmp_path: Path) ->
     lo, hi = bootstrap_interval(vals)["interval"]
     assert f"[{lo:.4g}, {hi:.4g}]" in text  # the same interval as the card and the summary
     assert "unreachable on this data" in text and "33 (floor 18" in text
+
+
+def test_gate_step_on_phantom_data_writes_the_ceiling_beside_the_thresholds(tmp_path: Path) -> None:
+    from components.gate import run_gate
+    from xct_core.config import Params
+
+    d = _eval_dir(tmp_path)
+    data = Params().model_dump(mode="json")
+    data["data"]["synth"].update(size=32, spacing_mm=12.8)  # small phantoms: seconds
+    data["gates"]["stage1"].update(psnr_window_db=60.0, ceiling={"source": "synth", "phantoms": 1, "seed": 1},
+                                   relative=[])
+    params = params_from_dict(data)
+    rep = run_gate(1, d / "metrics.json", tmp_path / "g.json", params, ceiling_dir=tmp_path / "cache")
+    doc = json.loads((tmp_path / "g.json").read_text())
+    whole = {c["name"]: c for c in doc["checks"]}["psnr_window"]
+    assert doc["ceiling"]["known"] and whole["ceiling"] == pytest.approx(
+        doc["ceiling"]["metrics"]["psnr_window_db"]["ceiling_db"])
+    assert whole["unreachable"] and doc["unreachable"] == ["psnr_window"] and not rep.passed  # 60 dB: above it
+    assert whole["floor"] == 18.0 and whole["achievable_fraction"] == pytest.approx(
+        (whole["value"] - 18.0) / (whole["ceiling"] - 18.0))
+    assert len(list((tmp_path / "cache").glob("stage*.json"))) == params.n_stages  # cached for the later gates
