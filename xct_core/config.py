@@ -710,7 +710,7 @@ def _demo_gate(psnr_window_db: float, ssim_window: float, body_db: float) -> Sta
 _DEMO_GATES: dict[str, StageGate] = {
     "stage1": _demo_gate(28.0, 0.65, 24.0),
     "stage2": _demo_gate(32.0, 0.75, 27.0),
-    "stage3": _demo_gate(35.0, 0.80, 29.0),
+    "stage3": _demo_gate(35.0, 0.80, 28.0),
 }
 
 
