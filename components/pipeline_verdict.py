@@ -14,7 +14,14 @@ Keys (stable):
   "metrics": {the metric table's ``summary`` metrics (:mod:`xct_core.metric_table`), each
   with the baselines the table shows beside it (e.g. ``baseline_psnr_window_db``), and
   n_patients} (those present; :data:`STAGE_METRIC_KEYS`),
-  "checks": [gate checks: name, metric, op, threshold, value, passed, margin],
+  "intervals": {the same keys but the counts: the patient bootstrap 95 % interval ``[low, high]`` of the mean
+  (:func:`xct_core.intervals.bootstrap_interval` over the stage's ``per_patient.csv``; ``null``
+  with fewer than 5 patients or without rows)},
+  "checks": [gate checks: name, metric, op, threshold, value, passed, margin, and for PSNR
+  checks ceiling, floor, achievable_fraction, unreachable],
+  "ceiling": the gate report's information ceiling (``{"known": false, "reason"}`` for real data),
+  "unreachable": [names of checks whose threshold is at or above the ceiling: "unreachable on
+  this data"],
   "gate_report", "eval_metrics"}``;
 * ``model_uri``: ``models:/<name>/<version>`` when registered; else the last trained stage's
   training run artifact ``runs:/<run_id>/model/<file>.pt`` when that run is known, else the
@@ -39,8 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from xct_core.atomic import write_text_atomic
+from xct_core.intervals import bootstrap_interval
 from xct_core.jsondoc import json_text, read_json_doc
-from xct_core.metric_table import METRICS
+from xct_core.metric_table import METRICS, summed
 from xct_core.redact import redact, redact_doc
 
 STATUSES = ("promoted", "registered", "rejected")
@@ -66,6 +74,7 @@ def stage_entry(
     """One ``stages[]`` entry from a gate report (or skip marker / ``None`` when missing)
     and the stage's evaluation metrics (``None`` when missing or skipped)."""
     m = metrics if metrics is not None and not metrics.get("skipped") else {}
+    rows = _rows_beside(eval_path) if m else None
     if gate is None:
         passed, skipped, summary, checks = False, False, f"stage {stage}: no gate report at {gate_path}", []
     else:
@@ -79,10 +88,23 @@ def stage_entry(
         "skipped": skipped,
         "summary": summary,
         "metrics": {k: m[k] for k in STAGE_METRIC_KEYS if k in m},
+        "intervals": {k: (bootstrap_interval([r.get(k, math.nan) for r in rows]).get("interval") if rows else None)
+                      for k in STAGE_METRIC_KEYS if k in m and k != "n_patients" and not summed(k)},  # a count: no mean
         "checks": checks,
+        "ceiling": (gate or {}).get("ceiling"),
+        "unreachable": list((gate or {}).get("unreachable") or []),
         "gate_report": str(gate_path),
         "eval_metrics": str(eval_path),
     }
+
+
+def _rows_beside(eval_path: str | Path) -> list[dict[str, Any]] | None:
+    """The per-patient rows next to a stage's ``metrics.json`` (None when absent or a skip marker)."""
+    from xct_core.intervals import read_rows_csv
+    from xct_core.layout import PER_PATIENT_CSV
+
+    p = Path(eval_path).parent / PER_PATIENT_CSV
+    return read_rows_csv(p) if p.is_file() else None
 
 
 def rejected_at(stages: Sequence[Mapping[str, Any]]) -> int | None:
@@ -140,16 +162,25 @@ def _v(x: Any) -> str:
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     """The end-of-run table (stage, metric, threshold, value, pass) + how to look and use."""
-    rows = [("stage", "check", "threshold", "value", "pass")]
+    rows = [("stage", "check", "threshold", "value", "pass", "ceiling (gain)")]
     for s in summary["stages"]:
         if not s["checks"]:
-            rows.append((f"stage{s['stage']}", "(gate)", "—", "skipped" if s["skipped"] else "missing", "FAIL"))
+            rows.append((f"stage{s['stage']}", "(gate)", "—", "skipped" if s["skipped"] else "missing", "FAIL", ""))
+        ce = s.get("ceiling") or {}
         for c in s["checks"]:
             vs = f" (vs {c['baseline']})" if c.get("baseline") else ""  # relative checks name their baseline
-            verdict = "skip" if c.get("skipped") else ("pass" if c["passed"] else "FAIL")
+            verdict = "skip" if c.get("skipped") else ("info" if c.get("gating") is False else
+                                                       ("pass" if c["passed"] else "FAIL"))
+            top = ""
+            if c.get("ceiling") is not None:
+                gain = c.get("achievable_fraction")
+                top = f"{_v(c['ceiling'])}" + (f" ({gain:.0%})" if isinstance(gain, float) else "")
+                top += " UNREACHABLE on this data" if c.get("unreachable") else ""
+            elif ce and not ce.get("known") and c.get("metric", "").startswith("psnr") and not c.get("baseline"):
+                top = "unknown"
             rows.append((f"stage{s['stage']}", f"{c['metric']} {c['op']}{vs}", _v(c["threshold"]), _v(c["value"]),
-                         verdict))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+                         verdict, top))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     status = summary["status"]

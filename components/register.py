@@ -494,6 +494,8 @@ def _register_cascade(
                     mlflow.log_artifact(str(p), "gates")
                 for k, p in sorted((eval_files or {}).items()):
                     mlflow.log_artifact(str(p), f"eval/stage{k}")
+                    if (Path(p).parent / PER_PATIENT_CSV).is_file():  # the next gate's paired champion check
+                        mlflow.log_artifact(str(Path(p).parent / PER_PATIENT_CSV), f"eval/stage{k}")
                 log_datasets(client, run_id, processed_dir, SPLIT_CONTEXTS)
                 with _quiet("mlflow.pyfunc", "mlflow.models"):  # "Validating input example …" INFO lines
                     info = mlflow.pyfunc.log_model(

@@ -75,7 +75,8 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
         "train.ray", "registry.request_timeout_s", "registry.request_max_retries", *_EVAL_CASE, OVERLAY,
     ),
     "evaluate": ("seed", "model", "eval", "diffusion", "hu", "drr", "stages.{stage}", *_EVAL_CASE, OVERLAY),
-    "gate": ("gates.{stage}", "registry"),
+    "gate": ("gates.{stage}", "registry", "data.synth", "stages.{stage}", "preprocess.fill_hu", "preprocess.antialias",
+             "hu.window", "ingest.body_hu", "eval.ssim_sigma", "eval.ssim_win", "eval.hu_lo", "eval.hu_hi"),
     "register": (WHOLE, "registry", "eval", "seed", "hu", "diffusion", "drr", "ingest.body_hu",
                  "limits.max_line_integral", "stages"),
 }
@@ -98,6 +99,7 @@ NOTES: dict[tuple[str, str], str] = {
     ("train", "ingest.body_hu"): "validation = evaluate_case: body mask, sample batches, degenerate-output check",
     ("evaluate", "ingest.body_hu"): "the body mask of the body metrics (EvalProtocol); batches; degenerate-output check",
     ("gate", "registry"): "a champion check reads the registry's champion (its state is not a DVC dep)",
+    ("gate", "data.synth"): "the information ceiling beside the thresholds re-draws these phantoms (xct_core/ceiling.py)",
     ("register", "drr"): "the model card: X-ray geometry, protocol, output grid",
 }
 

@@ -268,7 +268,10 @@ def test_each_task_gets_exactly_its_declared_keys() -> None:
     names = list(data["stages"])
     gate3 = json.loads(scoped_text(params, "gate", 3))
     assert gate3["gates"] == {"stage3": data["gates"]["stage3"]} and gate3["registry"] == data["registry"]
-    assert set(gate3) == {"gates", "registry", "stages"}
+    # + what the information ceiling beside the thresholds reads (xct_core/ceiling.py)
+    assert set(gate3) == {"gates", "registry", "stages", "data", "preprocess", "hu", "ingest", "eval"}
+    assert gate3["data"] == {"synth": data["data"]["synth"]} and set(gate3["eval"]) == {
+        "ssim_sigma", "ssim_win", "hu_lo", "hu_hi"}
     train1 = json.loads(scoped_text(params, "train", 1))
     assert "gates" not in train1 and list(train1["stages"]) == ["stage1"]
     assert train1["train"]["steps"] == {"stage1": data["train"]["steps"]["stage1"]}

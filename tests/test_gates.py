@@ -139,7 +139,10 @@ def test_default_gates_require_the_mean_volume_margin_and_the_champion(repo_root
     p = load_params(repo_root / "params.yaml")
     for st in p.stage_list():
         kinds = {(r.baseline, r.metric) for r in st.gate.relative}
-        assert kinds == {("mean_volume", "psnr_window_db"), ("champion", "psnr_window_db")}
+        assert kinds == {("mean_volume", "psnr_window_db"), ("direct_twin", "psnr_window_db"),
+                         ("champion", "psnr_window_db")}
+        twin = next(r for r in st.gate.relative if r.baseline == "direct_twin")
+        assert twin.non_inferiority_slack_db == 0.3 and twin.paired_bootstrap  # issue 21 item 4
 
 
 # --------------------------------------------------------------------------- gates mirror the stages

@@ -80,11 +80,12 @@ def test_the_gates_read_exactly_the_gate_metrics() -> None:
     gate = tiny_params().stage(1).gate
     good = {n: 1.0 for n in T.emitted_names()}
     good.update(psnr_window_db=gate.psnr_window_db + 5, ssim_window=min(1.0, gate.ssim_window + 0.1), nan_count=0.0,
-                std=0.5, target_std=0.5, baseline_psnr_window_db=0.0, test_ids_hash="x")
+                std=0.5, target_std=0.5, baseline_psnr_window_db=0.0, test_ids_hash="x",
+                psnr_window_body_db=gate.psnr_window_body_db + 5)
     gate_free = gate.model_copy(update={"relative": []})
     assert evaluate_gate(1, good, gate_free).passed
     gate_metrics = set(T.names_for("gate"))
-    assert gate_metrics == {"psnr_window_db", "ssim_window", "nan_count", "std", "target_std"}
+    assert gate_metrics == {"psnr_window_db", "psnr_window_body_db", "ssim_window", "nan_count", "std", "target_std"}
     for name in T.emitted_names():
         rep = evaluate_gate(1, {k: v for k, v in good.items() if k != name}, gate_free)
         assert rep.passed == (name not in gate_metrics), name

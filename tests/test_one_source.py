@@ -163,7 +163,8 @@ def test_the_compiled_pipeline_defaults_to_its_compile_time_params(tmp_path: Pat
 
 def _metrics(path: Path, psnr: float) -> Path:
     path.write_text(json.dumps({"stage": 1, "psnr_window_db": psnr, "ssim_window": 0.9, "nan_count": 0, "std": 0.4,
-                                "target_std": 0.5, "test_ids_hash": "abc", "baseline_psnr_window_db": psnr - 10}))
+                                "target_std": 0.5, "test_ids_hash": "abc", "baseline_psnr_window_db": psnr - 10,
+                                "psnr_window_body_db": psnr - 4}))
     return path
 
 

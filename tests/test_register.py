@@ -40,6 +40,7 @@ def _write_reports(root: Path, params: Params, psnr: dict[int, float], passing: 
              "std": 0.4, "target_std": 0.5, "mae_hu": 50.0, "n_patients": 1, "test_ids_hash": "split-A"}
         (ev / f"stage{k}").mkdir(parents=True, exist_ok=True)
         (ev / f"stage{k}" / "metrics.json").write_text(json.dumps(m))
+        (ev / f"stage{k}" / "per_patient.csv").write_text(f"id,psnr_window_db\nph01,{m['psnr_window_db']}\n")
         run_gate(k, ev / f"stage{k}" / "metrics.json", gates / f"stage{k}.json", gp)
     return gates, ev
 
@@ -214,6 +215,8 @@ def test_gate_reads_the_champion_from_the_registry(reg_env: dict[str, Any], tmp_
     champ = read_champion(2, reg_env["params"], reg_env["uri"])
     assert champ is not None and champ.version == champ_v and champ.test_ids_hash == "split-A"
     assert champ.metrics["psnr_window_db"] == pytest.approx(25.0 if champ_v == "1" else champ.metrics["psnr_window_db"])
+    # its per-patient rows come with it (logged by register: the paired champion check's input)
+    assert champ.rows == [{"id": "ph01", "psnr_window_db": pytest.approx(champ.metrics["psnr_window_db"])}]
     base = champ.metrics["psnr_window_db"]
     data = reg_env["params"].model_dump(mode="json")
     data["gates"]["stage2"] = {"psnr_window_db": 10.0, "ssim_window": 0.1, "max_nan": 0, "min_std_ratio": 0.25,

@@ -614,9 +614,26 @@ class RelativeGate(_Section):
     min_absolute_change: float | None = None
     min_relative_change: float | None = None
     greater_is_better: bool = True
+    #: decide on the patient-paired bootstrap (candidate − baseline per test patient, matched by
+    #: id; :func:`xct_core.intervals.paired_bootstrap`): pass iff the LOWER bound of its 95 %
+    #: interval clears the required change (e.g. ``min_absolute_change: -0.1`` = "not worse than
+    #: the baseline by more than 0.1 dB, with 95 % confidence"); without per-patient rows (or
+    #: < 5 patients) the point check decides, with a note
+    paired_bootstrap: bool = False
+    #: non-inferiority against the direct twin (dB metrics only): the required change is
+    #: ``-xct_core.gates.non_inferiority_margin_db(K, slack)``, K = the stage's eval samples
+    #: (a K-sample posterior mean trails the twin by 10·log10(1 + 1/K) dB by construction)
+    non_inferiority_slack_db: float | None = Field(None, ge=0)
 
     @_model_validator(mode="after")
     def _needs_a_margin(self) -> RelativeGate:
+        if self.non_inferiority_slack_db is not None:
+            if self.baseline != "direct_twin" or _metric_entry(self.metric).unit != "dB":
+                raise ValueError(f"non_inferiority_slack_db: only against direct_twin on a dB metric "
+                                 f"(got {self.baseline}, {self.metric})")
+            if self.min_absolute_change is not None or self.min_relative_change is not None:
+                raise ValueError("non_inferiority_slack_db sets the margin: leave min_absolute_change/min_relative_change out")
+            return self
         if self.min_absolute_change is None and self.min_relative_change is None:
             raise ValueError(f"relative gate against {self.baseline}: set min_absolute_change and/or min_relative_change")
         if self.greater_is_better != (_metric_entry(self.metric).better == "higher"):
@@ -625,19 +642,37 @@ class RelativeGate(_Section):
         return self
 
 
-class StageGate(_Section):
-    """Promotion thresholds of one cascade stage (strict inequalities: value must exceed)."""
+class CeilingParams(_Section):
+    """The information ceiling shown beside every absolute threshold (xct_core/ceiling.py)."""
 
-    #: 3D PSNR in the training window (data_range 2 in normalised units), dB
-    psnr_window_db: float
+    #: ``synth``: the data are ``data.synth``'s phantoms (the ceiling is computed by re-drawing
+    #: their non-identifiable parts); ``none``: no generator (real data): the ceiling is unknown
+    source: Literal["synth", "none"] = "synth"
+    #: phantoms re-drawn (two re-draws each); cost ≈ 4 syntheses of a data.synth phantom each
+    phantoms: int = Field(2, ge=1, le=64)
+    #: seed of the re-draws
+    seed: int = Field(1, ge=0)
+
+
+class StageGate(_Section):
+    """Promotion thresholds of one cascade stage (strict inequalities: value must exceed).
+    An absolute threshold set to ``null`` is reported beside the others but does not gate."""
+
+    #: 3D PSNR in the training window (data_range 2 in normalised units), dB, whole grid
+    psnr_window_db: float | None
     #: 3D SSIM in the training window
-    ssim_window: float
+    ssim_window: float | None
+    #: the same PSNR with the MSE inside the body only (the air around the patient, ~60 % of
+    #: a demo grid, does not inflate it); null = reported, not gating
+    psnr_window_body_db: float | None = None
     #: maximum number of non-finite voxels allowed in the outputs
     max_nan: int = 0
     #: "not collapsed": output std must be at least this fraction of the target's std
     min_std_ratio: float = Field(0.25, ge=0)
     #: checks against baselines (mean volume, direct twin, champion), all must pass
     relative: list[RelativeGate] = []
+    #: the information ceiling reported beside every absolute threshold
+    ceiling: CeilingParams = CeilingParams()
 
 
 #: a gate's key: the name of the stage it gates (``stage1``, ``stage2``, …: the keys of ``stages``)
@@ -659,18 +694,23 @@ def _check_gate_names(gates: dict[str, StageGate]) -> dict[str, StageGate]:
 GateParams = _Annotated[dict[str, StageGate], _AfterValidator(_check_gate_names)]
 
 
-def _demo_gate(psnr_window_db: float, ssim_window: float) -> StageGate:
-    """The demo profile's gate (params.yaml): absolute bars + mean volume +3 dB + not below the champion."""
-    return StageGate(psnr_window_db=psnr_window_db, ssim_window=ssim_window, max_nan=0, min_std_ratio=0.25,
+def _demo_gate(psnr_window_db: float, ssim_window: float, body_db: float) -> StageGate:
+    """The demo profile's gate (params.yaml): absolute bars (whole grid and body) + mean volume
+    +3 dB + non-inferior to the twin + not worse than the champion (paired bootstrap)."""
+    return StageGate(psnr_window_db=psnr_window_db, ssim_window=ssim_window, psnr_window_body_db=body_db,
+                     max_nan=0, min_std_ratio=0.25,
                      relative=[RelativeGate(metric="psnr_window_db", baseline="mean_volume", min_absolute_change=3.0),
-                               RelativeGate(metric="psnr_window_db", baseline="champion", min_absolute_change=0.0)])
+                               RelativeGate(metric="psnr_window_db", baseline="direct_twin", paired_bootstrap=True,
+                                            non_inferiority_slack_db=0.3),
+                               RelativeGate(metric="psnr_window_db", baseline="champion", min_absolute_change=-0.1,
+                                            paired_bootstrap=True)])
 
 
 #: defaults = the demo profile in params.yaml
 _DEMO_GATES: dict[str, StageGate] = {
-    "stage1": _demo_gate(28.0, 0.65),
-    "stage2": _demo_gate(32.0, 0.75),
-    "stage3": _demo_gate(35.0, 0.80),
+    "stage1": _demo_gate(28.0, 0.65, 24.0),
+    "stage2": _demo_gate(32.0, 0.75, 27.0),
+    "stage3": _demo_gate(35.0, 0.80, 28.0),
 }
 
 

@@ -130,7 +130,8 @@ METRICS: tuple[Metric, ...] = (
            definition="3D SSIM in the window, Gaussian sigma {sigma:g}, {taps_text}, data_range 2, "
                       "mean over the valid region"),
     Metric("psnr_window_body_db", "dB", "higher", "3D PSNR in the window inside the body (dB)",
-           "PSNR window body (dB)", "xct_core.metrics.masked_psnr", frozenset({"card"}),
+           "PSNR window body (dB)", "xct_core.metrics.masked_psnr", frozenset({"card", "report", "summary", "gate"}),
+           shown_with=("baseline_", "direct_"),
            definition="the same PSNRs with the MSE inside the body only: per axial slice the hole-filled target "
                       "> {body_hu:g} HU"),
     Metric("psnr_hu_db", "dB", "higher", "3D PSNR [{hu_lo:g},{hu_hi:g}] HU, range {hu_span:g} (dB)",

@@ -25,19 +25,14 @@ nothing about how a metric is computed is re-typed here.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 
-from xct_core.errors import InputError
 from xct_core.hu import HUWindow
+from xct_core.intervals import BOOTSTRAP, BootstrapSpec, bootstrap_interval, read_rows_csv
 from xct_core.metric_table import METRICS, entry
 from xct_core.metric_table import PREDICTIONS as _PREDICTIONS
 
@@ -65,18 +60,6 @@ CARD_SECTIONS = ("model", "intended_use", "network_data_format", "xray_geometry"
                  "training_data", "evaluation_protocol", "metrics", "gates", "lineage")
 
 
-@dataclass(frozen=True)
-class BootstrapSpec:
-    """How the 95 % interval of a patient mean is obtained (``scipy.stats.bootstrap``)."""
-
-    method: str = "BCa"
-    n_resamples: int = 9999
-    confidence_level: float = 0.95
-    seed: int = 0  #: ``numpy.random.default_rng(seed)``, the same for every metric
-    min_patients: int = 5  #: fewer test patients: no interval
-
-
-BOOTSTRAP = BootstrapSpec()
 
 #: the card's metrics (:mod:`xct_core.metric_table`, use ``card``; keys as the evaluator writes
 #: them, each for every prediction present), ``reproj_psnr_<view>_db`` expanded per view
@@ -135,68 +118,6 @@ class StageInputs:
     @property
     def skipped(self) -> bool:
         return bool((self.metrics or {}).get("skipped") or (self.gate or {}).get("skipped"))
-
-
-def read_rows_csv(path: str | Path) -> list[dict[str, Any]] | None:
-    """The per-patient rows of ``per_patient.csv`` (``id`` a string, every other column a
-    float; an empty cell is NaN, as :func:`xct_core.evaluation.rows_csv` writes NaN), ``None``
-    for a skip marker (first line ``skipped,reason``). :class:`InputError` when unreadable."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(p, "per-patient rows not found (run the evaluate step first)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(p, f"unreadable per-patient rows ({getattr(e, 'strerror', None) or e})") from None
-    reader = csv.DictReader(io.StringIO(text))
-    fields = reader.fieldnames or []
-    if fields[:2] == ["skipped", "reason"]:
-        return None
-    if "id" not in fields:
-        raise InputError(p, "not a per-patient rows file (no 'id' column)")
-    rows = []
-    for r in reader:
-        row: dict[str, Any] = {"id": r["id"]}
-        for k, v in r.items():
-            if k == "id":
-                continue
-            try:
-                row[k] = float(v) if v not in ("", None) else math.nan
-            except ValueError:
-                raise InputError(p, f"row {r['id']!r}: column {k!r} is not a number ({v!r})") from None
-        rows.append(row)
-    return rows
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def bootstrap_interval(values: Sequence[float], spec: BootstrapSpec = BOOTSTRAP) -> dict[str, Any]:
-    """Patient mean of ``values`` (non-finite values dropped; ``n`` = those kept) and its
-    bootstrap interval ``[low, high]`` (``scipy.stats.bootstrap`` of the mean with ``spec``),
-    or ``interval: None`` with a ``note`` when there are fewer than ``spec.min_patients``."""
-    from scipy.stats import bootstrap
-
-    vals = np.asarray([float(v) for v in values if v is not None and math.isfinite(float(v))], dtype=np.float64)
-    n = int(vals.size)
-    out: dict[str, Any] = {"mean": float(vals.mean()) if n else None, "n": n, "interval": None}
-    if n < spec.min_patients:
-        out["note"] = f"n < {spec.min_patients}: no interval (n = {n})"
-        return out
-    if float(np.ptp(vals)) == 0.0:  # every patient the same value: the resamples are all that value
-        out["interval"] = [float(vals[0]), float(vals[0])]
-        out["note"] = "every patient has the same value"
-        return out
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy's degenerate-data warning: handled below
-        res = bootstrap((vals,), np.mean, confidence_level=spec.confidence_level, n_resamples=spec.n_resamples,
-                        method=spec.method, rng=np.random.default_rng(spec.seed))
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if math.isfinite(lo) and math.isfinite(hi):
-        out["interval"] = [lo, hi]
-    else:
-        out["note"] = f"the {spec.method} interval is undefined for these values"
-    return out
 
 
 def _stage_results(st: StageInputs, spec: BootstrapSpec) -> dict[str, Any]:
@@ -352,7 +273,9 @@ def build_card(
             {"stage": st.k, "passed": bool((st.gate or {}).get("passed")) and not st.skipped, "skipped": st.skipped,
              "summary": (st.gate or {}).get("summary") or (st.gate or {}).get("reason")
              or ("no gate report" if st.gate is None else ""),
-             "checks": list((st.gate or {}).get("checks") or [])}
+             "checks": list((st.gate or {}).get("checks") or []),
+             "ceiling": (st.gate or {}).get("ceiling"),
+             "unreachable": list((st.gate or {}).get("unreachable") or [])}
             for st in stages
         ],
         "lineage": {k: lineage.get(k) for k in ("git_commit", "git_dirty", "params_digest", "content_hash", "run_id")},
@@ -503,9 +426,27 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     for gt in card["gates"]:
         verdict = "skipped" if gt["skipped"] else ("PASS" if gt["passed"] else "FAIL")
         out.append(f"- stage {gt['stage']}: {verdict} — {gt['summary']}")
+        ce = gt.get("ceiling") or {}
+        if ce and not ce.get("known"):
+            out.append(f"  - information ceiling: unknown ({ce.get('reason', '')})")
+        elif ce:
+            out.append(f"  - information ceiling: {ce.get('grid', '')}, {ce.get('phantoms')} phantom(s) re-drawn twice "
+                       "(xct_core/ceiling.py)")
         for c in gt["checks"]:
-            out.append(f"  - {'PASS' if c.get('passed') else 'FAIL'} `{c.get('metric')} {c.get('op')} "
-                       f"{_num(c.get('threshold'))}`: {_num(c.get('value'), 4)} (margin {_num(c.get('margin'), 4)})")
+            verdict = ("PASS" if c.get("passed") else "FAIL") if c.get("gating", True) else "info"
+            iv = c.get("interval") or c.get("change_interval")
+            ivs = (f" [{'change ' if c.get('change_interval') else ''}95 % {_num(iv[0], 4)}, {_num(iv[1], 4)}]"
+                   if iv else "")
+            top = ""
+            if c.get("ceiling") is not None:
+                gain = c.get("achievable_fraction")
+                top = (f"; ceiling {_num(c['ceiling'], 2)}, floor {_num(c.get('floor'), 2)}"
+                       + (f", {gain:.0%} of the achievable gain" if isinstance(gain, float) else ""))
+                if c.get("unreachable"):
+                    top += " — **unreachable on this data** (threshold at or above the ceiling)"
+            out.append(f"  - {verdict} `{c.get('metric')} {c.get('op')} "
+                       f"{_num(c.get('threshold'))}`: {_num(c.get('value'), 4)}{ivs} (margin {_num(c.get('margin'), 4)})"
+                       f"{top}")
 
     ln = card["lineage"]
     out += ["", "## Lineage", "", f"- git commit: `{ln.get('git_commit')}`"

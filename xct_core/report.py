@@ -12,8 +12,12 @@ paths, so the folder can be zipped or logged as an artifact as a whole). Picture
 * training curves (``plots/stage*/train.csv`` columns with ``loss`` in their name vs step)
   when a training folder is given.
 
-Tables: the cascade beside the baselines (mean volume, direct regression), one row per
-patient, and the promotion gate checks (``reports/gates/stage*.json``) when present. Which
+Tables: the cascade beside the baselines (mean volume, direct regression) — patient means with
+their patient bootstrap 95 % interval ``mean [low, high]`` when the report has the patients
+(:func:`xct_core.intervals.bootstrap_interval`, the same as the model card and the summary) —,
+one row per patient, and the promotion gate checks (``reports/gates/stage*.json``) when
+present, each PSNR threshold beside its information ceiling, the floor and the fraction of the
+achievable gain (a threshold above the ceiling: "unreachable on this data"). Which
 metrics, in which order and under which label: :mod:`xct_core.metric_table` (use ``report``).
 Everything is written atomically (temp file + rename).
 """
@@ -34,6 +38,7 @@ import numpy as np
 from xct_core.atomic import write_text_atomic
 from xct_core.errors import XctError
 from xct_core.hu import HUWindow
+from xct_core.intervals import BOOTSTRAP, bootstrap_interval
 from xct_core.metric_table import PREDICTIONS, entry, label, names_for
 from xct_core.viz import PLANES, Panel, orthogonal_slice, save_image_grid, slice_aspect
 
@@ -182,6 +187,24 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _with_interval(mean: Any, values: Sequence[Any]) -> Any:
+    """``mean [low, high]`` (the patient bootstrap interval of ``values``), or ``mean`` alone."""
+    iv = bootstrap_interval([v for v in values if isinstance(v, (int, float, np.floating))]).get("interval")
+    if iv is None or not isinstance(mean, (int, float, np.floating)) or not math.isfinite(float(mean)):
+        return mean
+    return f"{_fmt(mean)} [{_fmt(iv[0])}, {_fmt(iv[1])}]"
+
+
+def _gate_ceiling(ch: Mapping[str, Any], ceiling: Mapping[str, Any] | None) -> str:
+    """The ceiling cell of a gate check: ceiling, floor, gain fraction, unreachable flag."""
+    if ch.get("ceiling") is None:
+        known = (ceiling or {}).get("known")
+        return "unknown" if known is False and not ch.get("baseline") and str(ch.get("metric", "")).startswith("psnr") else ""
+    gain = ch.get("achievable_fraction")
+    text = f"{_fmt(ch['ceiling'])} (floor {_fmt(ch.get('floor'))}" + (f", gain {gain:.0%})" if isinstance(gain, float) else ")")
+    return text + (" — unreachable on this data" if ch.get("unreachable") else "")
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -242,9 +265,14 @@ def build_report(
     if ref:
         cols = [(p.report, p.prefix) for p in PREDICTIONS
                 if p.report is not None and (p.prefix == "" or any(k.startswith(p.prefix) for k in ref))]
-        rows = [[label(key, label_context)] + [ref.get(prefix + key) for _, prefix in cols] for key in compared
-                if key in ref]
+        patients = summary is not None and len(cases) >= BOOTSTRAP.min_patients
+        rows = [[label(key, label_context)] + [
+            _with_interval(ref.get(prefix + key), [c.metrics.get(prefix + key) for c in cases]) if patients
+            else ref.get(prefix + key) for _, prefix in cols] for key in compared if key in ref]
         parts.append("<h2>Cascade and baselines" + (" (patient means)" if summary is not None else "") + "</h2>")
+        if patients:
+            parts.append(f"<p class='note'>mean [low, high]: patient bootstrap {BOOTSTRAP.confidence_level:.0%} "
+                         f"interval ({BOOTSTRAP.method}, {BOOTSTRAP.n_resamples} resamples, seed {BOOTSTRAP.seed})</p>")
         parts.append(_table(["metric"] + [c for c, _ in cols], rows))
     if len(cases) > 1 or (cases and summary is not None):
         keys = [k for k in compared if any(k in c.metrics for c in cases)]
@@ -263,11 +291,17 @@ def build_report(
         rows = []
         for g in gates:
             for ch in g.get("checks") or []:
+                iv = ch.get("interval") or ch.get("change_interval")
+                value = ch.get("value")
+                if iv:
+                    what = "change" if ch.get("change_interval") else ""
+                    value = f"{_fmt(value)} ({what + ' ' if what else ''}95% [{_fmt(iv[0])}, {_fmt(iv[1])}])"
+                result = ("pass" if ch.get("passed") else "FAIL") if ch.get("gating", True) else "info"
                 rows.append([f"stage{g.get('stage')}", ch.get("metric"), ch.get("op"), ch.get("threshold"),
-                             ch.get("value"), "pass" if ch.get("passed") else "FAIL"])
+                             value, result, _gate_ceiling(ch, g.get("ceiling"))])
             if not g.get("checks"):
-                rows.append([f"stage{g.get('stage')}", g.get("summary") or g.get("reason"), "", "", "", "—"])
-        parts.append(_table(["stage", "metric", "op", "threshold", "value", "result"], rows))
+                rows.append([f"stage{g.get('stage')}", g.get("summary") or g.get("reason"), "", "", "", "—", ""])
+        parts.append(_table(["stage", "metric", "op", "threshold", "value", "result", "ceiling (floor, gain)"], rows))
     if curves:
         parts.append("<h2>Training curves</h2>")
         parts.extend(_img(p, base, f"{stage} training loss") for stage, p in curves.items())

@@ -4,7 +4,7 @@ and its vessel trees."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -222,6 +222,31 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         rng.standard_normal((_TEX_N[1],) * 3).astype(np.float32),
     )
     return Anatomy(**kw)
+
+
+#: what :func:`redraw_nonidentifiable` re-draws: the parts of a patient that barely change the
+#: two X-rays (a few tenths of a percent of the projection range; xct_core/ceiling.py measures it)
+REDRAWN_PARTS: tuple[str, ...] = (
+    "abdominal fat/bowel mixture field (texture[1])",
+    "fine tissue texture (texture[0])",
+    "pulmonary vessel tree below the hila (segmental branches)",
+    "image noise (make_phantom's noise stream)",
+)
+
+
+def redraw_nonidentifiable(an: Anatomy, rng: np.random.Generator) -> Anatomy:
+    """``an`` with the parts in :data:`REDRAWN_PARTS` (bar the image noise, which
+    :func:`xct_core.phantoms.make_phantom` draws) re-drawn from ``rng``; everything else —
+    outline, organs, bones, heart, HU of every tissue, the vessel trunks — kept.
+
+    Two re-draws of one patient are two exact samples of the generator's posterior over those
+    parts given the rest: what no reconstruction from the X-rays can tell apart."""
+    vessels = _pulmonary_tree(an, rng)
+    texture = (
+        rng.standard_normal((_TEX_N[0],) * 3).astype(np.float32),
+        rng.standard_normal((_TEX_N[1],) * 3).astype(np.float32),
+    )
+    return replace(an, vessels=vessels, texture=texture)
 
 
 class _PartialAnatomy(Anatomy):

@@ -52,8 +52,10 @@ def synth_phantom(
     spacing_mm: float,
     contrast_fraction: float = 0.5,
     noise_hu: float = 12.0,
+    redraw: int | None = None,
 ) -> SynthPhantom:
-    """Phantom ``index`` of the data set ``seed``.
+    """Phantom ``index`` of the data set ``seed`` (``redraw``: a seed that re-draws its
+    non-identifiable parts, :func:`xct_core.phantoms.make_phantom`; ``None`` = as written).
 
     The contrast draw is always taken first from the phantom's stream, so the anatomy of
     phantom ``index`` does not depend on ``contrast_fraction`` or on the other phantoms.
@@ -62,7 +64,7 @@ def synth_phantom(
         raise ValueError(f"contrast_fraction must be in [0, 1], got {contrast_fraction}")
     rng = phantom_rng(seed, index)
     contrast = bool(rng.random() < contrast_fraction)
-    hu, labels, affine = make_phantom(size, spacing_mm, rng, contrast=contrast, noise_hu=noise_hu)
+    hu, labels, affine = make_phantom(size, spacing_mm, rng, contrast=contrast, noise_hu=noise_hu, redraw=redraw)
     return SynthPhantom(index, hu, labels, affine, contrast)
 
 

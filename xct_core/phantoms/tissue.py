@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from xct_core.phantoms.anatomy import Anatomy, sample_anatomy
+from xct_core.phantoms.anatomy import Anatomy, redraw_nonidentifiable, sample_anatomy
 from xct_core.phantoms.labels import HU_MAX, HU_MIN, MIN_SIZE, NOMINAL_HU, Label
 from xct_core.phantoms.raster import (
     _Grid,
@@ -64,6 +64,7 @@ def make_phantom(
     contrast: bool = False,
     noise_hu: float = 12.0,
     blur_vox: float = 0.5,
+    redraw: int | Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One torso phantom on an isotropic ``size``³ grid of ``spacing_mm`` voxels.
 
@@ -73,6 +74,11 @@ def make_phantom(
     ``contrast`` selects IV contrast (enhanced blood, heart chambers, organs).
     ``noise_hu``: standard deviation of white noise; ``blur_vox``: Gaussian PSF σ in voxels
     (anti-aliasing of the analytic edges), applied before the noise.
+    ``redraw``: ``None`` (default: the phantom exactly as always) or a seed: the same patient
+    (the same draws from ``rng_or_seed``) with the parts that barely change the X-rays —
+    fat/bowel field, fine texture, vessel tree below the hila, image noise
+    (:data:`xct_core.phantoms.anatomy.REDRAWN_PARTS`) — re-drawn from that seed
+    (:func:`xct_core.phantoms.anatomy.redraw_nonidentifiable`); used by :mod:`xct_core.ceiling`.
     """
     if int(size) != size or size < MIN_SIZE:
         raise ValueError(f"size must be an integer >= {MIN_SIZE}, got {size!r}")
@@ -83,6 +89,10 @@ def make_phantom(
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     an = sample_anatomy(rng)
     noise_rng = np.random.default_rng(rng.integers(0, 2**63))
+    if redraw is not None:  # after every default draw: the rest of the patient is unchanged
+        again = np.random.default_rng(redraw)
+        an = redraw_nonidentifiable(an, again)
+        noise_rng = np.random.default_rng(again.integers(0, 2**63))
     grid = _Grid(int(size), float(spacing_mm))
     lab, ves = _rasterise(an, grid)
     hu = _hu_from_labels(an, grid, lab, ves, contrast)

@@ -1,0 +1,116 @@
+"""The information ceiling (xct_core/ceiling.py) and the generator's re-draw option."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xct_core.ceiling import (
+    cached_stage_ceiling,
+    ceiling_key,
+    stage_ceiling,
+    two_draw_bound_db,
+    xray_change,
+)
+from xct_core.config import Params, params_from_dict
+from xct_core.gates import achievable_fraction
+from xct_core.phantoms import Label, synth_phantom
+
+
+def test_default_phantom_is_bit_identical_to_before_the_redraw_option() -> None:
+    """The sha256 of phantom 0 of seed 0 at 32³ (int16 HU as saved to NIfTI), recorded from
+    main before the re-draw option existed: the default output did not move."""
+    ph = synth_phantom(0, 0, 32, 12.8)
+    assert hashlib.sha256(np.rint(ph.hu).astype(np.int16).tobytes()).hexdigest() == (
+        "fb93259636e19b6c11b2ab09bfffe32dd4775d6126d7d3c1b973689964bf8c33")
+    assert np.array_equal(ph.hu, synth_phantom(0, 0, 32, 12.8, redraw=None).hu)
+
+
+def test_redraw_changes_only_the_non_identifiable_parts() -> None:
+    a = synth_phantom(0, 1, 32, 12.8, redraw=[1, 1, 0])
+    b = synth_phantom(0, 1, 32, 12.8, redraw=[1, 1, 1])
+    again = synth_phantom(0, 1, 32, 12.8, redraw=[1, 1, 0])
+    assert np.array_equal(a.hu, again.hu)  # seeded
+    assert not np.array_equal(a.hu, b.hu)
+    assert a.contrast == b.contrast
+    changed = a.labels != b.labels
+    allowed = {int(Label.LUNG), int(Label.LUNG_VESSEL), int(Label.FAT), int(Label.BOWEL)}
+    assert changed.any()
+    assert set(np.unique(a.labels[changed])) | set(np.unique(b.labels[changed])) <= allowed
+    for lab in (Label.VERTEBRA, Label.LIVER, Label.AIR):  # bones, organs, outline: untouched
+        assert np.array_equal(a.labels == lab, b.labels == lab)
+
+
+def test_two_draw_bound_is_the_mmse_of_an_exact_posterior_toy() -> None:
+    """x = r + z with z invisible (z ~ N(0, σ²) given the data): the best estimate is r, its
+    MSE σ²; two exact posterior draws differ by 2σ² in MSE, so PSNR(A, B) + 3.01 dB is the PSNR
+    of the posterior mean."""
+    rng = np.random.default_rng(0)
+    n, sigma = 400_000, 0.07
+    r = rng.uniform(-1, 1, n)
+    x = r + sigma * rng.standard_normal(n)
+    a, b = r + sigma * rng.standard_normal(n), r + sigma * rng.standard_normal(n)
+
+    def psnr(p: np.ndarray, q: np.ndarray) -> float:
+        return 10 * math.log10(4.0 / float(((p - q) ** 2).mean()))
+
+    assert two_draw_bound_db(psnr(a, b)) == pytest.approx(psnr(r, x), abs=0.02)
+    assert two_draw_bound_db(psnr(a, b)) - psnr(a, b) == pytest.approx(3.0103, abs=1e-4)
+    # no estimator beats it: e.g. a single draw, or a shrunk mean
+    assert psnr(a, x) < two_draw_bound_db(psnr(a, b)) and psnr(0.9 * r, x) < two_draw_bound_db(psnr(a, b))
+
+
+def test_achievable_fraction() -> None:
+    assert achievable_fraction(25.0, 15.0, 35.0) == pytest.approx(0.5)
+    assert achievable_fraction(15.0, 15.0, 35.0) == 0.0 and achievable_fraction(35.0, 15.0, 35.0) == 1.0
+    assert math.isnan(achievable_fraction(25.0, 15.0, math.nan))
+    assert math.isnan(achievable_fraction(25.0, 30.0, 30.0))  # no gain possible
+
+
+def _small() -> Params:
+    data = Params().model_dump(mode="json")
+    data["data"]["synth"].update(size=32, spacing_mm=12.8)
+    return params_from_dict(data)
+
+
+def test_stage_ceiling_on_small_phantoms_is_cached_by_its_inputs(tmp_path: Path) -> None:
+    p = _small()
+    c = cached_stage_ceiling(p, 1, tmp_path, phantoms=1, seed=1)
+    assert "cached" not in c
+    m = c["metrics"]["psnr_window_db"]
+    assert c["known"] and len(m["per_phantom_db"]) == 1
+    assert m["ceiling_db"] == pytest.approx(m["two_draw_db"] + 10 * math.log10(2), abs=1e-9)  # one phantom
+    body = c["metrics"]["psnr_window_body_db"]["ceiling_db"]
+    assert body < m["ceiling_db"]  # the air outside the body is identical in both re-draws
+    files = sorted(f.name for f in tmp_path.iterdir())
+    assert len(files) == p.n_stages and all(f.endswith(".json") for f in files)  # every stage from one synthesis
+    hit = cached_stage_ceiling(p, 1, tmp_path, phantoms=1, seed=1)
+    assert hit["cached"] and hit["metrics"] == c["metrics"]
+    # another generator setting or grid is another key (never a stale hit)
+    data = p.model_dump(mode="json")
+    data["data"]["synth"]["noise_hu"] = 30.0
+    assert ceiling_key(params_from_dict(data), 1, 1, 1) != ceiling_key(p, 1, 1, 1)
+    assert ceiling_key(p, 2, 1, 1) != ceiling_key(p, 1, 1, 1) and ceiling_key(p, 1, 2, 1) != ceiling_key(p, 1, 1, 1)
+    data = p.model_dump(mode="json")
+    data["data"]["synth"]["n"] = 7  # the data-set size does not shape the ceiling
+    assert ceiling_key(params_from_dict(data), 1, 1, 1) == ceiling_key(p, 1, 1, 1)
+    # a damaged cache file is recomputed, not trusted
+    path = tmp_path / f"stage1-{ceiling_key(p, 1, 1, 1)}.json"
+    path.write_text("{not json")
+    again = cached_stage_ceiling(p, 1, tmp_path, phantoms=1, seed=1)
+    assert "cached" not in again and again["metrics"] == c["metrics"]  # deterministic
+    assert json.loads(path.read_text())["key"] == ceiling_key(p, 1, 1, 1)
+    assert stage_ceiling(p, 1, phantoms=1, seed=1)["metrics"] == c["metrics"]
+
+
+def test_redraw_barely_changes_the_xrays() -> None:
+    """The re-drawn parts move the line integrals by well under a few percent of their range."""
+    ch = xray_change(_small(), phantoms=1)
+    for view in ("frontal", "lateral"):
+        assert 0.0 < ch[f"{view}_mean_pct"] < 3.0
+        assert ch[f"{view}_mean_pct"] <= ch[f"{view}_rms_pct"] <= ch[f"{view}_max_pct"]
