@@ -56,12 +56,14 @@ __all__ = [
     "CALIBRATION_FORMAT",
     "CALIBRATION_JSON",
     "COVERAGE_LEVELS",
+    "PSD_BANDS",
     "Calibration",
     "CaseScores",
     "ause",
     "band_power",
     "conformal_quantile",
     "coverage",
+    "coverage_curve",
     "fit_calibration",
     "fit_conformal",
     "fit_sigma_scale",
@@ -79,6 +81,8 @@ CALIBRATION_JSON = "calibration.json"
 CALIBRATION_FORMAT = "xct-calibration/1"
 #: nominal levels of the calibration plot (expected vs observed coverage)
 COVERAGE_LEVELS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+#: radial bands of [0, Nyquist] of the power-spectrum ratio (the top one is reported)
+PSD_BANDS = 5
 
 
 def _flat(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -322,6 +326,28 @@ def fit_calibration(cases: Sequence[CaseScores], *, stage: int, samples: int, le
     return Calibration(stage=stage, samples=samples, level=float(level), q=qs[float(level)], sigma_scale=s,
                        floor_hu=float(floor_hu), quantiles={f"{a:g}": v for a, v in qs.items()},
                        fitted_on={**(fitted_on or {}), "n_voxels": int(scores.size)}, point_estimate=point_estimate)
+
+
+def coverage_curve(cases: Sequence[CaseScores], calibration: Calibration | None, k: int,
+                   levels: Sequence[float] = COVERAGE_LEVELS) -> dict[str, Any]:
+    """Expected vs observed coverage over the pooled voxels of ``cases`` (the calibration
+    plot; ``k``: the samples per case): the Gaussian interval ``point ± z_p · std`` raw and recalibrated (``z_p · s · std``),
+    and the conformal interval with the val quantile of each level; plus the pooled rank
+    histogram."""
+    from scipy.stats import norm
+
+    scores = np.concatenate([c.scores for c in cases]) if cases else np.empty(0)
+    ranks = np.concatenate([c.ranks for c in cases]) if cases else np.empty(0, dtype=np.int64)
+    z = [float(norm.ppf(0.5 + a / 2)) for a in levels]
+    out: dict[str, Any] = {"levels": [float(a) for a in levels], "n_voxels": int(scores.size),
+                           "gaussian_raw": [coverage(scores, zi) for zi in z]}
+    if calibration is not None:
+        out["gaussian_recal"] = [coverage(scores, zi * calibration.sigma_scale) for zi in z]
+        qs = calibration.quantiles
+        out["conformal"] = [coverage(scores, qs[f"{a:g}"]) if f"{a:g}" in qs else math.nan for a in levels]
+    if ranks.size:
+        out["rank_histogram"] = [float(v) for v in rank_histogram(ranks, k)]
+    return out
 
 
 def read_calibration(path: str | Path) -> Calibration:
