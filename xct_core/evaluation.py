@@ -464,12 +464,13 @@ def evaluate_stage(
     log: Callable[[str], None] | None = None,
     calibration: Calibration | None = None,
     max_volumes: int | None = None,
+    on_case: Callable[[CaseResult], None] | None = None,
 ) -> EvalResult:
     """Run the cascade 1 … ``k`` of ``train_dir`` on ``split`` and measure stage ``k`` with
     :func:`evaluate_case` (the mean-volume baseline from the TRAIN split; the direct twin when
     ``models/stageK/direct.pt`` exists). ``steps`` overrides the steps rule; ``calibration``
     (fitted on val) adds the calibrated metrics; ``max_volumes`` default
-    ``eval.max_volumes``. Raises :class:`InputError` for a missing model or data file, or an
+    ``eval.max_volumes``; ``on_case`` sees each :class:`CaseResult` (benchmarks). Raises :class:`InputError` for a missing model or data file, or an
     empty split."""
     say = log or (lambda _m: None)
     protocol = protocol or EvalProtocol.from_params(params)
@@ -501,6 +502,8 @@ def evaluate_stage(
                             baseline_hu=base_hu, reprojection=reprojection, device=dev,
                             point_estimate=params.eval.point_estimate, calibration=calibration,
                             floor_hu=params.eval.calibration.floor_hu)
+        if on_case is not None:
+            on_case(res)
         rows.append(res.row)
         band_rows.append(res.band_ratios)
         if res.scores is not None:
