@@ -58,7 +58,12 @@ def run_evaluate(
     protocol = EvalProtocol.from_params(params)
     calibration, fit_s = None, 0.0
     c = params.eval.calibration
-    if c.fit and split != "val" and params.eval.samples_for(params.stage(stage).name) > 1:
+    from xct_core.preprocess import read_manifest
+
+    has_val = bool(read_manifest(Path(processed_dir))["splits"].get("val"))
+    if c.fit and split != "val" and params.eval.samples_for(params.stage(stage).name) > 1 and not has_val:
+        say(f"stage{stage}: no val split: uncertainty calibration not fitted (raw std only)")
+    elif c.fit and split != "val" and params.eval.samples_for(params.stage(stage).name) > 1:
         t0 = time.monotonic()
         val = evaluate_stage(params, processed_dir, train_dir, stage, protocol=protocol, split="val", device=device,
                              log=say, max_volumes=c.val_max_volumes)
