@@ -289,6 +289,11 @@ def test_evaluate_two_cts_metrics_baselines_and_report(env: dict[str, Any], tmp_
     p = env["params"]
     assert f"σ {p.eval.ssim_sigma:g}, {ssim_taps(p.stage(2).size, p.eval.ssim_win)}³, range 2" in html
     assert (out / "recon" / "pat0.nii.gz").is_file() and (out / "per_patient.csv").read_text().count("\n") == 3
+    # K = 2: the calibration plot is in the report; no calibration.json in a training folder: one note, raw metrics
+    assert "Uncertainty calibration" in html and "images/calibration.png" in srcs
+    assert sum("no calibration" in ln for ln in err.splitlines()) == 1
+    assert "spread_skill" in doc["mean"] and "conformal_coverage" not in doc["mean"]
+    assert len(doc["calibration_curve"]["rank_histogram"]) == 3
 
 
 @pytest.mark.timeout(120)
@@ -300,9 +305,22 @@ def test_registered_model_uri_resolves_through_mlflow(env: dict[str, Any], tmp_p
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     gate = tmp_path / "stage1.json"
     gate.write_text(json.dumps({"stage": 1, "passed": True, "checks": []}))
+    from xct_core.calibration import Calibration
+
+    ev = tmp_path / "eval" / "stage2"  # the evaluate step's folder: metrics.json + the val-fitted calibration.json
+    ev.mkdir(parents=True)
+    (ev / "metrics.json").write_text(json.dumps({"psnr_window_db": 20.0, "test_ids_hash": "x"}))
+    (ev / "calibration.json").write_text(json.dumps(
+        Calibration(stage=2, samples=2, level=0.9, q=1.7, sigma_scale=1.3, floor_hu=1.0).to_json()))
     r = register_cascade(env["train"], {2: {"psnr_window_db": 20.0, "test_ids_hash": "x"}}, {1: gate},
-                         env["params"], tracking_uri=uri)
+                         env["params"], tracking_uri=uri, eval_files={2: ev / "metrics.json"})
     assert r.alias == "champion"
+    # the registered model carries the calibration: K = 2 from models:/ writes the interval
+    code, _, err = xct(_args(env, tmp_path / "k2" / "ct.nii.gz", "--samples", "2", model="models:/xct-cascade@champion"),
+                       capsys)
+    assert code == 0, err
+    assert (tmp_path / "k2" / "ct_lo.nii.gz").is_file() and (tmp_path / "k2" / "ct_hi.nii.gz").is_file()
+    assert json.loads((tmp_path / "k2" / "ct.qa.json").read_text())["uncertainty"]["calibration"]["q"] == 1.7
     a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
     code, _, err = xct(_args(env, a, model="models:/xct-cascade@champion"), capsys)
     assert code == 0, err

@@ -566,6 +566,7 @@ def evaluate_cts(
     train_mean_hu: np.ndarray | None = None,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
+    calibration: Calibration | None = None,
 ) -> tuple[list[CaseResult], dict[str, Any]]:
     """Evaluate user CTs (``xct evaluate``): each a :func:`ct_case`, measured by
     :func:`evaluate_case`; returns the cases and the summary.
@@ -574,7 +575,8 @@ def evaluate_cts(
     output grid) when given; otherwise — the model artifacts carry no train mean — the
     voxel-wise mean of the OTHER evaluated CTs' targets (leave-one-out; needs >= 2 CTs),
     else none. The summary: ``mean`` (patient means; ``*nan_count`` summed), ``n_patients``,
-    ``baseline`` (which mean volume, or why none), ``has_direct``, ``sample_steps``, ``seeds``.
+    ``baseline`` (which mean volume, or why none), ``has_direct``, ``sample_steps``, ``seeds``,
+    and with K > 1 ``calibration_curve`` (``calibration``: the model's val-fitted one, applied).
     """
     say = log or (lambda _m: None)
     protocol = protocol or EvalProtocol.from_params(params)
@@ -601,7 +603,8 @@ def evaluate_cts(
         else:
             base = None
         res = evaluate_case(case, list(stages[:n]), params, protocol, sampler=sampler, samples=samples, seed=seed,
-                            direct=direct, baseline_hu=base, device=device)
+                            direct=direct, baseline_hu=base, device=device, point_estimate=params.eval.point_estimate,
+                            calibration=calibration, floor_hu=params.eval.calibration.floor_hu)
         m = res.metrics
         say(f"{case.id}: PSNR(window) {m['psnr_window_db']:.2f} dB, PSNR[{protocol.hu_range[0]:g},"
             f"{protocol.hu_range[1]:g}] {m['psnr_hu_db']:.2f} dB, SSIM {m['ssim_window']:.3f}, MAE {m['mae_hu']:.1f} HU")
@@ -616,7 +619,13 @@ def evaluate_cts(
         "sample_steps": results[0].recon.steps,
         "samples": samples,
         "seeds": {r.case_id: r.recon.seeds for r in results},
+        "point_estimate": params.eval.point_estimate,
     }
+    scores = [r.scores for r in results if r.scores is not None]
+    if scores:
+        summary["calibration_curve"] = cal.coverage_curve(scores, calibration, samples)
+    if calibration is not None:
+        summary["calibration"] = calibration.to_json()
     return results, summary
 
 

@@ -327,6 +327,9 @@ def evaluate_cmd(
     processed: Annotated[Optional[Path], typer.Option("--processed", help="processed data folder whose TRAIN "
                                                       "split gives the mean-volume baseline")] = None,
     gates: Annotated[Path, typer.Option("--gates", help="gate reports shown in the HTML (when present)")] = Path("reports/gates"),
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="calibration.json fitted on val "
+                                                        "(default: the registered model's): conformal coverage, "
+                                                        "recalibrated spread-skill")] = None,
     train_dir: Annotated[Optional[Path], typer.Option("--train-dir", help="training folder for the loss curves "
                                                       "(default: the model's, else params train.out_dir)")] = None,
     params: ParamsOpt = None,
@@ -361,6 +364,10 @@ def evaluate_cmd(
         direct = None
         if resolved.direct is not None and n == len(nets):
             direct = load_stage(resolved.direct, mp, n, device)
+        cal, cal_line = usable_calibration(calibration or resolved.calibration, n, k)
+    if cal_line and cal is None:
+        print(note_line(cal_line.replace("writing the raw sample std and no interval", "raw calibration metrics only")),
+              file=sys.stderr)
     train_mean = None
     if processed is not None:
         from xct_core.evaluation import mean_volume_baseline
@@ -369,7 +376,7 @@ def evaluate_cmd(
     protocol = EvalProtocol.from_params(mp)
     cases, summary = evaluate_cts(cts, nets, mp, protocol=protocol, steps=steps, samples=k, seed=seed, upto=n,
                                   direct=direct, train_mean_hu=train_mean, device=device,
-                                  log=lambda m: typer.echo(printable(m), err=True))
+                                  log=lambda m: typer.echo(printable(m), err=True), calibration=cal)
     if processed is not None:
         summary["baseline"] += f" ({processed})"
     window = protocol.window
@@ -398,6 +405,16 @@ def evaluate_cmd(
     tdir = train_dir or (resolved.local_path if resolved.layout == "training" else Path(local.train.out_dir))
     curves = save_training_curves(tdir, img_dir) if tdir.is_dir() else {}
     images += list(curves.values())
+    cal_plots: dict[str, Path] = {}
+    if summary.get("calibration_curve"):
+        from xct_core.report import save_calibration_plot
+
+        mm = summary["mean"]
+        cal_plots["calibration: expected vs observed coverage, rank histogram"] = save_calibration_plot(
+            summary["calibration_curve"], img_dir / "calibration.png",
+            f"{summary['n_patients']} CT(s): spread-skill {mm.get('spread_skill', float('nan')):.2f}, conformal "
+            f"coverage {mm.get('conformal_coverage', float('nan')):.3f} (K = {k})")
+        images += list(cal_plots.values())
     gate_docs = read_gate_reports(gates) if gates.is_dir() else []
     notes = [f"mean-volume baseline: {summary['baseline']}", f"SSIM: {described['ssim_window']}",
              "literature numbers are often slice averages (several dB higher than 3D PSNR): compare like with like"]
@@ -407,7 +424,7 @@ def evaluate_cmd(
                              info={"model": model, "CTs": str(ct), "patients": summary["n_patients"],
                                    "stages run": n, "DDIM steps": summary["sample_steps"], "samples": k,
                                    "direct baseline": "yes" if direct is not None else "no (no direct.pt)"},
-                             label_context=protocol.label_context(mp.stage(n).size))
+                             label_context=protocol.label_context(mp.stage(n).size), calibration=cal_plots)
     write_text_atomic(out / "metrics.json", json_text(doc))
     write_text_atomic(out / "per_patient.csv", rows_csv(doc["patients"]))
     log_report_to_mlflow(html_path, images)
