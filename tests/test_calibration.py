@@ -168,3 +168,35 @@ def test_fit_calibration_round_trips_through_json(tmp_path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(InputError, match="bad.json"):
         C.read_calibration(tmp_path / "bad.json")
+
+
+def test_reconstruct_hands_out_the_anchor_and_keeps_the_samples() -> None:
+    """eval.point_estimate: anchor = the anchored stage's twin output (HU), identical for every
+    sample at stage 1; mean = the K-mean; the kept samples give exactly the std."""
+    import torch
+    from train_fixtures import tiny_params
+
+    from xct_core.config import params_from_dict
+    from xct_core.errors import ConfigError
+    from xct_core.inference import reconstruct
+    from xct_core.models import AnchoredStage, build_stage
+
+    d = tiny_params(eval={"sample_steps": 1}).model_dump(mode="json")
+    d["stages"]["stage1"].update(anchor="direct", residual_scale=0.2)
+    p = params_from_dict(d)
+    torch.manual_seed(0)
+    twin = build_stage(p, 1, mode="direct").eval()
+    stage = AnchoredStage(build_stage(p, 1).eval(), twin)
+    px = p.drr.pixels
+    f, lat = np.full((px, px), 0.5, np.float32), np.full((px, px), 0.4, np.float32)
+    rec = reconstruct([stage], p, f, lat, samples=3, seed=1, keep_samples=True)
+    with torch.no_grad():
+        mu = twin(None, None, torch.from_numpy(f)[None, None], torch.from_numpy(lat)[None, None], None, None)
+    want = p.hu.net_map().inverse(mu.clamp(-1, 1)[0, 0].double().numpy())
+    np.testing.assert_allclose(rec.point_hu("anchor"), want, atol=1e-2)
+    assert rec.point_hu("mean") is rec.mean_hu and rec.samples_hu.shape == (3, *rec.mean_hu.shape)
+    np.testing.assert_allclose(rec.samples_hu.std(0, ddof=1), rec.std_hu, atol=1e-2)
+    plain = reconstruct([build_stage(tiny_params(), 1).eval()], tiny_params(eval={"sample_steps": 1}), f, lat, samples=2)
+    assert plain.anchor_hu is None and plain.samples_hu is None
+    with pytest.raises(ConfigError, match="anchored"):
+        plain.point_hu("anchor")
