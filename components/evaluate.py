@@ -65,8 +65,9 @@ def run_evaluate(
         say(f"stage{stage}: no val split: uncertainty calibration not fitted (raw std only)")
     elif c.fit and split != "val" and params.eval.samples_for(params.stage(stage).name) > 1:
         t0 = time.monotonic()
+        # the fit needs the samples and the truth only: no reprojection on val
         val = evaluate_stage(params, processed_dir, train_dir, stage, protocol=protocol, split="val", device=device,
-                             log=say, max_volumes=c.val_max_volumes)
+                             log=say, max_volumes=c.val_max_volumes, reprojection=False)
         calibration = fit_stage_calibration(val, params)
         fit_s = time.monotonic() - t0
         if calibration is not None:
