@@ -238,9 +238,8 @@ def reconstruct_cmd(
                               "calibration": cal.to_json() if cal is not None else None, "note": cal_line}
     save_nifti(paths["mean"], point, rec.affine, f"xct {mp.eval.point_estimate} of K={rec.samples} (HU)")
     if std_out is not None:
-        save_nifti(paths["std"], std_out, rec.affine,
-                   f"xct {'recalibrated std s=%.3g' % cal.sigma_scale if cal is not None else 'raw sample std'} "
-                   f"K={rec.samples} (HU)")
+        what = f"recalibrated std s={cal.sigma_scale:.3g}" if cal is not None else "raw sample std"
+        save_nifti(paths["std"], std_out, rec.affine, f"xct {what} K={rec.samples} (HU)")
     if cal is not None:
         lo, hi = cal.interval(point, rec.std_hu)
         what = f"xct {cal.level:.0%} conformal interval"
