@@ -73,7 +73,7 @@ def output_paths(out: Path) -> dict[str, Path]:
             "hi": stem.with_name(stem.name + "_hi" + suf), "qa": stem.with_name(stem.name + ".qa.json")}
 
 
-def usable_calibration(path: Path | None, stage: int, samples: int) -> tuple[Any, str]:
+def usable_calibration(path: Path | None, stage: int, samples: int, point_estimate: str = "mean") -> tuple[Any, str]:
     """(the :class:`~xct_core.calibration.Calibration` to apply or None, the line that says
     which std and interval are written)."""
     if samples < 2:
@@ -84,6 +84,9 @@ def usable_calibration(path: Path | None, stage: int, samples: int) -> tuple[Any
     from xct_core.calibration import read_calibration
 
     cal = read_calibration(path)
+    if cal.point_estimate != point_estimate:
+        return None, (f"{path}: calibration fitted around the {cal.point_estimate}, this model's point estimate is "
+                      f"the {point_estimate}: writing the raw sample std and no interval")
     if cal.stage != stage or cal.samples != samples:
         return None, (f"{path}: calibration fitted for stage {cal.stage} at K = {cal.samples}, this run is stage "
                       f"{stage} at K = {samples}: writing the raw sample std and no interval")
@@ -209,7 +212,8 @@ def reconstruct_cmd(
         for w in input_warnings:  # what the inputs' metadata could not pin down, before sampling
             _warn(w)
         nets = load_stages(resolved.stage_files, mp, device)
-        cal, cal_line = usable_calibration(calibration or resolved.calibration, stages or resolved.n_stages, k)
+        cal, cal_line = usable_calibration(calibration or resolved.calibration, stages or resolved.n_stages, k,
+                                           mp.eval.point_estimate)
     rec = reconstruct(nets, mp, xf.image, xl.image, isocenter=iso, steps=steps, samples=k, seed=seed,
                       upto=stages, device=device, log=lambda m: typer.echo(printable(m), err=True))
     point = rec.point_hu(mp.eval.point_estimate)
@@ -363,7 +367,7 @@ def evaluate_cmd(
         direct = None
         if resolved.direct is not None and n == len(nets):
             direct = load_stage(resolved.direct, mp, n, device)
-        cal, cal_line = usable_calibration(calibration or resolved.calibration, n, k)
+        cal, cal_line = usable_calibration(calibration or resolved.calibration, n, k, mp.eval.point_estimate)
     if cal_line and cal is None:
         print(note_line(cal_line.replace("writing the raw sample std and no interval", "raw calibration metrics only")),
               file=sys.stderr)
