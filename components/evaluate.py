@@ -9,6 +9,12 @@ Output folder (``reports/eval/stageK``, :class:`xct_core.layout.ReportLayout`)::
                       register steps and by ``dvc metrics``
     per_patient.csv   one row per test volume (= patient in the demo/LIDC data), for ``dvc plots``
     montage.png       axial/coronal/sagittal slices of the first test volume
+    calibration.json  (eval.samples > 1 and eval.calibration.fit) σ-recalibration s and the
+                      split-conformal quantile q fitted on the VAL split
+                      (:class:`xct_core.calibration.Calibration`; also under ``calibration`` in
+                      metrics.json; the register step ships it with the model, ``xct
+                      reconstruct`` applies it); the test metrics check it
+    calibration.png   expected vs observed coverage + rank histogram (K > 1)
 
 Science in :mod:`xct_core.evaluation` (THE evaluator; stage K fed by stage K−1's samples, as in
 production). This adapter builds the evaluation protocol (the window) once from params and
@@ -44,11 +50,35 @@ def run_evaluate(
 ) -> dict[str, Any]:
     """Evaluate stage ``stage`` and write the reports into ``out_dir``; returns the summary
     metrics (the content of ``metrics.json``)."""
-    from xct_core.evaluation import EvalProtocol, evaluate_stage, write_eval_reports
+    import time
+
+    from xct_core.evaluation import EvalProtocol, evaluate_stage, fit_stage_calibration, write_eval_reports
 
     say = log or (lambda _m: None)
     protocol = EvalProtocol.from_params(params)
-    res = evaluate_stage(params, processed_dir, train_dir, stage, protocol=protocol, split=split, device=device, log=say)
+    calibration, fit_s = None, 0.0
+    c = params.eval.calibration
+    from xct_core.preprocess import read_manifest
+
+    has_val = bool(read_manifest(Path(processed_dir))["splits"].get("val"))
+    if c.fit and split != "val" and params.eval.samples_for(params.stage(stage).name) > 1 and not has_val:
+        say(f"stage{stage}: no val split: uncertainty calibration not fitted (raw std only)")
+    elif c.fit and split != "val" and params.eval.samples_for(params.stage(stage).name) > 1:
+        t0 = time.monotonic()
+        # the fit needs the samples and the truth only: no reprojection on val
+        val = evaluate_stage(params, processed_dir, train_dir, stage, protocol=protocol, split="val", device=device,
+                             log=say, max_volumes=c.val_max_volumes, reprojection=False)
+        calibration = fit_stage_calibration(val, params)
+        fit_s = time.monotonic() - t0
+        if calibration is not None:
+            say(f"stage{stage} calibration fitted on {len(val.ids)} val volumes in {fit_s:.0f} s: "
+                f"spread-skill {val.metrics.get('spread_skill', float('nan')):.2f} raw → s = "
+                f"{calibration.sigma_scale:.2f}; conformal q({calibration.level:g}) = {calibration.q:.2f}")
+    res = evaluate_stage(params, processed_dir, train_dir, stage, protocol=protocol, split=split, device=device, log=say,
+                         calibration=calibration)
+    if calibration is not None:
+        res.metrics["calibration_fit_s"] = round(fit_s, 1)
+        res.metrics["val_spread_skill"] = val.metrics.get("spread_skill")
     paths = write_eval_reports(res, out_dir, protocol)
     m = res.metrics
     direct = f", direct {m['direct_psnr_window_db']:.2f} dB" if m.get("has_direct") else ""
@@ -56,7 +86,14 @@ def run_evaluate(
     say(
         f"stage{stage} on {m['n_patients']} {split} volumes ({m['samples']} sample(s), {m['sample_steps']} DDIM steps): "
         f"PSNR(window) {m['psnr_window_db']:.2f} dB, SSIM {m['ssim_window']:.3f}, "
-        f"MAE {m['mae_hu']:.1f} HU{single}; mean-volume baseline {m['baseline_psnr_window_db']:.2f} dB{direct} "
+        f"MAE {m['mae_hu']:.1f} HU{single}{_calibration_note(m)}; mean-volume baseline {m['baseline_psnr_window_db']:.2f} dB{direct} "
         f"→ {paths['metrics'].parent}"
     )
     return m
+
+
+def _calibration_note(m: dict[str, Any]) -> str:
+    if "spread_skill" not in m:
+        return ""
+    conf = f", conformal coverage {m['conformal_coverage']:.3f}" if "conformal_coverage" in m else ""
+    return f", spread-skill {m['spread_skill']:.2f}{conf}"

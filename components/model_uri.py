@@ -52,6 +52,8 @@ class ResolvedModel:
     direct: Path | None
     layout: str  #: registered | training | stage-file
     local_path: Path
+    #: the last stage's ``calibration.json`` a registered model carries (xct_core/calibration.py)
+    calibration: Path | None = None
 
     @property
     def n_stages(self) -> int:
@@ -86,7 +88,9 @@ def _registered(d: Path, uri: str) -> ResolvedModel | None:
             files.append(c / f"stage{k}.pt")
             k += 1
         direct = c / "direct.pt"
-        return ResolvedModel(uri, tuple(files), params, direct if direct.is_file() else None, "registered", c)
+        cal = c / "calibration.json"
+        return ResolvedModel(uri, tuple(files), params, direct if direct.is_file() else None, "registered", c,
+                             cal if cal.is_file() else None)
     return None
 
 
@@ -188,7 +192,7 @@ def resolve_model(
         dst.mkdir(parents=True, exist_ok=True)
         local = _download(s, dst, tracking_uri)
         r = _local(local, s)
-        return ResolvedModel(s, r.stage_files, r.params, r.direct, r.layout, r.local_path)
+        return ResolvedModel(s, r.stage_files, r.params, r.direct, r.layout, r.local_path, r.calibration)
     if "://" in s or s.startswith(("s3:", "gs:", "http:", "https:")):
         raise InputError(None, f"model URI {s!r}: supported are models:/…, runs:/… and local paths")
     return _local(Path(s), s)

@@ -5,7 +5,9 @@ What is registered (a version of ``registry.model_name``, default ``xct-cascade`
 An MLflow **pyfunc from code** (:mod:`components.xct_pyfunc`, logged as a path to the .py
 file; nothing is pickled): artifacts = the exported stage models
 ``outputs/train/models/stage{k}/{eval.model_file}.pt`` (state dicts + params JSON, loadable
-with ``torch.load(weights_only=True)``) + the effective params as JSON; ``code_paths=[xct_core]``;
+with ``torch.load(weights_only=True)``) + the effective params as JSON + the last stage's
+``calibration.json`` when its evaluate step fitted one (xct_core/calibration.py; not part of the
+content hash: it is fitted from the models); ``code_paths=[xct_core]``;
 ``pip_requirements`` given explicitly (the installed versions of torch, numpy, scipy, …).
 The registration run (experiment ``registry.experiment``) also holds every stage's
 evaluation metrics (``stage{k}/<metric>``), the gate reports (artifacts ``gates/``), the
@@ -91,6 +93,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from xct_core.calibration import CALIBRATION_JSON
 from xct_core.config import Params
 from xct_core.errors import ConfigError, InputError, XctError
 from xct_core.jsondoc import read_json_doc
@@ -477,6 +480,10 @@ def _register_cascade(
         pj = Path(tmp) / "params.json"
         pj.write_text(params.model_dump_json(indent=2))
         arts["params"] = str(pj)
+        cal = Path(eval_files[n]).parent / CALIBRATION_JSON if eval_files and n in eval_files else None
+        if cal is not None and cal.is_file():  # the last stage's val-fitted calibration (xct reconstruct's interval)
+            shutil.copyfile(cal, Path(tmp) / CALIBRATION_JSON)
+            arts["calibration"] = str(Path(tmp) / CALIBRATION_JSON)
         with registry_errors(uri, what):
             run_id = mlflow.start_run(experiment_id=exp_id, run_name=f"register-{chash[:8]}",
                                       tags={**lineage, **tags, "xct.verdict": "passed"}).info.run_id

@@ -7,6 +7,9 @@ with these artifacts:
 * ``stage1`` … ``stageK`` — the exported stage models (:func:`xct_core.checkpoint.export_stage_model`:
   EMA ``state_dict`` + params JSON), loaded with ``torch.load(weights_only=True)``;
 * ``params`` — the effective params as JSON (sampler steps, seed, HU window, schedule);
+* ``calibration`` (when the evaluate step fitted one) — the last stage's ``calibration.json``
+  (:class:`xct_core.calibration.Calibration`: σ-recalibration and the conformal interval
+  fitted on val; ``xct reconstruct`` with this model writes the interval);
 
 and ``code_paths=[xct_core]``, so the loader needs only torch and the xct science package.
 
@@ -20,7 +23,8 @@ float32 ``[-1, P, P]`` views, long params), so MLflow refuses a missing view, a 
 or dtype and a non-integer param before ``predict`` runs (``pyfunc.predict`` and ``mlflow
 models serve``); the checks below still guard a model loaded without it. The prediction IS
 :func:`xct_core.inference.reconstruct` (what ``xct reconstruct`` runs): float32 ``[S, S, S]``
-volume in HU (the last stage's grid, RAS+ axes), the mean of the samples.
+volume in HU (the last stage's grid, RAS+ axes), the point estimate ``eval.point_estimate``
+(default: the mean of the samples).
 """
 
 from __future__ import annotations
@@ -79,6 +83,9 @@ class XctCascadeModel(PythonModel):
             raise ValueError("the registered model holds no stage artifacts")
         self.stages = load_stages([arts[f"stage{k}"] for k in range(1, n + 1)], self.params, "cpu")
         self.pixels = int(self.params.drr.pixels)
+        from xct_core.calibration import read_calibration
+
+        self.calibration = read_calibration(arts["calibration"]) if "calibration" in arts else None
 
     # no type hints on predict: MLflow would read them as an input schema (it wants list[...])
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
@@ -99,7 +106,7 @@ class XctCascadeModel(PythonModel):
         samples = int(opts.get("samples") or self.params.reconstruct.samples)
         rec = reconstruct(self.stages, self.params, views["frontal"], views["lateral"], steps=steps, samples=samples,
                           seed=seed)
-        return np.asarray(rec.mean_hu, dtype=np.float32)
+        return np.asarray(rec.point_hu(self.params.eval.point_estimate), dtype=np.float32)
 
 
 mlflow.models.set_model(XctCascadeModel())

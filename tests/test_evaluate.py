@@ -54,19 +54,20 @@ def export_tiny_stages(train_dir: Path, params: Params, seed: int = 0, direct: b
     return out
 
 
-def build_tiny_processed(root: Path, params: Params, n_train: int = 3, n_test: int = 1) -> Path:
-    """Phantoms → NIfTI → the real preprocess step, with a TEST split."""
+def build_tiny_processed(root: Path, params: Params, n_train: int = 3, n_test: int = 1, n_val: int = 0) -> Path:
+    """Phantoms → NIfTI → the real preprocess step, with a TEST split (and ``n_val`` val volumes after it)."""
     from components.preprocess import run_preprocess
 
     stages = list(params.stages.values())
     size = stages[-1].size
     vols = root / "volumes"
     vols.mkdir(parents=True, exist_ok=True)
-    ids = [f"ph{i:02d}" for i in range(n_train + n_test)]
+    ids = [f"ph{i:02d}" for i in range(n_train + n_test + n_val)]
     for i, vid in enumerate(ids):
         hu, _, affine = make_phantom(size, stages[-1].fov_mm / size, i)
         save_nifti(vols / f"{vid}.nii.gz", hu, affine)
-    (root / "splits.json").write_text(json.dumps({"train": ids[:n_train], "val": [], "test": ids[n_train:]}))
+    (root / "splits.json").write_text(json.dumps({"train": ids[:n_train], "val": ids[n_train + n_test:],
+                                                  "test": ids[n_train:n_train + n_test]}))
     out = root / "processed"
     run_preprocess(vols, root / "splits.json", out, params, workers=1, progress=False)
     return out
@@ -102,6 +103,35 @@ def test_evaluate_cli_writes_metrics_per_patient_and_montage(tiny_run: dict[str,
     assert [r["id"] for r in rows] == ["ph03"]
     assert float(rows[0]["psnr_window_db"]) == pytest.approx(m["psnr_window_db"])
     assert (out / "montage.png").stat().st_size > 1000
+
+
+def test_evaluate_step_fits_calibration_on_val_and_checks_it_on_test(tmp_path: Path) -> None:
+    """K = 2 with a val split: calibration.json (fitted on the VAL ids) + calibration.png are
+    written, metrics.json carries the same calibration, and the test metrics apply it:
+    spread_skill_recal = s · spread_skill exactly (the ratio is linear in the std)."""
+    from xct_core.calibration import read_calibration
+
+    params = make_tiny_params(samples=2)
+    processed = build_tiny_processed(tmp_path, params, n_train=2, n_test=1, n_val=1)
+    train = tmp_path / "train"
+    export_tiny_stages(train, params)
+    out = tmp_path / "eval"
+    m = run_evaluate(1, processed, train, out, params)
+    cal = read_calibration(out / "calibration.json")
+    assert cal.fitted_on["split"] == "val" and cal.fitted_on["ids_hash"] == split_ids_hash(["ph03"])
+    assert cal.stage == 1 and cal.samples == 2 and cal.level == 0.9 and cal.q > 0
+    assert m["calibration"] == json.loads((out / "calibration.json").read_text())
+    assert m["spread_skill_recal"] == pytest.approx(cal.sigma_scale * m["spread_skill"], rel=1e-9)
+    assert 0.0 <= m["conformal_coverage"] <= 1.0 and 0.0 <= m["coverage_minmax"] <= 1.0
+    assert sum(m["calibration_curve"]["rank_histogram"]) == pytest.approx(1.0)
+    assert len(m["calibration_curve"]["rank_histogram"]) == 3  # K + 1 bins
+    assert (out / "calibration.png").stat().st_size > 1000
+    # without a val split (or with fit: false) no calibration is fitted, the raw metrics stay
+    p2 = params.model_copy(update={"eval": params.eval.model_copy(
+        update={"calibration": params.eval.calibration.model_copy(update={"fit": False})})})
+    m2 = run_evaluate(1, processed, train, tmp_path / "eval2", p2)
+    assert "conformal_coverage" not in m2 and "spread_skill" in m2
+    assert not (tmp_path / "eval2" / "calibration.json").exists()
 
 
 def test_mean_volume_baseline_matches_an_independent_computation(tiny_run: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from train_fixtures import tiny_params
 
 from xct_core import metric_table as T
 from components.ops_params import load_params  # the whole file: hpo.metric is an operational key
+from xct_core.calibration import Calibration
 from xct_core.diffusion import Sampler
 from xct_core.errors import ConfigError
 from xct_core.evaluation import EvalProtocol, ct_case, evaluate_case
@@ -32,7 +33,7 @@ from xct_core.phantoms import make_phantom
 
 @pytest.fixture(scope="module")
 def emitted() -> dict[str, float]:
-    """Every key evaluate_case can write: K = 2 samples (single_ + uncertainty), the direct
+    """Every key evaluate_case can write: K = 2 samples (single_ + uncertainty + calibration), the direct
     twin, the mean-volume baseline and the reprojections, on a tiny random-weight stage 1."""
     params = tiny_params(eval={"sample_steps": 1})
     st = params.stage(1)
@@ -40,8 +41,10 @@ def emitted() -> dict[str, float]:
     case = ct_case("ph0", CTVolume(hu.astype(np.float32), affine), params, upto=1)
     torch.manual_seed(0)
     stage, direct = build_stage(params, 1).eval(), build_stage(params, 1, mode="direct").eval()
+    cal = Calibration(stage=1, samples=2, level=0.9, q=2.0, sigma_scale=1.5, floor_hu=1.0)  # calibrated metrics too
     res = evaluate_case(case, [stage], params, EvalProtocol.from_params(params), sampler=Sampler.from_params(params),
-                        samples=2, direct=direct, baseline_hu=np.full_like(case.target_hu, -200.0), reprojection=True)
+                        samples=2, direct=direct, baseline_hu=np.full_like(case.target_hu, -200.0), reprojection=True,
+                        calibration=cal)
     return res.metrics
 
 

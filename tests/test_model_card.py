@@ -137,6 +137,32 @@ def test_fewer_than_five_patients_give_no_interval() -> None:
     assert bootstrap_interval([2.0] * 6)["interval"] == [2.0, 2.0]  # degenerate: no warning, no NaN
 
 
+def test_card_states_the_test_coverage_and_spread_skill_of_the_val_fitted_calibration() -> None:
+    params = Params()
+    rows = [{**r, "spread_skill": 0.7 + 0.01 * i, "spread_skill_recal": 1.0 + 0.01 * i,
+             "conformal_coverage": 0.9 + 0.001 * i, "spearman_std_abs_err": 0.4}
+            for i, r in enumerate(_rows(6, 1))]
+    prot = EvalProtocol.from_params(params)
+    m = {**_metrics(1, rows, prot, params.stage(1).size),
+         "calibration": {"level": 0.9, "sigma_scale": 1.43, "q": 2.5, "fitted_on": {"split": "val", "n_patients": 14}}}
+    card = build_card(params=params, protocol=prot, stages=[StageInputs(1, m, rows, None)],
+                      status={"status": "rejected", "rejected_at_stage": 1},
+                      lineage={"git_commit": "c0ffee", "params_digest": params.digest(), "data_hash": "d4t4"})
+    u = card["metrics"]["stages"][0]["uncertainty"]
+    assert u["conformal_coverage"] == pytest.approx(np.mean([r["conformal_coverage"] for r in rows]))
+    md = render_markdown(card)
+    want = (f"spread-skill {np.mean([r['spread_skill'] for r in rows]):.3f} raw (1 = calibrated), "
+            f"{np.mean([r['spread_skill_recal'] for r in rows]):.3f} with the std × s = 1.430; the 90 % split-conformal "
+            f"interval (q = 2.500, fitted on 14 val patients) covers "
+            f"{np.mean([r['conformal_coverage'] for r in rows]):.3f} of the voxels")
+    assert want in md
+    # without a calibration the card says the std is raw
+    m2 = {k: v for k, v in m.items() if k not in ("calibration", "conformal_coverage", "spread_skill_recal")}
+    card2 = build_card(params=params, protocol=prot, stages=[StageInputs(1, m2, None, None)],
+                       status={"status": "rejected", "rejected_at_stage": 1}, lineage={"git_commit": "c0ffee"})
+    assert "no calibration fitted" in render_markdown(card2)
+
+
 def test_rows_csv_round_trip(tmp_path: Path) -> None:
     rows = _rows(3, 0)
     rows[1]["mae_hu"] = float("nan")

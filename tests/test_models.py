@@ -680,8 +680,11 @@ def test_anchored_stage_samples_twin_plus_residual(schedule: CosineSchedule) -> 
     stage = AnchoredStage(_AnchoredOracle(x0, schedule, scale=0.1), twin)
     f, lat = xrays(1, 32)
     for steps in (1, 6):
-        out = sample_cascade([stage], f, lat, sampler=Sampler(schedule, steps), generator=torch.Generator().manual_seed(0))[0]
+        got: list = []
+        out = sample_cascade([stage], f, lat, sampler=Sampler(schedule, steps), generator=torch.Generator().manual_seed(0),
+                             anchors=got)[0]
         torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+        assert len(got) == 1 and torch.equal(got[0], mu.clamp(-1, 1))  # the K → ∞ mean handed out
     assert all(torch.equal(a, mu.clamp(-1, 1)) for a in stage.diffusion.anchors)
     assert len(twin.seen) == 2  # one pass of the twin per sample
     # a plain-diffusion view of the same residual (clipped to [-1, 1]) would miss x0

@@ -140,6 +140,49 @@ def test_samples_mean_and_std_equal_single_runs(env: dict[str, Any], tmp_path: P
     # the command ran batched (the default): its files are the batched mean / std up to int16 rounding
     np.testing.assert_allclose(mean, batched.mean_hu, atol=0.51)
     np.testing.assert_allclose(std, batched.std_hu, atol=0.51)
+    # no calibration (a training folder carries none): one line says so, raw std, no interval
+    assert sum("no calibration" in ln for ln in err.splitlines()) == 1
+    assert not (tmp_path / "ct_lo.nii.gz").exists() and not (tmp_path / "ct_hi.nii.gz").exists()
+    assert b"raw sample std" in nib.load(str(tmp_path / "ct_std.nii.gz")).header["descrip"].tobytes()
+
+
+def test_calibration_gives_recalibrated_std_and_conformal_interval(env: dict[str, Any], tmp_path: Path,
+                                                                   capsys) -> None:
+    """A val-fitted calibration.json for this stage and K: std = s · sample std, _lo/_hi =
+    point ∓ q · max(sample std, floor); for another K it is not applied (one line, raw std)."""
+    from xct_core.calibration import Calibration
+
+    cal = tmp_path / "calibration.json"
+    cal.write_text(json.dumps(Calibration(stage=2, samples=3, level=0.9, q=1.5, sigma_scale=2.0, floor_hu=1.0,
+                                          quantiles={"0.9": 1.5}).to_json()))
+    raw_out = tmp_path / "raw" / "ct.nii.gz"
+    assert xct(_args(env, raw_out, "--samples", "3"), capsys)[0] == 0
+    out = tmp_path / "ct.nii.gz"
+    code, _, err = xct(_args(env, out, "--samples", "3", "--calibration", str(cal)), capsys)
+    assert code == 0, err
+    assert "calibrated on val" in err
+
+    def vol(p: Path) -> np.ndarray:
+        return np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
+
+    raw_std, std, mean = vol(tmp_path / "raw" / "ct_std.nii.gz"), vol(tmp_path / "ct_std.nii.gz"), vol(out)
+    np.testing.assert_allclose(std, 2.0 * raw_std, atol=1.51)  # int16 rounding of both files
+    half = 1.5 * np.maximum(raw_std, 1.0)
+    np.testing.assert_allclose(vol(tmp_path / "ct_lo.nii.gz"), mean - half, atol=1.6)
+    np.testing.assert_allclose(vol(tmp_path / "ct_hi.nii.gz"), mean + half, atol=1.6)
+    assert b"recalibrated std" in nib.load(str(tmp_path / "ct_std.nii.gz")).header["descrip"].tobytes()
+    assert b"90% conformal interval lower" in nib.load(str(tmp_path / "ct_lo.nii.gz")).header["descrip"].tobytes()
+    qa = json.loads((tmp_path / "ct.qa.json").read_text())
+    assert qa["uncertainty"]["calibration"]["sigma_scale"] == 2.0 and qa["outputs"]["lo"].endswith("ct_lo.nii.gz")
+    other = tmp_path / "k2" / "ct.nii.gz"
+    code, _, err = xct(_args(env, other, "--samples", "2", "--calibration", str(cal)), capsys)
+    assert code == 0 and "at K = 3, this run is stage 2 at K = 2" in err
+    assert not (tmp_path / "k2" / "ct_lo.nii.gz").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    code, _, err = xct(_args(env, tmp_path / "b" / "ct.nii.gz", "--samples", "3", "--calibration", str(bad)), capsys)
+    assert code != 0 and "bad.json" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b" / "ct.nii.gz").exists()
 
 
 def test_png_input_maps_intensity_to_line_integrals(env: dict[str, Any], tmp_path: Path, capsys) -> None:
@@ -246,6 +289,11 @@ def test_evaluate_two_cts_metrics_baselines_and_report(env: dict[str, Any], tmp_
     p = env["params"]
     assert f"σ {p.eval.ssim_sigma:g}, {ssim_taps(p.stage(2).size, p.eval.ssim_win)}³, range 2" in html
     assert (out / "recon" / "pat0.nii.gz").is_file() and (out / "per_patient.csv").read_text().count("\n") == 3
+    # K = 2: the calibration plot is in the report; no calibration.json in a training folder: one note, raw metrics
+    assert "Uncertainty calibration" in html and "images/calibration.png" in srcs
+    assert sum("no calibration" in ln for ln in err.splitlines()) == 1
+    assert "spread_skill" in doc["mean"] and "conformal_coverage" not in doc["mean"]
+    assert len(doc["calibration_curve"]["rank_histogram"]) == 3
 
 
 @pytest.mark.timeout(120)
@@ -257,9 +305,22 @@ def test_registered_model_uri_resolves_through_mlflow(env: dict[str, Any], tmp_p
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     gate = tmp_path / "stage1.json"
     gate.write_text(json.dumps({"stage": 1, "passed": True, "checks": []}))
+    from xct_core.calibration import Calibration
+
+    ev = tmp_path / "eval" / "stage2"  # the evaluate step's folder: metrics.json + the val-fitted calibration.json
+    ev.mkdir(parents=True)
+    (ev / "metrics.json").write_text(json.dumps({"psnr_window_db": 20.0, "test_ids_hash": "x"}))
+    (ev / "calibration.json").write_text(json.dumps(
+        Calibration(stage=2, samples=2, level=0.9, q=1.7, sigma_scale=1.3, floor_hu=1.0).to_json()))
     r = register_cascade(env["train"], {2: {"psnr_window_db": 20.0, "test_ids_hash": "x"}}, {1: gate},
-                         env["params"], tracking_uri=uri)
+                         env["params"], tracking_uri=uri, eval_files={2: ev / "metrics.json"})
     assert r.alias == "champion"
+    # the registered model carries the calibration: K = 2 from models:/ writes the interval
+    code, _, err = xct(_args(env, tmp_path / "k2" / "ct.nii.gz", "--samples", "2", model="models:/xct-cascade@champion"),
+                       capsys)
+    assert code == 0, err
+    assert (tmp_path / "k2" / "ct_lo.nii.gz").is_file() and (tmp_path / "k2" / "ct_hi.nii.gz").is_file()
+    assert json.loads((tmp_path / "k2" / "ct.qa.json").read_text())["uncertainty"]["calibration"]["q"] == 1.7
     a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
     code, _, err = xct(_args(env, a, model="models:/xct-cascade@champion"), capsys)
     assert code == 0, err

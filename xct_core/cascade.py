@@ -92,6 +92,7 @@ def sample_cascade(
     sampler: Sampler,
     generator: torch.Generator | None = None,
     upto: int | None = None,
+    anchors: list[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
     """Run the cascade: stage 1 from the X-rays, stage k>1 from the X-rays and stage k−1's
     output (upsampled, augmented at ``cfg.cond_aug_sample``).
@@ -111,6 +112,9 @@ def sample_cascade(
         generator: drives all noise (initial x_T, eta noise, condition augmentation); a
             sequence of generators, one per batch row, gives each row its own stream.
         upto: run stages ``1 … upto`` only (default: all).
+        anchors: when given, a list that receives one entry per stage run: the anchored
+            stage's twin estimate ``mu`` (clipped, ``[B, 1, S, S, S]``; the residual
+            diffusion's K → ∞ mean) or None for a stage that is not anchored.
 
     Returns:
         ``[x0_stage1, …, x0_stage_upto]``, each ``[B, 1, S_k, S_k, S_k]`` in [-1, 1].
@@ -127,6 +131,7 @@ def sample_cascade(
             model = stages[k]
             net: StageNet = unwrap(model)  # type: ignore[assignment]
             model.eval()
+            anchor_k: torch.Tensor | None = None
             ctx = net.encode_views(frontal, lateral)
             B, dev = ctx.frontal.shape[0], ctx.frontal.device
             cond = cond_aug = None
@@ -152,6 +157,7 @@ def sample_cascade(
                 r = sampler.sample(predict_r, (B, 1, net.size, net.size, net.size), steps=step_list[k],
                                    generator=generator, device=dev, clip=None, x0_fn=x0_fn)
                 x0 = clip(mu + net.residual_scale * r)
+                anchor_k = mu
             else:
 
                 def predict_v(x_t: torch.Tensor, t: torch.Tensor, _m=model, _c=cond, _a=cond_aug, _ctx=ctx) -> torch.Tensor:
@@ -162,6 +168,8 @@ def sample_cascade(
                     predict_v, (B, 1, net.size, net.size, net.size), steps=step_list[k], generator=generator,
                     device=dev, x0_fn=x0_fn,
                 )
+            if anchors is not None:
+                anchors.append(anchor_k)
             outs.append(x0)
     finally:
         for m, tr in zip(stages, was_training, strict=False):

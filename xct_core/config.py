@@ -330,6 +330,21 @@ class DiffusionParams(_Section):
 # --- evaluation metrics (owner: xct_core.metrics) --------------------------------------
 
 
+class CalibrationParams(_Section):
+    """Uncertainty calibration of the evaluate step (xct_core/calibration.py): fitted on the
+    val split, checked on test, shipped as ``calibration.json``."""
+
+    #: fit σ-recalibration and the conformal interval on the val split in the evaluate step
+    #: (when the stage's eval.samples > 1); false: measure raw calibration on test only
+    fit: bool = True
+    #: nominal coverage of the split-conformal interval (xct reconstruct's _lo/_hi)
+    level: float = Field(0.9, gt=0, lt=1)
+    #: floor under the std in the normalised score |y - mean| / max(std, floor) (HU)
+    floor_hu: float = Field(1.0, gt=0)
+    #: evaluate the first N val ids for the fit (0: all)
+    val_max_volumes: int = Field(0, ge=0)
+
+
 class EvalParams(_Section):
     """Metric settings (see xct_core.metrics)."""
 
@@ -351,6 +366,12 @@ class EvalParams(_Section):
     model_file: Literal["best", "final"] = "best"
     #: evaluate the first N ids of the test split (0: all)
     max_volumes: int = Field(0, ge=0)
+    #: the point estimate the gates and ``xct reconstruct`` use: the K-sample ``mean``, or the
+    #: ``anchor`` (the anchored last stage's direct twin = the residual diffusion's K → ∞
+    #: mean); the samples give the std and interval either way (xct_core/inference.py)
+    point_estimate: Literal["mean", "anchor"] = "mean"
+    #: uncertainty calibration (xct_core/calibration.py)
+    calibration: CalibrationParams = Field(default_factory=CalibrationParams)
 
     def samples_for(self, stage: str) -> int:
         """Diffusion samples when stage ``stage`` (a name) is the last evaluated stage."""

@@ -28,6 +28,15 @@ Keys, each with an optional prefix:
   predicted for every case: what a collapsed model scores;
 * ``target_std`` — std of the windowed target (the reference of the gates' not-collapsed check).
 
+The point estimate (prefix none) is ``eval.point_estimate`` (the evaluate step passes it;
+:meth:`~xct_core.inference.Reconstruction.point_hu`: the K-mean or the anchored stage's
+twin). Uncertainty and realism (:mod:`xct_core.calibration`, conventions there): every
+prediction gets ``psd_top_band_ratio`` (its top radial power band / the truth's); with
+K > 1 the case gets ``spread_skill``, ``coverage_minmax``, ``ause`` and
+``spearman_std_abs_err`` over the body mask, and — given a :class:`Calibration` fitted on
+val — ``spread_skill_recal`` (std × s) and ``conformal_coverage`` (the truth inside
+the calibrated interval around the point estimate).
+
 :func:`aggregate` gives patient means (``*nan_count``: the total). The demo data and the
 LIDC ids have one volume per patient, so a row is a patient.
 """
@@ -47,7 +56,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from xct_core import calibration as cal
 from xct_core.atomic import write_text_atomic
+from xct_core.calibration import Calibration, CaseScores
 from xct_core.config import Params
 from xct_core.diffusion import Sampler
 from xct_core.errors import InputError
@@ -58,7 +69,7 @@ from xct_core.io import CTVolume
 from xct_core.jsondoc import json_text
 from xct_core.layout import METRICS_JSON, MONTAGE_PNG, PER_PATIENT_CSV, RunLayout, stage_model_files
 from xct_core.metric_table import definitions as metric_definitions
-from xct_core.metrics import dynamic_range, hu_metrics_per_sample, mean_rows, ssim_taps
+from xct_core.metrics import body_mask, dynamic_range, hu_metrics_per_sample, mean_rows, ssim_taps
 from xct_core.seeding import case_seed, sample_seed
 
 __all__ = [
@@ -77,12 +88,16 @@ __all__ = [
     "evaluate_case",
     "evaluate_cts",
     "evaluate_stage",
+    "fit_stage_calibration",
     "load_cascade",
     "mean_volume_baseline",
     "split_ids_hash",
     "write_eval_reports",
 ]
 
+
+#: the calibration plot of an evaluation (beside montage.png)
+CALIBRATION_PNG = "calibration.png"
 
 #: how the mean-volume baseline was obtained (recorded in metrics.json and the report)
 BASELINE_TRAIN = "train-split mean volume"
@@ -189,6 +204,10 @@ class CaseResult:
     direct_hu: np.ndarray | None = None
     baseline_hu: np.ndarray | None = None
     reprojections: dict[str, np.ndarray] = field(default_factory=dict)  #: DRRs of ``recon.mean_hu``
+    #: per-voxel calibration scores (body mask; K > 1): what a fit on val pools
+    scores: CaseScores | None = None
+    #: radial band power ratios (prediction / truth, :data:`xct_core.calibration.PSD_BANDS`) per prefix
+    band_ratios: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def case_id(self) -> str:
@@ -233,21 +252,27 @@ def evaluate_case(
     baseline_hu: np.ndarray | None = None,
     reprojection: bool = True,
     device: str | torch.device = "cpu",
+    point_estimate: str = "mean",
+    calibration: Calibration | None = None,
+    floor_hu: float = 1.0,
 ) -> CaseResult:
     """Reconstruct ``case`` with the cascade ``stages`` (``samples`` draws) and measure it,
     its twin ``direct`` and the mean volume ``baseline_hu`` (module docstring: keys).
 
     ``params``: the MODEL's params (HU map, sampler); ``seed``: the base seed (default
-    ``params.seed``), the case seed derives from it and ``case.index``.
+    ``params.seed``), the case seed derives from it and ``case.index``; ``point_estimate``:
+    ``eval.point_estimate``; ``calibration``: fitted on val (its ``floor_hu`` wins over
+    ``floor_hu``, the score floor of a case measured for a fit).
     """
     dev = torch.device(device)
     cseed = case_seed(int(params.seed if seed is None else seed), case.index)
     rec = reconstruct(stages, params, case.frontal, case.lateral, sampler=sampler, isocenter=case.isocenter,
-                      samples=samples, seed=cseed, device=dev)
+                      samples=samples, seed=cseed, device=dev, keep_samples=samples > 1)
     if rec.mean_hu.shape != case.target_hu.shape:
         raise InputError(None, f"{case.id}: reconstruction {rec.mean_hu.shape} does not match the target grid "
                                f"{case.target_hu.shape}")
-    preds: dict[str, np.ndarray] = {"": rec.mean_hu}
+    point = rec.point_hu(point_estimate)
+    preds: dict[str, np.ndarray] = {"": point}
     if samples > 1 and rec.first_hu is not None:
         preds["single_"] = rec.first_hu
     direct_hu = None
@@ -263,7 +288,11 @@ def evaluate_case(
         preds["baseline_"] = net.inverse(net.forward(np.asarray(baseline_hu, dtype=np.float32))).astype(np.float32)
     metrics: dict[str, float] = {}
     reproj_main: dict[str, np.ndarray] = {}
+    bands: dict[str, list[float]] = {}
+    truth_w = protocol.window.forward(case.target_hu)
     for prefix, pred in preds.items():
+        bands[prefix] = [float(v) for v in cal.power_ratio(protocol.window.forward(pred), truth_w, cal.PSD_BANDS)]
+        metrics[f"{prefix}psd_top_band_ratio"] = bands[prefix][-1]
         views = None
         if reprojection:
             from xct_core.qa import render_views
@@ -273,10 +302,31 @@ def evaluate_case(
             if prefix == "":
                 reproj_main = drrs
         metrics.update({f"{prefix}{k}": v for k, v in protocol.metrics(pred, case.target_hu, views).items()})
+    scores = None
     if rec.std_hu is not None:
         metrics["uncertainty_mean_std_hu"] = float(rec.std_hu.mean())
+        scores = _calibration_metrics(metrics, rec, point, case, protocol, calibration, floor_hu)
     metrics["target_std"] = float(dynamic_range(protocol.window.forward(case.target_hu))[1])
-    return CaseResult(case, metrics, rec, direct_hu, baseline_hu, reproj_main)
+    return CaseResult(case, metrics, rec, direct_hu, baseline_hu, reproj_main, scores, bands)
+
+
+def _calibration_metrics(metrics: dict[str, float], rec: Reconstruction, point: np.ndarray, case: Case,
+                         protocol: EvalProtocol, calibration: Calibration | None, floor_hu: float) -> CaseScores:
+    """The case's calibration metrics (into ``metrics``) and its scores for a fit."""
+    assert rec.std_hu is not None and rec.samples_hu is not None
+    y, std, k = case.target_hu, rec.std_hu, rec.samples
+    mask = body_mask(y, protocol.body_hu).cpu().numpy().reshape(y.shape)
+    floor = calibration.floor_hu if calibration is not None else floor_hu
+    scores = CaseScores.of(rec.samples_hu, point, std, y, mask, floor, seed=case.index)
+    abs_err = np.abs(rec.mean_hu.astype(np.float64) - y)
+    metrics["spread_skill"] = cal.spread_skill(rec.mean_hu, std, y, k, mask)
+    metrics["coverage_minmax"] = cal.minmax_coverage(scores.ranks, k)
+    metrics["ause"] = cal.ause(std, abs_err, mask)
+    metrics["spearman_std_abs_err"] = cal.spearman_std_error(std, abs_err, mask)
+    if calibration is not None:
+        metrics["spread_skill_recal"] = cal.spread_skill(rec.mean_hu, std, y, k, mask, scale=calibration.sigma_scale)
+        metrics["conformal_coverage"] = cal.coverage(scores.scores, calibration.q)
+    return scores
 
 
 def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -380,6 +430,8 @@ class EvalResult:
     #: HU volumes of the first volume (target, diffusion, direct, mean-volume baseline, previous stage)
     montage: dict[str, np.ndarray] = field(default_factory=dict)
     spacing: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    #: per-case calibration scores (K > 1): what :func:`fit_stage_calibration` pools
+    scores: list[CaseScores] = field(default_factory=list)
 
 
 def montage_volumes(res: CaseResult, stage_spacing: float, prev_spacing: float | None) -> tuple[
@@ -410,11 +462,16 @@ def evaluate_stage(
     device: str | torch.device = "cpu",
     reprojection: bool = True,
     log: Callable[[str], None] | None = None,
+    calibration: Calibration | None = None,
+    max_volumes: int | None = None,
+    on_case: Callable[[CaseResult], None] | None = None,
 ) -> EvalResult:
     """Run the cascade 1 … ``k`` of ``train_dir`` on ``split`` and measure stage ``k`` with
     :func:`evaluate_case` (the mean-volume baseline from the TRAIN split; the direct twin when
-    ``models/stageK/direct.pt`` exists). ``steps`` overrides the steps rule. Raises
-    :class:`InputError` for a missing model or data file, or an empty split."""
+    ``models/stageK/direct.pt`` exists). ``steps`` overrides the steps rule; ``calibration``
+    (fitted on val) adds the calibrated metrics; ``max_volumes`` default
+    ``eval.max_volumes``; ``on_case`` sees each :class:`CaseResult` (benchmarks). Raises :class:`InputError` for a missing model or data file, or an
+    empty split."""
     say = log or (lambda _m: None)
     protocol = protocol or EvalProtocol.from_params(params)
     st = params.stage(k)
@@ -422,8 +479,9 @@ def evaluate_stage(
     from xct_core.preprocess import read_manifest
 
     ids = list(read_manifest(root)["splits"].get(split) or [])
-    if params.eval.max_volumes:
-        ids = ids[: params.eval.max_volumes]
+    cap = params.eval.max_volumes if max_volumes is None else max_volumes
+    if cap:
+        ids = ids[:cap]
     if not ids:
         raise InputError(root / "manifest.json", f"split {split!r} is empty: nothing to evaluate")
     dev = torch.device(device)
@@ -437,10 +495,19 @@ def evaluate_stage(
     rows: list[dict[str, Any]] = []
     montage: dict[str, np.ndarray] = {}
     spacing: dict[str, tuple[float, float, float]] = {}
+    scores: list[CaseScores] = []
+    band_rows: list[dict[str, list[float]]] = []
     for case in dataset_cases(root, k, split, ids):
         res = evaluate_case(case, stages, params, protocol, sampler=sampler, samples=samples, direct=direct,
-                            baseline_hu=base_hu, reprojection=reprojection, device=dev)
+                            baseline_hu=base_hu, reprojection=reprojection, device=dev,
+                            point_estimate=params.eval.point_estimate, calibration=calibration,
+                            floor_hu=params.eval.calibration.floor_hu)
+        if on_case is not None:
+            on_case(res)
         rows.append(res.row)
+        band_rows.append(res.band_ratios)
+        if res.scores is not None:
+            scores.append(res.scores)
         m = res.metrics
         say(f"{st.name} {split} {case.id}: PSNR(window) {m['psnr_window_db']:.2f} dB, "
             f"SSIM {m['ssim_window']:.3f} (mean volume {m['baseline_psnr_window_db']:.2f} dB)")
@@ -460,8 +527,29 @@ def evaluate_stage(
         "test_ids_hash": split_ids_hash(ids),
         "ssim_taps": protocol.ssim_taps(st.size),
         "protocol": protocol.describe(st.size),
+        "point_estimate": params.eval.point_estimate,
+        "power_spectrum": {"bands": cal.PSD_BANDS, "band_ratio": {
+            (p or "point"): [float(v) for v in np.nanmean([b[p] for b in band_rows], axis=0)]
+            for p in band_rows[0]}},
     })
-    return EvalResult(stage=k, split=split, ids=ids, rows=rows, metrics=metrics, montage=montage, spacing=spacing)
+    if scores:
+        metrics["calibration_curve"] = cal.coverage_curve(scores, calibration, samples)
+    if calibration is not None:
+        metrics["calibration"] = calibration.to_json()
+    return EvalResult(stage=k, split=split, ids=ids, rows=rows, metrics=metrics, montage=montage, spacing=spacing,
+                      scores=scores)
+
+
+def fit_stage_calibration(val: EvalResult, params: Params) -> Calibration | None:
+    """σ-recalibration and the conformal quantile of stage ``val.stage`` fitted on a val
+    :class:`EvalResult` (None when it has no samples' spread: K = 1)."""
+    if not val.scores:
+        return None
+    c = params.eval.calibration
+    return cal.fit_calibration(val.scores, stage=val.stage, samples=int(val.metrics["samples"]), level=c.level,
+                               floor_hu=c.floor_hu, point_estimate=params.eval.point_estimate,
+                               fitted_on={"split": val.split, "n_patients": len(val.ids),
+                                          "ids_hash": split_ids_hash(val.ids)})
 
 
 def evaluate_cts(
@@ -478,6 +566,7 @@ def evaluate_cts(
     train_mean_hu: np.ndarray | None = None,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
+    calibration: Calibration | None = None,
 ) -> tuple[list[CaseResult], dict[str, Any]]:
     """Evaluate user CTs (``xct evaluate``): each a :func:`ct_case`, measured by
     :func:`evaluate_case`; returns the cases and the summary.
@@ -486,7 +575,8 @@ def evaluate_cts(
     output grid) when given; otherwise — the model artifacts carry no train mean — the
     voxel-wise mean of the OTHER evaluated CTs' targets (leave-one-out; needs >= 2 CTs),
     else none. The summary: ``mean`` (patient means; ``*nan_count`` summed), ``n_patients``,
-    ``baseline`` (which mean volume, or why none), ``has_direct``, ``sample_steps``, ``seeds``.
+    ``baseline`` (which mean volume, or why none), ``has_direct``, ``sample_steps``, ``seeds``,
+    and with K > 1 ``calibration_curve`` (``calibration``: the model's val-fitted one, applied).
     """
     say = log or (lambda _m: None)
     protocol = protocol or EvalProtocol.from_params(params)
@@ -513,7 +603,8 @@ def evaluate_cts(
         else:
             base = None
         res = evaluate_case(case, list(stages[:n]), params, protocol, sampler=sampler, samples=samples, seed=seed,
-                            direct=direct, baseline_hu=base, device=device)
+                            direct=direct, baseline_hu=base, device=device, point_estimate=params.eval.point_estimate,
+                            calibration=calibration, floor_hu=params.eval.calibration.floor_hu)
         m = res.metrics
         say(f"{case.id}: PSNR(window) {m['psnr_window_db']:.2f} dB, PSNR[{protocol.hu_range[0]:g},"
             f"{protocol.hu_range[1]:g}] {m['psnr_hu_db']:.2f} dB, SSIM {m['ssim_window']:.3f}, MAE {m['mae_hu']:.1f} HU")
@@ -528,7 +619,13 @@ def evaluate_cts(
         "sample_steps": results[0].recon.steps,
         "samples": samples,
         "seeds": {r.case_id: r.recon.seeds for r in results},
+        "point_estimate": params.eval.point_estimate,
     }
+    scores = [r.scores for r in results if r.scores is not None]
+    if scores:
+        summary["calibration_curve"] = cal.coverage_curve(scores, calibration, samples)
+    if calibration is not None:
+        summary["calibration"] = calibration.to_json()
     return results, summary
 
 
@@ -549,7 +646,10 @@ def rows_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 def write_eval_reports(result: EvalResult, out_dir: str | Path, protocol: EvalProtocol) -> dict[str, Path]:
     """Write ``metrics.json`` (summary; NaN → null), ``per_patient.csv`` (one row per volume,
     sorted columns) and ``montage.png`` (first volume: target, samples, baselines; the
-    evaluation window and the wide HU range) into ``out_dir``, atomically."""
+    evaluation window and the wide HU range) into ``out_dir``, atomically; with K > 1 also
+    ``calibration.png`` (:func:`xct_core.report.save_calibration_plot`) and, when a
+    calibration was fitted, ``calibration.json`` (:class:`~xct_core.calibration.Calibration`:
+    what ``xct reconstruct`` and the registered model apply)."""
     from xct_core.viz import save_slice_montage
 
     out = Path(out_dir)
@@ -563,4 +663,14 @@ def write_eval_reports(result: EvalResult, out_dir: str | Path, protocol: EvalPr
                  f"(mean volume {m.get('baseline_psnr_window_db', math.nan):.2f} dB), {m.get('sample_steps')} DDIM steps")
         paths["montage"] = save_slice_montage(result.montage, out / MONTAGE_PNG, [protocol.window, protocol.wide],
                                               spacing=result.spacing, title=title)
+    if result.metrics.get("calibration"):
+        paths["calibration"] = write_text_atomic(out / cal.CALIBRATION_JSON, json_text(result.metrics["calibration"]))
+    if result.metrics.get("calibration_curve"):
+        from xct_core.report import save_calibration_plot
+
+        m = result.metrics
+        paths["calibration_plot"] = save_calibration_plot(
+            m["calibration_curve"], out / CALIBRATION_PNG,
+            f"stage{result.stage} {result.split}: spread-skill {m.get('spread_skill', math.nan):.2f}, "
+            f"conformal {m.get('conformal_coverage', math.nan):.3f} (K = {m.get('samples')})")
     return paths

@@ -24,8 +24,17 @@ steps, ``diffusion.eta``, ``clip_x0``, ``timestep_spacing``), so ``K = 1`` with 
 gives exactly what the registered pyfunc predicts for seed ``s``. The output is the
 voxel-wise mean of the K samples (HU; the posterior-mean estimate); the uncertainty is their
 voxel-wise sample standard deviation (HU, ``ddof = 1``), computed with Welford's running
-update (no K volumes held in memory). The first sample is kept too (``first_hu``): reports
-show single-sample and K-mean metrics side by side.
+update (no K volumes held in memory unless ``keep_samples``: the evaluator's rank
+histogram needs them). The first sample is kept too (``first_hu``): reports show
+single-sample and K-mean metrics side by side.
+
+Point estimate
+--------------
+``eval.point_estimate`` (:meth:`Reconstruction.point_hu`): ``mean`` = the K-sample mean;
+``anchor`` = the residual diffusion's K → ∞ limit, i.e. the direct twin the last (anchored,
+``anchor: direct``) stage is centred on — for stage k > 1 fed by each sample's earlier
+stages, averaged over the K samples (``anchor_hu``). The samples give the std and the
+calibrated interval either way (:mod:`xct_core.calibration`).
 """
 
 from __future__ import annotations
@@ -97,10 +106,26 @@ class Reconstruction:
     previous_hu: np.ndarray | None = None
     #: the first sample alone (HU) — the single-sample estimate beside the K-mean
     first_hu: np.ndarray | None = None
+    #: the last stage's anchor (its direct twin's estimate, HU) averaged over the K samples;
+    #: None when the last stage is not anchored
+    anchor_hu: np.ndarray | None = None
+    #: all K samples (float32 [K, S, S, S] HU) when ``reconstruct(keep_samples=True)``
+    samples_hu: np.ndarray | None = None
 
     @property
     def samples(self) -> int:
         return len(self.seeds)
+
+    def point_hu(self, which: str = "mean") -> np.ndarray:
+        """The point estimate ``eval.point_estimate`` (module docstring): ``mean`` or ``anchor``."""
+        if which == "mean":
+            return self.mean_hu
+        if which == "anchor":
+            if self.anchor_hu is None:
+                raise ConfigError(f"eval.point_estimate: anchor needs an anchored last stage (stage {self.stage} "
+                                  "has no anchor: stages.stageK.anchor: direct); use mean")
+            return self.anchor_hu
+        raise ConfigError(f"eval.point_estimate must be mean or anchor, got {which!r}")
 
 
 @torch.no_grad()
@@ -118,12 +143,13 @@ def reconstruct(
     upto: int | None = None,
     device: str | torch.device = "cpu",
     log: Any = None,
+    keep_samples: bool = False,
 ) -> Reconstruction:
     """Run the cascade ``samples`` times on one X-ray pair (module docstring: seeds, mean, std).
 
     ``frontal``/``lateral``: ``[P, P]`` line integrals; ``sampler`` default
     :meth:`Sampler.from_params` ``(params, steps)``; ``upto``: run stages 1 … upto (default
-    all given); ``seed`` default ``params.seed``.
+    all given); ``seed`` default ``params.seed``; ``keep_samples``: also return the K samples.
     """
     from xct_core.cascade import sample_cascade
 
@@ -144,17 +170,25 @@ def reconstruct(
     m2: np.ndarray | None = None
     prev: np.ndarray | None = None
     first: np.ndarray | None = None
+    anchor_sum: np.ndarray | None = None
+    kept: list[np.ndarray] = []
     seeds = [sample_seed(base, i) for i in range(samples)]
     chunk = max(1, int(params.reconstruct.sample_batch))
     for lo in range(0, samples, chunk):  # samples in batches, each row with its own seed's generator
         batch = seeds[lo : lo + chunk]
         gens = [torch.Generator(device=dev).manual_seed(s) for s in batch]
         fb, lb = f.expand(len(batch), -1, -1, -1), lat.expand(len(batch), -1, -1, -1)
-        outs = sample_cascade(list(stages[:n]), fb, lb, sampler=sampler, generator=gens)
+        anchors: list[torch.Tensor | None] = []
+        outs = sample_cascade(list(stages[:n]), fb, lb, sampler=sampler, generator=gens, anchors=anchors)
         for j, s in enumerate(batch):
             i = lo + j
             hu = net_map.inverse(outs[-1][j, 0].float().cpu().numpy().astype(np.float64))
             check_reconstruction(hu, stages[n - 1], params)  # never a NaN/constant CT (xct_core/qa.py)
+            if anchors[-1] is not None:
+                a = net_map.inverse(anchors[-1][j, 0].float().cpu().numpy().astype(np.float64))
+                anchor_sum = a if anchor_sum is None else anchor_sum + a
+            if keep_samples:
+                kept.append(hu.astype(np.float32))
             if i == 0:
                 first = hu.astype(np.float32)
                 if len(outs) > 1:
@@ -172,5 +206,6 @@ def reconstruct(
     size = int(mean.shape[0])
     if size != params.stage(n).size:
         raise InputError(None, f"stage {n} produced {size}³, the params say {params.stage(n).size}³")
+    anchor = None if anchor_sum is None else (anchor_sum / samples).astype(np.float32)
     return Reconstruction(mean.astype(np.float32), std, output_affine(params, n, isocenter), n, n_steps, seeds,
-                          prev, first)
+                          prev, first, anchor, np.stack(kept) if keep_samples else None)

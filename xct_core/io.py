@@ -124,11 +124,12 @@ def _is_nifti_name(path: Path) -> bool:
     return path.name.lower().endswith(_NIFTI_SUFFIXES)
 
 
-def save_nifti(path: str | Path, hu: np.ndarray, affine: np.ndarray) -> Path:
+def save_nifti(path: str | Path, hu: np.ndarray, affine: np.ndarray, description: str | None = None) -> Path:
     """Write an int16 HU NIfTI (qform = sform = affine), atomically (temp file + rename).
 
     HU are rounded to the nearest integer and clipped to the int16 range. ``path`` must end
     in ``.nii`` or ``.nii.gz``; an unwritable target raises :class:`InputError`.
+    ``description``: the header's ``descrip`` (ASCII, cut to the format's 79 characters).
     """
     path = Path(path)
     if not _is_nifti_name(path):
@@ -138,6 +139,8 @@ def save_nifti(path: str | Path, hu: np.ndarray, affine: np.ndarray) -> Path:
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
+    if description:
+        img.header["descrip"] = description.encode("ascii", "replace")[:79]
     with atomic_path(path, "".join(path.suffixes) or ".tmp") as tmp, writable(path):
         nib.save(img, tmp)
     return path

@@ -165,6 +165,36 @@ METRICS: tuple[Metric, ...] = (
            "xct_core.metrics.dynamic_range", frozenset({"summary", "gate"}), per_prediction=False, digits=3),
     Metric("uncertainty_mean_std_hu", "HU", "none", "mean voxel-wise std over the samples (HU)", "mean sample std (HU)",
            "xct_core.inference.reconstruct", frozenset({"report"}), per_prediction=False, digits=1),
+    Metric("psd_top_band_ratio", "", "none", "top radial power band / the truth's (1 = as detailed)",
+           "top-band power ratio", "xct_core.calibration.power_ratio", frozenset({"report", "card", "realct"}),
+           shown_with=("single_", "direct_"), digits=2,
+           definition="radial power spectrum of the whole grid in the window ([-1, 1], mean removed, |3D FFT|^2), "
+                      "5 equal bands of [0, Nyquist]: the top band's power of the prediction / of the truth "
+                      "(single_: one sample, realism target ~1; a posterior mean is smoother, < 1)"),
+    Metric("spread_skill", "", "none", "spread-skill ratio of the samples (1 = calibrated, < 1 over-confident)",
+           "spread-skill", "xct_core.calibration.spread_skill", frozenset({"report", "card", "realct", "summary"}),
+           per_prediction=False,
+           definition="body mask: sqrt(mean std^2)·sqrt((K+1)/K) / RMSE of the K-sample mean (std ddof 1, HU); "
+                      "1 = calibrated at any K"),
+    Metric("spread_skill_recal", "", "none", "spread-skill ratio with the std × s fitted on val",
+           "spread-skill (recal.)", "xct_core.calibration.spread_skill", frozenset({"report", "card", "realct"}),
+           per_prediction=False, defined_with="spread_skill"),
+    Metric("coverage_minmax", "", "none", "truth inside [min, max] of the K samples (calibrated: (K−1)/(K+1))",
+           "[min,max] coverage", "xct_core.calibration.minmax_coverage", frozenset({"report"}), per_prediction=False,
+           digits=3, definition="body mask: fraction of voxels whose truth ranks 1…K-1 among the K samples "
+                                "(ties broken at random); calibrated: (K-1)/(K+1)"),
+    Metric("conformal_coverage", "", "none", "coverage of the split-conformal interval fitted on val (nominal: "
+           "eval.calibration.level)", "conformal coverage", "xct_core.calibration.coverage",
+           frozenset({"report", "card", "realct", "summary"}), per_prediction=False, digits=3,
+           definition="body mask: fraction of voxels with |y - point| <= q·max(std, floor_hu), q the "
+                      "ceil((n+1)·level)-th smallest val score (calibration.json)"),
+    Metric("ause", "", "lower", "area under the sparsification-error curve (RMSE, normalised; 0 = std ranks "
+           "errors perfectly)", "AUSE", "xct_core.calibration.ause", frozenset({"report"}), per_prediction=False,
+           digits=3, definition="body mask: mean over f = 0, 0.05, …, 0.95 of RMSE(rest after removing the f most "
+                                "uncertain voxels) minus the same removing the largest true errors, / full RMSE"),
+    Metric("spearman_std_abs_err", "", "higher", "Spearman(std, |error|) per volume", "Spearman(std, |err|)",
+           "xct_core.calibration.spearman_std_error", frozenset({"report", "card", "realct"}), per_prediction=False,
+           digits=3, definition="body mask: Spearman rank correlation of the samples' std and |K-mean - truth|"),
 )
 
 _BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}

@@ -130,7 +130,14 @@ def _stage_results(st: StageInputs, spec: BootstrapSpec) -> dict[str, Any]:
                             or ("no metrics.json" if not m else "skipped"))
         return entry
     entry.update({k: m.get(k) for k in ("split", "n_patients", "samples", "sample_steps", "test_ids_hash",
-                                        "ssim_taps", "model_file", "nan_count") if k in m})
+                                        "ssim_taps", "model_file", "nan_count", "point_estimate") if k in m})
+    if "spread_skill" in m:  # the diffusion's uncertainty, measured on this (test) split
+        cal = m.get("calibration") or {}
+        entry["uncertainty"] = {
+            "spread_skill": m.get("spread_skill"), "spread_skill_recal": m.get("spread_skill_recal"),
+            "conformal_coverage": m.get("conformal_coverage"), "level": cal.get("level"),
+            "sigma_scale": cal.get("sigma_scale"), "q": cal.get("q"), "fitted_on": cal.get("fitted_on"),
+            "spearman_std_abs_err": m.get("spearman_std_abs_err")}
     rows = list(st.rows or [])
     entry["interval_over"] = (f"{len(rows)} per-patient rows (per_patient.csv)" if rows
                               else "no per-patient rows: means from metrics.json, no interval")
@@ -328,6 +335,19 @@ def _definition(defs: Mapping[str, Any], metric: str) -> str | None:
     return next((str(t) for k, t in defs.items() if metric in (s.strip() for s in k.split("/"))), None)
 
 
+def uncertainty_line(u: Mapping[str, Any], split: str = "test") -> str:
+    """The card's sentence on the diffusion's uncertainty (xct_core/calibration.py)."""
+    line = f"Uncertainty ({split}, body voxels): spread-skill {_num(u.get('spread_skill'))} raw (1 = calibrated)"
+    if u.get("conformal_coverage") is None:
+        return line + "; no calibration fitted (no val split or eval.calibration.fit: false): the std is raw."
+    fit = u.get("fitted_on") or {}
+    return (line + f", {_num(u.get('spread_skill_recal'))} with the std × s = {_num(u.get('sigma_scale'), 3)}; the "
+            f"{_num(100 * float(u.get('level') or 0), 0)} % split-conformal interval (q = {_num(u.get('q'), 3)}, fitted "
+            f"on {fit.get('n_patients', '?')} {fit.get('split', 'val')} patients) covers "
+            f"{_num(u.get('conformal_coverage'), 3)} of the voxels; Spearman(std, |error|) "
+            f"{_num(u.get('spearman_std_abs_err'), 3)}.")
+
+
 def render_markdown(card: Mapping[str, Any]) -> str:
     """The card as Markdown (from the card dict only)."""
     m, use = card["model"], card["intended_use"]
@@ -421,6 +441,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             out += ["", f"{slice_label or 'slice averages'}:", ""] + sl
         if notes:
             out += [""] + [f"- {n}" for n in notes]
+        if st.get("uncertainty"):
+            out += ["", uncertainty_line(st["uncertainty"], st.get("split") or "test")]
 
     out += ["", "## Gates", ""]
     for gt in card["gates"]:

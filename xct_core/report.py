@@ -47,6 +47,7 @@ __all__ = [
     "ReportCase",
     "build_report",
     "save_case_images",
+    "save_calibration_plot",
     "save_training_curves",
     "read_gate_reports",
 ]
@@ -220,6 +221,43 @@ def _img(path: Path, base: Path, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
+def save_calibration_plot(curve: Mapping[str, Any], path: str | Path, title: str) -> Path:
+    """The calibration plot of a ``calibration_curve`` (:func:`xct_core.calibration.coverage_curve`):
+    left, expected vs observed coverage (Gaussian interval raw and recalibrated, conformal);
+    right, the rank histogram of the truth among the K samples (flat = calibrated)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from xct_core.viz import _atomic_savefig  # the project's atomic PNG writer
+
+    fig = Figure(figsize=(8, 3.4), facecolor="black")
+    FigureCanvasAgg(fig)
+    ax, bx = fig.subplots(1, 2)
+    for a in (ax, bx):
+        a.set_facecolor("black")
+        a.tick_params(colors="white")
+    lv = list(curve.get("levels") or [])
+    ax.plot([0, 1], [0, 1], color="gray", lw=1, ls="--", label="ideal")
+    for key, lab in (("gaussian_raw", "mean ± z·std (raw)"), ("gaussian_recal", "mean ± z·s·std (recalibrated)"),
+                     ("conformal", "conformal (q fitted on val)")):
+        if curve.get(key):
+            ax.plot(lv, curve[key], marker="o", label=lab)
+    ax.set_xlabel("nominal coverage", color="white")
+    ax.set_ylabel("observed coverage", color="white")
+    ax.set_xlim(0.4, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.legend(fontsize=6)
+    hist = list(curve.get("rank_histogram") or [])
+    if hist:
+        bx.bar(range(len(hist)), hist, color="#4a90d9")
+        bx.axhline(1.0 / len(hist), color="gray", ls="--", lw=1)
+        bx.set_xlabel(f"rank of the truth among K = {len(hist) - 1} samples", color="white")
+        bx.set_ylabel("fraction of body voxels", color="white")
+    fig.suptitle(title, color="white", fontsize=9)
+    fig.tight_layout()
+    return _atomic_savefig(fig, Path(path), 100)
+
+
 _CSS = """body{font-family:sans-serif;margin:1.5em;background:#fafafa;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}
 th{background:#eee}td:first-child,th:first-child{text-align:left}img{max-width:100%}
@@ -238,6 +276,7 @@ def build_report(
     curves: Mapping[str, Path] | None = None,
     info: Mapping[str, Any] | None = None,
     label_context: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Path] | None = None,
 ) -> Path:
     """Write the HTML report at ``path`` (pictures are referenced relative to its folder).
 
@@ -246,7 +285,8 @@ def build_report(
     dicts (:func:`read_gate_reports`); ``curves``: stage → curve PNG; ``info``: key → value
     shown at the top (model URI, steps, seeds …); ``label_context``: the values the metric
     labels are formatted with (:meth:`xct_core.evaluation.EvalProtocol.label_context` of the
-    evaluated grid: the SSIM label states the taps actually used). A table row whose label
+    evaluated grid: the SSIM label states the taps actually used); ``calibration``: caption →
+    calibration plot PNG (:func:`save_calibration_plot`). A table row whose label
     needs a value the context lacks is a ``ValueError``, never a guessed label.
     """
     out = Path(path)
@@ -302,6 +342,9 @@ def build_report(
             if not g.get("checks"):
                 rows.append([f"stage{g.get('stage')}", g.get("summary") or g.get("reason"), "", "", "", "—", ""])
         parts.append(_table(["stage", "metric", "op", "threshold", "value", "result", "ceiling (floor, gain)"], rows))
+    if calibration:
+        parts.append("<h2>Uncertainty calibration</h2>")
+        parts.extend(_img(p, base, cap) for cap, p in calibration.items())
     if curves:
         parts.append("<h2>Training curves</h2>")
         parts.extend(_img(p, base, f"{stage} training loss") for stage, p in curves.items())

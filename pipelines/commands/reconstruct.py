@@ -1,9 +1,15 @@
 """`xct reconstruct` and `xct evaluate`: the cascade on user X-rays and user CTs.
 
 ``xct reconstruct --model URI --frontal F --lateral L --out ct.nii.gz [--samples K] …``
-writes ``ct.nii.gz`` (int16 HU, the mean of K samples, affine = the stage grid centred at
-the input geometry's isocentre), ``ct_std.nii.gz`` when K > 1 (voxel-wise std, HU) and
-``ct.qa.json`` (reprojection QA: PSNR/SSIM of the output's DRRs vs the inputs); a view
+writes ``ct.nii.gz`` (int16 HU, the point estimate ``eval.point_estimate`` of the model's
+params — the mean of K samples by default —, affine = the stage grid centred at the input
+geometry's isocentre), ``ct_std.nii.gz`` when K > 1 (voxel-wise std, HU), and — when the
+model carries a ``calibration.json`` fitted on val for the stage run at the same K (a
+registered model does; ``--calibration FILE`` gives one for a training folder) — the std is
+the RECALIBRATED one (``s`` × sample std) and ``ct_lo.nii.gz`` / ``ct_hi.nii.gz`` hold the
+calibrated split-conformal interval (``eval.calibration.level``, 90 % by default; HU); the
+NIfTI descriptions and ``ct.qa.json`` say which. Without a usable calibration one line on
+stderr says so and the raw sample std is written. Also ``ct.qa.json`` (reprojection QA: PSNR/SSIM of the output's DRRs vs the inputs); a view
 below ``reconstruct.qa_min_*`` prints a warning line on stderr. ``--report r.html`` adds an
 HTML report with pictures. Inputs, mappings and conventions: :mod:`xct_core.inference`;
 model URIs: :mod:`components.model_uri`.
@@ -60,9 +66,32 @@ def _nifti_stem(out: Path) -> tuple[Path, str]:
 
 
 def output_paths(out: Path) -> dict[str, Path]:
-    """``{"mean": ct.nii.gz, "std": ct_std.nii.gz, "qa": ct.qa.json}`` for ``--out ct.nii.gz``."""
+    """``{"mean": ct.nii.gz, "std": ct_std.nii.gz, "lo": ct_lo.nii.gz, "hi": ct_hi.nii.gz,
+    "qa": ct.qa.json}`` for ``--out ct.nii.gz``."""
     stem, suf = _nifti_stem(out)
-    return {"mean": out, "std": stem.with_name(stem.name + "_std" + suf), "qa": stem.with_name(stem.name + ".qa.json")}
+    return {"mean": out, "std": stem.with_name(stem.name + "_std" + suf), "lo": stem.with_name(stem.name + "_lo" + suf),
+            "hi": stem.with_name(stem.name + "_hi" + suf), "qa": stem.with_name(stem.name + ".qa.json")}
+
+
+def usable_calibration(path: Path | None, stage: int, samples: int, point_estimate: str = "mean") -> tuple[Any, str]:
+    """(the :class:`~xct_core.calibration.Calibration` to apply or None, the line that says
+    which std and interval are written)."""
+    if samples < 2:
+        return None, ""
+    if path is None:
+        return None, ("no calibration: the model carries no calibration.json (pass --calibration); "
+                      "writing the raw sample std and no interval")
+    from xct_core.calibration import read_calibration
+
+    cal = read_calibration(path)
+    if cal.point_estimate != point_estimate:
+        return None, (f"{path}: calibration fitted around the {cal.point_estimate}, this model's point estimate is "
+                      f"the {point_estimate}: writing the raw sample std and no interval")
+    if cal.stage != stage or cal.samples != samples:
+        return None, (f"{path}: calibration fitted for stage {cal.stage} at K = {cal.samples}, this run is stage "
+                      f"{stage} at K = {samples}: writing the raw sample std and no interval")
+    return cal, (f"calibrated on val ({path.name}): std = {cal.sigma_scale:.3g} x sample std; "
+                 f"{cal.level:.0%} split-conformal interval = point +- {cal.q:.3g} x max(sample std, {cal.floor_hu:g} HU)")
 
 
 def _model(uri: str, local: Params, tmp: str) -> tuple[Any, Params]:
@@ -140,6 +169,9 @@ def reconstruct_cmd(
     seed: SeedOpt = None,
     stages: StagesOpt = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="also write an HTML report (+ images/)")] = None,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="calibration.json (or an evaluation "
+                                                        "metrics.json) fitted on val: recalibrated std + _lo/_hi "
+                                                        "interval (default: the registered model's)")] = None,
     params: ParamsOpt = None,
     overlay: OverlayOpt = None,
     set_: SetOpt = None,
@@ -167,7 +199,8 @@ def reconstruct_cmd(
         _check_utf8_names({"--out": out, "--report": report, "--frontal": frontal, "--lateral": lateral})
     local = command_params(params, overlay, set_)
     k = int(samples if samples is not None else local.reconstruct.samples)
-    for target in (paths["mean"], paths["qa"], *([paths["std"]] if k > 1 else []), *([report] if report else [])):
+    for target in (paths["mean"], paths["qa"], *([paths["std"], paths["lo"], paths["hi"]] if k > 1 else []),
+                   *([report] if report else [])):
         check_writable(target)  # before the model is loaded and sampled
     with tempfile.TemporaryDirectory(prefix="xct-model-") as tmp:
         resolved, mp = _model(model, local, tmp)
@@ -179,9 +212,12 @@ def reconstruct_cmd(
         for w in input_warnings:  # what the inputs' metadata could not pin down, before sampling
             _warn(w)
         nets = load_stages(resolved.stage_files, mp, device)
+        cal, cal_line = usable_calibration(calibration or resolved.calibration, stages or resolved.n_stages, k,
+                                           mp.eval.point_estimate)
     rec = reconstruct(nets, mp, xf.image, xl.image, isocenter=iso, steps=steps, samples=k, seed=seed,
                       upto=stages, device=device, log=lambda m: typer.echo(printable(m), err=True))
-    qa, reproj = reprojection_qa(rec.mean_hu, rec.affine, geoms, {"frontal": xf.image, "lateral": xl.image}, mp)
+    point = rec.point_hu(mp.eval.point_estimate)
+    qa, reproj = reprojection_qa(point, rec.affine, geoms, {"frontal": xf.image, "lateral": xl.image}, mp)
     window = mp.hu.get_window()
     doc = {
         "format": "xct-reconstruct-qa/1",
@@ -190,27 +226,42 @@ def reconstruct_cmd(
         "inputs": {x.view: {"path": str(Path(x.source).resolve()), "format": x.fmt, "notes": x.notes}
                    for x in (xf, xl)},
         "input_warnings": input_warnings,
-        "outputs": {"mean": str(paths["mean"]), "std": str(paths["std"]) if rec.std_hu is not None else None},
+        "outputs": {"mean": str(paths["mean"]), "std": str(paths["std"]) if rec.std_hu is not None else None,
+                    "lo": str(paths["lo"]) if cal is not None else None,
+                    "hi": str(paths["hi"]) if cal is not None else None},
+        "point_estimate": mp.eval.point_estimate,
         "grid": {"shape": list(rec.mean_hu.shape), "affine": rec.affine.tolist(), "isocenter": [float(v) for v in iso]},
         "sampling": {"steps": rec.steps, "samples": rec.samples, "seeds": rec.seeds, "eta": mp.diffusion.eta},
         "hu_note": _hu_note(mp),
         "reprojection": qa,
     }
-    if rec.std_hu is not None:
-        doc["uncertainty"] = {"mean_std_hu": float(rec.std_hu.mean()), "max_std_hu": float(rec.std_hu.max())}
-    save_nifti(paths["mean"], rec.mean_hu, rec.affine)
-    if rec.std_hu is not None:
-        save_nifti(paths["std"], rec.std_hu, rec.affine)
+    std_out = rec.std_hu if cal is None or rec.std_hu is None else cal.std(rec.std_hu)
+    if std_out is not None:
+        doc["uncertainty"] = {"mean_std_hu": float(std_out.mean()), "max_std_hu": float(std_out.max()),
+                              "std": "recalibrated (s x sample std)" if cal is not None else "raw sample std (ddof 1)",
+                              "calibration": cal.to_json() if cal is not None else None, "note": cal_line}
+    save_nifti(paths["mean"], point, rec.affine, f"xct {mp.eval.point_estimate} of K={rec.samples} (HU)")
+    if std_out is not None:
+        what = f"recalibrated std s={cal.sigma_scale:.3g}" if cal is not None else "raw sample std"
+        save_nifti(paths["std"], std_out, rec.affine, f"xct {what} K={rec.samples} (HU)")
+    if cal is not None:
+        lo, hi = cal.interval(point, rec.std_hu)
+        what = f"xct {cal.level:.0%} conformal interval"
+        save_nifti(paths["lo"], lo, rec.affine, f"{what} lower (HU)")
+        save_nifti(paths["hi"], hi, rec.affine, f"{what} upper (HU)")
     write_text_atomic(paths["qa"], json_text(doc))
+    if cal_line:
+        typer.echo(printable(cal_line) if cal is not None else note_line(cal_line), err=True)
     for w in qa["warnings"]:
         _warn(w)
-    written = [paths["mean"]] + ([paths["std"]] if rec.std_hu is not None else []) + [paths["qa"]]
+    written = ([paths["mean"]] + ([paths["std"]] if rec.std_hu is not None else [])
+               + ([paths["lo"], paths["hi"]] if cal is not None else []) + [paths["qa"]])
     if report is not None:
         from xct_core.report import IMAGES, ReportCase, build_report, save_case_images
 
         imgs = save_case_images(report.parent / IMAGES, paths["mean"].name.split(".")[0],
-                                volumes={"reconstruction": rec.mean_hu}, window=window, spacing=rec.affine,
-                                uncertainty=rec.std_hu,
+                                volumes={"reconstruction": point}, window=window, spacing=rec.affine,
+                                uncertainty=std_out,
                                 xrays={v: ({"frontal": xf.image, "lateral": xl.image}[v], reproj[v]) for v in reproj})
         m = {f"reproj_psnr_{v}_db": q["psnr_db"] for v, q in qa["views"].items()}
         build_report(report, title=f"xct reconstruction: {paths['mean'].name}",
@@ -279,6 +330,9 @@ def evaluate_cmd(
     processed: Annotated[Optional[Path], typer.Option("--processed", help="processed data folder whose TRAIN "
                                                       "split gives the mean-volume baseline")] = None,
     gates: Annotated[Path, typer.Option("--gates", help="gate reports shown in the HTML (when present)")] = Path("reports/gates"),
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="calibration.json fitted on val "
+                                                        "(default: the registered model's): conformal coverage, "
+                                                        "recalibrated spread-skill")] = None,
     train_dir: Annotated[Optional[Path], typer.Option("--train-dir", help="training folder for the loss curves "
                                                       "(default: the model's, else params train.out_dir)")] = None,
     params: ParamsOpt = None,
@@ -313,6 +367,10 @@ def evaluate_cmd(
         direct = None
         if resolved.direct is not None and n == len(nets):
             direct = load_stage(resolved.direct, mp, n, device)
+        cal, cal_line = usable_calibration(calibration or resolved.calibration, n, k, mp.eval.point_estimate)
+    if cal_line and cal is None:
+        print(note_line(cal_line.replace("writing the raw sample std and no interval", "raw calibration metrics only")),
+              file=sys.stderr)
     train_mean = None
     if processed is not None:
         from xct_core.evaluation import mean_volume_baseline
@@ -321,7 +379,7 @@ def evaluate_cmd(
     protocol = EvalProtocol.from_params(mp)
     cases, summary = evaluate_cts(cts, nets, mp, protocol=protocol, steps=steps, samples=k, seed=seed, upto=n,
                                   direct=direct, train_mean_hu=train_mean, device=device,
-                                  log=lambda m: typer.echo(printable(m), err=True))
+                                  log=lambda m: typer.echo(printable(m), err=True), calibration=cal)
     if processed is not None:
         summary["baseline"] += f" ({processed})"
     window = protocol.window
@@ -350,6 +408,16 @@ def evaluate_cmd(
     tdir = train_dir or (resolved.local_path if resolved.layout == "training" else Path(local.train.out_dir))
     curves = save_training_curves(tdir, img_dir) if tdir.is_dir() else {}
     images += list(curves.values())
+    cal_plots: dict[str, Path] = {}
+    if summary.get("calibration_curve"):
+        from xct_core.report import save_calibration_plot
+
+        mm = summary["mean"]
+        cal_plots["calibration: expected vs observed coverage, rank histogram"] = save_calibration_plot(
+            summary["calibration_curve"], img_dir / "calibration.png",
+            f"{summary['n_patients']} CT(s): spread-skill {mm.get('spread_skill', float('nan')):.2f}, conformal "
+            f"coverage {mm.get('conformal_coverage', float('nan')):.3f} (K = {k})")
+        images += list(cal_plots.values())
     gate_docs = read_gate_reports(gates) if gates.is_dir() else []
     notes = [f"mean-volume baseline: {summary['baseline']}", f"SSIM: {described['ssim_window']}",
              "literature numbers are often slice averages (several dB higher than 3D PSNR): compare like with like"]
@@ -359,7 +427,7 @@ def evaluate_cmd(
                              info={"model": model, "CTs": str(ct), "patients": summary["n_patients"],
                                    "stages run": n, "DDIM steps": summary["sample_steps"], "samples": k,
                                    "direct baseline": "yes" if direct is not None else "no (no direct.pt)"},
-                             label_context=protocol.label_context(mp.stage(n).size))
+                             label_context=protocol.label_context(mp.stage(n).size), calibration=cal_plots)
     write_text_atomic(out / "metrics.json", json_text(doc))
     write_text_atomic(out / "per_patient.csv", rows_csv(doc["patients"]))
     log_report_to_mlflow(html_path, images)
