@@ -106,7 +106,7 @@ class XctCascadeModel(PythonModel):
         samples = int(opts.get("samples") or self.params.reconstruct.samples)
         rec = reconstruct(self.stages, self.params, views["frontal"], views["lateral"], steps=steps, samples=samples,
                           seed=seed)
-        return np.asarray(rec.point_hu(self.params.eval.point_estimate), dtype=np.float32)
+        return np.asarray(rec.point_hu(self.params.point_estimate_for(rec.stage)), dtype=np.float32)
 
 
 mlflow.models.set_model(XctCascadeModel())

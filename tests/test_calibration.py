@@ -200,3 +200,10 @@ def test_reconstruct_hands_out_the_anchor_and_keeps_the_samples() -> None:
     assert plain.anchor_hu is None and plain.samples_hu is None
     with pytest.raises(ConfigError, match="anchored"):
         plain.point_hu("anchor")
+    # auto (the default): the anchor where the last stage is anchored, the K-mean where it is not
+    assert rec.point_hu("auto") is rec.anchor_hu and plain.point_hu("auto") is plain.mean_hu
+    assert (rec.resolve_point("auto"), plain.resolve_point("auto")) == ("anchor", "mean")
+    # ... and the params resolve it the same way from the stage's `anchor` (what the evaluation,
+    # the calibration file and `xct reconstruct` record)
+    assert (p.point_estimate_for(1), tiny_params().point_estimate_for(1)) == ("anchor", "mean")
+    assert tiny_params(eval={"point_estimate": "mean"}).point_estimate_for(1) == "mean"

@@ -368,8 +368,10 @@ class EvalParams(_Section):
     max_volumes: int = Field(0, ge=0)
     #: the point estimate the gates and ``xct reconstruct`` use: the K-sample ``mean``, or the
     #: ``anchor`` (the anchored last stage's direct twin = the residual diffusion's K → ∞
-    #: mean); the samples give the std and interval either way (xct_core/inference.py)
-    point_estimate: Literal["mean", "anchor"] = "mean"
+    #: mean), or ``auto``: the anchor when the last stage is anchored, else the mean (the default:
+    #: val evidence, benchmarks/results/calibration_cpu.md); the samples give the std and
+    #: interval either way (xct_core/inference.py)
+    point_estimate: Literal["mean", "anchor", "auto"] = "auto"
     #: uncertainty calibration (xct_core/calibration.py)
     calibration: CalibrationParams = Field(default_factory=CalibrationParams)
 
@@ -974,6 +976,14 @@ class Params(_OpsAware):
     @property
     def n_stages(self) -> int:
         return len(self.stages)
+
+    def point_estimate_for(self, k: int) -> str:
+        """``eval.point_estimate`` resolved for a cascade run up to stage ``k``: ``auto`` is
+        ``anchor`` when stage ``k`` is anchored (``anchor: direct``), else ``mean``."""
+        which = self.eval.point_estimate
+        if which != "auto":
+            return which
+        return "anchor" if self.stage(k).cfg.anchor == "direct" else "mean"
 
     def stage(self, k: int | str) -> Stage:
         """Stage ``k`` (1-based index, or its name ``stage{k}``) resolved: see :class:`Stage`.

@@ -500,7 +500,7 @@ def evaluate_stage(
     for case in dataset_cases(root, k, split, ids):
         res = evaluate_case(case, stages, params, protocol, sampler=sampler, samples=samples, direct=direct,
                             baseline_hu=base_hu, reprojection=reprojection, device=dev,
-                            point_estimate=params.eval.point_estimate, calibration=calibration,
+                            point_estimate=params.point_estimate_for(k), calibration=calibration,
                             floor_hu=params.eval.calibration.floor_hu)
         if on_case is not None:
             on_case(res)
@@ -527,7 +527,7 @@ def evaluate_stage(
         "test_ids_hash": split_ids_hash(ids),
         "ssim_taps": protocol.ssim_taps(st.size),
         "protocol": protocol.describe(st.size),
-        "point_estimate": params.eval.point_estimate,
+        "point_estimate": params.point_estimate_for(k),
         "power_spectrum": {"bands": cal.PSD_BANDS, "band_ratio": {
             (p or "point"): [float(v) for v in np.nanmean([b[p] for b in band_rows], axis=0)]
             for p in band_rows[0]}},
@@ -547,7 +547,7 @@ def fit_stage_calibration(val: EvalResult, params: Params) -> Calibration | None
         return None
     c = params.eval.calibration
     return cal.fit_calibration(val.scores, stage=val.stage, samples=int(val.metrics["samples"]), level=c.level,
-                               floor_hu=c.floor_hu, point_estimate=params.eval.point_estimate,
+                               floor_hu=c.floor_hu, point_estimate=params.point_estimate_for(val.stage),
                                fitted_on={"split": val.split, "n_patients": len(val.ids),
                                           "ids_hash": split_ids_hash(val.ids)})
 
@@ -603,7 +603,7 @@ def evaluate_cts(
         else:
             base = None
         res = evaluate_case(case, list(stages[:n]), params, protocol, sampler=sampler, samples=samples, seed=seed,
-                            direct=direct, baseline_hu=base, device=device, point_estimate=params.eval.point_estimate,
+                            direct=direct, baseline_hu=base, device=device, point_estimate=params.point_estimate_for(n),
                             calibration=calibration, floor_hu=params.eval.calibration.floor_hu)
         m = res.metrics
         say(f"{case.id}: PSNR(window) {m['psnr_window_db']:.2f} dB, PSNR[{protocol.hu_range[0]:g},"
@@ -619,7 +619,7 @@ def evaluate_cts(
         "sample_steps": results[0].recon.steps,
         "samples": samples,
         "seeds": {r.case_id: r.recon.seeds for r in results},
-        "point_estimate": params.eval.point_estimate,
+        "point_estimate": params.point_estimate_for(n),
     }
     scores = [r.scores for r in results if r.scores is not None]
     if scores:

@@ -31,6 +31,7 @@ single-sample and K-mean metrics side by side.
 Point estimate
 --------------
 ``eval.point_estimate`` (:meth:`Reconstruction.point_hu`): ``mean`` = the K-sample mean;
+``auto`` (the default) = ``anchor`` when the last stage is anchored, else ``mean``;
 ``anchor`` = the residual diffusion's K → ∞ limit, i.e. the direct twin the last (anchored,
 ``anchor: direct``) stage is centred on — for stage k > 1 fed by each sample's earlier
 stages, averaged over the K samples (``anchor_hu``). The samples give the std and the
@@ -117,7 +118,9 @@ class Reconstruction:
         return len(self.seeds)
 
     def point_hu(self, which: str = "mean") -> np.ndarray:
-        """The point estimate ``eval.point_estimate`` (module docstring): ``mean`` or ``anchor``."""
+        """The point estimate ``eval.point_estimate`` (module docstring): ``mean``, ``anchor`` or
+        ``auto`` (:meth:`resolve_point`)."""
+        which = self.resolve_point(which)
         if which == "mean":
             return self.mean_hu
         if which == "anchor":
@@ -125,7 +128,14 @@ class Reconstruction:
                 raise ConfigError(f"eval.point_estimate: anchor needs an anchored last stage (stage {self.stage} "
                                   "has no anchor: stages.stageK.anchor: direct); use mean")
             return self.anchor_hu
-        raise ConfigError(f"eval.point_estimate must be mean or anchor, got {which!r}")
+        raise ConfigError(f"eval.point_estimate must be mean, anchor or auto, got {which!r}")
+
+    def resolve_point(self, which: str) -> str:
+        """``auto`` → ``anchor`` when this reconstruction's last stage is anchored (it has an
+        ``anchor_hu``), else ``mean``; any other value unchanged."""
+        if which == "auto":
+            return "anchor" if self.anchor_hu is not None else "mean"
+        return which
 
 
 @torch.no_grad()

@@ -212,11 +212,12 @@ def reconstruct_cmd(
         for w in input_warnings:  # what the inputs' metadata could not pin down, before sampling
             _warn(w)
         nets = load_stages(resolved.stage_files, mp, device)
+        point_estimate = mp.point_estimate_for(stages or resolved.n_stages)
         cal, cal_line = usable_calibration(calibration or resolved.calibration, stages or resolved.n_stages, k,
-                                           mp.eval.point_estimate)
+                                           point_estimate)
     rec = reconstruct(nets, mp, xf.image, xl.image, isocenter=iso, steps=steps, samples=k, seed=seed,
                       upto=stages, device=device, log=lambda m: typer.echo(printable(m), err=True))
-    point = rec.point_hu(mp.eval.point_estimate)
+    point = rec.point_hu(point_estimate)
     qa, reproj = reprojection_qa(point, rec.affine, geoms, {"frontal": xf.image, "lateral": xl.image}, mp)
     window = mp.hu.get_window()
     doc = {
@@ -229,7 +230,7 @@ def reconstruct_cmd(
         "outputs": {"mean": str(paths["mean"]), "std": str(paths["std"]) if rec.std_hu is not None else None,
                     "lo": str(paths["lo"]) if cal is not None else None,
                     "hi": str(paths["hi"]) if cal is not None else None},
-        "point_estimate": mp.eval.point_estimate,
+        "point_estimate": point_estimate,
         "grid": {"shape": list(rec.mean_hu.shape), "affine": rec.affine.tolist(), "isocenter": [float(v) for v in iso]},
         "sampling": {"steps": rec.steps, "samples": rec.samples, "seeds": rec.seeds, "eta": mp.diffusion.eta},
         "hu_note": _hu_note(mp),
@@ -240,7 +241,7 @@ def reconstruct_cmd(
         doc["uncertainty"] = {"mean_std_hu": float(std_out.mean()), "max_std_hu": float(std_out.max()),
                               "std": "recalibrated (s x sample std)" if cal is not None else "raw sample std (ddof 1)",
                               "calibration": cal.to_json() if cal is not None else None, "note": cal_line}
-    save_nifti(paths["mean"], point, rec.affine, f"xct {mp.eval.point_estimate} of K={rec.samples} (HU)")
+    save_nifti(paths["mean"], point, rec.affine, f"xct {point_estimate} of K={rec.samples} (HU)")
     if std_out is not None:
         what = f"recalibrated std s={cal.sigma_scale:.3g}" if cal is not None else "raw sample std"
         save_nifti(paths["std"], std_out, rec.affine, f"xct {what} K={rec.samples} (HU)")
@@ -367,7 +368,7 @@ def evaluate_cmd(
         direct = None
         if resolved.direct is not None and n == len(nets):
             direct = load_stage(resolved.direct, mp, n, device)
-        cal, cal_line = usable_calibration(calibration or resolved.calibration, n, k, mp.eval.point_estimate)
+        cal, cal_line = usable_calibration(calibration or resolved.calibration, n, k, mp.point_estimate_for(n))
     if cal_line and cal is None:
         print(note_line(cal_line.replace("writing the raw sample std and no interval", "raw calibration metrics only")),
               file=sys.stderr)
