@@ -232,3 +232,22 @@ def test_training_states_resume_only_under_the_order_they_were_trained_with() ->
     ck.compat = compat_key(new, new.stage(1), kinds)
     with pytest.raises(ConfigError, match="params changed"):
         ck.check({"compat": pre_key_compat(old)}, "ckpt/step_00000010", "stage1")
+
+
+def test_bench_model_attributes_every_flop_to_a_part() -> None:
+    """benchmarks/bench_model.count_flops: the parts add up to the counted total (nothing left
+    in "other" for the demo stage 2), and the two orders differ only in the decoder part."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_model import count_flops
+
+    rows = {o: count_flops(Params(), 2, "demo", decoder=o) for o in DECODER_ORDERS}
+    for r in rows.values():
+        parts = r["parts_gflop"]
+        assert abs(parts["other"]) < 1e-3 * r["fwd_gflop"], parts
+        assert min(parts["decoder"], parts["transformer"], parts["conv_encoder"], parts["xray_encoder"]) > 0
+        assert r["fwd_bwd_gflop"] > 2 * r["fwd_gflop"]
+    a, b = rows["upsample_first"]["parts_gflop"], rows["conv_first"]["parts_gflop"]
+    assert {k for k in a if abs(a[k] - b[k]) > 1e-9} == {"decoder"}
+    assert b["decoder"] < a["decoder"]
