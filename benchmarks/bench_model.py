@@ -460,7 +460,8 @@ def write_report(res: dict[str, Any], out_dir: Path, device: str) -> tuple[Path,
                          f"{r['train_peak_gib']:.2f} | {r['adamw_state_gib']:.2f} |")
         lines += ["", "Estimate: model cast to the dtype (autocast keeps fp32 weights and fp32 norm outputs: "
                   "expect somewhat more), physics term, CUDA context and allocator cache excluded.", ""]
-    lines += ["See the docstring of benchmarks/bench_model.py for the methods.", ""]
+    lines += [*[f"Note: {n}" for n in res.get("notes", [])], "",
+              "See the docstring of benchmarks/bench_model.py for the methods.", ""]
     from xct_core.atomic import write_text_atomic
 
     for path, text in ((js, json.dumps(res, indent=2) + "\n"), (md, "\n".join(lines))):
