@@ -407,6 +407,9 @@ def _load_weights(net: nn.Module, state: Any, path: Path) -> None:
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]
     if missing or unexpected:
+        dec = _decoder_mismatch(missing, unexpected, net)
+        if dec:
+            raise InputError(path, dec)
         raise InputError(path, f"weights do not fit the stored config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in want.items() if tuple(state[k].shape) != tuple(v.shape)]
     if wrong:
@@ -421,12 +424,26 @@ def _load_weights(net: nn.Module, state: Any, path: Path) -> None:
     net.load_state_dict(state, strict=True)
 
 
+def _decoder_mismatch(missing: list[str], unexpected: list[str], net: nn.Module) -> str | None:
+    """One line when the weights are the other decoder order's (:class:`xct_core.models.backbone.UpBlock`
+    names its conv ``conv`` when conv-first, ``up`` when upsample-first), else ``None``."""
+    names = {"conv": "conv_first", "up": "upsample_first"}
+    pat = re.compile(r"backbone\.dec\.\d+\.(conv|up)\.(weight|bias)$")
+    got = {names[m.group(1)] for k in unexpected if (m := pat.search(k))}
+    want = {names[m.group(1)] for k in missing if (m := pat.search(k))}
+    if len(got) != 1 or len(want) != 1 or got == want:
+        return None
+    stage = getattr(net, "name", "the stage")
+    return (f"its weights have a {got.pop()} decoder but its params build stages.{stage}.decoder: {want.pop()} "
+            f"(a model must be loaded with the decoder order it was trained with)")
+
+
 def load_stage_model(path: str | Path, device: str | torch.device | None = None) -> nn.Module:
     """Rebuild an exported stage network (:func:`export_stage_model`) from the params stored
     in it, load its weights, and return it frozen: eval mode, ``requires_grad=False``.
 
     The network's ``xct_source`` attribute is the file's path (errors about its output name it)."""
-    from xct_core.config import params_from_dict
+    from xct_core.config import params_from_dict, with_legacy_stage_defaults
     from xct_core.models import AnchoredStage, build_stage
 
     p = Path(path)
@@ -437,7 +454,8 @@ def load_stage_model(path: str | Path, device: str | torch.device | None = None)
         raise InputError(p, f"broken stage model: its params are not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise InputError(p, "broken stage model: its params are not a JSON object")
-    params = params_from_dict(data, f"{path} (params)")
+    # a model exported before a stage key existed was built with that key's legacy value
+    params = params_from_dict(with_legacy_stage_defaults(data), f"{path} (params)")
     net = build_stage(params, int(blob["stage"]), mode=blob["mode"])
     _load_weights(net, blob["state_dict"], p)
     if getattr(net, "anchored", False):

@@ -242,6 +242,11 @@ class StageParams(_Section):
     anchor: Literal["none", "direct"] = "none"
     #: the residual's scale in network units (about its std, so the diffused variable is O(1))
     residual_scale: float = Field(0.1, gt=0)
+    #: decoder level order (xct_core/models/backbone.py UpBlock): "conv_first" convolves at the
+    #: lower resolution, then upsamples (1/8 of the conv's FLOPs); "upsample_first" is the
+    #: original order (upsample, then convolve at the higher resolution). Exported models from
+    #: before this key (no "decoder" in their stored params) are upsample_first.
+    decoder: Literal["conv_first", "upsample_first"] = "conv_first"
 
     @_model_validator(mode="after")
     def _check_shapes(self) -> StageParams:
@@ -258,6 +263,22 @@ class StageParams(_Section):
         if self.cond_aug_sample > self.cond_aug_max:
             raise ValueError(f"cond_aug_sample {self.cond_aug_sample} exceeds cond_aug_max {self.cond_aug_max}")
         return self
+
+
+#: stage keys added after models were first exported, with the value every model written
+#: before the key existed was built with (a stored params blob lacking the key means that value)
+LEGACY_STAGE_DEFAULTS: dict[str, object] = {"decoder": "upsample_first"}
+
+
+def with_legacy_stage_defaults(data: dict) -> dict:
+    """A copy of a STORED params mapping (e.g. the JSON inside an exported stage model) whose
+    stages lack keys of :data:`LEGACY_STAGE_DEFAULTS` filled with the value they were built
+    with (not today's default). Params read from params.yaml never go through this."""
+    stages = data.get("stages")
+    if not isinstance(stages, dict):
+        return data
+    filled = {name: ({**LEGACY_STAGE_DEFAULTS, **cfg} if isinstance(cfg, dict) else cfg) for name, cfg in stages.items()}
+    return {**data, "stages": filled}
 
 
 def _check_stages(stages: dict[str, StageParams]) -> dict[str, StageParams]:

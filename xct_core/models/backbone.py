@@ -11,6 +11,10 @@ Layout (``S`` = stage grid size, ``T`` = token grid, ``L = log2(S/T)`` halvings)
 
 The decoder returns to FULL resolution through skip connections, so the output can carry
 voxel-level detail (the noise component of v) that a token-resolution prediction cannot.
+Each "up" (:class:`UpBlock`, ``decoder`` order in params) is either ``conv_first``: the 3×3×3
+channel-reducing conv runs at the LOWER resolution and its output is upsampled trilinearly
+(the default; 1/8 of the conv's FLOPs), or ``upsample_first``: nearest ×2 upsample, then the
+conv at the higher resolution (the original order; kept so models trained with it load).
 Every conv ResBlock is FiLM-conditioned (scale/shift) on the same conditioning vector as
 the transformer (time embedding + previous-stage augmentation level + global X-ray
 embedding). All tensors use the [B, C, X, Y, Z] axis order of docs/CONVENTIONS.md.
@@ -29,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from xct_core.grid import token_levels
 
 __all__ = [
+    "DECODER_ORDERS",
     "Backbone3D",
     "ConvResBlock",
     "TransformerBlock",
@@ -37,6 +42,10 @@ __all__ = [
     "run_maybe_checkpointed",
     "sincos_pos_embed_3d",
 ]
+
+
+#: decoder level orders (``params.stages.<stage>.decoder``): see :class:`UpBlock`
+DECODER_ORDERS = ("conv_first", "upsample_first")
 
 
 def group_norm(channels: int, max_groups: int = 8) -> nn.GroupNorm:
@@ -147,6 +156,8 @@ class Backbone3D(nn.Module):
         cond_dim: size of the conditioning vector.
         grad_checkpointing: recompute every ResBlock and transformer block in backward.
         out_channels: output channels (1: v or x0).
+        decoder: order of each decoder level's upsampling and channel-reducing conv
+            (:data:`DECODER_ORDERS`, see :class:`UpBlock`).
 
     ``forward(h, c)`` maps ``[B, in_channels, S, S, S]`` and ``c [B, cond_dim]`` to
     ``[B, out_channels, S, S, S]``.
@@ -165,8 +176,12 @@ class Backbone3D(nn.Module):
         cond_dim: int,
         grad_checkpointing: bool = False,
         out_channels: int = 1,
+        decoder: str = "conv_first",
     ) -> None:
         super().__init__()
+        if decoder not in DECODER_ORDERS:
+            raise ValueError(f"decoder must be one of {DECODER_ORDERS}, got {decoder!r}")
+        self.decoder = decoder
         levels = token_levels(size, token_grid)
         chans = list(conv_channels)
         if len(chans) != levels:
@@ -191,7 +206,7 @@ class Backbone3D(nn.Module):
         self.dec = nn.ModuleList()
         prev = dim
         for lvl in reversed(range(levels)):
-            self.dec.append(UpBlock(prev, chans[lvl], cond_dim))
+            self.dec.append(UpBlock(prev, chans[lvl], cond_dim, order=decoder))
             prev = chans[lvl]
         self.out_norm = group_norm(chans[0])
         # 1×1×1 head: the full-resolution 3×3×3 convs before it provide the spatial context
@@ -234,14 +249,40 @@ class Backbone3D(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """Decoder level: nearest ×2 upsample + conv3 to ``out_ch``, concatenate the skip, then
-    a FiLM ResBlock ``2·out_ch → out_ch`` (one unit, so checkpointing saves only its inputs)."""
+    """Decoder level: ×2 upsampling with a 3×3×3 conv ``in_ch → out_ch``, concatenate the
+    skip, then a FiLM ResBlock ``2·out_ch → out_ch`` (one unit, so checkpointing saves only
+    its inputs).
 
-    def __init__(self, in_ch: int, out_ch: int, cond_dim: int) -> None:
+    ``order`` places the conv:
+
+    * ``"conv_first"`` (attribute ``conv``): conv at the input (lower) resolution, then
+      trilinear upsampling to the skip's grid. The conv costs 1/8 of the other order's
+      FLOPs, and its 3-voxel kernel spans 6 output voxels (receptive field grows); the
+      trilinear interpolation keeps the upsampled features smooth (no 2×2×2 blocks), and the
+      ResBlock that follows mixes them with the full-resolution skip.
+    * ``"upsample_first"`` (attribute ``up``, the original order): nearest ×2 upsampling,
+      then the conv at the higher resolution.
+
+    The two orders have the same parameter shapes under different names, so the weights of
+    one never load silently into the other (:func:`xct_core.checkpoint.load_stage_model`
+    names the mismatch).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, order: str = "conv_first") -> None:
         super().__init__()
-        self.up = nn.Conv3d(in_ch, out_ch, 3, padding=1)
+        if order not in DECODER_ORDERS:
+            raise ValueError(f"order must be one of {DECODER_ORDERS}, got {order!r}")
+        self.order = order
+        conv = nn.Conv3d(in_ch, out_ch, 3, padding=1)
+        if order == "conv_first":
+            self.conv = conv
+        else:
+            self.up = conv
         self.res = ConvResBlock(2 * out_ch, out_ch, cond_dim)
 
     def forward(self, h: torch.Tensor, skip: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        h = self.up(F.interpolate(h, size=skip.shape[-3:], mode="nearest"))
+        if self.order == "conv_first":
+            h = F.interpolate(self.conv(h), size=skip.shape[-3:], mode="trilinear", align_corners=False)
+        else:
+            h = self.up(F.interpolate(h, size=skip.shape[-3:], mode="nearest"))
         return self.res(torch.cat([h, skip], dim=1), c)

@@ -152,6 +152,7 @@ class StageNet(nn.Module):
             mlp_ratio=cfg.mlp_ratio,
             cond_dim=dim,
             grad_checkpointing=cfg.grad_checkpointing,
+            decoder=cfg.decoder,
         )
         # channels-last (NDHWC) conv weights: oneDNN (CPU) and cuDNN (bf16 tensor cores) run
         # 3D convs fastest in this layout; activations follow the weights' layout. 1×1×1
@@ -320,21 +321,23 @@ def build_stage(
 ) -> StageNet:
     """Build stage ``k`` (1-based) from params: its grid (:func:`stage_affine`), the
     projection geometry of both views (``params.drr``) for the lifting grids, and the sizes
-    in ``params.stages``. ``device="meta"`` builds a shape-only model (no geometry maths,
-    no memory) for inspecting production configurations."""
+    in ``params.stages``. ``device="meta"`` builds a shape-only model (no lifting grids, no
+    memory; the detector binning is computed as for a real build) for inspecting production
+    configurations."""
     from xct_core.geometry import ProjectionGeometry
 
     st = params.stage(k) if isinstance(k, int) else k
     cfg, S, name = st.cfg, st.size, st.name
     prev_size = st.prev.size if st.prev is not None else None
+    geoms = {v: ProjectionGeometry.from_params(params.drr, v) for v in VIEWS}
+    b = xray_binning(st.spacing_mm, geoms["frontal"].magnification, params.drr.pixel_mm, params.drr.pixels)
     if device is not None and torch.device(device).type == "meta":
         with torch.device("meta"):
             grids = {v: torch.empty(S, S, S, 2) for v in VIEWS}
-            return StageNet(cfg, grids, xray_scale=params.model.xray_scale, prev_size=prev_size, mode=mode, name=name)
+            return StageNet(cfg, grids, xray_scale=params.model.xray_scale, xray_bin=b, prev_size=prev_size,
+                            mode=mode, name=name)
     affine = st.affine()
-    geoms = {v: ProjectionGeometry.from_params(params.drr, v) for v in VIEWS}
     grids = {v: lifting_grid(g.place(affine, (S, S, S)), affine, S) for v, g in geoms.items()}
-    b = xray_binning(st.spacing_mm, geoms["frontal"].magnification, params.drr.pixel_mm, params.drr.pixels)
     net = StageNet(
         cfg, grids, xray_scale=params.model.xray_scale, xray_bin=b, prev_size=prev_size, mode=mode, name=name
     )

@@ -19,7 +19,7 @@ from xct_core.checkpoint import (
     save_state,
     state_digest,
 )
-from xct_core.config import Params, Stage
+from xct_core.config import LEGACY_STAGE_DEFAULTS, Params, Stage
 from xct_core.errors import ConfigError, InputError
 from xct_core.layout import RunLayout
 from xct_core.training.result import TrainingFailed
@@ -31,8 +31,12 @@ def compat_key(params: Params, stage: Stage, kinds: list[str]) -> str:
     """What a checkpoint's weights depend on: the stage's network, the model/diffusion/DRR
     sections, the HU map and window and which learners exist. Other params (LR, steps,
     logging) may change between resumes."""
+    cfg = stage.cfg.model_dump(mode="json")
+    for key, legacy in LEGACY_STAGE_DEFAULTS.items():  # states saved before the key resume under its legacy value
+        if cfg.get(key) == legacy:
+            del cfg[key]
     blob = {
-        "stage": stage.cfg.model_dump(mode="json"),
+        "stage": cfg,
         "prev": stage.prev.size if stage.prev is not None else None,
         "model": params.model.model_dump(mode="json"),
         "diffusion": params.diffusion.model_dump(mode="json"),
