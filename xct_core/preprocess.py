@@ -406,10 +406,12 @@ class _ItemState:
     keys: dict[str, str]  #: relative output path → expected key
     valid: dict[str, bool]  #: relative output path → reusable as is
     center: list[float] | None
+    #: the record lists outputs this job no longer has (e.g. honest views of an id that left val/test)
+    extra: bool = False
 
     @property
     def up_to_date(self) -> bool:
-        return all(self.valid.values()) and self.center is not None
+        return all(self.valid.values()) and self.center is not None and not self.extra
 
 
 def _item_state(job: ItemJob) -> _ItemState:
@@ -429,7 +431,7 @@ def _item_state(job: ItemJob) -> _ItemState:
     if job.honest and s.detector is not None:
         keys[xray_honest_file(job.vid)] = s.honest_key(input_sha)
     valid = {rel: _entry_valid(out / rel, prev_files.get(rel), key) for rel, key in keys.items()}
-    return _ItemState(prev, input_entry, keys, valid, (prev or {}).get("center_world"))
+    return _ItemState(prev, input_entry, keys, valid, (prev or {}).get("center_world"), bool(set(prev_files) - set(keys)))
 
 
 def item_up_to_date(job: ItemJob) -> bool:
