@@ -91,7 +91,7 @@ __all__ = [
 
 #: how each ``eval.protocol`` is named wherever numbers are shown (reports, model card)
 PROTOCOL_LABELS = {
-    "honest": "honest (detector model: finest CT, reference renderer, blur, scatter, quantum noise)",
+    "honest": "honest (detector model)",
     "clean": "clean (inverse-crime)",
 }
 
@@ -654,7 +654,7 @@ def write_eval_reports(result: EvalResult, out_dir: str | Path, protocol: EvalPr
     }
     if result.montage:
         m = result.metrics
-        title = (f"stage{result.stage} {result.split} {result.ids[0]}: PSNR(window) {m.get('psnr_window_db', math.nan):.2f} dB "
+        title = (f"[{protocol.label}] stage{result.stage} {result.split} {result.ids[0]}: PSNR(window) {m.get('psnr_window_db', math.nan):.2f} dB "
                  f"(mean volume {m.get('baseline_psnr_window_db', math.nan):.2f} dB), {m.get('sample_steps')} DDIM steps")
         paths["montage"] = save_slice_montage(result.montage, out / MONTAGE_PNG, [protocol.window, protocol.wide],
                                               spacing=result.spacing, title=title)
