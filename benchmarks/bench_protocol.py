@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--train-dir", type=Path)
     ap.add_argument("--stage", type=int, default=1)
+    ap.add_argument("--protocols", default="clean,honest", help="protocols evaluated with --train-dir")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         from xct_core.evaluation import EvalProtocol, evaluate_stage
 
         doc["eval"] = {}
-        for prot in ("clean", "honest"):
+        for prot in a.protocols.split(","):
             p = params_from_dict({**json.loads(params.model_dump_json()),
                                   "eval": {**json.loads(params.eval.model_dump_json()), "protocol": prot}})
             t2 = time.perf_counter()

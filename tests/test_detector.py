@@ -101,16 +101,22 @@ def test_blur_conserves_the_integral_and_blurs() -> None:
     assert above[-1] - above[0] + 1 == pytest.approx(8.0, abs=1.0)
 
 
-def test_scatter_adds_exactly_its_fraction_of_the_primary_mean() -> None:
+def test_scatter_adds_exactly_its_stated_fraction() -> None:
     rng = np.random.default_rng(2)
     p = rng.uniform(0.2, 4.0, (32, 32))
+    p[:4] = 0.0  # unattenuated field beside the body: it scatters nothing
     primary = np.exp(-p)
-    for f in (0.1, 0.25, 1.0):
+    for f in (0.05, 0.1, 1.0):
         out = detect(p, off(scatter_fraction=f, scatter_sigma_mm=20.0), pixel_mm=2.0, rng=None)
-        total = np.exp(-out)
-        assert (total - primary).mean() == pytest.approx(f * primary.mean(), rel=1e-10)
-        assert np.all(out < p)  # scatter only adds photons: every line integral drops
+        scatter = np.exp(-out) - primary
+        assert scatter.mean() == pytest.approx(f * (p * primary).mean(), rel=1e-10)  # the blur conserves it
+        assert np.all(out[4:] < p[4:])  # scatter only adds photons: every line integral drops
+    # behind a uniform slab of line integral p0 the scatter-to-primary ratio is exactly f·p0
+    for p0 in (0.5, 2.0, 5.0):
+        out = detect(np.full((24, 24), p0), off(scatter_fraction=0.1), pixel_mm=2.0, rng=None)
+        np.testing.assert_allclose(out, p0 - math.log1p(0.1 * p0), atol=1e-12)
     np.testing.assert_allclose(detect(p, off(scatter_fraction=0.0), 2.0, None), p, atol=1e-12)
+    assert np.all(detect(np.zeros((8, 8)), off(scatter_fraction=1.0), 2.0, None) == 0)  # air: no scatter
 
 
 def test_supersampling_averages_intensities() -> None:

@@ -118,7 +118,7 @@ def test_protocol_names_itself_and_records_the_detector() -> None:
     assert honest.xrays == "honest" and clean.xrays == "clean"
     assert clean.label == "clean (inverse-crime)" == PROTOCOL_LABELS["clean"] and honest.label.startswith("honest")
     rec = honest.record()
-    assert rec["eval_protocol"] == "honest" and rec["eval_detector"]["scatter_fraction"] == 0.25
+    assert rec["eval_protocol"] == "honest" and rec["eval_detector"]["scatter_fraction"] == 0.1
     assert "Poisson" in rec["eval_detector_text"]
     assert clean.record() == {"eval_protocol": "clean", "eval_protocol_label": "clean (inverse-crime)"}
     assert load_params(REPO / "params.yaml").eval.protocol == "honest"  # the demo's default

@@ -340,8 +340,9 @@ class DetectorParams(_Section):
     photons_per_pixel: float = Field(1.0e6, ge=0)
     #: detector blur (CsI light spread + focal-spot penumbra), Gaussian FWHM in mm at the detector
     blur_fwhm_mm: float = Field(0.7, ge=0)
-    #: scatter-to-primary ratio, detector mean: scatter = this x (primary blurred by scatter_sigma_mm)
-    scatter_fraction: float = Field(0.25, ge=0, le=10)
+    #: scatter-to-primary ratio per unit line integral: behind a uniform slab of line integral p the
+    #: SPR is this x p (scatter = this x (p x primary) blurred by scatter_sigma_mm)
+    scatter_fraction: float = Field(0.1, ge=0, le=10)
     #: width (Gaussian sigma, mm at the detector) of the scatter spread function
     scatter_sigma_mm: float = Field(60.0, gt=0)
     #: the reference ray marcher's step / the CT's smallest voxel spacing

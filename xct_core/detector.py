@@ -17,11 +17,15 @@ honest``) break that on purpose, in four independent ways:
    - detector blur: a Gaussian PSF of ``blur_fwhm_mm`` FWHM in the detector plane, applied on
      the supersampled grid (``mode="reflect"``: the image integral is conserved), then the
      ``supersample``² sub-pixels are averaged (the pixel aperture);
-   - scatter: ``S = scatter_fraction · G_σ ⊛ P`` with ``G_σ`` a broad Gaussian of
-     ``scatter_sigma_mm`` (the "primary convolved with a scatter spread function" model,
-     IAEA Diagnostic Radiology Physics handbook §6.3.4). ``G`` conserves the integral, so
-     ``mean(S) = scatter_fraction · mean(P)`` exactly: ``scatter_fraction`` is the
-     detector-mean scatter-to-primary ratio (SPR);
+   - scatter: ``S = scatter_fraction · G_σ ⊛ (p·P)`` with ``G_σ`` a broad Gaussian of
+     ``scatter_sigma_mm`` — the "primary convolved with a scatter spread function" model
+     (IAEA Diagnostic Radiology Physics handbook §6.3.4) with the kernel's amplitude growing
+     with the traversed line integral ``p`` (scatter-kernel superposition, as in CBCT scatter
+     correction): no scatter comes from the unattenuated field around the body, and behind
+     a uniform slab of line integral ``p`` the scatter-to-primary ratio is exactly
+     ``scatter_fraction · p``. ``scatter_fraction`` is therefore the SPR per unit line
+     integral (≈ 50 mm of water); ``G`` conserves the integral, so
+     ``mean(S) = scatter_fraction · mean(p·P)`` exactly;
    - quantum noise: detected counts ``N ~ Poisson(photons_per_pixel · (P + S))``
      (``photons_per_pixel``: unattenuated detected photons per detector pixel; 0 = off), so
      ``Var(p) ≈ 1 / (N0·exp(−p))`` at a flat field;
@@ -78,7 +82,7 @@ class DetectorModel:
 
     photons_per_pixel: float  #: unattenuated detected photons per pixel (0 = no quantum noise)
     blur_fwhm_mm: float  #: detector PSF, Gaussian FWHM at the detector (mm)
-    scatter_fraction: float  #: detector-mean scatter-to-primary ratio
+    scatter_fraction: float  #: scatter-to-primary ratio per unit line integral (behind a uniform slab)
     scatter_sigma_mm: float  #: scatter spread function sigma at the detector (mm)
     step_fraction: float  #: reference ray-marcher step / smallest CT spacing
     supersample: int  #: rays per pixel and axis
@@ -176,8 +180,9 @@ def detect(p_fine: np.ndarray, model: DetectorModel, pixel_mm: float, rng: np.ra
     primary = gaussian_blur(primary, model.blur_fwhm_mm / FWHM_PER_SIGMA / (pixel_mm / s))
     primary = bin_pixels(primary, s)
     total = primary
-    if model.scatter_fraction > 0:
-        total = primary + model.scatter_fraction * gaussian_blur(primary, model.scatter_sigma_mm / pixel_mm)
+    if model.scatter_fraction > 0:  # scatter-kernel superposition: amplitude ∝ the pixel's line integral
+        source = primary * -np.log(np.clip(primary, 1e-300, None))  # p·P at the detector pixel
+        total = primary + model.scatter_fraction * gaussian_blur(source, model.scatter_sigma_mm / pixel_mm)
     if not model.noise_free:
         if rng is None:
             raise ValueError("detect: a noise stream (rng) is needed when photons_per_pixel > 0")
@@ -224,6 +229,6 @@ def describe(model: DetectorModel | Mapping[str, Any]) -> str:
     n0 = m["photons_per_pixel"]
     return (f"reference ray marcher (step {m['step_fraction']:g} x smallest spacing, {m['supersample']}x{m['supersample']} "
             f"rays per pixel) from the finest CT; blur {m['blur_fwhm_mm']:g} mm FWHM; scatter-to-primary "
-            f"{m['scatter_fraction']:g} (sigma {m['scatter_sigma_mm']:g} mm); "
+            f"{m['scatter_fraction']:g} per unit line integral (sigma {m['scatter_sigma_mm']:g} mm); "
             + (f"Poisson noise at {n0:.3g} photons/pixel" if n0 else "no quantum noise")
             + f"; seed {m['seed']}")
