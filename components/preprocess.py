@@ -233,7 +233,7 @@ def run_preprocess(
     checks = params.data.ct.model_dump(mode="json")
     honest_ids = {v for sp in HONEST_SPLITS for v in kept[sp]}  # val/test: the honest protocol's views too
     jobs = [ItemJob(v, str(volumes[v]), str(out), settings, checks, copies[v].to_json() if v in copies else None,
-                    honest=v in honest_ids) for v in ids]
+                    honest=v in honest_ids, train=v not in honest_ids) for v in ids]  # train: ids + copies
     stale = [j for j in jobs if not item_up_to_date(j)]
     manifest_path = out / MANIFEST
     if stale or removed:

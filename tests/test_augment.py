@@ -182,7 +182,8 @@ def small_params(**augment: object):
         "stages": {"stage1": {**stage, "size": 8, "conv_channels": [4]},
                    "stage2": {**stage, "size": 16, "conv_channels": [4, 4]}},
         "drr": {"geometry": "cone", "pixels": 16, "pixel_mm": FOV * 1.5 / 16},
-        "preprocess": {"workers": 1, "augment": augment},
+        # the clean training renderer: these tests compare DRRs (train-time detector: test_protocol.py)
+        "preprocess": {"workers": 1, "augment": augment, "train_detector": False},
     })
 
 

@@ -25,7 +25,9 @@ from xct_core.detector import (
     FWHM_PER_SIGMA,
     DetectorModel,
     bin_pixels,
+    corrupt_views,
     detect,
+    detector_postprocess,
     gaussian_blur,
     honest_views,
     noise_rng,
@@ -126,6 +128,26 @@ def test_supersampling_averages_intensities() -> None:
     want = -np.log(np.exp(-p).reshape(8, 2, 8, 2).mean(axis=(1, 3)))
     np.testing.assert_allclose(out, want, atol=1e-12)
     assert not np.allclose(out, bin_pixels(p, 2), atol=1e-3)  # ≠ averaging line integrals (partial volume)
+
+
+def test_detect_is_the_post_render_callable_and_corrupt_views_uses_it_per_view() -> None:
+    """One source: the honest views' detect() = detector_postprocess at the model's supersampling;
+    the train-time augmentation (corrupt_views) = detector_postprocess at 1 ray/pixel, seeded per view."""
+    rng = np.random.default_rng(5)
+    p = rng.uniform(0.0, 4.0, (16, 16))
+    m = model(supersample=2, blur_fwhm_mm=3.0)
+    np.testing.assert_array_equal(detect(p, m, 6.0, noise_rng(1, "v", "frontal")),
+                                  detector_postprocess(p, m, 6.0, noise_rng(1, "v", "frontal"), supersample=2))
+    m1 = model(supersample=1)
+    views = {v: rng.uniform(0.0, 4.0, (8, 8)).astype(np.float32) for v in VIEWS}
+    got = corrupt_views(views, "tr_x", 6.0, m1)
+    for v in VIEWS:
+        want = detector_postprocess(views[v], m1, 6.0, noise_rng(m1.seed, "tr_x", v), supersample=1)
+        np.testing.assert_array_equal(got[v], want.astype(np.float32))
+        assert got[v].dtype == np.float32 and got[v].shape == (8, 8)
+    assert not np.array_equal(got["frontal"], corrupt_views(views, "tr_y", 6.0, m1)["frontal"])
+    # a detector that adds nothing returns the clean line integrals (up to the reading clamp)
+    np.testing.assert_allclose(corrupt_views(views, "tr_x", 6.0, off())["lateral"], views["lateral"], atol=1e-5)
 
 
 def test_noise_is_seeded_per_volume_and_view() -> None:

@@ -49,7 +49,8 @@ def small_params(**overrides: dict) -> Params:
     data = {
         "stages": {"stage1": stage(8, [4]), "stage2": stage(16, [4, 4])},
         "drr": {"geometry": "cone", "pixels": 16, "pixel_mm": 24.0, "sdd": 1500.0, "sod": 1000.0},
-        "preprocess": {"workers": 1},
+        # the clean training renderer: these tests compare DRRs (train-time detector: test_protocol.py)
+        "preprocess": {"workers": 1, "train_detector": False},
     }
     for section, values in overrides.items():
         data[section] = {**data.get(section, {}), **values}

@@ -26,20 +26,22 @@ from xct_core.config import load_params, params_from_dict
 from xct_core.errors import ConfigError
 from xct_core.evaluation import PROTOCOL_LABELS, EvalProtocol, dataset_cases, stage_twin, twin_of
 from xct_core.io import CTVolume, grid_affine, save_ct
-from xct_core.preprocess import read_manifest, record_path, xray_file, xray_honest_file
+from xct_core.detector import DetectorModel, detector_postprocess, noise_rng
+from xct_core.geometry import VIEWS
+from xct_core.preprocess import PreprocessSettings, read_manifest, record_path, xray_file, xray_honest_file
 
 REPO = Path(__file__).resolve().parents[1]
 FOV = 64.0
 
 
-def small_params(**eval_kw: object):
+def small_params(preprocess: dict | None = None, **eval_kw: object):
     stage = {"fov_mm": FOV, "token_grid": 4, "dim": 8, "depth": 1, "heads": 1, "lift_channels": 4,
              "enc_channels": [4, 4, 4]}
     return params_from_dict({
         "stages": {"stage1": {**stage, "size": 8, "conv_channels": [4]},
                    "stage2": {**stage, "size": 16, "conv_channels": [4, 4]}},
         "drr": {"geometry": "cone", "pixels": 16, "pixel_mm": FOV * 1.5 / 16},
-        "preprocess": {"workers": 1},
+        "preprocess": {"workers": 1, **(preprocess or {})},
         "eval": eval_kw,
     })
 
@@ -80,9 +82,12 @@ def test_honest_views_for_val_test_only_keyed_by_the_detector(inputs: tuple[Path
     assert run_preprocess(vols, splits, out, p, progress=False).files_written == 0
     clean_before = (out / xray_file("te_d")).read_bytes()
     honest_before = (out / xray_honest_file("te_d")).read_bytes()
+    train_before = (out / xray_file("tr_a")).read_bytes()
     res2 = run_preprocess(vols, splits, out, small_params(detector={"scatter_fraction": 0.5}), progress=False)
-    assert res2.files_written == 2 and sorted(res2.processed) == ["te_d", "va_c"]
+    # val/test: the honest views; train: the DRRs that pass through the same detector (train_detector)
+    assert res2.files_written == 4 and sorted(res2.processed) == ["te_d", "tr_a", "tr_b", "va_c"]
     assert (out / xray_file("te_d")).read_bytes() == clean_before
+    assert (out / xray_file("tr_a")).read_bytes() != train_before
     assert (out / xray_honest_file("te_d")).read_bytes() != honest_before
     assert read_manifest(out)["params_digest"] != man["params_digest"]
 
@@ -92,6 +97,51 @@ def test_honest_views_for_val_test_only_keyed_by_the_detector(inputs: tuple[Path
     res3 = run_preprocess(vols, moved, out, p, progress=False)
     assert "xrays_honest/te_d.npz" in res3.removed and not (out / xray_honest_file("te_d")).exists()
     assert xray_honest_file("te_d") not in json.loads(record_path(out, "te_d").read_text())["files"]
+
+
+def test_train_detector_corrupts_exactly_the_train_views(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    """preprocess.train_detector: a train id's stored DRRs are detector_postprocess of the clean
+    training-renderer DRRs (same per-(seed, id, view) noise, bit for bit); val/test untouched;
+    the switch and the detector params are in the train DRRs' cache key; off = as before."""
+    vols, splits = inputs
+    on, off = tmp_path / "on", tmp_path / "off"
+    p_on = small_params()
+    p_off = small_params(preprocess={"train_detector": False})
+    assert p_on.preprocess.train_detector and not p_off.preprocess.train_detector
+    run_preprocess(vols, splits, on, p_on, progress=False)
+    run_preprocess(vols, splits, off, p_off, progress=False)
+    model = DetectorModel.from_params(p_on)
+    assert not model.noise_free and model.scatter_fraction > 0  # the defaults corrupt
+    for vid in ("tr_a", "tr_b"):
+        with np.load(on / xray_file(vid)) as zc, np.load(off / xray_file(vid)) as zo:
+            clean = {v: zo[v] for v in VIEWS}
+            for view in VIEWS:
+                want = detector_postprocess(clean[view], model, p_on.drr.pixel_mm, noise_rng(model.seed, vid, view))
+                np.testing.assert_array_equal(zc[view], want.astype(np.float32))
+                assert np.abs(zc[view] - clean[view]).mean() > 1e-3  # scatter + noise changed it
+            assert json.loads(str(zc["geometry"]))["detector"] == model.to_json()
+            assert "detector" not in json.loads(str(zo["geometry"]))
+    for vid in ("va_c", "te_d"):  # val/test: clean DRRs and honest views identical either way
+        for rel in (xray_file(vid), xray_honest_file(vid)):
+            assert (on / rel).read_bytes() == (off / rel).read_bytes(), rel
+    man_on, man_off = read_manifest(on), read_manifest(off)
+    assert man_on["xrays"]["train_detector"]["detector"] == model.to_json()
+    assert "train_detector" not in man_off["xrays"] and "train_detector" not in man_off["params"]
+    assert man_on["params_digest"] != man_off["params_digest"]
+
+    # keys: off = the pre-switch key for every split; on changes train only, and follows the detector
+    s_on, s_off = PreprocessSettings.from_params(p_on), PreprocessSettings.from_params(p_off)
+    s_scatter = PreprocessSettings.from_params(small_params(detector={"scatter_fraction": 0.3}))
+    sha = "0" * 64
+    assert s_off.xray_key(sha, None, train=True) == s_off.xray_key(sha) == s_on.xray_key(sha)
+    assert len({s_off.xray_key(sha, None, True), s_on.xray_key(sha, None, True), s_scatter.xray_key(sha, None, True)}) == 3
+    assert s_scatter.xray_key(sha) == s_on.xray_key(sha)  # val/test DRRs: not keyed by the detector
+
+    # switching it off restores the clean train DRRs bit for bit (only those are rewritten)
+    res = run_preprocess(vols, splits, on, p_off, progress=False)
+    assert res.files_written == 2 and res.processed == ["tr_a", "tr_b"]
+    for vid in ("tr_a", "tr_b", "va_c", "te_d"):
+        assert (on / xray_file(vid)).read_bytes() == (off / xray_file(vid)).read_bytes()
 
 
 def test_dataset_cases_serve_the_protocols_views(inputs: tuple[Path, Path], tmp_path: Path) -> None:

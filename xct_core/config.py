@@ -555,6 +555,10 @@ class PreprocessParams(_Section):
     antialias: bool = True
     #: training-set augmentation (copies: 0 = off)
     augment: AugmentParams = AugmentParams()
+    #: TRAIN ids' X-rays pass through the honest protocol's detector (``eval.detector``: blur,
+    #: scatter, Poisson noise, reading clamp; xct_core.detector.detector_postprocess) applied to
+    #: the training renderer's DRRs, so the model learns what it is evaluated on; false = clean DRRs
+    train_detector: bool = True
 
 
 # --- pipeline step 4: stage training (owner: xct_core/training.py, components/train.py) ---

@@ -40,6 +40,10 @@ is :attr:`xct_core.io.CTVolume.center_world` — the same world point the prepro
 centres every stage grid on — so source, detector and pixel rays are identical to the clean
 DRRs' (tests/test_detector.py checks it); only the physics differs.
 
+Training may see the same corruptions (``preprocess.train_detector``): the preprocess step
+passes the TRAIN ids' training-renderer DRRs through :func:`detector_postprocess` (step 3's
+blur, scatter, noise and clamp at one ray per pixel; :func:`corrupt_views`).
+
 The formulas live here once; the preprocess step (val/test views), ``xct evaluate --ct``
 (:func:`xct_core.evaluation.ct_case`) and the real-CT experiment call :func:`honest_views`.
 """
@@ -63,7 +67,9 @@ __all__ = [
     "FWHM_PER_SIGMA",
     "DetectorModel",
     "bin_pixels",
+    "corrupt_views",
     "detect",
+    "detector_postprocess",
     "gaussian_blur",
     "honest_views",
     "noise_rng",
@@ -171,12 +177,19 @@ def noise_rng(seed: int, vid: str, view: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), h, VIEWS.index(view)])  # type: ignore[arg-type]
 
 
-def detect(p_fine: np.ndarray, model: DetectorModel, pixel_mm: float, rng: np.random.Generator | None) -> np.ndarray:
-    """Supersampled line integrals ``[s·P, s·P]`` → the detector's line integrals ``[P, P]``
-    (float64): blur, pixel aperture, scatter, Poisson noise, log (module docstring).
-    ``pixel_mm``: the (binned) detector pitch; ``rng``: needed unless ``model.noise_free``."""
-    s = int(model.supersample)
-    primary = np.exp(-np.asarray(p_fine, dtype=np.float64))  # I / I0
+def detector_postprocess(p: np.ndarray, model: DetectorModel, pixel_mm: float, rng: np.random.Generator | None,
+                         supersample: int = 1) -> np.ndarray:
+    """The detector's post-render part, one callable: line integrals ``[s·P, s·P]`` (``s =
+    supersample``) → the detector's line integrals ``[P, P]`` (float64): blur, pixel aperture
+    (``s > 1``), scatter, Poisson noise, log with the reading clamp (module docstring).
+    ``pixel_mm``: the (binned) detector pitch; ``rng``: needed unless ``model.noise_free``.
+
+    Used by :func:`detect` (the honest views, ``s = model.supersample``) and by the preprocess
+    step on the TRAIN ids' training-renderer DRRs (``preprocess.train_detector``, ``s = 1``:
+    those are already one ray per pixel, so the aperture's partial-volume non-linearity is
+    the one part training cannot see)."""
+    s = int(supersample)
+    primary = np.exp(-np.asarray(p, dtype=np.float64))  # I / I0
     primary = gaussian_blur(primary, model.blur_fwhm_mm / FWHM_PER_SIGMA / (pixel_mm / s))
     primary = bin_pixels(primary, s)
     total = primary
@@ -185,11 +198,29 @@ def detect(p_fine: np.ndarray, model: DetectorModel, pixel_mm: float, rng: np.ra
         total = primary + model.scatter_fraction * gaussian_blur(source, model.scatter_sigma_mm / pixel_mm)
     if not model.noise_free:
         if rng is None:
-            raise ValueError("detect: a noise stream (rng) is needed when photons_per_pixel > 0")
+            raise ValueError("detector_postprocess: a noise stream (rng) is needed when photons_per_pixel > 0")
         total = rng.poisson(model.photons_per_pixel * total) / model.photons_per_pixel
     from xct_core.xray_io import intensity_to_line_integral
 
     return intensity_to_line_integral(total, model.min_intensity_fraction)
+
+
+def detect(p_fine: np.ndarray, model: DetectorModel, pixel_mm: float, rng: np.random.Generator | None) -> np.ndarray:
+    """Supersampled line integrals ``[s·P, s·P]`` (``s = model.supersample``) → the detector's
+    line integrals ``[P, P]`` (:func:`detector_postprocess`)."""
+    return detector_postprocess(p_fine, model, pixel_mm, rng, supersample=int(model.supersample))
+
+
+def corrupt_views(images: Mapping[str, np.ndarray], vid: str, pixel_mm: float,
+                  model: DetectorModel) -> dict[str, np.ndarray]:
+    """Training augmentation (``preprocess.train_detector``): each view (float32 ``[P, P]`` line
+    integrals from the training renderer) of volume ``vid`` through :func:`detector_postprocess`
+    at one ray per pixel, noise from :func:`noise_rng` ``(model.seed, vid, view)``."""
+    out: dict[str, np.ndarray] = {}
+    for view in VIEWS:
+        rng = None if model.noise_free else noise_rng(model.seed, vid, view)
+        out[view] = detector_postprocess(images[view], model, pixel_mm, rng, supersample=1).astype(np.float32)
+    return out
 
 
 # --------------------------------------------------------------------------- one CT

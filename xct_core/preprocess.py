@@ -48,6 +48,15 @@ into ``xrays_honest/{id}.npz``. Its key holds the detector and DRR settings, so 
 them redoes exactly these files; the manifest records the detector (``xrays_honest``).
 Train ids never get them: training keeps the training renderer.
 
+Train-time detector (``preprocess.train_detector``, default on). The TRAIN ids' (and their
+augmented copies') ``xrays/{id}.npz`` hold the training renderer's DRRs passed through
+:func:`xct_core.detector.detector_postprocess` with ``eval.detector`` (blur, scatter, Poisson
+noise seeded per ``(seed, id, view)``, the reading clamp) at one ray per pixel — the same
+corruptions as the honest views, as augmentation, with no re-render by the reference
+marcher. Their key holds the detector (only when on, so switching it off restores the old
+keys), the geometry JSON gains ``detector``, the manifest records it (``xrays.train_detector``).
+Val/test ``xrays/`` stay clean (``eval.protocol: clean`` reads them).
+
 Augmentation (``preprocess.augment``, default off; :mod:`xct_core.augment`). Each TRAIN id
 gets ``copies`` extra train items ``<id>__aug<j>`` (never val/test): the same source CT,
 rigidly moved / flipped / intensity-jittered by its sampled :class:`~xct_core.augment.Augmentation`
@@ -161,6 +170,8 @@ class PreprocessSettings:
     augment: dict[str, Any] | None = None
     #: the honest views' detector (:meth:`xct_core.detector.DetectorModel.to_json`), None: no honest views
     detector: dict[str, Any] | None = None
+    #: the detector the TRAIN ids' DRRs pass through (``preprocess.train_detector``), None: clean DRRs
+    train_detector: dict[str, Any] | None = None
 
     @classmethod
     def from_params(cls, params: Params) -> PreprocessSettings:
@@ -175,6 +186,7 @@ class PreprocessSettings:
             antialias=bool(params.preprocess.antialias),
             augment=params.preprocess.augment.model_dump(mode="json") if params.preprocess.augment.copies > 0 else None,
             detector=DetectorModel.from_params(params).to_json(),
+            train_detector=DetectorModel.from_params(params).to_json() if params.preprocess.train_detector else None,
         )
 
     @property
@@ -203,6 +215,8 @@ class PreprocessSettings:
             out["augment"] = dict(sorted(self.augment.items()))
         if self.detector is not None:
             out["detector"] = dict(sorted(self.detector.items()))
+        if self.train_detector is not None:  # only when on: the digest of clean training DRRs is unchanged
+            out["train_detector"] = dict(sorted(self.train_detector.items()))
         return out
 
     def digest(self) -> str:
@@ -216,8 +230,9 @@ class PreprocessSettings:
             doc["augment"] = dict(augment)
         return _hash(doc)
 
-    def xray_key(self, input_sha: str, augment: Mapping[str, Any] | None = None) -> str:
-        """Key of the DRR pair; ``augment``: the item's sampled augmentation (JSON)."""
+    def xray_key(self, input_sha: str, augment: Mapping[str, Any] | None = None, train: bool = False) -> str:
+        """Key of the DRR pair; ``augment``: the item's sampled augmentation (JSON); ``train``:
+        a train id (its DRRs pass through :attr:`train_detector` when that is set)."""
         doc: dict[str, Any] = {
             "v": FORMAT_VERSION,
             "input": input_sha,
@@ -227,8 +242,9 @@ class PreprocessSettings:
         }
         if augment is not None:
             doc["augment"] = dict(augment)
+        if train and self.train_detector is not None:
+            doc["train_detector"] = dict(sorted(self.train_detector.items()))
         return _hash(doc)
-
 
     def honest_key(self, input_sha: str) -> str:
         """Key of the honest view pair: the source CT, the DRR geometry, mu_water, the detector."""
@@ -374,6 +390,8 @@ class ItemJob:
     augment: dict[str, Any] | None = None
     #: a val/test id: also render its honest views (``xrays_honest/``)
     honest: bool = False
+    #: a train id (or augmented copy): its DRRs pass through ``settings.train_detector`` when set
+    train: bool = False
 
 
 @dataclass
@@ -427,7 +445,7 @@ def _item_state(job: ItemJob) -> _ItemState:
         raise InputError(src, f"cannot read volume ({e.strerror or e})") from e
     prev_files: dict[str, Any] = dict((prev or {}).get("files") or {})
     keys = {stage_file(g.k, job.vid): s.stage_key(g.k, input_sha, job.augment) for g in s.grids}
-    keys[xray_file(job.vid)] = s.xray_key(input_sha, job.augment)
+    keys[xray_file(job.vid)] = s.xray_key(input_sha, job.augment, job.train)
     if job.honest and s.detector is not None:
         keys[xray_honest_file(job.vid)] = s.honest_key(input_sha)
     valid = {rel: _entry_valid(out / rel, prev_files.get(rel), key) for rel, key in keys.items()}
@@ -499,6 +517,13 @@ def process_item(job: ItemJob) -> ItemResult:
         if finest is None:
             finest = np.load(out / finest_rel, allow_pickle=False)
         frontal, lateral, geo = render_xrays(finest, s.finest.affine(center), s)
+        if job.train and s.train_detector is not None:  # training augmentation: the detector's corruptions
+            from xct_core.detector import corrupt_views
+
+            model = DetectorModel(**s.train_detector)
+            views = corrupt_views({"frontal": frontal, "lateral": lateral}, job.vid, float(s.drr["pixel_mm"]), model)
+            frontal, lateral = views["frontal"], views["lateral"]
+            geo["detector"] = model.to_json()
         rel = xray_file(job.vid)
         payload = _npz_bytes(frontal=frontal, lateral=lateral, geometry=np.array(json.dumps(geo, sort_keys=True)))
         write_bytes_atomic(out / rel, payload)
@@ -665,6 +690,11 @@ def build_manifest(
             "dtype": "float32",
             "rendered_on_stage": settings.finest.k,
             "mu_water": settings.mu_water,
+            **({"train_detector": {
+                "splits": ["train"],
+                "applied": "xct_core.detector.detector_postprocess on the training renderer's DRRs, one ray per pixel",
+                "detector": dict(sorted(settings.train_detector.items())),
+            }} if settings.train_detector is not None else {}),
         },
         **({"xrays_honest": {
             "dir": XRAYS_HONEST_DIR,
@@ -724,7 +754,7 @@ def job_from_dict(d: Mapping[str, Any]) -> ItemJob:
     s["grids"] = tuple(StageGrid(**g) for g in s["grids"])
     return ItemJob(
         vid=d["vid"], volume=d["volume"], out=d["out"], settings=PreprocessSettings(**s), ct_checks=dict(d["ct_checks"]),
-        augment=d.get("augment"), honest=bool(d.get("honest", False)),
+        augment=d.get("augment"), honest=bool(d.get("honest", False)), train=bool(d.get("train", False)),
     )
 
 
