@@ -4,7 +4,7 @@ Output folder (``reports/eval/stageK``, :class:`xct_core.layout.ReportLayout`)::
 
     metrics.json      patient means + target_std + n_patients + mean-volume baseline
                       (baseline_*) + direct-regression twin (direct_*, when
-                      models/stageK/direct.pt exists) + single-sample metrics (single_*, when
+                      the evaluated model ships one: best.pt's own twin, ``direct_source``) + single-sample metrics (single_*, when
                       eval.samples > 1) + test_ids_hash + the protocol — read by the gate and
                       register steps and by ``dvc metrics``
     per_patient.csv   one row per test volume (= patient in the demo/LIDC data), for ``dvc plots``
@@ -18,7 +18,9 @@ Output folder (``reports/eval/stageK``, :class:`xct_core.layout.ReportLayout`)::
 
 Science in :mod:`xct_core.evaluation` (THE evaluator; stage K fed by stage K−1's samples, as in
 production). This adapter builds the evaluation protocol (the window) once from params and
-writes the reports. One function, :func:`run_evaluate`, called by ``xct step evaluate``
+writes the reports. The input X-rays are those of ``eval.protocol`` (honest: the detector
+model's val/test views; clean: the training renderer's, labelled "clean (inverse-crime)"),
+recorded in metrics.json as ``eval_protocol``/``eval_protocol_label``/``eval_detector``. One function, :func:`run_evaluate`, called by ``xct step evaluate``
 (dvc.yaml) and by the KFP component (components/kfp_components.py).
 """
 
@@ -84,6 +86,7 @@ def run_evaluate(
     direct = f", direct {m['direct_psnr_window_db']:.2f} dB" if m.get("has_direct") else ""
     single = f", single sample {m['single_psnr_window_db']:.2f} dB" if "single_psnr_window_db" in m else ""
     say(
+        f"[{protocol.label}] "
         f"stage{stage} on {m['n_patients']} {split} volumes ({m['samples']} sample(s), {m['sample_steps']} DDIM steps): "
         f"PSNR(window) {m['psnr_window_db']:.2f} dB, SSIM {m['ssim_window']:.3f}, "
         f"MAE {m['mae_hu']:.1f} HU{single}{_calibration_note(m)}; mean-volume baseline {m['baseline_psnr_window_db']:.2f} dB{direct} "

@@ -11,6 +11,8 @@ Output (``data/processed``; the contract is documented in :mod:`xct_core.preproc
     stage{k}/{id}.npy   int16 [S, S, S] full-range HU on stage k's grid (windowed at load time)
     xrays/{id}.npz      frontal, lateral float32 [P, P] line integrals + geometry JSON,
                         rendered from the finest stage grid
+    xrays_honest/{id}.npz   val/test ids: the same views as a detector records them (the honest
+                        protocol, ``eval.detector``; xct_core/detector.py), from the source CT
     manifest.json       ids per split after quarantine, stage grids, params digest, sha256s
     records/{id}.json   per-item bookkeeping for resumable re-runs
 
@@ -52,10 +54,12 @@ from xct_core.augment import plan_copies
 from xct_core.config import Params
 from xct_core.errors import InputError
 from xct_core.preprocess import (
+    HONEST_SPLITS,
     MANIFEST,
     RECORDS_DIR,
     SPLITS,
     XRAYS_DIR,
+    XRAYS_HONEST_DIR,
     ItemJob,
     PreprocessSettings,
     build_manifest,
@@ -153,20 +157,22 @@ def _run_pool(jobs: Sequence[ItemJob], workers: int, progress: bool) -> list[tup
 # --------------------------------------------------------------------------- the step
 
 
-def _prune(out: Path, settings: PreprocessSettings, ids: set[str]) -> tuple[list[str], int]:
-    """Sweep temp files and delete outputs that are not part of this run's contract."""
+def _prune(out: Path, settings: PreprocessSettings, ids: set[str], honest_ids: set[str]) -> tuple[list[str], int]:
+    """Sweep temp files and delete outputs that are not part of this run's contract
+    (honest views: only val/test ids keep theirs)."""
     removed: list[str] = []
     swept = sweep_temp_files(out)
     current = {stage_dir(g.k) for g in settings.grids}
     folders = [p for p in out.iterdir() if p.is_dir() and _STAGE_DIR.match(p.name)] if out.is_dir() else []
-    for sub in [*folders, out / XRAYS_DIR, out / RECORDS_DIR]:
+    for sub in [*folders, out / XRAYS_DIR, out / XRAYS_HONEST_DIR, out / RECORDS_DIR]:
         if not sub.is_dir():
             continue
         swept += sweep_temp_files(sub)
-        suffix = {XRAYS_DIR: ".npz", RECORDS_DIR: ".json"}.get(sub.name, ".npy")
+        suffix = {XRAYS_DIR: ".npz", XRAYS_HONEST_DIR: ".npz", RECORDS_DIR: ".json"}.get(sub.name, ".npy")
+        keep = honest_ids if sub.name == XRAYS_HONEST_DIR else ids
         for f in sub.glob(f"*{suffix}"):
             stem = f.name[: -len(suffix)]
-            if (_STAGE_DIR.match(sub.name) and sub.name not in current) or stem not in ids:
+            if (_STAGE_DIR.match(sub.name) and sub.name not in current) or stem not in keep:
                 f.unlink()
                 removed.append(f"{sub.name}/{f.name}")
         if _STAGE_DIR.match(sub.name) and sub.name not in current and not any(sub.iterdir()):
@@ -223,10 +229,11 @@ def run_preprocess(
         raise InputError(out, "output path exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
 
-    removed, swept = _prune(out, settings, set(ids))
+    removed, swept = _prune(out, settings, set(ids), {v for sp in HONEST_SPLITS for v in kept[sp]})
     checks = params.data.ct.model_dump(mode="json")
-    jobs = [ItemJob(v, str(volumes[v]), str(out), settings, checks, copies[v].to_json() if v in copies else None)
-            for v in ids]
+    honest_ids = {v for sp in HONEST_SPLITS for v in kept[sp]}  # val/test: the honest protocol's views too
+    jobs = [ItemJob(v, str(volumes[v]), str(out), settings, checks, copies[v].to_json() if v in copies else None,
+                    honest=v in honest_ids, train=v not in honest_ids) for v in ids]  # train: ids + copies
     stale = [j for j in jobs if not item_up_to_date(j)]
     manifest_path = out / MANIFEST
     if stale or removed:

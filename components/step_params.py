@@ -62,10 +62,11 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
     "synth": ("data.synth",),
     "ingest": ("data.ct", "ingest", "limits.max_ct_voxels", "limits.max_compression_ratio"),
     "validate": ("validation", "ingest.body_hu"),
-    "preprocess": (GRIDS, "drr", "hu.mu_water", "data.ct", "preprocess"),
+    "preprocess": (GRIDS, "drr", "hu.mu_water", "data.ct", "preprocess", "eval.detector",
+                   "reconstruct.min_intensity_fraction"),
     "train": (
         "seed", "pipeline.train", "model", "diffusion", "hu", "drr",
-        "eval.ssim_sigma", "eval.ssim_win", "eval.hu_lo", "eval.hu_hi",
+        "eval.ssim_sigma", "eval.ssim_win", "eval.hu_lo", "eval.hu_hi", "eval.protocol",
         "stages.{stage}", "train.steps.{stage}",
         "train.warmup_steps", "train.min_lr_ratio", "train.weight_decay", "train.adam_betas", "train.grad_clip",
         "train.ema_decay", "train.precision", "train.log_every", "train.ckpt_every", "train.keep_last",

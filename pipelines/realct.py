@@ -26,6 +26,8 @@ printed before it runs, with the elapsed time after):
    ``final.pt`` because there is no validation split), the mean-volume baseline (mean of the
    train split, augmented copies included) and the direct-regression baseline (the last
    stage's ``direct.pt``) on the two test chests, with the protocol of ../shared/REFERENCE.md.
+   The test chests' X-rays are those of ``eval.protocol`` (default honest: the detector model
+   of ``eval.detector`` applied to each NATIVE CT, :func:`xct_core.evaluation.ct_case`).
    Use a fresh ``--out`` when changing ``--stages``: every stage model in OUT/train is run.
 6. ``OUT/summary.json`` (and with ``--results PREFIX``: ``PREFIX.json``, ``PREFIX.md`` and
    ``PREFIX.png``, the commit-ready results).
@@ -307,6 +309,9 @@ def build_summary(out: Path, params: Any, split: dict[str, list[str]], manifest:
         "sample_steps": ev.get("sample_steps"),
         "samples": ev.get("samples", 1),
         "protocol": ev["protocol"],
+        # the input X-rays of the test chests (issue 21): old runs were the clean DRRs
+        "eval_protocol": ev.get("eval_protocol_label", "clean (inverse-crime)"),
+        "eval_detector": ev.get("eval_detector_text"),
         "baseline": ev.get("baseline"),
         "per_patient": per_patient,
         "mean": mean,
@@ -358,6 +363,8 @@ def write_results(prefix: Path, summary: dict[str, Any], out: Path) -> None:
         f"with |a-1| ≤ {summary['augment']['hu_scale']}, |b| ≤ {summary['augment']['hu_offset']} HU; DRRs rendered after "
         f"augmentation). Quarantined by validation: {', '.join(summary['quarantined']) or 'none'}.",
         f"- Test (never ingested, only read by `xct evaluate`): {', '.join(summary['test_cts'])}.",
+        f"- Input X-rays of the test chests: {summary.get('eval_protocol', 'clean (inverse-crime)')}"
+        + (f" — {summary['eval_detector']}, from the native CT" if summary.get("eval_detector") else "") + ".",
         "- No validation split, no model selection: fixed steps, final weights.",
         f"- Cascade stages trained: {summary['stages_trained']} (grids {' → '.join(f'{g}³' for g in summary['stage_grids'])} over "
         f"{summary['fov_mm']} mm); window {summary['window']}; X-rays: {summary['drr']}.",

@@ -150,7 +150,7 @@ def test_jitter_leaves_air_lung_and_fill_alone() -> None:
 
 def cfg(**kw: object) -> AugmentParams:
     base = {"copies": 3, "seed": 0, "rotate_deg": (5, 5, 10), "translate_mm": (10, 10, 10), "flip_lr": 0.5,
-            "hu_scale": 0.05, "hu_offset": 20.0}
+            "allow_lr_flip": True, "hu_scale": 0.05, "hu_offset": 20.0}
     return AugmentParams(**{**base, **kw})
 
 
@@ -182,7 +182,8 @@ def small_params(**augment: object):
         "stages": {"stage1": {**stage, "size": 8, "conv_channels": [4]},
                    "stage2": {**stage, "size": 16, "conv_channels": [4, 4]}},
         "drr": {"geometry": "cone", "pixels": 16, "pixel_mm": FOV * 1.5 / 16},
-        "preprocess": {"workers": 1, "augment": augment},
+        # the clean training renderer: these tests compare DRRs (train-time detector: test_protocol.py)
+        "preprocess": {"workers": 1, "augment": augment, "train_detector": False},
     })
 
 
@@ -215,7 +216,7 @@ def test_identity_copies_equal_the_originals_bit_for_bit(inputs: tuple[Path, Pat
 def test_val_test_never_augmented_and_reruns_follow_the_settings(inputs: tuple[Path, Path], tmp_path: Path) -> None:
     vols, splits = inputs
     out = tmp_path / "p"
-    p1 = small_params(copies=2, rotate_deg=[0, 0, 20], flip_lr=0.5, hu_scale=0.05, hu_offset=10.0)
+    p1 = small_params(copies=2, rotate_deg=[0, 0, 20], flip_lr=0.5, allow_lr_flip=True, hu_scale=0.05, hu_offset=10.0)
     res = run_preprocess(vols, splits, out, p1, progress=False)
     man = read_manifest(out)
     assert man["splits"]["val"] == ["va_c"] and man["splits"]["test"] == ["te_d"]
@@ -229,7 +230,7 @@ def test_val_test_never_augmented_and_reruns_follow_the_settings(inputs: tuple[P
     assert not np.array_equal(np.load(out / stage_file(2, "tr_a")), np.load(out / stage_file(2, "tr_a__aug0")))
     # same settings: nothing redone; new rotation range: only the copies are redone; copies 0: they are removed
     assert run_preprocess(vols, splits, out, p1, progress=False).processed == []
-    p2 = small_params(copies=2, rotate_deg=[0, 0, 30], flip_lr=0.5, hu_scale=0.05, hu_offset=10.0)
+    p2 = small_params(copies=2, rotate_deg=[0, 0, 30], flip_lr=0.5, allow_lr_flip=True, hu_scale=0.05, hu_offset=10.0)
     assert sorted(run_preprocess(vols, splits, out, p2, progress=False).processed) == copies
     res = run_preprocess(vols, splits, out, small_params(copies=0), progress=False)
     assert res.processed == [] and len(res.removed) == 4 * 4  # 2 stages + xrays + record per copy

@@ -282,7 +282,9 @@ def test_each_task_gets_exactly_its_declared_keys() -> None:
     pre = json.loads(scoped_text(params, "preprocess"))
     assert pre["stages"] == {n: {"size": data["stages"][n]["size"], "fov_mm": data["stages"][n]["fov_mm"]}
                              for n in names}
-    assert set(pre) == {"stages", "drr", "hu", "data", "preprocess"} and pre["hu"] == {"mu_water": 0.02}
+    assert set(pre) == {"stages", "drr", "hu", "data", "preprocess", "eval", "reconstruct"} and pre["hu"] == {"mu_water": 0.02}
+    assert pre["eval"] == {"detector": data["eval"]["detector"]}  # the honest views' detector, not the metrics
+    assert pre["reconstruct"] == {"min_intensity_fraction": data["reconstruct"]["min_intensity_fraction"]}
     # order-independent: the same keys and values give the same text
     shuffled = dict(reversed(list(data.items())))
     assert scoped_text(OpsParams.model_validate(shuffled), "gate", 3) == scoped_text(params, "gate", 3)

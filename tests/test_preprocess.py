@@ -33,6 +33,7 @@ from xct_core.preprocess import (
     read_manifest,
     stage_file,
     xray_file,
+    xray_honest_file,
 )
 
 IDS = ("vol_a", "vol_b", "vol_c", "vol_d")
@@ -48,7 +49,8 @@ def small_params(**overrides: dict) -> Params:
     data = {
         "stages": {"stage1": stage(8, [4]), "stage2": stage(16, [4, 4])},
         "drr": {"geometry": "cone", "pixels": 16, "pixel_mm": 24.0, "sdd": 1500.0, "sod": 1000.0},
-        "preprocess": {"workers": 1},
+        # the clean training renderer: these tests compare DRRs (train-time detector: test_protocol.py)
+        "preprocess": {"workers": 1, "train_detector": False},
     }
     for section, values in overrides.items():
         data[section] = {**data.get(section, {}), **values}
@@ -108,7 +110,8 @@ def processed(inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
     out = tmp_path_factory.mktemp("pre") / "processed"
     vols, splits = inputs
     res = run_preprocess(vols, splits, out, small_params(), progress=False)
-    assert sorted(res.processed) == sorted(IDS) and res.files_written == 3 * len(IDS)
+    # 2 stage grids + 1 view pair each, + the honest protocol's views of the val/test ids (vol_c, vol_d)
+    assert sorted(res.processed) == sorted(IDS) and res.files_written == 3 * len(IDS) + 2
     return out
 
 
@@ -139,7 +142,8 @@ def test_layout_shapes_dtypes_and_manifest(processed: Path) -> None:
             assert pg.view == view and pg.pixels == 16 and pg.kind == "cone"
             np.testing.assert_allclose(pg.isocenter, man["items"][vid]["center_world"], atol=1e-9)
         files = man["items"][vid]["files"]
-        assert set(files) == {stage_file(1, vid), stage_file(2, vid), xray_file(vid)}
+        honest = {xray_honest_file(vid)} if vid in SPLITS["val"] + SPLITS["test"] else set()  # the honest protocol's
+        assert set(files) == {stage_file(1, vid), stage_file(2, vid), xray_file(vid)} | honest
         for rel, sha in files.items():
             assert file_sha256(processed / rel) == sha
 
@@ -232,7 +236,7 @@ def test_changing_drr_params_rerenders_only_xrays(processed: Path, inputs: tuple
     before = mtimes(out)
     params = small_params(drr={"pixels": 12, "sdd": 1400.0})
     res = run_preprocess(*inputs, out, params, progress=False)
-    assert sorted(res.processed) == sorted(IDS) and res.files_written == len(IDS)
+    assert sorted(res.processed) == sorted(IDS) and res.files_written == len(IDS) + 2  # + the honest val/test views
     after = mtimes(out)
     for vid in IDS:
         assert after[stage_file(1, vid)] == before[stage_file(1, vid)]
@@ -280,7 +284,7 @@ def test_quarantined_ids_are_absent(processed: Path, inputs: tuple[Path, Path], 
     assert man["quarantined"] == {"vol_c": "quarantined: hu_max too high", "vol_d": "bad spacing"}
     names = {p.name for p in out.rglob("*")}
     assert not any(n.startswith(("vol_c", "vol_d")) for n in names)
-    assert res.files_written == 0 and len(res.removed) == 2 * 4
+    assert res.files_written == 0 and len(res.removed) == 2 * 5  # 2 stages, views, honest views, record
 
 
 def test_bad_inputs_raise_input_errors(inputs: tuple[Path, Path], tmp_path: Path) -> None:

@@ -366,8 +366,37 @@ class CalibrationParams(_Section):
     val_max_volumes: int = Field(0, ge=0)
 
 
+class DetectorParams(_Section):
+    """The honest protocol's detector (xct_core/detector.py: the formulas and their order).
+
+    Defaults, for a PA chest on a CsI flat panel read out at this project's coarse 4.8 mm
+    pitch (sources and arithmetic: benchmarks/results/protocol_cpu.md)."""
+
+    #: unattenuated DETECTED photons per (4.8 mm) detector pixel; 0 = no quantum noise
+    photons_per_pixel: float = Field(1.0e6, ge=0)
+    #: detector blur (CsI light spread + focal-spot penumbra), Gaussian FWHM in mm at the detector
+    blur_fwhm_mm: float = Field(0.7, ge=0)
+    #: scatter-to-primary ratio per unit line integral: behind a uniform slab of line integral p the
+    #: SPR is this x p (scatter = this x (p x primary) blurred by scatter_sigma_mm)
+    scatter_fraction: float = Field(0.1, ge=0, le=10)
+    #: width (Gaussian sigma, mm at the detector) of the scatter spread function
+    scatter_sigma_mm: float = Field(60.0, gt=0)
+    #: the reference ray marcher's step / the CT's smallest voxel spacing
+    step_fraction: float = Field(1.0, gt=0, le=1)
+    #: rays per pixel and axis (pixel aperture: their intensities are averaged)
+    supersample: int = Field(1, ge=1, le=8)
+    #: quantum-noise seed (per volume and view: xct_core.detector.noise_rng)
+    seed: int = Field(0, ge=0)
+
+
 class EvalParams(_Section):
     """Metric settings (see xct_core.metrics)."""
+
+    #: which val/test X-rays every evaluation reads: honest (detector model from the finest CT,
+    #: xct_core/detector.py) | clean (the training renderer's noise-free DRRs: inverse crime)
+    protocol: Literal["honest", "clean"] = "honest"
+    #: the honest protocol's detector
+    detector: DetectorParams = DetectorParams()
 
     #: Gaussian SSIM window: sigma (voxels) and window size (odd; 11 = skimage default for 1.5)
     ssim_sigma: float = Field(1.5, gt=0)
@@ -521,8 +550,12 @@ class AugmentParams(_Section):
     rotate_deg: tuple[float, float, float] = Field((0.0, 0.0, 0.0))
     #: max |translation| along R, A, S, mm (uniform)
     translate_mm: tuple[float, float, float] = Field((0.0, 0.0, 0.0))
-    #: probability of a left-right (sagittal-plane) mirror
+    #: probability of a left-right (sagittal-plane) mirror. A mirrored chest is anatomy no patient
+    #: has (heart on the right, situs inversus is ~1 in 10 000), so flip_lr > 0 is refused unless
+    #: allow_lr_flip says the data is left-right symmetric enough for it (not a chest)
     flip_lr: float = Field(0.0, ge=0, le=1)
+    #: explicit opt-in for flip_lr > 0 (false: a flip probability is a config error)
+    allow_lr_flip: bool = False
     #: probability of an anterior-posterior (coronal-plane) mirror
     flip_ap: float = Field(0.0, ge=0, le=1)
     #: intensity jitter HU' = a·HU + b with a ~ U[1 - hu_scale, 1 + hu_scale] ...
@@ -538,6 +571,14 @@ class AugmentParams(_Section):
         if min(v) < 0:
             raise ValueError(f"maxima must be >= 0 on every axis, got {list(v)}")
         return v
+
+    @_model_validator(mode="after")
+    def _no_mirror_anatomy(self) -> AugmentParams:
+        if self.flip_lr > 0 and not self.allow_lr_flip:
+            raise ValueError(f"flip_lr {self.flip_lr} mirrors left and right: a flipped chest puts the heart on the "
+                             "right (anatomy no patient has); set flip_lr: 0, or allow_lr_flip: true for data "
+                             "where a mirror image is plausible")
+        return self
 
 
 class PreprocessParams(_Section):
@@ -558,6 +599,10 @@ class PreprocessParams(_Section):
     antialias: bool = True
     #: training-set augmentation (copies: 0 = off)
     augment: AugmentParams = AugmentParams()
+    #: TRAIN ids' X-rays pass through the honest protocol's detector (``eval.detector``: blur,
+    #: scatter, Poisson noise, reading clamp; xct_core.detector.detector_postprocess) applied to
+    #: the training renderer's DRRs, so the model learns what it is evaluated on; false = clean DRRs
+    train_detector: bool = True
 
 
 # --- pipeline step 4: stage training (owner: xct_core/training.py, components/train.py) ---

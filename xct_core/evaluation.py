@@ -60,6 +60,8 @@ from xct_core import calibration as cal
 from xct_core.atomic import write_text_atomic
 from xct_core.calibration import Calibration, CaseScores
 from xct_core.config import Params
+from xct_core.detector import DetectorModel, honest_views
+from xct_core.detector import describe as describe_detector
 from xct_core.diffusion import Sampler
 from xct_core.errors import InputError
 from xct_core.geometry import VIEWS, PlacedGeometry
@@ -81,6 +83,7 @@ __all__ = [
     "Case",
     "CaseResult",
     "EvalProtocol",
+    "PROTOCOL_LABELS",
     "EvalResult",
     "aggregate",
     "ct_case",
@@ -92,12 +95,19 @@ __all__ = [
     "load_cascade",
     "mean_volume_baseline",
     "split_ids_hash",
+    "stage_twin",
+    "twin_of",
     "write_eval_reports",
 ]
 
 
 #: the calibration plot of an evaluation (beside montage.png)
 CALIBRATION_PNG = "calibration.png"
+#: how each ``eval.protocol`` is named wherever numbers are shown (reports, model card)
+PROTOCOL_LABELS = {
+    "honest": "honest (detector model)",
+    "clean": "clean (inverse-crime)",
+}
 
 #: how the mean-volume baseline was obtained (recorded in metrics.json and the report)
 BASELINE_TRAIN = "train-split mean volume"
@@ -119,13 +129,37 @@ class EvalProtocol:
     ssim_win: int  #: the most taps; a small grid gets fewer (:meth:`ssim_taps`)
     body_hu: float  #: the body mask's threshold (``ingest.body_hu``: the same "body" everywhere)
     params: Params  #: for the renderer (``drr``, ``hu.mu_water``) of the reprojection
+    #: which input X-rays the cases carry (``eval.protocol``): ``honest`` (the detector model,
+    #: :mod:`xct_core.detector`) | ``clean`` (the training renderer's DRRs: inverse crime)
+    xrays: str = "honest"
 
     @classmethod
     def from_params(cls, params: Params, window: HUWindow | None = None) -> EvalProtocol:
         ev = params.eval
         return cls(window=window or params.hu.get_window(), hu_range=(float(ev.hu_lo), float(ev.hu_hi)),
                    ssim_sigma=float(ev.ssim_sigma), ssim_win=int(ev.ssim_win),
-                   body_hu=float(params.ingest.body_hu), params=params)
+                   body_hu=float(params.ingest.body_hu), params=params, xrays=str(ev.protocol))
+
+    @property
+    def detector(self) -> DetectorModel | None:
+        """The honest views' detector (None under the clean protocol)."""
+        return DetectorModel.from_params(self.params) if self.xrays == "honest" else None
+
+    @property
+    def label(self) -> str:
+        """The protocol's name as every report shows it (:data:`PROTOCOL_LABELS`)."""
+        return PROTOCOL_LABELS[self.xrays]
+
+    def record(self) -> dict[str, Any]:
+        """What metrics.json records about the input X-rays: ``eval_protocol`` (name),
+        ``eval_protocol_label`` and, for the honest protocol, ``eval_detector`` (its params)
+        and ``eval_detector_text`` (one line)."""
+        out: dict[str, Any] = {"eval_protocol": self.xrays, "eval_protocol_label": self.label}
+        det = self.detector
+        if det is not None:
+            out["eval_detector"] = det.to_json()
+            out["eval_detector_text"] = describe_detector(det)
+        return out
 
     def ssim_taps(self, size: int) -> int:
         """SSIM taps on a ``size``³ grid (:func:`xct_core.metrics.ssim_taps`)."""
@@ -239,6 +273,39 @@ def _direct_hu(stages: Sequence[nn.Module], direct: nn.Module, case: Case, param
     return params.hu.net_map().inverse(outs[-1][0, 0].float().cpu().numpy()).astype(np.float32)
 
 
+def twin_of(stage: nn.Module, direct: nn.Module | None) -> nn.Module | None:
+    """THE twin an evaluated stage is compared against: for an anchored (residual-diffusion)
+    stage, the direct twin SHIPPED INSIDE it (its anchor: the twin of the very step whose
+    weights are evaluated, e.g. best.pt's) — whatever ``direct`` was given; otherwise
+    ``direct`` (which the caller must take from the same step: :func:`stage_twin`)."""
+    anchor = getattr(stage, "anchor", None) if getattr(stage, "anchored", False) else None
+    return anchor if anchor is not None else direct
+
+
+def stage_twin(stage: nn.Module, direct_path: str | Path, params: Params, k: int,
+               device: str | torch.device = "cpu") -> tuple[nn.Module | None, str]:
+    """The twin evaluation compares stage ``k`` (a loaded exported model) against, and where it
+    comes from: the anchor inside the evaluated file (anchored stages); else ``direct_path``
+    (``models/stageK/direct.pt``, written at the last step) only when it was exported at the
+    same step as the evaluated model — a twin of another step is no baseline of this model."""
+    from xct_core.checkpoint import read_stage_model
+
+    src = getattr(stage, "xct_source", None)
+    if getattr(stage, "anchored", False):
+        step = read_stage_model(src)["step"] if src else None
+        return twin_of(stage, None), f"the twin shipped in {Path(src).name if src else 'the model'} (step {step})"
+    p = Path(direct_path)
+    if not p.is_file():
+        return None, f"none ({p.name} not found)"
+    if src is None:
+        raise ValueError("stage_twin needs a stage loaded from an exported file (xct_source)")
+    s_model, s_twin = read_stage_model(src)["step"], read_stage_model(p)["step"]
+    if s_model != s_twin:
+        return None, (f"none: {p.name} is from step {s_twin}, the evaluated {Path(src).name} from step {s_model} "
+                      "(a twin of another step is not this model's baseline)")
+    return load_stage(p, params, k, device), f"{p.name} (step {s_twin})"
+
+
 def evaluate_case(
     case: Case,
     stages: Sequence[nn.Module],
@@ -262,9 +329,11 @@ def evaluate_case(
     ``params``: the MODEL's params (HU map, sampler); ``seed``: the base seed (default
     ``params.seed``), the case seed derives from it and ``case.index``; ``point_estimate``:
     ``eval.point_estimate``; ``calibration``: fitted on val (its ``floor_hu`` wins over
-    ``floor_hu``, the score floor of a case measured for a fit).
+    ``floor_hu``, the score floor of a case measured for a fit). The twin is
+    :func:`twin_of` (an anchored stage's own twin, whatever ``direct`` says).
     """
     dev = torch.device(device)
+    direct = twin_of(stages[-1], direct)
     cseed = case_seed(int(params.seed if seed is None else seed), case.index)
     rec = reconstruct(stages, params, case.frontal, case.lateral, sampler=sampler, isocenter=case.isocenter,
                       samples=samples, seed=cseed, device=dev, keep_samples=samples > 1)
@@ -348,29 +417,52 @@ def _hu_volume(processed: Path, k: int, vid: str) -> np.ndarray:
     return np.asarray(arr, dtype=np.float32)
 
 
-def dataset_cases(processed_dir: str | Path, k: int, split: str, ids: Sequence[str] | None = None) -> Iterable[Case]:
+def dataset_cases(processed_dir: str | Path, k: int, split: str, ids: Sequence[str] | None = None, *,
+                  xrays: str = "clean") -> Iterable[Case]:
     """The cases of a processed split at stage ``k`` (its stored X-rays, full-range HU target,
-    grid affine and the X-rays' placed geometry), in split order."""
-    from xct_core.data import XrayCTDataset
+    grid affine and the X-rays' placed geometry), in split order.
 
+    ``xrays``: which stored views are the inputs — ``"clean"`` (``xrays/``: the training
+    renderer's DRRs) or ``"honest"`` (``xrays_honest/``: the detector model, val/test only);
+    callers pass their :attr:`EvalProtocol.xrays`. Both pairs share one geometry (the honest
+    views are placed with the same isocentre, source and detector), so the placed geometry is
+    the clean pair's either way."""
+    from xct_core.data import XrayCTDataset
+    from xct_core.preprocess import load_view_pair, xray_honest_file
+
+    if xrays not in PROTOCOL_LABELS:
+        raise ValueError(f"xrays must be one of {sorted(PROTOCOL_LABELS)}, got {xrays!r}")
     root = Path(processed_dir)
     ds = XrayCTDataset(root, k, split, None, ids=ids)
     for idx, vid in enumerate(ds.ids):
-        xr = ds.xrays(vid)
+        if xrays == "honest":
+            xr, _ = load_view_pair(root / xray_honest_file(vid), ds.pixels)
+        else:
+            xr = ds.xrays(vid)
         yield Case(id=vid, index=idx, frontal=xr["frontal"], lateral=xr["lateral"], target_hu=_hu_volume(root, k, vid),
                    affine=ds.affine_of(vid), geometries=ds.geometry_of(vid))
 
 
-def ct_case(case_id: str, vol: CTVolume, params: Params, upto: int, index: int = 0) -> Case:
+def ct_case(case_id: str, vol: CTVolume, params: Params, upto: int, index: int = 0, *,
+            xrays: str | None = None) -> Case:
     """A user CT as the preprocess step would store it: resampled to the finest stage grid
-    (centred on the volume centre), both views rendered from it with the model's geometry;
-    the target is ``vol`` on stage ``upto``'s grid."""
+    (centred on the volume centre); the target is ``vol`` on stage ``upto``'s grid. The input
+    views (``xrays``, default ``params.eval.protocol``): ``"clean"`` — rendered from that
+    finest grid with the training renderer; ``"honest"`` — the detector model of
+    ``params.eval.detector`` applied to the NATIVE CT ``vol`` on its own grid
+    (:func:`xct_core.detector.honest_views`, seeded by ``case_id``). The geometry is the same."""
     from xct_core.preprocess import PreprocessSettings, render_xrays, stage_hu
 
+    which = params.eval.protocol if xrays is None else xrays
+    if which not in PROTOCOL_LABELS:
+        raise ValueError(f"xrays must be one of {sorted(PROTOCOL_LABELS)}, got {which!r}")
     s = PreprocessSettings.from_params(params)
     center = np.asarray(vol.center_world, dtype=np.float64)
     finest = stage_hu(vol, s.finest, s.fill_hu, s.antialias)
     frontal, lateral, geo = render_xrays(finest, s.finest.affine(center), s)
+    if which == "honest":
+        frontal, lateral, _ = honest_views(vol.hu, vol.affine, case_id, s.drr, s.mu_water,
+                                           DetectorModel.from_params(params))
     grid = s.grids[upto - 1]
     target = finest if grid.k == s.finest.k else stage_hu(vol, grid, s.fill_hu, s.antialias)
     return Case(id=case_id, index=index, frontal=frontal, lateral=lateral, target_hu=target.astype(np.float32),
@@ -467,11 +559,11 @@ def evaluate_stage(
     on_case: Callable[[CaseResult], None] | None = None,
 ) -> EvalResult:
     """Run the cascade 1 … ``k`` of ``train_dir`` on ``split`` and measure stage ``k`` with
-    :func:`evaluate_case` (the mean-volume baseline from the TRAIN split; the direct twin when
-    ``models/stageK/direct.pt`` exists). ``steps`` overrides the steps rule; ``calibration``
-    (fitted on val) adds the calibrated metrics; ``max_volumes`` default
-    ``eval.max_volumes``; ``on_case`` sees each :class:`CaseResult` (benchmarks). Raises :class:`InputError` for a missing model or data file, or an
-    empty split."""
+    :func:`evaluate_case` (the mean-volume baseline from the TRAIN split; the direct twin:
+    the twin of :func:`stage_twin`, the one the evaluated model ships). ``steps`` overrides the
+    steps rule; ``calibration`` (fitted on val) adds the calibrated metrics; ``max_volumes``
+    default ``eval.max_volumes``; ``on_case`` sees each :class:`CaseResult` (benchmarks).
+    Raises :class:`InputError` for a missing model or data file, or an empty split."""
     say = log or (lambda _m: None)
     protocol = protocol or EvalProtocol.from_params(params)
     st = params.stage(k)
@@ -486,8 +578,7 @@ def evaluate_stage(
         raise InputError(root / "manifest.json", f"split {split!r} is empty: nothing to evaluate")
     dev = torch.device(device)
     stages = load_cascade(train_dir, k, params, device=dev)
-    direct_path = RunLayout(Path(train_dir), k).model("direct")
-    direct = load_stage(direct_path, params, k, dev) if direct_path.is_file() else None
+    direct, direct_source = stage_twin(stages[-1], RunLayout(Path(train_dir), k).model("direct"), params, k, dev)
     sampler = Sampler.from_params(params, steps)
     base_hu = mean_volume_baseline(root, k, "train")
     samples = params.eval.samples_for(st.name)
@@ -497,7 +588,7 @@ def evaluate_stage(
     spacing: dict[str, tuple[float, float, float]] = {}
     scores: list[CaseScores] = []
     band_rows: list[dict[str, list[float]]] = []
-    for case in dataset_cases(root, k, split, ids):
+    for case in dataset_cases(root, k, split, ids, xrays=protocol.xrays):
         res = evaluate_case(case, stages, params, protocol, sampler=sampler, samples=samples, direct=direct,
                             baseline_hu=base_hu, reprojection=reprojection, device=dev,
                             point_estimate=params.point_estimate_for(k), calibration=calibration,
@@ -524,6 +615,7 @@ def evaluate_stage(
         "seed": int(params.seed),
         "model_file": params.eval.model_file,
         "has_direct": direct is not None,
+        "direct_source": direct_source,
         "test_ids_hash": split_ids_hash(ids),
         "ssim_taps": protocol.ssim_taps(st.size),
         "protocol": protocol.describe(st.size),
@@ -531,6 +623,7 @@ def evaluate_stage(
         "power_spectrum": {"bands": cal.PSD_BANDS, "band_ratio": {
             (p or "point"): [float(v) for v in np.nanmean([b[p] for b in band_rows], axis=0)]
             for p in band_rows[0]}},
+        **protocol.record(),
     })
     if scores:
         metrics["calibration_curve"] = cal.coverage_curve(scores, calibration, samples)
@@ -584,7 +677,7 @@ def evaluate_cts(
     ids = list(cts)
     if not ids:
         raise InputError(None, "no CT to evaluate")
-    cases = [ct_case(i, cts[i], params, n, index=idx) for idx, i in enumerate(ids)]
+    cases = [ct_case(i, cts[i], params, n, index=idx, xrays=protocol.xrays) for idx, i in enumerate(ids)]
     if train_mean_hu is not None:
         baseline_note = BASELINE_TRAIN
     elif len(ids) >= 2:
@@ -620,6 +713,7 @@ def evaluate_cts(
         "samples": samples,
         "seeds": {r.case_id: r.recon.seeds for r in results},
         "point_estimate": params.point_estimate_for(n),
+        **protocol.record(),
     }
     scores = [r.scores for r in results if r.scores is not None]
     if scores:
@@ -659,7 +753,7 @@ def write_eval_reports(result: EvalResult, out_dir: str | Path, protocol: EvalPr
     }
     if result.montage:
         m = result.metrics
-        title = (f"stage{result.stage} {result.split} {result.ids[0]}: PSNR(window) {m.get('psnr_window_db', math.nan):.2f} dB "
+        title = (f"[{protocol.label}] stage{result.stage} {result.split} {result.ids[0]}: PSNR(window) {m.get('psnr_window_db', math.nan):.2f} dB "
                  f"(mean volume {m.get('baseline_psnr_window_db', math.nan):.2f} dB), {m.get('sample_steps')} DDIM steps")
         paths["montage"] = save_slice_montage(result.montage, out / MONTAGE_PNG, [protocol.window, protocol.wide],
                                               spacing=result.spacing, title=title)

@@ -130,7 +130,8 @@ def _stage_results(st: StageInputs, spec: BootstrapSpec) -> dict[str, Any]:
                             or ("no metrics.json" if not m else "skipped"))
         return entry
     entry.update({k: m.get(k) for k in ("split", "n_patients", "samples", "sample_steps", "test_ids_hash",
-                                        "ssim_taps", "model_file", "nan_count", "point_estimate") if k in m})
+                                        "ssim_taps", "model_file", "nan_count", "point_estimate", "eval_detector_text",
+                                        "direct_source") if k in m})
     if "spread_skill" in m:  # the diffusion's uncertainty, measured on this (test) split
         cal = m.get("calibration") or {}
         entry["uncertainty"] = {
@@ -138,6 +139,10 @@ def _stage_results(st: StageInputs, spec: BootstrapSpec) -> dict[str, Any]:
             "conformal_coverage": m.get("conformal_coverage"), "level": cal.get("level"),
             "sigma_scale": cal.get("sigma_scale"), "q": cal.get("q"), "fitted_on": cal.get("fitted_on"),
             "spearman_std_abs_err": m.get("spearman_std_abs_err")}
+    from xct_core.evaluation import PROTOCOL_LABELS
+
+    # the input X-rays' protocol (issue 21); metrics.json from before it were all the clean DRRs
+    entry["eval_protocol_label"] = m.get("eval_protocol_label") or PROTOCOL_LABELS["clean"]
     rows = list(st.rows or [])
     entry["interval_over"] = (f"{len(rows)} per-patient rows (per_patient.csv)" if rows
                               else "no per-patient rows: means from metrics.json, no interval")
@@ -432,6 +437,11 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         out.append(f"{st.get('n_patients')} test patients, {st.get('samples')} sample(s), {st.get('sample_steps')} DDIM "
                    f"steps, SSIM {st.get('ssim_taps')}^3 taps, NaN voxels {_count(st.get('nan_count'))}; interval over "
                    f"{st.get('interval_over')}.")
+        out.append("")
+        out.append(f"Input X-rays: {st['eval_protocol_label']}"
+                   + (f" — {st['eval_detector_text']}" if st.get("eval_detector_text") else "") + ".")
+        if st.get("direct_source"):
+            out.append(f"Direct twin compared: {st['direct_source']}.")
         notes = sorted({v["note"] for v in st["values"].values() if v.get("note")})
         out.append("")
         out += _metric_table(st["values"], card_metrics())

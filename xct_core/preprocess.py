@@ -10,6 +10,9 @@ Layout of the processed folder ``OUT`` (a contract for training and evaluation)
     OUT/stage{k}/{id}.npy   int16 [S, S, S] HU, S = stages.stage{k}.size, axes (i, j, k) = RAS+
     OUT/xrays/{id}.npz      frontal, lateral: float32 [P, P] line integrals ∫mu dl (dimensionless),
                             P = drr.pixels; geometry: JSON string (see below)
+    OUT/xrays_honest/{id}.npz   VAL and TEST ids only: the same views as a detector records them
+                            (the honest protocol, :mod:`xct_core.detector`; same keys, geometry
+                            JSON with ``protocol`` and ``detector``)
     OUT/manifest.json       ids per split (after quarantine), stage grids, DRR settings, the
                             params digest of the sections that affect the output, per-file sha256
     OUT/records/{id}.json   per-item bookkeeping for resumable re-runs (internal)
@@ -36,6 +39,23 @@ every stage target describe the same physical box (everything outside the FOV cu
 the patient's right on the left columns; lateral shows anterior on the left columns). The
 ``geometry`` JSON holds, per view, :meth:`xct_core.geometry.PlacedGeometry.to_json` of the
 geometry placed on that finest grid, plus ``mu_water``, ``quantity``, the grid affine/shape.
+
+Honest views (``eval.protocol: honest``, :mod:`xct_core.detector`). For every val/test id
+the canonical source CT itself (the 128³ phantom / the native scan — not a stage grid) is
+rendered with the reference ray marcher and the detector model of ``eval.detector`` (blur,
+scatter, Poisson noise seeded per volume, the reading clamp ``reconstruct.min_intensity_fraction``)
+into ``xrays_honest/{id}.npz``. Its key holds the detector and DRR settings, so changing
+them redoes exactly these files; the manifest records the detector (``xrays_honest``).
+Train ids never get them: training keeps the training renderer.
+
+Train-time detector (``preprocess.train_detector``, default on). The TRAIN ids' (and their
+augmented copies') ``xrays/{id}.npz`` hold the training renderer's DRRs passed through
+:func:`xct_core.detector.detector_postprocess` with ``eval.detector`` (blur, scatter, Poisson
+noise seeded per ``(seed, id, view)``, the reading clamp) at one ray per pixel — the same
+corruptions as the honest views, as augmentation, with no re-render by the reference
+marcher. Their key holds the detector (only when on, so switching it off restores the old
+keys), the geometry JSON gains ``detector``, the manifest records it (``xrays.train_detector``).
+Val/test ``xrays/`` stay clean (``eval.protocol: clean`` reads them).
 
 Augmentation (``preprocess.augment``, default off; :mod:`xct_core.augment`). Each TRAIN id
 gets ``copies`` extra train items ``<id>__aug<j>`` (never val/test): the same source CT,
@@ -68,6 +88,7 @@ import torch
 
 from xct_core.augment import Augmentation
 from xct_core.config import CTCheckParams, DRRParams, Params
+from xct_core.detector import DetectorModel
 from xct_core.errors import InputError, XctError
 from xct_core.geometry import VIEWS, ProjectionGeometry
 from xct_core.grid import StageGrid
@@ -79,18 +100,23 @@ from xct_core.stats import file_sha256  # re-exported (``__all__``): one impleme
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 XRAYS_DIR = "xrays"
+#: the honest protocol's val/test views (:mod:`xct_core.detector`)
+XRAYS_HONEST_DIR = "xrays_honest"
+#: the splits that get honest views (train keeps the training renderer)
+HONEST_SPLITS: tuple[str, ...] = ("val", "test")
 RECORDS_DIR = "records"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 _ID_OK = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
 __all__ = [
-    "FORMAT_VERSION", "MANIFEST", "RECORDS_DIR", "SPLITS", "XRAYS_DIR",
+    "FORMAT_VERSION", "HONEST_SPLITS", "MANIFEST", "RECORDS_DIR", "SPLITS", "XRAYS_DIR", "XRAYS_HONEST_DIR",
     "ItemJob", "ItemResult", "PreprocessSettings", "StageGrid",
     "build_manifest", "check_id", "file_sha256", "find_volume", "init_worker", "item_affine",
     "item_up_to_date", "process_item", "run_job",
     "job_dict", "job_from_dict", "read_manifest", "read_quarantine", "read_splits", "record_path",
     "records_for", "render_xrays", "splits_quarantine",
-    "stage_dir", "stage_file", "stage_hu", "sweep_temp_files", "write_bytes_atomic", "xray_file",
+    "load_view_pair", "stage_dir", "stage_file", "stage_hu", "sweep_temp_files", "write_bytes_atomic", "xray_file",
+    "xray_honest_file",
 ]  # fmt: skip
 
 
@@ -110,6 +136,11 @@ def stage_file(k: int, vid: str) -> str:
 def xray_file(vid: str) -> str:
     """Relative path of the DRR pair of ``vid``."""
     return f"{XRAYS_DIR}/{vid}.npz"
+
+
+def xray_honest_file(vid: str) -> str:
+    """Relative path of the honest-protocol view pair of ``vid`` (val/test ids only)."""
+    return f"{XRAYS_HONEST_DIR}/{vid}.npz"
 
 
 def record_path(out: str | Path, vid: str) -> Path:
@@ -137,6 +168,10 @@ class PreprocessSettings:
     antialias: bool = True
     #: ``params.preprocess.augment`` as a plain dict when augmentation is on (copies > 0), else None
     augment: dict[str, Any] | None = None
+    #: the honest views' detector (:meth:`xct_core.detector.DetectorModel.to_json`), None: no honest views
+    detector: dict[str, Any] | None = None
+    #: the detector the TRAIN ids' DRRs pass through (``preprocess.train_detector``), None: clean DRRs
+    train_detector: dict[str, Any] | None = None
 
     @classmethod
     def from_params(cls, params: Params) -> PreprocessSettings:
@@ -150,6 +185,8 @@ class PreprocessSettings:
             fill_hu=float(params.preprocess.fill_hu),
             antialias=bool(params.preprocess.antialias),
             augment=params.preprocess.augment.model_dump(mode="json") if params.preprocess.augment.copies > 0 else None,
+            detector=DetectorModel.from_params(params).to_json(),
+            train_detector=DetectorModel.from_params(params).to_json() if params.preprocess.train_detector else None,
         )
 
     @property
@@ -176,6 +213,10 @@ class PreprocessSettings:
         }
         if self.augment is not None:
             out["augment"] = dict(sorted(self.augment.items()))
+        if self.detector is not None:
+            out["detector"] = dict(sorted(self.detector.items()))
+        if self.train_detector is not None:  # only when on: the digest of clean training DRRs is unchanged
+            out["train_detector"] = dict(sorted(self.train_detector.items()))
         return out
 
     def digest(self) -> str:
@@ -189,8 +230,9 @@ class PreprocessSettings:
             doc["augment"] = dict(augment)
         return _hash(doc)
 
-    def xray_key(self, input_sha: str, augment: Mapping[str, Any] | None = None) -> str:
-        """Key of the DRR pair; ``augment``: the item's sampled augmentation (JSON)."""
+    def xray_key(self, input_sha: str, augment: Mapping[str, Any] | None = None, train: bool = False) -> str:
+        """Key of the DRR pair; ``augment``: the item's sampled augmentation (JSON); ``train``:
+        a train id (its DRRs pass through :attr:`train_detector` when that is set)."""
         doc: dict[str, Any] = {
             "v": FORMAT_VERSION,
             "input": input_sha,
@@ -200,7 +242,16 @@ class PreprocessSettings:
         }
         if augment is not None:
             doc["augment"] = dict(augment)
+        if train and self.train_detector is not None:
+            doc["train_detector"] = dict(sorted(self.train_detector.items()))
         return _hash(doc)
+
+    def honest_key(self, input_sha: str) -> str:
+        """Key of the honest view pair: the source CT, the DRR geometry, mu_water, the detector."""
+        assert self.detector is not None
+        return _hash({"v": FORMAT_VERSION, "input": input_sha, "protocol": "honest",
+                      "drr": dict(sorted(self.drr.items())), "mu_water": self.mu_water,
+                      "detector": dict(sorted(self.detector.items()))})
 
 
 def _hash(obj: Any) -> str:
@@ -337,6 +388,10 @@ class ItemJob:
     ct_checks: dict[str, Any] = field(default_factory=dict)  #: ``params.data.ct`` as a dict
     #: augmented copy: :meth:`xct_core.augment.Augmentation.to_json` of its sampled transform
     augment: dict[str, Any] | None = None
+    #: a val/test id: also render its honest views (``xrays_honest/``)
+    honest: bool = False
+    #: a train id (or augmented copy): its DRRs pass through ``settings.train_detector`` when set
+    train: bool = False
 
 
 @dataclass
@@ -369,10 +424,12 @@ class _ItemState:
     keys: dict[str, str]  #: relative output path → expected key
     valid: dict[str, bool]  #: relative output path → reusable as is
     center: list[float] | None
+    #: the record lists outputs this job no longer has (e.g. honest views of an id that left val/test)
+    extra: bool = False
 
     @property
     def up_to_date(self) -> bool:
-        return all(self.valid.values()) and self.center is not None
+        return all(self.valid.values()) and self.center is not None and not self.extra
 
 
 def _item_state(job: ItemJob) -> _ItemState:
@@ -388,9 +445,11 @@ def _item_state(job: ItemJob) -> _ItemState:
         raise InputError(src, f"cannot read volume ({e.strerror or e})") from e
     prev_files: dict[str, Any] = dict((prev or {}).get("files") or {})
     keys = {stage_file(g.k, job.vid): s.stage_key(g.k, input_sha, job.augment) for g in s.grids}
-    keys[xray_file(job.vid)] = s.xray_key(input_sha, job.augment)
+    keys[xray_file(job.vid)] = s.xray_key(input_sha, job.augment, job.train)
+    if job.honest and s.detector is not None:
+        keys[xray_honest_file(job.vid)] = s.honest_key(input_sha)
     valid = {rel: _entry_valid(out / rel, prev_files.get(rel), key) for rel, key in keys.items()}
-    return _ItemState(prev, input_entry, keys, valid, (prev or {}).get("center_world"))
+    return _ItemState(prev, input_entry, keys, valid, (prev or {}).get("center_world"), bool(set(prev_files) - set(keys)))
 
 
 def item_up_to_date(job: ItemJob) -> bool:
@@ -424,12 +483,14 @@ def process_item(job: ItemJob) -> ItemResult:
     finest_rel = stage_file(s.finest.k, job.vid)
     need_stage = [g for g in s.grids if not valid[stage_file(g.k, job.vid)]]
     need_xray = not valid[xray_file(job.vid)]
+    honest_rel = xray_honest_file(job.vid)
+    need_honest = honest_rel in keys and not valid[honest_rel]
     written: list[str] = []
     files = {rel: prev_files[rel] for rel in keys if valid[rel]}
     finest: np.ndarray | None = None
     vol: CTVolume | None = None
     aug = Augmentation.from_json(job.augment) if job.augment is not None else None
-    if need_stage or center is None:
+    if need_stage or center is None or need_honest:
         vol = load_ct(src, CTCheckParams(**job.ct_checks))
         center = [float(c) for c in vol.center_world]
     for g in need_stage:
@@ -442,11 +503,27 @@ def process_item(job: ItemJob) -> ItemResult:
         written.append(rel)
         if g.k == s.finest.k:
             finest = arr
+    if need_honest:  # from the source CT on its own grid (not a stage grid), the reference renderer
+        assert vol is not None and s.detector is not None
+        from xct_core.detector import honest_views
+
+        hf, hl, hgeo = honest_views(vol.hu, vol.affine, job.vid, s.drr, s.mu_water, DetectorModel(**s.detector))
+        payload = _npz_bytes(frontal=hf, lateral=hl, geometry=np.array(json.dumps(hgeo, sort_keys=True)))
+        write_bytes_atomic(out / honest_rel, payload)
+        files[honest_rel] = _file_entry(out / honest_rel, keys[honest_rel], hashlib.sha256(payload).hexdigest())
+        written.append(honest_rel)
     del vol
     if need_xray:  # rendered from the (augmented) finest grid: X-rays always match the targets
         if finest is None:
             finest = np.load(out / finest_rel, allow_pickle=False)
         frontal, lateral, geo = render_xrays(finest, s.finest.affine(center), s)
+        if job.train and s.train_detector is not None:  # training augmentation: the detector's corruptions
+            from xct_core.detector import corrupt_views
+
+            model = DetectorModel(**s.train_detector)
+            views = corrupt_views({"frontal": frontal, "lateral": lateral}, job.vid, float(s.drr["pixel_mm"]), model)
+            frontal, lateral = views["frontal"], views["lateral"]
+            geo["detector"] = model.to_json()
         rel = xray_file(job.vid)
         payload = _npz_bytes(frontal=frontal, lateral=lateral, geometry=np.array(json.dumps(geo, sort_keys=True)))
         write_bytes_atomic(out / rel, payload)
@@ -613,7 +690,20 @@ def build_manifest(
             "dtype": "float32",
             "rendered_on_stage": settings.finest.k,
             "mu_water": settings.mu_water,
+            **({"train_detector": {
+                "splits": ["train"],
+                "applied": "xct_core.detector.detector_postprocess on the training renderer's DRRs, one ray per pixel",
+                "detector": dict(sorted(settings.train_detector.items())),
+            }} if settings.train_detector is not None else {}),
         },
+        **({"xrays_honest": {
+            "dir": XRAYS_HONEST_DIR,
+            "splits": list(HONEST_SPLITS),
+            "views": list(VIEWS),
+            "quantity": "line_integral",
+            "rendered_from": "the canonical source CT on its own grid (reference ray marcher)",
+            "detector": dict(sorted(settings.detector.items())),
+        }} if settings.detector is not None else {}),
         "params_digest": settings.digest(),
         "params": settings.sections(),
         "items": items,
@@ -664,5 +754,24 @@ def job_from_dict(d: Mapping[str, Any]) -> ItemJob:
     s["grids"] = tuple(StageGrid(**g) for g in s["grids"])
     return ItemJob(
         vid=d["vid"], volume=d["volume"], out=d["out"], settings=PreprocessSettings(**s), ct_checks=dict(d["ct_checks"]),
-        augment=d.get("augment"),
+        augment=d.get("augment"), honest=bool(d.get("honest", False)), train=bool(d.get("train", False)),
     )
+
+
+def load_view_pair(path: str | Path, pixels: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``({"frontal", "lateral"}: float32 [P, P], geometry JSON)`` of a stored view pair
+    (``xrays/`` or ``xrays_honest/``); :class:`InputError` naming the file when it is
+    missing, unreadable or of the wrong size."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            views = {v: np.ascontiguousarray(z[v], dtype=np.float32) for v in VIEWS}
+            geo = json.loads(str(z["geometry"]))
+    except FileNotFoundError:
+        raise InputError(p, "view pair not found (re-run the preprocess step)") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(p, f"unreadable view pair ({e})") from None
+    for v, img in views.items():
+        if img.shape != (pixels, pixels):
+            raise InputError(p, f"{v} image has shape {img.shape}, expected {(pixels, pixels)}")
+    return views, geo

@@ -272,10 +272,16 @@ def _npy_header(path: Path, params: Params) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(int(s) for s in shape), dtype
 
 
+def intensity_to_line_integral(fraction: np.ndarray, min_intensity_fraction: float) -> np.ndarray:
+    """``p = −ln(max(I / I0, min_intensity_fraction))`` (float64): THE clamp of reading an
+    intensity image (also the honest protocol's detector, :mod:`xct_core.detector`)."""
+    return -np.log(np.clip(np.asarray(fraction, dtype=np.float64), float(min_intensity_fraction), None))
+
+
 def _intensity_to_line_integral(values: np.ndarray, full_scale: float, params: Params) -> np.ndarray:
     """``p = −ln(max(value / full_scale, min_intensity_fraction))`` (module docstring)."""
-    frac = np.clip(values.astype(np.float64) / float(full_scale), params.reconstruct.min_intensity_fraction, None)
-    return (-np.log(frac)).astype(np.float32)
+    frac = values.astype(np.float64) / float(full_scale)
+    return intensity_to_line_integral(frac, params.reconstruct.min_intensity_fraction).astype(np.float32)
 
 
 def _load_png(path: Path, params: Params) -> tuple[np.ndarray, list[str]]:

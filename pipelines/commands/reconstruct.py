@@ -386,8 +386,9 @@ def evaluate_cmd(
     window = protocol.window
     described = {
         **protocol.describe(mp.stage(n).size),
-        "ground_truth": "the CT resampled to the output stage grid (as the preprocess step); X-rays rendered from "
-                        "the finest stage grid with the model's drr geometry",
+        "ground_truth": "the CT resampled to the output stage grid (as the preprocess step); X-rays: "
+                        + (f"{protocol.label}: {summary['eval_detector_text']}" if protocol.xrays == "honest" else
+                           f"{protocol.label}: rendered from the finest stage grid with the model's drr geometry"),
         "baseline_*": summary["baseline"],
         "direct_*": "direct-regression twin (direct.pt)" if direct is not None else "not available (no direct.pt)",
     }

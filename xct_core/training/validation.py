@@ -31,7 +31,7 @@ class Validator:
         self.tp = params.train
         self.protocol = EvalProtocol.from_params(params)
         self.sampler = Sampler.from_params(params, self.tp.val_sample_steps)
-        self.cases = list(dataset_cases(processed_dir, stage.k, "val", ids))
+        self.cases = list(dataset_cases(processed_dir, stage.k, "val", ids, xrays=self.protocol.xrays))
         self.prev: list[nn.Module] | None = None
 
     def _frozen(self) -> list[nn.Module]:
