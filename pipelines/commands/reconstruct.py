@@ -2,7 +2,7 @@
 
 ``xct reconstruct --model URI --frontal F --lateral L --out ct.nii.gz [--samples K] …``
 writes ``ct.nii.gz`` (int16 HU, the point estimate ``eval.point_estimate`` of the model's
-params — the mean of K samples by default —, affine = the stage grid centred at the input
+params — ``auto`` by default: the anchored last stage's twin, else the mean of the K samples —, affine = the stage grid centred at the input
 geometry's isocentre), ``ct_std.nii.gz`` when K > 1 (voxel-wise std, HU), and — when the
 model carries a ``calibration.json`` fitted on val for the stage run at the same K (a
 registered model does; ``--calibration FILE`` gives one for a training folder) — the std is
