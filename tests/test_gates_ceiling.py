@@ -179,6 +179,26 @@ def test_twin_non_inferiority_uses_k_from_the_evaluation() -> None:
     assert not missing.passed and "samples" in missing.note
 
 
+def test_twin_non_inferiority_judges_the_k_sample_mean_not_the_anchor() -> None:
+    """With eval.point_estimate auto/anchor the point estimate IS the twin (a change of 0 by
+    construction); the evaluation also measures the K-sample mean (``mean_``) and the check
+    judges that: a K-mean 1.5 dB behind fails at K = 8 although the point estimate ties."""
+    gate = StageGate(psnr_window_db=1.0, ssim_window=0.1, relative=[
+        RelativeGate(metric="psnr_window_db", baseline="direct_twin", non_inferiority_slack_db=0.3, paired_bootstrap=True)])
+    twin = np.random.default_rng(3).uniform(25, 35, 10)
+
+    def check(kmean_gap: float):
+        rows = [{"id": f"p{i:02d}", "psnr_window_db": float(t), "mean_psnr_window_db": float(t - kmean_gap + 0.01 * i),
+                 "direct_psnr_window_db": float(t)} for i, t in enumerate(twin)]
+        m = {**GOOD, "samples": 8, "psnr_window_db": float(twin.mean()), "direct_psnr_window_db": float(twin.mean()),
+             "mean_psnr_window_db": float(np.mean([r["mean_psnr_window_db"] for r in rows]))}
+        return {c.name: c for c in evaluate_gate(1, m, gate, rows=rows).checks}["psnr_window_vs_direct_twin"]
+
+    bad, good = check(1.5), check(0.3)
+    assert not bad.passed and bad.value == pytest.approx(twin.mean() - 1.5 + 0.045) and "mean_psnr_window_db" in bad.note
+    assert good.passed and good.change_interval is not None
+
+
 def test_non_inferiority_params_are_checked() -> None:
     base = {"psnr_window_db": 28, "ssim_window": 0.65}
     with pytest.raises(ConfigError, match="direct_twin"):

@@ -54,7 +54,7 @@ from xct_core.config import RelativeGate, StageGate
 from xct_core.errors import InputError
 from xct_core.intervals import bootstrap_interval, paired_bootstrap, rows_by_id
 from xct_core.jsondoc import read_json_doc
-from xct_core.metric_table import baseline_prefix
+from xct_core.metric_table import KMEAN_PREFIX, baseline_prefix
 
 #: the note of a threshold at or above the information ceiling
 UNREACHABLE = "unreachable on this data"
@@ -214,7 +214,10 @@ def _relative(rel: RelativeGate, metrics: dict[str, Any], champion: Champion | N
     """One check against a baseline (module docstring). With ``paired_bootstrap`` and
     per-patient rows on both sides, the lower bound of the paired interval decides."""
     name = f"{rel.metric.removesuffix('_db')}_vs_{rel.baseline}"
-    value = _num(metrics, rel.metric)
+    # non-inferiority judges the K-sample mean (issue 21), also when the point estimate is the anchor
+    own = (KMEAN_PREFIX + rel.metric if rel.non_inferiority_slack_db is not None and KMEAN_PREFIX + rel.metric in metrics
+           else rel.metric)
+    value = _num(metrics, own)
     sign = 1.0 if rel.greater_is_better else -1.0
     op = ">=" if rel.greater_is_better else "<="
     kw: dict[str, Any] = {"baseline": rel.baseline, "min_absolute_change": rel.min_absolute_change,
@@ -249,7 +252,8 @@ def _relative(rel: RelativeGate, metrics: dict[str, Any], champion: Champion | N
             return GateCheck(name, rel.metric, op, math.nan, value, False, math.nan, baseline_value=base, **kw,
                              note="non-inferiority needs the evaluation's sample count K ('samples' in metrics.json)")
         need_abs: float | None = -non_inferiority_margin_db(int(k), rel.non_inferiority_slack_db)
-        note = (note + "; " if note else "") + (f"non-inferiority: K = {int(k)}, margin 10·log10(1 + 1/K) + "
+        note = (note + "; " if note else "") + (f"non-inferiority of the K-sample mean ({own}): K = {int(k)}, "
+                                                  "margin 10·log10(1 + 1/K) + "
                                                   f"{rel.non_inferiority_slack_db:g} = {-need_abs:.3g} dB")
     else:
         need_abs = rel.min_absolute_change
@@ -261,7 +265,7 @@ def _relative(rel: RelativeGate, metrics: dict[str, Any], champion: Champion | N
     change = sign * (value - base)
     decided, interval = "point estimate (mean over patients)", None
     if rel.paired_bootstrap and base_rows is not None and rows:
-        pb = paired_bootstrap(rows_by_id(rows, rel.metric), base_rows)
+        pb = paired_bootstrap(rows_by_id(rows, own), base_rows)
         if pb.get("interval") is not None:
             lo, hi = (sign * v for v in pb["interval"])
             interval = sorted([float(lo), float(hi)])

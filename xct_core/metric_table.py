@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 __all__ = [
     "METRICS",
+    "KMEAN_PREFIX",
     "PREDICTIONS",
     "USES",
     "Metric",
@@ -111,9 +112,14 @@ class Prediction:
     gate_baseline: str | None = None  #: its name as a relative gate's ``baseline``
 
 
+#: the prefix of the K-sample mean (K > 1), measured whatever ``eval.point_estimate`` is: the
+#: twin non-inferiority check (:mod:`xct_core.gates`) judges it
+KMEAN_PREFIX = "mean_"
+
 PREDICTIONS: tuple[Prediction, ...] = (
     Prediction("", "cascade (posterior mean of the samples)", "diffusion cascade", "cascade"),
     Prediction("single_", "cascade, one sample", "diffusion cascade, one sample", None),
+    Prediction("mean_", "cascade, K-sample mean", "diffusion cascade, K-sample mean", None),
     Prediction("direct_", "direct-regression twin", "direct regression", "direct regression", "direct_twin"),
     Prediction("baseline_", "mean volume (train split)", "mean volume (train split)", "mean volume", "mean_volume"),
 )
