@@ -88,7 +88,8 @@ def test_evaluate_reports_both_test_chests_and_both_baselines(tiny_run: tuple[Pa
             for key in ("psnr_hu_db", "psnr_window_db", "ssim_window", "mae_hu", "psnr_slice_avg_db"):
                 assert math.isfinite(row[prefix + key]), prefix + key
     assert sorted(summary["per_patient"]) == TEST_IDS
-    assert set(summary["mean"]) == {"diffusion cascade", "diffusion cascade, one sample", "direct regression",
+    assert set(summary["mean"]) == {"diffusion cascade", "diffusion cascade, one sample",
+                                    "diffusion cascade, K-sample mean", "direct regression",
                                     "mean volume (train split)"}
     md = (out.parent / "res" / "realct.md").read_text()
     assert all(t in md for t in TEST_IDS) and "supports no clinical claim" in md
