@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from train_fixtures import one_torch_thread
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -32,12 +34,8 @@ TINY = {
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def with_decoder(p: Params, order: str) -> Params:

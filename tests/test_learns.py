@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from train_fixtures import one_torch_thread
 import torch
 
 from xct_core.cascade import sample_cascade
@@ -40,12 +42,8 @@ def one_thread() -> Iterator[None]:
     """One intra-op thread: on the shared 2-core box, OpenMP threads spinning at barriers
     under oversubscription cost far more than they gain (measured: 2 threads took 389 s
     CPU for this test at load 6-12, one thread 31 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def test_tiny_stage1_overfits_phantoms_and_beats_the_mean_volume(artifacts_dir: Path, one_thread: None) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from train_fixtures import one_torch_thread
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,12 +75,8 @@ def xrays(B: int, P: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def _one_thread() -> Iterator[None]:
     """One intra-op thread for these small models (restored afterwards): on the shared
     2-core box OpenMP barrier spinning under oversubscription dominates otherwise."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

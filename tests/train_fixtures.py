@@ -5,6 +5,8 @@ data folder made by the real preprocess step from procedural phantoms."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +74,17 @@ def build_processed(root: Path, params: Params, n_train: int = 4, n_val: int = 1
     out = root / "processed"
     run_preprocess(vols, splits, out, params, workers=1, progress=False)
     return out
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread, restored afterwards: on the shared 2-core box OpenMP threads
+    spinning at barriers under oversubscription cost far more than they gain for small models."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
