@@ -5,8 +5,9 @@ Output folder (``reports/eval/stageK``, :class:`xct_core.layout.ReportLayout`)::
     metrics.json      patient means + target_std + n_patients + mean-volume baseline
                       (baseline_*) + direct-regression twin (direct_*, when
                       the evaluated model ships one: best.pt's own twin, ``direct_source``) + single-sample metrics (single_*, when
-                      eval.samples > 1) + test_ids_hash + the protocol — read by the gate and
-                      register steps and by ``dvc metrics``
+                      eval.samples > 1) + the previous stage upsampled (upsampled_*
+                      and gain_over_upsampled_db, stage K > 1) + test_ids_hash + the protocol —
+                      read by the gate and register steps and by ``dvc metrics``
     per_patient.csv   one row per test volume (= patient in the demo/LIDC data), for ``dvc plots``
     montage.png       axial/coronal/sagittal slices of the first test volume
     calibration.json  (eval.samples > 1 and eval.calibration.fit) σ-recalibration s and the
@@ -32,6 +33,7 @@ from typing import Any
 
 from xct_core.config import Params
 from xct_core.layout import METRICS_JSON, PER_PATIENT_CSV
+from xct_core.metric_table import UPSAMPLED_PREFIX
 
 
 def step_outputs(out_dir: str | Path) -> list[Path]:
@@ -85,11 +87,14 @@ def run_evaluate(
     m = res.metrics
     direct = f", direct {m['direct_psnr_window_db']:.2f} dB" if m.get("has_direct") else ""
     single = f", single sample {m['single_psnr_window_db']:.2f} dB" if "single_psnr_window_db" in m else ""
+    up = UPSAMPLED_PREFIX + "psnr_window_db"
+    upsampled = (f", previous stage upsampled {m[up]:.2f} dB (gain {m['gain_over_upsampled_db']:+.2f} dB)"
+                 if up in m else "")
     say(
         f"[{protocol.label}] "
         f"stage{stage} on {m['n_patients']} {split} volumes ({m['samples']} sample(s), {m['sample_steps']} DDIM steps): "
         f"PSNR(window) {m['psnr_window_db']:.2f} dB, SSIM {m['ssim_window']:.3f}, "
-        f"MAE {m['mae_hu']:.1f} HU{single}{_calibration_note(m)}; mean-volume baseline {m['baseline_psnr_window_db']:.2f} dB{direct} "
+        f"MAE {m['mae_hu']:.1f} HU{single}{_calibration_note(m)}; mean-volume baseline {m['baseline_psnr_window_db']:.2f} dB{direct}{upsampled} "
         f"→ {paths['metrics'].parent}"
     )
     return m

@@ -34,15 +34,17 @@ from xct_core.phantoms import make_phantom
 @pytest.fixture(scope="module")
 def emitted() -> dict[str, float]:
     """Every key evaluate_case can write: K = 2 samples (single_ + uncertainty + calibration), the direct
-    twin, the mean-volume baseline and the reprojections, on a tiny random-weight stage 1."""
+    twin, the mean-volume baseline, the previous stage upsampled and the reprojections, on the tiny
+    random-weight two-stage cascade (stage 2 evaluated)."""
     params = tiny_params(eval={"sample_steps": 1})
     st = params.stage(1)
     hu, _, affine = make_phantom(params.stage(params.n_stages).size, st.fov_mm / params.stage(params.n_stages).size, 0)
-    case = ct_case("ph0", CTVolume(hu.astype(np.float32), affine), params, upto=1)
+    case = ct_case("ph0", CTVolume(hu.astype(np.float32), affine), params, upto=2)
     torch.manual_seed(0)
-    stage, direct = build_stage(params, 1).eval(), build_stage(params, 1, mode="direct").eval()
-    cal = Calibration(stage=1, samples=2, level=0.9, q=2.0, sigma_scale=1.5, floor_hu=1.0)  # calibrated metrics too
-    res = evaluate_case(case, [stage], params, EvalProtocol.from_params(params), sampler=Sampler.from_params(params),
+    stages = [build_stage(params, 1).eval(), build_stage(params, 2).eval()]
+    direct = build_stage(params, 2, mode="direct").eval()
+    cal = Calibration(stage=2, samples=2, level=0.9, q=2.0, sigma_scale=1.5, floor_hu=1.0)  # calibrated metrics too
+    res = evaluate_case(case, stages, params, EvalProtocol.from_params(params), sampler=Sampler.from_params(params),
                         samples=2, direct=direct, baseline_hu=np.full_like(case.target_hu, -200.0), reprojection=True,
                         calibration=cal)
     return res.metrics

@@ -163,6 +163,35 @@ def test_card_states_the_test_coverage_and_spread_skill_of_the_val_fitted_calibr
     assert "no calibration fitted" in render_markdown(card2)
 
 
+def test_stage_two_shows_the_previous_stage_upsampled_and_the_paired_gain() -> None:
+    """Stage 2's table gets the "previous stage upsampled" column (its bootstrap interval over
+    the rows) and the gain over it, whose interval is the bootstrap of the per-patient
+    differences (paired), computed here with a direct scipy call; stage 1 has neither."""
+    params = Params()
+    rows2 = []
+    for i, r in enumerate(_rows(12, 5)):
+        up = r["psnr_window_db"] - 1.0 + 0.3 * math.sin(i)  # stage 2 beats its input by ~1 dB, patient by patient
+        rows2.append({**r, "upsampled_psnr_window_db": up, "gain_over_upsampled_db": r["psnr_window_db"] - up})
+    card = _card(params, {1: _rows(12, 4), 2: rows2})
+    v1, v2 = (card["metrics"]["stages"][i]["values"] for i in (0, 1))
+    assert not any("upsampled" in k for k in v1)
+    diffs = np.array([r["psnr_window_db"] - r["upsampled_psnr_window_db"] for r in rows2])
+    ref = stats.bootstrap((diffs,), np.mean, confidence_level=0.95, n_resamples=BOOTSTRAP.n_resamples,
+                          method=BOOTSTRAP.method, rng=np.random.default_rng(BOOTSTRAP.seed))
+    g = v2["gain_over_upsampled_db"]
+    assert g["mean"] == pytest.approx(diffs.mean(), abs=1e-12)
+    assert g["interval"] == pytest.approx([ref.confidence_interval.low, ref.confidence_interval.high], rel=1e-12)
+    assert v2["upsampled_psnr_window_db"]["n"] == 12 and v2["upsampled_psnr_window_db"]["interval"] is not None
+    md = render_markdown(card)
+    s1, s2 = md.split("### Stage 2")[0].split("### Stage 1")[1], md.split("### Stage 2")[1].split("###")[0]
+    assert "previous stage upsampled" not in s1 and "Gain over its own input" not in s1
+    header = next(line for line in s2.splitlines() if line.startswith("| metric |"))
+    assert header.rstrip(" |").endswith("previous stage upsampled")
+    lo, hi = g["interval"]
+    assert "Gain over its own input (stage 1's point estimate upsampled" in s2
+    assert f"{g['mean']:.4f} [{lo:.4f}, {hi:.4f}] dB" in s2
+
+
 def test_rows_csv_round_trip(tmp_path: Path) -> None:
     rows = _rows(3, 0)
     rows[1]["mae_hu"] = float("nan")

@@ -103,3 +103,24 @@ def test_ssim_label_states_the_taps_actually_used(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ssim_window"):
         build_report(tmp_path / "none.html", title="t", cases=[ReportCase("a", m)], summary=m)
     assert not (tmp_path / "none.html").exists()
+
+
+def test_stage_two_report_shows_the_previous_stage_upsampled_and_the_gain(tmp_path: Path) -> None:
+    """A stage-2 summary (>= 5 patients) gets the "previous stage upsampled" column and the
+    gain over it with its patient interval; a stage-1 summary has neither."""
+    from xct_core.intervals import bootstrap_interval
+
+    ctx = EvalProtocol.from_params(Params()).label_context(32)
+    cases = [ReportCase(f"p{i}", {"psnr_window_db": 25.0 + i, "upsampled_psnr_window_db": 24.0 + 0.9 * i,
+                                  "gain_over_upsampled_db": 1.0 + 0.1 * i}) for i in range(6)]
+    summary = {k: float(np.mean([c.metrics[k] for c in cases])) for k in cases[0].metrics}
+    html = build_report(tmp_path / "r2.html", title="t", cases=cases, summary=summary, label_context=ctx).read_text()
+    head = re.search(r"<h2>Cascade and baselines.*?<thead>(.*?)</thead>", html, re.S).group(1)
+    assert "<th>previous stage upsampled</th>" in head
+    iv = bootstrap_interval([c.metrics["gain_over_upsampled_db"] for c in cases])["interval"]
+    assert (f"PSNR gain in the window over the previous stage upsampled (dB): {summary['gain_over_upsampled_db']:.4g} "
+            f"[{iv[0]:.4g}, {iv[1]:.4g}]") in html
+    one = [ReportCase(c.case_id, {"psnr_window_db": c.metrics["psnr_window_db"]}) for c in cases]
+    html1 = build_report(tmp_path / "r1.html", title="t", cases=one, summary={"psnr_window_db": 27.5},
+                         label_context=ctx).read_text()
+    assert "previous stage upsampled" not in html1

@@ -26,6 +26,12 @@ Keys, each with an optional prefix:
 * ``baseline_`` — the mean volume (voxel-wise mean HU of the TRAIN split, or of the other
   evaluated CTs), limited to the range the networks can output (``params.hu.output``),
   predicted for every case: what a collapsed model scores;
+* ``upsampled_`` (stage k > 1 only) — the previous stage upsampled: stage k − 1's point
+  estimate (``eval.point_estimate`` resolved for stage k − 1,
+  :meth:`~xct_core.inference.Reconstruction.previous_point_hu`: from the SAME K runs, no extra
+  sampling) upsampled to stage k's grid exactly as the cascade upsamples its condition
+  (:func:`upsample_previous`): what stage k adds over its own input; ``gain_over_upsampled_db``
+  = ``psnr_window_db`` − ``upsampled_psnr_window_db`` per case;
 * ``target_std`` — std of the windowed target (the reference of the gates' not-collapsed check).
 
 The point estimate (prefix none) is ``eval.point_estimate`` (the evaluate step passes it;
@@ -70,7 +76,7 @@ from xct_core.inference import Reconstruction, load_stage, load_stages, reconstr
 from xct_core.io import CTVolume
 from xct_core.jsondoc import json_text
 from xct_core.layout import METRICS_JSON, MONTAGE_PNG, PER_PATIENT_CSV, RunLayout, stage_model_files
-from xct_core.metric_table import KMEAN_PREFIX
+from xct_core.metric_table import KMEAN_PREFIX, UPSAMPLED_PREFIX
 from xct_core.metric_table import definitions as metric_definitions
 from xct_core.metrics import body_mask, dynamic_range, hu_metrics_per_sample, mean_rows, ssim_taps
 from xct_core.seeding import case_seed, sample_seed
@@ -93,11 +99,13 @@ __all__ = [
     "evaluate_cts",
     "evaluate_stage",
     "fit_stage_calibration",
+    "gain_over_upsampled",
     "load_cascade",
     "mean_volume_baseline",
     "split_ids_hash",
     "stage_twin",
     "twin_of",
+    "upsample_previous",
     "write_eval_reports",
 ]
 
@@ -238,6 +246,8 @@ class CaseResult:
     recon: Reconstruction
     direct_hu: np.ndarray | None = None
     baseline_hu: np.ndarray | None = None
+    #: stage k > 1: the previous stage's point estimate upsampled to this grid (HU; the ``upsampled_`` baseline)
+    upsampled_hu: np.ndarray | None = None
     reprojections: dict[str, np.ndarray] = field(default_factory=dict)  #: DRRs of ``recon.mean_hu``
     #: per-voxel calibration scores (body mask; K > 1): what a fit on val pools
     scores: CaseScores | None = None
@@ -325,7 +335,8 @@ def evaluate_case(
     floor_hu: float = 1.0,
 ) -> CaseResult:
     """Reconstruct ``case`` with the cascade ``stages`` (``samples`` draws) and measure it,
-    its twin ``direct`` and the mean volume ``baseline_hu`` (module docstring: keys).
+    its twin ``direct``, the mean volume ``baseline_hu`` and, with two or more stages, the
+    previous stage upsampled (module docstring: keys).
 
     ``params``: the MODEL's params (HU map, sampler); ``seed``: the base seed (default
     ``params.seed``), the case seed derives from it and ``case.index``; ``point_estimate``:
@@ -351,6 +362,12 @@ def evaluate_case(
     if direct is not None:
         direct_hu = _direct_hu(stages, direct, case, params, sampler, sample_seed(cseed, 0), dev)
         preds["direct_"] = direct_hu
+    upsampled_hu = None
+    if rec.stage > 1:  # the previous stage's point estimate (same runs), upsampled as the cascade does
+        prev = rec.previous_point_hu(params.point_estimate_for(rec.stage - 1))
+        assert prev is not None
+        upsampled_hu = upsample_previous(prev, case.target_hu.shape[-1], params)
+        preds[UPSAMPLED_PREFIX] = upsampled_hu
     if baseline_hu is not None:
         if baseline_hu.shape != case.target_hu.shape:
             raise InputError(None, f"mean-volume baseline {baseline_hu.shape} does not match the grid "
@@ -379,7 +396,29 @@ def evaluate_case(
         metrics["uncertainty_mean_std_hu"] = float(rec.std_hu.mean())
         scores = _calibration_metrics(metrics, rec, point, case, protocol, calibration, floor_hu)
     metrics["target_std"] = float(dynamic_range(protocol.window.forward(case.target_hu))[1])
-    return CaseResult(case, metrics, rec, direct_hu, baseline_hu, reproj_main, scores, bands)
+    if UPSAMPLED_PREFIX in preds:
+        metrics["gain_over_upsampled_db"] = gain_over_upsampled(metrics)
+    return CaseResult(case, metrics, rec, direct_hu, baseline_hu, upsampled_hu, reproj_main, scores, bands)
+
+
+def upsample_previous(previous_hu: np.ndarray, size: int, params: Params) -> np.ndarray:
+    """Stage k − 1's volume (HU, its own grid) on stage k's ``size``³ grid, resampled exactly
+    as :func:`xct_core.cascade.sample_cascade` resamples stage k's condition: in the networks'
+    units (``params.hu.net_map()``) with :func:`xct_core.cascade.resize_volume` (trilinear,
+    ``align_corners=False``), back to HU with the same map."""
+    from xct_core.cascade import resize_volume
+
+    net = params.hu.net_map()
+    units = torch.from_numpy(np.ascontiguousarray(net.forward(np.asarray(previous_hu, dtype=np.float32)),
+                                                  dtype=np.float32))[None, None]
+    return net.inverse(resize_volume(units, int(size))[0, 0].numpy()).astype(np.float32)
+
+
+def gain_over_upsampled(metrics: Mapping[str, float]) -> float:
+    """``psnr_window_db − upsampled_psnr_window_db`` of one case (dB): what stage k adds over its
+    own input, the previous stage upsampled (NaN without that baseline)."""
+    return float(metrics.get("psnr_window_db", math.nan)) - float(metrics.get(UPSAMPLED_PREFIX + "psnr_window_db",
+                                                                              math.nan))
 
 
 def _calibration_metrics(metrics: dict[str, float], rec: Reconstruction, point: np.ndarray, case: Case,
@@ -531,12 +570,15 @@ class EvalResult:
 
 def montage_volumes(res: CaseResult, stage_spacing: float, prev_spacing: float | None) -> tuple[
         dict[str, np.ndarray], dict[str, tuple[float, float, float]]]:
-    """The pictures of one case (target, reconstruction, direct, mean volume, previous stage)."""
+    """The pictures of one case (target, reconstruction, direct, mean volume, the previous stage
+    upsampled (its point estimate) and the previous stage's first sample on its own grid)."""
     vols = {"target": res.target_hu, "diffusion": res.recon.mean_hu}
     if res.direct_hu is not None:
         vols["direct"] = res.direct_hu
     if res.baseline_hu is not None:
         vols["mean volume"] = res.baseline_hu
+    if res.upsampled_hu is not None:
+        vols["previous stage upsampled"] = res.upsampled_hu
     spacing = {n: (stage_spacing,) * 3 for n in vols}
     if res.recon.previous_hu is not None and prev_spacing is not None:
         vols["previous stage"] = res.recon.previous_hu
@@ -603,8 +645,10 @@ def evaluate_stage(
         if res.scores is not None:
             scores.append(res.scores)
         m = res.metrics
+        up = (f", previous stage upsampled {m[UPSAMPLED_PREFIX + 'psnr_window_db']:.2f} dB"
+              if UPSAMPLED_PREFIX + "psnr_window_db" in m else "")
         say(f"{st.name} {split} {case.id}: PSNR(window) {m['psnr_window_db']:.2f} dB, "
-            f"SSIM {m['ssim_window']:.3f} (mean volume {m['baseline_psnr_window_db']:.2f} dB)")
+            f"SSIM {m['ssim_window']:.3f} (mean volume {m['baseline_psnr_window_db']:.2f} dB{up})")
         if case.index == 0:
             montage, spacing = montage_volumes(res, st.spacing_mm, st.prev.spacing_mm if st.prev else None)
 
@@ -618,6 +662,7 @@ def evaluate_stage(
         "seed": int(params.seed),
         "model_file": params.eval.model_file,
         "has_direct": direct is not None,
+        "has_upsampled": k > 1,
         "direct_source": direct_source,
         "test_ids_hash": split_ids_hash(ids),
         "ssim_taps": protocol.ssim_taps(st.size),
@@ -702,8 +747,10 @@ def evaluate_cts(
                             direct=direct, baseline_hu=base, device=device, point_estimate=params.point_estimate_for(n),
                             calibration=calibration, floor_hu=params.eval.calibration.floor_hu)
         m = res.metrics
+        up = (f"; previous stage upsampled {m[UPSAMPLED_PREFIX + 'psnr_window_db']:.2f} dB"
+              if UPSAMPLED_PREFIX + "psnr_window_db" in m else "")
         say(f"{case.id}: PSNR(window) {m['psnr_window_db']:.2f} dB, PSNR[{protocol.hu_range[0]:g},"
-            f"{protocol.hu_range[1]:g}] {m['psnr_hu_db']:.2f} dB, SSIM {m['ssim_window']:.3f}, MAE {m['mae_hu']:.1f} HU")
+            f"{protocol.hu_range[1]:g}] {m['psnr_hu_db']:.2f} dB, SSIM {m['ssim_window']:.3f}, MAE {m['mae_hu']:.1f} HU{up}")
         results.append(res)
     summary = {
         "n_patients": len(results),
@@ -712,6 +759,7 @@ def evaluate_cts(
         "baseline": baseline_note,
         "has_baseline": any("baseline_psnr_window_db" in r.metrics for r in results),
         "has_direct": direct is not None,
+        "has_upsampled": n > 1,
         "sample_steps": results[0].recon.steps,
         "samples": samples,
         "seeds": {r.case_id: r.recon.seeds for r in results},
@@ -756,8 +804,10 @@ def write_eval_reports(result: EvalResult, out_dir: str | Path, protocol: EvalPr
     }
     if result.montage:
         m = result.metrics
+        up = (f", previous stage upsampled {m[UPSAMPLED_PREFIX + 'psnr_window_db']:.2f} dB"
+              if UPSAMPLED_PREFIX + "psnr_window_db" in m else "")
         title = (f"[{protocol.label}] stage{result.stage} {result.split} {result.ids[0]}: PSNR(window) {m.get('psnr_window_db', math.nan):.2f} dB "
-                 f"(mean volume {m.get('baseline_psnr_window_db', math.nan):.2f} dB), {m.get('sample_steps')} DDIM steps")
+                 f"(mean volume {m.get('baseline_psnr_window_db', math.nan):.2f} dB{up}), {m.get('sample_steps')} DDIM steps")
         paths["montage"] = save_slice_montage(result.montage, out / MONTAGE_PNG, [protocol.window, protocol.wide],
                                               spacing=result.spacing, title=title)
     if result.metrics.get("calibration"):

@@ -23,6 +23,10 @@ from the registry). Each becomes one :class:`GateCheck` whose ``threshold`` is t
 bar (``baseline + max(min_absolute_change, min_relative_change·|baseline|)``), with the
 baseline and its value recorded beside it.
 
+Stage k > 1 (``upsampled_psnr_window_db`` in the metrics): one more row, never gating, puts the
+point estimate beside the previous stage upsampled (its own input) with the gain's paired
+bootstrap interval (``psnr_window_vs_upsampled_previous``).
+
 Paired bootstrap (``paired_bootstrap: true``): with per-patient rows on both sides (the
 evaluation's ``per_patient.csv``; the champion's from its registration run), the check is
 decided by the LOWER bound of the 95 % interval of the mean per-patient change
@@ -54,7 +58,7 @@ from xct_core.config import RelativeGate, StageGate
 from xct_core.errors import InputError
 from xct_core.intervals import bootstrap_interval, paired_bootstrap, rows_by_id
 from xct_core.jsondoc import read_json_doc
-from xct_core.metric_table import KMEAN_PREFIX, baseline_prefix
+from xct_core.metric_table import KMEAN_PREFIX, UPSAMPLED_PREFIX, baseline_prefix
 
 #: the note of a threshold at or above the information ceiling
 UNREACHABLE = "unreachable on this data"
@@ -307,6 +311,25 @@ def _absolute(name: str, metric: str, threshold: float | None, metrics: dict[str
     return replace(c, **extra)
 
 
+def _beside_upsampled(metrics: dict[str, Any], rows: list[dict[str, Any]] | None) -> GateCheck:
+    """Stage k > 1: the point estimate's window PSNR beside the previous stage upsampled (its own
+    input; ``upsampled_psnr_window_db``), the gain with its paired bootstrap interval — an
+    informational row (``gating`` False), not a check params decide."""
+    metric, base_key = "psnr_window_db", UPSAMPLED_PREFIX + "psnr_window_db"
+    value, base = _num(metrics, metric), _num(metrics, base_key)
+    interval, decided = None, "point estimate (mean over patients)"
+    if rows:
+        pb = paired_bootstrap(rows_by_id(rows, metric), rows_by_id(rows, base_key))
+        interval = pb.get("interval")
+        decided = (f"paired bootstrap 95 % interval over {pb['n']} patients" if interval is not None
+                   else f"point estimate ({pb.get('note') or 'no paired interval'})")
+    return GateCheck("psnr_window_vs_upsampled_previous", metric, ">=", base, value, True, value - base,
+                     baseline="previous_stage_upsampled", baseline_value=base, gating=False, change=value - base,
+                     change_interval=interval, decided_by=decided,
+                     note="reported, not gating: the gain over the stage's own input (the previous stage's point "
+                          "estimate upsampled)")
+
+
 def _finite_or_none(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
@@ -333,6 +356,8 @@ def evaluate_gate(stage: int, metrics: dict[str, Any], gate: StageGate, champion
         _check("not_collapsed", "std/target_std", ">=", gate.min_std_ratio, ratio),
     ]
     checks += [_relative(rel, metrics, champion, rows) for rel in gate.relative]
+    if UPSAMPLED_PREFIX + "psnr_window_db" in metrics:  # stage k > 1: reported beside, never gating
+        checks.append(_beside_upsampled(metrics, rows))
     return GateReport(stage=stage, passed=all(c.passed for c in checks if c.gating), checks=checks, ceiling=ceiling)
 
 

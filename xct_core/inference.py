@@ -36,6 +36,18 @@ Point estimate
 ``anchor: direct``) stage is centred on — for stage k > 1 fed by each sample's earlier
 stages, averaged over the K samples (``anchor_hu``). The samples give the std and the
 calibrated interval either way (:mod:`xct_core.calibration`).
+
+The previous stage (k > 1)
+--------------------------
+The same K runs also give stage k − 1's point estimate, on its own grid, with no extra
+sampling pass: :meth:`Reconstruction.previous_point_hu` resolves ``eval.point_estimate``
+for stage k − 1 from the K-mean of stage k − 1's outputs (``previous_mean_hu``) and the
+mean of its anchors (``previous_anchor_hu``, anchored stage k − 1 only). Stage k − 1's
+outputs of sample ``i`` are exactly what ``reconstruct(..., upto=k-1)`` draws for sample
+``i`` (stage 1 … k − 1 consume the sample's generator first), so this is the point estimate
+that reconstructing up to stage k − 1 alone gives. The evaluator upsamples it as the cascade
+upsamples its condition: the "previous stage upsampled" baseline
+(:func:`xct_core.evaluation.upsample_previous`).
 """
 
 from __future__ import annotations
@@ -112,6 +124,11 @@ class Reconstruction:
     anchor_hu: np.ndarray | None = None
     #: all K samples (float32 [K, S, S, S] HU) when ``reconstruct(keep_samples=True)``
     samples_hu: np.ndarray | None = None
+    #: stage (stage - 1)'s outputs averaged over the K samples (HU, its own grid); None at stage 1
+    previous_mean_hu: np.ndarray | None = None
+    #: stage (stage - 1)'s anchor averaged over the K samples (HU, its own grid); None at stage 1
+    #: or when stage (stage - 1) is not anchored
+    previous_anchor_hu: np.ndarray | None = None
 
     @property
     def samples(self) -> int:
@@ -136,6 +153,24 @@ class Reconstruction:
         if which == "auto":
             return "anchor" if self.anchor_hu is not None else "mean"
         return which
+
+    def previous_point_hu(self, which: str = "mean") -> np.ndarray | None:
+        """Stage (stage − 1)'s point estimate on its own grid (HU; None at stage 1), by the
+        same rule as :meth:`point_hu`: ``which`` is ``eval.point_estimate`` for stage − 1
+        (:meth:`xct_core.config.Params.point_estimate_for` ``(stage - 1)``)."""
+        if self.previous_mean_hu is None:
+            return None
+        if which == "auto":
+            which = "anchor" if self.previous_anchor_hu is not None else "mean"
+        if which == "mean":
+            return self.previous_mean_hu
+        if which == "anchor":
+            if self.previous_anchor_hu is None:
+                raise ConfigError(f"eval.point_estimate: anchor needs an anchored stage {self.stage - 1} (the point "
+                                  f"estimate of the stage before stage {self.stage}: stages.stageK.anchor: direct); "
+                                  "use mean or auto")
+            return self.previous_anchor_hu
+        raise ConfigError(f"eval.point_estimate must be mean, anchor or auto, got {which!r}")
 
 
 @torch.no_grad()
@@ -181,6 +216,8 @@ def reconstruct(
     prev: np.ndarray | None = None
     first: np.ndarray | None = None
     anchor_sum: np.ndarray | None = None
+    prev_sum: np.ndarray | None = None  # stage n-1: the sum of its outputs / anchors over the samples (HU)
+    prev_anchor_sum: np.ndarray | None = None
     kept: list[np.ndarray] = []
     seeds = [sample_seed(base, i) for i in range(samples)]
     chunk = max(1, int(params.reconstruct.sample_batch))
@@ -197,6 +234,12 @@ def reconstruct(
             if anchors[-1] is not None:
                 a = net_map.inverse(anchors[-1][j, 0].float().cpu().numpy().astype(np.float64))
                 anchor_sum = a if anchor_sum is None else anchor_sum + a
+            if len(outs) > 1:  # stage n-1 of this sample: its point estimate comes from the same runs
+                p = net_map.inverse(outs[-2][j, 0].float().cpu().numpy().astype(np.float64))
+                prev_sum = p if prev_sum is None else prev_sum + p
+                if anchors[-2] is not None:
+                    pa = net_map.inverse(anchors[-2][j, 0].float().cpu().numpy().astype(np.float64))
+                    prev_anchor_sum = pa if prev_anchor_sum is None else prev_anchor_sum + pa
             if keep_samples:
                 kept.append(hu.astype(np.float32))
             if i == 0:
@@ -217,5 +260,7 @@ def reconstruct(
     if size != params.stage(n).size:
         raise InputError(None, f"stage {n} produced {size}³, the params say {params.stage(n).size}³")
     anchor = None if anchor_sum is None else (anchor_sum / samples).astype(np.float32)
+    prev_mean = None if prev_sum is None else (prev_sum / samples).astype(np.float32)
+    prev_anchor = None if prev_anchor_sum is None else (prev_anchor_sum / samples).astype(np.float32)
     return Reconstruction(mean.astype(np.float32), std, output_affine(params, n, isocenter), n, n_steps, seeds,
-                          prev, first, anchor, np.stack(kept) if keep_samples else None)
+                          prev, first, anchor, np.stack(kept) if keep_samples else None, prev_mean, prev_anchor)

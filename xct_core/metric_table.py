@@ -20,7 +20,8 @@ Adding a metric = compute it in :func:`xct_core.metrics.hu_metrics_per_sample` (
 fails while either is missing.
 
 Names: a metric is emitted once per prediction (:data:`PREDICTIONS`: the key prefixed with
-``single_`` / ``direct_`` / ``baseline_``) unless ``per_prediction`` is false; a name with
+``single_`` / ``mean_`` / ``direct_`` / ``baseline_`` / ``upsampled_``) unless ``per_prediction``
+is false; a name with
 ``{view}`` is emitted once per X-ray view (:data:`xct_core.geometry.VIEWS`).
 
 Pure data: no torch import (the config loads it), nothing from outside xct_core.
@@ -37,6 +38,7 @@ __all__ = [
     "METRICS",
     "KMEAN_PREFIX",
     "PREDICTIONS",
+    "UPSAMPLED_PREFIX",
     "USES",
     "Metric",
     "Prediction",
@@ -115,6 +117,10 @@ class Prediction:
 #: the prefix of the K-sample mean (K > 1), measured whatever ``eval.point_estimate`` is: the
 #: twin non-inferiority check (:mod:`xct_core.gates`) judges it
 KMEAN_PREFIX = "mean_"
+#: the prefix of the "previous stage upsampled" baseline (stage k > 1 only): stage k − 1's point
+#: estimate (``eval.point_estimate`` for stage k − 1, from the same K runs) upsampled to stage k's
+#: grid as the cascade upsamples its condition (:func:`xct_core.evaluation.upsample_previous`)
+UPSAMPLED_PREFIX = "upsampled_"
 
 PREDICTIONS: tuple[Prediction, ...] = (
     Prediction("", "cascade (posterior mean of the samples)", "diffusion cascade", "cascade"),
@@ -122,6 +128,7 @@ PREDICTIONS: tuple[Prediction, ...] = (
     Prediction("mean_", "cascade, K-sample mean", "diffusion cascade, K-sample mean", None),
     Prediction("direct_", "direct-regression twin", "direct regression", "direct regression", "direct_twin"),
     Prediction("baseline_", "mean volume (train split)", "mean volume (train split)", "mean volume", "mean_volume"),
+    Prediction(UPSAMPLED_PREFIX, "previous stage upsampled", "previous stage upsampled", "previous stage upsampled"),
 )
 
 _TABLES = frozenset({"report", "card", "realct"})
@@ -129,7 +136,8 @@ _TABLES = frozenset({"report", "card", "realct"})
 #: the table, in the order every output lists the metrics
 METRICS: tuple[Metric, ...] = (
     Metric("psnr_window_db", "dB", "higher", "3D PSNR in the training window, range 2 (dB)", "PSNR window (dB)",
-           "xct_core.metrics.psnr_window", _TABLES | {"summary", "gate"}, shown_with=("baseline_", "direct_"),
+           "xct_core.metrics.psnr_window", _TABLES | {"summary", "gate"},
+           shown_with=("baseline_", "direct_", UPSAMPLED_PREFIX),
            definition="3D PSNR in the evaluation window {window} [{wlo:g}, {whi:g}] HU (both clipped), data_range 2"),
     Metric("ssim_window", "", "higher", "3D SSIM in the window (Gaussian σ {sigma:g}, {taps}³, range 2)", "SSIM (3D)",
            "xct_core.metrics.ssim3d", _TABLES | {"summary", "gate"}, digits=3,
@@ -137,7 +145,7 @@ METRICS: tuple[Metric, ...] = (
                       "mean over the valid region"),
     Metric("psnr_window_body_db", "dB", "higher", "3D PSNR in the window inside the body (dB)",
            "PSNR window body (dB)", "xct_core.metrics.masked_psnr", frozenset({"card", "report", "summary", "gate"}),
-           shown_with=("baseline_", "direct_"),
+           shown_with=("baseline_", "direct_", UPSAMPLED_PREFIX),
            definition="the same PSNRs with the MSE inside the body only: per axial slice the hole-filled target "
                       "> {body_hu:g} HU"),
     Metric("psnr_hu_db", "dB", "higher", "3D PSNR [{hu_lo:g},{hu_hi:g}] HU, range {hu_span:g} (dB)",
@@ -169,6 +177,12 @@ METRICS: tuple[Metric, ...] = (
            "xct_core.metrics.body_mask", digits=3),
     Metric("target_std", "window units", "none", "std of the target in the window", "target std (window)",
            "xct_core.metrics.dynamic_range", frozenset({"summary", "gate"}), per_prediction=False, digits=3),
+    Metric("gain_over_upsampled_db", "dB", "higher", "PSNR gain in the window over the previous stage upsampled (dB)",
+           "gain over prev. stage (dB)", "xct_core.evaluation.gain_over_upsampled",
+           frozenset({"report", "card", "realct", "summary"}), per_prediction=False,
+           definition="stage k > 1: psnr_window_db of the point estimate minus that of the previous stage "
+                      "upsampled (upsampled_: stage k-1's point estimate from the same samples, upsampled in the "
+                      "networks' units as the cascade upsamples its condition, trilinear), per patient"),
     Metric("uncertainty_mean_std_hu", "HU", "none", "mean voxel-wise std over the samples (HU)", "mean sample std (HU)",
            "xct_core.inference.reconstruct", frozenset({"report"}), per_prediction=False, digits=1),
     Metric("psd_top_band_ratio", "", "none", "top radial power band / the truth's (1 = as detailed)",

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from xct_core.hu import HUWindow
 from xct_core.intervals import BOOTSTRAP, BootstrapSpec, bootstrap_interval, read_rows_csv
-from xct_core.metric_table import METRICS, entry
+from xct_core.metric_table import METRICS, UPSAMPLED_PREFIX, entry
 from xct_core.metric_table import PREDICTIONS as _PREDICTIONS
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ CARD_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if "card" in m.use
 SLICE_AVG_KEYS: tuple[str, ...] = tuple(m.name for m in METRICS if "card" in m.uses and m.papers_only)
 #: the predictions the evaluator measures (key prefix → what it is; :data:`xct_core.metric_table.PREDICTIONS`)
 PREDICTIONS: tuple[tuple[str, str], ...] = tuple((p.prefix, p.card) for p in _PREDICTIONS)
+_UPSAMPLED_LABEL = dict(PREDICTIONS)[UPSAMPLED_PREFIX]
 
 INTENDED_USE: dict[str, Any] = {
     "primary": ("Research and engineering of biplanar X-ray to 3D CT reconstruction: reconstruct a CT volume "
@@ -449,6 +450,11 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         sl = _metric_table(st["values"], SLICE_AVG_KEYS)
         if sl:
             out += ["", f"{slice_label or 'slice averages'}:", ""] + sl
+        gain = st["values"].get("gain_over_upsampled_db")
+        if gain and gain.get("mean") is not None:
+            out += ["", f"Gain over its own input (stage {st['stage'] - 1}'s point estimate upsampled, column "
+                        f"'{_UPSAMPLED_LABEL}'): {_cell(gain)} dB PSNR in the window (per-patient differences: "
+                        "a paired interval)."]
         if notes:
             out += [""] + [f"- {n}" for n in notes]
         if st.get("uncertainty"):

@@ -12,7 +12,8 @@ paths, so the folder can be zipped or logged as an artifact as a whole). Picture
 * training curves (``plots/stage*/train.csv`` columns with ``loss`` in their name vs step)
   when a training folder is given.
 
-Tables: the cascade beside the baselines (mean volume, direct regression) — patient means with
+Tables: the cascade beside the baselines (mean volume, direct regression, for stage k > 1 the
+previous stage upsampled, with the gain over it) — patient means with
 their patient bootstrap 95 % interval ``mean [low, high]`` when the report has the patients
 (:func:`xct_core.intervals.bootstrap_interval`, the same as the model card and the summary) —,
 one row per patient, and the promotion gate checks (``reports/gates/stage*.json``) when
@@ -314,6 +315,13 @@ def build_report(
             parts.append(f"<p class='note'>mean [low, high]: patient bootstrap {BOOTSTRAP.confidence_level:.0%} "
                          f"interval ({BOOTSTRAP.method}, {BOOTSTRAP.n_resamples} resamples, seed {BOOTSTRAP.seed})</p>")
         parts.append(_table(["metric"] + [c for c, _ in cols], rows))
+        if isinstance(ref.get("gain_over_upsampled_db"), (int, float, np.floating)):
+            gain = ref["gain_over_upsampled_db"]
+            if patients:
+                gain = _with_interval(gain, [c.metrics.get("gain_over_upsampled_db") for c in cases])
+            parts.append(f"<p class='note'>{html.escape(label('gain_over_upsampled_db', label_context))}: "
+                         f"{_fmt(gain)} (per-patient "
+                         "differences: a paired interval)</p>")
     if len(cases) > 1 or (cases and summary is not None):
         keys = [k for k in compared if any(k in c.metrics for c in cases)]
         beside = [p + k for k in compared for p in entry(k).shown_with]
