@@ -85,7 +85,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "params": params, "processed": processed, "train": train_dir, "params_file": params_file}
 
 
-def test_evaluate_cli_writes_metrics_per_patient_and_montage(tiny_run: dict[str, Any]) -> None:
+def test_evaluate_cli_writes_metrics_per_patient_and_montage(tiny_run: dict[str, Any], capsys) -> None:
     out = tiny_run["root"] / "reports" / "eval" / "stage2"
     rc = xct(["step", "evaluate", "--stage", "2", "--processed", str(tiny_run["processed"]), "--train-dir",
                         str(tiny_run["train"]), "--out", str(out), "--params", str(tiny_run["params_file"])])
@@ -93,7 +93,8 @@ def test_evaluate_cli_writes_metrics_per_patient_and_montage(tiny_run: dict[str,
     m = json.loads((out / "metrics.json").read_text())
     for key in ("psnr_window_db", "ssim_window", "psnr_hu_db", "mae_hu", "std", "target_std", "nan_count",
                 "baseline_psnr_window_db", "baseline_ssim_window", "direct_psnr_window_db",
-                "reproj_psnr_frontal_db"):
+                "upsampled_psnr_window_db", "upsampled_ssim_window", "upsampled_reproj_psnr_frontal_db",
+                "gain_over_upsampled_db", "reproj_psnr_frontal_db"):
         assert isinstance(m[key], (int, float)) and math.isfinite(m[key]), key
     assert m["n_patients"] == 1 and m["stage"] == 2 and m["sample_steps"] == 1 and m["has_direct"] is True
     assert m["test_ids_hash"] == split_ids_hash(["ph03"])
@@ -103,6 +104,12 @@ def test_evaluate_cli_writes_metrics_per_patient_and_montage(tiny_run: dict[str,
     assert [r["id"] for r in rows] == ["ph03"]
     assert float(rows[0]["psnr_window_db"]) == pytest.approx(m["psnr_window_db"])
     assert (out / "montage.png").stat().st_size > 1000
+    # stage 2 beside its own input: stage 1's point estimate upsampled, and the gain over it
+    assert m["has_upsampled"] is True
+    assert m["gain_over_upsampled_db"] == pytest.approx(m["psnr_window_db"] - m["upsampled_psnr_window_db"])
+    assert float(rows[0]["gain_over_upsampled_db"]) == pytest.approx(m["gain_over_upsampled_db"])
+    said = capsys.readouterr()
+    assert f"previous stage upsampled {m['upsampled_psnr_window_db']:.2f} dB" in said.out + said.err
 
 
 def test_evaluate_step_fits_calibration_on_val_and_checks_it_on_test(tmp_path: Path) -> None:
@@ -131,6 +138,7 @@ def test_evaluate_step_fits_calibration_on_val_and_checks_it_on_test(tmp_path: P
         update={"calibration": params.eval.calibration.model_copy(update={"fit": False})})})
     m2 = run_evaluate(1, processed, train, tmp_path / "eval2", p2)
     assert "conformal_coverage" not in m2 and "spread_skill" in m2
+    assert m["has_upsampled"] is False and not [k for k in (*m, *m2) if "upsampled" in k and k != "has_upsampled"]
     assert not (tmp_path / "eval2" / "calibration.json").exists()
 
 

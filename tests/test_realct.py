@@ -90,7 +90,7 @@ def test_evaluate_reports_both_test_chests_and_both_baselines(tiny_run: tuple[Pa
     assert sorted(summary["per_patient"]) == TEST_IDS
     assert set(summary["mean"]) == {"diffusion cascade", "diffusion cascade, one sample",
                                     "diffusion cascade, K-sample mean", "direct regression",
-                                    "mean volume (train split)"}
+                                    "mean volume (train split)", "previous stage upsampled"}
     md = (out.parent / "res" / "realct.md").read_text()
     assert all(t in md for t in TEST_IDS) and "supports no clinical claim" in md
     assert json.loads((out.parent / "res" / "realct.json").read_text())["test_cts"] == TEST_IDS

@@ -266,7 +266,7 @@ def test_evaluate_two_cts_metrics_baselines_and_report(env: dict[str, Any], tmp_
     assert doc["has_direct"] is True and "leave-one-out" in doc["baseline"]
     for key in ("psnr_hu_db", "psnr_window_db", "ssim_window", "mae_hu", "reproj_psnr_frontal_db",
                 "psnr_slice_avg_db", "baseline_psnr_hu_db", "baseline_psnr_window_db", "direct_psnr_window_db",
-                "uncertainty_mean_std_hu"):
+                "upsampled_psnr_window_db", "gain_over_upsampled_db", "uncertainty_mean_std_hu"):
         for row in [doc["mean"], *doc["patients"]]:
             assert isinstance(row[key], float) and math.isfinite(row[key]), key
     assert doc["mean"]["psnr_hu_db"] == pytest.approx(np.mean([p["psnr_hu_db"] for p in doc["patients"]]))
@@ -284,6 +284,8 @@ def test_evaluate_two_cts_metrics_baselines_and_report(env: dict[str, Any], tmp_
     srcs = [s.split('"')[0] for s in html.split('<img src="')[1:]]
     assert len(srcs) >= 4 and all((out / s).is_file() for s in srcs)
     assert "mean volume" in html and "direct regression" in html and "pat1" in html
+    assert "<th>previous stage upsampled</th>" in html and doc["has_upsampled"] is True  # stage 2 beside stage 1
+    assert doc["protocol"]["upsampled_*"].startswith("the previous stage upsampled: stage 1's point estimate")
     from xct_core.metrics import ssim_taps  # the SSIM label names the taps used on the evaluated grid
 
     p = env["params"]

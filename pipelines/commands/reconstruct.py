@@ -391,6 +391,9 @@ def evaluate_cmd(
                            f"{protocol.label}: rendered from the finest stage grid with the model's drr geometry"),
         "baseline_*": summary["baseline"],
         "direct_*": "direct-regression twin (direct.pt)" if direct is not None else "not available (no direct.pt)",
+        "upsampled_*": (f"the previous stage upsampled: stage {n - 1}'s point estimate ({mp.point_estimate_for(n - 1)}) "
+                        f"from the same samples, on stage {n}'s grid as the cascade upsamples it" if n > 1
+                        else "not measured (stage 1 has no previous stage)"),
     }
     doc = {"format": "xct-evaluate/1", "model": model, "protocol": described, **summary,
            "patients": [{"id": c.case_id, **c.metrics} for c in cases],
@@ -402,6 +405,8 @@ def evaluate_cmd(
         vols = {"reconstruction": c.recon.mean_hu}
         if c.direct_hu is not None:
             vols["direct regression"] = c.direct_hu
+        if c.upsampled_hu is not None:
+            vols["previous stage upsampled"] = c.upsampled_hu
         imgs = save_case_images(img_dir, c.case_id, volumes=vols, window=window, spacing=c.recon.affine,
                                 ground_truth=c.target_hu, uncertainty=c.recon.std_hu,
                                 xrays={v: (c.xrays[v], c.reprojections[v]) for v in c.xrays})
