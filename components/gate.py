@@ -64,13 +64,13 @@ def read_champion(stage: int, params: Params, tracking_uri: str | None = None) -
             raise
         prefix = f"stage{stage}/"
         run_metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
-        rows = _champion_rows(client, mv.run_id, stage) if mv.run_id else None
+        rows = champion_rows(client, mv.run_id, stage) if mv.run_id else None
     return Champion(version=str(mv.version), test_ids_hash=(mv.tags or {}).get("xct.test_ids_hash"),
                     metrics={k.removeprefix(prefix): float(v) for k, v in run_metrics.items() if k.startswith(prefix)},
                     rows=rows)
 
 
-def _champion_rows(client: Any, run_id: str, stage: int) -> list[dict[str, Any]] | None:
+def champion_rows(client: Any, run_id: str, stage: int) -> list[dict[str, Any]] | None:
     """The champion's stage rows (``eval/stageK/per_patient.csv`` of its registration run), or
     None when the run has none (listed first: a missing file is "none", a failing download raises)."""
     import tempfile

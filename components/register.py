@@ -60,9 +60,17 @@ Aliases and idempotency
   tag ``xct.alias_reason`` (written last, after the alias) and/or its card, and the re-run
   completes what is missing (alias decision, card; its run ends FINISHED).
 * A new version gets ``champion`` when there is no champion yet, or when the champion's
-  ``xct.test_ids_hash`` equals this one's (the same test split) and this version's
-  ``xct.psnr_window_db`` is strictly higher. Otherwise (worse, equal, or not comparable —
-  a different test split) it gets ``candidate``; the champion is left unchanged.
+  ``xct.test_ids_hash`` equals this one's (the same test split) and it beats the champion:
+  with ``registry.champion_rule: paired`` (default) the lower bound of the paired-bootstrap
+  95 % interval of the per-patient change in the last stage's window PSNR (this version's
+  ``per_patient.csv`` against the one on the champion's registration run,
+  :func:`xct_core.intervals.paired_bootstrap`) exceeds ``registry.champion_min_change_db`` —
+  the same paired comparison the gate's champion check makes, so a difference inside the noise
+  of a re-used test split never moves @champion; without rows on either side (or < 5
+  patients) the means decide, and the reason says so; ``mean``: this version's
+  ``xct.psnr_window_db`` exceeds the champion's by more than the margin. Otherwise (worse,
+  not clearly better, or not comparable — a different test split) it gets ``candidate``; the
+  champion is left unchanged. The reason (tag ``xct.alias_reason``) states the interval.
   The decision uses the champion read immediately before the alias is written (read, decide,
   read again: decided again when it moved; :func:`set_decided_alias`).
 * "Cannot tell" is never "none": only a definite "not found" from the registry means no
@@ -233,17 +241,20 @@ def _same_version(a: Any | None, b: Any | None) -> bool:
 _ALIAS_TRIES = 5
 
 
-def set_decided_alias(client: Any, params: Params, version: Any, psnr: float, test_hash: str | None) -> tuple[str, str]:
+def set_decided_alias(client: Any, params: Params, version: Any, psnr: float, test_hash: str | None,
+                      rows: Mapping[str, float] | None = None) -> tuple[str, str]:
     """Decide ``version``'s alias (:func:`decide_alias`) against the champion read right
     before the alias is written, write it and record the reason (tag ``xct.alias_reason``,
     written last: a version without it never had its decision made). The champion is read
-    again immediately before the write; when it changed the decision is made again."""
+    again immediately before the write; when it changed the decision is made again.
+    ``rows``: the version's last-stage per-patient ``psnr_window_db`` (the paired rule); the
+    champion's come from its registration run (``eval/stageN/per_patient.csv``)."""
     from components.tracking import RegistryError
 
     reg = params.registry
     champ = _champion(client, reg.model_name, reg.champion_alias)
     for _ in range(_ALIAS_TRIES):
-        alias, reason = decide_alias(champ, psnr, test_hash, params)
+        alias, reason = decide_alias(champ, psnr, test_hash, params, rows, _version_psnr_rows(client, champ, params))
         now = _champion(client, reg.model_name, reg.champion_alias)  # re-read right before the write
         if _same_version(now, champ):
             break
@@ -254,6 +265,36 @@ def set_decided_alias(client: Any, params: Params, version: Any, psnr: float, te
     client.set_registered_model_alias(reg.model_name, alias, str(version))
     client.set_model_version_tag(reg.model_name, str(version), "xct.alias_reason", reason)
     return alias, reason
+
+
+def _version_psnr_rows(client: Any, champion: Any | None, params: Params) -> dict[str, float] | None:
+    """A registered version's (the champion's) last-stage per-patient window PSNR (its
+    registration run's ``eval/stageN/per_patient.csv``), or None (no version, the paired rule
+    off, no rows)."""
+    run_id = None if champion is None else (getattr(champion, "run_id", None) or (champion.tags or {}).get("xct.run_id"))
+    if not run_id or params.registry.champion_rule != "paired":
+        return None
+    from components.gate import champion_rows
+
+    rows = champion_rows(client, run_id, params.n_stages)
+    return psnr_rows(rows)
+
+
+def _own_psnr_rows(eval_files: "Mapping[int, Path] | None", n: int) -> dict[str, float] | None:
+    """This version's last-stage per-patient window PSNR (``per_patient.csv`` beside its
+    ``metrics.json``), or None when the evaluation wrote none."""
+    from xct_core.intervals import read_rows_csv
+
+    if not eval_files or n not in eval_files or not (Path(eval_files[n]).parent / PER_PATIENT_CSV).is_file():
+        return None
+    return psnr_rows(read_rows_csv(Path(eval_files[n]).parent / PER_PATIENT_CSV))
+
+
+def psnr_rows(rows: "Sequence[Mapping[str, Any]] | None") -> dict[str, float] | None:
+    """patient id → ``psnr_window_db`` of per-patient rows (None without rows)."""
+    from xct_core.intervals import rows_by_id
+
+    return rows_by_id(rows, "psnr_window_db") if rows else None
 
 
 def _log_card(client: Any, name: str, version: Any, run_id: str, card: Mapping[str, Any]) -> None:
@@ -293,7 +334,8 @@ def _complete_existing(client: Any, existing: Any, params: Params, stages_in: "S
             client.set_model_version_tag(name, v, "xct.alias_reason", reason)
         else:
             vpsnr = _float(et.get("xct.psnr_window_db", psnr))
-            alias, reason = set_decided_alias(client, params, v, vpsnr, et.get("xct.test_ids_hash") or test_hash)
+            own = _version_psnr_rows(client, mv, params)
+            alias, reason = set_decided_alias(client, params, v, vpsnr, et.get("xct.test_ids_hash") or test_hash, own)
         aliases = _aliases(client, name, v) or (alias,)
         done.append(f"alias decision @{alias}")
     card = model_card(params, stages_in, {**card_lineage(et), "run_id": run_id or None},
@@ -360,8 +402,14 @@ def _quiet(*loggers: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def decide_alias(champion: Any | None, psnr: float, test_hash: str | None, params: Params) -> tuple[str, str]:
-    """``(alias, reason)`` for a new version (rules in the module docstring)."""
+def decide_alias(champion: Any | None, psnr: float, test_hash: str | None, params: Params,
+                 rows: Mapping[str, float] | None = None,
+                 champion_rows: Mapping[str, float] | None = None) -> tuple[str, str]:
+    """``(alias, reason)`` for a new version (rules in the module docstring). ``rows`` /
+    ``champion_rows``: patient id → the last stage's ``psnr_window_db`` of the new version and of
+    the champion (their ``per_patient.csv``), for ``registry.champion_rule: paired``."""
+    from xct_core.intervals import paired_bootstrap
+
     reg = params.registry
     if champion is None:
         return reg.champion_alias, "no champion yet"
@@ -369,10 +417,27 @@ def decide_alias(champion: Any | None, psnr: float, test_hash: str | None, param
     if tags.get("xct.test_ids_hash") != test_hash:
         return reg.candidate_alias, (f"champion v{champion.version} was measured on another test split "
                                      f"({tags.get('xct.test_ids_hash')} vs {test_hash}): not comparable")
+    margin = float(reg.champion_min_change_db)
+    note = ""
+    if reg.champion_rule == "paired":
+        pb = paired_bootstrap(rows, champion_rows) if rows and champion_rows else None
+        if pb is not None and pb.get("interval"):
+            lo, hi = (float(x) for x in pb["interval"])
+            says = (f"paired change {float(pb['mean']):+.3f} dB [{lo:+.3f}, {hi:+.3f}] PSNR(window) over {pb['n']} "
+                    f"patients (95 % bootstrap)")
+            if lo > margin:
+                return reg.champion_alias, f"beats champion v{champion.version}: {says}, lower bound > {margin:g} dB"
+            return reg.candidate_alias, (f"does not beat champion v{champion.version}: {says}, lower bound <= "
+                                         f"{margin:g} dB")
+        why = pb.get("note") if pb is not None else "per-patient rows missing on " + (
+            "both sides" if not rows and not champion_rows else "this version" if not rows else "the champion")
+        note = f" (means: no paired interval, {why})"
     old = _float(tags.get("xct.psnr_window_db"))
-    if math.isfinite(psnr) and (not math.isfinite(old) or psnr > old):
-        return reg.champion_alias, f"beats champion v{champion.version}: {psnr:.3f} > {old:.3f} dB PSNR(window)"
-    return reg.candidate_alias, f"does not beat champion v{champion.version}: {psnr:.3f} <= {old:.3f} dB PSNR(window)"
+    if math.isfinite(psnr) and (not math.isfinite(old) or psnr > old + margin):
+        return reg.champion_alias, (f"beats champion v{champion.version}: {psnr:.3f} > {old:.3f} dB PSNR(window)"
+                                    f"{f' + {margin:g}' if margin else ''}{note}")
+    return reg.candidate_alias, (f"does not beat champion v{champion.version}: {psnr:.3f} <= {old:.3f} dB "
+                                 f"PSNR(window){f' + {margin:g}' if margin else ''}{note}")
 
 
 def register_cascade(
@@ -516,7 +581,8 @@ def _register_cascade(
                     )
                 tags["xct.run_id"] = run_id
                 mv = mlflow.register_model(info.model_uri, reg.model_name, tags=tags)
-                alias, reason = set_decided_alias(client, params, mv.version, psnr, test_hash)
+                own_rows = _own_psnr_rows(eval_files, n)
+                alias, reason = set_decided_alias(client, params, mv.version, psnr, test_hash, own_rows)
                 aliases = _aliases(client, reg.model_name, mv.version) or (alias,)
                 card = model_card(params, stages_in, {**card_lineage(tags), "run_id": run_id},
                                   _version_status(params, mv.version, aliases, alias, reason), processed_dir)

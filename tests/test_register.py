@@ -25,9 +25,11 @@ NAME = "xct-cascade"
 KEYS = {"status", "rejected_at_stage", "stages", "model_uri", "mlflow_tracking_uri", "reports"}
 
 
-def _write_reports(root: Path, params: Params, psnr: dict[int, float], passing: dict[int, bool]) -> tuple[Path, Path]:
+def _write_reports(root: Path, params: Params, psnr: dict[int, float], passing: dict[int, bool],
+                   patients: dict[str, float] | None = None) -> tuple[Path, Path]:
     """Evaluation summaries with TEST-CHOSEN values, judged by the real gate step with
-    thresholds 10 dB / SSIM 0.1 (test thresholds)."""
+    thresholds 10 dB / SSIM 0.1 (test thresholds). ``patients``: the last stage's per-patient
+    window PSNR (default: one patient at the stage's mean)."""
     from components.gate import run_gate
 
     data = params.model_dump(mode="json")
@@ -40,7 +42,9 @@ def _write_reports(root: Path, params: Params, psnr: dict[int, float], passing: 
              "std": 0.4, "target_std": 0.5, "mae_hu": 50.0, "n_patients": 1, "test_ids_hash": "split-A"}
         (ev / f"stage{k}").mkdir(parents=True, exist_ok=True)
         (ev / f"stage{k}" / "metrics.json").write_text(json.dumps(m))
-        (ev / f"stage{k}" / "per_patient.csv").write_text(f"id,psnr_window_db\nph01,{m['psnr_window_db']}\n")
+        rows = patients if (k == 2 and patients) else {"ph01": m["psnr_window_db"]}
+        (ev / f"stage{k}" / "per_patient.csv").write_text(
+            "id,psnr_window_db\n" + "".join(f"{i},{v!r}\n" for i, v in rows.items()))
         run_gate(k, ev / f"stage{k}" / "metrics.json", gates / f"stage{k}.json", gp)
     return gates, ev
 
@@ -68,7 +72,7 @@ def reg_env(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def _run(env: dict[str, Any], name: str, seed: int, psnr2: float, passing2: bool = True,
-         pipeline_run: str | None = None) -> dict[str, Any]:
+         pipeline_run: str | None = None, patients: dict[str, float] | None = None) -> dict[str, Any]:
     """The register step on a tiny cascade; ``pipeline_run``: a parent pipeline run the
     training folder names (``mlflow_pipeline.json``, as a training run leaves it)."""
     from components.register import run_register
@@ -78,7 +82,7 @@ def _run(env: dict[str, Any], name: str, seed: int, psnr2: float, passing2: bool
     if pipeline_run is not None:
         (run / "train" / "mlflow_pipeline.json").write_text(json.dumps({"run_id": pipeline_run,
                                                                        "tracking_uri": env["uri"]}))
-    gates, ev = _write_reports(run, env["params"], {1: 20.0, 2: psnr2}, {1: True, 2: passing2})
+    gates, ev = _write_reports(run, env["params"], {1: 20.0, 2: psnr2}, {1: True, 2: passing2}, patients)
     return run_register(gates, ev, run / "train", run / "summary.json", env["params"],
                         processed_dir=env["processed"], tracking_uri=env["uri"])
 
@@ -200,6 +204,66 @@ def assert_rejected_run(client: Any, run: Any, stage: int, n_stages: int) -> Non
     card = json.loads(Path(local).read_text())
     assert card["model"]["status"] == "rejected" and card["model"]["rejected_at_stage"] == stage
     assert len(card["gates"]) == n_stages and card["gates"][stage - 1]["passed"] is False
+
+
+def test_champion_moves_only_when_the_paired_interval_says_better(tmp_path: Path) -> None:
+    """registry.champion_rule: paired (default) — on the same test split a version with a higher
+    mean PSNR whose paired-bootstrap interval still includes 0 stays @candidate (the raw ">"
+    would have promoted it); the reason states the paired interval, so the champion's rows came
+    from its registration run (promotion on a clear interval: test_decide_alias_rules_and_fallbacks)."""
+    from mlflow import MlflowClient
+
+    env_gen = registry_env(tmp_path)
+    env = next(env_gen)
+    try:
+        c = MlflowClient(env["uri"])
+        base = {f"ph{i:02d}": 24.0 + 0.4 * i for i in range(8)}
+        mean = sum(base.values()) / len(base)
+        s1 = _run(env, "p1", seed=0, psnr2=mean, patients=base)
+        assert s1["alias"] == "champion"
+        # +0.05 dB on average, ±0.6 dB per patient: better by the mean, not by the paired interval
+        noisy = {i: v + (0.65 if j % 2 else -0.55) for j, (i, v) in enumerate(base.items())}
+        m2 = sum(noisy.values()) / len(noisy)
+        assert m2 > mean
+        s2 = _run(env, "p2", seed=1, psnr2=m2, patients=noisy)
+        r2 = c.get_model_version(NAME, "2").tags["xct.alias_reason"]
+        assert s2["alias"] == "candidate" and "does not beat champion v1: paired change +0.050" in r2, r2
+        assert "over 8 patients" in r2 and "lower bound <= 0 dB" in r2
+        assert str(c.get_model_version_by_alias(NAME, "champion").version) == "1"
+    finally:
+        env_gen.close()
+
+
+def test_decide_alias_rules_and_fallbacks() -> None:
+    """The pure decision: no champion → champion; another split → candidate; paired without
+    rows (or too few patients) falls back to the means and says so; the margin applies to both
+    rules; ``mean`` ignores rows."""
+    from types import SimpleNamespace
+
+    from components.register import decide_alias
+
+    p = make_tiny_params()
+    champ = SimpleNamespace(version="4", tags={"xct.test_ids_hash": "A", "xct.psnr_window_db": "25.0"})
+    assert decide_alias(None, 20.0, "A", p) == ("champion", "no champion yet")
+    assert decide_alias(champ, 30.0, "B", p)[0] == "candidate"
+    a, why = decide_alias(champ, 25.2, "A", p)
+    assert a == "champion" and "means: no paired interval, per-patient rows missing on both sides" in why
+    few = {"a": 25.2, "b": 25.3}
+    a, why = decide_alias(champ, 25.25, "A", p, few, {"a": 25.0, "b": 25.0})
+    assert a == "champion" and "means: no paired interval, n < 5" in why, why
+    rows = {f"p{i}": 25.0 + 0.1 * i for i in range(6)}
+    up = {k: v + 0.5 for k, v in rows.items()}
+    assert decide_alias(champ, 25.75, "A", p, up, rows)[0] == "champion"
+    strict = Params.model_validate({**p.model_dump(mode="json"),
+                                    "registry": {**p.registry.model_dump(mode="json"), "champion_min_change_db": 0.6}})
+    a, why = decide_alias(champ, 25.75, "A", strict, up, rows)
+    assert a == "candidate" and "lower bound <= 0.6 dB" in why, why
+    assert decide_alias(champ, 25.5, "A", strict)[0] == "candidate"  # means: 25.5 <= 25.0 + 0.6
+    mean_rule = Params.model_validate({**p.model_dump(mode="json"),
+                                       "registry": {**p.registry.model_dump(mode="json"), "champion_rule": "mean"}})
+    worse_rows = {k: v - 1.0 for k, v in rows.items()}
+    a, why = decide_alias(champ, 25.1, "A", mean_rule, worse_rows, rows)  # rows ignored: the means decide
+    assert a == "champion" and "paired" not in why
 
 
 def test_gate_reads_the_champion_from_the_registry(reg_env: dict[str, Any], tmp_path: Path) -> None:

@@ -817,6 +817,14 @@ class RegisterParams(_Section):
     candidate_alias: str = "candidate"
     #: MLflow experiment of the registration runs
     experiment: str = "xct-register"
+    #: how "beats the champion" is decided (same test split only): ``paired`` = the lower bound of
+    #: the paired-bootstrap 95 % interval of the per-patient change in the last stage's window PSNR
+    #: (xct_core/intervals.py; both versions' per_patient.csv) exceeds ``champion_min_change_db``
+    #: (falls back to the means, said in the reason, when either side has no rows or < 5 patients);
+    #: ``mean`` = the mean PSNR exceeds the champion's by more than ``champion_min_change_db``
+    champion_rule: Literal["paired", "mean"] = "paired"
+    #: the change in dB the decision must exceed (0: strictly better)
+    champion_min_change_db: float = Field(0.0, ge=0.0, le=10.0)
     #: every MLflow HTTP request waits at most this long for the server (MLFLOW_HTTP_REQUEST_TIMEOUT
     #: unless the environment sets it) and is retried at most ``request_max_retries`` times
     #: (MLFLOW_HTTP_REQUEST_MAX_RETRIES): a dead or black-holed server is an error in bounded time
