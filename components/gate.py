@@ -46,7 +46,7 @@ def read_champion(stage: int, params: Params, tracking_uri: str | None = None) -
     passes a gate as "no champion yet". Never creates a store."""
     from mlflow.exceptions import MlflowException
 
-    from components.tracking import bound_requests, get_client, not_found, registry_errors, store_exists
+    from components.tracking import bound_requests, get_client, not_found, registry_errors, stage_rows, store_exists
     from components.tracking import tracking_uri as default_uri
 
     uri = tracking_uri or default_uri()
@@ -64,26 +64,10 @@ def read_champion(stage: int, params: Params, tracking_uri: str | None = None) -
             raise
         prefix = f"stage{stage}/"
         run_metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
-        rows = champion_rows(client, mv.run_id, stage) if mv.run_id else None
+        rows = stage_rows(client, mv.run_id, stage) if mv.run_id else None
     return Champion(version=str(mv.version), test_ids_hash=(mv.tags or {}).get("xct.test_ids_hash"),
                     metrics={k.removeprefix(prefix): float(v) for k, v in run_metrics.items() if k.startswith(prefix)},
                     rows=rows)
-
-
-def champion_rows(client: Any, run_id: str, stage: int) -> list[dict[str, Any]] | None:
-    """The champion's stage rows (``eval/stageK/per_patient.csv`` of its registration run), or
-    None when the run has none (listed first: a missing file is "none", a failing download raises)."""
-    import tempfile
-
-    from xct_core.intervals import read_rows_csv
-    from xct_core.layout import PER_PATIENT_CSV
-
-    folder = f"eval/stage{stage}"
-    if not any(Path(f.path).name == PER_PATIENT_CSV for f in client.list_artifacts(run_id, folder)):
-        return None
-    with tempfile.TemporaryDirectory(prefix="xct-champion-") as tmp:
-        local = client.download_artifacts(run_id, f"{folder}/{PER_PATIENT_CSV}", tmp)
-        return read_rows_csv(local)
 
 
 def ceiling_cache_dir() -> Path:

@@ -274,9 +274,9 @@ def _version_psnr_rows(client: Any, champion: Any | None, params: Params) -> dic
     run_id = None if champion is None else (getattr(champion, "run_id", None) or (champion.tags or {}).get("xct.run_id"))
     if not run_id or params.registry.champion_rule != "paired":
         return None
-    from components.gate import champion_rows
+    from components.tracking import stage_rows
 
-    rows = champion_rows(client, run_id, params.n_stages)
+    rows = stage_rows(client, run_id, params.n_stages)
     return psnr_rows(rows)
 
 

@@ -641,3 +641,20 @@ class StageRun:
             # one line that keeps the failure being reported (``message``) in front
             err = registry_error(e, self.uri, f"marking run {self.run_id} {status}")
             raise RegistryError(f"{message}; {err}" if message else str(err)) from None
+
+
+def stage_rows(client: Any, run_id: str, stage: int) -> list[dict[str, Any]] | None:
+    """A registered version's stage rows (``eval/stageK/per_patient.csv`` of its registration
+    run: the gate's and the alias decision's paired champion comparison), or None when the run
+    has none (listed first: a missing file is "none", a failing download raises)."""
+    import tempfile
+
+    from xct_core.intervals import read_rows_csv
+    from xct_core.layout import PER_PATIENT_CSV
+
+    folder = f"eval/stage{stage}"
+    if not any(Path(f.path).name == PER_PATIENT_CSV for f in client.list_artifacts(run_id, folder)):
+        return None
+    with tempfile.TemporaryDirectory(prefix="xct-champion-") as tmp:
+        local = client.download_artifacts(run_id, f"{folder}/{PER_PATIENT_CSV}", tmp)
+        return read_rows_csv(local)
