@@ -267,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == f"stage{k}":
             pictures[name] = pic
         doc["stages"][name] = res
-        Path(str(a.out) + ".json").write_text(json.dumps(doc, indent=1, default=float) + "\n")  # partial results survive
-    Path(str(a.out) + ".md").write_text(markdown(doc))
-    figure(pictures, Path(str(a.out) + ".png"))
+        # after every run: partial results survive a stopped run
+        Path(str(a.out) + ".json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
+        Path(str(a.out) + ".md").write_text(markdown(doc))
+        figure(pictures, Path(str(a.out) + ".png"))
     return 0
 
 

@@ -32,6 +32,11 @@ the per-phantom ceilings, as the evaluation averages patient PSNRs).
 How a gate uses it: :func:`xct_core.gates.ceiling_value` / :func:`xct_core.gates.achievable_fraction`
 (in the gates module, so a step that only reads gate reports does not import the generator).
 
+Per voxel: :func:`redraw_std` is the std over ``N`` seeded re-draws (the first two are the
+ceiling's pair) on a stage grid — the exact posterior spread of the re-drawn parts, the map a
+model's std is compared with (benchmarks/bench_redraw.py). Its mean variance over a volume is
+that volume's MMSE above; it is a lower bound on the spread given the X-rays alone.
+
 Real data: there is no generator, the ceiling is unknown (:func:`unknown_ceiling` says so).
 
 The result is cached in a JSON file whose name carries a hash of everything that shapes it
