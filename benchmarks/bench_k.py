@@ -131,14 +131,14 @@ def markdown(doc: dict[str, Any]) -> str:
     for name, rows in doc["stages"].items():
         lines += [f"## {name}", "",
                   "| K | spread-skill raw | s (fit: all val) | spread-skill recal. (held-out) | conformal 90 % "
-                  "(held-out) | Spearman(std, abs err) | [min, max] cov. | K-mean PSNR | anchor (point) PSNR | "
-                  "one sample | twin | wall s/volume (median) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "(held-out) | Spearman(std, abs err) | AUSE | [min, max] cov. | K-mean PSNR | anchor (point) PSNR | "
+                  "one sample | twin | wall s/volume (median) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             cf = r["cross_fit"]
             lines.append(
                 f"| {r['K']} | {_fmt(r['spread_skill'])} | {_fmt(r['fit_all_val']['sigma_scale'])} | "
                 f"{_fmt(cf['spread_skill_recal'])} | {_fmt(cf['conformal_coverage'])} | "
-                f"{_fmt(r['spearman_std_abs_err'])} | {_fmt(r['coverage_minmax'])} | "
+                f"{_fmt(r['spearman_std_abs_err'])} | {_fmt(r['ause'])} | {_fmt(r['coverage_minmax'])} | "
                 f"{_fmt(r[f'{KMEAN_PREFIX}psnr_window_db'], 2)} | {_fmt(r['psnr_window_db'], 2)} | "
                 f"{_fmt(r['single_psnr_window_db'], 2)} | {_fmt(r['direct_psnr_window_db'], 2)} | "
                 f"{_fmt(r['wall_s_per_volume']['median'], 1)} |")
