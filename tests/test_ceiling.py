@@ -157,3 +157,32 @@ def test_redraw_std_is_zero_where_nothing_is_redrawn_and_positive_in_redrawn_tis
     assert float(two.max()) > 0
     with pytest.raises(ValueError, match="draws"):
         redraw_std(p, 1, [1], draws=1)
+
+
+def test_bench_redraw_compare_is_the_stated_ratios_and_correlations() -> None:
+    """benchmarks/bench_redraw.py's per-case numbers on maps with known answers: a model std
+    twice the re-draw std gives ratio 2 and rank/linear correlation 1; an error three times the
+    re-draw std gives an irreducible MSE share of 1/9; voxels outside the mask do not count."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_redraw", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "bench_redraw.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    rd = rng.uniform(1.0, 10.0, (8, 8, 8))
+    mask = np.ones(rd.shape, dtype=bool)
+    mask[0] = False
+    model, err = 2.0 * rd, 3.0 * rd
+    model[0], err[0] = 1e6, 0.0  # outside the mask: ignored
+    c = bench.compare(model, rd, err, mask)
+    assert c["ratio_mean"] == pytest.approx(2.0) and c["ratio_rms"] == pytest.approx(2.0)
+    assert c["spearman_std"] == pytest.approx(1.0) and c["pearson_std"] == pytest.approx(1.0)
+    assert c["spearman_abs_err"] == pytest.approx(1.0) and c["irreducible_mse_share"] == pytest.approx(1 / 9)
+    assert c["redraw_std_body_mean_hu"] == pytest.approx(float(rd[mask].mean()))
+    anti = bench.compare(11.0 - rd, rd, err, mask)  # reversed ranks
+    assert anti["spearman_std"] == pytest.approx(-1.0)
+    assert bench.phantom_index("phantom_0042") == 42
+    with pytest.raises(SystemExit, match="not a generator phantom"):
+        bench.phantom_index("chest_01")
