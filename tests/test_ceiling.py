@@ -13,13 +13,16 @@ import pytest
 from xct_core.ceiling import (
     cached_stage_ceiling,
     ceiling_key,
+    redraw_std,
     stage_ceiling,
     two_draw_bound_db,
     xray_change,
 )
 from xct_core.config import Params, params_from_dict
+from xct_core.io import CTVolume
 from xct_core.gates import achievable_fraction
 from xct_core.phantoms import Label, synth_phantom
+from xct_core.preprocess import stage_hu
 
 
 def test_default_phantom_is_bit_identical_to_before_the_redraw_option() -> None:
@@ -114,3 +117,72 @@ def test_redraw_barely_changes_the_xrays() -> None:
     for view in ("frontal", "lateral"):
         assert 0.0 < ch[f"{view}_mean_pct"] < 3.0
         assert ch[f"{view}_mean_pct"] <= ch[f"{view}_rms_pct"] <= ch[f"{view}_max_pct"]
+
+
+def _on_stage(p: Params, index: int, k: int, redraw: list[int] | None) -> np.ndarray:
+    """Phantom ``index`` (optionally re-drawn) on stage ``k``'s grid, as preprocess resamples it."""
+    s, st = p.data.synth, p.stage(k)
+    from xct_core.grid import StageGrid
+
+    ph = synth_phantom(s.seed, index, s.size, s.spacing_mm, s.contrast_fraction, s.noise_hu, redraw=redraw)
+    vol = CTVolume(hu=ph.hu, affine=ph.affine, source="test")
+    return stage_hu(vol, StageGrid(k, int(st.size), float(st.fov_mm)), float(p.preprocess.fill_hu),
+                    bool(p.preprocess.antialias)).astype(np.float64)
+
+
+def test_redraw_std_is_zero_where_nothing_is_redrawn_and_positive_in_redrawn_tissue() -> None:
+    """Without image noise the generator re-draws only tissue inside the body (fat/bowel field,
+    texture, vessels): the std over re-draws is exactly 0 in the air around the body and > 0 in
+    almost every body voxel; seeded; two draws give |a − b|/√2 of the ceiling's own pair."""
+    from scipy import ndimage
+
+    data = _small().model_dump(mode="json")
+    data["data"]["synth"]["noise_hu"] = 0.0
+    p = params_from_dict(data)
+    sd = redraw_std(p, 1, [1, 2], draws=4, seed=1)
+    for k in (1, 2):
+        y = _on_stage(p, 1, k, None)
+        assert sd[k].shape == y.shape and sd[k].dtype == np.float32
+        air = ~ndimage.binary_dilation(y > -990.0, iterations=2)  # air at least 2 voxels from any tissue
+        assert air.sum() > 0.2 * y.size and float(np.abs(sd[k][air]).max()) == 0.0
+        body = y > -500.0
+        assert (sd[k][body] > 0).mean() > 0.95 and float(sd[k][body].mean()) > 1.0
+    again = redraw_std(p, 1, [1], draws=4, seed=1)[1]
+    assert np.array_equal(again, sd[1])  # deterministic for a seed
+    assert not np.array_equal(redraw_std(p, 1, [1], draws=4, seed=2)[1], sd[1])  # the seed matters
+    # N = 2: the sample std (ddof 1) of two draws is |a − b| / √2 — the ceiling's pair [seed, index, 0/1]
+    a, b = (_on_stage(p, 1, 1, [1, 1, d]) for d in (0, 1))
+    two = redraw_std(p, 1, [1], draws=2, seed=1)[1]
+    np.testing.assert_allclose(two, np.abs(a - b) / math.sqrt(2.0), rtol=1e-6, atol=1e-5)
+    assert float(two.max()) > 0
+    with pytest.raises(ValueError, match="draws"):
+        redraw_std(p, 1, [1], draws=1)
+
+
+def test_bench_redraw_compare_is_the_stated_ratios_and_correlations() -> None:
+    """benchmarks/bench_redraw.py's per-case numbers on maps with known answers: a model std
+    twice the re-draw std gives ratio 2 and rank/linear correlation 1; an error three times the
+    re-draw std gives an irreducible MSE share of 1/9; voxels outside the mask do not count."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_redraw", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "bench_redraw.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    rd = rng.uniform(1.0, 10.0, (8, 8, 8))
+    mask = np.ones(rd.shape, dtype=bool)
+    mask[0] = False
+    model, err = 2.0 * rd, 3.0 * rd
+    model[0], err[0] = 1e6, 0.0  # outside the mask: ignored
+    c = bench.compare(model, rd, err, mask)
+    assert c["ratio_mean"] == pytest.approx(2.0) and c["ratio_rms"] == pytest.approx(2.0)
+    assert c["spearman_std"] == pytest.approx(1.0) and c["pearson_std"] == pytest.approx(1.0)
+    assert c["spearman_abs_err"] == pytest.approx(1.0) and c["irreducible_mse_share"] == pytest.approx(1 / 9)
+    assert c["redraw_std_body_mean_hu"] == pytest.approx(float(rd[mask].mean()))
+    anti = bench.compare(11.0 - rd, rd, err, mask)  # reversed ranks
+    assert anti["spearman_std"] == pytest.approx(-1.0)
+    assert bench.phantom_index("phantom_0042") == 42
+    with pytest.raises(SystemExit, match="not a generator phantom"):
+        bench.phantom_index("chest_01")

@@ -32,6 +32,11 @@ the per-phantom ceilings, as the evaluation averages patient PSNRs).
 How a gate uses it: :func:`xct_core.gates.ceiling_value` / :func:`xct_core.gates.achievable_fraction`
 (in the gates module, so a step that only reads gate reports does not import the generator).
 
+Per voxel: :func:`redraw_std` is the std over ``N`` seeded re-draws (the first two are the
+ceiling's pair) on a stage grid — the exact posterior spread of the re-drawn parts, the map a
+model's std is compared with (benchmarks/bench_redraw.py). Its mean variance over a volume is
+that volume's MMSE above; it is a lower bound on the spread given the X-rays alone.
+
 Real data: there is no generator, the ceiling is unknown (:func:`unknown_ceiling` says so).
 
 The result is cached in a JSON file whose name carries a hash of everything that shapes it
@@ -56,7 +61,7 @@ import numpy as np
 from xct_core.config import Params
 from xct_core.grid import StageGrid
 
-__all__ = ["CEILING_VERSION", "GATED", "cached_stage_ceiling", "ceiling_key",
+__all__ = ["CEILING_VERSION", "GATED", "cached_stage_ceiling", "ceiling_key", "phantom_on_grids", "redraw_std",
            "stage_ceiling", "stage_ceilings", "two_draw_bound_db", "unknown_ceiling", "xray_change"]
 
 #: bump when the meaning of a cached ceiling changes
@@ -105,21 +110,52 @@ def ceiling_key(params: Params, k: int, phantoms: int, seed: int) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
-def _redraws(params: Params, index: int, seed: int, grids: list[StageGrid]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Two re-draws of phantom ``index`` resampled onto each grid (int16 HU, as preprocess)."""
+def phantom_on_grids(params: Params, index: int, ks: list[int], redraw: list[int] | None = None) -> dict[int, np.ndarray]:
+    """Phantom ``index`` of ``params.data.synth`` (``redraw``: the generator's re-draw seed, ``None``
+    = the phantom as the data set has it) resampled onto each stage grid ``k`` in ``ks`` exactly
+    as preprocess does (:func:`xct_core.preprocess.stage_hu`): int16 HU."""
     from xct_core.io import CTVolume
     from xct_core.phantoms import synth_phantom
     from xct_core.preprocess import stage_hu
 
     s = params.data.synth
-    out: dict[int, list[np.ndarray]] = {g.k: [] for g in grids}
-    for draw in (0, 1):
-        ph = synth_phantom(s.seed, index, s.size, s.spacing_mm, s.contrast_fraction, s.noise_hu,
-                           redraw=[int(seed), int(index), draw])  # type: ignore[arg-type]
-        vol = CTVolume(hu=ph.hu, affine=ph.affine, source=f"phantom {index} re-draw {draw}")
-        for g in grids:
-            out[g.k].append(stage_hu(vol, g, float(params.preprocess.fill_hu), bool(params.preprocess.antialias)))
-    return {k: (v[0], v[1]) for k, v in out.items()}
+    ph = synth_phantom(s.seed, index, s.size, s.spacing_mm, s.contrast_fraction, s.noise_hu,
+                       redraw=redraw)  # type: ignore[arg-type]
+    vol = CTVolume(hu=ph.hu, affine=ph.affine, source=f"phantom {index}" + (f" re-draw {redraw}" if redraw else ""))
+    return {k: stage_hu(vol, _grid(params, k), float(params.preprocess.fill_hu), bool(params.preprocess.antialias))
+            for k in ks}
+
+
+def _redraw_volumes(params: Params, index: int, seed: int, ks: list[int], draws: int) -> dict[int, list[np.ndarray]]:
+    """``draws`` re-draws of phantom ``index`` (re-draw ``d`` seeded ``[seed, index, d]``) on each
+    stage grid (:func:`phantom_on_grids`)."""
+    out: dict[int, list[np.ndarray]] = {k: [] for k in ks}
+    for draw in range(int(draws)):
+        for k, v in phantom_on_grids(params, index, ks, [int(seed), int(index), draw]).items():
+            out[k].append(v)
+    return out
+
+
+def _redraws(params: Params, index: int, seed: int, grids: list[StageGrid]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Two re-draws of phantom ``index`` resampled onto each grid (int16 HU, as preprocess)."""
+    return {k: (v[0], v[1]) for k, v in _redraw_volumes(params, index, seed, [g.k for g in grids], 2).items()}
+
+
+def redraw_std(params: Params, index: int, ks: list[int], *, draws: int = 4, seed: int = 1) -> dict[int, np.ndarray]:
+    """Per-voxel standard deviation (float32 HU, ``ddof = 1``) over ``draws`` re-draws of phantom
+    ``index`` of ``params.data.synth`` on each stage grid ``k`` in ``ks`` (resampled as preprocess
+    does; the first two re-draws are the ceiling's pair for the same ``seed``).
+
+    What it is: the generator's exact posterior spread of the re-drawn parts
+    (:data:`xct_core.phantoms.anatomy.REDRAWN_PARTS`) given everything else — zero where the
+    generator re-draws nothing (the air around the body when ``noise_hu`` is 0), positive in
+    re-drawn tissue. It is a LOWER bound on the posterior spread given the X-rays alone (the
+    identifiable rest is held fixed here; a model also carries its own estimation error).
+    ``draws = 2`` gives ``|a − b| / √2``."""
+    if draws < 2:
+        raise ValueError(f"draws must be >= 2 for a standard deviation, got {draws}")
+    vols = _redraw_volumes(params, index, seed, list(ks), draws)
+    return {k: np.std(np.stack(v).astype(np.float64), axis=0, ddof=1).astype(np.float32) for k, v in vols.items()}
 
 
 def _summarise(params: Params, k: int, pairs: list[tuple[np.ndarray, np.ndarray]], phantoms: int, seed: int,

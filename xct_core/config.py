@@ -411,7 +411,7 @@ class EvalParams(_Section):
     #: diffusion samples per evaluated volume: the point estimate is their voxel-wise mean
     #: (posterior mean); with K > 1 the single first sample is reported beside it (single_*).
     #: One number, or per evaluated (last) stage {stage1: 8, stage2: 2} (left out: 1)
-    samples: int | dict[str, int] = Field(default_factory=lambda: {"stage1": 8, "stage2": 2, "stage3": 2})
+    samples: int | dict[str, int] = Field(default_factory=lambda: {"stage1": 8, "stage2": 4, "stage3": 2})
     #: exported stage models evaluated and registered: best.pt | final.pt
     model_file: Literal["best", "final"] = "best"
     #: evaluate the first N ids of the test split (0: all)
