@@ -149,7 +149,8 @@ def test_samples_mean_and_std_equal_single_runs(env: dict[str, Any], tmp_path: P
 def test_calibration_gives_recalibrated_std_and_conformal_interval(env: dict[str, Any], tmp_path: Path,
                                                                    capsys) -> None:
     """A val-fitted calibration.json for this stage and K: std = s · sample std, _lo/_hi =
-    point ∓ q · max(sample std, floor); for another K it is not applied (one line, raw std)."""
+    point ∓ q · max(sample std, floor); for another K it is not applied (one line, raw std);
+    without --samples its K is the default."""
     from xct_core.calibration import Calibration
 
     cal = tmp_path / "calibration.json"
@@ -178,6 +179,13 @@ def test_calibration_gives_recalibrated_std_and_conformal_interval(env: dict[str
     code, _, err = xct(_args(env, other, "--samples", "2", "--calibration", str(cal)), capsys)
     assert code == 0 and "at K = 3, this run is stage 2 at K = 2" in err
     assert not (tmp_path / "k2" / "ct_lo.nii.gz").exists()
+    # no --samples: the K the calibration was fitted at (3, not reconstruct.samples), so the interval is written
+    dflt = tmp_path / "default" / "ct.nii.gz"
+    code, _, err = xct(_args(env, dflt, "--calibration", str(cal)), capsys)
+    assert code == 0 and "calibrated on val" in err, err
+    assert json.loads((tmp_path / "default" / "ct.qa.json").read_text())["sampling"]["samples"] == 3
+    np.testing.assert_array_equal(vol(dflt), mean)
+    np.testing.assert_array_equal(vol(tmp_path / "default" / "ct_lo.nii.gz"), vol(tmp_path / "ct_lo.nii.gz"))
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     code, _, err = xct(_args(env, tmp_path / "b" / "ct.nii.gz", "--samples", "3", "--calibration", str(bad)), capsys)

@@ -42,7 +42,7 @@ import typer
 
 from pipelines.commands.params import OverlayOpt, ParamsOpt, SetOpt, command_params
 from xct_core.config import Params
-from xct_core.errors import ConfigError, InputError, error_line, note_line, printable, warning_line
+from xct_core.errors import ConfigError, InputError, XctError, error_line, note_line, printable, warning_line
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="models:/NAME@ALIAS, models:/NAME/VERSION, "
                                        "runs:/RUN_ID/PATH, or a local model folder / training folder / stage .pt")]
@@ -50,6 +50,9 @@ StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="DDIM steps (de
                                                   "or diffusion.sample_steps)")]
 SamplesOpt = Annotated[Optional[int], typer.Option("--samples", "-k", help="diffusion samples (default: "
                                                     "reconstruct.samples); K > 1 also writes the std")]
+RecSamplesOpt = Annotated[Optional[int], typer.Option("--samples", "-k", help="diffusion samples (default: the K "
+                                                       "the model's calibration was fitted at, else reconstruct.samples); "
+                                                       "K > 1 also writes the std")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="noise seed of sample 1 (sample i: seed + i - 1; "
                                                  "default: model's seed)")]
 StagesOpt = Annotated[Optional[int], typer.Option("--stages", help="run stages 1..N (default: all)")]
@@ -71,6 +74,21 @@ def output_paths(out: Path) -> dict[str, Path]:
     stem, suf = _nifti_stem(out)
     return {"mean": out, "std": stem.with_name(stem.name + "_std" + suf), "lo": stem.with_name(stem.name + "_lo" + suf),
             "hi": stem.with_name(stem.name + "_hi" + suf), "qa": stem.with_name(stem.name + ".qa.json")}
+
+
+def calibrated_samples(path: Path | None, stage: int, default: int) -> int:
+    """The K a calibration for ``stage`` was fitted at (``--samples`` not given: the
+    recalibrated std and the conformal interval hold only at that K), else ``default``
+    (``reconstruct.samples``). An unreadable file is left to :func:`usable_calibration`."""
+    if path is None:
+        return default
+    from xct_core.calibration import read_calibration
+
+    try:
+        cal = read_calibration(path)
+    except XctError:
+        return default
+    return int(cal.samples) if cal.stage == stage and cal.samples >= 2 else default
 
 
 def usable_calibration(path: Path | None, stage: int, samples: int, point_estimate: str = "mean") -> tuple[Any, str]:
@@ -165,7 +183,7 @@ def reconstruct_cmd(
     lateral: Annotated[Path, typer.Option("--lateral", help="lateral X-ray (same formats)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output NIfTI (.nii.gz); _std and .qa.json beside it")],
     steps: StepsOpt = None,
-    samples: SamplesOpt = None,
+    samples: RecSamplesOpt = None,
     seed: SeedOpt = None,
     stages: StagesOpt = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="also write an HTML report (+ images/)")] = None,
@@ -213,8 +231,12 @@ def reconstruct_cmd(
             _warn(w)
         nets = load_stages(resolved.stage_files, mp, device)
         point_estimate = mp.point_estimate_for(stages or resolved.n_stages)
-        cal, cal_line = usable_calibration(calibration or resolved.calibration, stages or resolved.n_stages, k,
-                                           point_estimate)
+        cal_path = calibration or resolved.calibration
+        if samples is None:  # the interval is valid at the K it was fitted at: that K is the default
+            k = calibrated_samples(cal_path, stages or resolved.n_stages, k)
+            for target in (paths["std"], paths["lo"], paths["hi"]):
+                check_writable(target)  # (again: K may have changed from the local default)
+        cal, cal_line = usable_calibration(cal_path, stages or resolved.n_stages, k, point_estimate)
     rec = reconstruct(nets, mp, xf.image, xl.image, isocenter=iso, steps=steps, samples=k, seed=seed,
                       upto=stages, device=device, log=lambda m: typer.echo(printable(m), err=True))
     point = rec.point_hu(point_estimate)
