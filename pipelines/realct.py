@@ -497,6 +497,7 @@ def build_summary(out: Path, params: Any, split: dict[str, list[str]], manifest:
         "wall_total_s": round(sum(walls.values()), 1),
         "sample_steps": ev.get("sample_steps"),
         "samples": ev.get("samples", 1),
+        "point_estimate": ev.get("point_estimate", "mean"),
         "protocol": ev["protocol"],
         # the input X-rays of the test chests (issue 21): old runs were the clean DRRs
         "eval_protocol": ev.get("eval_protocol_label", "clean (inverse-crime)"),
@@ -510,6 +511,11 @@ def build_summary(out: Path, params: Any, split: dict[str, list[str]], manifest:
     }
 
 
+def _cell(text: str) -> str:
+    """``text`` safe inside a markdown table cell (``|`` escaped: "Spearman(std, |err|)")."""
+    return text.replace("|", "\\|")
+
+
 def _fmt(v: Any, key: str) -> str:
     if not isinstance(v, (int, float)):
         return "–"
@@ -518,7 +524,7 @@ def _fmt(v: Any, key: str) -> str:
 
 def format_table(summary: dict[str, Any]) -> str:
     """Markdown table: one row per (patient | mean) × method, one column per metric."""
-    head = "| CT | method | " + " | ".join(label for _, label in REPORTED) + " |"
+    head = "| CT | method | " + " | ".join(_cell(label) for _, label in REPORTED) + " |"
     lines = [head, "|" + "---|" * (2 + len(REPORTED))]
     blocks = [*summary["per_patient"].items(), ("**mean**", summary["mean"])]
     for pid, methods in blocks:
@@ -551,6 +557,11 @@ def _invocation_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: the point estimates (``eval.point_estimate`` resolved) in words
+_POINT_TEXT = {"mean": "the voxel-wise mean of the K samples",
+               "anchor": "the anchor (the twin shipped in the residual-diffusion stage: its K → ∞ mean)"}
+
+
 def _verdict_text(v: dict[str, Any]) -> str:
     lo, hi = v["target"]
     rng = f"[{lo:g}, {hi:g}]" if hi is not None else f"> {lo:g}"
@@ -562,7 +573,7 @@ def format_calibration(summary: dict[str, Any]) -> list[str]:
     c = summary.get("calibration")
     if not c:
         return []
-    head = "| CT | protocol | " + " | ".join(label for _, label in CALIBRATION_COLUMNS) + " | fitted on (s, q) |"
+    head = "| CT | protocol | " + " | ".join(_cell(label) for _, label in CALIBRATION_COLUMNS) + " | fitted on (s, q) |"
     lines = [
         f"## Calibration (K = {c['samples']} samples, point estimate: {c['point_estimate']}; {c['scheme']})",
         "",
@@ -579,7 +590,9 @@ def format_calibration(summary: dict[str, Any]) -> list[str]:
         head,
         "|" + "---|" * (3 + len(CALIBRATION_COLUMNS)),
     ]
-    protos = c["protocols"]
+    # the run's protocol (eval.protocol) first, whatever order a re-read JSON has
+    protos = {n: c["protocols"][n] for n in sorted(c["protocols"], key=lambda n: c["protocols"][n]["label"]
+                                                     != summary.get("eval_protocol"))}
     ids = sorted({pid for pr in protos.values() for pid in pr["per_chest"]})
     for pid in [*ids, "**mean**"]:
         for name, pr in protos.items():
@@ -588,13 +601,19 @@ def format_calibration(summary: dict[str, Any]) -> list[str]:
                                               f"q {row['fit']['q']:.3f})")
             lines.append(f"| {pid} | {pr['label']} | " + " | ".join(_fmt(row.get(k), k.removeprefix('single_'))
                                                                      for k, _ in CALIBRATION_COLUMNS) + f" | {fit} |")
-    lines += ["", "### Targets (issue 21 items 2-3), per chest and the mean over the 2 test chests", ""]
-    for name, v in (summary.get("target_verdicts") or {}).items():
-        label = protos[name]["label"]
-        for key, verdict in v["mean"].items():
-            per = "; ".join(f"{pid} {_verdict_text(pv[key])}" for pid, pv in v["per_chest"].items() if key in pv)
-            lines.append(f"- {label}, {dict(CALIBRATION_COLUMNS).get(key, key)}: mean {_verdict_text(verdict)} "
-                         f"({per})")
+    lines += ["", "### Targets (issue 21 items 2-3): met, or missed by how much", "",
+              "| target | protocol | " + " | ".join(ids) + " | mean over the chests |",
+              "|" + "---|" * (3 + len(ids))]
+    labels = dict(CALIBRATION_COLUMNS)
+    for key in TARGETS:
+        for name in protos:
+            v = (summary.get("target_verdicts") or {}).get(name) or {"mean": {}}
+            if key not in v["mean"]:
+                continue
+            cells = [_verdict_text(v["per_chest"][pid][key]) if key in v["per_chest"].get(pid, {}) else "–"
+                     for pid in ids]
+            lines.append(f"| {_cell(labels.get(key, key))} | {protos[name]['label']} | " + " | ".join(cells)
+                         + f" | {_verdict_text(v['mean'][key])} |")
     return [*lines, ""]
 
 
@@ -631,7 +650,8 @@ def write_results(prefix: Path, summary: dict[str, Any], out: Path) -> None:
                                for k, v in summary["train_steps"].items()) + f"; engine {summary['engine']}.",
         *_invocation_lines(summary),
         f"- Sampler: DDIM {summary['sample_steps']} steps per stage, {summary.get('samples', 1)} sample(s) per CT, fixed "
-        "seeds; the cascade's point estimate is the voxel-wise mean of the samples (the one-sample rows: the first).",
+        f"seeds; the cascade's point estimate: {_POINT_TEXT.get(summary.get('point_estimate', 'mean'), summary.get('point_estimate'))} "
+        "(`eval.point_estimate`; the K-sample-mean rows: the voxel-wise mean of the samples, the one-sample rows: the first).",
         "",
         "## Results (3D metrics unless labelled; per patient and mean over the 2 test chests)",
         "",

@@ -55,6 +55,8 @@ def test_profile_validates_and_detector_covers_the_fov(repo_root: Path) -> None:
     assert {k: g.model_copy(update={"ceiling": base.gates[k].ceiling}) for k, g in p.gates.items()} == base.gates
     assert all(g.ceiling.source == "none" for g in p.gates.values()) and base.gates["stage1"].ceiling.source == "synth"
     assert p.train.direct_baseline and p.eval.model_file == "final"
+    assert p.eval.protocol == "honest" and p.preprocess.train_detector  # issue 21: no inverse crime
+    assert p.preprocess.augment.flip_lr == 0.0 and p.preprocess.augment.flip_ap == 0.0  # no mirrored anatomy
 
 
 @pytest.fixture(scope="module")
