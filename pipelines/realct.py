@@ -425,7 +425,8 @@ def _invocations(out: Path, current: dict[str, Any]) -> list[dict[str, Any]]:
     if p.is_file():
         doc = read_json_doc(p, "experiment summary")
         if isinstance(doc, dict):
-            prev = list(doc.get("invocations") or [{k: doc.get(k) for k in ("command", "date", "git", "wall_s")}])
+            prev = list(doc.get("invocations") or [{k: doc.get(k) for k in ("command", "date", "git", "wall_s",
+                                                                         "load_avg_start", "note") if k in doc}])
     return [*prev, current]
 
 
@@ -490,6 +491,7 @@ def build_summary(out: Path, params: Any, split: dict[str, list[str]], manifest:
                f"/ SOD {params.drr.sod:g} mm, rendered from the {grids[-1]}³ grid",
         "window": f"{params.hu.get_window().name} [{params.hu.get_window().lo:g}, {params.hu.get_window().hi:g}] HU",
         "augment": aug.model_dump(mode="json"),
+        "train_detector": bool(params.preprocess.train_detector),
         "train_steps": {f"stage{k}": params.train.steps.get(f"stage{k}") for k in range(1, stages + 1)},
         "train": _train_summary(out / "train", stages),
         "engine": "Ray Train + MLflow" if ray else "in-process (xct train --local)",
@@ -544,6 +546,10 @@ def _load_text(load: Sequence[float] | None) -> str:
     return f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} at start ({tag}, {cpus} CPUs)"
 
 
+#: the experiment's steps in run order (the wall-time lines follow it)
+_STEP_ORDER = ("ingest", "validate", "preprocess", "train", "evaluate", "calibrate")
+
+
 def _invocation_lines(summary: dict[str, Any]) -> list[str]:
     """One line per invocation of the command on this OUT folder (a re-run resumes: its
     steps that were already done take seconds), with its wall times."""
@@ -551,12 +557,18 @@ def _invocation_lines(summary: dict[str, Any]) -> list[str]:
     lines = []
     for i, inv in enumerate(invs, 1):
         w = inv.get("wall_s") or {}
-        lines.append(f"- Invocation {i}/{len(invs)} ({inv.get('date')}, {_load_text(inv.get('load_avg_start'))}; "
-                     f"`{inv.get('command')}`): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in w.items())
-                     + f"; total {sum(w.values()) / 60:.1f} min.")
+        order = sorted(w, key=lambda name: next((j for j, st in enumerate(_STEP_ORDER) if name.startswith(st)), 99))
+        git = (inv.get("git") or {}).get("commit") or "?"
+        lines.append(f"- Invocation {i}/{len(invs)} (finished {inv.get('date')}, git {git[:7]}, "
+                     f"{_load_text(inv.get('load_avg_start'))}; `{inv.get('command')}`): "
+                     + ", ".join(f"{k} {w[k] / 60:.1f} min" for k in order) + f"; total {sum(w.values()) / 60:.1f} min"
+                     + (f" ({inv['note']})" if inv.get("note") else "") + ".")
     return lines
 
 
+#: what the training X-rays are (``preprocess.train_detector``), appended to the setup line
+_TRAIN_VIEWS = {True: ", then the eval.detector's blur, scatter and Poisson noise applied (preprocess.train_detector)",
+                False: ", clean (preprocess.train_detector: false)"}
 #: the point estimates (``eval.point_estimate`` resolved) in words
 _POINT_TEXT = {"mean": "the voxel-wise mean of the K samples",
                "anchor": "the anchor (the twin shipped in the residual-diffusion stage: its K → ∞ mean)"}
@@ -639,7 +651,7 @@ def write_results(prefix: Path, summary: dict[str, Any], out: Path) -> None:
         f"(rigid ±{summary['augment']['rotate_deg']}° about R/A/S, ±{summary['augment']['translate_mm']} mm, "
         f"left-right flip p={summary['augment']['flip_lr']}, HU' = a·HU + b above {summary['augment']['jitter_above_hu']:g} HU "
         f"with |a-1| ≤ {summary['augment']['hu_scale']}, |b| ≤ {summary['augment']['hu_offset']} HU; DRRs rendered after "
-        f"augmentation). Quarantined by validation: {', '.join(summary['quarantined']) or 'none'}.",
+        f"augmentation{_TRAIN_VIEWS.get(summary.get('train_detector'), '')}). Quarantined by validation: {', '.join(summary['quarantined']) or 'none'}.",
         f"- Test (never ingested, only read by `xct evaluate`): {', '.join(summary['test_cts'])}.",
         f"- Input X-rays of the test chests: {summary.get('eval_protocol', 'clean (inverse-crime)')}"
         + (f" — {summary['eval_detector']}, from the native CT" if summary.get("eval_detector") else "") + ".",
