@@ -2,9 +2,11 @@
 
 The experiment test runs the whole command on ../shared/data with a TINY overlay (8³/16³/32³
 grids, 32-pixel detector, one augmented copy, 2 training steps, 2 DDIM steps) and checks the
-split (no test chest in train/val, label map never ingested, augmented copies only in train)
-and that `xct evaluate` reported exactly the two test chests with both baselines. It skips
-cleanly when the shared data are absent (``shared_data`` fixture).
+split (no test chest in train/val, label map never ingested, augmented copies only in train),
+that `xct evaluate` reported exactly the two test chests with both baselines, and that the
+cross-fitted calibration step reproduces `xct evaluate`'s raw numbers and fits each chest on
+the other one only. It skips cleanly when the shared data are absent (``shared_data``
+fixture). The cross-fit folds and the target verdicts are also checked without data.
 """
 
 from __future__ import annotations
@@ -15,8 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.realct import TEST_FILES, TRAIN_FILES, main, run_experiment
+import numpy as np
+
+from pipelines.realct import TEST_FILES, TRAIN_FILES, cross_fit_folds, fit_folds, main, run_experiment, \
+    target_verdicts
+from xct_core.calibration import CaseScores, conformal_quantile, fit_sigma_scale
 from xct_core.config import load_params
+from xct_core.errors import InputError
 from xct_core.preprocess import read_manifest
 
 TEST_IDS = sorted(f.split(".")[0] for f in TEST_FILES)
@@ -48,6 +55,8 @@ def test_profile_validates_and_detector_covers_the_fov(repo_root: Path) -> None:
     assert {k: g.model_copy(update={"ceiling": base.gates[k].ceiling}) for k, g in p.gates.items()} == base.gates
     assert all(g.ceiling.source == "none" for g in p.gates.values()) and base.gates["stage1"].ceiling.source == "synth"
     assert p.train.direct_baseline and p.eval.model_file == "final"
+    assert p.eval.protocol == "honest" and p.preprocess.train_detector  # issue 21: no inverse crime
+    assert p.preprocess.augment.flip_lr == 0.0 and p.preprocess.augment.flip_ap == 0.0  # no mirrored anatomy
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +111,72 @@ def test_missing_data_folder_is_one_line_error(tmp_path: Path, capsys: pytest.Ca
     assert rc == 2 and len(err.splitlines()) == 1
     assert err.startswith("realct: error:") and "real CT data folder not found" in err
     assert not (tmp_path / "out").exists()
+
+
+def _scores(scale: float, n: int, seed: int) -> CaseScores:
+    rng = np.random.default_rng(seed)
+    s = np.abs(rng.normal(0.0, scale, n))
+    return CaseScores(scores=s, sum_var=float(n), sum_sq_err=float(n) * scale**2, ranks=np.zeros(n, dtype=np.int64))
+
+
+def test_cross_fit_never_fits_a_chest_on_itself(repo_root: Path) -> None:
+    assert cross_fit_folds(["a", "b", "c"]) == [("a", ["b", "c"]), ("b", ["a", "c"]), ("c", ["a", "b"])]
+    for bad in (["a"], [], ["a", "a"]):
+        with pytest.raises(InputError, match="needs >= 2 distinct"):
+            cross_fit_folds(bad)
+    params = load_params(repo_root / "params.yaml", [repo_root / "params.realct.yaml"])
+    level = params.eval.calibration.level
+    scores = {"a": _scores(1.0, 4000, 0), "b": _scores(3.0, 4000, 1), "c": _scores(10.0, 4000, 2)}
+    fits = fit_folds(scores, params, stage=1, samples=8, point_estimate="anchor")
+    for held, others in cross_fit_folds(list(scores)):
+        fit = fits[held]
+        assert fit.fitted_on["ids"] == others and held not in fit.fitted_on["ids"] and fit.fitted_on["held_out"] == held
+        pooled = np.concatenate([scores[j].scores for j in others])
+        assert fit.q == pytest.approx(conformal_quantile(pooled, level))
+        assert fit.sigma_scale == pytest.approx(fit_sigma_scale(sum(scores[j].sum_var for j in others),
+                                                                sum(scores[j].sum_sq_err for j in others), 8))
+        assert fit.fitted_on["n_voxels"] == pooled.size
+    # the held-out chest's own data never move its fit: scale a's scores 100x, a's fit is unchanged
+    moved = fit_folds({**scores, "a": _scores(100.0, 4000, 0)}, params, stage=1, samples=8, point_estimate="anchor")
+    assert moved["a"].q == fits["a"].q and moved["a"].sigma_scale == fits["a"].sigma_scale
+    assert moved["b"].q > fits["b"].q  # ... while it does move the others'
+
+
+def test_target_verdicts_state_met_or_the_miss() -> None:
+    v = target_verdicts({"spread_skill": 0.5, "spread_skill_recal": 1.0, "conformal_coverage": 0.95,
+                         "spearman_std_abs_err": 0.25, "single_psd_top_band_ratio": float("nan"), "other": 3.0})
+    assert set(v) == {"spread_skill", "spread_skill_recal", "conformal_coverage", "spearman_std_abs_err"}
+    assert not v["spread_skill"]["met"] and v["spread_skill"]["miss"] == pytest.approx(0.3)
+    assert v["spread_skill_recal"]["met"] and v["spread_skill_recal"]["miss"] == 0.0
+    assert not v["conformal_coverage"]["met"] and v["conformal_coverage"]["miss"] == pytest.approx(0.02)
+    assert v["spearman_std_abs_err"]["miss"] == pytest.approx(0.05) and v["spearman_std_abs_err"]["target"] == [0.3, None]
+    assert target_verdicts({"spearman_std_abs_err": 0.9})["spearman_std_abs_err"]["met"]
+
+
+def test_calibration_is_cross_fitted_and_reproduces_evaluate(tiny_run: tuple[Path, dict]) -> None:
+    out, summary = tiny_run
+    c = summary["calibration"]
+    assert list(c["protocols"]) == ["honest", "clean"] and c["samples"] == 8
+    ev = {row["id"]: row for row in json.loads((out / "eval" / "metrics.json").read_text())["patients"]}
+    for name, pr in c["protocols"].items():
+        assert sorted(pr["per_chest"]) == TEST_IDS
+        for pid, row in pr["per_chest"].items():
+            assert row["fit"]["ids"] == [t for t in TEST_IDS if t != pid]  # fitted on the OTHER chest only
+            assert 0.0 <= row["conformal_coverage"] <= 1.0 and row["spread_skill"] > 0
+            # the recalibrated ratio is the raw one times the other chest's s (spread-skill is linear in s)
+            assert row["spread_skill_recal"] == pytest.approx(row["spread_skill"] * row["fit"]["sigma_scale"], rel=1e-9)
+            if name == "honest":  # same model, views and seeds as `xct evaluate`: its raw numbers
+                for key in ("spread_skill", "spearman_std_abs_err", "psnr_window_db", "single_psd_top_band_ratio"):
+                    assert row[key] == pytest.approx(ev[pid][key], rel=1e-9), key
+        assert pr["mean"]["conformal_coverage"] == pytest.approx(
+            np.mean([r["conformal_coverage"] for r in pr["per_chest"].values()]))
+    # the clean views are other views: the same model's numbers differ
+    assert c["protocols"]["clean"]["per_chest"][TEST_IDS[0]]["psnr_window_db"] != \
+        c["protocols"]["honest"]["per_chest"][TEST_IDS[0]]["psnr_window_db"]
+    cascade = summary["mean"]["diffusion cascade"]
+    assert cascade["conformal_coverage"] == c["protocols"]["honest"]["mean"]["conformal_coverage"]
+    assert set(summary["target_verdicts"]["honest"]["mean"]) >= {"spread_skill", "conformal_coverage"}
+    md = (out.parent / "res" / "realct.md").read_text()
+    assert "cross-fitted over the held-out test chests" in md and "clean (inverse-crime)" in md
+    assert "missed by" in md or "**met**" in md
+    assert len(summary["invocations"]) == 1 and summary["invocations"][0]["wall_s"]["calibrate"] >= 0
