@@ -331,10 +331,15 @@ def test_registered_model_uri_resolves_through_mlflow(env: dict[str, Any], tmp_p
     assert code == 0, err
     assert (tmp_path / "k2" / "ct_lo.nii.gz").is_file() and (tmp_path / "k2" / "ct_hi.nii.gz").is_file()
     assert json.loads((tmp_path / "k2" / "ct.qa.json").read_text())["uncertainty"]["calibration"]["q"] == 1.7
-    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
-    code, _, err = xct(_args(env, a, model="models:/xct-cascade@champion"), capsys)
+    # ... and without --samples that K is the default (its interval holds there)
+    code, _, err = xct(_args(env, tmp_path / "dk" / "ct.nii.gz", model="models:/xct-cascade@champion"), capsys)
     assert code == 0, err
-    code, _, err = xct(_args(env, b, model=str(env["reg"])), capsys)  # the registered layout, locally
+    assert json.loads((tmp_path / "dk" / "ct.qa.json").read_text())["sampling"]["samples"] == 2
+    assert (tmp_path / "dk" / "ct_lo.nii.gz").is_file()
+    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"  # the same model, the same K: the same volume
+    code, _, err = xct(_args(env, a, "--samples", "3", model="models:/xct-cascade@champion"), capsys)
+    assert code == 0, err
+    code, _, err = xct(_args(env, b, "--samples", "3", model=str(env["reg"])), capsys)  # the registered layout, locally
     assert code == 0, err
     np.testing.assert_array_equal(np.asarray(nib.load(str(a)).dataobj), np.asarray(nib.load(str(b)).dataobj))
     assert json.loads((tmp_path / "a.qa.json").read_text())["model"]["layout"] == "registered"
