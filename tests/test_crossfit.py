@@ -41,10 +41,11 @@ def test_fold_of_is_a_stable_hash_of_the_id_disjoint_and_covering() -> None:
     within binomial noise; fold twin g's training set (every fold but g) excludes fold g."""
     ids = [f"phantom_{i:04d}" for i in range(200)]
     mine = [fold_of(v, 3) for v in ids]
-    code = ("import sys; from xct_core.training.crossfit import fold_of; "
-            "print(','.join(str(fold_of(v, 3)) for v in sys.argv[1:]))")
-    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", code, *reversed(ids)], env=env, capture_output=True, text=True,
+    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('cf', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            "print(','.join(str(m.fold_of(v, 3)) for v in sys.argv[2:]))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code, str(REPO / "xct_core/training/crossfit.py"), *reversed(ids)], env=env, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert [int(x) for x in out.split(",")] == list(reversed(mine))
     folds = [{v for v, f in zip(ids, mine, strict=True) if f == g} for g in range(3)]
@@ -74,54 +75,63 @@ def test_fold_anchor_takes_each_item_from_its_folds_twin() -> None:
     assert sorted(anchor.calls) == [(0, [1, 4]), (1, [0, 2, 3])]
 
 
-def test_fold_twins_never_step_on_their_held_out_fold_and_anchor_it(processed: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real 8-step run (batch 1: each step is one id): after every step's backward, fold
-    twin g has a non-zero gradient exactly when the step's id is outside fold g; every anchor
-    the residual diffusion used for an id came from the twin of that id's fold. Across the
-    run the ids each twin stepped on are exactly the other folds' ids it met. The stage file
-    still ships the all-data twin (direct.pt) and loads; checkpoints carry the fold twins."""
+@pytest.fixture(scope="module")
+def recorded(processed: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A real 4-step cross-fitted run (F = 2, batch 1: one epoch, each train id once) that
+    records, after every step's backward, which fold twins got a gradient and which twin
+    anchored each id."""
     import xct_core.training.loop as loop
     import xct_core.training.step as step_mod
 
-    stepped: dict[int, set[str]] = {0: set(), 1: set()}
-    seen: list[str] = []
-    anchored_by: list[tuple[str, int]] = []
+    rec: dict = {"stepped": {0: set(), 1: set()}, "seen": [], "anchored_by": [], "grad": []}
     real_step, real_anchor = step_mod.train_step, step_mod.FoldAnchor
 
     class RecordingAnchor(real_anchor):  # type: ignore[misc, valid-type]
+        ids: list[str] = []
+
         def __call__(self, *a, **kw):  # noqa: ANN002, ANN003
             out = super().__call__(*a, **kw)
-            for g, idx in self.calls:
-                anchored_by.extend((self.ids[i], g) for i in idx)
+            rec["anchored_by"].extend((self.ids[i], g) for g, idx in self.calls for i in idx)
             return out
 
     def recording_step(learners, batch, **kw):  # noqa: ANN001, ANN003
         RecordingAnchor.ids = list(batch["id"])
         stats = real_step(learners, batch, **kw)
         (vid,) = batch["id"]
-        seen.append(vid)
+        rec["seen"].append(vid)
         for lrn in learners:
             if lrn.holdout is not None:
                 norm = sum(float(p.grad.abs().sum()) for p in lrn.net.parameters() if p.grad is not None)
-                assert (norm > 0) == (fold_of(vid, 2) != lrn.holdout), (vid, lrn.kind, norm)
+                rec["grad"].append((vid, lrn.holdout, norm))
                 if norm > 0:
-                    stepped[lrn.holdout].add(vid)
+                    rec["stepped"][lrn.holdout].add(vid)
         return stats
 
-    monkeypatch.setattr(step_mod, "FoldAnchor", RecordingAnchor)
-    monkeypatch.setattr(loop, "train_step", recording_step)
-    params = _params(2, steps=8)
-    out = tmp_path / "cf"
-    with one_torch_thread():
-        res = train_stage(params, 1, processed, out, device="cpu")
-    assert res.final_step == 8 and len(seen) == 8
+    out = tmp_path_factory.mktemp("cf") / "ref"
+    with pytest.MonkeyPatch.context() as mp, one_torch_thread():
+        mp.setattr(step_mod, "FoldAnchor", RecordingAnchor)
+        mp.setattr(loop, "train_step", recording_step)
+        rec["res"] = train_stage(_params(2, steps=4), 1, processed, out, device="cpu")
+    rec["out"] = out
+    return rec
+
+
+def test_fold_twins_never_step_on_their_held_out_fold_and_anchor_it(recorded: dict) -> None:
+    """Fold twin g has a non-zero gradient exactly at the steps whose id is outside fold g;
+    every anchor the residual diffusion used for an id came from the twin of that id's fold,
+    so the ids each twin stepped on and the ids it anchored are disjoint. The stage file
+    still ships the all-data twin (direct.pt) and loads; checkpoints carry the fold twins."""
+    seen = recorded["seen"]
+    assert recorded["res"].final_step == 4 and sorted(seen) == ["ph00", "ph01", "ph02", "ph03"]
     assert {fold_of(v, 2) for v in seen} == {0, 1}  # both folds met: the check is not vacuous
+    for vid, g, norm in recorded["grad"]:
+        assert (norm > 0) == (fold_of(vid, 2) != g), (vid, g, norm)
     for g in (0, 1):
-        assert stepped[g] == {v for v in seen if fold_of(v, 2) != g}
-        assert all(fold_of(v, 2) == g for v in stepped[1 - g])
-    assert sorted(anchored_by) == sorted((v, fold_of(v, 2)) for v in seen)
-    lay = RunLayout(out, 1)
+        assert recorded["stepped"][g] == {v for v in seen if fold_of(v, 2) != g}
+    assert sorted(recorded["anchored_by"]) == sorted((v, fold_of(v, 2)) for v in seen)
+    for v, g in recorded["anchored_by"]:
+        assert v not in recorded["stepped"][g]
+    lay = RunLayout(recorded["out"], 1)
     state = load_state(list_checkpoints(lay.checkpoints)[-1][1])
     assert set(state["learners"]) == {"diffusion", "direct", fold_kind(0), fold_kind(1)}
     twin, final = load_stage_model(lay.model("direct")), load_stage_model(lay.model("final"))
@@ -129,18 +139,18 @@ def test_fold_twins_never_step_on_their_held_out_fold_and_anchor_it(processed: P
                                                  strict=True))  # the shipped anchor is the all-data twin
 
 
-def test_resume_of_a_cross_fitted_run_reproduces_the_uninterrupted_one(processed: Path, tmp_path: Path) -> None:
+def test_resume_of_a_cross_fitted_run_reproduces_the_uninterrupted_one(recorded: dict, processed: Path,
+                                                                       tmp_path: Path) -> None:
     """Stopped by a NaN at step 3 (checkpoint 2 kept) and resumed to 4: every learner, fold
-    twins included, ends as in a run that was never stopped (per-step seeding)."""
+    twins included, ends as in the run that was never stopped (per-step seeding)."""
     params = _params(2, steps=4)
     part = tmp_path / "cut"
     with one_torch_thread():
-        train_stage(params, 1, processed, tmp_path / "ref", device="cpu")
         with pytest.raises(NonFiniteError):
             train_stage(params, 1, processed, part, device="cpu", faults=FaultPlan(nan_at_step=3))
         res = train_stage(params, 1, processed, part, device="cpu")
     assert res.start_step == 2 and res.final_step == 4
-    a = load_state(list_checkpoints(RunLayout(tmp_path / "ref", 1).checkpoints)[-1][1])
+    a = load_state(list_checkpoints(RunLayout(recorded["out"], 1).checkpoints)[-1][1])
     b = load_state(list_checkpoints(RunLayout(part, 1).checkpoints)[-1][1])
     assert a["step"] == b["step"] == 4
     for kind in ("diffusion", "direct", fold_kind(0), fold_kind(1)):

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used: fold_of runs without it (tests load this file alone)
+    import torch
+    from torch import nn
 
-__all__ = ["FoldAnchor", "fold_kind", "fold_of", "fold_weights"]
+__all__ = ["FoldAnchor", "batch_folds", "fold_kind", "fold_of", "fold_weights"]
 
 
 def fold_of(vid: str, folds: int) -> int:
@@ -44,6 +46,8 @@ def fold_kind(g: int) -> str:
 
 def batch_folds(ids: Sequence[str], folds: int) -> torch.Tensor:
     """Per-item fold of a batch's ids (long tensor ``[B]``)."""
+    import torch
+
     return torch.tensor([fold_of(v, folds) for v in ids], dtype=torch.long)
 
 
@@ -65,6 +69,8 @@ class FoldAnchor:
 
     def __call__(self, x_t: None, t: None, frontal: torch.Tensor, lateral: torch.Tensor,
                  cond: torch.Tensor | None, cond_aug: torch.Tensor | None) -> torch.Tensor:
+        import torch
+
         folds = self.item_folds.to(frontal.device)
         out: torch.Tensor | None = None
         for g in sorted(set(folds.tolist())):
