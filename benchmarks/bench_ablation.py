@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--rows", default=",".join(ROWS))
     e.add_argument("--out", type=Path)
     m = sub.add_parser("report")
-    m.add_argument("--json", type=Path, required=True)
+    m.add_argument("--json", type=Path, nargs="+", required=True, help="eval outputs (one per row is fine: rows merge)")
     m.add_argument("--out", type=Path, required=True)
     for s in (p, t, e):
         s.add_argument("--work", type=Path, required=True)
@@ -250,7 +250,10 @@ def _num(x: object, d: int = 3) -> str:
 
 def cmd_report(a: argparse.Namespace) -> int:
     """The results page's tables from the eval JSON (the prose is written by hand around them)."""
-    doc = json.loads(a.json.read_text())
+    doc: dict = {"rows": {}}
+    for path in a.json:
+        part = json.loads(path.read_text())
+        doc = {**doc, **{k: v for k, v in part.items() if k != "rows"}, "rows": {**doc["rows"], **part["rows"]}}
     order = [r for r in ROWS if r in doc["rows"]]
     lines = []
     for split in ("val", "test"):
