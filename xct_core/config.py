@@ -247,6 +247,12 @@ class StageParams(_Section):
     #: original order (upsample, then convolve at the higher resolution). Exported models from
     #: before this key (no "decoder" in their stored params) are upsample_first.
     decoder: Literal["conv_first", "upsample_first"] = "conv_first"
+    #: cross-fitted anchors of an anchored stage (xct_core/training/crossfit.py): 1 = the residual
+    #: diffusion learns the residuals of the twin trained on the same volumes (in-sample); F >= 2
+    #: splits the train ids into F folds by a stable hash of the id and trains F more twins, twin g
+    #: on every fold but g, and anchors each volume's residual on the twin that never saw it
+    #: (out-of-fold residuals, as at inference). The shipped anchor stays the all-data twin.
+    anchor_folds: int = Field(1, ge=1, le=16)
 
     @_model_validator(mode="after")
     def _check_shapes(self) -> StageParams:
@@ -260,6 +266,8 @@ class StageParams(_Section):
             raise ValueError("channel counts must be >= 1")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.anchor_folds > 1 and self.anchor != "direct":
+            raise ValueError(f"anchor_folds {self.anchor_folds} needs anchor: direct (cross-fitted twins anchor the residual)")
         if self.cond_aug_sample > self.cond_aug_max:
             raise ValueError(f"cond_aug_sample {self.cond_aug_sample} exceeds cond_aug_max {self.cond_aug_max}")
         return self
@@ -267,7 +275,7 @@ class StageParams(_Section):
 
 #: stage keys added after models were first exported, with the value every model written
 #: before the key existed was built with (a stored params blob lacking the key means that value)
-LEGACY_STAGE_DEFAULTS: dict[str, object] = {"decoder": "upsample_first"}
+LEGACY_STAGE_DEFAULTS: dict[str, object] = {"decoder": "upsample_first", "anchor_folds": 1}
 
 
 def with_legacy_stage_defaults(data: dict) -> dict:

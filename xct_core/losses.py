@@ -37,7 +37,7 @@ from xct_core.models.stage import StageNet, unwrap
 if TYPE_CHECKING:  # pragma: no cover
     from xct_core.config import Params, Stage
 
-__all__ = ["PhysicsLoss", "diffusion_loss", "direct_loss"]
+__all__ = ["PhysicsLoss", "diffusion_loss", "direct_loss", "weighted_mse"]
 
 Logs = dict[str, torch.Tensor]
 
@@ -101,10 +101,24 @@ class PhysicsLoss(nn.Module):
             ]
             return torch.stack(imgs, dim=1) / self.scale
 
-    def forward(self, pred_x0: torch.Tensor, target_x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, pred_x0: torch.Tensor, target_x0: torch.Tensor,
+                sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """MSE of the projections; with ``sample_weight`` ``[B]``, the weighted mean of the
+        per-volume MSEs (:func:`weighted_mse`)."""
         with torch.no_grad():
             target = self.project(target_x0)
+        if sample_weight is not None:
+            return weighted_mse(self.project(pred_x0), target, sample_weight)
         return F.mse_loss(self.project(pred_x0), target)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``Σ_i w_i · MSE_i / max(Σ_i w_i, 1)`` over the batch's per-item MSEs: with every
+    ``w_i = 1`` the plain batch MSE; items with weight 0 add nothing (and no gradient), and a
+    batch of zero weights gives a zero loss that still flows through the graph (DDP-safe)."""
+    per = (pred - target).square().flatten(1).mean(1)
+    w = weight.to(per)
+    return (per * w).sum() / w.sum().clamp_min(1.0)
 
 
 def _training_condition(
@@ -138,6 +152,7 @@ def _physics(
     x0: torch.Tensor,
     loss: torch.Tensor,
     logs: Logs,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``loss + weight · physics(pred_x0, x0)`` (logged as ``loss_physics``); ``loss`` when off."""
     if weight < 0:
@@ -147,7 +162,7 @@ def _physics(
     if physics is None:
         raise ValueError("physics_weight > 0 needs a PhysicsLoss (PhysicsLoss.from_params(params, k))")
     assert pred_x0 is not None
-    lp = physics(pred_x0, x0)
+    lp = physics(pred_x0, x0) if sample_weight is None else physics(pred_x0, x0, sample_weight)
     logs["loss_physics"] = lp.detach()
     return loss + weight * lp
 
@@ -232,19 +247,25 @@ def direct_loss(
     generator: torch.Generator | None = None,
     physics_weight: float = 0.0,
     physics: PhysicsLoss | None = None,
+    sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Logs]:
     """x0-regression loss of a direct-mode stage: ``MSE(x0̂, x0)`` + physics term.
 
     Stage k>1 conditions on ``cond`` (default: the low-res ground truth), noise-augmented
     like :func:`diffusion_loss` when a ``schedule`` is given (clean otherwise).
+    ``sample_weight`` ``[B]`` (a cross-fitted fold twin: 0 on its held-out fold) weights the
+    per-item terms (:func:`weighted_mse`); None = the plain batch mean.
     Returns ``(loss, logs)`` with detached ``loss``, ``loss_x0`` (and ``loss_physics``)."""
     net = unwrap(model)
     if getattr(net, "mode", None) != "direct":
         raise ValueError("direct_loss needs a direct-mode stage (build_stage(..., mode='direct'))")
     c, c_aug = _training_condition(net, x0, cond, schedule, generator)  # type: ignore[arg-type]
     pred = model(None, None, frontal, lateral, c, c_aug).float()
-    loss_x0 = F.mse_loss(pred, x0.float())
+    if sample_weight is None:
+        loss_x0 = F.mse_loss(pred, x0.float())
+    else:
+        loss_x0 = weighted_mse(pred, x0.float(), sample_weight)
     logs: Logs = {"loss_x0": loss_x0.detach()}
-    loss = _physics(physics, physics_weight, pred, x0, loss_x0, logs)
+    loss = _physics(physics, physics_weight, pred, x0, loss_x0, logs, sample_weight)
     logs["loss"] = loss.detach()
     return loss, logs

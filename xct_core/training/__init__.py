@@ -28,6 +28,12 @@ of the one seed rule (successive validations are comparable), metrics against th
 full-range HU target exactly as the evaluate step computes them (+ the direct twin when
 ``train.direct_baseline``). The best value of ``train.best_metric`` picks ``best.pt``.
 
+Cross-fitted anchors (``stages.stageK.anchor_folds`` = F ≥ 2, anchored stages): F more twins,
+twin ``g`` trained on every hash-fold of the train ids but ``g``; the residual diffusion of a
+fold-``g`` volume is anchored on twin ``g`` (out-of-fold residuals, as at inference). The
+all-data twin is still the shipped anchor; the fold twins live in checkpoints only
+(:mod:`~xct_core.training.crossfit`). F = 1 (default) is the uncross-fitted step bit for bit.
+
 Layout of ``out_dir``: :mod:`xct_core.layout` (:class:`RunLayout`). Exported models:
 :func:`xct_core.checkpoint.export_stage_model` (self-contained: EMA ``state_dict`` + the
 full params as JSON; rebuild with :func:`xct_core.checkpoint.load_stage_model`). Everything
@@ -54,8 +60,8 @@ newest checkpoint intact.
 Modules: :mod:`~xct_core.training.loop` (:func:`train_stage`), :mod:`~xct_core.training.step`
 (one optimiser step, EMA, LR), :mod:`~xct_core.training.batches` (data sharding and resume
 position), :mod:`~xct_core.training.state` (resume and save), :mod:`~xct_core.training.validation`,
-:mod:`~xct_core.training.preflight`, :mod:`~xct_core.training.hooks` (engine binding, fault
-injection), :mod:`~xct_core.training.guards`, :mod:`~xct_core.training.result`. Every public
+:mod:`~xct_core.training.preflight`, :mod:`~xct_core.training.crossfit` (cross-fitted anchors),
+:mod:`~xct_core.training.hooks` (engine binding, fault injection), :mod:`~xct_core.training.guards`, :mod:`~xct_core.training.result`. Every public
 name is importable from ``xct_core.training``.
 
 Non-finite loss or gradient: the run stops before the optimizer step with

@@ -32,6 +32,7 @@ from xct_core.losses import PhysicsLoss
 from xct_core.models import build_stage, unwrap
 from xct_core.seeding import derive_seed
 from xct_core.training.batches import ShardSampler, batch_stream
+from xct_core.training.crossfit import fold_kind
 from xct_core.training.hooks import FaultPlan, TrainHooks, call_report, default_progress, default_warn
 from xct_core.training.preflight import preflight
 from xct_core.training.result import NonFiniteError, TrainingFailed, TrainResult
@@ -157,6 +158,9 @@ class _StageRun:
         self.learners = [Learner("diffusion", build_stage(params, st), tp.ema_decay)]
         if tp.direct_baseline:
             self.learners.append(Learner("direct", build_stage(params, st, mode="direct"), tp.ema_decay))
+        if self.cfg.anchor_folds > 1:  # cross-fitted anchors: twin g never trains on fold g (training/crossfit.py)
+            self.learners += [Learner(fold_kind(g), build_stage(params, st, mode="direct"), tp.ema_decay, holdout=g)
+                              for g in range(self.cfg.anchor_folds)]
         self.ckpt = Checkpointer(self.layout, tp.keep_last, compat_key(params, st, [lrn.kind for lrn in self.learners]),
                                  self.is_main, on_corrupt=tp.on_corrupt_checkpoint, warn=self.hooks.warn or default_warn)
         state, self.resumed_from = self.ckpt.pick(resume_from, fresh)
@@ -301,7 +305,7 @@ class _StageRun:
         if self.validator is None:
             return {}
         t0 = time.perf_counter()
-        vals = self.validator.run(step, [lrn.ema.module for lrn in self.learners])
+        vals = self.validator.run(step, [lrn.ema.module for lrn in self.learners[:2]])  # the stage + its shipped twin
         vals["val/time_s"] = time.perf_counter() - t0
         p, tp = self.prog, self.tp
         p.last_val = vals

@@ -52,6 +52,15 @@ def preflight(
             f"{st.name}: processed data has {ds.grid.size}³ volumes for stage {st.k} but params say {st.size}³ "
             "(re-run preprocess)"
         )
+    if st.cfg.anchor_folds > 1:  # every fold twin must have volumes to learn from and a fold to anchor
+        from xct_core.training.crossfit import fold_of
+
+        counts = [0] * st.cfg.anchor_folds
+        for vid in ds.ids:
+            counts[fold_of(vid, st.cfg.anchor_folds)] += 1
+        if min(counts) == 0:
+            raise ConfigError(f"{st.name}: anchor_folds {st.cfg.anchor_folds} leaves a fold without training volumes "
+                              f"(train ids per fold: {counts}); use fewer folds")
     per_worker = math.ceil(len(ds) / world_size)
     if per_worker < st.cfg.batch_size:
         raise ConfigError(

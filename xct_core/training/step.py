@@ -19,6 +19,7 @@ from xct_core.diffusion import CosineSchedule
 from xct_core.losses import PhysicsLoss, diffusion_loss, direct_loss
 from xct_core.models import unwrap
 from xct_core.seeding import derive_seed
+from xct_core.training.crossfit import FoldAnchor, batch_folds, fold_weights
 from xct_core.training.hooks import TrainHooks
 
 __all__ = ["EMA", "Learner", "StepStats", "lr_factor", "sync_stats", "train_step"]
@@ -66,10 +67,13 @@ class EMA:
 
 class Learner:
     """One network being trained: the module (maybe DDP-wrapped), its EMA, optimizer and
-    (fp16) grad scaler. ``kind`` = ``diffusion`` (the stage) or ``direct`` (the baseline twin)."""
+    (fp16) grad scaler. ``kind`` = ``diffusion`` (the stage), ``direct`` (the baseline twin,
+    the shipped anchor) or ``direct_fold{g}`` (a cross-fitted twin: ``holdout`` = the fold
+    ``g`` of :func:`~xct_core.training.crossfit.fold_of` it never trains on)."""
 
-    def __init__(self, kind: str, net: nn.Module, ema_decay: float) -> None:
+    def __init__(self, kind: str, net: nn.Module, ema_decay: float, holdout: int | None = None) -> None:
         self.kind = kind
+        self.holdout = holdout
         self.net = net
         self.ema = EMA(net, ema_decay)
         self.model: nn.Module = net
@@ -78,7 +82,7 @@ class Learner:
 
     @property
     def prefix(self) -> str:
-        return "train/" if self.kind == "diffusion" else "train/direct_"
+        return "train/" if self.kind == "diffusion" else f"train/{self.kind}_"
 
     def state(self) -> dict[str, Any]:
         assert self.opt is not None
@@ -134,6 +138,10 @@ def train_step(
     frontal = batch["frontal"].to(device, non_blocking=True)
     lateral = batch["lateral"].to(device, non_blocking=True)
     cond = batch["x0_prev"].to(device, non_blocking=True) if "x0_prev" in batch else None
+    folds = int(stage.cfg.anchor_folds)
+    fold_twins = sorted((o for o in learners if o.holdout is not None), key=lambda o: int(o.holdout))  # type: ignore[arg-type]
+    if folds > 1 and len(fold_twins) != folds:
+        raise ValueError(f"{stage.name}: anchor_folds {folds} needs {folds} fold twins, got {len(fold_twins)}")
     gen = torch.Generator(device=device)
     keys: list[str] = []
     stats: list[torch.Tensor] = []
@@ -146,7 +154,12 @@ def train_step(
         gen.manual_seed(derive_seed(seed, 4 + i, rank, step))
         kw: dict[str, Any] = {}
         if lrn.kind == "diffusion" and stage.cfg.anchor == "direct":  # residual diffusion over the twin's EMA
-            kw["anchor_net"] = next(o.ema.module for o in learners if o.kind == "direct")
+            if folds > 1:  # cross-fitted: each item over the fold twin that never trained on it
+                kw["anchor_net"] = FoldAnchor([o.ema.module for o in fold_twins], batch_folds(batch["id"], folds))
+            else:
+                kw["anchor_net"] = next(o.ema.module for o in learners if o.kind == "direct")
+        if lrn.holdout is not None:  # a fold twin: no loss (and no gradient) from its held-out fold
+            kw["sample_weight"] = fold_weights(batch["id"], folds, lrn.holdout).to(device)
         loss_fn = diffusion_loss if lrn.kind == "diffusion" else direct_loss
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss, logs = loss_fn(lrn.model, x0, frontal, lateral, cond, schedule=schedule, generator=gen,
