@@ -37,6 +37,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,10 +151,17 @@ def upsample_hu(params, hu, size: int):  # noqa: ANN001, ANN201
     return net.inverse(up).astype(np.float32)
 
 
-def evaluate(params, processed: str | Path, train_dir: Path, max_volumes: int, say) -> dict[str, Any]:  # noqa: ANN001
+def evaluate(params, processed: str | Path, work: Path, max_volumes: int, say) -> dict[str, Any]:  # noqa: ANN001
     """Stage 2 then stage 3 on the test split with THE evaluator (no reprojection: PSNR/SSIM only);
-    stage 3's rows gain the upsampled stage-2 baselines (computed here unless the evaluator has them)."""
+    stage 3's rows gain the upsampled stage-2 baselines (computed here unless the evaluator has them).
+    Progress is kept as it comes (``work/eval2_raw.json``, one line per stage-3 volume in
+    ``work/eval3_rows.jsonl``), so a run stopped for time can still be reported (``--from-raw``)."""
     from xct_core.evaluation import EvalProtocol, evaluate_stage
+    from xct_core.jsondoc import jsonable
+
+    train_dir = work / "train"
+    rows_file = work / "eval3_rows.jsonl"
+    rows_file.unlink(missing_ok=True)
 
     protocol = EvalProtocol.from_params(params)
     size3 = params.stage(3).size
@@ -163,7 +171,9 @@ def evaluate(params, processed: str | Path, train_dir: Path, max_volumes: int, s
                          max_volumes=max_volumes,
                          on_case=lambda r: s2_point.__setitem__(r.case_id, r.recon.point_hu(params.point_estimate_for(2))))
     t2 = time.perf_counter() - t0
+    (work / "eval2_raw.json").write_text(json.dumps(jsonable({"rows": ev2.rows, "metrics": ev2.metrics, "seconds": t2})))
     extra: dict[str, dict[str, float]] = {}
+    t0 = time.perf_counter()
 
     def on_case(r) -> None:  # noqa: ANN001
         row: dict[str, float] = {}
@@ -172,8 +182,9 @@ def evaluate(params, processed: str | Path, train_dir: Path, max_volumes: int, s
                 up = upsample_hu(params, hu, size3)
                 row.update({f"{prefix}{k}": float(v) for k, v in protocol.metrics(up, r.target_hu, None).items()})
         extra[r.case_id] = row
+        with open(rows_file, "a") as fh:
+            fh.write(json.dumps(jsonable({**r.row, **row, "elapsed_s": time.perf_counter() - t0})) + "\n")
 
-    t0 = time.perf_counter()
     ev3 = evaluate_stage(params, processed, train_dir, 3, protocol=protocol, reprojection=False, log=say,
                          max_volumes=max_volumes, on_case=on_case)
     t3 = time.perf_counter() - t0
@@ -293,16 +304,47 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def partial_result(params, work: Path) -> dict[str, Any]:  # noqa: ANN001
+    """The result of an evaluation stopped during stage 3 (``evaluate``'s progress files)."""
+    from xct_core.evaluation import EvalProtocol
+
+    ev2 = json.loads((work / "eval2_raw.json").read_text())
+    rows = [json.loads(line) for line in (work / "eval3_rows.jsonl").read_text().splitlines() if line.strip()]
+    elapsed = rows[-1].pop("elapsed_s", None) if rows else None
+    for r in rows:
+        r.pop("elapsed_s", None)
+    proto = EvalProtocol.from_params(params)
+    st = params.stage(3)
+    metrics = {"n_patients": len(rows), "samples": params.eval.samples_for(st.name),
+               "sample_steps": params.eval.steps_for(st.name), "point_estimate": params.point_estimate_for(3),
+               "protocol": proto.describe(st.size), "direct_source": "the twin shipped in best.pt",
+               "partial": f"stopped for time after {len(rows)} of {ev2['metrics']['n_patients']} test volumes"}
+    return {"ev2": SimpleNamespace(rows=ev2["rows"], metrics=ev2["metrics"]), "ev3": SimpleNamespace(rows=rows, metrics=metrics),
+            "seconds": {"stage2": ev2["seconds"], "stage3": elapsed or float("nan")}}
+
+
 def evaluate_and_write(a: argparse.Namespace, params, work: Path, training: dict[str, Any],  # noqa: ANN001
                        header: dict[str, str]) -> int:
     from xct_core.atomic import write_text_atomic
     from xct_core.evaluation import write_eval_reports
     from xct_core.jsondoc import json_text
 
-    res = evaluate(params, a.processed, work / "train", a.max_volumes, print)
+    raw = work / "eval_raw.json"
+    paths: dict[str, Path] = {}
+    if a.from_raw and raw.is_file():  # re-render an earlier evaluation (no model run)
+        doc = json.loads(raw.read_text())
+        res = {"ev2": SimpleNamespace(**doc["ev2"]), "ev3": SimpleNamespace(**doc["ev3"]), "seconds": doc["seconds"]}
+        if (work / "eval3" / "montage.png").is_file():
+            paths["montage"] = work / "eval3" / "montage.png"
+    elif a.from_raw:  # an evaluation stopped for time: stage 2 complete, the stage-3 volumes done so far
+        res = partial_result(params, work)
+    else:
+        res = evaluate(params, a.processed, work, a.max_volumes, print)
+        write_text_atomic(raw, json_text({"seconds": res["seconds"], **{
+            k: {"rows": res[k].rows, "metrics": res[k].metrics} for k in ("ev2", "ev3")}}))
+        paths = write_eval_reports(res["ev3"], work / "eval3", res["protocol"])
+        write_eval_reports(res["ev2"], work / "eval2", res["protocol"])
     summary = summarise(params, res)
-    paths = write_eval_reports(res["ev3"], work / "eval3", res["protocol"])
-    write_eval_reports(res["ev2"], work / "eval2", res["protocol"])
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     st = params.stage(3)
@@ -335,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/xct_bench_stage3", help="working folder (kept: resume / re-evaluate)")
     ap.add_argument("--skip-train", action="store_true", help="evaluate the model already trained in --work")
     ap.add_argument("--train-only", action="store_true", help="train, write the training record, no evaluation")
+    ap.add_argument("--from-raw", action="store_true", help="re-render from --work's eval_raw.json (no evaluation)")
     ap.add_argument("--max-volumes", type=int, default=0, help="first N test volumes (0: all)")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     a = ap.parse_args(argv)
