@@ -231,7 +231,8 @@ def summarise(params, res: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
              "evaluate step), upsampled in the networks' units with xct_core.cascade.resize_volume"),
             "ceiling": {"gate": {k: ceilings[k] for k in ceilings}, "phantoms": ceil.get("phantoms"),
                         "source": "components.gate.stage_ceiling (the gate's own, cached)"},
-            "evaluation": {k: m3.get(k) for k in ("n_patients", "samples", "sample_steps", "point_estimate", "protocol",
+            "evaluation": {k: m3.get(k) for k in ("n_patients", "samples", "sample_steps", "point_estimate",
+                                                  "eval_protocol_label", "eval_detector_text", "partial",
                                                   "direct_source", "test_ids_hash", "model_file")},
             "stage2_evaluation": {k: res["ev2"].metrics.get(k) for k in ("n_patients", "samples", "sample_steps",
                                                                           "point_estimate", "test_ids_hash")},
@@ -244,8 +245,7 @@ def render(doc: dict[str, Any]) -> str:
 
     s, tr = doc["summary"], doc["training"]
     ev = s["evaluation"]
-    proto = ev.get("protocol") or {}
-    proto_txt = "; ".join(f"{k}: {v}" for k, v in proto.items()) if isinstance(proto, dict) else str(proto)
+    proto_txt = f"{ev.get('eval_protocol_label')} — {ev.get('eval_detector_text') or 'no detector model'}"
     lines = ["# Stage 3 trained in the benchmark (demo data, honest protocol, CPU)", "",
              "The demo's stage 2 fails gate 2, so `dvc repro` skips stage 3. Here stage 3 is trained anyway "
              "(issue 21 item 5: \"trained in the benchmark whether or not gate 2 passes\") by the core loop "
@@ -267,7 +267,7 @@ def render(doc: dict[str, Any]) -> str:
                      f"{v.get('val/direct_psnr_window_body_db', float('nan')):.2f} |")
     lines += ["", f"(val: the loop's own validation, first {doc['val_max_volumes']} val volumes, "
               f"{doc['val_sample_steps']} DDIM steps, 1 sample.)", "",
-              f"## Test split ({ev['n_patients']} phantoms)", "",
+              f"## Test split ({ev['n_patients']} phantoms" + (f"; {ev['partial']}" if ev.get("partial") else "") + ")", "",
               f"Protocol: {proto_txt}. Stage 3: K = {ev['samples']} samples, {ev['sample_steps']} DDIM steps, point "
               f"estimate `{ev['point_estimate']}`, twin: {ev['direct_source']}. No reprojection metrics (not needed "
               f"here; saves time). Patient means with 95 % bootstrap intervals (xct_core/intervals.py).", "",
@@ -317,7 +317,7 @@ def partial_result(params, work: Path) -> dict[str, Any]:  # noqa: ANN001
     st = params.stage(3)
     metrics = {"n_patients": len(rows), "samples": params.eval.samples_for(st.name),
                "sample_steps": params.eval.steps_for(st.name), "point_estimate": params.point_estimate_for(3),
-               "protocol": proto.describe(st.size), "direct_source": "the twin shipped in best.pt",
+               **proto.record(), "direct_source": "the twin shipped in best.pt",
                "partial": f"stopped for time after {len(rows)} of {ev2['metrics']['n_patients']} test volumes"}
     return {"ev2": SimpleNamespace(rows=ev2["rows"], metrics=ev2["metrics"]), "ev3": SimpleNamespace(rows=rows, metrics=metrics),
             "seconds": {"stage2": ev2["seconds"], "stage3": elapsed or float("nan")}}
