@@ -151,7 +151,38 @@ def upsample_hu(params, hu, size: int):  # noqa: ANN001, ANN201
     return net.inverse(up).astype(np.float32)
 
 
-def evaluate(params, processed: str | Path, work: Path, max_volumes: int, say) -> dict[str, Any]:  # noqa: ANN001
+def evaluate_stage2(params, processed: str | Path, work: Path, max_volumes: int, say):  # noqa: ANN001, ANN201
+    """Stage 2's evaluation and its point-estimate volumes, kept in ``work`` (``eval2_raw.json``,
+    ``eval2_points.npz``) and reused when they cover the first ``max_volumes`` test ids: stage 2's
+    frozen models do not change, so it can run before (or while) stage 3 trains."""
+    import numpy as np
+
+    from xct_core.evaluation import EvalProtocol, evaluate_stage
+    from xct_core.jsondoc import jsonable
+
+    raw, pts = work / "eval2_raw.json", work / "eval2_points.npz"
+    if raw.is_file() and pts.is_file():
+        doc = json.loads(raw.read_text())
+        have = doc.get("max_volumes")
+        if have == max_volumes or have == 0 or (max_volumes and have is not None and have >= max_volumes):
+            say(f"stage 2: reusing {raw}")
+            with np.load(pts) as z:
+                points = {k: z[k] for k in z.files}
+            return SimpleNamespace(rows=doc["rows"], metrics=doc["metrics"]), doc["seconds"], points
+    points: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    ev2 = evaluate_stage(params, processed, work / "train", 2, protocol=EvalProtocol.from_params(params),
+                         reprojection=False, log=say, max_volumes=max_volumes,
+                         on_case=lambda r: points.__setitem__(r.case_id, r.recon.point_hu(params.point_estimate_for(2))))
+    t2 = time.perf_counter() - t0
+    np.savez(pts, **points)
+    raw.write_text(json.dumps(jsonable({"rows": ev2.rows, "metrics": ev2.metrics, "seconds": t2,
+                                        "max_volumes": max_volumes})))
+    return ev2, t2, points
+
+
+def evaluate(params, processed: str | Path, work: Path, max_volumes: int, say,  # noqa: ANN001
+             stage2_only: bool = False) -> dict[str, Any]:
     """Stage 2 then stage 3 on the test split with THE evaluator (no reprojection: PSNR/SSIM only);
     stage 3's rows gain the upsampled stage-2 baselines (computed here unless the evaluator has them).
     Progress is kept as it comes (``work/eval2_raw.json``, one line per stage-3 volume in
@@ -165,13 +196,9 @@ def evaluate(params, processed: str | Path, work: Path, max_volumes: int, say) -
 
     protocol = EvalProtocol.from_params(params)
     size3 = params.stage(3).size
-    s2_point: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    ev2 = evaluate_stage(params, processed, train_dir, 2, protocol=protocol, reprojection=False, log=say,
-                         max_volumes=max_volumes,
-                         on_case=lambda r: s2_point.__setitem__(r.case_id, r.recon.point_hu(params.point_estimate_for(2))))
-    t2 = time.perf_counter() - t0
-    (work / "eval2_raw.json").write_text(json.dumps(jsonable({"rows": ev2.rows, "metrics": ev2.metrics, "seconds": t2})))
+    ev2, t2, s2_point = evaluate_stage2(params, processed, work, max_volumes, say)
+    if stage2_only:
+        return {}
     extra: dict[str, dict[str, float]] = {}
     t0 = time.perf_counter()
 
@@ -301,7 +328,76 @@ def render(doc: dict[str, Any]) -> str:
                      f"{c['ceiling_db']:.2f} | {c['gain_fraction']:.2f} |")
     lines += ["", f"Evaluation time (loaded): stage 2 {s['seconds']['stage2']:.0f} s, stage 3 {s['seconds']['stage3']:.0f} s.",
               "", "Montage (first test volume, the evaluator's own): `stage3_cpu.png`.", ""]
+    lines += render_diagnosis(doc.get("diagnosis") or {})
     return "\n".join(lines)
+
+
+def render_diagnosis(d: dict[str, Any]) -> list[str]:
+    """Why stage 3 scores what it scores: its twin's training loss against trivial predictors."""
+    if not d:
+        return []
+    ref = d["reference_x0_mse"]
+    lines = ["## Diagnosis: how far the stage-3 twin got in training", "",
+             "The twin's training loss is the x0 MSE in the networks' units (+ physics_weight × the physics loss). "
+             f"Trivial predictors on the first {next(iter(ref.values()))['volumes']} train volumes:", "",
+             "| stage | pass the training condition through | train mean volume | zeros |", "|---|---|---|---|"]
+    for k, r in ref.items():
+        lines.append(f"| {k[-1]} | {r['pass_condition_through']:.4f} | {r['train_mean']:.4f} | {r['zeros']:.4f} |")
+    curves = [("stage 2, the demo's run (physics_weight 0.1)", d.get("stage2_twin_demo") or []),
+              ("stage 3, this run (physics_weight 0.15)", d.get("stage3_twin") or []),
+              ("stage 3, diagnostic run with physics_weight 0", d.get("stage3_twin_physics0") or [])]
+    steps = sorted({p["step"] for _, c in curves for p in c if p["step"] <= 80})
+    if steps:
+        lines += ["", "Twin x0 loss (training batch of 2, the loop's logged value) by step:", "",
+                  "| step | " + " | ".join(n for n, c in curves if c) + " |", "|---" * (1 + sum(1 for _, c in curves if c)) + "|"]
+        for st in steps:
+            cells = []
+            for _, c in curves:
+                if c:
+                    v = next((p.get("direct_loss_x0") for p in c if p["step"] == st), None)
+                    cells.append("—" if v is None else f"{v:.4f}")
+            lines.append(f"| {st} | " + " | ".join(cells) + " |")
+    if d.get("diag_command"):
+        lines += ["", f"Diagnostic run: `{d['diag_command']}`"]
+    return [*lines, ""]
+
+
+def reference_losses(params, processed: str | Path, n: int = 20) -> dict[str, dict[str, float]]:  # noqa: ANN001
+    """What trivial predictors score on the twin's training loss (x0 MSE in the networks' units) on the
+    first ``n`` train volumes, per stage k > 1: passing the training condition through (the target
+    averaged down to stage k−1's grid and upsampled back, :func:`xct_core.cascade.lowres_condition`,
+    without its noise augmentation), all zeros, and the train mean volume."""
+    import numpy as np
+    import torch
+
+    from xct_core.cascade import lowres_condition
+    from xct_core.preprocess import read_manifest
+
+    net = params.hu.net_map()
+    ids = list(read_manifest(processed)["splits"]["train"])[:n]
+    out = {}
+    for k in range(2, params.n_stages + 1):
+        vols = [np.asarray(net.forward(np.load(Path(processed) / f"stage{k}" / f"{i}.npy").astype(np.float32)),
+                           dtype=np.float32) for i in ids]
+        mean = np.mean(vols, axis=0)
+        prev = params.stage(k - 1).size
+        rows = []
+        for v in vols:
+            x = torch.from_numpy(v)[None, None]
+            rows.append((float(((lowres_condition(x, prev) - x) ** 2).mean()), float((v ** 2).mean()),
+                         float(((v - mean) ** 2).mean())))
+        r = np.mean(rows, axis=0)
+        out[f"stage{k}"] = {"pass_condition_through": float(r[0]), "zeros": float(r[1]), "train_mean": float(r[2]),
+                            "volumes": len(ids)}
+    return out
+
+
+def loss_curve(log: Path) -> list[dict[str, float]]:
+    """The twin's and the residual model's training losses per logged step of a ``train_run`` log."""
+    keys = ("train/direct_loss_x0", "train/direct_loss_physics", "train/loss", "train/grad_norm", "train/direct_grad_norm")
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    return [{"step": int(r["step"]), **{k.split("/")[1]: r[k] for k in keys if k in r}} for r in rows
+            if "train/direct_loss_x0" in r]
 
 
 def partial_result(params, work: Path) -> dict[str, Any]:  # noqa: ANN001
@@ -345,10 +441,20 @@ def evaluate_and_write(a: argparse.Namespace, params, work: Path, training: dict
         paths = write_eval_reports(res["ev3"], work / "eval3", res["protocol"])
         write_eval_reports(res["ev2"], work / "eval2", res["protocol"])
     summary = summarise(params, res)
+    diagnosis = {"reference_x0_mse": reference_losses(params, a.processed), "stage3_twin": loss_curve(work / "train_log.jsonl"),
+                 "stage3_twin_physics0": loss_curve(Path(a.diag_log)) if a.diag_log else [],
+                 "diag_command": a.diag_command}
+    if a.demo:
+        import csv
+
+        with open(Path(a.demo) / "outputs" / "train" / "plots" / "stage2" / "train.csv", newline="") as fh:
+            diagnosis["stage2_twin_demo"] = [{"step": int(float(r["step"])), "direct_loss_x0": float(r["direct_loss_x0"]),
+                                              "direct_loss_physics": float(r["direct_loss_physics"])}
+                                             for r in csv.DictReader(fh)]
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     st = params.stage(3)
-    doc = {**header, "training": training, "summary": summary,
+    doc = {**header, "training": training, "summary": summary, "diagnosis": diagnosis,
            "inputs": f"processed data {a.processed}, frozen stages from {a.prev_run} (copies of a finished `make demo`)",
            "batch_size": st.cfg.batch_size, "val_max_volumes": params.train.val_max_volumes,
            "val_sample_steps": params.train.val_sample_steps}
@@ -377,7 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/xct_bench_stage3", help="working folder (kept: resume / re-evaluate)")
     ap.add_argument("--skip-train", action="store_true", help="evaluate the model already trained in --work")
     ap.add_argument("--train-only", action="store_true", help="train, write the training record, no evaluation")
+    ap.add_argument("--stage2-only", action="store_true",
+                    help="only evaluate the frozen stage 2 (kept in --work for the later full run; no training)")
     ap.add_argument("--from-raw", action="store_true", help="re-render from --work's eval_raw.json (no evaluation)")
+    ap.add_argument("--demo", default=None, help="a finished `make demo` (read only): its stage-2 training curve for the diagnosis")
+    ap.add_argument("--diag-log", default=None, help="train_log.jsonl of a diagnostic stage-3 run (e.g. physics_weight 0)")
+    ap.add_argument("--diag-command", default="", help="how the diagnostic run was made (shown in the report)")
     ap.add_argument("--max-volumes", type=int, default=0, help="first N test volumes (0: all)")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     a = ap.parse_args(argv)
@@ -391,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = a.steps if a.steps is not None else int(load_params(a.params).train.steps["stage3"])
     params = bench_params(a.params, 3, steps, a.val_every)
     record = work / "train_record.json"
+    if a.stage2_only:
+        prepare_out(work / "train", a.prev_run, 3)
+        evaluate(params, a.processed, work, a.max_volumes, print, stage2_only=True)
+        return 0
     if not a.skip_train:
         prepare_out(out, a.prev_run, 3)
         tr = train_run(params, 3, a.processed, out, threads=a.threads, log=work / "train_log.jsonl")
