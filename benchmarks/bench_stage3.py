@@ -400,7 +400,7 @@ def loss_curve(log: Path) -> list[dict[str, float]]:
             if "train/direct_loss_x0" in r]
 
 
-def partial_result(params, work: Path) -> dict[str, Any]:  # noqa: ANN001
+def partial_result(params, work: Path, planned: int = 0) -> dict[str, Any]:  # noqa: ANN001
     """The result of an evaluation stopped during stage 3 (``evaluate``'s progress files)."""
     from xct_core.evaluation import EvalProtocol
 
@@ -414,7 +414,8 @@ def partial_result(params, work: Path) -> dict[str, Any]:  # noqa: ANN001
     metrics = {"n_patients": len(rows), "samples": params.eval.samples_for(st.name),
                "sample_steps": params.eval.steps_for(st.name), "point_estimate": params.point_estimate_for(3),
                **proto.record(), "direct_source": "the twin shipped in best.pt",
-               "partial": f"stopped for time after {len(rows)} of {ev2['metrics']['n_patients']} test volumes"}
+               "partial": f"stopped for time after {len(rows)} of the {planned or ev2['metrics']['n_patients']} "
+                          "test volumes planned"}
     return {"ev2": SimpleNamespace(rows=ev2["rows"], metrics=ev2["metrics"]), "ev3": SimpleNamespace(rows=rows, metrics=metrics),
             "seconds": {"stage2": ev2["seconds"], "stage3": elapsed or float("nan")}}
 
@@ -433,7 +434,7 @@ def evaluate_and_write(a: argparse.Namespace, params, work: Path, training: dict
         if (work / "eval3" / "montage.png").is_file():
             paths["montage"] = work / "eval3" / "montage.png"
     elif a.from_raw:  # an evaluation stopped for time: stage 2 complete, the stage-3 volumes done so far
-        res = partial_result(params, work)
+        res = partial_result(params, work, a.max_volumes)
     else:
         res = evaluate(params, a.processed, work, a.max_volumes, print)
         write_text_atomic(raw, json_text({"seconds": res["seconds"], **{
