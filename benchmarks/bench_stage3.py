@@ -183,41 +183,56 @@ def evaluate_stage2(params, processed: str | Path, work: Path, max_volumes: int,
 
 def evaluate(params, processed: str | Path, work: Path, max_volumes: int, say,  # noqa: ANN001
              stage2_only: bool = False) -> dict[str, Any]:
-    """Stage 2 then stage 3 on the test split with THE evaluator (no reprojection: PSNR/SSIM only);
-    stage 3's rows gain the upsampled stage-2 baselines (computed here unless the evaluator has them).
-    Progress is kept as it comes (``work/eval2_raw.json``, one line per stage-3 volume in
-    ``work/eval3_rows.jsonl``), so a run stopped for time can still be reported (``--from-raw``)."""
+    """Stage 3 then stage 2 on the test split with THE evaluator (no reprojection: PSNR/SSIM only;
+    stage 2 is reused when ``--stage2-only`` ran it before); stage 3's rows gain the upsampled
+    stage-2 baselines (computed here, :func:`add_upsampled`). Progress is kept as it comes (one
+    line per stage-3 volume in ``work/eval3_rows.jsonl``), so a run stopped for time can still be
+    reported (``--from-raw``)."""
     from xct_core.evaluation import EvalProtocol, evaluate_stage
     from xct_core.jsondoc import jsonable
 
-    train_dir = work / "train"
+    if stage2_only:
+        evaluate_stage2(params, processed, work, max_volumes, say)
+        return {}
     rows_file = work / "eval3_rows.jsonl"
     rows_file.unlink(missing_ok=True)
-
     protocol = EvalProtocol.from_params(params)
     size3 = params.stage(3).size
-    ev2, t2, s2_point = evaluate_stage2(params, processed, work, max_volumes, say)
-    if stage2_only:
-        return {}
-    extra: dict[str, dict[str, float]] = {}
     t0 = time.perf_counter()
 
     def on_case(r) -> None:  # noqa: ANN001
-        row: dict[str, float] = {}
-        for prefix, hu in ((S2_POINT_UP, s2_point.get(r.case_id)), (S2_INPUT_UP, r.recon.previous_hu)):
-            if hu is not None:
-                up = upsample_hu(params, hu, size3)
-                row.update({f"{prefix}{k}": float(v) for k, v in protocol.metrics(up, r.target_hu, None).items()})
-        extra[r.case_id] = row
+        row: dict[str, Any] = dict(r.row)
+        if r.recon.previous_hu is not None:  # what stage 3's first draw was conditioned on
+            up = upsample_hu(params, r.recon.previous_hu, size3)
+            row.update({f"{S2_INPUT_UP}{k}": float(v) for k, v in protocol.metrics(up, r.target_hu, None).items()})
         with open(rows_file, "a") as fh:
-            fh.write(json.dumps(jsonable({**r.row, **row, "elapsed_s": time.perf_counter() - t0})) + "\n")
+            fh.write(json.dumps(jsonable({**row, "elapsed_s": time.perf_counter() - t0})) + "\n")
 
-    ev3 = evaluate_stage(params, processed, train_dir, 3, protocol=protocol, reprojection=False, log=say,
+    ev3 = evaluate_stage(params, processed, work / "train", 3, protocol=protocol, reprojection=False, log=say,
                          max_volumes=max_volumes, on_case=on_case)
     t3 = time.perf_counter() - t0
+    by_id = {json.loads(line)["id"]: json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()}
     for row in ev3.rows:
-        row.update(extra.get(row["id"], {}))
+        row.update({k: v for k, v in by_id.get(row["id"], {}).items() if k.startswith(S2_INPUT_UP)})
+    ev2, t2, points = evaluate_stage2(params, processed, work, max_volumes, say)
+    add_upsampled(params, processed, ev3.rows, points)
     return {"ev2": ev2, "ev3": ev3, "protocol": protocol, "seconds": {"stage2": t2, "stage3": t3}}
+
+
+def add_upsampled(params, processed: str | Path, rows: list[dict[str, Any]], points: dict[str, Any]) -> None:  # noqa: ANN001
+    """Add to each stage-3 row the metrics of stage 2's point estimate upsampled to stage 3's grid
+    against that volume's stage-3 target (the evaluator's own case loader and metric set)."""
+    from xct_core.evaluation import EvalProtocol, dataset_cases
+
+    protocol = EvalProtocol.from_params(params)
+    ids = [r["id"] for r in rows]
+    size3 = params.stage(3).size
+    by_id = {r["id"]: r for r in rows}
+    for case in dataset_cases(processed, 3, "test", ids, xrays=protocol.xrays):
+        if case.id in points:
+            up = upsample_hu(params, points[case.id], size3)
+            by_id[case.id].update({f"{S2_POINT_UP}{k}": float(v)
+                                   for k, v in protocol.metrics(up, case.target_hu, None).items()})
 
 
 def summarise(params, res: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
@@ -400,7 +415,7 @@ def loss_curve(log: Path) -> list[dict[str, float]]:
             if "train/direct_loss_x0" in r]
 
 
-def partial_result(params, work: Path, planned: int = 0) -> dict[str, Any]:  # noqa: ANN001
+def partial_result(params, processed: str | Path, work: Path, planned: int = 0) -> dict[str, Any]:  # noqa: ANN001
     """The result of an evaluation stopped during stage 3 (``evaluate``'s progress files)."""
     from xct_core.evaluation import EvalProtocol
 
@@ -409,6 +424,10 @@ def partial_result(params, work: Path, planned: int = 0) -> dict[str, Any]:  # n
     elapsed = rows[-1].pop("elapsed_s", None) if rows else None
     for r in rows:
         r.pop("elapsed_s", None)
+    import numpy as np
+
+    with np.load(work / "eval2_points.npz") as z:
+        add_upsampled(params, processed, rows, {k: z[k] for k in z.files})
     proto = EvalProtocol.from_params(params)
     st = params.stage(3)
     metrics = {"n_patients": len(rows), "samples": params.eval.samples_for(st.name),
@@ -434,7 +453,7 @@ def evaluate_and_write(a: argparse.Namespace, params, work: Path, training: dict
         if (work / "eval3" / "montage.png").is_file():
             paths["montage"] = work / "eval3" / "montage.png"
     elif a.from_raw:  # an evaluation stopped for time: stage 2 complete, the stage-3 volumes done so far
-        res = partial_result(params, work, a.max_volumes)
+        res = partial_result(params, a.processed, work, a.max_volumes)
     else:
         res = evaluate(params, a.processed, work, a.max_volumes, print)
         write_text_atomic(raw, json_text({"seconds": res["seconds"], **{
