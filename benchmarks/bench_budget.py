@@ -66,12 +66,31 @@ def main(argv: list[str] | None = None) -> int:
     record = work / "train_record.json"
     if not a.skip_train:
         header = run_header(os.getloadavg())
+        (work / "header.json").write_text(json.dumps(header))
         params = bench_params(a.params, a.stage, a.steps, a.val_every)
         prepare_out(work / "train", Path(a.demo) / "outputs" / "train", a.stage)
         tr = train_run(params, a.stage, a.processed, work / "train", threads=a.threads, log=work / "train_log.jsonl")
-        tr.update(header)
+        tr.update(header, planned_steps=a.steps)
         record.write_text(json.dumps(tr, indent=2))
-    return render_and_write(a, json.loads(record.read_text()))
+    tr = json.loads(record.read_text()) if record.is_file() else record_from_log(work, a.steps)
+    return render_and_write(a, tr)
+
+
+def record_from_log(work: Path, planned: int) -> dict[str, Any]:
+    """The training record of a run stopped for time, from its report log (``train_log.jsonl``):
+    the steps it reached, its step times and validations so far."""
+    rows = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    logs = [r for r in rows if "train/step_time_s" in r]
+    vals = [{k: v for k, v in r.items() if k.startswith("val/") or k == "step"} for r in rows
+            if any(k.startswith("val/") for k in r)]
+    steady = [r["train/step_time_s"] for r in logs[1:]] or [r["train/step_time_s"] for r in logs]
+    header = json.loads((work / "header.json").read_text()) if (work / "header.json").is_file() else {}
+    return {**header, "stage": 2, "steps": int(max(r["step"] for r in rows)), "planned_steps": planned,
+            "stopped_at": int(max(r["step"] for r in rows)), "threads": 1,
+            "step_time_s_median": statistics.median(steady), "samples_per_s_median": statistics.median(
+                r["train/samples_per_s"] for r in (logs[1:] or logs)),
+            "val_time_s": sum(v.get("val/time_s", 0.0) for v in vals), "val": vals,
+            "loadavg_during_median": statistics.median(r["loadavg_1min"] for r in logs)}
 
 
 def demo_timings(demo: Path, work: Path) -> dict[str, Any]:
@@ -196,8 +215,9 @@ def render(d: dict[str, Any]) -> str:
     for p in d["stage1_val"]:
         lines.append(f"| {p['step']} | {_f(p.get('psnr_window_db'))} | {_f(p.get('direct_psnr_window_db'))} | "
                      f"{_f(p.get('psnr_window_body_db'))} | {_f(p.get('direct_psnr_window_body_db'))} |")
-    lines += ["", f"## Stage 2 (32³): a run of {lr['steps']} steps" +
-              (" (stopped early: see below)" if lr.get("stopped_at") else ""), "",
+    lines += ["", f"## Stage 2 (32³): a run of {lr.get('planned_steps', lr['steps'])} steps" +
+              (f" (stopped for time at step {lr['stopped_at']}: the machine was shared by other jobs, load "
+               f"{_f(lr.get('loadavg_during_median'), '.0f')} on 2 cores)" if lr.get("stopped_at") else ""), "",
               "| step | cascade window PSNR (dB) | twin (dB) | cascade body (dB) | twin body (dB) |", "|---|---|---|---|---|"]
     for p in d["stage2_val_demo"]:
         lines.append(f"| {p['step']} (the demo's own 264-step run, end of its schedule) | {_f(p.get('psnr_window_db'))} | "
