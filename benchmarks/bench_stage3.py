@@ -459,7 +459,8 @@ def evaluate_and_write(a: argparse.Namespace, params, work: Path, training: dict
         write_text_atomic(raw, json_text({"seconds": res["seconds"], **{
             k: {"rows": res[k].rows, "metrics": res[k].metrics} for k in ("ev2", "ev3")}}))
         paths = write_eval_reports(res["ev3"], work / "eval3", res["protocol"])
-        write_eval_reports(res["ev2"], work / "eval2", res["protocol"])
+        if hasattr(res["ev2"], "montage"):  # evaluated in this run (a reused stage 2 keeps only its rows)
+            write_eval_reports(res["ev2"], work / "eval2", res["protocol"])
     summary = summarise(params, res)
     diagnosis = {"reference_x0_mse": reference_losses(params, a.processed), "stage3_twin": loss_curve(work / "train_log.jsonl"),
                  "stage3_twin_physics0": loss_curve(Path(a.diag_log)) if a.diag_log else [],
