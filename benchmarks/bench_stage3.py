@@ -130,7 +130,8 @@ def run_header(load0: tuple[float, float, float]) -> dict[str, str]:
 
 #: the metrics shown per estimator (whole grid and body-masked window PSNR, window SSIM)
 KEYS = ("psnr_window_db", "psnr_window_body_db", "ssim_window")
-#: the evaluator's prefix of the "previous stage upsampled" baseline, when it has one
+#: the evaluator's prefix of the "previous stage upsampled" baseline (stage 2's point estimate from
+#: the same K runs as stage 3, upsampled)
 UPSAMPLED = "upsampled_"
 #: this benchmark's own prefixes (computed here from the volumes the evaluator returns)
 S2_POINT_UP = "s2point_up_"  #: stage 2's point estimate (its own evaluation) upsampled to 64³
@@ -138,17 +139,11 @@ S2_INPUT_UP = "s2input_up_"  #: the stage-2 sample the cascade fed stage 3's fir
 
 
 def upsample_hu(params, hu, size: int):  # noqa: ANN001, ANN201
-    """A stage-2 HU volume on stage 3's grid as the cascade upsamples a condition: in the networks'
-    units (``params.hu.net_map``), :func:`xct_core.cascade.resize_volume` (trilinear), back to HU."""
-    import numpy as np
-    import torch
+    """A stage-2 HU volume on stage 3's grid exactly as the cascade upsamples a condition: the
+    evaluator's own :func:`xct_core.evaluation.upsample_previous` (the ``upsampled_`` baseline)."""
+    from xct_core.evaluation import upsample_previous
 
-    from xct_core.cascade import resize_volume
-
-    net = params.hu.net_map()
-    x = torch.from_numpy(np.ascontiguousarray(net.forward(np.asarray(hu, dtype=np.float32)), dtype=np.float32))
-    up = resize_volume(x[None, None], int(size))[0, 0].numpy()
-    return net.inverse(up).astype(np.float32)
+    return upsample_previous(hu, int(size), params)
 
 
 def evaluate_stage2(params, processed: str | Path, work: Path, max_volumes: int, say):  # noqa: ANN001, ANN201
@@ -268,9 +263,12 @@ def summarise(params, res: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
                        "stage2_upsampled_gain_fraction": achievable_fraction(table["stage 2 point estimate upsampled"][k]["mean"], f, c)}
     m3 = res["ev3"].metrics
     return {"table": table, "stage2_own_grid": s2, "gains": gains, "upsampled_baseline_source":
-            ("the evaluator's upsampled_ baseline" if has_evaluator_up else
+            ("the evaluator's `upsampled_` baseline (xct_core.evaluation: stage 2's point estimate from the same K "
+             "runs as stage 3, upsampled by `upsample_previous`); beside it, stage 2's point estimate from its own "
+             "evaluation (the demo's evaluate step's numbers) upsampled by the same function" if has_evaluator_up else
              "computed in this benchmark: stage 2's point estimate from its own evaluation (same seeds as the "
-             "evaluate step), upsampled in the networks' units with xct_core.cascade.resize_volume"),
+             "evaluate step), upsampled in the networks' units with xct_core.cascade.resize_volume (the evaluation "
+             "code of this run had no `upsampled_` baseline yet)"),
             "ceiling": {"gate": {k: ceilings[k] for k in ceilings}, "phantoms": ceil.get("phantoms"),
                         "source": "components.gate.stage_ceiling (the gate's own, cached)"},
             "evaluation": {k: m3.get(k) for k in ("n_patients", "samples", "sample_steps", "point_estimate",
