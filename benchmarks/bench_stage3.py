@@ -292,9 +292,22 @@ def render(doc: dict[str, Any]) -> str:
              "`xct_core.training.train_stage` called directly — the product's `--gates` check is not involved — "
              "with the demo's frozen stage 1 and stage 2 (`best.pt`), then evaluated on the test split by "
              "`xct_core.evaluation.evaluate_stage`.", "",
-             f"Machine: {tr['machine']}  ", f"Training date: {tr['date']}; evaluation date: {doc['date']}  ",
+             f"Machine (training): {tr['machine']}  ", f"Machine (evaluation): {doc['machine']}  ",
+             f"Training date: {tr['date']}; evaluation date: {doc['date']}  ",
              f"Training command: `{tr['command']}`  ", f"Evaluation command: `{doc['command']}`  ",
-             f"Inputs: {doc['inputs']}", "",
+             f"Inputs: {doc['inputs']}", ""]
+    g = s["gains"]["stage 3 - stage 2 upsampled: psnr_window_db"]
+    t = s["table"]
+    v3, vup = t["stage 3 (point estimate)"]["psnr_window_db"]["mean"], t["stage 2 point estimate upsampled"]["psnr_window_db"]["mean"]
+    floor = t["mean volume (floor)"]["psnr_window_db"]["mean"]
+    verdict = "met" if g["mean"] >= 1.0 else f"missed by {1.0 - g['mean']:.1f} dB"
+    lines += [f"**Result**: after {tr['steps']} steps stage 3 scores {v3:.2f} dB window PSNR on {ev['n_patients']} test "
+              f"phantoms, its input (stage 2 upsampled) {vup:.2f} dB: the change is {g['mean']:+.2f} dB, the target "
+              f"(≥ +1 dB) is {verdict}." + (f" Stage 3 is below the mean volume ({floor:.2f} dB): it has not learned "
+                                            "to reproduce even its condition (diagnosis at the end)." if v3 < floor else ""), ""]
+    if doc.get("notes"):
+        lines += [*(f"Note: {n}  " for n in doc["notes"]), ""]
+    lines += [
              f"Training: {tr['steps']} steps (params.yaml `train.steps.stage3`), batch "
              f"{doc['batch_size']}, {tr['threads']} torch thread, median step time **{tr['step_time_s_median']:.2f} s** "
              f"({tr['samples_per_s_median']:.3f} samples/s; loaded: median 1-min load average during the run "
@@ -473,7 +486,7 @@ def evaluate_and_write(a: argparse.Namespace, params, work: Path, training: dict
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     st = params.stage(3)
-    doc = {**header, "training": training, "summary": summary, "diagnosis": diagnosis,
+    doc = {**header, "training": training, "summary": summary, "diagnosis": diagnosis, "notes": a.note,
            "inputs": f"processed data {a.processed}, frozen stages from {a.prev_run} (copies of a finished `make demo`)",
            "batch_size": st.cfg.batch_size, "val_max_volumes": params.train.val_max_volumes,
            "val_sample_steps": params.train.val_sample_steps}
@@ -508,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demo", default=None, help="a finished `make demo` (read only): its stage-2 training curve for the diagnosis")
     ap.add_argument("--diag-log", default=None, help="train_log.jsonl of a diagnostic stage-3 run (e.g. physics_weight 0)")
     ap.add_argument("--diag-command", default="", help="how the diagnostic run was made (shown in the report)")
+    ap.add_argument("--note", action="append", default=[], help="a line shown under the header (repeatable)")
     ap.add_argument("--max-volumes", type=int, default=0, help="first N test volumes (0: all)")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     a = ap.parse_args(argv)
