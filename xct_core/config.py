@@ -640,7 +640,7 @@ class TrainParams(_OpsAware):
     """
 
     #: optimiser steps per stage (stage name → steps); every stage trained needs an entry
-    steps: dict[str, int] = Field(default_factory=lambda: {"stage1": 1200, "stage2": 264, "stage3": 80})
+    steps: dict[str, int] = Field(default_factory=lambda: {"stage1": 900, "stage2": 700, "stage3": 80})
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
