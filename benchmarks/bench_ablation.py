@@ -279,7 +279,8 @@ def cmd_report(a: argparse.Namespace) -> int:
     lines.append("")
     res = [(r, doc["rows"][r]["residuals"]) for r in order if doc["rows"][r].get("residuals")]
     if res:
-        lines += ["### the cause: twin residual RMS (network units, last checkpoint) of the cross-fitted runs", "",
+        lines += ["### the cause: twin residual RMS (network units, last checkpoint) of the cross-fitted runs "
+                  "(val: the clean training-renderer DRRs, not the honest views)", "",
                   "| row | step | train: all-data twin (in-sample) | train: own fold twin (out-of-fold) | ratio | val: all-data twin | val: own-fold twin | val: fold average |",
                   "|---|---|---|---|---|---|---|---|"]
         for r, d in res:
