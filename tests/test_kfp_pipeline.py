@@ -5,7 +5,7 @@ Fast: the compiled IR holds the three gate conditions (``dsl.If`` and its ``dsl.
 Slow (real kfp.local SubprocessRunner, tiny profile, in-process training): with a TEST-ONLY
 failing gate 1 the run still completes (exit 0), the later stages' tasks and register never
 run, and the ``dsl.Else`` branch records the gate summary. The pass path (every task through
-register) runs for a two- and a four-stage profile in tests/test_stage_count.py.
+register) runs for a two-stage profile in tests/test_stage_count.py.
 """
 
 from __future__ import annotations

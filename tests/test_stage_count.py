@@ -8,14 +8,14 @@ A two-stage (8³ → 16³) and a four-stage (8³ → 16³ → 32³ → 64³) tin
   growing the previous gate's ``reports`` artifact, and register taking the last stage's
   model and the last gate's reports — one input each, whatever the count;
 - slow: the two-stage DAG runs under ``kfp.local`` (the pass path: every task through
-  register, the exit task's run summary SUCCEEDED; the four-stage kfp.local run was dropped
-  for suite time: its DAG is compiled and checked above and run by ``dvc repro``) and under ``dvc repro`` (dvc.yaml's
-  per-stage blocks written by ``xct pipeline dvc-sync``), every gate passes (test-only
-  thresholds) and register registers a cascade of exactly that many stages (its
-  ``xct.stages`` / ``xct.gates`` tags). The four-stage ``dvc repro`` is
-  tests/test_dvc_pipeline.py::test_dvc_repro_noop_partial_rerun_and_failed_gate, which goes
-  on from that run (no-op, a stage-2 change, a failing last gate, a failing first gate), so
-  the DVC run here is the two-stage one.
+  register, the exit task's run summary SUCCEEDED) and under ``dvc repro`` (dvc.yaml's
+  per-stage blocks written by ``xct pipeline dvc-sync``: one stage FEWER than the repo's),
+  every gate passes (test-only thresholds) and register registers a cascade of exactly that
+  many stages (its ``xct.stages`` / ``xct.gates`` tags). The four-stage DAG is compiled and
+  checked above and written by ``dvc-sync`` in tests/test_dvc_pipeline.py; it is no longer run
+  (suite time: its 64³ stage was the most expensive part of the suite's DVC run). The
+  three-stage ``dvc repro`` (no-op, a stage-2 change, a failing last gate, a failing first
+  gate) is tests/test_dvc_pipeline.py::test_dvc_repro_noop_partial_rerun_and_failed_gate.
 """
 
 from __future__ import annotations
