@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ INTEGRATION: dict[str, str] = {
     "test_s3.py": "moto and rclone S3 servers",
     "test_serving.py": "an mlflow models serve process",
     "test_train_ray.py": "Ray Train with MLflow",
-    "test_stage_count.py": "kfp.local and dvc repro of two- and four-stage tiny profiles",
+    "test_stage_count.py": "kfp.local and dvc repro of a two-stage tiny profile",
     "test_fail_closed_registry.py": "a real mlflow server behind a fault proxy (refuse, hang, drop the Nth request)",
     "test_k8s_pg_service.py": "PostgreSQL: mlflow.yaml's password-free backend URI + the libpq service file",
 }
@@ -97,6 +98,42 @@ def artifacts_dir() -> Path:
     d = REPO / "outputs" / "test-artifacts"
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@pytest.fixture(scope="module")
+def shared_ray_cluster():
+    """The two-node token-auth Ray cluster tests/test_ray_cluster.py and tests/test_ray_jobs.py
+    share (:func:`ray_cluster.shared_cluster`: started on first use; each module that asks
+    for it gets it with two ALIVE nodes). It is stopped by :func:`pytest_runtest_teardown`
+    after the session's last test that uses it, not by a fixture finaliser: a session
+    fixture would leave it idling, with its token adopted by this process, under every later
+    module."""
+    pytest.importorskip("ray")
+    pytest.importorskip("psutil")
+    from ray_cluster import shared_cluster
+
+    return shared_cluster()
+
+
+_LAST_CLUSTER_USER = pytest.StashKey["pytest.Item | None"]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """After the item's own teardown: stop the shared Ray cluster (if one runs) when this was
+    the last test of the session that uses it (in file order the users are adjacent: the
+    cluster runs once, for exactly those tests)."""
+    try:
+        return (yield)
+    finally:
+        started = sys.modules.get("ray_cluster")  # never imported: no cluster to stop
+        if started is not None and started.shared_running():
+            stash = item.session.stash
+            if _LAST_CLUSTER_USER not in stash:
+                users = [it for it in item.session.items if started.SHARED_FIXTURE in it.fixturenames]
+                stash[_LAST_CLUSTER_USER] = users[-1] if users else None
+            if nextitem is None or item is stash[_LAST_CLUSTER_USER]:
+                started.stop_shared()
 
 
 @pytest.fixture(autouse=True)
