@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: test modules that start a real engine or server (marked ``integration``), with what they start
 INTEGRATION: dict[str, str] = {
-    "test_dvc_pipeline.py": "dvc repro of the whole DAG on tiny profiles",
+    "test_dvc_pipeline.py": "dvc dag and DVC's own index of dvc.yaml (its dvc repro run: test_stage_count.py)",
     "test_dvc_remote.py": "dvc push/pull against an S3 server on 127.0.0.1",
     "test_hpo.py": "Optuna studies on Ray Tune with MLflow child runs",
     "test_images.py": "podman: the built images, kfp.local DockerRunner",
@@ -46,7 +46,7 @@ INTEGRATION: dict[str, str] = {
     "test_s3.py": "moto and rclone S3 servers",
     "test_serving.py": "an mlflow models serve process",
     "test_train_ray.py": "Ray Train with MLflow",
-    "test_stage_count.py": "kfp.local and dvc repro of a two-stage tiny profile",
+    "test_stage_count.py": "kfp.local and dvc repro (+ re-runs, an experiment) of a two-stage tiny profile",
     "test_fail_closed_registry.py": "a real mlflow server behind a fault proxy (refuse, hang, drop the Nth request)",
     "test_k8s_pg_service.py": "PostgreSQL: mlflow.yaml's password-free backend URI + the libpq service file",
 }
