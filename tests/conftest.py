@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: test modules that start a real engine or server (marked ``integration``), with what they start
 INTEGRATION: dict[str, str] = {
-    "test_dvc_pipeline.py": "dvc repro of the whole DAG on tiny profiles",
+    "test_dvc_pipeline.py": "dvc dag and DVC's own index of dvc.yaml (its dvc repro run: test_stage_count.py)",
     "test_dvc_remote.py": "dvc push/pull against an S3 server on 127.0.0.1",
     "test_hpo.py": "Optuna studies on Ray Tune with MLflow child runs",
     "test_images.py": "podman: the built images, kfp.local DockerRunner",
@@ -45,7 +46,7 @@ INTEGRATION: dict[str, str] = {
     "test_s3.py": "moto and rclone S3 servers",
     "test_serving.py": "an mlflow models serve process",
     "test_train_ray.py": "Ray Train with MLflow",
-    "test_stage_count.py": "kfp.local and dvc repro of two- and four-stage tiny profiles",
+    "test_stage_count.py": "kfp.local and dvc repro (+ re-runs, an experiment) of a two-stage tiny profile",
     "test_fail_closed_registry.py": "a real mlflow server behind a fault proxy (refuse, hang, drop the Nth request)",
     "test_k8s_pg_service.py": "PostgreSQL: mlflow.yaml's password-free backend URI + the libpq service file",
 }
@@ -97,6 +98,90 @@ def artifacts_dir() -> Path:
     d = REPO / "outputs" / "test-artifacts"
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@pytest.fixture(scope="module")
+def shared_ray_cluster():
+    """The two-node token-auth Ray cluster tests/test_ray_cluster.py and tests/test_ray_jobs.py
+    share (:func:`ray_cluster.shared_cluster`: started on first use; each module that asks
+    for it gets it with two ALIVE nodes). It is stopped by :func:`pytest_runtest_teardown`
+    after the session's last test that uses it, not by a fixture finaliser: a session
+    fixture would leave it idling, with its token adopted by this process, under every later
+    module."""
+    pytest.importorskip("ray")
+    pytest.importorskip("psutil")
+    from ray_cluster import shared_cluster
+
+    return shared_cluster()
+
+
+_LAST_CLUSTER_USER = pytest.StashKey["pytest.Item | None"]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """After the item's own teardown: stop the shared Ray cluster (if one runs) when this was
+    the last test of the session that uses it (in file order the users are adjacent: the
+    cluster runs once, for exactly those tests)."""
+    try:
+        return (yield)
+    finally:
+        started = sys.modules.get("ray_cluster")  # never imported: no cluster to stop
+        if started is not None and started.shared_running():
+            stash = item.session.stash
+            if _LAST_CLUSTER_USER not in stash:
+                users = [it for it in item.session.items if started.SHARED_FIXTURE in it.fixturenames]
+                stash[_LAST_CLUSTER_USER] = users[-1] if users else None
+            if nextitem is None or item is stash[_LAST_CLUSTER_USER]:
+                started.stop_shared()
+
+
+class _KfpCallerName:
+    """``inspect`` as kfp.dsl.pipeline_task sees it in the test process: the same module, except
+    that :meth:`stack` builds the frame records without reading any source.
+
+    KFP 2.17 calls ``inspect.stack()`` in ``PipelineTask._ensure_container_spec_exists`` (every
+    ``set_cpu_request``/``set_memory_limit``/… of every task it compiles) only to name the
+    calling method in an error message. ``inspect.stack()`` resolves each frame's source file,
+    and for a frame whose file is no module's it scans every module in ``sys.modules``: in a
+    pytest process deep in its stack with ~6000 modules loaded that made ONE ``build_pipeline``
+    of the default DAG take minutes (measured under load: ~160 s, vs 0.4 s with this; the same
+    call in a fresh ``xct`` process takes under a second). The records here carry the same frame,
+    file, line and function name; ``code_context``/``index`` are None (KFP reads ``[1][3]``, the
+    function name). tests/test_kfp_pipeline.py checks that KFP's error names the same method
+    either way and that the compiled YAML does not change."""
+
+    def __getattr__(self, name: str):
+        import inspect
+
+        return getattr(inspect, name)
+
+    @staticmethod
+    def stack(context: int = 1) -> list[tuple]:
+        import inspect
+
+        frame, out = sys._getframe(1), []
+        while frame is not None:
+            out.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name,
+                                         None, None))
+            frame = frame.f_back
+        return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kfp_compiles_without_source_lookups():
+    """Every in-process KFP compile of the session uses :class:`_KfpCallerName` (undone at the end)."""
+    try:
+        from kfp.dsl import pipeline_task
+    except ImportError:  # no kfp: nothing compiles
+        yield
+        return
+    real = pipeline_task.inspect
+    pipeline_task.inspect = _KfpCallerName()
+    try:
+        yield
+    finally:
+        pipeline_task.inspect = real
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@
 and tests/test_stage_count.py.
 
 6 phantoms at 32³ (12.8 mm voxels, the stages' 409.6 mm FOV), an N-stage cascade (default
-three: 8³/16³/32³; four adds 64³) with ~10k-parameter networks, 16-pixel DRRs, 2 optimiser
+three: 8³/16³/32³; four adds 64³, compiled but not run by the suite) with ~10k-parameter networks, 16-pixel DRRs, 2 optimiser
 steps per stage, 2 DDIM steps, Ray Train with one worker. TEST-ONLY gate thresholds:
 ``passing_gates`` accept any finite, non-collapsed output (the plumbing is under test, not
 the model quality); ``failing_gates`` no model can pass (PSNR > 1000 dB).

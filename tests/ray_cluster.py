@@ -362,3 +362,82 @@ class RayCluster:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------------- one cluster, several modules
+
+#: the pytest fixture (tests/conftest.py) through which test modules share :func:`shared_cluster`
+SHARED_FIXTURE = "shared_ray_cluster"
+_shared: RayCluster | None = None
+
+
+def shared_cluster() -> RayCluster:
+    """THE two-node cluster that tests/test_ray_cluster.py and tests/test_ray_jobs.py share
+    (through the session fixture :data:`SHARED_FIXTURE`): a head on 127.0.0.2 and a worker
+    node on 127.0.0.3, one CPU each, its own random token, every node importing this
+    checkout first (``PYTHONPATH``, as the image's installed code), the dashboard answering.
+    Started on first use; :func:`stop_shared` stops it (tests/conftest.py does, as soon as the
+    next test does not use it, so it never idles under the rest of the suite).
+
+    Both modules need a worker that shares the driver's disk (Ray Train and Ray Data write
+    their outputs to local folders there); the isolated-worker cluster of
+    tests/test_jobs_route.py stays its own. A test may change the cluster's nodes (the
+    node-kill test replaces the worker with a new node): users read the ALIVE nodes from
+    :meth:`RayCluster.alive`, not from the addresses above."""
+    global _shared
+    if _shared is None:
+        pythonpath = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+        cluster = RayCluster(num_cpus=1, env={"PYTHONPATH": pythonpath})
+        cluster.start()
+        try:
+            cluster.add_worker()
+            cluster.wait_alive(2)
+            wait_dashboard(cluster)
+        except BaseException:
+            cluster.stop()
+            raise
+        _shared = cluster
+    else:
+        # a test that killed a node without replacing it (it failed half-way) must not fail the
+        # next module's tests too: a fresh worker node on an address no node has used
+        alive = _shared.alive()
+        if len(alive) < 2:
+            used = {n.ip for n in _shared.nodes}
+            ip = next(f"127.0.0.{i}" for i in range(3, 250) if f"127.0.0.{i}" not in used)
+            _shared.add_worker(ip)
+        _shared.wait_alive(2)
+    return _shared
+
+
+def shared_running() -> bool:
+    """Whether :func:`shared_cluster` has a cluster running."""
+    return _shared is not None
+
+
+def stop_shared() -> None:
+    """Stop :func:`shared_cluster`'s cluster if it runs; RuntimeError if any of its processes
+    outlived the stop."""
+    global _shared
+    cluster, _shared = _shared, None
+    if cluster is not None:
+        cluster.stop()
+        left = cluster._ours()
+        if left:
+            raise RuntimeError(f"processes of the shared test cluster are still running: {left}")
+
+
+def wait_dashboard(cluster: RayCluster, timeout_s: float = 60.0) -> None:
+    """Until the head's dashboard (Jobs API) answers HTTP; RuntimeError after ``timeout_s``."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{cluster.dashboard_url}/api/version", timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered (a refusal is an answer)
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise RuntimeError(f"the dashboard at {cluster.dashboard_url} did not answer in {timeout_s:.0f} s")

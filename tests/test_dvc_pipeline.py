@@ -3,13 +3,8 @@
 Fast checks: the DAG chain (`dvc dag`), the `foreach` cascade against params.yaml, that every
 step depends on the code it runs (its import closure) and lists only params keys that exist
 and only its own stage's keys, and the guard's pass / skip / error behaviour.
-Slow check (real engines, a FOUR-stage tiny profile from tests/pipeline_profile.py — one
-stage more than the repo's, dvc.yaml's per-stage blocks from `xct pipeline dvc-sync` — in a
-temporary copy of the repo): `dvc repro` runs the whole chain and registers four stages; a
-second repro is a no-op; changing a stage-2 parameter re-runs stage 2 onward only; a failing
-last gate re-runs that gate and register only (rejected at stage 4); a failing gate 1
-(test-only thresholds) skips every later training/evaluation with markers and the run still
-exits 0 (rejected).
+The `dvc repro` runs (no-op, partial re-runs, failing gates, an experiment) are ONE run of the
+two-stage tiny profile: tests/test_stage_count.py::test_dvc_repro_runs_and_registers_two_stages.
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 from pathlib import Path
 
@@ -27,17 +21,7 @@ import pytest
 import yaml
 
 from components import guard
-from pipeline_profile import (
-    FAILING_GATES,
-    REPO,
-    check_registered,
-    copy_repo,
-    dvc_chain,
-    short_tmpdir,
-    step_env,
-    tiny_profile,
-    write_params,
-)
+from pipeline_profile import REPO, dvc_chain
 from xct_core.config import Params, TrainParams
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -266,87 +250,3 @@ def test_guard_errors_on_a_missing_or_broken_gate_report(tmp_path: Path, content
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and str(gate) in err
     assert not (tmp_path / "m.json").exists()
-
-
-# --------------------------------------------------------------------------- dvc repro
-
-
-def _repro(repo: Path, env: dict[str, str]) -> tuple[list[str], str]:
-    proc = subprocess.run([DVC, "repro"], cwd=repo, env=env, capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    return re.findall(r"Running stage '([^']+)'", log), log
-
-
-@pytest.fixture
-def scratch() -> Iterator[Path]:
-    """A short, disposable temp dir (removed afterwards)."""
-    d = short_tmpdir("xdvc")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_dvc_repro_noop_partial_rerun_and_failed_gate(scratch: Path) -> None:
-    """Four stages (one more than the repo's: the stage count comes from params, dvc.yaml's
-    per-stage blocks from `xct pipeline dvc-sync`)."""
-    root = scratch
-    repo = copy_repo(root / "repo")
-    env = step_env(root, repo)
-    n = 4
-    names = [f"stage{k}" for k in range(1, n + 1)]
-    chain = dvc_chain(names)
-    params = tiny_profile(n_stages=n)
-    write_params(repo / "params.yaml", params)
-    sync = subprocess.run([sys.executable, "-m", "pipelines.cli", "pipeline", "dvc-sync"],
-                          cwd=repo, env=env, capture_output=True, text=True)
-    assert sync.returncode == 0, sync.stdout + sync.stderr
-
-    ran, _ = _repro(repo, env)
-    assert ran == chain  # topological order of the whole chain
-    summary = json.loads((repo / "reports/summary.json").read_text())
-    check_registered(summary, n, root / "mlflow.db")
-    for k in range(1, n + 1):
-        assert (repo / f"outputs/train/models/stage{k}/final.pt").is_file()
-        assert (repo / f"reports/eval/stage{k}/per_patient.csv").is_file()
-    stage1_model = (repo / "outputs/train/models/stage1/final.pt").read_bytes()
-
-    ran, log = _repro(repo, env)  # nothing changed
-    assert ran == [], log[-2000:]
-    st = subprocess.run([DVC, "status"], cwd=repo, env=env, capture_output=True, text=True, check=True).stdout
-    assert "up to date" in st
-
-    params["stages"]["stage2"]["lr"] = params["stages"]["stage2"]["lr"] * 2  # a stage-2 parameter
-    write_params(repo / "params.yaml", params)
-    ran, _ = _repro(repo, env)
-    stage2_on = chain[chain.index("train@stage2"):]
-    assert ran[:2] == ["train@stage2", "evaluate@stage2"] and set(ran) <= set(stage2_on), ran
-    assert "train@stage3" in ran and "train@stage4" in ran  # they depend on the new stage-2 model
-    assert (repo / "outputs/train/models/stage1/final.pt").read_bytes() == stage1_model
-
-    params["gates"]["stage4"] = FAILING_GATES["stage1"]  # TEST-ONLY threshold: the last gate must fail
-    write_params(repo / "params.yaml", params)
-    ran, _ = _repro(repo, env)
-    assert ran == ["gate@stage4", "register"], ran  # only that gate and register re-run
-    summary = json.loads((repo / "reports/summary.json").read_text())
-    assert summary["status"] == "rejected" and summary["rejected_at_stage"] == 4
-    assert [s["passed"] for s in summary["stages"]] == [True, True, True, False]
-
-    params["gates"]["stage1"] = FAILING_GATES["stage1"]  # TEST-ONLY threshold: gate 1 must fail
-    write_params(repo / "params.yaml", params)
-    ran, log = _repro(repo, env)  # exits 0: a rejected run is a completed run
-    assert "train@stage1" not in ran and ran[0] == "gate@stage1" and ran[-1] == "register", ran
-    assert "skipped" in log
-    summary = json.loads((repo / "reports/summary.json").read_text())
-    assert summary["status"] == "rejected" and summary["rejected_at_stage"] == 1
-    assert [s["skipped"] for s in summary["stages"]] == [False] + [True] * (n - 1)
-    for k in range(2, n + 1):
-        models = repo / f"outputs/train/models/stage{k}"
-        assert sorted(p.name for p in models.iterdir()) == [guard.MARKER_NAME]  # no training happened
-        for f in (f"outputs/train/metrics/stage{k}.json", f"reports/eval/stage{k}/metrics.json",
-                  f"reports/gates/stage{k}.json"):
-            doc = json.loads((repo / f).read_text())
-            assert doc["skipped"] is True and doc["passed"] is False, f
-    ran, _ = _repro(repo, env)
-    assert ran == []  # the skip markers are stable outputs: still a no-op

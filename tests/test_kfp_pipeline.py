@@ -5,7 +5,7 @@ Fast: the compiled IR holds the three gate conditions (``dsl.If`` and its ``dsl.
 Slow (real kfp.local SubprocessRunner, tiny profile, in-process training): with a TEST-ONLY
 failing gate 1 the run still completes (exit 0), the later stages' tasks and register never
 run, and the ``dsl.Else`` branch records the gate summary. The pass path (every task through
-register) runs for a two- and a four-stage profile in tests/test_stage_count.py.
+register) runs for a two-stage profile in tests/test_stage_count.py.
 """
 
 from __future__ import annotations
@@ -327,3 +327,38 @@ def test_a_local_run_executes_the_compiled_yaml(scratch: Path, monkeypatch: pyte
     (run,) = root.glob("xct-cascade-*")
     assert "ingestfromyaml-component" in _tasks(run) and "ingest-component" not in _tasks(run)
     assert "ingestfromyaml-component" in (root / "pipeline.yaml").read_text()
+
+
+def test_the_sessions_kfp_stack_shim_changes_nothing_but_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/conftest.py swaps kfp.dsl.pipeline_task's ``inspect`` for ``_KfpCallerName`` in the
+    test process (KFP's ``inspect.stack()`` made each in-process compile take minutes there).
+    With the shim and with the real ``inspect``: a pod setting on a task without a container
+    fails with the same message (the calling method's name, what KFP reads from the stack), and
+    the same pipeline with pod settings compiles to the same YAML."""
+    import inspect
+
+    from kfp import compiler, dsl
+    from kfp.dsl import pipeline_task
+
+    from components.kfp_components import stage_params_component
+
+    shim = pipeline_task.inspect
+    assert type(shim).__name__ == "_KfpCallerName"  # the session fixture is on
+
+    errors: dict[str, str] = {}
+    for name, module in (("shim", shim), ("real", inspect)):
+        monkeypatch.setattr(pipeline_task, "inspect", module)
+
+        @dsl.pipeline(name="shim-check")
+        def pipe():  # no annotations: KFP reads them (this module has `from __future__ import annotations`)
+            task = stage_params_component(params_yaml="{}", stage=1)
+            task.set_cpu_request("500m").set_cpu_limit("1").set_memory_request("1Gi")
+            task.set_memory_limit("2Gi").set_retry(2)
+            importer = dsl.importer(artifact_uri="gs://bucket/data", artifact_class=dsl.Dataset)
+            with pytest.raises(ValueError) as exc:
+                importer.set_memory_limit("1Gi")
+            errors[name] = str(exc.value)
+
+        compiler.Compiler().compile(pipe, str(tmp_path / f"{name}.yaml"))
+    assert errors["shim"] == errors["real"] and errors["real"].startswith("set_memory_limit can only be used"), errors
+    assert (tmp_path / "shim.yaml").read_text() == (tmp_path / "real.yaml").read_text()

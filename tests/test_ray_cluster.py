@@ -20,8 +20,11 @@ head) was not chosen: the data-parallel world size is part of the recipe (global
 batch_size × workers, the checkpoint records it), so a resumed run that silently halves it
 is not the same run.
 
-The cluster is module-scoped and stopped in the fixture's finaliser (also when a test
-fails); every wait is bounded.
+The cluster is the one this module shares with tests/test_ray_jobs.py (the
+``shared_ray_cluster`` fixture, tests/conftest.py: started once, stopped after the last test
+that uses it, also when a test fails; its worker shares the driver's disk); the node-kill test
+leaves it with the head and the replacement node, two ALIVE nodes, which is what the next
+module is handed. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -67,26 +70,20 @@ def _with(params: Params, **sections: dict[str, Any]) -> Params:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory):
+def env(tmp_path_factory: pytest.TempPathFactory, shared_ray_cluster: RayCluster):
     root = tmp_path_factory.mktemp("cluster")
     params = tiny_params(train={"ray": {"num_workers": 2, "cpus_per_worker": 1.0, "max_failures": 1},
                                 "val_reprojection": False})
-    cluster = RayCluster(num_cpus=1)
-    try:
-        cluster.start(wait=False)  # the head starts while the data is made
-        processed = build_processed(root, params)  # the process pool's folder (the reference)
-        cluster.wait_alive(1)
-        worker = cluster.add_worker()
-        nodes = cluster.wait_alive(2)
-        child = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "XCT_"))}
-        child.update(cluster.client_env(), OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
-                     PYTHONUNBUFFERED="1")
-        yield {"root": root, "params": params, "processed": processed, "cluster": cluster, "worker": worker,
-               "head_id": cluster.node_id(cluster.nodes[0]), "worker_id": cluster.node_id(worker), "nodes": nodes,
-               "child": child, "uri": child["MLFLOW_TRACKING_URI"]}
-    finally:
-        cluster.stop()
-    assert not cluster._ours(), "processes of the test cluster are still running"
+    cluster = shared_ray_cluster
+    processed = build_processed(root, params)  # the process pool's folder (the reference)
+    nodes = cluster.wait_alive(2)
+    (worker,) = [n for n in cluster.nodes if not n.head and not n.killed and n.ip in nodes.values()]
+    child = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "XCT_"))}
+    child.update(cluster.client_env(), OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+                 PYTHONUNBUFFERED="1")
+    return {"root": root, "params": params, "processed": processed, "cluster": cluster, "worker": worker,
+            "head_id": cluster.node_id(cluster.nodes[0]), "worker_id": cluster.node_id(worker), "nodes": nodes,
+            "child": child, "uri": child["MLFLOW_TRACKING_URI"]}
 
 
 def _dump(env: dict, name: str, params: Params) -> Path:

@@ -13,7 +13,10 @@
   with the job's last lines (the inner `xct: error:` among them).
 * SIGTERM to the submitting `xct train`: it stops the Ray job (status STOPPED) and exits 143.
 
-Plus compile-time and argument checks that need no cluster. One cluster per module.
+Plus compile-time and argument checks that need no cluster. The cluster is the one this
+module shares with tests/test_ray_cluster.py (the ``shared_ray_cluster`` fixture,
+tests/conftest.py; stopped after this module's last cluster test): after that module's
+node-kill test its worker is the replacement node, so the nodes are read from the cluster.
 """
 
 from __future__ import annotations
@@ -50,44 +53,27 @@ XCT_COMMAND = f"{sys.executable} -m pipelines.cli"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory):
+def env(tmp_path_factory: pytest.TempPathFactory, shared_ray_cluster: RayCluster):
     root = tmp_path_factory.mktemp("rayjobs")
     params = tiny_params(train={"ray": {"num_workers": 1, "cpus_per_worker": 1.0, "max_failures": 0},
                                 "val_reprojection": False})
     # the nodes (and so the jobs' drivers) import this checkout, as the image's installed code
+    # (the shared cluster's nodes run with REPO first on their PYTHONPATH)
+    cluster = shared_ray_cluster
+    assert cluster.env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)
     pythonpath = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    cluster = RayCluster(num_cpus=1, env={"PYTHONPATH": pythonpath})
-    try:
-        cluster.start(wait=False)
-        processed = build_processed(root, params, n_train=2, n_val=1)
-        cluster.wait_alive(1)
-        cluster.add_worker()
-        nodes = cluster.wait_alive(2)
-        data = params.model_dump(mode="json")
-        data["pipeline"] = {"ray": {"address": cluster.dashboard_url, "command": XCT_COMMAND, "timeout_s": 240.0}}
-        pfile = root / "params.yaml"
-        pfile.write_text(yaml.safe_dump(data, sort_keys=False))
-        # the submitter: the token, NOT RAY_ADDRESS (it joins nothing: it talks HTTP to the dashboard)
-        child = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "XCT_"))}
-        child.update(cluster.auth_env(), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath,
-                     MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
-        _wait_dashboard(cluster)
-        yield {"root": root, "cluster": cluster, "processed": processed, "params": pfile, "child": child,
-               "nodes": nodes}
-    finally:
-        cluster.stop()
-    assert not cluster._ours(), "processes of the test cluster are still running"
-
-
-def _wait_dashboard(cluster: RayCluster, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            requests.get(f"{cluster.dashboard_url}/api/version", timeout=2)
-            return
-        except requests.RequestException:
-            time.sleep(0.5)
-    raise RuntimeError(f"the dashboard at {cluster.dashboard_url} did not answer in {timeout_s:.0f} s")
+    processed = build_processed(root, params, n_train=2, n_val=1)
+    nodes = cluster.wait_alive(2)
+    data = params.model_dump(mode="json")
+    data["pipeline"] = {"ray": {"address": cluster.dashboard_url, "command": XCT_COMMAND, "timeout_s": 240.0}}
+    pfile = root / "params.yaml"
+    pfile.write_text(yaml.safe_dump(data, sort_keys=False))
+    # the submitter: the token, NOT RAY_ADDRESS (it joins nothing: it talks HTTP to the dashboard)
+    child = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "XCT_"))}
+    child.update(cluster.auth_env(), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath,
+                 MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
+    return {"root": root, "cluster": cluster, "processed": processed, "params": pfile, "child": child,
+            "nodes": nodes}
 
 
 def _client(env: dict) -> Any:

@@ -8,14 +8,15 @@ A two-stage (8³ → 16³) and a four-stage (8³ → 16³ → 32³ → 64³) tin
   growing the previous gate's ``reports`` artifact, and register taking the last stage's
   model and the last gate's reports — one input each, whatever the count;
 - slow: the two-stage DAG runs under ``kfp.local`` (the pass path: every task through
-  register, the exit task's run summary SUCCEEDED; the four-stage kfp.local run was dropped
-  for suite time: its DAG is compiled and checked above and run by ``dvc repro``) and under ``dvc repro`` (dvc.yaml's
-  per-stage blocks written by ``xct pipeline dvc-sync``), every gate passes (test-only
-  thresholds) and register registers a cascade of exactly that many stages (its
-  ``xct.stages`` / ``xct.gates`` tags). The four-stage ``dvc repro`` is
-  tests/test_dvc_pipeline.py::test_dvc_repro_noop_partial_rerun_and_failed_gate, which goes
-  on from that run (no-op, a stage-2 change, a failing last gate, a failing first gate), so
-  the DVC run here is the two-stage one.
+  register, the exit task's run summary SUCCEEDED) and under ``dvc repro`` (dvc.yaml's
+  per-stage blocks written by ``xct pipeline dvc-sync``: one stage FEWER than the repo's),
+  every gate passes (test-only thresholds) and register registers a cascade of exactly that
+  many stages (its ``xct.stages`` / ``xct.gates`` tags). The same DVC run then goes on: no-op,
+  committed + an experiment (``dvc exp run``/``show``, metrics/params/plots diff), a stage-1
+  change, a failing last gate, a failing first gate — the suite's only ``dvc repro``. The
+  four-stage DAG is compiled and checked above and written by ``dvc-sync`` in
+  tests/test_dvc_pipeline.py; it is not run (suite time: its 64³ stage was the most expensive
+  part of the suite's former four-stage ``dvc repro``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components import guard
 from dvc_exp_checks import GIT_ID, _run, check_committed_run, check_experiment
 from pipeline_profile import (
+    FAILING_GATES,
     REPO,
     check_registered,
     copy_repo,
@@ -168,30 +171,108 @@ def test_kfp_local_runs_and_registers_n_stages(n: int, scratch: Path, raw: Path)
 # --------------------------------------------------------------------------- dvc repro (slow)
 
 
-def _repro(repo: Path, env: dict[str, str]) -> list[str]:
-    proc = subprocess.run([DVC, "repro"], cwd=repo, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr)
+def _repro(repo: Path, env: dict[str, str], *args: str) -> tuple[list[str], str]:
+    """``dvc repro`` (or ``dvc ARGS``, e.g. ``exp run …``): the stages it ran, in order, and its log."""
+    proc = subprocess.run([DVC, *(args or ("repro",))], cwd=repo, env=env, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return re.findall(r"Running stage '([^']+)'", log), log
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_dvc_repro_runs_and_registers_two_stages(scratch: Path) -> None:
+    """ONE `dvc repro` run of the two-stage profile (one stage fewer than the repo's dvc.yaml:
+    the count comes from params, the blocks from `xct pipeline dvc-sync`), then on that same
+    repo, each step changing one thing and asserting exactly what re-ran:
+
+    1. the whole chain, in topological order; register registers two stages;
+    2. a second repro is a no-op (`dvc status`: up to date);
+    3. committed: dvc.lock and the declared metrics/plots in git (tests/dvc_exp_checks.py);
+    4. `dvc exp run -S train.steps.stage2=3`: stage 2 onward only (stage 1's model untouched),
+       then `dvc exp show`, `metrics diff`, `params diff`, `plots diff` on it;
+    5. a stage-1 parameter: stage 1 re-runs, and stage 2 with it (it trains on the new stage-1
+       model), the data steps do not;
+    6. a failing last gate: only that gate and register re-run (rejected at stage 2);
+    7. a failing gate 1: every later training/evaluation is skipped with markers, the run still
+       exits 0 (rejected at stage 1), and a repro after it is a no-op.
+
+    Steps 2 and 5-7 were a separate four-, then three-stage `dvc repro` in
+    tests/test_dvc_pipeline.py; one run proves the same (every stage after the first is the
+    same ``foreach`` block) at a third of the cost (docs/testing.md)."""
     n = 2
+    names = _names(n)
+    chain = dvc_chain(names)
     root = scratch / f"dvc{n}"
     root.mkdir()
     repo = copy_repo(root / "repo")
     env = step_env(root, repo)
-    write_params(repo / "params.yaml", tiny_profile(n_stages=n))
+    params = tiny_profile(n_stages=n)
+    write_params(repo / "params.yaml", params)
     sync = subprocess.run([*XCT, "pipeline", "dvc-sync"], cwd=repo, env=env, capture_output=True, text=True)
     assert sync.returncode == 0 and f"for {n} stages" in sync.stdout, sync.stdout + sync.stderr
-    assert _repro(repo, env) == dvc_chain(_names(n))
+
+    # 1. the whole chain
+    ran, _ = _repro(repo, env)
+    assert ran == chain  # topological order of the whole chain
     check_registered(json.loads((repo / "reports/summary.json").read_text()), n, root / "mlflow.db")
-    # DVC as its users expect (issue 22 item 6), on this same run: commit it, then an experiment
+    for k in range(1, n + 1):
+        assert (repo / f"outputs/train/models/stage{k}/final.pt").is_file()
+        assert (repo / f"reports/eval/stage{k}/per_patient.csv").is_file()
+    stage1_model = (repo / "outputs/train/models/stage1/final.pt").read_bytes()
+
+    # 2. nothing changed: nothing runs
+    ran, log = _repro(repo, env)
+    assert ran == [], log[-2000:]
+    st = subprocess.run([DVC, "status"], cwd=repo, env=env, capture_output=True, text=True, check=True).stdout
+    assert "up to date" in st
+
+    # 3. DVC as its users expect (issue 22 item 6), on this same run: commit it …
     env = {**env, **GIT_ID}
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-q", "-m", "baseline run"], repo, env)
     check_committed_run(repo, env)
-    # stage 2 trains 3 steps instead of 2 (stage 2 onward re-runs: the fewest steps)
-    _run([DVC, "exp", "run", "-S", "train.steps.stage2=3"], repo, env)
+    # 4. … then an experiment: stage 2 trains 3 steps instead of 2 (a stage-2 parameter)
+    ran, log = _repro(repo, env, "exp", "run", "-S", "train.steps.stage2=3")
+    stage2_on = chain[chain.index("train@stage2"):]
+    assert ran[:2] == ["train@stage2", "evaluate@stage2"] and set(ran) <= set(stage2_on), log[-3000:]
+    assert (repo / "outputs/train/models/stage1/final.pt").read_bytes() == stage1_model  # stage 1 untouched
     check_experiment(repo, env, root / "plots")
+    params["train"]["steps"]["stage2"] = 3  # the workspace holds the experiment's params and results
+
+    # 5. a stage-1 parameter: stage 1 re-runs, stage 2 after it (its input is the new stage-1 model)
+    params["stages"]["stage1"]["lr"] = params["stages"]["stage1"]["lr"] * 2
+    write_params(repo / "params.yaml", params)
+    ran, _ = _repro(repo, env)
+    stage1_on = chain[chain.index("train@stage1"):]
+    assert ran[:2] == ["train@stage1", "evaluate@stage1"] and set(ran) <= set(stage1_on), ran  # no data step
+    assert "train@stage2" in ran and "evaluate@stage2" in ran, ran
+    assert (repo / "outputs/train/models/stage1/final.pt").read_bytes() != stage1_model
+
+    # 6. the last gate fails (TEST-ONLY threshold): only that gate and register re-run
+    params["gates"][names[-1]] = FAILING_GATES["stage1"]
+    write_params(repo / "params.yaml", params)
+    ran, _ = _repro(repo, env)
+    assert ran == [f"gate@{names[-1]}", "register"], ran
+    summary = json.loads((repo / "reports/summary.json").read_text())
+    assert summary["status"] == "rejected" and summary["rejected_at_stage"] == n
+    assert [s["passed"] for s in summary["stages"]] == [True] * (n - 1) + [False]
+
+    # 7. gate 1 fails (TEST-ONLY threshold): the later stages are skipped, the run exits 0
+    params["gates"]["stage1"] = FAILING_GATES["stage1"]
+    write_params(repo / "params.yaml", params)
+    ran, log = _repro(repo, env)  # exits 0: a rejected run is a completed run
+    assert "train@stage1" not in ran and ran[0] == "gate@stage1" and ran[-1] == "register", ran
+    assert "skipped" in log
+    summary = json.loads((repo / "reports/summary.json").read_text())
+    assert summary["status"] == "rejected" and summary["rejected_at_stage"] == 1
+    assert [s["skipped"] for s in summary["stages"]] == [False] + [True] * (n - 1)
+    for k in range(2, n + 1):
+        models = repo / f"outputs/train/models/stage{k}"
+        assert sorted(p.name for p in models.iterdir()) == [guard.MARKER_NAME]  # no training happened
+        for f in (f"outputs/train/metrics/stage{k}.json", f"reports/eval/stage{k}/metrics.json",
+                  f"reports/gates/stage{k}.json"):
+            doc = json.loads((repo / f).read_text())
+            assert doc["skipped"] is True and doc["passed"] is False, f
+    ran, _ = _repro(repo, env)
+    assert ran == []  # the skip markers are stable outputs: still a no-op
