@@ -134,7 +134,7 @@ def raw(scratch: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("n", [2])  # 4 stages: compiled above and run by dvc repro (test_dvc_pipeline); suite time
+@pytest.mark.parametrize("n", [2])  # 4 stages: compiled and dvc-synced above, not run end to end (suite time; docs/testing.md)
 def test_kfp_local_runs_and_registers_n_stages(n: int, scratch: Path, raw: Path) -> None:
     tmp = scratch / f"kfp{n}"
     tmp.mkdir()
