@@ -48,9 +48,21 @@ __all__ = [
 DECODER_ORDERS = ("conv_first", "upsample_first")
 
 
-def group_norm(channels: int, max_groups: int = 8) -> nn.GroupNorm:
-    """GroupNorm with the largest group count ≤ ``max_groups`` that divides ``channels``."""
-    return nn.GroupNorm(math.gcd(channels, max_groups), channels)
+def group_norm(channels: int, max_groups: int = 8, min_group_size: int = 1) -> nn.GroupNorm:
+    """GroupNorm with the largest divisor of ``gcd(channels, max_groups)`` as group count that
+    leaves at least ``min_group_size`` channels per group (1 group if none does).
+
+    ``min_group_size`` 1 (the default) gives single-channel groups when ``channels ≤
+    max_groups`` (8 channels: 8 groups = per-channel instance norm). A per-channel norm
+    erases every per-channel offset and gain of its input, so a head ``conv(silu(norm(h)))``
+    behind it cannot take its output's level or range from ``h`` at all, only from its own
+    few affine scalars (benchmarks/results/stage3_diagnosis_cpu.md); 2 keeps the relative
+    level of the channels within a group."""
+    if min_group_size < 1:
+        raise ValueError(f"min_group_size must be >= 1, got {min_group_size}")
+    g = math.gcd(channels, max_groups)
+    groups = max([d for d in range(1, g + 1) if g % d == 0 and channels // d >= min_group_size], default=1)
+    return nn.GroupNorm(groups, channels)
 
 
 def run_maybe_checkpointed(fn: Callable[..., torch.Tensor], *args: torch.Tensor, enabled: bool) -> torch.Tensor:
@@ -65,12 +77,12 @@ class ConvResBlock(nn.Module):
     """Pre-norm 3D residual block with FiLM conditioning (zero-initialised: starts as identity
     modulation): ``x → GN·SiLU·conv3 → GN·(1+scale)+shift·SiLU·conv3 (+ 1×1 skip)``."""
 
-    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, dims: int = 3) -> None:
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, dims: int = 3, norm_min_group_size: int = 1) -> None:
         super().__init__()
         conv = nn.Conv3d if dims == 3 else nn.Conv2d
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, min_group_size=norm_min_group_size)
         self.conv1 = conv(in_ch, out_ch, 3, padding=1)
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, min_group_size=norm_min_group_size)
         self.conv2 = conv(out_ch, out_ch, 3, padding=1)
         self.skip = conv(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.film: nn.Linear | None = None
@@ -158,6 +170,8 @@ class Backbone3D(nn.Module):
         out_channels: output channels (1: v or x0).
         decoder: order of each decoder level's upsampling and channel-reducing conv
             (:data:`DECODER_ORDERS`, see :class:`UpBlock`).
+        norm_min_group_size: at least this many channels per GroupNorm group in the conv
+            blocks and the head (:func:`group_norm`; 1 = the original norms).
 
     ``forward(h, c)`` maps ``[B, in_channels, S, S, S]`` and ``c [B, cond_dim]`` to
     ``[B, out_channels, S, S, S]``.
@@ -177,6 +191,7 @@ class Backbone3D(nn.Module):
         grad_checkpointing: bool = False,
         out_channels: int = 1,
         decoder: str = "conv_first",
+        norm_min_group_size: int = 1,
     ) -> None:
         super().__init__()
         if decoder not in DECODER_ORDERS:
@@ -192,11 +207,12 @@ class Backbone3D(nn.Module):
         # 1×1×1 fusion of [lifted views, x_t, cond] (the ResBlocks that follow mix space);
         # a 3×3×3 conv here would be the costliest layer at full resolution
         self.fuse = nn.Conv3d(in_channels, chans[0], 1)
-        self.enc = nn.ModuleList([ConvResBlock(chans[0], chans[0], cond_dim)])
+        gn = norm_min_group_size
+        self.enc = nn.ModuleList([ConvResBlock(chans[0], chans[0], cond_dim, norm_min_group_size=gn)])
         self.down = nn.ModuleList()
         for lvl in range(1, levels):
             self.down.append(nn.Conv3d(chans[lvl - 1], chans[lvl], 3, stride=2, padding=1))
-            self.enc.append(ConvResBlock(chans[lvl], chans[lvl], cond_dim))
+            self.enc.append(ConvResBlock(chans[lvl], chans[lvl], cond_dim, norm_min_group_size=gn))
         # last halving = patch embedding into the token grid
         self.to_tokens = nn.Conv3d(chans[-1], dim, 3, stride=2, padding=1)
         self.register_buffer("pos_embed", sincos_pos_embed_3d(token_grid, dim), persistent=False)
@@ -206,9 +222,9 @@ class Backbone3D(nn.Module):
         self.dec = nn.ModuleList()
         prev = dim
         for lvl in reversed(range(levels)):
-            self.dec.append(UpBlock(prev, chans[lvl], cond_dim, order=decoder))
+            self.dec.append(UpBlock(prev, chans[lvl], cond_dim, order=decoder, norm_min_group_size=gn))
             prev = chans[lvl]
-        self.out_norm = group_norm(chans[0])
+        self.out_norm = group_norm(chans[0], min_group_size=gn)
         # 1×1×1 head: the full-resolution 3×3×3 convs before it provide the spatial context
         self.out = nn.Conv3d(chans[0], out_channels, 1)
 
@@ -268,7 +284,8 @@ class UpBlock(nn.Module):
     names the mismatch).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, order: str = "conv_first") -> None:
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, order: str = "conv_first",
+                 norm_min_group_size: int = 1) -> None:
         super().__init__()
         if order not in DECODER_ORDERS:
             raise ValueError(f"order must be one of {DECODER_ORDERS}, got {order!r}")
@@ -278,7 +295,7 @@ class UpBlock(nn.Module):
             self.conv = conv
         else:
             self.up = conv
-        self.res = ConvResBlock(2 * out_ch, out_ch, cond_dim)
+        self.res = ConvResBlock(2 * out_ch, out_ch, cond_dim, norm_min_group_size=norm_min_group_size)
 
     def forward(self, h: torch.Tensor, skip: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.order == "conv_first":

@@ -99,6 +99,11 @@ class StageNet(nn.Module):
             condition channel and the augmentation-level embedding.
         mode: ``"diffusion"`` (predict v from x_t, t) or ``"direct"`` (predict x0, no x_t).
         name: stage name (e.g. ``"stage1"``).
+        norm_min_group_size: channels per GroupNorm group at least (backbone conv blocks and
+            head, :func:`xct_core.models.backbone.group_norm`); 1 = the original norms.
+        cond_skip: a direct-mode stage k>1 predicts a residual over its (upsampled,
+            augmented) condition: ``x0̂ = cond + backbone(…)`` with a zero-initialised head, so
+            that at initialisation it returns its condition. Off = the original network.
     """
 
     def __init__(
@@ -111,10 +116,15 @@ class StageNet(nn.Module):
         prev_size: int | None = None,
         mode: Mode = "diffusion",
         name: str = "stage",
+        norm_min_group_size: int = 1,
+        cond_skip: bool = False,
     ) -> None:
         super().__init__()
         if mode not in ("diffusion", "direct"):
             raise ValueError(f"mode must be 'diffusion' or 'direct', got {mode!r}")
+        if cond_skip and (mode != "direct" or prev_size is None):
+            raise ValueError("cond_skip needs a direct-mode stage k>1 (it adds the condition to an x0 prediction)")
+        self.cond_skip = bool(cond_skip)
         self.cfg = cfg
         self.name = name
         self.mode: Mode = mode
@@ -153,7 +163,11 @@ class StageNet(nn.Module):
             cond_dim=dim,
             grad_checkpointing=cfg.grad_checkpointing,
             decoder=cfg.decoder,
+            norm_min_group_size=norm_min_group_size,
         )
+        if self.cond_skip:  # starts as the identity on its condition
+            nn.init.zeros_(self.backbone.out.weight)
+            nn.init.zeros_(self.backbone.out.bias)
         # channels-last (NDHWC) conv weights: oneDNN (CPU) and cuDNN (bf16 tensor cores) run
         # 3D convs fastest in this layout; activations follow the weights' layout. 1×1×1
         # kernels keep the plain layout (their channels-last strides are ambiguous, which
@@ -268,7 +282,8 @@ class StageNet(nn.Module):
             raise ValueError(f"{self.name} is not anchored: it takes no anchor")
         ckpt = self.backbone.grad_checkpointing and self.training
         h = run_maybe_checkpointed(self._fused_input, context.frontal, context.lateral, *vols, enabled=ckpt)
-        return self.backbone.trunk(h, c)
+        out = self.backbone.trunk(h, c)
+        return out + cond.to(out.dtype) if self.cond_skip else out  # type: ignore[union-attr]
 
 
 class AnchoredStage(nn.Module):
@@ -318,12 +333,15 @@ def build_stage(
     *,
     mode: Mode = "diffusion",
     device: torch.device | str | None = None,
+    norm_min_group_size: int = 1,
+    cond_skip: bool = False,
 ) -> StageNet:
     """Build stage ``k`` (1-based) from params: its grid (:func:`stage_affine`), the
     projection geometry of both views (``params.drr``) for the lifting grids, and the sizes
     in ``params.stages``. ``device="meta"`` builds a shape-only model (no lifting grids, no
     memory; the detector binning is computed as for a real build) for inspecting production
-    configurations."""
+    configurations. ``norm_min_group_size`` and ``cond_skip``: see :class:`StageNet`
+    (defaults = the original network)."""
     from xct_core.geometry import ProjectionGeometry
 
     st = params.stage(k) if isinstance(k, int) else k
@@ -335,11 +353,12 @@ def build_stage(
         with torch.device("meta"):
             grids = {v: torch.empty(S, S, S, 2) for v in VIEWS}
             return StageNet(cfg, grids, xray_scale=params.model.xray_scale, xray_bin=b, prev_size=prev_size,
-                            mode=mode, name=name)
+                            mode=mode, name=name, norm_min_group_size=norm_min_group_size, cond_skip=cond_skip)
     affine = st.affine()
     grids = {v: lifting_grid(g.place(affine, (S, S, S)), affine, S) for v, g in geoms.items()}
     net = StageNet(
-        cfg, grids, xray_scale=params.model.xray_scale, xray_bin=b, prev_size=prev_size, mode=mode, name=name
+        cfg, grids, xray_scale=params.model.xray_scale, xray_bin=b, prev_size=prev_size, mode=mode, name=name,
+        norm_min_group_size=norm_min_group_size, cond_skip=cond_skip,
     )
     return net.to(device) if device is not None else net
 
