@@ -27,12 +27,8 @@ the models). Writes ``OUT.json`` and ``OUT.md``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +39,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.model_uri import resolve_model  # noqa: E402
 from xct_core import calibration as cal  # noqa: E402
 from xct_core.config import Params  # noqa: E402
 from xct_core.evaluation import CaseResult, EvalProtocol, EvalResult, evaluate_stage, fit_stage_calibration  # noqa: E402
@@ -156,18 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-val", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "k_choice_cpu")
     a = ap.parse_args(argv)
-    import torch
+    from bench_redraw import run_start
 
-    torch.set_num_threads(1)
-    params = resolve_model(str(a.train_dir)).params
-    protocol = EvalProtocol.from_params(params)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    doc: dict[str, Any] = {
-        "machine": f"{platform.node()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}, 1 thread",
-        "load_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()), "command": " ".join(["python", *sys.argv]),
-        "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-        "protocol": protocol.label, "split": "val", "stages": {}}
+    params, protocol, doc = run_start(a.train_dir)
+    doc.update({"split": "val", "stages": {}})
     out_json = Path(str(a.out) + ".json")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     for k in a.stages:

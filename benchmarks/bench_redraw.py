@@ -224,6 +224,24 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_start(train_dir: Path) -> tuple[Params, EvalProtocol, dict[str, Any]]:
+    """One torch thread; the trained model's params and evaluation protocol; the run's record
+    (machine, load at start, command, time, commit, protocol) — shared with bench_k."""
+    import torch
+
+    torch.set_num_threads(1)
+    params = resolve_model(str(train_dir)).params
+    protocol = EvalProtocol.from_params(params)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    doc: dict[str, Any] = {
+        "machine": f"{platform.node()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}, 1 thread",
+        "load_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()), "command": " ".join(["python", *sys.argv]),
+        "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+        "protocol": protocol.label}
+    return params, protocol, doc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train-dir", type=Path, required=True)
@@ -238,19 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-volumes", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "redraw_cpu")
     a = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
-    params = resolve_model(str(a.train_dir)).params
-    protocol = EvalProtocol.from_params(params)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    doc: dict[str, Any] = {
-        "machine": f"{platform.node()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}, 1 thread",
-        "load_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()), "command": " ".join(["python", *sys.argv]),
-        "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-        "protocol": protocol.label, "split": a.split, "model_file": params.eval.model_file,
-        "figure": str(a.out) + ".png", "stages": {}}
+    params, protocol, doc = run_start(a.train_dir)
+    doc.update({"split": a.split, "model_file": params.eval.model_file, "figure": str(a.out) + ".png", "stages": {}})
     seed = int(params.stage(1).gate.ceiling.seed)
     pictures: dict[str, dict[str, Any]] = {}
     redraws: dict[int, dict[int, Any]] = {}
